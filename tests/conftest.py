@@ -1,0 +1,84 @@
+"""Shared fixtures: a real docker-registry, an image pusher, and a way to run the commands."""
+
+import itertools
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.support.images import Pusher
+from tests.support.registry import Registry
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(ROOT, "bin")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", help="also run the long variants")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long variant, runs only with --slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--slow"):
+        return
+    # Deselected rather than skipped: a default run reports only what it really ran.
+    keep = [item for item in items if "slow" not in item.keywords]
+    dropped = [item for item in items if "slow" in item.keywords]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory):
+    """A plain-HTTP registry on 127.0.0.1, shared by the session."""
+    reg = Registry(str(tmp_path_factory.mktemp("registry"))).start()
+    yield reg
+    reg.stop()
+
+
+@pytest.fixture(scope="session")
+def pusher(registry):
+    return Pusher(registry.url)
+
+
+_counter = itertools.count()
+
+
+@pytest.fixture
+def repo_name(request):
+    """A repository name unique to the test, so tests never see each other's images."""
+    base = "".join(c if c.isalnum() else "-" for c in request.node.name.lower()).strip("-")
+    return f"test/{base[:60]}-{next(_counter)}".replace("--", "-")
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    path = tmp_path / "workdir"
+    return str(path)
+
+
+def run_tool(cmd, *args, input=None, env=None, timeout=120, check=None):
+    """Run bin/<cmd> with this Python; returns CompletedProcess with text output."""
+    full_env = dict(os.environ)
+    full_env.pop("TOSI_DEBUG", None)
+    if env:
+        full_env.update(env)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(BIN, cmd), *map(str, args)],
+        input=input, capture_output=True, text=True, env=full_env, timeout=timeout,
+    )
+    if check is not None:
+        assert proc.returncode == check, (
+            f"{cmd} exited {proc.returncode}, wanted {check}\nstderr:\n{proc.stderr}"
+        )
+    return proc
+
+
+@pytest.fixture
+def tool():
+    return run_tool

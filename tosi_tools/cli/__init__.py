@@ -1,0 +1,1 @@
+"""One module per executable; each exposes main(argv=None) -> exit status."""

@@ -1,0 +1,107 @@
+"""What every executable shares: flag parsing that fails in one line, error mapping, logging.
+
+Exit status (the same for every command, see the man pages):
+  0 success; 1 operational failure (registry, network, digest, cache, unpack, mount);
+  2 usage error (bad flags, bad reference, malformed plan on stdin); 130 interrupted.
+"""
+
+import argparse
+import logging
+import os
+import sys
+
+from .. import __version__
+from ..errors import TosiError
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+log = logging.getLogger("tosi")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line on stderr and exits 2."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def new_parser(prog, description, epilog=None):
+    parser = OneLineParser(
+        prog=prog,
+        description=description,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"{prog} version {__version__}",
+        help="print the version and exit",
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0,
+        help="log more to stderr (repeat for more detail)",
+    )
+    return parser
+
+
+def add_workdir_flag(parser):
+    parser.add_argument(
+        "--workdir", default=os.environ.get("TOSI_WORKDIR", "/tmp/tosi"), metavar="DIR",
+        help="cache directory for manifests, configs, layers and overlays "
+        "(default: $TOSI_WORKDIR or /tmp/tosi)",
+    )
+
+
+def setup_logging(prog, verbosity):
+    level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{prog}: %(message)s"))
+    root = logging.getLogger("tosi")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def run(prog, body, argv=None):
+    """Call body(argv) and turn every failure into one line on stderr and an exit status."""
+    try:
+        return body(argv) or EXIT_OK
+    except TosiError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"{prog}: error: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader of our stdout went away (e.g. `| head`); nothing left to say.
+        _silence_stdout()
+        return EXIT_FAILURE
+    except OSError as exc:
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        print(f"{prog}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return EXIT_FAILURE
+    except Exception as exc:  # the promise is one line, never a traceback
+        if os.environ.get("TOSI_DEBUG"):
+            raise
+        print(f"{prog}: error: internal error: {type(exc).__name__}: {exc} "
+              "(set TOSI_DEBUG=1 for a traceback)", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def _silence_stdout():
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except OSError:
+        pass
+
+
+def not_yet_implemented(prog):
+    def body(argv):
+        parser = new_parser(prog, f"{prog}: not yet implemented")
+        parser.parse_args(argv)
+        print(f"{prog}: error: not yet implemented", file=sys.stderr)
+        return EXIT_FAILURE
+    return body

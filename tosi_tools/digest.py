@@ -1,0 +1,99 @@
+"""Content digests (`algorithm:hex`) as the OCI image-spec defines them."""
+
+import hashlib
+import re
+
+from .errors import DigestMismatch, UsageError
+
+# Algorithms a registry may name; anything else cannot be verified, so it is refused.
+_HEX_LENGTH = {"sha256": 64, "sha512": 128}
+_DIGEST_RE = re.compile(r"^([a-z0-9]+(?:[.+_-][a-z0-9]+)*):([a-zA-Z0-9=_-]+)$")
+CHUNK = 1 << 20
+
+
+class Digest(str):
+    """A validated digest string; `.algorithm` and `.hex` give its parts."""
+
+    __slots__ = ()
+
+    def __new__(cls, value):
+        if isinstance(value, Digest):
+            return value
+        if not isinstance(value, str):
+            raise UsageError(f"invalid digest {value!r}: not a string")
+        m = _DIGEST_RE.match(value)
+        if not m:
+            raise UsageError(f"invalid digest {value!r}: expected algorithm:hex")
+        algo, hexpart = m.groups()
+        want = _HEX_LENGTH.get(algo)
+        if want is None:
+            raise UsageError(f"invalid digest {value!r}: unsupported algorithm {algo!r}")
+        if len(hexpart) != want or not re.fullmatch(r"[0-9a-f]+", hexpart):
+            raise UsageError(f"invalid digest {value!r}: {algo} needs {want} lower-case hex digits")
+        return super().__new__(cls, value)
+
+    @property
+    def algorithm(self):
+        return self.split(":", 1)[0]
+
+    @property
+    def hex(self):
+        return self.split(":", 1)[1]
+
+    def hasher(self):
+        return hashlib.new(self.algorithm)
+
+
+def digest_of(data, algorithm="sha256"):
+    """The digest of a bytes object."""
+    return Digest(f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}")
+
+
+class VerifyingHasher:
+    """Hashes and counts bytes as they pass, then checks them against a descriptor."""
+
+    def __init__(self, digest, size=None, what="blob"):
+        self.digest = Digest(digest)
+        self.size = size
+        self.what = what
+        self.count = 0
+        self._hash = self.digest.hasher()
+
+    def update(self, chunk):
+        self._hash.update(chunk)
+        self.count += len(chunk)
+        if self.size is not None and self.count > self.size:
+            raise DigestMismatch(
+                f"{self.what} {self.digest}: more than the {self.size} bytes its descriptor names"
+            )
+
+    def copy(self):
+        twin = VerifyingHasher.__new__(VerifyingHasher)
+        twin.digest, twin.size, twin.what, twin.count = self.digest, self.size, self.what, self.count
+        twin._hash = self._hash.copy()
+        return twin
+
+    def check(self):
+        """Raise DigestMismatch unless the bytes seen match size and digest."""
+        if self.size is not None and self.count != self.size:
+            raise DigestMismatch(
+                f"{self.what} {self.digest}: size is {self.count} bytes, descriptor says {self.size}"
+            )
+        got = f"{self.digest.algorithm}:{self._hash.hexdigest()}"
+        if got != self.digest:
+            raise DigestMismatch(f"{self.what} {self.digest}: content hashes to {got}")
+
+
+def verify_file(path, digest, size=None, what="blob"):
+    """Re-hash a file in constant memory; raise DigestMismatch if it is not `digest`."""
+    hasher = VerifyingHasher(digest, size, what)
+    with open(path, "rb") as f:
+        # Hash beyond the declared size too, so a longer file is reported by its real size.
+        hasher.size = None
+        while True:
+            chunk = f.read(CHUNK)
+            if not chunk:
+                break
+            hasher.update(chunk)
+    hasher.size = size
+    hasher.check()

@@ -1,0 +1,78 @@
+"""Typed errors raised by the library; the executables turn them into one line on stderr.
+
+Each error carries the exit status its executable uses, so every command maps
+failures the same way (documented in the man pages, EXIT STATUS).
+"""
+
+
+class TosiError(Exception):
+    """Base of every error the library raises on purpose."""
+
+    exit_code = 1
+
+
+class UsageError(TosiError):
+    """The command line or its input is malformed (exit 2)."""
+
+    exit_code = 2
+
+
+class InvalidReference(UsageError):
+    """An image reference does not follow the distribution reference grammar."""
+
+
+class PlanError(UsageError):
+    """The plan on stdin is not a valid tosi plan."""
+
+
+class RegistryError(TosiError):
+    """The registry answered with an error (unknown repository, tag, blob, ...)."""
+
+    def __init__(self, message, status=None, code=None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class NotFound(RegistryError):
+    """Repository, tag, manifest or blob unknown to the registry."""
+
+
+class Unauthorized(RegistryError):
+    """Credentials are missing or wrong, or access was denied."""
+
+
+class Unreachable(TosiError):
+    """The registry could not be reached (DNS, refused connection, timeout)."""
+
+
+class TLSFailure(TosiError):
+    """TLS handshake or certificate verification failed."""
+
+
+class ManifestError(TosiError):
+    """A manifest or index is malformed, too large or of an unsupported kind."""
+
+
+class DigestMismatch(TosiError):
+    """Content does not hash to (or is not the size of) the digest that names it."""
+
+
+class NoMatchingPlatform(TosiError):
+    """An index has no manifest for the requested platform."""
+
+
+class CacheError(TosiError):
+    """The workdir cache is missing a blob, or holds a corrupt one."""
+
+
+class UnpackError(TosiError):
+    """A layer could not be applied (malformed tar, unsupported compression, caps exceeded)."""
+
+
+class UnsafeEntry(UnpackError):
+    """A layer entry tries to leave the target root or smuggle forbidden metadata."""
+
+
+class MountError(TosiError):
+    """An overlay mount or unmount failed or was refused."""
