@@ -1,0 +1,134 @@
+"""Registry credentials, WWW-Authenticate challenges and a cache of bearer tokens.
+
+Credentials are never logged, never put into a plan or into the cache: they
+live in memory only, in a Credentials object whose repr hides the secret.
+"""
+
+import base64
+import json
+import os
+import re
+import threading
+import time
+
+from .errors import UsageError
+
+# A token without expires_in is good for 60 s (distribution's token spec).
+DEFAULT_TOKEN_LIFETIME = 60
+# Renew a little early so a token does not expire between check and use.
+EXPIRY_MARGIN = 5
+
+
+class Credentials:
+    __slots__ = ("username", "password")
+
+    def __init__(self, username, password):
+        self.username = username
+        self.password = password
+
+    def __repr__(self):
+        return f"Credentials(username={self.username!r}, password=<hidden>)"
+
+    def basic_header(self):
+        raw = f"{self.username}:{self.password}".encode()
+        return "Basic " + base64.b64encode(raw).decode()
+
+
+_PARAM_RE = re.compile(r'\s*([A-Za-z0-9_-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]*))\s*,?')
+
+
+def parse_challenge(header):
+    """Parse one WWW-Authenticate header into (scheme, {param: value}); scheme lower-cased."""
+    if not header:
+        return None, {}
+    scheme, _, rest = header.strip().partition(" ")
+    params = {}
+    pos = 0
+    while pos < len(rest):
+        m = _PARAM_RE.match(rest, pos)
+        if not m or m.end() == pos:
+            break
+        key, quoted, bare = m.groups()
+        value = quoted if quoted is not None else bare
+        params[key.lower()] = re.sub(r"\\(.)", r"\1", value)
+        pos = m.end()
+    return scheme.lower(), params
+
+
+class TokenCache:
+    """Bearer tokens keyed by (realm, service, scope), kept for their lifetime; thread-safe."""
+
+    def __init__(self, clock=time.monotonic):
+        self._tokens = {}
+        self._lock = threading.Lock()
+        self._clock = clock
+
+    def get(self, key):
+        with self._lock:
+            entry = self._tokens.get(key)
+            if entry and entry[1] > self._clock():
+                return entry[0]
+            self._tokens.pop(key, None)
+            return None
+
+    def put(self, key, token, expires_in=None):
+        lifetime = expires_in if isinstance(expires_in, (int, float)) and expires_in > 0 else DEFAULT_TOKEN_LIFETIME
+        with self._lock:
+            self._tokens[key] = (token, self._clock() + max(lifetime - EXPIRY_MARGIN, 1))
+
+    def drop(self, key):
+        with self._lock:
+            self._tokens.pop(key, None)
+
+
+def docker_config_credentials(registry, path=None):
+    """Username and password for `registry` from ~/.docker/config.json ("auths"), if any.
+
+    Only inline `auth`/`username`+`password` entries are read; credential helpers are
+    external programs and are not run.
+    """
+    if path is None:
+        base = os.environ.get("DOCKER_CONFIG") or os.path.join(os.path.expanduser("~"), ".docker")
+        path = os.path.join(base, "config.json")
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None
+    auths = config.get("auths") if isinstance(config, dict) else None
+    if not isinstance(auths, dict):
+        return None
+    names = {registry, f"https://{registry}", f"http://{registry}"}
+    if registry == "docker.io":
+        names |= {"https://index.docker.io/v1/", "index.docker.io", "registry-1.docker.io"}
+    for key, entry in auths.items():
+        if key.rstrip("/") not in {n.rstrip("/") for n in names} or not isinstance(entry, dict):
+            continue
+        if entry.get("username") and entry.get("password"):
+            return Credentials(entry["username"], entry["password"])
+        if entry.get("auth"):
+            try:
+                user, _, password = base64.b64decode(entry["auth"]).decode().partition(":")
+            except (ValueError, UnicodeDecodeError):
+                continue
+            return Credentials(user, password)
+    return None
+
+
+def credentials_from_flags(username=None, password=None, password_stdin=None, registry=None):
+    """Credentials from --username/--password (or a password read from stdin), the
+    TOSI_USERNAME/TOSI_PASSWORD environment, or the docker config, in that order."""
+    if password_stdin is not None:
+        password = password_stdin
+    if password and not username:
+        raise UsageError("a password needs --username")
+    if username:
+        if password is None:
+            raise UsageError("--username needs --password or --password-stdin")
+        return Credentials(username, password)
+    env_user, env_pass = os.environ.get("TOSI_USERNAME"), os.environ.get("TOSI_PASSWORD")
+    if env_user and env_pass is not None:
+        return Credentials(env_user, env_pass)
+    if registry:
+        return docker_config_credentials(registry)
+    return None

@@ -1,0 +1,229 @@
+"""The registry client: one pooled HTTP session per registry, with auth and transport policy.
+
+Everything that talks the distribution-spec HTTP API goes through
+RegistryClient.send(), which adds credentials for the registry's own host only,
+answers 401 challenges (Bearer token flow or Basic) once per request, and turns
+transport failures into typed errors. Retry policy for blobs lives in the fetch
+stage; this layer makes one attempt per call.
+"""
+
+import ipaddress
+import logging
+import threading
+from urllib.parse import urljoin, urlsplit
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from .auth import Credentials, TokenCache, parse_challenge
+from .errors import NotFound, RegistryError, TLSFailure, Unauthorized, Unreachable
+
+log = logging.getLogger("tosi.registry")
+
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+DOCKER_SCHEMA1 = "application/vnd.docker.distribution.manifest.v1+json"
+DOCKER_SCHEMA1_SIGNED = "application/vnd.docker.distribution.manifest.v1+prettyjws"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+MANIFEST_ACCEPT = ", ".join([
+    OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST,
+    f"{DOCKER_SCHEMA1_SIGNED};q=0.5", f"{DOCKER_SCHEMA1};q=0.5",
+])
+
+DEFAULT_CONNECT_TIMEOUT = 10
+DEFAULT_READ_TIMEOUT = 60
+
+
+def is_loopback_host(host):
+    """True for localhost, 127.0.0.0/8 and ::1 (with or without a port)."""
+    hostname = urlsplit(f"//{host}").hostname or host
+    if hostname == "localhost" or hostname.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(hostname).is_loopback
+    except ValueError:
+        return False
+
+
+def endpoint_for(registry, insecure=False, scheme=None):
+    """Base URL of a registry host: https, or http for loopback or --insecure (as Docker does)."""
+    if registry == "docker.io":
+        return "https://registry-1.docker.io"
+    if scheme is None:
+        scheme = "http" if (is_loopback_host(registry) or insecure) else "https"
+    return f"{scheme}://{registry}"
+
+
+class RegistryClient:
+    """A session with one registry endpoint (e.g. https://registry-1.docker.io)."""
+
+    def __init__(self, endpoint, credentials=None, ca_file=None, insecure=False,
+                 connect_timeout=DEFAULT_CONNECT_TIMEOUT, read_timeout=DEFAULT_READ_TIMEOUT,
+                 pool_size=16, token_cache=None):
+        self.endpoint = endpoint.rstrip("/")
+        self.credentials = credentials
+        self.timeout = (connect_timeout, read_timeout)
+        self.tokens = token_cache or TokenCache()
+        self.session = requests.Session()
+        # Only the flags decide credentials and proxies' auth; never ~/.netrc.
+        self.session.trust_env = True
+        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=max(pool_size, 4), max_retries=0)
+        self.session.mount("https://", adapter)
+        self.session.mount("http://", adapter)
+        if insecure:
+            self.session.verify = False
+        elif ca_file:
+            self.session.verify = ca_file
+        self._host = urlsplit(self.endpoint).netloc
+        self._lock = threading.Lock()
+        # What the last 401 challenge asked for, so later requests authenticate up front.
+        self._challenge = None
+
+    # ------------------------------------------------------------ plumbing
+
+    def url(self, path):
+        return urljoin(self.endpoint + "/", path.lstrip("/")) if not path.startswith(("http://", "https://")) else path
+
+    def same_host(self, url):
+        return urlsplit(url).netloc == self._host and urlsplit(url).scheme == urlsplit(self.endpoint).scheme
+
+    def _scope(self, repository, actions="pull"):
+        return f"repository:{repository}:{actions}" if repository else None
+
+    def _auth_header(self, repository):
+        challenge = self._challenge
+        if challenge is None:
+            return None
+        scheme, params = challenge
+        if scheme == "basic":
+            return self.credentials.basic_header() if self.credentials else None
+        if scheme == "bearer":
+            key = (params.get("realm"), params.get("service"), self._scope(repository))
+            token = self.tokens.get(key)
+            return f"Bearer {token}" if token else None
+        return None
+
+    def _fetch_token(self, params, repository):
+        realm = params.get("realm")
+        if not realm:
+            raise Unauthorized(f"{self.endpoint}: Bearer challenge without a realm")
+        scope = self._scope(repository) or params.get("scope")
+        key = (realm, params.get("service"), self._scope(repository))
+        query = {}
+        if params.get("service"):
+            query["service"] = params["service"]
+        if scope:
+            query["scope"] = scope
+        headers = {}
+        if self.credentials:
+            headers["Authorization"] = self.credentials.basic_header()
+        try:
+            r = self.session.get(realm, params=query, headers=headers, timeout=self.timeout)
+        except requests.exceptions.SSLError as exc:
+            raise TLSFailure(f"token server {realm}: TLS failure: {_reason(exc)}") from None
+        except requests.RequestException as exc:
+            raise Unreachable(f"token server {realm} unreachable: {_reason(exc)}") from None
+        if r.status_code in (401, 403):
+            raise Unauthorized(f"{self._host}: token server refused the credentials ({r.status_code})",
+                               status=r.status_code)
+        if r.status_code != 200:
+            raise RegistryError(f"token server {realm} answered {r.status_code}", status=r.status_code)
+        try:
+            body = r.json()
+        except ValueError:
+            raise Unauthorized(f"token server {realm} answered with no JSON") from None
+        token = body.get("token") or body.get("access_token")
+        if not token:
+            raise Unauthorized(f"token server {realm} answered without a token")
+        self.tokens.put(key, token, body.get("expires_in"))
+        return token
+
+    def send(self, method, path, repository=None, headers=None, stream=False,
+             allow_redirects=False, timeout=None):
+        """One request to the registry, authenticated; a 401 is answered once and retried.
+
+        Returns the response whatever its status (callers map statuses to errors with
+        `check`). Redirects are not followed here unless asked: the fetch stage follows
+        them itself so credentials never reach another host.
+        """
+        url = self.url(path)
+        hdrs = dict(headers or {})
+        for attempt in (1, 2):
+            if self.same_host(url):
+                auth = self._auth_header(repository)
+                if auth:
+                    hdrs["Authorization"] = auth
+            resp = self._request(method, url, hdrs, stream, allow_redirects, timeout)
+            if resp.status_code != 401 or attempt == 2 or not self.same_host(url):
+                return resp
+            scheme, params = parse_challenge(resp.headers.get("WWW-Authenticate", ""))
+            resp.close()
+            if scheme == "bearer":
+                with self._lock:
+                    self._challenge = (scheme, params)
+                    self.tokens.drop((params.get("realm"), params.get("service"), self._scope(repository)))
+                    self._fetch_token(params, repository)
+            elif scheme == "basic":
+                if not self.credentials:
+                    raise Unauthorized(f"{self._host}: authentication required (use --username)",
+                                       status=401)
+                self._challenge = (scheme, params)
+            else:
+                return resp
+        return resp
+
+    def _request(self, method, url, headers, stream, allow_redirects, timeout):
+        try:
+            return self.session.request(
+                method, url, headers=headers, stream=stream,
+                allow_redirects=allow_redirects, timeout=timeout or self.timeout,
+            )
+        except requests.exceptions.SSLError as exc:
+            raise TLSFailure(f"{urlsplit(url).netloc}: TLS failure: {_reason(exc)}") from None
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            raise Unreachable(f"{urlsplit(url).netloc} unreachable: {_reason(exc)}") from None
+
+    def check(self, resp, what):
+        """Raise the typed error for a failed response, with the registry's code and message."""
+        if resp.status_code < 400:
+            return resp
+        code, message = _registry_error(resp)
+        detail = f"{code}: {message}" if code else (message or resp.reason or "")
+        text = f"{what}: {resp.status_code} {detail}".rstrip()
+        if resp.status_code == 404 or code in ("NAME_UNKNOWN", "MANIFEST_UNKNOWN", "BLOB_UNKNOWN"):
+            raise NotFound(text, status=resp.status_code, code=code)
+        if resp.status_code in (401, 403) or code in ("UNAUTHORIZED", "DENIED"):
+            raise Unauthorized(text, status=resp.status_code, code=code)
+        raise RegistryError(text, status=resp.status_code, code=code)
+
+    # ------------------------------------------------------------ API
+
+    def blob_path(self, repository, digest):
+        return f"/v2/{repository}/blobs/{digest}"
+
+    def manifest_path(self, repository, reference):
+        return f"/v2/{repository}/manifests/{reference}"
+
+    def close(self):
+        self.session.close()
+
+
+def _registry_error(resp):
+    try:
+        body = resp.json()
+        errors = body.get("errors") or []
+        if errors and isinstance(errors[0], dict):
+            return errors[0].get("code"), errors[0].get("message")
+    except (ValueError, AttributeError):
+        pass
+    return None, None
+
+
+def _reason(exc):
+    # requests wraps urllib3 wraps socket errors; the innermost reason is the readable one.
+    text = str(exc)
+    for marker in ("Caused by ", "Failed to establish a new connection: "):
+        if marker in text:
+            text = text.split(marker, 1)[1]
+    return text.strip("()'\" ")[:300]
