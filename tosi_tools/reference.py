@@ -1,0 +1,197 @@
+"""Image references, parsed and normalized the way Docker does it.
+
+The grammar is the distribution project's (reference/regexp.go):
+
+    reference  := name [ ":" tag ] [ "@" digest ]
+    name       := [ domain "/" ] path-component ( "/" path-component )*
+    domain     := domain-component ( "." domain-component )* [ ":" port ]  |  "[" ipv6 "]" [ ":" port ]
+    path-component := [a-z0-9]+ ( ( "." | "_" | "__" | "-"+ ) [a-z0-9]+ )*
+    tag        := [A-Za-z0-9_][A-Za-z0-9_.-]{0,127}
+
+Docker's normalization on top: the first component is a registry only if it
+contains "." or ":" or is "localhost" (or has upper case, which then fails as a
+registry-less repository would not); otherwise the registry is docker.io, and a
+single-component docker.io repository lives under "library/". "index.docker.io"
+is docker.io. Without tag or digest the tag is "latest"; with both, the digest
+decides what is pulled.
+"""
+
+import re
+from urllib.parse import urlsplit
+
+from .digest import Digest
+from .errors import InvalidReference, UsageError
+
+DOCKER_HUB = "docker.io"
+DOCKER_HUB_ALIASES = ("index.docker.io", "registry-1.docker.io")
+DEFAULT_TAG = "latest"
+NAME_MAX = 255
+
+_PATH_COMPONENT = re.compile(r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*")
+_DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_DOMAIN = re.compile(
+    rf"(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|\[[0-9a-fA-F:.]+\])(?::[0-9]+)?"
+)
+_TAG = re.compile(r"[\w][\w.-]{0,127}")
+_HEX64 = re.compile(r"[a-f0-9]{64}")
+
+
+class Reference:
+    """A parsed reference: registry (as named, e.g. docker.io), repository, tag, digest."""
+
+    __slots__ = ("registry", "repository", "tag", "digest")
+
+    def __init__(self, registry, repository, tag=None, digest=None):
+        self.registry = registry
+        self.repository = repository
+        self.tag = tag
+        self.digest = Digest(digest) if digest else None
+
+    @property
+    def name(self):
+        return f"{self.registry}/{self.repository}"
+
+    def normalized(self):
+        """Fully qualified text, e.g. docker.io/library/alpine:latest."""
+        text = self.name
+        if self.tag:
+            text += f":{self.tag}"
+        if self.digest:
+            text += f"@{self.digest}"
+        return text
+
+    @property
+    def manifest_reference(self):
+        """What goes after /manifests/ in the URL: the digest if there is one, else the tag."""
+        return self.digest or self.tag
+
+    def __str__(self):
+        return self.normalized()
+
+    def __repr__(self):
+        return f"Reference({self.normalized()!r})"
+
+    def __eq__(self, other):
+        return isinstance(other, Reference) and self.normalized() == other.normalized()
+
+    def __hash__(self):
+        return hash(self.normalized())
+
+
+def _split_tag_and_digest(text, original):
+    name, at, digest = text.partition("@")
+    if at:
+        if not digest:
+            raise InvalidReference(f"invalid reference {original!r}: empty digest after '@'")
+        try:
+            digest = Digest(digest)
+        except UsageError as exc:
+            raise InvalidReference(f"invalid reference {original!r}: {exc}") from None
+    else:
+        digest = None
+    # A tag follows the last ":" that comes after the last "/" (a ":" before it is a port).
+    slash = name.rfind("/")
+    colon = name.rfind(":")
+    tag = None
+    if colon > slash:
+        name, tag = name[:colon], name[colon + 1:]
+        if not tag:
+            raise InvalidReference(f"invalid reference {original!r}: empty tag after ':'")
+        if not _TAG.fullmatch(tag):
+            raise InvalidReference(
+                f"invalid reference {original!r}: invalid tag {tag!r} "
+                "(letters, digits, '_', '.', '-', at most 128, not starting with '.' or '-')"
+            )
+    return name, tag, digest
+
+
+def _check_path(path, original):
+    if not path:
+        raise InvalidReference(f"invalid reference {original!r}: empty repository name")
+    for component in path.split("/"):
+        if not component:
+            raise InvalidReference(f"invalid reference {original!r}: empty path component in {path!r}")
+        if not _PATH_COMPONENT.fullmatch(component):
+            if component.lower() != component and _PATH_COMPONENT.fullmatch(component.lower()):
+                raise InvalidReference(
+                    f"invalid reference {original!r}: repository name must be lower case ({component!r})"
+                )
+            raise InvalidReference(
+                f"invalid reference {original!r}: invalid repository path component {component!r}"
+            )
+
+
+def _canonical_registry(domain):
+    return DOCKER_HUB if domain in (DOCKER_HUB, *DOCKER_HUB_ALIASES) else domain
+
+
+def _split_domain(name):
+    first, slash, rest = name.partition("/")
+    if slash and ("." in first or ":" in first or first == "localhost" or first.lower() != first):
+        return first, rest
+    return None, name
+
+
+def _repository_for(registry, path):
+    if registry == DOCKER_HUB and "/" not in path:
+        return f"library/{path}"
+    return path
+
+
+def parse_reference(text, default_registry=DOCKER_HUB):
+    """Parse `text` into a Reference; raise InvalidReference naming what is wrong.
+
+    `default_registry` is the registry of a reference without one (docker.io
+    unless the caller knows better, e.g. the deprecated -url flag).
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise InvalidReference("invalid reference: empty image reference")
+    original = text
+    if text != text.strip() or any(c.isspace() for c in text):
+        raise InvalidReference(f"invalid reference {original!r}: contains white space")
+    if "://" in text:
+        raise InvalidReference(
+            f"invalid reference {original!r}: a reference names no scheme (drop the '...://')"
+        )
+    name, tag, digest = _split_tag_and_digest(text, original)
+    domain, path = _split_domain(name)
+    if domain is not None:
+        if not _DOMAIN.fullmatch(domain):
+            raise InvalidReference(f"invalid reference {original!r}: invalid registry host {domain!r}")
+        registry = _canonical_registry(domain)
+    else:
+        registry = _canonical_registry(default_registry)
+    _check_path(path, original)
+    if domain is None and _HEX64.fullmatch(path):
+        raise InvalidReference(
+            f"invalid reference {original!r}: a 64-hex-digit repository name looks like an image ID; "
+            "use NAME@sha256:<hex> for a digest"
+        )
+    repository = _repository_for(registry, path)
+    if len(f"{registry}/{repository}") > NAME_MAX:
+        raise InvalidReference(f"invalid reference {original!r}: name longer than {NAME_MAX} characters")
+    if tag is None and digest is None:
+        tag = DEFAULT_TAG
+    return Reference(registry, repository, tag, digest)
+
+
+def reference_with_base_url(image, url):
+    """For the original tool's deprecated `-url URL -image REPO[:TAG]`: (Reference, endpoint).
+
+    The URL names the registry's scheme, host and port; the image names the
+    repository on it (a registry host in the image itself must agree with the URL).
+    """
+    parts = urlsplit(url if "://" in url else f"https://{url}")
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise UsageError(f"invalid registry URL {url!r}: expected http(s)://HOST[:PORT]")
+    if parts.path.strip("/") not in ("", "v2") or parts.query or parts.fragment:
+        raise UsageError(f"invalid registry URL {url!r}: expected no path after the host")
+    host = parts.netloc.rpartition("@")[2]
+    registry = _canonical_registry(host)
+    ref = parse_reference(image, default_registry=registry)
+    if ref.registry != registry:
+        raise UsageError(
+            f"image {image!r} names registry {ref.registry}, but the URL names {host}"
+        )
+    endpoint = f"{parts.scheme}://{host}"
+    return ref, endpoint
