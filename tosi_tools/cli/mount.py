@@ -1,9 +1,74 @@
-"""tosi-mount (not yet implemented)."""
+"""tosi-mount: mount an unpacked image (plan on stdin) as overlayfs, or unmount it."""
 
-from .common import not_yet_implemented, run
+import os
+import sys
+
+from ..errors import UsageError
+from .common import new_parser, run, setup_logging
 
 PROG = "tosi-mount"
 
+DESCRIPTION = """\
+Read a plan from tosi-unpack on stdin and mount the image's layers as overlayfs
+at MOUNTPOINT: the layers' short links are the lowerdirs (topmost first), and
+MOUNTPOINT.upper and MOUNTPOINT.work are the upper and work dirs. The plan goes
+on to stdout with the image record's "mount" field added.
+With --unmount, undo such a mount (no plan is read)."""
+
+EPILOG = """\
+examples:
+  tosi-resolve alpine | tosi-fetch | tosi-unpack | tosi-mount /run/rootfs
+  tosi-mount --unmount --clean /run/rootfs"""
+
+
+def build_parser():
+    parser = new_parser(PROG, DESCRIPTION, EPILOG)
+    parser.add_argument("--workdir", metavar="DIR",
+                        help="the cache the plan was unpacked in (default: the plan's "
+                        "workdir, else $TOSI_WORKDIR or /tmp/tosi)")
+    parser.add_argument("--overlaydir", metavar="DIR",
+                        help="where the layers' overlay dirs and short links are "
+                        "(default: from the plan, else <workdir>/overlays)")
+    parser.add_argument("--read-only", action="store_true",
+                        help="mount the lowerdirs only: no upper dir, writes fail")
+    parser.add_argument("--keep-upper", action="store_true",
+                        help="reuse a non-empty MOUNTPOINT.upper left by an earlier mount")
+    parser.add_argument("--unmount", action="store_true",
+                        help="unmount the overlay at MOUNTPOINT instead of mounting")
+    parser.add_argument("--clean", action="store_true",
+                        help="with --unmount: also remove MOUNTPOINT.upper, MOUNTPOINT.work "
+                        "and the emptied MOUNTPOINT")
+    parser.add_argument("mountpoint", metavar="MOUNTPOINT",
+                        help="directory to mount on (created if missing, must be empty)")
+    return parser
+
+
+def body(argv):
+    args = build_parser().parse_args(argv)
+    setup_logging(PROG, args.verbose)
+    if args.clean and not args.unmount:
+        raise UsageError("--clean goes with --unmount")
+    if args.unmount and (args.read_only or args.keep_upper):
+        raise UsageError("--read-only and --keep-upper are for mounting, not --unmount")
+    from .. import mount
+    from ..plan import PlanReader, PlanWriter
+
+    if args.unmount:
+        mount.unmount_image(args.mountpoint, clean=args.clean)
+        return 0
+    reader = PlanReader(sys.stdin)
+    layers = reader.layers()
+    image = dict(reader.image)
+    image["mount"] = mount.mount_image(
+        image, layers, args.mountpoint, overlaydir=args.overlaydir,
+        workdir=args.workdir or image.get("workdir") or os.environ.get("TOSI_WORKDIR"),
+        read_only=args.read_only, keep_upper=args.keep_upper)
+    writer = PlanWriter(sys.stdout)
+    writer.write(image)
+    for layer in layers:
+        writer.write(layer)
+    return 0
+
 
 def main(argv=None):
-    return run(PROG, not_yet_implemented(PROG), argv)
+    return run(PROG, body, argv)

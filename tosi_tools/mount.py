@@ -1,0 +1,170 @@
+"""The mount stage: an overlayfs view of an unpacked image, and its undoing.
+
+The layers' overlay dirs (from tosi-unpack) are the lowerdirs, topmost first,
+named by their short links inside the overlay dir so the option string stays
+small, as the original tosi did. Writes go to `<mount point>.upper` (with
+`<mount point>.work` as overlayfs' scratch dir), next to the mount point.
+"""
+
+import logging
+import os
+import shutil
+
+from . import overlay
+from .cache import DEFAULT_WORKDIR, Workdir
+from .errors import MountError, PlanError
+
+log = logging.getLogger("tosi.mount")
+
+# overlayfs wants two lowerdirs when there is no upperdir; a one-layer image
+# mounted read-only gets this empty one below it.
+EMPTY_LOWER = ".tosi-empty"
+
+
+def side_dirs(target):
+    """(mount point, upperdir, workdir), absolute and normalized ("dir/" == "dir")."""
+    target = os.path.abspath(target)
+    if target == "/":
+        raise MountError("refusing to mount over /")
+    return target, target + ".upper", target + ".work"
+
+
+def overlay_dir_for(image, layers, overlaydir=None, workdir=None):
+    """Where the layers' overlay dirs and short links are: flag, plan, or workdir."""
+    if overlaydir:
+        return os.path.abspath(overlaydir)
+    for layer in layers:
+        if isinstance(layer.get("overlay"), str):
+            return os.path.dirname(os.path.abspath(layer["overlay"]))
+    return Workdir(workdir or image.get("workdir") or DEFAULT_WORKDIR).overlays
+
+
+def lowerdirs(layers, overlaydir):
+    """The layers' lowerdirs topmost first: short link names where they resolve,
+    else the overlay dir's absolute path."""
+    result = []
+    for layer in reversed(layers):
+        link, path = layer.get("link"), layer.get("overlay")
+        if link is None and path is None:
+            raise PlanError(
+                f"layer {layer.get('index')} ({layer.get('digest')}) has no overlay dir: "
+                "unpack the plan with tosi-unpack (without --into) first")
+        if isinstance(link, str) and link:
+            candidate = link if os.path.isabs(link) else os.path.join(overlaydir, link)
+            if os.path.isdir(candidate):
+                inside = os.path.dirname(os.path.abspath(candidate)) == overlaydir
+                result.append(os.path.basename(candidate) if inside else candidate)
+                continue
+        if isinstance(path, str) and os.path.isdir(path):
+            result.append(os.path.abspath(path))
+            continue
+        raise MountError(
+            f"layer {layer.get('index')} ({layer.get('digest')}): overlay dir "
+            f"{path or link} is missing; run tosi-unpack again")
+    return result
+
+
+def _is_empty_dir(path):
+    with os.scandir(path) as entries:
+        return next(entries, None) is None
+
+
+def _prepare_dir(path, what):
+    """Create `path` if missing; returns True if it was created here."""
+    try:
+        os.mkdir(path, 0o755)
+        return True
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise MountError(f"{what} {path} exists and is not a directory") from None
+        return False
+
+
+def check_mount_point(target):
+    """Refuse a mount point that already holds a mount or is not an empty directory."""
+    if os.path.ismount(target) or overlay.mount_at(target):
+        raise MountError(f"{target} is already a mount point; "
+                         f"unmount it first (tosi-mount --unmount {target})")
+    if os.path.lexists(target):
+        if not os.path.isdir(target) or os.path.islink(target):
+            raise MountError(f"mount point {target} exists and is not a directory")
+        if not _is_empty_dir(target):
+            raise MountError(f"mount point {target} is not empty")
+
+
+def mount_image(image, layers, target, overlaydir=None, workdir=None, read_only=False,
+                keep_upper=False, api="auto"):
+    """Mount the plan's layers at `target`; returns the image record's "mount" field."""
+    target, upper, work = side_dirs(target)
+    ovdir = overlay_dir_for(image, layers, overlaydir, workdir)
+    lowers = lowerdirs(layers, ovdir)
+    if not lowers:
+        raise MountError("the image has no layers to mount")
+    if not overlay.has_mount_privilege():
+        raise MountError("mounting overlayfs needs root (CAP_SYS_ADMIN); run tosi-mount "
+                         "as root, or unpack a flat tree with tosi-unpack --into instead")
+    check_mount_point(target)
+    if not read_only and os.path.isdir(upper) and not _is_empty_dir(upper) and not keep_upper:
+        raise MountError(
+            f"{upper} holds the changes of an earlier mount; pass --keep-upper to mount "
+            f"with them, or discard them with tosi-mount --unmount --clean {target}")
+    if read_only and len(lowers) == 1:
+        empty = os.path.join(ovdir, EMPTY_LOWER)
+        os.makedirs(empty, exist_ok=True)
+        lowers.append(EMPTY_LOWER)
+    created = []
+    try:
+        for path, what in ((target, "mount point"),) + (
+                () if read_only else ((upper, "upperdir"), (work, "workdir"))):
+            if _prepare_dir(path, what):
+                created.append(path)
+        used = overlay.mount_overlay(
+            target, lowers, None if read_only else upper, None if read_only else work,
+            relative_to=ovdir, read_only=read_only, api=api)
+    except BaseException:
+        for path in reversed(created):
+            try:
+                os.rmdir(path)
+            except OSError:
+                pass
+        raise
+    log.info("mounted %d layers at %s with %s", len(layers), target,
+             "mount(2)" if used == "mount" else "the new mount API")
+    return {
+        "target": target,
+        "upper": None if read_only else upper,
+        "work": None if read_only else work,
+        "readOnly": bool(read_only),
+        "overlaydir": ovdir,
+    }
+
+
+def unmount_image(target, clean=False):
+    """Unmount the overlay at `target`; with `clean`, also remove its upper and work
+    dirs and the (then empty) mount point. Returns True if a lazy detach was needed."""
+    target, upper, work = side_dirs(target)
+    mounted = overlay.mount_at(target)
+    detached = False
+    if mounted is None:
+        if not clean:
+            raise MountError(f"{target} is not a mount point")
+        log.info("%s is not mounted; only cleaning up", target)
+    else:
+        fstype = mounted[0]
+        if fstype != overlay.OVERLAY:
+            raise MountError(f"{target} holds a {fstype} mount, not an overlay; "
+                             "refusing to unmount it")
+        detached = overlay.unmount(target)
+        if detached:
+            log.warning("%s was busy: detached lazily (MNT_DETACH); it goes away when "
+                        "the last user lets go", target)
+    if clean:
+        if detached:
+            raise MountError(f"{target} is still in use, so its upper and work dirs "
+                             "were kept; run --clean again once nothing uses it")
+        for path in (upper, work):
+            if os.path.lexists(path):
+                shutil.rmtree(path)
+        if os.path.isdir(target) and not os.path.islink(target) and _is_empty_dir(target):
+            os.rmdir(target)
+    return detached

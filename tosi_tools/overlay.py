@@ -1,0 +1,279 @@
+"""overlayfs mounts through the kernel's own interfaces, without mount(8).
+
+Two ways in:
+
+* mount(2) with one option string, as the original tosi did through mount(8).
+  The kernel copies that string into a single page, so it must stay shorter
+  than the page size. Lowerdirs are given relative to the overlay dir (the
+  process changes into it for the call) to keep the string short.
+* the new mount API (fsopen/fsconfig/fsmount/move_mount, Linux 5.2+), where
+  each lowerdir is its own fsconfig("lowerdir+") call (overlayfs in Linux 6.8+),
+  so the number of layers is limited only by overlayfs itself (500).
+
+Both resolve relative lowerdirs against the current directory, which is
+process-wide: callers must not run other path-relative work in other threads
+while a mount is in progress. The directory is always restored.
+"""
+
+import contextlib
+import ctypes
+import errno
+import os
+import platform
+import re
+
+from .errors import MountError
+
+OVERLAY = "overlay"
+MAX_LAYERS = 500  # OVL_MAX_STACK in the kernel
+
+MS_RDONLY = 1
+MNT_DETACH = 2
+FSOPEN_CLOEXEC = 1
+FSCONFIG_SET_STRING = 1
+FSCONFIG_CMD_CREATE = 6
+FSMOUNT_CLOEXEC = 1
+MOUNT_ATTR_RDONLY = 1
+MOVE_MOUNT_F_EMPTY_PATH = 4
+AT_FDCWD = -100
+
+# The mount-API syscalls came after the kernel unified syscall numbers, so they
+# are the same on every architecture listed here.
+_UNIFIED_ARCHES = {"x86_64", "aarch64", "arm64", "armv7l", "armv8l", "riscv64",
+                   "ppc64le", "ppc64", "s390x", "i686", "i386", "loongarch64"}
+_SYSCALL = {"move_mount": 429, "fsopen": 430, "fsconfig": 431, "fsmount": 432}
+
+_libc = None
+
+
+def _lib():
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.syscall.restype = ctypes.c_long
+        _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
+                                ctypes.c_ulong, ctypes.c_char_p]
+        _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+    return _libc
+
+
+def page_size():
+    return os.sysconf("SC_PAGE_SIZE")
+
+
+def escape(path):
+    """A path as one item of overlayfs' option string (',' ':' '\\' are special there)."""
+    return path.replace("\\", "\\\\").replace(",", "\\,").replace(":", "\\:")
+
+
+def option_string(lowerdirs, upperdir=None, workdir=None):
+    """The mount(2) data string: lowerdirs topmost first, then upper and work dirs."""
+    options = "lowerdir=" + ":".join(escape(d) for d in lowerdirs)
+    if upperdir is not None:
+        options += f",upperdir={escape(upperdir)},workdir={escape(workdir)}"
+    return options
+
+
+def fits_in_page(options):
+    # The kernel copies the data into one page, and the string needs its NUL.
+    return len(os.fsencode(options)) < page_size()
+
+
+@contextlib.contextmanager
+def _inside(directory):
+    if directory is None:
+        yield
+        return
+    saved = os.open(".", os.O_PATH | os.O_DIRECTORY)
+    try:
+        os.chdir(directory)
+        yield
+    finally:
+        try:
+            os.fchdir(saved)
+        finally:
+            os.close(saved)
+
+
+def _oserror(what, target):
+    code = ctypes.get_errno()
+    return code, f"{what} {target}: {os.strerror(code)}"
+
+
+CAP_SYS_ADMIN = 21
+
+
+def has_mount_privilege(status="/proc/self/status"):
+    """True if this process holds CAP_SYS_ADMIN (root, or root of a user namespace)."""
+    try:
+        with open(status) as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> CAP_SYS_ADMIN & 1)
+    except OSError:
+        pass
+    return os.geteuid() == 0
+
+
+def _permission_hint(code):
+    if code == errno.EPERM:
+        return " (mounting overlayfs needs root, or CAP_SYS_ADMIN in the mount namespace)"
+    return ""
+
+
+def mount_overlay(target, lowerdirs, upperdir=None, workdir=None, relative_to=None,
+                  read_only=False, api="auto"):
+    """Mount overlayfs at `target` (absolute); returns the API used: "mount" or "fsmount".
+
+    `lowerdirs` are topmost first; relative ones are looked up in `relative_to`.
+    `upperdir`/`workdir` are absolute or both None (a read-only overlay).
+    api: "auto" (mount(2) when the options fit in a page, else the new API),
+    "mount" or "fsmount".
+    """
+    if not lowerdirs:
+        raise MountError("an overlay needs at least one lower layer")
+    if len(lowerdirs) > MAX_LAYERS:
+        raise MountError(f"{len(lowerdirs)} layers: overlayfs stacks at most {MAX_LAYERS}")
+    if (upperdir is None) != (workdir is None):
+        raise MountError("upperdir and workdir go together")
+    options = option_string(lowerdirs, upperdir, workdir)
+    if api == "auto":
+        api = "mount" if fits_in_page(options) else "fsmount"
+    if api == "mount":
+        if not fits_in_page(options):
+            raise MountError(
+                f"the mount options for {len(lowerdirs)} layers take {len(options)} bytes, "
+                f"more than mount(2) accepts in one page ({page_size()})")
+        with _inside(relative_to):
+            _mount_legacy(target, options, read_only)
+    elif api == "fsmount":
+        with _inside(relative_to):
+            _mount_new_api(target, lowerdirs, upperdir, workdir, read_only, len(options))
+    else:
+        raise ValueError(f"unknown mount api {api!r}")
+    return api
+
+
+def _mount_legacy(target, options, read_only):
+    flags = MS_RDONLY if read_only else 0
+    rc = _lib().mount(OVERLAY.encode(), os.fsencode(target), OVERLAY.encode(), flags,
+                      os.fsencode(options))
+    if rc != 0:
+        code, message = _oserror("mount overlay on", target)
+        raise MountError(message + _permission_hint(code))
+
+
+def new_api_unavailable_reason():
+    """Why the new mount API cannot be used on this machine, or None if it can."""
+    machine = platform.machine()
+    if machine not in _UNIFIED_ARCHES:
+        return f"tosi-tools does not know the mount-API syscall numbers on {machine}"
+    return None
+
+
+def _syscall(name, *args):
+    result = _lib().syscall(ctypes.c_long(_SYSCALL[name]), *args)
+    if result < 0:
+        return None, ctypes.get_errno()
+    return result, 0
+
+
+def _kernel_messages(fs_fd):
+    """The messages overlayfs left on the fs context (read(2) on it), one line."""
+    lines = []
+    while True:
+        try:
+            data = os.read(fs_fd, 1024)
+        except OSError:
+            break
+        if not data:
+            break
+        text = data.decode(errors="replace").strip()
+        lines.append(text[2:] if text[1:2] == " " else text)
+    return "; ".join(lines)
+
+
+def _mount_new_api(target, lowerdirs, upperdir, workdir, read_only, option_bytes):
+    reason = new_api_unavailable_reason()
+    too_long = (f"the mount options for {len(lowerdirs)} layers take {option_bytes} bytes, "
+                f"more than mount(2) accepts in one page ({page_size()})")
+    if reason:
+        raise MountError(f"{too_long}, and {reason}")
+    fs_fd, code = _syscall("fsopen", ctypes.c_char_p(OVERLAY.encode()),
+                           ctypes.c_uint(FSOPEN_CLOEXEC))
+    if fs_fd is None:
+        if code == errno.ENOSYS:
+            raise MountError(f"{too_long}, and this kernel ({platform.release()}) has no "
+                             "new mount API (fsopen, Linux 5.2 or newer)")
+        raise MountError(f"fsopen overlay: {os.strerror(code)}{_permission_hint(code)}")
+    try:
+        def config(key, value):
+            _, err = _syscall("fsconfig", ctypes.c_int(fs_fd), ctypes.c_uint(FSCONFIG_SET_STRING),
+                              ctypes.c_char_p(key.encode()), ctypes.c_char_p(os.fsencode(value)),
+                              ctypes.c_int(0))
+            if err:
+                detail = _kernel_messages(fs_fd)
+                if key == "lowerdir+" and err == errno.EINVAL and "nknown parameter" in detail:
+                    raise MountError(
+                        f"{too_long}, and overlayfs in this kernel ({platform.release()}) has no "
+                        "\"lowerdir+\" option (Linux 6.8 or newer) to pass them one by one")
+                raise MountError(f"overlay {key}={value}: {os.strerror(err)}"
+                                 + (f" ({detail})" if detail else ""))
+
+        config("source", OVERLAY)
+        for lower in lowerdirs:
+            config("lowerdir+", lower)
+        if upperdir is not None:
+            config("upperdir", upperdir)
+            config("workdir", workdir)
+        _, err = _syscall("fsconfig", ctypes.c_int(fs_fd), ctypes.c_uint(FSCONFIG_CMD_CREATE),
+                          None, None, ctypes.c_int(0))
+        if err:
+            detail = _kernel_messages(fs_fd)
+            raise MountError(f"create overlay for {target}: {os.strerror(err)}"
+                             + (f" ({detail})" if detail else "") + _permission_hint(err))
+        attrs = MOUNT_ATTR_RDONLY if read_only else 0
+        mnt_fd, err = _syscall("fsmount", ctypes.c_int(fs_fd), ctypes.c_uint(FSMOUNT_CLOEXEC),
+                               ctypes.c_uint(attrs))
+        if mnt_fd is None:
+            raise MountError(f"fsmount overlay for {target}: {os.strerror(err)}")
+        try:
+            _, err = _syscall("move_mount", ctypes.c_int(mnt_fd), ctypes.c_char_p(b""),
+                              ctypes.c_int(AT_FDCWD), ctypes.c_char_p(os.fsencode(target)),
+                              ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH))
+            if err:
+                raise MountError(f"move_mount overlay to {target}: {os.strerror(err)}")
+        finally:
+            os.close(mnt_fd)
+    finally:
+        os.close(fs_fd)
+
+
+def unmount(target):
+    """Unmount `target`; returns True if it was busy and had to be detached lazily."""
+    lib = _lib()
+    path = os.fsencode(target)
+    if lib.umount2(path, 0) == 0:
+        return False
+    code = ctypes.get_errno()
+    if code == errno.EBUSY and lib.umount2(path, MNT_DETACH) == 0:
+        return True
+    raise MountError(f"unmount {target}: {os.strerror(code)}{_permission_hint(code)}")
+
+
+def _unescape_mountinfo(field):
+    # mountinfo writes space, tab, newline and backslash as \ooo octal escapes.
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def mount_at(path, mountinfo="/proc/self/mountinfo"):
+    """(fstype, super options) of the topmost mount whose mount point is `path`, or None."""
+    found = None
+    with open(mountinfo, encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) < 10 or _unescape_mountinfo(fields[4]) != path:
+                continue
+            sep = fields.index("-", 6)
+            found = (fields[sep + 1], fields[sep + 3] if len(fields) > sep + 3 else "")
+    return found
