@@ -16,23 +16,19 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from .auth import Credentials, TokenCache, parse_challenge
-from .errors import NotFound, RegistryError, TLSFailure, Unauthorized, Unreachable
+from .errors import ManifestError, NotFound, RegistryError, TLSFailure, Unauthorized, Unreachable
 
 log = logging.getLogger("tosi.registry")
 
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-DOCKER_SCHEMA1 = "application/vnd.docker.distribution.manifest.v1+json"
-DOCKER_SCHEMA1_SIGNED = "application/vnd.docker.distribution.manifest.v1+prettyjws"
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-MANIFEST_ACCEPT = ", ".join([
-    OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST,
-    f"{DOCKER_SCHEMA1_SIGNED};q=0.5", f"{DOCKER_SCHEMA1};q=0.5",
-])
+# Media types live with the manifest parser; these names are kept for callers of this module.
+from .manifest import (  # noqa: E402
+    ACCEPT as MANIFEST_ACCEPT, DOCKER_LIST, DOCKER_MANIFEST, DOCKER_SCHEMA1, DOCKER_SCHEMA1_SIGNED,
+    OCI_INDEX, OCI_MANIFEST,
+)
 
 DEFAULT_CONNECT_TIMEOUT = 10
 DEFAULT_READ_TIMEOUT = 60
+MAX_REDIRECTS = 5
 
 
 def is_loopback_host(host):
@@ -66,15 +62,17 @@ class RegistryClient:
         self.timeout = (connect_timeout, read_timeout)
         self.tokens = token_cache or TokenCache()
         self.session = requests.Session()
-        # Only the flags decide credentials and proxies' auth; never ~/.netrc.
+        # The environment still decides proxies and REQUESTS_CA_BUNDLE, but credentials
+        # come from the flags only: a session-level no-op auth keeps ~/.netrc out.
         self.session.trust_env = True
+        self.session.auth = _no_auth
         adapter = HTTPAdapter(pool_connections=4, pool_maxsize=max(pool_size, 4), max_retries=0)
         self.session.mount("https://", adapter)
         self.session.mount("http://", adapter)
-        if insecure:
-            self.session.verify = False
-        elif ca_file:
-            self.session.verify = ca_file
+        # Passed per request: requests lets REQUESTS_CA_BUNDLE override a session's
+        # verify, which would silently replace --ca-file and undo --insecure.
+        self.verify = False if insecure else (ca_file or None)
+        self.session.verify = True if self.verify is None else self.verify
         self._host = urlsplit(self.endpoint).netloc
         self._lock = threading.Lock()
         # What the last 401 challenge asked for, so later requests authenticate up front.
@@ -91,6 +89,9 @@ class RegistryClient:
     def _scope(self, repository, actions="pull"):
         return f"repository:{repository}:{actions}" if repository else None
 
+    def _token_key(self, params, repository):
+        return (self._host, params.get("realm"), params.get("service"), self._scope(repository))
+
     def _auth_header(self, repository):
         challenge = self._challenge
         if challenge is None:
@@ -99,8 +100,7 @@ class RegistryClient:
         if scheme == "basic":
             return self.credentials.basic_header() if self.credentials else None
         if scheme == "bearer":
-            key = (params.get("realm"), params.get("service"), self._scope(repository))
-            token = self.tokens.get(key)
+            token = self.tokens.get(self._token_key(params, repository))
             return f"Bearer {token}" if token else None
         return None
 
@@ -109,7 +109,7 @@ class RegistryClient:
         if not realm:
             raise Unauthorized(f"{self.endpoint}: Bearer challenge without a realm")
         scope = self._scope(repository) or params.get("scope")
-        key = (realm, params.get("service"), self._scope(repository))
+        key = self._token_key(params, repository)
         query = {}
         if params.get("service"):
             query["service"] = params["service"]
@@ -119,7 +119,8 @@ class RegistryClient:
         if self.credentials:
             headers["Authorization"] = self.credentials.basic_header()
         try:
-            r = self.session.get(realm, params=query, headers=headers, timeout=self.timeout)
+            r = self.session.get(realm, params=query, headers=headers, timeout=self.timeout,
+                                 verify=self.verify)
         except requests.exceptions.SSLError as exc:
             raise TLSFailure(f"token server {realm}: TLS failure: {_reason(exc)}") from None
         except requests.RequestException as exc:
@@ -162,7 +163,7 @@ class RegistryClient:
             if scheme == "bearer":
                 with self._lock:
                     self._challenge = (scheme, params)
-                    self.tokens.drop((params.get("realm"), params.get("service"), self._scope(repository)))
+                    self.tokens.drop(self._token_key(params, repository))
                     self._fetch_token(params, repository)
             elif scheme == "basic":
                 if not self.credentials:
@@ -177,7 +178,7 @@ class RegistryClient:
         try:
             return self.session.request(
                 method, url, headers=headers, stream=stream,
-                allow_redirects=allow_redirects, timeout=timeout or self.timeout,
+                allow_redirects=allow_redirects, timeout=timeout or self.timeout, verify=self.verify,
             )
         except requests.exceptions.SSLError as exc:
             raise TLSFailure(f"{urlsplit(url).netloc}: TLS failure: {_reason(exc)}") from None
@@ -196,6 +197,39 @@ class RegistryClient:
         if resp.status_code in (401, 403) or code in ("UNAUTHORIZED", "DENIED"):
             raise Unauthorized(text, status=resp.status_code, code=code)
         raise RegistryError(text, status=resp.status_code, code=code)
+
+    def send_following_redirects(self, method, path, repository=None, headers=None, stream=False,
+                                 max_redirects=MAX_REDIRECTS):
+        """send(), following redirects itself: credentials go only to the registry's own host."""
+        url = self.url(path)
+        for _hop in range(max_redirects + 1):
+            resp = self.send(method, url, repository=repository, headers=headers, stream=stream)
+            if resp.status_code not in (301, 302, 303, 307, 308) or "Location" not in resp.headers:
+                return resp
+            resp.close()
+            url = urljoin(url, resp.headers["Location"])
+        raise RegistryError(f"{self._host}: more than {max_redirects} redirects for {path}")
+
+    def read_limited(self, resp, limit, what):
+        """The body of a streamed response, refused (ManifestError) if longer than `limit`."""
+        declared = resp.headers.get("Content-Length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            resp.close()
+            raise ManifestError(f"{what}: {declared} bytes, more than the {_mib(limit)} allowed; refused")
+        chunks, total = [], 0
+        try:
+            for chunk in resp.iter_content(64 << 10):
+                total += len(chunk)
+                if total > limit:
+                    raise ManifestError(f"{what}: more than the {_mib(limit)} allowed; refused")
+                chunks.append(chunk)
+        except requests.exceptions.SSLError as exc:
+            raise TLSFailure(f"{self._host}: TLS failure: {_reason(exc)}") from None
+        except requests.RequestException as exc:
+            raise Unreachable(f"{self._host}: connection lost reading {what}: {_reason(exc)}") from None
+        finally:
+            resp.close()
+        return b"".join(chunks)
 
     # ------------------------------------------------------------ API
 
@@ -218,6 +252,14 @@ def _registry_error(resp):
     except (ValueError, AttributeError):
         pass
     return None, None
+
+
+def _no_auth(request):
+    return request
+
+
+def _mib(n):
+    return f"{n / (1 << 20):g} MiB"
 
 
 def _reason(exc):

@@ -1,9 +1,84 @@
-"""tosi-resolve (not yet implemented)."""
+"""tosi-resolve: resolve an image reference and write the plan (tosi-plan(5)) to stdout."""
 
-from .common import not_yet_implemented, run
+import os
+import sys
+
+from .common import add_workdir_flag, new_parser, run, setup_logging
 
 PROG = "tosi-resolve"
 
+DESCRIPTION = """\
+Resolve IMAGE (e.g. alpine, user/img:tag, host:port/img@sha256:...) to one
+platform's image manifest, store manifest and config bytes in the workdir, and
+write the plan to stdout: one image record, then one record per layer."""
+
+
+def add_registry_flags(parser):
+    """Credentials and transport flags shared by every command that talks to a registry."""
+    parser.add_argument("--username", metavar="U", help="registry user name")
+    secret = parser.add_mutually_exclusive_group()
+    secret.add_argument("--password", metavar="P", help="registry password (visible in ps; "
+                        "prefer --password-stdin)")
+    secret.add_argument("--password-stdin", action="store_true",
+                        help="read the password from the first line of stdin")
+    parser.add_argument("--insecure", action="store_true",
+                        help="use plain http (or skip certificate verification for https) "
+                        "for a registry that is not on loopback")
+    parser.add_argument("--ca-file", metavar="FILE",
+                        help="CA bundle to verify the registry's certificate "
+                        "(default: system CAs, or $REQUESTS_CA_BUNDLE)")
+
+
+def credentials_and_transport(args, registry):
+    """(credentials or None, absolute ca_file or None) from parsed registry flags."""
+    from ..auth import credentials_from_flags
+    from ..errors import UsageError
+
+    password_stdin = None
+    if args.password_stdin:
+        password_stdin = sys.stdin.readline().rstrip("\r\n")
+        if not password_stdin:
+            raise UsageError("--password-stdin: no password on stdin")
+    credentials = credentials_from_flags(args.username, args.password, password_stdin,
+                                         registry=registry)
+    ca_file = None
+    if args.ca_file:
+        if not os.path.isfile(args.ca_file):
+            raise UsageError(f"--ca-file {args.ca_file}: no such file")
+        ca_file = os.path.abspath(args.ca_file)
+    return credentials, ca_file
+
+
+def _parser():
+    parser = new_parser(PROG, DESCRIPTION, epilog="See tosi-resolve(1) and tosi-plan(5).")
+    add_workdir_flag(parser)
+    parser.add_argument("--platform", metavar="OS/ARCH[/VARIANT]",
+                        help="platform to pick from an index (default: this machine's)")
+    add_registry_flags(parser)
+    parser.add_argument("image", metavar="IMAGE", help="image reference")
+    return parser
+
+
+def _body(argv):
+    args = _parser().parse_args(argv)
+    setup_logging(PROG, args.verbose)
+
+    from ..plan import PlanWriter
+    from ..platform import parse_platform
+    from ..reference import parse_reference
+    from ..resolve import resolve_image
+
+    ref = parse_reference(args.image)
+    platform = parse_platform(args.platform) if args.platform else None
+    credentials, ca_file = credentials_and_transport(args, ref.registry)
+    image, layers = resolve_image(ref, args.workdir, platform=platform, credentials=credentials,
+                                  insecure=args.insecure, ca_file=ca_file)
+    writer = PlanWriter(sys.stdout)
+    writer.write(image)
+    for layer in layers:
+        writer.write(layer)
+    return 0
+
 
 def main(argv=None):
-    return run(PROG, not_yet_implemented(PROG), argv)
+    return run(PROG, _body, argv)

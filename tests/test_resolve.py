@@ -1,0 +1,406 @@
+"""tosi-resolve against the real registry: every manifest kind, platforms, digests, cache, errors."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import requests
+
+from tests.support.faultproxy import FaultProxy, Rule
+from tests.support.images import (
+    DOCKER_CONFIG, DOCKER_MANIFEST, OCI_MANIFEST, file_entry, make_config, make_layer, sha256,
+)
+from tests.support.registry import free_port
+from tosi_tools.cache import Workdir
+from tosi_tools.errors import DigestMismatch
+from tosi_tools.plan import PlanReader
+from tosi_tools.platform import host_platform, parse_platform
+from tosi_tools.registry import RegistryClient
+from tosi_tools.resolve import Resolver, resolve_image
+
+SCHEMA1_SIGNED = "application/vnd.docker.distribution.manifest.v1+prettyjws"
+
+
+def _layers(n=2, **kwargs):
+    return [make_layer([file_entry(f"file{i}.txt", f"layer {i}\n".encode())], **kwargs) for i in range(n)]
+
+
+def _plan(proc):
+    reader = PlanReader(io.StringIO(proc.stdout))
+    return reader.image, reader.layers()
+
+
+def _resolve(tool, workdir, ref, *flags, check=0, **kwargs):
+    return tool("tosi-resolve", "--workdir", workdir, *flags, ref, check=check, **kwargs)
+
+
+def _other_platform():
+    return "linux/arm64" if host_platform().normalized().architecture != "arm64" else "linux/amd64"
+
+
+def _platform_images(pusher, repo, platforms, oci=True):
+    images = []
+    for text in platforms:
+        p = parse_platform(text)
+        images.append(pusher.push_image(repo, None, _layers(1), oci=oci, os_=p.os, arch=p.architecture,
+                                        variant=p.variant))
+    return images
+
+
+# ------------------------------------------------------------ manifest kinds
+
+def test_docker_schema2_image_gives_image_and_layer_records(tool, registry, pusher, repo_name, workdir):
+    layers = _layers(2)
+    image = pusher.push_image(repo_name, "v1", layers)
+    image_record, layer_records = _plan(_resolve(tool, workdir, f"{registry.host}/{repo_name}:v1"))
+    cache = Workdir(workdir)
+    config_digest = sha256(image.config)
+    assert image_record == {
+        "type": "image", "planVersion": 1,
+        "reference": f"{registry.host}/{repo_name}:v1",
+        "registry": registry.host, "endpoint": registry.url, "repository": repo_name, "tag": "v1",
+        "digest": image.digest, "mediaType": DOCKER_MANIFEST, "size": len(image.manifest),
+        "manifestPath": cache.manifest_path(registry.host, repo_name, image.digest),
+        "index": None, "platform": {"os": "linux", "architecture": "amd64"},
+        "config": {"mediaType": DOCKER_CONFIG, "digest": config_digest, "size": len(image.config),
+                   "path": cache.config_path(config_digest),
+                   "savedConfig": cache.saved_config_path(config_digest)},
+        "workdir": cache.root, "layerCount": 2, "insecure": False, "caFile": None,
+    }
+    assert layer_records == [
+        {"type": "layer", "index": i, **layer.descriptor(), "diffID": layer.diff_id}
+        for i, layer in enumerate(layers)
+    ]
+
+
+def test_oci_manifest_layer_records_carry_media_type_and_annotations(tool, registry, pusher, repo_name,
+                                                                      workdir):
+    gz, zst, raw = (make_layer([file_entry("f", b"x")], compression=c, oci=True) for c in ("gzip", "zstd", None))
+    zst.annotations = {"org.example.note": "zstd layer"}
+    image = pusher.push_image(repo_name, "oci", [gz, zst, raw], oci=True)
+    image_record, layer_records = _plan(_resolve(tool, workdir, f"{registry.host}/{repo_name}:oci"))
+    assert (image_record["mediaType"], image_record["digest"]) == (OCI_MANIFEST, image.digest)
+    assert [r["mediaType"] for r in layer_records] == [gz.media_type, zst.media_type, raw.media_type]
+    assert layer_records[1]["annotations"] == {"org.example.note": "zstd layer"}
+    assert [r["diffID"] for r in layer_records] == [gz.diff_id, zst.diff_id, raw.diff_id]
+
+
+@pytest.mark.parametrize("oci", [True, False], ids=["oci-index", "docker-manifest-list"])
+def test_index_resolves_to_the_host_platform_by_default(tool, registry, pusher, repo_name, workdir, oci):
+    host = str(host_platform().normalized())
+    images = _platform_images(pusher, repo_name, [_other_platform(), host], oci=oci)
+    index_digest, index_body = pusher.push_index(repo_name, "multi", images, oci=oci)
+    image_record, _layers_ = _plan(_resolve(tool, workdir, f"{registry.host}/{repo_name}:multi"))
+    assert image_record["digest"] == images[1].digest
+    assert image_record["platform"] == images[1].platform
+    cache = Workdir(workdir)
+    assert image_record["index"] == {
+        "mediaType": json.loads(index_body)["mediaType"], "digest": index_digest, "size": len(index_body),
+        "path": cache.manifest_path(registry.host, repo_name, index_digest),
+    }
+
+
+def test_platform_flag_picks_that_index_entry(tool, registry, pusher, repo_name, workdir):
+    images = _platform_images(pusher, repo_name, ["linux/amd64", "linux/arm64", "linux/s390x"])
+    pusher.push_index(repo_name, "multi", images)
+    image_record, _ = _plan(_resolve(tool, workdir, f"{registry.host}/{repo_name}:multi",
+                                     "--platform", "linux/s390x"))
+    assert image_record["digest"] == images[2].digest
+    assert image_record["platform"] == {"os": "linux", "architecture": "s390x"}
+
+
+def test_platform_variant_picks_the_exact_variant(tool, registry, pusher, repo_name, workdir):
+    images = _platform_images(pusher, repo_name, ["linux/arm/v6", "linux/arm/v7", "linux/arm64/v8"])
+    pusher.push_index(repo_name, "multi", images)
+    ref = f"{registry.host}/{repo_name}:multi"
+    assert _plan(_resolve(tool, workdir, ref, "--platform", "linux/arm/v7"))[0]["digest"] == images[1].digest
+    assert _plan(_resolve(tool, workdir, ref, "--platform", "linux/arm/v6"))[0]["digest"] == images[0].digest
+    assert _plan(_resolve(tool, workdir, ref, "--platform", "linux/arm64"))[0]["digest"] == images[2].digest
+
+
+def test_platform_without_variant_entry_falls_back_to_older_variant(tool, registry, pusher, repo_name,
+                                                                    workdir):
+    images = _platform_images(pusher, repo_name, ["linux/amd64", "linux/arm/v6"])
+    pusher.push_index(repo_name, "multi", images)
+    image_record, _ = _plan(_resolve(tool, workdir, f"{registry.host}/{repo_name}:multi",
+                                     "--platform", "linux/arm/v7"))
+    assert image_record["digest"] == images[1].digest
+
+
+def test_no_matching_platform_lists_the_index_platforms(tool, registry, pusher, repo_name, workdir):
+    images = _platform_images(pusher, repo_name, ["linux/amd64", "linux/arm/v7"])
+    pusher.push_index(repo_name, "multi", images)
+    proc = _resolve(tool, workdir, f"{registry.host}/{repo_name}:multi", "--platform", "linux/ppc64le",
+                    check=1)
+    assert proc.stderr.strip() == (
+        "tosi-resolve: error: no image for platform linux/ppc64le in the index "
+        "(it has: linux/amd64, linux/arm/v7; choose one with --platform)"
+    )
+    assert proc.stdout == ""
+
+
+def test_attestation_entries_are_not_candidates(tool, registry, pusher, repo_name, workdir):
+    real, attestation = _platform_images(pusher, repo_name, ["linux/amd64", "unknown/unknown"])
+    pusher.push_index(repo_name, "multi", [real], extra_manifests=[{
+        "mediaType": attestation.media_type, "size": len(attestation.manifest),
+        "digest": attestation.digest, "platform": {"os": "unknown", "architecture": "unknown"},
+        "annotations": {"vnd.docker.reference.type": "attestation-manifest",
+                        "vnd.docker.reference.digest": real.digest},
+    }])
+    proc = _resolve(tool, workdir, f"{registry.host}/{repo_name}:multi", "--platform", "unknown/unknown",
+                    check=1)
+    assert "(it has: linux/amd64;" in proc.stderr
+
+
+def test_single_image_for_another_platform_than_requested_is_refused(tool, registry, pusher, repo_name,
+                                                                     workdir):
+    pusher.push_image(repo_name, "v1", _layers(1), arch="amd64")
+    proc = _resolve(tool, workdir, f"{registry.host}/{repo_name}:v1", "--platform", "linux/arm64", check=1)
+    assert "single image for linux/amd64, not for linux/arm64" in proc.stderr
+
+
+def _schema1_image(pusher, registry, repo):
+    """A real schema1 manifest: the registry converts a schema2 image when asked for schema1 only."""
+    layers = _layers(2)
+    config = json.loads(make_config(layers))
+    config["history"] = [{"created_by": "one"}, {"created_by": "ENV x=1", "empty_layer": True},
+                         {"created_by": "two"}]
+    config_bytes = json.dumps(config).encode()
+    pusher.push_blob(repo, config_bytes)
+    for layer in layers:
+        pusher.push_blob(repo, layer.data)
+    pusher.push_manifest(repo, "v2", {
+        "schemaVersion": 2, "mediaType": DOCKER_MANIFEST,
+        "config": {"mediaType": DOCKER_CONFIG, "size": len(config_bytes), "digest": sha256(config_bytes)},
+        "layers": [layer.descriptor() for layer in layers],
+    }, DOCKER_MANIFEST)
+    r = requests.get(f"{registry.url}/v2/{repo}/manifests/v2", headers={"Accept": SCHEMA1_SIGNED}, timeout=10)
+    assert r.headers["Content-Type"] == SCHEMA1_SIGNED
+    return layers, r
+
+
+def test_signed_schema1_is_converted_bottom_first_without_throwaway_layers(tool, registry, pusher,
+                                                                           repo_name, workdir):
+    layers, schema1 = _schema1_image(pusher, registry, repo_name)
+    # A registry that serves only schema1 (as old ones did): the proxy answers with the real bytes.
+    with FaultProxy(registry.url) as proxy:
+        proxy.add(Rule("status", path="/manifests/", status=200, body=schema1.content, headers={
+            "Content-Type": SCHEMA1_SIGNED,
+            "Docker-Content-Digest": schema1.headers["Docker-Content-Digest"]}))
+        host = proxy.url.split("://")[1]
+        image_record, layer_records = _plan(_resolve(tool, workdir, f"{host}/{repo_name}:v2"))
+    assert image_record["mediaType"] == SCHEMA1_SIGNED
+    assert image_record["digest"] == schema1.headers["Docker-Content-Digest"]
+    assert [r["digest"] for r in layer_records] == [layer.digest for layer in layers]
+    with open(image_record["config"]["savedConfig"]) as f:
+        assert json.load(f) == {"Cmd": ["/bin/sh"], "Env": ["PATH=/usr/bin:/bin"]}
+
+
+# ------------------------------------------------------------ digests
+
+def test_digest_reference_resolves_that_manifest(tool, registry, pusher, repo_name, workdir):
+    image = pusher.push_image(repo_name, "v1", _layers(1))
+    image_record, _ = _plan(_resolve(tool, workdir, f"{registry.host}/{repo_name}@{image.digest}"))
+    assert (image_record["digest"], image_record["tag"]) == (image.digest, None)
+    assert image_record["reference"] == f"{registry.host}/{repo_name}@{image.digest}"
+
+
+def test_tag_and_digest_reference_follows_the_digest(tool, registry, pusher, repo_name, workdir):
+    old = pusher.push_image(repo_name, "v1", _layers(1))
+    pusher.push_image(repo_name, "v1", _layers(2))  # the tag moves on
+    image_record, layer_records = _plan(_resolve(tool, workdir, f"{registry.host}/{repo_name}:v1@{old.digest}"))
+    assert image_record["digest"] == old.digest
+    assert len(layer_records) == 1
+
+
+def test_manifest_bytes_not_matching_the_reference_digest_are_refused(tool, registry, pusher, repo_name,
+                                                                      workdir):
+    image = pusher.push_image(repo_name, "v1", _layers(1))
+    with FaultProxy(registry.url) as proxy:
+        proxy.add(Rule("corrupt", path="/manifests/", at=40))
+        host = proxy.url.split("://")[1]
+        proc = _resolve(tool, workdir, f"{host}/{repo_name}@{image.digest}", check=1)
+    assert f"manifest {host}/{repo_name}@{image.digest}: content hashes to sha256:" in proc.stderr
+    assert not os.path.exists(Workdir(workdir).manifest_path(host, repo_name, image.digest))
+
+
+def test_manifest_bytes_not_matching_docker_content_digest_are_refused(registry, pusher, repo_name, workdir):
+    image = pusher.push_image(repo_name, "v1", _layers(1))
+    with FaultProxy(registry.url) as proxy:
+        proxy.add(Rule("corrupt", path="/manifests/", at=40))
+        with pytest.raises(DigestMismatch, match=f"registry says {image.digest}, content hashes to"):
+            resolve_image(f"{proxy.url.split('://')[1]}/{repo_name}:v1", workdir)
+
+
+def test_config_not_matching_its_descriptor_is_refused(tool, registry, pusher, repo_name, workdir):
+    image = pusher.push_image(repo_name, "v1", _layers(1))
+    with FaultProxy(registry.url) as proxy:
+        proxy.add(Rule("corrupt", path="/blobs/", at=5))
+        proc = _resolve(tool, workdir, f"{proxy.url.split('://')[1]}/{repo_name}:v1", check=1)
+    assert f"image config {sha256(image.config)}: content hashes to" in proc.stderr
+    assert not os.path.exists(Workdir(workdir).config_path(sha256(image.config)))
+
+
+# ------------------------------------------------------------ cache
+
+def test_manifest_and_config_are_cached_as_served(tool, registry, pusher, repo_name, workdir):
+    image = pusher.push_image(repo_name, "v1", _layers(1), config={"Env": ["A=1"], "Entrypoint": ["/x"]})
+    image_record, _ = _plan(_resolve(tool, workdir, f"{registry.host}/{repo_name}:v1"))
+    with open(image_record["manifestPath"], "rb") as f:
+        assert f.read() == image.manifest
+    with open(image_record["config"]["path"], "rb") as f:
+        assert f.read() == image.config
+    with open(image_record["config"]["savedConfig"]) as f:
+        assert json.load(f) == {"Env": ["A=1"], "Entrypoint": ["/x"]}
+    with open(Workdir(workdir).tag_path(registry.host, repo_name, "v1")) as f:
+        assert f.read().strip() == image.digest
+
+
+def test_same_repository_on_two_registries_is_cached_apart(tool, registry, pusher, repo_name, workdir):
+    image = pusher.push_image(repo_name, "v1", _layers(1))
+    with FaultProxy(registry.url) as proxy:
+        other = proxy.url.split("://")[1]
+        first, _ = _plan(_resolve(tool, workdir, f"{registry.host}/{repo_name}:v1"))
+        second, _ = _plan(_resolve(tool, workdir, f"{other}/{repo_name}:v1"))
+    assert first["manifestPath"] != second["manifestPath"]
+    assert os.path.dirname(first["manifestPath"]) == Workdir(workdir).manifest_dir(registry.host, repo_name)
+    assert first["digest"] == second["digest"] == image.digest
+
+
+def test_warm_tag_resolution_makes_one_manifest_request_and_no_blob_request(registry, pusher, repo_name,
+                                                                           workdir):
+    images = _platform_images(pusher, repo_name, ["linux/amd64", "linux/arm64"])
+    pusher.push_index(repo_name, "multi", images)
+    with FaultProxy(registry.url) as proxy:
+        ref = f"{proxy.url.split('://')[1]}/{repo_name}:multi"
+        cold = resolve_image(ref, workdir, platform=parse_platform("linux/arm64"))
+        before = len(proxy.seen())
+        warm = resolve_image(ref, workdir, platform=parse_platform("linux/arm64"))
+        warm_requests = proxy.seen()[before:]
+    assert warm == cold
+    assert [(r.method, "/manifests/multi" in r.path) for r in warm_requests] == [("HEAD", True)]
+
+
+def test_warm_digest_resolution_makes_no_request(registry, pusher, repo_name, workdir):
+    image = pusher.push_image(repo_name, "v1", _layers(1))
+    with FaultProxy(registry.url) as proxy:
+        ref = f"{proxy.url.split('://')[1]}/{repo_name}@{image.digest}"
+        resolve_image(ref, workdir)
+        before = len(proxy.seen())
+        resolver = Resolver(workdir)
+        resolver.resolve(ref)
+        assert len(proxy.seen()) == before
+    assert resolver.client is None
+
+
+def test_warm_resolution_notices_a_moved_tag(registry, pusher, repo_name, workdir):
+    pusher.push_image(repo_name, "v1", _layers(1))
+    resolve_image(f"{registry.host}/{repo_name}:v1", workdir)
+    moved = pusher.push_image(repo_name, "v1", _layers(2))
+    image_record, layer_records = resolve_image(f"{registry.host}/{repo_name}:v1", workdir)
+    assert image_record["digest"] == moved.digest
+    assert len(layer_records) == 2
+
+
+def test_corrupt_cached_manifest_is_fetched_again(registry, pusher, repo_name, workdir):
+    image = pusher.push_image(repo_name, "v1", _layers(1))
+    ref = f"{registry.host}/{repo_name}@{image.digest}"
+    first, _ = resolve_image(ref, workdir)
+    with open(first["manifestPath"], "wb") as f:
+        f.write(b"{}")
+    again, _ = resolve_image(ref, workdir)
+    with open(again["manifestPath"], "rb") as f:
+        assert f.read() == image.manifest
+
+
+def test_resolver_exposes_the_client_it_used(registry, pusher, repo_name, workdir):
+    pusher.push_image(repo_name, "v1", _layers(1))
+    resolver = Resolver(workdir)
+    resolver.resolve(f"{registry.host}/{repo_name}:v1")
+    try:
+        assert isinstance(resolver.client, RegistryClient)
+        assert resolver.client.endpoint == registry.url
+    finally:
+        resolver.client.close()
+
+
+# ------------------------------------------------------------ errors
+
+def test_unknown_tag_reports_the_registry_error(tool, registry, pusher, repo_name, workdir):
+    pusher.push_image(repo_name, "v1", _layers(1))
+    proc = _resolve(tool, workdir, f"{registry.host}/{repo_name}:nope", check=1)
+    assert proc.stderr == (f"tosi-resolve: error: manifest {registry.host}/{repo_name}:nope: "
+                           "404 MANIFEST_UNKNOWN: manifest unknown\n")
+
+
+def test_unknown_repository_reports_the_registry_error(tool, registry, workdir):
+    proc = _resolve(tool, workdir, f"{registry.host}/no/such/repo", check=1)
+    assert proc.stderr.startswith(f"tosi-resolve: error: manifest {registry.host}/no/such/repo:latest: 404 ")
+    assert "UNKNOWN" in proc.stderr
+
+
+def test_unreachable_registry_is_one_line_exit_1(tool, workdir):
+    proc = _resolve(tool, workdir, f"127.0.0.1:{free_port()}/img", check=1)
+    assert proc.stderr.startswith(f"tosi-resolve: error: 127.0.0.1:")
+    assert "unreachable" in proc.stderr
+    assert len(proc.stderr.splitlines()) == 1
+
+
+def test_malformed_manifest_is_refused(tool, registry, workdir):
+    with FaultProxy(registry.url) as proxy:
+        proxy.add(Rule("status", path="/manifests/", status=200, body=b"{not json",
+                       headers={"Content-Type": OCI_MANIFEST}))
+        proc = _resolve(tool, workdir, f"{proxy.url.split('://')[1]}/img:v1", check=1)
+    assert "error: malformed manifest" in proc.stderr and "not JSON" in proc.stderr
+
+
+def test_manifest_without_layers_is_refused(tool, registry, workdir):
+    body = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                       "config": {"mediaType": "x", "digest": sha256(b""), "size": 0}}).encode()
+    with FaultProxy(registry.url) as proxy:
+        proxy.add(Rule("status", path="/manifests/", status=200, body=body, headers={"Content-Type": OCI_MANIFEST}))
+        proc = _resolve(tool, workdir, f"{proxy.url.split('://')[1]}/img:v1", check=1)
+    assert "manifest has no layers list" in proc.stderr
+
+
+def test_manifest_larger_than_4_mib_is_refused(tool, registry, workdir):
+    with FaultProxy(registry.url) as proxy:
+        proxy.add(Rule("status", path="/manifests/", status=200, body=b" " * ((4 << 20) + 1),
+                       headers={"Content-Type": OCI_MANIFEST}))
+        proc = _resolve(tool, workdir, f"{proxy.url.split('://')[1]}/img:v1", check=1)
+    assert "more than the 4 MiB allowed; refused" in proc.stderr
+
+
+def test_unsupported_manifest_kind_is_refused(tool, registry, workdir):
+    body = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.example.thing+json"}).encode()
+    with FaultProxy(registry.url) as proxy:
+        proxy.add(Rule("status", path="/manifests/", status=200, body=body))
+        proc = _resolve(tool, workdir, f"{proxy.url.split('://')[1]}/img:v1", check=1)
+    assert "unsupported manifest type 'application/vnd.example.thing+json'" in proc.stderr
+
+
+@pytest.mark.parametrize("ref, complaint", [
+    ("Upper/Case", "must be lower case"),
+    ("img:", "empty tag"),
+    ("img@sha256:1234", "64 lower-case hex"),
+])
+def test_invalid_reference_is_usage_error(tool, workdir, ref, complaint):
+    proc = _resolve(tool, workdir, ref, check=2)
+    assert proc.stderr.startswith("tosi-resolve: error: invalid reference") and complaint in proc.stderr
+    assert len(proc.stderr.splitlines()) == 1
+
+
+def test_malformed_platform_flag_is_usage_error(tool, workdir):
+    proc = _resolve(tool, workdir, "127.0.0.1:1/img", "--platform", "linux", check=2)
+    assert "invalid platform 'linux'" in proc.stderr
+
+
+def test_version_does_not_import_requests():
+    code = ("import sys\nfrom tosi_tools.cli.resolve import main\n"
+            "try:\n    main(['--version'])\nexcept SystemExit:\n    pass\n"
+            "print('requests' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().endswith("False")

@@ -1,0 +1,323 @@
+"""The resolve stage: from an image reference to the plan's image and layer records.
+
+Resolution asks for the manifest with every Accept type at once, descends from an
+index to the manifest of one platform, fetches and verifies the config, and
+stores manifest, index and config bytes in the workdir, each atomically.
+
+Warm runs are cheap: a digest reference whose manifest (and config) is cached
+needs no request at all, and a tag that was resolved before costs one HEAD whose
+Docker-Content-Digest names the cached bytes (a GET follows only when the
+registry names no digest or the bytes are not cached).
+"""
+
+import json
+import logging
+import os
+
+from .cache import Workdir, atomic_write
+from .digest import Digest, VerifyingHasher, digest_of, verify_file
+from .errors import DigestMismatch, ManifestError, NoMatchingPlatform, UsageError
+from .manifest import (
+    ACCEPT, MAX_CONFIG_SIZE, MAX_MANIFEST_SIZE, SCHEMA1_TYPES, config_platform, content_digests,
+    diff_ids, parse_config, parse_manifest,
+)
+from .plan import new_image_record, new_layer_record
+from .platform import host_platform
+from .reference import Reference, parse_reference
+
+log = logging.getLogger("tosi.resolve")
+
+
+class Resolver:
+    """Resolves references against one workdir; `.client` is the RegistryClient it used.
+
+    `client_factory(endpoint)` makes the client (default: a RegistryClient with the
+    given credentials and transport settings); it is called only when a request is
+    really needed, so a fully cached digest reference never opens a connection.
+    """
+
+    def __init__(self, workdir, platform=None, credentials=None, insecure=False, ca_file=None,
+                 client_factory=None, token_cache=None):
+        self.workdir = workdir if isinstance(workdir, Workdir) else Workdir(workdir)
+        self.platform = platform
+        self.credentials = credentials
+        self.insecure = insecure
+        self.ca_file = os.path.abspath(ca_file) if ca_file else None
+        self.token_cache = token_cache
+        self._client_factory = client_factory or self._default_client
+        self.client = None
+        self._endpoint = None
+
+    def _default_client(self, endpoint):
+        from .registry import RegistryClient
+
+        return RegistryClient(endpoint, credentials=self.credentials, ca_file=self.ca_file,
+                              insecure=self.insecure, token_cache=self.token_cache)
+
+    def _registry(self):
+        if self.client is None:
+            self.client = self._client_factory(self._endpoint)
+        return self.client
+
+    # ------------------------------------------------------------ manifests
+
+    def _cached_manifest(self, ref, digest):
+        path = self.workdir.manifest_path(ref.registry, ref.repository, digest)
+        try:
+            with open(path, "rb") as f:
+                data = f.read(MAX_MANIFEST_SIZE + 1)
+        except FileNotFoundError:
+            return None
+        if len(data) > MAX_MANIFEST_SIZE or not _names(digest, data):
+            log.warning("cached manifest %s is corrupt; fetching it again", path)
+            return None
+        return data
+
+    def _store_manifest(self, ref, digest, data):
+        path = self.workdir.manifest_path(ref.registry, ref.repository, digest)
+        atomic_write(path, data)
+        return path
+
+    def _get_manifest(self, ref, reference):
+        client = self._registry()
+        what = f"manifest {ref.name}:{reference}" if ":" not in reference else f"manifest {ref.name}@{reference}"
+        resp = client.send_following_redirects(
+            "GET", client.manifest_path(ref.repository, reference), repository=ref.repository,
+            headers={"Accept": ACCEPT}, stream=True,
+        )
+        if resp.status_code >= 400:
+            try:
+                resp.content  # the error body names the registry's code and message
+            finally:
+                resp.close()
+            client.check(resp, what)
+        if resp.status_code != 200:
+            resp.close()
+            raise ManifestError(f"{what}: unexpected HTTP status {resp.status_code}")
+        content_type = resp.headers.get("Content-Type")
+        header_digest = resp.headers.get("Docker-Content-Digest")
+        data = client.read_limited(resp, MAX_MANIFEST_SIZE, what)
+        return data, content_type, header_digest
+
+    def _head_digest(self, ref):
+        client = self._registry()
+        resp = client.send_following_redirects(
+            "HEAD", client.manifest_path(ref.repository, ref.tag), repository=ref.repository,
+            headers={"Accept": ACCEPT},
+        )
+        resp.close()
+        if resp.status_code != 200:
+            return None
+        try:
+            return Digest(resp.headers.get("Docker-Content-Digest", ""))
+        except UsageError:
+            return None
+
+    def _top_manifest(self, ref):
+        """(bytes, content type or None, digest) of what the reference names, index or image."""
+        if ref.digest:
+            data = self._cached_manifest(ref, ref.digest)
+            if data is not None:
+                log.info("%s: manifest cached", ref)
+                return data, None, ref.digest
+            data, content_type, _ = self._get_manifest(ref, ref.digest)
+            if not _names(ref.digest, data):
+                raise DigestMismatch(
+                    f"manifest {ref.name}@{ref.digest}: content hashes to {digest_of(data)}"
+                )
+            self._store_manifest(ref, ref.digest, data)
+            return data, content_type, ref.digest
+        tag_file = self.workdir.tag_path(ref.registry, ref.repository, ref.tag)
+        if os.path.isdir(self.workdir.manifest_dir(ref.registry, ref.repository)):
+            digest = self._head_digest(ref)
+            data = self._cached_manifest(ref, digest) if digest else None
+            if data is not None:
+                log.info("%s: registry names %s, which is cached", ref, digest)
+                self._store_tag(tag_file, digest)
+                return data, None, digest
+        data, content_type, header_digest = self._get_manifest(ref, ref.tag)
+        if header_digest:
+            try:
+                digest = Digest(header_digest)
+            except UsageError:
+                raise ManifestError(
+                    f"manifest {ref}: registry sent a malformed Docker-Content-Digest {header_digest!r}"
+                ) from None
+            if not _names(digest, data):
+                raise DigestMismatch(
+                    f"manifest {ref}: registry says {digest}, content hashes to {digest_of(data)}"
+                )
+        else:
+            digest = digest_of(data)
+        self._store_manifest(ref, digest, data)
+        self._store_tag(tag_file, digest)
+        return data, content_type, digest
+
+    def _store_tag(self, tag_file, digest):
+        try:
+            with open(tag_file) as f:
+                if f.read().strip() == digest:
+                    return
+        except OSError:
+            pass
+        atomic_write(tag_file, f"{digest}\n".encode())
+
+    def _child_manifest(self, ref, entry):
+        digest = Digest(entry["digest"])
+        data = self._cached_manifest(ref, digest)
+        content_type = entry["mediaType"]
+        if data is None:
+            data, content_type, _ = self._get_manifest(ref, digest)
+            if not _names(digest, data):
+                raise DigestMismatch(
+                    f"manifest {ref.name}@{digest} (from the index): content hashes to {digest_of(data)}"
+                )
+            self._store_manifest(ref, digest, data)
+        if entry["mediaType"] not in SCHEMA1_TYPES and len(data) != entry["size"]:
+            raise DigestMismatch(
+                f"manifest {ref.name}@{digest}: {len(data)} bytes, the index says {entry['size']}"
+            )
+        return data, content_type or entry["mediaType"]
+
+    # ------------------------------------------------------------ config
+
+    def _config(self, ref, descriptor):
+        digest = Digest(descriptor["digest"])
+        size = descriptor["size"]
+        if size > MAX_CONFIG_SIZE:
+            raise ManifestError(f"image config {digest}: {size} bytes, more than {MAX_CONFIG_SIZE >> 20} MiB")
+        path = self.workdir.config_path(digest)
+        if os.path.exists(path):
+            try:
+                verify_file(path, digest, size, what="cached image config")
+                with open(path, "rb") as f:
+                    return f.read()
+            except (DigestMismatch, OSError) as exc:
+                log.warning("%s; fetching it again", exc)
+        client = self._registry()
+        what = f"image config {ref.name}@{digest}"
+        resp = client.send_following_redirects(
+            "GET", client.blob_path(ref.repository, digest), repository=ref.repository, stream=True,
+        )
+        if resp.status_code >= 400:
+            try:
+                resp.content
+            finally:
+                resp.close()
+            client.check(resp, what)
+        data = client.read_limited(resp, MAX_CONFIG_SIZE, what)
+        hasher = VerifyingHasher(digest, size, what="image config")
+        hasher.update(data)
+        hasher.check()
+        atomic_write(path, data)
+        return data
+
+    def _store_saved_config(self, digest, config_body):
+        path = self.workdir.saved_config_path(digest)
+        data = json.dumps(config_body.get("config") or {}).encode()
+        try:
+            with open(path, "rb") as f:
+                if f.read() == data:
+                    return path
+        except OSError:
+            pass
+        atomic_write(path, data)
+        return path
+
+    # ------------------------------------------------------------ the stage
+
+    def resolve(self, reference, endpoint=None):
+        """(image record, [layer records]) for a reference (text or Reference)."""
+        from .registry import endpoint_for
+
+        ref = reference if isinstance(reference, Reference) else parse_reference(reference)
+        self._endpoint = (endpoint or endpoint_for(ref.registry, self.insecure)).rstrip("/")
+        wanted = self.platform or host_platform()
+
+        top_data, top_type, top_digest = self._top_manifest(ref)
+        top = parse_manifest(top_data, top_type, what=f"manifest {ref}")
+        index_record = None
+        platform = None
+        if top.is_index:
+            entry, platform = top.select(wanted)
+            index_record = {
+                "mediaType": top.media_type, "digest": top_digest, "size": len(top_data),
+                "path": self.workdir.manifest_path(ref.registry, ref.repository, top_digest),
+            }
+            data, content_type = self._child_manifest(ref, entry)
+            manifest = parse_manifest(data, content_type, what=f"manifest {ref.name}@{entry['digest']}")
+            if manifest.is_index:
+                raise ManifestError(f"manifest {ref.name}@{entry['digest']}: an index inside an index "
+                                    "is not supported")
+            digest, manifest_data = Digest(entry["digest"]), data
+            log.info("%s: index entry for %s is %s", ref, platform, digest)
+        else:
+            manifest, digest, manifest_data = top, top_digest, top_data
+
+        if manifest.config_bytes is not None:
+            config_bytes = manifest.config_bytes
+            atomic_write(self.workdir.config_path(manifest.config["digest"]), config_bytes)
+        else:
+            config_bytes = self._config(ref, manifest.config)
+        config_body = parse_config(config_bytes, what=f"image config {manifest.config['digest']}")
+        if platform is None:
+            platform = config_platform(config_body)
+            if self.platform is not None and (platform is None or not _runs(self.platform, platform)):
+                raise NoMatchingPlatform(
+                    f"{ref} is a single image for {platform or 'an unnamed platform'}, "
+                    f"not for {self.platform}"
+                )
+        saved = self._store_saved_config(manifest.config["digest"], config_body)
+        ids = None if manifest.media_type in SCHEMA1_TYPES else diff_ids(
+            config_body, len(manifest.layers), what=f"image config {manifest.config['digest']}")
+
+        image = new_image_record(
+            reference=ref.normalized(),
+            registry=ref.registry,
+            endpoint=self._endpoint,
+            repository=ref.repository,
+            tag=ref.tag,
+            digest=digest,
+            mediaType=manifest.media_type,
+            size=len(manifest_data),
+            manifestPath=self.workdir.manifest_path(ref.registry, ref.repository, digest),
+            index=index_record,
+            platform=platform.to_dict() if platform else None,
+            config={
+                "mediaType": manifest.config["mediaType"],
+                "digest": manifest.config["digest"],
+                "size": manifest.config["size"],
+                "path": self.workdir.config_path(manifest.config["digest"]),
+                "savedConfig": saved,
+            },
+            workdir=self.workdir.root,
+            layerCount=len(manifest.layers),
+            insecure=bool(self.insecure),
+            caFile=self.ca_file,
+        )
+        layers = [
+            new_layer_record(i, descriptor, diffID=ids[i] if ids else None)
+            for i, descriptor in enumerate(manifest.layers)
+        ]
+        return image, layers
+
+
+def _names(digest, data):
+    return digest in content_digests(data)
+
+
+def _runs(wanted, have):
+    return any(have.normalized() == candidate for candidate in wanted.runs())
+
+
+def resolve_image(reference_text, workdir, platform=None, credentials=None, insecure=False,
+                  ca_file=None, client_factory=None, endpoint=None, token_cache=None):
+    """Resolve one reference: (image record, [layer records]); see Resolver for the client."""
+    resolver = Resolver(workdir, platform=platform, credentials=credentials, insecure=insecure,
+                        ca_file=ca_file, client_factory=client_factory, token_cache=token_cache)
+    try:
+        return resolver.resolve(reference_text, endpoint=endpoint)
+    finally:
+        if resolver.client is not None:
+            resolver.client.close()
+
