@@ -1,9 +1,158 @@
-"""tosi-fetch (not yet implemented)."""
+"""tosi-fetch: make sure every blob of the plan on stdin is in the cache; the plan goes on."""
 
-from .common import not_yet_implemented, run
+import sys
+import threading
+
+from .common import add_workdir_flag, new_parser, run, setup_logging
 
 PROG = "tosi-fetch"
 
+DESCRIPTION = """\
+Read a plan (from tosi-resolve) on stdin, download every layer blob and the
+config that the cache does not hold yet, and write the plan to stdout with each
+layer's cache "path" added. Each layer record is written as soon as its blob is
+verified, so a following tosi-unpack can start on it.
+
+Blobs are hashed while they arrive and renamed into place only when verified.
+A broken download is resumed with a Range request; connection errors, read
+timeouts, 5xx and 429 are retried with exponential backoff. Concurrent tosi
+processes sharing a workdir wait for each other instead of downloading twice.
+"""
+
+EPILOG = """\
+With --password-stdin the first line of stdin is the password and the plan follows.
+Credentials otherwise come from TOSI_USERNAME/TOSI_PASSWORD or ~/.docker/config.json.
+
+exit status: 0 every blob is cached; 1 a download failed; 2 bad flags or a malformed plan.
+"""
+
+
+def build_parser():
+    from ..fetch import DEFAULT_PARALLEL, DEFAULT_RETRIES
+
+    parser = new_parser(PROG, DESCRIPTION, EPILOG)
+    add_workdir_flag(parser)
+    # The plan names the workdir resolve used; an explicit flag overrides it.
+    parser.set_defaults(workdir=None)
+    parser.add_argument("--parallel", type=int, default=DEFAULT_PARALLEL, metavar="N",
+                        help=f"download N blobs at once (default {DEFAULT_PARALLEL}; 0: one per layer)")
+    parser.add_argument("--validate-cache", action="store_true",
+                        help="re-hash blobs already in the cache and replace bad ones")
+    parser.add_argument("--progress", choices=("auto", "always", "never"), default="auto",
+                        help="progress bars on stderr (auto: when stderr is a terminal)")
+    parser.add_argument("--retries", type=int, default=DEFAULT_RETRIES, metavar="N",
+                        help=f"retry each blob up to N times (default {DEFAULT_RETRIES})")
+    parser.add_argument("--read-timeout", type=float, default=None, metavar="SECONDS",
+                        help="give up on a silent connection after SECONDS (default 60), then retry")
+    parser.add_argument("--username", help="registry user name")
+    secret = parser.add_mutually_exclusive_group()
+    secret.add_argument("--password", help="registry password (visible to other users: "
+                        "prefer --password-stdin)")
+    secret.add_argument("--password-stdin", action="store_true",
+                        help="read the password from the first line of stdin")
+    return parser
+
+
+class ProgressBars:
+    """tqdm bars on stderr: total bytes, and one bar per blob while it downloads."""
+
+    def __init__(self, total, stream):
+        from tqdm import tqdm
+
+        self._tqdm = tqdm
+        self._stream = stream
+        self._lock = threading.Lock()
+        self._bars = {}
+        self._free_rows = []
+        self.total = tqdm(total=total, desc="total", unit="B", unit_scale=True, unit_divisor=1024,
+                          file=stream, position=0, dynamic_ncols=True)
+
+    def __call__(self, download, event, nbytes):
+        with self._lock:
+            if event == "reused":
+                self.total.update(nbytes)
+            elif event == "start":
+                row = self._free_rows.pop() if self._free_rows else len(self._bars) + 1
+                self._bars[download] = (row, self._tqdm(
+                    total=download.size, initial=nbytes, desc=download.digest.hex[:12], unit="B",
+                    unit_scale=True, unit_divisor=1024, file=self._stream, position=row, leave=False,
+                    dynamic_ncols=True))
+                self.total.update(nbytes)
+            elif event == "advance" and download in self._bars:
+                self._bars[download][1].update(nbytes)
+                self.total.update(nbytes)
+            elif event == "done" and download in self._bars:
+                row, bar = self._bars.pop(download)
+                bar.close()
+                self._free_rows.append(row)
+
+    def close(self):
+        with self._lock:
+            for _row, bar in self._bars.values():
+                bar.close()
+            self._bars.clear()
+            self.total.close()
+
+
+def client_factory(credentials, pool_size, read_timeout=None):
+    """A function giving the RegistryClient for a plan's image record."""
+    from ..registry import DEFAULT_READ_TIMEOUT, RegistryClient, endpoint_for
+
+    def client_for_image(image):
+        endpoint = image.get("endpoint") or endpoint_for(image["registry"], bool(image.get("insecure")))
+        return RegistryClient(endpoint, credentials=credentials, ca_file=image.get("caFile"),
+                              insecure=bool(image.get("insecure")),
+                              read_timeout=read_timeout or DEFAULT_READ_TIMEOUT, pool_size=pool_size)
+
+    return client_for_image
+
+
+def _total_bytes(image, layers):
+    sizes = {layer["digest"]: layer.get("size") for layer in layers}
+    config = image.get("config")
+    if isinstance(config, dict) and config.get("digest"):
+        sizes[config["digest"]] = config.get("size")
+    return sum(size for size in sizes.values() if isinstance(size, int))
+
+
+def body(argv):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.parallel < 0:
+        parser.error("--parallel must be 0 or more")
+    if args.retries < 0:
+        parser.error("--retries must be 0 or more")
+    if args.read_timeout is not None and args.read_timeout <= 0:
+        parser.error("--read-timeout must be positive")
+    setup_logging(PROG, args.verbose)
+
+    from ..auth import credentials_from_flags
+    from ..cache import DEFAULT_WORKDIR, Workdir
+    from ..fetch import Fetcher, fetch_plan
+    from ..plan import PlanReader, PlanWriter
+
+    password = sys.stdin.readline().rstrip("\r\n") if args.password_stdin else None
+    reader = PlanReader(sys.stdin)
+    image = reader.image
+    layers = reader.layers()
+    workdir = Workdir(args.workdir or image.get("workdir") or DEFAULT_WORKDIR)
+    credentials = credentials_from_flags(args.username, args.password, password,
+                                         registry=image.get("registry"))
+    show = args.progress == "always" or (args.progress == "auto" and sys.stderr.isatty())
+    bars = ProgressBars(_total_bytes(image, layers), sys.stderr) if show else None
+    pool_size = args.parallel or max(len(layers) + 1, 1)
+    fetcher = Fetcher(workdir, client_factory(credentials, pool_size, args.read_timeout),
+                      parallel=args.parallel, retries=args.retries,
+                      validate_cache=args.validate_cache, progress=bars)
+    writer = PlanWriter(sys.stdout)
+    try:
+        for record in fetch_plan(fetcher, image, layers):
+            writer.write(record)
+    finally:
+        if bars:
+            bars.close()
+    return 0
+
 
 def main(argv=None):
-    return run(PROG, not_yet_implemented(PROG), argv)
+    return run(PROG, body, argv)

@@ -1,0 +1,284 @@
+"""A fault-injecting HTTP proxy on 127.0.0.1 in front of the real registry.
+
+It forwards every request to the upstream registry and passes the answer back,
+unless a rule matches: then it drops the connection after N body bytes, answers
+an error status (e.g. 429 with Retry-After), stalls, flips one byte, strips the
+Range header, delays, or redirects to another URL. Every request is recorded so
+tests can count what reached the network.
+
+    with FaultProxy(registry.url) as proxy:
+        proxy.add(Rule("drop", path="/blobs/", after=1000, times=1))
+        ... point a plan's endpoint at proxy.url ...
+        assert proxy.count("GET", "/blobs/") == 2
+
+`reject_authorization=True` makes a proxy act as blob storage that refuses any
+request carrying an Authorization header (as S3 does with presigned URLs); its
+own requests upstream then use `upstream_auth`.
+"""
+
+import contextlib
+import re
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import requests
+
+HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
+              "proxy-authorization", "proxy-authenticate", "host", "content-length"}
+CHUNK = 64 << 10
+ACTIONS = {"drop", "status", "stall", "corrupt", "ignore_range", "delay", "redirect"}
+
+
+class Rule:
+    """One fault: `action` applied to requests whose path contains the regex `path`.
+
+    Parameters by action: drop/stall after=<body bytes sent first>; stall seconds=<how
+    long> (None: until the proxy stops); status status=<code>, headers={...}, body=b"";
+    corrupt at=<body offset>; delay seconds=<before forwarding>; redirect to=<base URL>
+    (the request path is appended). `times`: how many matching requests it applies to
+    (None: all).
+    """
+
+    def __init__(self, action, path="", method="GET", times=None, **params):
+        if action not in ACTIONS:
+            raise ValueError(f"unknown fault {action!r}")
+        self.action = action
+        self.path = re.compile(path)
+        self.method = method
+        self.times = times
+        self.params = params
+        self.applied = 0
+
+    def matches(self, method, path):
+        if self.method and method != self.method:
+            return False
+        if self.times is not None and self.applied >= self.times:
+            return False
+        return bool(self.path.search(path))
+
+
+class Request:
+    def __init__(self, method, path, headers):
+        self.method = method
+        self.path = path
+        self.headers = headers
+        self.time = time.monotonic()
+
+    def __repr__(self):
+        return f"Request({self.method} {self.path} range={self.headers.get('Range')!r})"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        self._handle()
+
+    def do_HEAD(self):
+        self._handle()
+
+    def do_POST(self):
+        self._handle()
+
+    def do_PUT(self):
+        self._handle()
+
+    def do_PATCH(self):
+        self._handle()
+
+    def do_DELETE(self):
+        self._handle()
+
+    def _handle(self):
+        proxy = self.server.proxy
+        headers = {k: v for k, v in self.headers.items()}
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else None
+        rules = proxy.record(self.command, self.path, headers)
+        with proxy.in_flight():
+            self._serve(proxy, headers, body, rules)
+
+    def _serve(self, proxy, headers, body, rules):
+        if proxy.reject_authorization and "Authorization" in self.headers:
+            self._answer(400, b"Authorization header not accepted by blob storage\n")
+            return
+        for rule in rules:
+            if rule.action == "status":
+                self._answer(rule.params.get("status", 500), rule.params.get("body", b"injected fault\n"),
+                             rule.params.get("headers", {}))
+                return
+            if rule.action == "redirect":
+                self._answer(307, b"", {"Location": rule.params["to"].rstrip("/") + self.path})
+                return
+            if rule.action == "delay":
+                proxy.stopping.wait(rule.params.get("seconds", 1))
+            if rule.action == "ignore_range":
+                headers.pop("Range", None)
+        upstream_headers = {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP}
+        if proxy.reject_authorization:
+            upstream_headers.pop("Authorization", None)
+        try:
+            resp = proxy.session.request(
+                self.command, proxy.upstream + self.path, headers=upstream_headers, data=body,
+                stream=True, allow_redirects=False, timeout=30, auth=proxy.upstream_auth,
+            )
+        except requests.RequestException as exc:
+            self._answer(502, f"upstream failed: {exc}\n".encode())
+            return
+        with resp:
+            self._relay(resp, [r for r in rules if r.action in ("drop", "stall", "corrupt")])
+
+    def _relay(self, resp, faults):
+        declared = resp.headers.get("Content-Length")
+        if declared is None and self.command != "HEAD":
+            content = resp.raw.read(decode_content=False)
+            declared = str(len(content))
+            chunks = iter([content])
+        else:
+            chunks = resp.raw.stream(CHUNK, decode_content=False) if self.command != "HEAD" else iter(())
+        self.send_response(resp.status_code)
+        for key, value in resp.headers.items():
+            if key.lower() not in HOP_BY_HOP:
+                self.send_header(key, value)
+        if declared is not None:
+            self.send_header("Content-Length", declared)
+        self.end_headers()
+        sent = 0
+        stalled = set()  # a stall happens once per response
+        for chunk in chunks:
+            for fault in faults:
+                chunk = self._apply(fault, chunk, sent, stalled)
+                if chunk is None:
+                    return
+            self.wfile.write(chunk)
+            sent += len(chunk)
+        self.wfile.flush()
+
+    def _apply(self, fault, chunk, sent, stalled):
+        """The chunk to send (maybe altered), or None once the connection is dropped."""
+        after = fault.params.get("after", 0)
+        if fault.action == "corrupt":
+            at = fault.params.get("at", 0) - sent
+            if 0 <= at < len(chunk):
+                chunk = chunk[:at] + bytes([chunk[at] ^ 0xFF]) + chunk[at + 1:]
+            return chunk
+        if sent + len(chunk) <= after:
+            return chunk
+        head = chunk[: max(after - sent, 0)]
+        if head:
+            self.wfile.write(head)
+        self.wfile.flush()
+        if fault.action == "stall":
+            if fault not in stalled:
+                stalled.add(fault)
+                self.server.proxy.stopping.wait(fault.params.get("seconds"))
+            return chunk[len(head):]
+        if fault.action == "drop":
+            self._drop()
+            return None
+        return chunk[len(head):]
+
+    def _drop(self):
+        self.close_connection = True
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _answer(self, status, body, headers=None):
+        self.send_response(status)
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+
+class FaultProxy:
+    def __init__(self, upstream, reject_authorization=False, upstream_auth=None):
+        self.upstream = upstream.rstrip("/")
+        self.reject_authorization = reject_authorization
+        self.upstream_auth = upstream_auth
+        self.session = requests.Session()
+        self.session.trust_env = False
+        self.rules = []
+        self.requests = []
+        self.stopping = threading.Event()
+        self.max_in_flight = 0  # most requests served at the same time
+        self._in_flight = 0
+        self._lock = threading.Lock()
+        self._server = None
+        self._thread = None
+
+    @property
+    def url(self):
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self):
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self._server.daemon_threads = True
+        self._server.block_on_close = False
+        self._server.proxy = self
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self):
+        self.stopping.set()  # releases stalled handlers
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._thread.join(10)
+            self._server = None
+        self.session.close()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def add(self, rule):
+        with self._lock:
+            self.rules.append(rule)
+        return rule
+
+    def clear(self):
+        with self._lock:
+            self.rules.clear()
+
+    def record(self, method, path, headers):
+        """Log a request and claim the rules that apply to it."""
+        with self._lock:
+            self.requests.append(Request(method, path, headers))
+            matched = [r for r in self.rules if r.matches(method, path)]
+            for rule in matched:
+                rule.applied += 1
+            return matched
+
+    @contextlib.contextmanager
+    def in_flight(self):
+        with self._lock:
+            self._in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self._in_flight)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+
+    def seen(self, method=None, path=""):
+        with self._lock:
+            return [r for r in self.requests
+                    if (method is None or r.method == method) and path in r.path]
+
+    def count(self, method=None, path=""):
+        return len(self.seen(method, path))

@@ -1,0 +1,316 @@
+"""tosi-fetch against the real registry, through a fault-injecting proxy where failures are needed."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import BIN
+from tests.support.faultproxy import FaultProxy, Rule
+from tests.support.images import file_entry, make_layer
+from tests.support.plans import parse_plan, plan_records, plan_text
+from tosi_tools.cache import Workdir
+
+
+def random_layer(size):
+    """An uncompressed layer of incompressible content, about `size` bytes."""
+    return make_layer([file_entry("blob.bin", os.urandom(size))], compression=None)
+
+
+@pytest.fixture
+def proxy(registry):
+    with FaultProxy(registry.url) as p:
+        yield p
+
+
+@pytest.fixture
+def image(pusher, repo_name):
+    """Three layers of 200-600 KiB: big enough to break a download in the middle."""
+    layers = [random_layer(200_000), random_layer(400_000), random_layer(600_000)]
+    return pusher.push_image(repo_name, "v1", layers)
+
+
+def blob_path(image, layer):
+    return f"/v2/{image.repo}/blobs/{layer.digest}"
+
+
+def fetch(tool, proxy, image, workdir, *flags, check=None, **plan_kwargs):
+    return tool("tosi-fetch", "--workdir", workdir, *flags,
+                input=plan_text(proxy.url, image, workdir, **plan_kwargs), check=check)
+
+
+def assert_cached(workdir, image):
+    cache = Workdir(workdir)
+    for layer in image.layers:
+        with open(cache.layer_path(layer.digest), "rb") as f:
+            assert f.read() == layer.data
+
+
+def start_fetch(plan, workdir, **popen):
+    """tosi-fetch in the background with `plan` already on its stdin."""
+    proc = subprocess.Popen([sys.executable, os.path.join(BIN, "tosi-fetch"), "--workdir", workdir],
+                            stdin=subprocess.PIPE, text=True, **popen)
+    proc.stdin.write(plan)
+    proc.stdin.close()
+    return proc
+
+
+def layer_files(workdir):
+    return sorted(os.listdir(Workdir(workdir).layers))
+
+
+# ---------------------------------------------------------------- the plan and the cache
+
+def test_fetch_puts_each_blob_in_layers_hex_and_writes_the_plan_with_paths(tool, proxy, image, workdir):
+    proc = fetch(tool, proxy, image, workdir, check=0)
+    records = parse_plan(proc.stdout)
+    cache = Workdir(workdir)
+    assert [r["type"] for r in records] == ["image", "layer", "layer", "layer"]
+    assert [r["digest"] for r in records[1:]] == [layer.digest for layer in image.layers]
+    assert [r["path"] for r in records[1:]] == [cache.layer_path(layer.digest) for layer in image.layers]
+    assert all(r["path"] == os.path.join(workdir, "layers", r["digest"].split(":")[1]) for r in records[1:])
+    assert_cached(workdir, image)
+
+
+def test_fetch_downloads_a_missing_config_into_configs(tool, proxy, image, workdir):
+    proc = fetch(tool, proxy, image, workdir, check=0)
+    config = parse_plan(proc.stdout)[0]["config"]
+    with open(config["path"], "rb") as f:
+        assert f.read() == image.config
+    assert config["path"] == Workdir(workdir).config_path(config["digest"])
+
+
+def test_fetch_keeps_fields_it_does_not_know(tool, proxy, image, workdir):
+    records = plan_records(proxy.url, image, workdir)
+    records[0]["futureField"] = {"x": 1}
+    records[2]["annotations"] = {"org.example": "kept"}
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    proc = tool("tosi-fetch", "--workdir", workdir, input=text, check=0)
+    out = parse_plan(proc.stdout)
+    assert out[0]["futureField"] == {"x": 1}
+    assert out[2]["annotations"] == {"org.example": "kept"}
+
+
+def test_cached_blobs_are_reused_without_a_request(tool, proxy, image, workdir):
+    fetch(tool, proxy, image, workdir, check=0)
+    before = proxy.count("GET", "/blobs/")
+    fetch(tool, proxy, image, workdir, check=0)
+    assert proxy.count("GET", "/blobs/") == before
+    assert proxy.count() == before
+
+
+def test_validate_cache_replaces_a_corrupt_cached_blob(tool, proxy, image, workdir):
+    fetch(tool, proxy, image, workdir, check=0)
+    bad = Workdir(workdir).layer_path(image.layers[1].digest)
+    with open(bad, "r+b") as f:
+        f.write(b"X")
+    fetch(tool, proxy, image, workdir, "--validate-cache", check=0)
+    assert_cached(workdir, image)
+    assert proxy.count("GET", blob_path(image, image.layers[1])) == 2
+    assert proxy.count("GET", blob_path(image, image.layers[0])) == 1
+
+
+def test_a_blob_listed_twice_is_downloaded_once(tool, proxy, pusher, repo_name, workdir):
+    layer = random_layer(100_000)
+    image = pusher.push_image(repo_name, "v1", [layer, random_layer(1000), layer])
+    proc = fetch(tool, proxy, image, workdir, check=0)
+    records = parse_plan(proc.stdout)
+    assert records[1]["path"] == records[3]["path"]
+    assert proxy.count("GET", blob_path(image, layer)) == 1
+
+
+def test_layer_records_are_written_as_soon_as_their_blob_is_verified(proxy, image, workdir):
+    # The top layer is held back by the proxy; the bottom one must come out meanwhile.
+    proxy.add(Rule("delay", path=image.layers[2].digest, seconds=5))
+    started = time.monotonic()
+    proc = start_fetch(plan_text(proxy.url, image, workdir), workdir,
+                       stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        first_two = [json.loads(proc.stdout.readline()) for _ in range(2)]
+        assert time.monotonic() - started < 4
+        assert proc.poll() is None
+        assert first_two[1]["index"] == 0 and "path" in first_two[1]
+    finally:
+        proxy.stopping.set()  # ends the delay
+        proc.stdout.read()
+        proc.wait(30)
+    assert proc.returncode == 0
+
+
+@pytest.mark.parametrize("parallel, expected", [("1", 1), ("2", 2), ("0", 3)])
+def test_parallel_bounds_how_many_blobs_download_at_once(tool, proxy, image, workdir, parallel, expected):
+    proxy.add(Rule("delay", path="/blobs/", seconds=0.5))
+    fetch(tool, proxy, image, workdir, "--parallel", parallel, check=0, cache_config=True)
+    assert proxy.max_in_flight == expected
+
+
+def test_stdout_carries_only_the_plan_even_with_progress_bars(tool, proxy, image, workdir):
+    proc = fetch(tool, proxy, image, workdir, "--progress", "always", check=0)
+    assert len(parse_plan(proc.stdout)) == 4
+    assert "total" in proc.stderr and "B/s" in proc.stderr
+
+
+def test_progress_auto_draws_nothing_when_stderr_is_not_a_terminal(tool, proxy, image, workdir):
+    proc = fetch(tool, proxy, image, workdir, check=0)
+    assert proc.stderr == ""
+
+
+# ---------------------------------------------------------------- bad input
+
+def test_a_malformed_plan_is_a_usage_error(tool, workdir):
+    proc = tool("tosi-fetch", "--workdir", workdir, input="{not json\n")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("tosi-fetch: error: ") and proc.stderr.count("\n") == 1
+
+
+def test_a_layer_without_a_size_is_refused(tool, proxy, image, workdir):
+    records = plan_records(proxy.url, image, workdir)
+    del records[2]["size"]
+    proc = tool("tosi-fetch", "--workdir", workdir, input="".join(json.dumps(r) + "\n" for r in records))
+    assert proc.returncode == 2
+    assert "layer 1 has no valid size" in proc.stderr
+    assert proxy.count() == 0
+
+
+def test_a_blob_longer_than_its_descriptor_is_rejected_without_writing_beyond_the_size(
+        tool, proxy, image, workdir):
+    records = plan_records(proxy.url, image, workdir)
+    records[1]["size"] -= 10
+    proc = tool("tosi-fetch", "--workdir", workdir, input="".join(json.dumps(r) + "\n" for r in records))
+    assert proc.returncode == 1
+    assert f"layer 0 ({image.layers[0].digest})" in proc.stderr
+    assert image.layers[0].digest.split(":")[1] not in layer_files(workdir)
+    assert not os.path.exists(Workdir(workdir).partial_path(image.layers[0].digest))
+
+
+# ---------------------------------------------------------------- faults
+
+def test_a_corrupt_blob_is_rejected_naming_the_layer_and_absent_from_the_cache(tool, proxy, image, workdir):
+    proxy.add(Rule("corrupt", path=image.layers[1].digest, at=1234))
+    proc = fetch(tool, proxy, image, workdir, check=1)
+    digest = image.layers[1].digest
+    assert proc.stderr.count("\n") == 1
+    assert f"layer 1 ({digest})" in proc.stderr and "hashes to" in proc.stderr
+    cache = Workdir(workdir)
+    assert not os.path.exists(cache.layer_path(digest))
+    assert not os.path.exists(cache.partial_path(digest))
+    assert parse_plan(proc.stdout)[-1]["index"] == 0  # the plan stops before the bad layer
+
+
+def test_a_dropped_download_resumes_with_a_range_request(tool, proxy, image, workdir):
+    layer = image.layers[2]
+    proxy.add(Rule("drop", path=layer.digest, after=250_000, times=1))
+    fetch(tool, proxy, image, workdir, check=0)
+    assert_cached(workdir, image)
+    ranges = [r.headers.get("Range") for r in proxy.seen("GET", layer.digest)]
+    assert ranges[0] is None
+    assert len(ranges) == 2 and ranges[1].startswith("bytes=") and ranges[1] != "bytes=0-"
+    assert int(ranges[1][len("bytes="):-1]) >= 65_536  # the bytes before the drop were kept
+
+
+def test_a_server_ignoring_range_gets_a_full_redownload(tool, proxy, image, workdir):
+    layer = image.layers[2]
+    proxy.add(Rule("drop", path=layer.digest, after=250_000, times=1))
+    proxy.add(Rule("ignore_range", path=layer.digest))
+    fetch(tool, proxy, image, workdir, check=0)
+    assert_cached(workdir, image)
+    assert proxy.count("GET", layer.digest) == 2
+
+
+def test_server_errors_are_retried_until_success(tool, proxy, image, workdir):
+    proxy.add(Rule("status", path=image.layers[0].digest, status=500, times=2))
+    proxy.add(Rule("status", path=image.layers[1].digest, status=503, times=1))
+    fetch(tool, proxy, image, workdir, check=0)
+    assert_cached(workdir, image)
+    assert proxy.count("GET", image.layers[0].digest) == 3
+
+
+def test_429_is_retried_after_the_retry_after_delay(tool, proxy, image, workdir):
+    proxy.add(Rule("status", path=image.layers[0].digest, status=429, headers={"Retry-After": "2"}, times=1))
+    fetch(tool, proxy, image, workdir, check=0)
+    first, second = proxy.seen("GET", image.layers[0].digest)
+    assert second.time - first.time >= 1.9
+
+
+def test_an_exhausted_retry_budget_is_one_clean_error(tool, proxy, image, workdir):
+    proxy.add(Rule("status", path=image.layers[1].digest, status=502))
+    proc = fetch(tool, proxy, image, workdir, "--retries", "2", check=1)
+    assert proxy.count("GET", image.layers[1].digest) == 3
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert f"layer 1 ({image.layers[1].digest})" in proc.stderr and "3 attempts" in proc.stderr
+    assert image.layers[1].digest.split(":")[1] not in layer_files(workdir)
+
+
+def test_a_client_error_fails_at_once(tool, proxy, image, workdir):
+    proxy.add(Rule("status", path=image.layers[0].digest, status=403))
+    proc = fetch(tool, proxy, image, workdir, check=1)
+    assert proxy.count("GET", image.layers[0].digest) == 1
+    assert "403" in proc.stderr
+
+
+def test_an_unknown_blob_fails_at_once_naming_the_layer(tool, proxy, image, workdir):
+    missing = random_layer(1000)
+    layers = [image.layers[0].descriptor(), missing.descriptor()]
+    proc = fetch(tool, proxy, image, workdir, check=1, layers=layers)
+    assert proxy.count("GET", missing.digest) == 1
+    assert f"layer 1 ({missing.digest})" in proc.stderr and "404" in proc.stderr
+
+
+def test_a_stalled_download_times_out_and_resumes(tool, proxy, image, workdir):
+    layer = image.layers[1]
+    proxy.add(Rule("stall", path=layer.digest, after=100_000, seconds=20, times=1))
+    started = time.monotonic()
+    fetch(tool, proxy, image, workdir, "--read-timeout", "0.5", check=0)
+    assert time.monotonic() - started < 10
+    assert_cached(workdir, image)
+    assert proxy.seen("GET", layer.digest)[1].headers.get("Range", "").startswith("bytes=")
+
+
+def test_an_unreachable_registry_is_retried_then_reported(tool, image, workdir):
+    from tests.support.registry import free_port
+
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    proc = tool("tosi-fetch", "--workdir", workdir, "--retries", "1",
+                input=plan_text(endpoint, image, workdir), check=1)
+    assert "unreachable" in proc.stderr and "2 attempts" in proc.stderr
+
+
+# ---------------------------------------------------------------- concurrency and crashes
+
+def test_two_concurrent_processes_both_succeed_and_download_each_blob_once(proxy, image, workdir):
+    # Slow blobs make the two runs overlap for certain.
+    proxy.add(Rule("delay", path="/blobs/", seconds=0.3))
+    plan = plan_text(proxy.url, image, workdir)
+    procs = [subprocess.Popen([sys.executable, os.path.join(BIN, "tosi-fetch"), "--workdir", workdir],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(3)]
+    outputs = [p.communicate(plan, timeout=60) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [err for _out, err in outputs]
+    for layer in image.layers:
+        assert proxy.count("GET", layer.digest) == 1
+    assert_cached(workdir, image)
+    assert all(len(parse_plan(out)) == 4 for out, _err in outputs)
+
+
+def test_a_run_killed_mid_download_is_completed_by_the_next_run(tool, proxy, image, workdir):
+    layer = image.layers[2]
+    proxy.add(Rule("stall", path=layer.digest, after=300_000, times=1))
+    partial = Workdir(workdir).partial_path(layer.digest)
+    proc = start_fetch(plan_text(proxy.url, image, workdir), workdir,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while not (os.path.exists(partial) and os.path.getsize(partial) >= 300_000):
+            assert time.monotonic() < deadline, "the download never reached the stall"
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -9
+    fetch(tool, proxy, image, workdir, check=0)
+    assert_cached(workdir, image)
+    assert proxy.seen("GET", layer.digest)[-1].headers["Range"] == "bytes=300000-"
+    assert not os.path.exists(partial)

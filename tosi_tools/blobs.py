@@ -1,0 +1,412 @@
+"""Download one blob into the cache: streamed hashing, resume, retries, redirects, locking.
+
+A blob goes to `<final>.partial` while it arrives and is renamed to `<final>`
+only once its size and digest check out, so the cache never holds a bad blob
+under its name. The partial file survives a failed attempt (and a killed
+process): the next attempt hashes what is there and asks for the rest with a
+Range request. A per-blob fcntl lock makes concurrent processes wait for each
+other instead of downloading the same bytes twice.
+
+A BlobDownload can be watched while it runs (`wait_for`), so a consumer may
+read the partial file behind the writer; bytes it reads are not verified until
+`result()` returns.
+"""
+
+import email.utils
+import logging
+import os
+import random
+import threading
+import time
+from urllib.parse import urljoin, urlsplit
+
+import requests
+import urllib3
+
+from .cache import file_lock
+from .digest import CHUNK, Digest, VerifyingHasher, verify_file
+from .errors import (
+    CacheError, DigestMismatch, NotFound, RegistryError, TosiError, Unreachable,
+)
+
+log = logging.getLogger("tosi.blobs")
+
+MAX_REDIRECTS = 10
+BACKOFF_BASE = 0.5
+BACKOFF_CAP = 30.0
+RETRY_AFTER_CAP = 120.0
+REDIRECT_STATUSES = (301, 302, 303, 307, 308)
+# 401 is retried too: the client renews an expired token on the next attempt.
+RETRYABLE_STATUSES = (401, 408, 429)
+
+
+class Cancelled(TosiError):
+    """The download was stopped because the fetch it belongs to gave up."""
+
+
+class _Retryable(Exception):
+    """One attempt failed in a way that another attempt may fix."""
+
+    def __init__(self, error, retry_after=None, restart=False):
+        super().__init__(str(error))
+        self.error = error
+        self.retry_after = retry_after
+        self.restart = restart  # the partial file was emptied: hash from zero again
+
+
+class BlobDownload:
+    """One blob on its way into the cache; observable by other threads while it runs.
+
+    `written` counts the bytes of the blob present in `partial_path` (in order,
+    from offset 0); `wait_for(offset)` blocks until that many are there, or the
+    download ends. `result()` gives the verified final path or raises its error.
+    `written` only goes back (to 0, with `restarts` counting up) when a server
+    refuses to continue a partial file; a watcher must then start over too.
+    """
+
+    def __init__(self, digest, size, final_path, what=None, urls=()):
+        self.digest = Digest(digest)
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise CacheError(f"{what or self.digest}: descriptor has no valid size ({size!r})")
+        self.size = size
+        self.final_path = final_path
+        self.partial_path = final_path + ".partial"
+        self.lock_path = final_path + ".lock"
+        self.what = what or f"blob {self.digest}"
+        self.urls = [u for u in urls or () if isinstance(u, str) and urlsplit(u).scheme in ("http", "https")]
+        self.reused = False
+        self.restarts = 0
+        self._cond = threading.Condition()
+        self._written = 0
+        self._done = False
+        self._error = None
+
+    def __repr__(self):
+        return f"BlobDownload({self.digest}, {self.written}/{self.size}, done={self._done})"
+
+    @property
+    def written(self):
+        with self._cond:
+            return self._written
+
+    @property
+    def done(self):
+        with self._cond:
+            return self._done
+
+    def wait_for(self, offset, timeout=None):
+        """Block until `offset` bytes are in the partial file (or the blob is complete);
+        return how many are there. Raises the download's error if it failed."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._written >= offset or self._done, timeout)
+            if self._error is not None:
+                raise self._error
+            return self._written
+
+    def result(self, timeout=None):
+        """The final cache path once the blob is verified; raises the download's error."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._done, timeout):
+                raise TimeoutError(f"{self.what}: still downloading")
+            if self._error is not None:
+                raise self._error
+            return self.final_path
+
+    # The downloader's side.
+    def _set_written(self, count):
+        with self._cond:
+            if count < self._written:
+                self.restarts += 1
+            self._written = count
+            self._cond.notify_all()
+
+    def _finish(self, error=None):
+        with self._cond:
+            self._error = error
+            if error is None:
+                self._written = self.size
+            self._done = True
+            self._cond.notify_all()
+
+
+class Downloader:
+    """Runs BlobDownloads against one registry client with a shared retry policy.
+
+    `progress(download, event, nbytes)` is called from the downloading thread with
+    event "start" (nbytes: bytes already present), "advance" (nbytes: new bytes),
+    "reused" or "done".
+    """
+
+    def __init__(self, client, repository, retries=5, validate_cache=False, progress=None,
+                 cancel_event=None, backoff_base=BACKOFF_BASE, read_timeout=None):
+        self.client = client
+        self.repository = repository
+        self.retries = retries
+        self.validate_cache = validate_cache
+        self.progress = progress or (lambda download, event, nbytes: None)
+        self.cancelled = cancel_event or threading.Event()
+        self.backoff_base = backoff_base
+        self.timeout = (client.timeout[0], read_timeout) if read_timeout else None
+
+    def run(self, download):
+        """Bring `download` into the cache; never raises, the outcome is in the download."""
+        try:
+            self._run(download)
+        except TosiError as exc:
+            download._finish(exc)
+        except OSError as exc:
+            download._finish(CacheError(f"{download.what}: {exc.strerror or exc} ({exc.filename or download.partial_path})"))
+        except BaseException as exc:  # a bug must still wake the waiters
+            download._finish(CacheError(f"{download.what}: internal error: {type(exc).__name__}: {exc}"))
+            raise
+        else:
+            download._finish()
+        return download
+
+    def _run(self, download):
+        os.makedirs(os.path.dirname(download.final_path), exist_ok=True)
+        if self._reuse(download):
+            return
+        with file_lock(download.lock_path):
+            # Another process may have finished it while we waited for the lock.
+            if self._reuse(download):
+                return
+            self._download(download)
+
+    def _reuse(self, download):
+        if not os.path.exists(download.final_path):
+            return False
+        if self.validate_cache:
+            try:
+                verify_file(download.final_path, download.digest, download.size, download.what)
+            except DigestMismatch as exc:
+                log.warning("%s; downloading it again", exc)
+                os.unlink(download.final_path)
+                return False
+        download.reused = True
+        self.progress(download, "reused", download.size)
+        return True
+
+    def _download(self, download):
+        hasher = _hash_partial(download)
+        download._set_written(hasher.count)
+        self.progress(download, "start", hasher.count)
+        try:
+            hasher = self._attempts(download, hasher)
+            hasher.check()
+        except DigestMismatch:
+            # Bad bytes must not be resumed from: the next run starts afresh.
+            _remove(download.partial_path)
+            raise
+        os.replace(download.partial_path, download.final_path)
+        self.progress(download, "done", download.size)
+
+    def _attempts(self, download, hasher):
+        attempt = 0
+        while True:
+            if self.cancelled.is_set():
+                raise Cancelled(f"{download.what}: cancelled")
+            try:
+                self._attempt(download, hasher)
+                return hasher
+            except _Retryable as failure:
+                if failure.restart:
+                    _truncate(download)
+                    hasher = VerifyingHasher(download.digest, download.size, download.what)
+                    download._set_written(0)
+                if attempt >= self.retries:
+                    raise _exhausted(download, failure.error, attempt + 1) from None
+                delay = self._delay(attempt, failure.retry_after)
+                attempt += 1
+                log.info("%s: %s; retry %d of %d in %.1fs", download.what, failure.error,
+                         attempt, self.retries, delay)
+                if self.cancelled.wait(delay):
+                    raise Cancelled(f"{download.what}: cancelled") from None
+
+    def _delay(self, attempt, retry_after):
+        if retry_after is not None:
+            return min(retry_after, RETRY_AFTER_CAP)
+        ceiling = min(BACKOFF_CAP, self.backoff_base * (2 ** attempt))
+        return random.uniform(ceiling / 2, ceiling)
+
+    # ------------------------------------------------------------ one attempt
+
+    def _attempt(self, download, hasher):
+        if hasher.count == download.size:
+            return
+        sources = [None] + download.urls
+        for source in sources:
+            try:
+                resp = self._open(download, hasher.count, source)
+            except NotFound:
+                if source == sources[-1]:
+                    raise
+                continue
+            with resp:
+                self._receive(download, hasher, resp)
+            return
+
+    def _open(self, download, offset, source):
+        """GET the blob (from the registry, or the foreign URL `source`), following redirects."""
+        headers = {"Accept-Encoding": "identity"}
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
+        if source is None:
+            url = self.client.url(self.client.blob_path(self.repository, download.digest))
+        else:
+            url = source
+        for _hop in range(MAX_REDIRECTS + 1):
+            resp = self._get(url, headers, registry=source is None)
+            if resp.status_code not in REDIRECT_STATUSES:
+                break
+            location = resp.headers.get("Location")
+            resp.close()
+            if not location:
+                raise RegistryError(f"{download.what}: redirect without a Location", status=resp.status_code)
+            url = urljoin(url, location)
+            if urlsplit(url).scheme not in ("http", "https"):
+                raise RegistryError(f"{download.what}: redirect to unsupported URL scheme {url!r}")
+        else:
+            resp.close()
+            raise RegistryError(f"{download.what}: more than {MAX_REDIRECTS} redirects")
+        status = resp.status_code
+        if status in (200, 206):
+            return resp
+        retry_after = _retry_after(resp.headers.get("Retry-After"))
+        if status == 416 and offset:
+            resp.close()
+            # The partial is no prefix the server recognizes: start over.
+            raise _Retryable(RegistryError(f"range {offset}- refused (416)", status=status), restart=True)
+        if status >= 500 or status in RETRYABLE_STATUSES:
+            resp.close()
+            raise _Retryable(RegistryError(f"{status} {resp.reason or ''}".strip(), status=status), retry_after)
+        with resp:
+            self.client.check(resp, f"{download.what}: GET {_redact(url)}")
+        raise RegistryError(f"{download.what}: GET {_redact(url)}: unexpected status {status}", status=status)
+
+    def _get(self, url, headers, registry):
+        try:
+            if registry:
+                # send() adds credentials for the registry's own host only.
+                return self.client.send("GET", url, repository=self.repository, headers=headers,
+                                        stream=True, allow_redirects=False, timeout=self.timeout)
+            # Foreign layer URLs never see the registry's credentials, whatever their host.
+            return self.client.session.get(url, headers=headers, stream=True, allow_redirects=False,
+                                           timeout=self.timeout or self.client.timeout,
+                                           verify=getattr(self.client, "verify", None))
+        except Unreachable as exc:
+            raise _Retryable(exc) from None
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            raise _Retryable(Unreachable(f"{urlsplit(url).netloc} unreachable: {exc}")) from None
+
+    def _receive(self, download, hasher, resp):
+        offset = hasher.count
+        skip = 0
+        if resp.status_code == 206:
+            start = _content_range_start(resp.headers.get("Content-Range"))
+            if start != offset:
+                raise _Retryable(RegistryError(f"asked for bytes {offset}-, got a range starting at {start}"),
+                                 restart=True)
+        elif offset:
+            # The server ignored Range and sends the whole blob: pass over what we have.
+            log.info("%s: server ignored the Range request, reading %d bytes again", download.what, offset)
+            skip = offset
+        with open(download.partial_path, "ab", buffering=0) as out:
+            out.seek(offset)
+            out.truncate()
+            stream = resp.raw
+            while True:
+                if self.cancelled.is_set():
+                    raise Cancelled(f"{download.what}: cancelled")
+                try:
+                    # read1: whatever has arrived, so watchers see bytes as they come.
+                    chunk = stream.read1(CHUNK, decode_content=False)
+                except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:
+                    raise _Retryable(Unreachable(f"connection broke after {hasher.count} bytes: {_short(exc)}")) from None
+                if not chunk:
+                    break
+                if skip:
+                    dropped = min(skip, len(chunk))
+                    skip -= dropped
+                    chunk = chunk[dropped:]
+                    if not chunk:
+                        continue
+                hasher.update(chunk)  # raises before a byte beyond the descriptor's size is written
+                out.write(chunk)
+                download._set_written(hasher.count)
+                self.progress(download, "advance", len(chunk))
+        if hasher.count < download.size:
+            raise _Retryable(Unreachable(f"connection closed after {hasher.count} of {download.size} bytes"))
+
+
+def _hash_partial(download):
+    """A hasher primed with the bytes a previous attempt left in the partial file."""
+    hasher = VerifyingHasher(download.digest, download.size, download.what)
+    try:
+        with open(download.partial_path, "rb") as f:
+            while hasher.count < download.size:
+                chunk = f.read(min(CHUNK, download.size - hasher.count))
+                if not chunk:
+                    break
+                hasher.update(chunk)
+    except FileNotFoundError:
+        return hasher
+    if os.path.getsize(download.partial_path) > download.size:
+        _truncate(download, hasher.count)
+    if hasher.count:
+        log.info("%s: resuming after %d bytes", download.what, hasher.count)
+    return hasher
+
+
+def _truncate(download, length=0):
+    try:
+        with open(download.partial_path, "r+b") as f:
+            f.truncate(length)
+    except FileNotFoundError:
+        pass
+
+
+def _remove(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _exhausted(download, error, attempts):
+    message = f"{download.what}: giving up after {attempts} attempts: {error}"
+    if isinstance(error, RegistryError):
+        return type(error)(message, status=error.status, code=error.code)
+    return type(error)(message)
+
+
+def _retry_after(value):
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _content_range_start(value):
+    # "bytes 100-199/200"
+    try:
+        unit, _, rest = value.partition(" ")
+        return int(rest.split("-", 1)[0]) if unit == "bytes" else None
+    except (AttributeError, ValueError):
+        return None
+
+
+def _redact(url):
+    # Blob storage URLs carry signatures in the query; keep them out of messages.
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}{parts.path}"
+
+
+def _short(exc):
+    return str(exc).split(": ", 1)[-1][:200]

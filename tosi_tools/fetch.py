@@ -1,0 +1,154 @@
+"""The fetch stage: a plan in, every blob it names in the cache, the plan out.
+
+Downloads run on a thread pool over one registry client (one connection pool);
+a blob named twice is downloaded once. Layer records come back in plan order,
+each as soon as its own blob is verified, so the stage after this one can start
+on the bottom layer while the others still download.
+
+    fetcher = Fetcher(Workdir(root), client_for_image, parallel=4)
+    with fetcher.start(image_record, layer_records) as run:
+        for handle in run.layers:        # plan order
+            handle.download.wait_for(n)  # watch the bytes arrive (optional)
+            record = handle.result()     # the record with "path", or raises
+"""
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+from .blobs import BlobDownload, Downloader
+from .errors import PlanError
+
+DEFAULT_PARALLEL = 4
+DEFAULT_RETRIES = 5
+
+
+class LayerHandle:
+    """One layer record of the plan and the download that brings its blob."""
+
+    def __init__(self, record, download):
+        self.record = record
+        self.download = download
+
+    def result(self, timeout=None):
+        """The layer record with its cache "path" once the blob is verified."""
+        path = self.download.result(timeout)
+        return dict(self.record, path=path)
+
+
+class FetchRun:
+    """The downloads of one image: `.config` and `.layers` (LayerHandles in plan order)."""
+
+    def __init__(self, fetcher, config, layers):
+        self._fetcher = fetcher
+        self.config = config
+        self.layers = layers
+
+    def cancel(self):
+        """Stop the downloads (their partial files stay for a resume) and wait for them."""
+        self._fetcher.close(cancel=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self._fetcher.close(cancel=exc_type is not None)
+
+
+class Fetcher:
+    """Downloads the blobs of plans into a workdir.
+
+    `client_for_image(image_record)` gives the RegistryClient to use (the caller
+    decides credentials and TLS); it is closed with the fetcher.
+    `progress(download, event, nbytes)`: see blobs.Downloader.
+    `parallel` 0 means one download per distinct blob.
+    """
+
+    def __init__(self, workdir, client_for_image, parallel=DEFAULT_PARALLEL, retries=DEFAULT_RETRIES,
+                 validate_cache=False, progress=None, read_timeout=None):
+        if parallel < 0:
+            raise ValueError("parallel must be >= 0")
+        self.workdir = workdir
+        self.client_for_image = client_for_image
+        self.parallel = parallel
+        self.retries = retries
+        self.validate_cache = validate_cache
+        self.progress = progress
+        self.read_timeout = read_timeout
+        self.cancelled = threading.Event()
+        self._pool = None
+        self._clients = []
+
+    def start(self, image, layers):
+        """Start downloading the config and every layer of `image`; returns a FetchRun."""
+        records = list(layers)
+        config = _config_download(self.workdir, image)
+        unique = {config.digest: config} if config else {}
+        handles = []
+        for record in records:
+            digest = record["digest"]
+            _require_size(record.get("size"), f"layer {record['index']}")
+            if digest not in unique:
+                unique[digest] = BlobDownload(
+                    digest, record.get("size"), self.workdir.layer_path(digest),
+                    what=f"layer {record['index']} ({digest})", urls=record.get("urls") or (),
+                )
+            handles.append(LayerHandle(record, unique[digest]))
+        client = self.client_for_image(image)
+        self._clients.append(client)
+        downloader = Downloader(
+            client, image.get("repository"), retries=self.retries,
+            validate_cache=self.validate_cache, progress=self.progress,
+            cancel_event=self.cancelled, read_timeout=self.read_timeout,
+        )
+        workers = self.parallel or max(len(unique), 1)
+        if self._pool is None:
+            self.workdir.ensure()
+            self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tosi-fetch")
+        # The config first: it is small and the next stage needs it before any layer.
+        for download in unique.values():
+            self._pool.submit(downloader.run, download)
+        return FetchRun(self, config, handles)
+
+    def close(self, cancel=False):
+        if cancel:
+            self.cancelled.set()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=cancel)
+            self._pool = None
+        for client in self._clients:
+            client.close()
+        self._clients = []
+
+
+def _config_download(workdir, image):
+    config = image.get("config")
+    if config is None:
+        return None
+    if not isinstance(config, dict) or not isinstance(config.get("digest"), str):
+        raise PlanError("image record has no valid config descriptor")
+    _require_size(config.get("size"), "config")
+    return BlobDownload(config["digest"], config.get("size"), workdir.config_path(config["digest"]),
+                        what=f"config ({config['digest']})")
+
+
+def _require_size(size, what):
+    # The size caps what is written to disk, so a blob without one is never fetched.
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise PlanError(f"{what} has no valid size ({size!r})")
+
+
+def fetch_plan(fetcher, image, layers):
+    """Yield the plan's records as they become true: the image record once its config
+    is cached (with the config "path"), then each layer record, in plan order, once its
+    blob is verified (with "path").
+
+    On the first failure the other downloads are cancelled and the error raised,
+    after the records before it were yielded.
+    """
+    with fetcher.start(image, layers) as run:
+        image = dict(image, workdir=fetcher.workdir.root)
+        if run.config is not None:
+            image["config"] = dict(image["config"], path=run.config.result())
+        yield image
+        for handle in run.layers:
+            yield handle.result()
