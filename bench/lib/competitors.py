@@ -1,0 +1,288 @@
+"""The measured commands: tosi's and the tools it is compared with.
+
+Each competitor measures one image on one filesystem (a `Target`) and returns
+{row key: Sample}. Everything it makes lives in fresh directories on the
+target's filesystem and is removed after the measurement (untimed). `setup` runs
+once per target, untimed, for what a "warm" measurement needs in place.
+"""
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+
+from . import BIN, ROOT
+from .measure import CommandFailed, Sample, sequence, timed
+from .scratch import remove_tree
+
+
+def python():
+    venv = os.path.join(ROOT, ".venv", "bin", "python")
+    return venv if os.path.exists(venv) else sys.executable
+
+
+def tosi(command, *args):
+    return [python(), os.path.join(BIN, command), *map(str, args)]
+
+
+class Target:
+    """One pushed image on one filesystem under test."""
+
+    def __init__(self, image_key, image, registry, repo, tag, scratch):
+        self.image_key = image_key
+        self.image = image
+        self.registry = registry
+        self.repo = repo
+        self.tag = tag
+        self.scratch = scratch
+        self.state = {}       # warm workdirs and layouts, per competitor
+        self._blob_copies = None
+
+    @property
+    def ref(self):
+        return f"{self.registry.host}/{self.repo}:{self.tag}"
+
+    def blob_url(self, digest):
+        return f"{self.registry.url}/v2/{self.repo}/blobs/{digest}"
+
+    def blob_copies(self):
+        """The layer blobs as files on this filesystem, bottom first (tar's input)."""
+        if self._blob_copies is None:
+            directory = self.scratch.fresh("blobs")
+            self._blob_copies = []
+            for blob in self.image.layers:
+                dest = os.path.join(directory, os.path.basename(blob.path))
+                shutil.copyfile(blob.path, dest)
+                self._blob_copies.append(dest)
+        return self._blob_copies
+
+
+class Competitor:
+    needs = ()          # executables that must be installed
+    rows = {}           # row key -> what the row measures
+
+    def setup(self, target):
+        pass
+
+    def measure(self, target):
+        raise NotImplementedError
+
+
+def _umount(path):
+    subprocess.run(["umount", path], stderr=subprocess.DEVNULL, check=False)
+
+
+# ---------------------------------------------------------------- tosi
+
+class TosiExtractCold(Competitor):
+    rows = {"tosi-extractto-cold": "tosi -extractto, cold workdir"}
+
+    def measure(self, target):
+        run = target.scratch.fresh("tosi-cold")
+        try:
+            return {"tosi-extractto-cold": timed(
+                tosi("tosi", "-image", target.ref, "-extractto", f"{run}/rootfs", "-workdir", f"{run}/workdir"),
+                label="tosi")}
+        finally:
+            remove_tree(run)
+
+
+def warm_workdir(target):
+    """A workdir that has pulled the image and mounted it once (so its overlays exist)."""
+    if "tosi-warm" not in target.state:
+        run = target.scratch.fresh("tosi-warm")
+        workdir = f"{run}/workdir"
+        timed(tosi("tosi", "-image", target.ref, "-extractto", f"{run}/rootfs", "-workdir", workdir),
+              label="tosi (warming up)")
+        remove_tree(f"{run}/rootfs")
+        mountpoint = f"{run}/mnt"
+        timed(tosi("tosi", "-image", target.ref, "-mount", mountpoint, "-workdir", workdir),
+              label="tosi -mount (warming up)")
+        _umount(mountpoint)
+        target.state["tosi-warm"] = workdir
+    return target.state["tosi-warm"]
+
+
+class TosiExtractWarm(Competitor):
+    rows = {"tosi-extractto-warm": "tosi -extractto, warm workdir"}
+
+    def setup(self, target):
+        warm_workdir(target)
+
+    def measure(self, target):
+        run = target.scratch.fresh("tosi-warm-x")
+        try:
+            return {"tosi-extractto-warm": timed(
+                tosi("tosi", "-image", target.ref, "-extractto", f"{run}/rootfs", "-workdir",
+                     warm_workdir(target)), label="tosi")}
+        finally:
+            remove_tree(run)
+
+
+class TosiMountWarm(Competitor):
+    rows = {"tosi-mount-warm": "tosi -mount, warm workdir"}
+
+    def setup(self, target):
+        warm_workdir(target)
+
+    def measure(self, target):
+        run = target.scratch.fresh("tosi-mount")
+        try:
+            return {"tosi-mount-warm": timed(
+                tosi("tosi", "-image", target.ref, "-mount", f"{run}/mnt", "-workdir", warm_workdir(target)),
+                label="tosi")}
+        finally:
+            _umount(f"{run}/mnt")
+            remove_tree(run)
+
+
+class TosiMountCold(Competitor):
+    rows = {"tosi-mount-cold": "tosi -mount, cold workdir"}
+
+    def measure(self, target):
+        run = target.scratch.fresh("tosi-mount-cold")
+        try:
+            return {"tosi-mount-cold": timed(
+                tosi("tosi", "-image", target.ref, "-mount", f"{run}/mnt", "-workdir", f"{run}/workdir"),
+                label="tosi")}
+        finally:
+            _umount(f"{run}/mnt")
+            remove_tree(run)
+
+
+class TosiUnpackInto(Competitor):
+    """tosi-unpack --into alone, on a plan that tosi-resolve | tosi-fetch made beforehand."""
+
+    rows = {"tosi-unpack-into": "tosi-unpack --into"}
+
+    def setup(self, target):
+        if "tosi-plan" in target.state:
+            return
+        run = target.scratch.fresh("tosi-unpack")
+        workdir, plan = f"{run}/workdir", f"{run}/plan.jsonl"
+        pipeline = (f"{shlex.join(tosi('tosi-resolve', '--workdir', workdir, target.ref))} | "
+                    f"{shlex.join(tosi('tosi-fetch', '--workdir', workdir))} > {shlex.quote(plan)}")
+        proc = subprocess.run(["bash", "-o", "pipefail", "-c", pipeline], capture_output=True, text=True)
+        if proc.returncode != 0:
+            lines = proc.stderr.strip().splitlines()
+            raise CommandFailed(f"tosi-resolve | tosi-fetch failed: {lines[-1] if lines else proc.returncode}")
+        target.state["tosi-plan"] = (workdir, plan)
+
+    def measure(self, target):
+        workdir, plan = target.state["tosi-plan"]
+        run = target.scratch.fresh("tosi-into")
+        try:
+            return {"tosi-unpack-into": timed(
+                tosi("tosi-unpack", "--workdir", workdir, "--into", f"{run}/rootfs"),
+                stdin_path=plan, stdout_path=f"{run}/plan-out.jsonl", label="tosi-unpack")}
+        finally:
+            remove_tree(run)
+
+
+# ---------------------------------------------------------------- references
+
+class TarXzf(Competitor):
+    """GNU tar over the layer blobs already on disk, in order: no whiteout work, the near limit."""
+
+    needs = ("tar", "gzip")
+    rows = {"tar-xzf": "tar -xzf of the layer blobs, in order"}
+
+    def setup(self, target):
+        target.blob_copies()
+
+    def measure(self, target):
+        run = target.scratch.fresh("tar")
+        try:
+            return {"tar-xzf": sequence(
+                (f"tar {i}", ["tar", "-xzf", blob, "-C", run])
+                for i, blob in enumerate(target.blob_copies()))}
+        finally:
+            remove_tree(run)
+
+
+class Curl(Competitor):
+    """The wire: curl fetching the same blobs one after the other over one connection."""
+
+    needs = ("curl",)
+    rows = {"curl": "curl of the layer blobs, sequential"}
+
+    def measure(self, target):
+        run = target.scratch.fresh("curl")
+        argv = ["curl", "-sS", "--fail", "-L"]
+        for i, blob in enumerate(target.image.layers):
+            argv += ["-o", f"{run}/layer-{i}", target.blob_url(blob.digest)]
+        try:
+            return {"curl": timed(argv)}
+        finally:
+            remove_tree(run)
+
+
+def skopeo_copy(target, layout):
+    return ["skopeo", "copy", "-q", "--src-tls-verify=false", f"docker://{target.ref}",
+            f"oci:{layout}:{target.tag}"]
+
+
+class SkopeoUmoci(Competitor):
+    needs = ("skopeo", "umoci")
+    rows = {"skopeo-umoci": "skopeo copy + umoci unpack",
+            "skopeo-copy": "skopeo copy (part)", "umoci-unpack": "umoci unpack (part)"}
+
+    def measure(self, target):
+        run = target.scratch.fresh("skopeo-umoci")
+        try:
+            total = sequence([
+                ("skopeo copy", skopeo_copy(target, f"{run}/layout")),
+                ("umoci unpack", ["umoci", "unpack", "--image", f"{run}/layout:{target.tag}", f"{run}/bundle"]),
+            ])
+            return {"skopeo-umoci": total,
+                    "skopeo-copy": _part(total, "skopeo copy"), "umoci-unpack": _part(total, "umoci unpack")}
+        finally:
+            remove_tree(run)
+
+
+def _part(total, label):
+    # A sequence's part as a row of its own: its time; CPU and RSS are the whole's.
+    return Sample(total.parts[label], total.cpu_seconds, total.max_rss_kib)
+
+
+class UmociUnpack(Competitor):
+    """umoci unpack alone, of an OCI layout that skopeo copied beforehand."""
+
+    needs = ("skopeo", "umoci")
+    rows = {"umoci-unpack": "umoci unpack"}
+
+    def setup(self, target):
+        if "oci-layout" not in target.state:
+            layout = f"{target.scratch.fresh('oci')}/layout"
+            timed(skopeo_copy(target, layout), label="skopeo copy")
+            target.state["oci-layout"] = layout
+
+    def measure(self, target):
+        run = target.scratch.fresh("umoci")
+        try:
+            return {"umoci-unpack": timed(
+                ["umoci", "unpack", "--image", f"{target.state['oci-layout']}:{target.tag}", f"{run}/bundle"],
+                label="umoci unpack")}
+        finally:
+            remove_tree(run)
+
+
+class PodmanPull(Competitor):
+    """podman pull into a throwaway storage root (overlay driver), then again: it has the image."""
+
+    needs = ("podman",)
+    rows = {"podman-pull": "podman pull, empty storage",
+            "podman-pull-again": "podman pull, image already there"}
+
+    def measure(self, target):
+        run = target.scratch.fresh("podman")
+        argv = ["podman", "--root", f"{run}/storage", "--runroot", f"{run}/run",
+                "--storage-driver", "overlay", "--events-backend", "none",
+                "pull", "-q", "--tls-verify=false", target.ref]
+        try:
+            first = timed(argv, label="podman pull")
+            again = timed(argv, label="podman pull")
+            return {"podman-pull": first, "podman-pull-again": again}
+        finally:
+            remove_tree(run)

@@ -1,0 +1,180 @@
+"""The benchmark loop shared by bench/run and bench/unpack.
+
+For each image: generate it (or take it from the cache), push it to a throwaway
+docker-registry on 127.0.0.1, then for each round measure every competitor on
+every filesystem under test, alternating the commands so that a slow phase of
+the machine hits them all alike. A competitor whose tool is missing is reported
+"not-installed"; one that fails is reported "failed" with its error and not
+retried. The results are plain dicts, ready for report.py and JSON.
+"""
+
+import argparse
+import os
+import platform
+import signal
+import sys
+import time
+from dataclasses import dataclass
+
+from tests.support.images import Pusher
+from tests.support.registry import Registry
+
+from . import imagegen, tools
+from .competitors import Target
+from .measure import CommandFailed, summary
+from .report import log
+from .scratch import DISK, TMPFS, scratch_space
+
+
+@dataclass
+class ImageSpec:
+    key: str            # "a", "b", ...: the issue's name for it
+    name: str           # short name, also the repository name
+    make: object        # make(directory) -> BuiltImage
+    cache_key: str = None  # generated once into bench/.cache/images/<cache_key>; None: per run
+
+
+def common_flags(description):
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true",
+                        help="small synthetic images, one run, nothing installed (the test suite's mode)")
+    parser.add_argument("--runs", type=int, default=None, help="measurements per command (default 3; 1 with --quick)")
+    parser.add_argument("--json", metavar="PATH", help="write the results here (default bench/results/<time>.json)")
+    parser.add_argument("--fs", choices=[TMPFS, DISK, "both"], default="both",
+                        help="filesystems to measure on (default both)")
+    parser.add_argument("--tmpfs-size", default=None, help="size of the tmpfs (default 10g; 1g with --quick)")
+    parser.add_argument("--images", default=None, help="comma-separated image keys to run (default all)")
+    parser.add_argument("--no-install", action="store_true", help="do not apt-get install missing tools")
+    return parser
+
+
+def _terminate_cleanly(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def machine():
+    info = {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version()}
+    try:
+        with open("/proc/meminfo") as f:
+            info["memKiB"] = int(f.readline().split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return info
+
+
+def run_benchmark(name, specs, competitors, args, needed_tools):
+    """Measure every competitor on every image; returns the results dict."""
+    signal.signal(signal.SIGTERM, _terminate_cleanly)
+    runs = args.runs or (1 if args.quick else 3)
+    kinds = [TMPFS, DISK] if args.fs == "both" else [args.fs]
+    wanted = set(args.images.split(",")) if args.images else None
+    specs = [s for s in specs if wanted is None or s.key in wanted or s.name in wanted]
+    found = tools.ensure(needed_tools, install=not (args.quick or args.no_install))
+    results = {
+        "benchmark": name,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "quick": bool(args.quick),
+        "runs": runs,
+        "filesystems": kinds,
+        "machine": machine(),
+        "tools": {n: {"installed": p is not None, "version": p and tools.version(p)} for n, p in found.items()},
+        "images": {},
+        "rows": [],
+    }
+    tmpfs_size = args.tmpfs_size or ("1g" if args.quick else "10g")
+    with scratch_space(kinds, tmpfs_size) as (base, spaces):
+        registry = Registry(os.path.join(base, "registry")).start()
+        try:
+            pusher = Pusher(registry.url)
+            for spec in specs:
+                image = _build(spec, base)
+                results["images"][spec.key] = {"name": spec.name, **image.summary()}
+                imagegen.push(pusher, f"bench/{spec.name}", "latest", image)
+                log(f"image ({spec.key}) {spec.name}: {image.description}, "
+                    f"{image.entries:,} entries, {image.blob_bytes / 2**20:,.1f} MiB of blobs")
+                targets = [Target(spec.key, image, registry, f"bench/{spec.name}", "latest", spaces[k])
+                           for k in kinds]
+                results["rows"] += _measure_image(targets, competitors, runs, found)
+                for space in spaces.values():
+                    _empty(space.root)
+        finally:
+            registry.stop()
+    results["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return results
+
+
+def _build(spec, base):
+    if spec.cache_key:
+        return imagegen.cached(spec.cache_key, spec.make)
+    directory = os.path.join(base, "images", spec.name)
+    os.makedirs(directory)
+    image = spec.make(directory)
+    return image
+
+
+def _empty(root):
+    from .scratch import remove_tree
+    for name in os.listdir(root):
+        remove_tree(os.path.join(root, name))
+
+
+def _measure_image(targets, competitors, runs, found):
+    samples = {}    # (fs, row) -> [Sample]
+    status = {}     # (fs, competitor index) -> None | ("failed"|"not-installed", why)
+    for index, competitor in enumerate(competitors):
+        missing = [n for n in competitor.needs if not found.get(n) and not _which(n)]
+        for target in targets:
+            status[(target.scratch.kind, index)] = ("not-installed", ", ".join(missing)) if missing else None
+    for round_ in range(runs):
+        for target in targets:
+            for index, competitor in enumerate(competitors):
+                key = (target.scratch.kind, index)
+                if status[key] is not None:
+                    continue
+                what = f"({target.image_key}) {target.scratch.kind} round {round_ + 1}/{runs}: " \
+                       f"{', '.join(competitor.rows)}"
+                try:
+                    if round_ == 0:
+                        competitor.setup(target)
+                    measured = competitor.measure(target)
+                except CommandFailed as exc:
+                    log(f"{what}: FAILED: {exc}")
+                    status[key] = ("failed", str(exc))
+                    continue
+                for row, sample in measured.items():
+                    samples.setdefault((target.scratch.kind, row), []).append(sample)
+                log(f"{what}: " + ", ".join(f"{s.seconds:.2f}s" for s in measured.values()))
+    rows = []
+    for target in targets:
+        kind = target.scratch.kind
+        for index, competitor in enumerate(competitors):
+            for row, label in competitor.rows.items():
+                record = {"image": target.image_key, "fs": kind, "command": row, "label": label}
+                state = status[(kind, index)]
+                if (kind, row) in samples and state is None:
+                    record.update(status="ok", **summary(samples[(kind, row)]))
+                else:
+                    record.update(status=state[0] if state else "failed", error=state[1] if state else None)
+                rows.append(record)
+    return rows
+
+
+def _which(name):
+    import shutil
+    return shutil.which(name)
+
+
+def main(name, specs, competitors, ratio_specs, rss_limits, args, needed_tools):
+    """Run, print the table, write the JSON; exit status 0 unless the run itself broke."""
+    from . import report
+    try:
+        results = run_benchmark(name, specs, competitors, args, needed_tools)
+    except KeyboardInterrupt:
+        log("interrupted; everything mounted or made was removed")
+        return 130
+    results["ratios"] = report.ratios(results, ratio_specs)
+    results["rss"] = report.rss_checks(results, rss_limits)
+    path = report.write_json(results, args.json, name)
+    sys.stdout.write(report.table(results))
+    log(f"results written to {path}")
+    return 0
