@@ -1,0 +1,84 @@
+"""The man pages: they render without a warning, have the standard sections, and
+document every option that the commands' --help lists."""
+
+import os
+import re
+import subprocess
+
+import pytest
+
+from tests.conftest import ROOT
+
+MAN = os.path.join(ROOT, "man")
+COMMANDS = ["tosi", "tosi-resolve", "tosi-fetch", "tosi-verify", "tosi-unpack", "tosi-mount"]
+PAGES = [f"{cmd}.1" for cmd in COMMANDS] + ["tosi-plan.5"]
+COMMAND_SECTIONS = ["NAME", "SYNOPSIS", "DESCRIPTION", "OPTIONS", "EXIT STATUS", "FILES",
+                    "EXAMPLES", "SEE ALSO"]
+PLAN_SECTIONS = ["NAME", "SYNOPSIS", "DESCRIPTION", "VERSIONING", "IMAGE RECORD",
+                 "LAYER RECORD", "FILES", "EXAMPLES", "SEE ALSO"]
+
+
+def render(page):
+    return subprocess.run(
+        ["groff", "-man", "-ww", "-Tutf8", "-P-cbou", os.path.join(MAN, page)],
+        capture_output=True, text=True, timeout=30)
+
+
+def help_options(tool, cmd):
+    """Every option string in the option list of `cmd --help` (-x, --long, -flag)."""
+    options = set()
+    for line in tool(cmd, "--help", check=0).stdout.splitlines():
+        if re.match(r"^ {2}-", line):
+            options.update(re.findall(r"(?:^|,\s)(--?[A-Za-z][\w-]*)", line.strip()))
+    return options
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_page_renders_without_any_groff_warning(page):
+    proc = render(page)
+    assert proc.returncode == 0
+    assert proc.stderr == ""
+    assert len(proc.stdout.splitlines()) > 40
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_page_has_the_standard_sections_in_order(page):
+    headings = [line for line in render(page).stdout.splitlines() if re.match(r"^[A-Z][A-Z ]+$", line)]
+    wanted = PLAN_SECTIONS if page.endswith(".5") else COMMAND_SECTIONS
+    assert [h for h in headings if h in wanted] == wanted
+
+
+@pytest.mark.parametrize("cmd", COMMANDS)
+def test_every_option_in_help_is_documented_in_the_page(tool, cmd):
+    options = help_options(tool, cmd)
+    assert {"--version", "--help"} <= options or {"-version", "-help"} <= options
+    text = render(f"{cmd}.1").stdout
+    documented = set(re.findall(r"(?<![\w-])(--?[A-Za-z][\w-]*)", text))
+    assert options - documented == set()
+
+
+def test_umbrella_page_documents_every_original_flag():
+    text = render("tosi.1").stdout
+    for flag in ["-image", "-extractto", "-mount", "-workdir", "-overlaydir", "-saveconfig",
+                 "-parallel-downloads", "-username", "-password", "-validate-cache", "-version",
+                 "-url", "-v", "-vmodule", "-logtostderr", "-alsologtostderr", "-log_dir",
+                 "-stderrthreshold", "-log_backtrace_at", "-platform", "-password-stdin",
+                 "-insecure", "-progress", "-read-only"]:
+        assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", text), flag
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_page_is_installed_with_the_package(page):
+    with open(os.path.join(ROOT, "setup.cfg")) as f:
+        assert f"man/{page}" in f.read()
+
+
+def test_plan_page_documents_every_field_the_stages_write():
+    text = render("tosi-plan.5").stdout
+    fields = ["type", "planVersion", "reference", "registry", "endpoint", "repository", "tag",
+              "digest", "mediaType", "size", "manifestPath", "index", "platform", "config",
+              "savedConfig", "workdir", "layerCount", "insecure", "caFile", "rootfs", "mount",
+              "target", "upper", "work", "readOnly", "overlaydir", "urls", "annotations",
+              "diffID", "path", "overlay", "link", "applied"]
+    for field in fields:
+        assert re.search(rf"\b{field}\b", text), field
