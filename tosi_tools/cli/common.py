@@ -105,3 +105,12 @@ def not_yet_implemented(prog):
         print(f"{prog}: error: not yet implemented", file=sys.stderr)
         return EXIT_FAILURE
     return body
+
+
+def plan_workdir(flag, image=None):
+    """The workdir a plan-reading stage uses: --workdir, else the one the plan names
+    (where resolve cached manifests and configs), else $TOSI_WORKDIR or /tmp/tosi.
+    Pair with add_workdir_flag() and parser.set_defaults(workdir=None)."""
+    from ..cache import DEFAULT_WORKDIR, Workdir
+
+    return Workdir(flag or (image or {}).get("workdir") or os.environ.get("TOSI_WORKDIR") or DEFAULT_WORKDIR)

@@ -3,7 +3,7 @@
 import sys
 import threading
 
-from .common import add_workdir_flag, new_parser, run, setup_logging
+from .common import add_workdir_flag, new_parser, plan_workdir, run, setup_logging
 
 PROG = "tosi-fetch"
 
@@ -127,7 +127,6 @@ def body(argv):
     setup_logging(PROG, args.verbose)
 
     from ..auth import credentials_from_flags
-    from ..cache import DEFAULT_WORKDIR, Workdir
     from ..fetch import Fetcher, fetch_plan
     from ..plan import PlanReader, PlanWriter
 
@@ -135,7 +134,7 @@ def body(argv):
     reader = PlanReader(sys.stdin)
     image = reader.image
     layers = reader.layers()
-    workdir = Workdir(args.workdir or image.get("workdir") or DEFAULT_WORKDIR)
+    workdir = plan_workdir(args.workdir, image)
     credentials = credentials_from_flags(args.username, args.password, password,
                                          registry=image.get("registry"))
     show = args.progress == "always" or (args.progress == "auto" and sys.stderr.isatty())

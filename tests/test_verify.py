@@ -1,0 +1,134 @@
+"""tosi-verify on a cache filled by tosi-fetch from the real registry."""
+
+import json
+import os
+
+import pytest
+
+from tests.support.images import file_entry, make_layer
+from tests.support.plans import parse_plan, plan_text
+from tosi_tools.cache import Workdir
+
+
+@pytest.fixture
+def image(pusher, repo_name):
+    layers = [make_layer([file_entry(f"f{i}", os.urandom(50_000 * (i + 1)))], compression=None)
+              for i in range(3)]
+    return pusher.push_image(repo_name, "v1", layers)
+
+
+@pytest.fixture
+def fetched(tool, registry, image, workdir):
+    """The plan tosi-fetch wrote after filling the cache."""
+    return tool("tosi-fetch", "--workdir", workdir,
+                input=plan_text(registry.url, image, workdir), check=0).stdout
+
+
+def digest_list(image):
+    return "".join(layer.digest + "\n" for layer in image.layers)
+
+
+def test_a_good_cache_verifies_and_the_plan_passes_through_unchanged(tool, fetched, workdir):
+    proc = tool("tosi-verify", "--workdir", workdir, input=fetched, check=0)
+    assert parse_plan(proc.stdout) == parse_plan(fetched)
+    assert proc.stderr == ""
+
+
+def test_the_workdir_named_by_the_plan_is_used_without_the_flag(tool, fetched):
+    proc = tool("tosi-verify", input=fetched, env={"TOSI_WORKDIR": "/nonexistent"}, check=0)
+    assert len(parse_plan(proc.stdout)) == 4
+
+
+def test_a_truncated_blob_fails_and_is_moved_to_quarantine(tool, fetched, image, workdir):
+    cache = Workdir(workdir)
+    path = cache.layer_path(image.layers[1].digest)
+    with open(path, "r+b") as f:
+        f.truncate(1000)
+    proc = tool("tosi-verify", "--workdir", workdir, input=fetched, check=1)
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith(f"tosi-verify: error: layer 1 ({image.layers[1].digest})")
+    assert "size is 1000 bytes" in lines[0]
+    assert not os.path.exists(path)
+    assert os.path.getsize(os.path.join(cache.quarantine, os.path.basename(path))) == 1000
+    assert [r.get("index") for r in parse_plan(proc.stdout)] == [None, 0]
+
+
+def test_a_flipped_byte_fails_and_the_next_fetch_replaces_the_blob(tool, fetched, registry, image, workdir):
+    path = Workdir(workdir).layer_path(image.layers[2].digest)
+    with open(path, "r+b") as f:
+        f.seek(4321)
+        byte = f.read(1)
+        f.seek(4321)
+        f.write(bytes([byte[0] ^ 1]))
+    proc = tool("tosi-verify", "--workdir", workdir, input=fetched, check=1)
+    assert "hashes to sha256:" in proc.stderr and proc.stderr.count("\n") == 1
+    assert not os.path.exists(path)
+    tool("tosi-fetch", "--workdir", workdir, input=plan_text(registry.url, image, workdir), check=0)
+    tool("tosi-verify", "--workdir", workdir, input=fetched, check=0)
+
+
+def test_a_missing_blob_fails_with_one_line(tool, fetched, image, workdir):
+    os.unlink(Workdir(workdir).layer_path(image.layers[0].digest))
+    proc = tool("tosi-verify", "--workdir", workdir, input=fetched, check=1)
+    assert proc.stderr == (f"tosi-verify: error: layer 0 ({image.layers[0].digest}): missing from the cache "
+                           f"({Workdir(workdir).layer_path(image.layers[0].digest)})\n")
+    assert [r["type"] for r in parse_plan(proc.stdout)] == ["image"]
+
+
+def test_a_corrupt_config_is_reported(tool, fetched, image, workdir):
+    config = parse_plan(fetched)[0]["config"]
+    with open(config["path"], "ab") as f:
+        f.write(b" ")
+    proc = tool("tosi-verify", "--workdir", workdir, input=fetched, check=1)
+    assert f"config ({config['digest']})" in proc.stderr
+    assert proc.stdout == ""
+
+
+def test_every_bad_blob_gets_its_own_line(tool, fetched, image, workdir):
+    for layer in image.layers[:2]:
+        os.unlink(Workdir(workdir).layer_path(layer.digest))
+    proc = tool("tosi-verify", "--workdir", workdir, input=fetched, check=1)
+    assert [line.split(" (")[0] for line in proc.stderr.splitlines()] == [
+        "tosi-verify: error: layer 0", "tosi-verify: error: layer 1"]
+
+
+def test_a_digest_list_comes_back_as_the_verified_digests(tool, fetched, image, workdir):
+    proc = tool("tosi-verify", "--workdir", workdir, input=digest_list(image), check=0)
+    assert proc.stdout == digest_list(image)
+
+
+def test_a_digest_list_with_a_bad_blob_lists_only_the_good_ones(tool, fetched, image, workdir):
+    path = Workdir(workdir).layer_path(image.layers[1].digest)
+    with open(path, "ab") as f:
+        f.write(b"extra")
+    proc = tool("tosi-verify", "--workdir", workdir, input=digest_list(image), check=1)
+    assert proc.stdout.splitlines() == [image.layers[0].digest, image.layers[2].digest]
+    assert f"blob {image.layers[1].digest}" in proc.stderr
+
+
+def test_a_digest_list_may_name_a_config(tool, fetched, image, workdir):
+    digest = parse_plan(fetched)[0]["config"]["digest"]
+    proc = tool("tosi-verify", "--workdir", workdir, input=f"# the config\n{digest}\n", check=0)
+    assert proc.stdout == digest + "\n"
+
+
+def test_a_malformed_digest_list_is_a_usage_error(tool, workdir):
+    proc = tool("tosi-verify", "--workdir", workdir, input="sha256:nothex\n")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("tosi-verify: error: stdin: line 1:")
+
+
+def test_empty_input_is_a_usage_error(tool, workdir):
+    proc = tool("tosi-verify", "--workdir", workdir, input="")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+
+
+def test_a_plan_cannot_point_verify_at_files_outside_the_cache(tool, fetched, tmp_path, workdir):
+    records = parse_plan(fetched)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"not a blob")
+    records[1]["path"] = str(victim)
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    tool("tosi-verify", "--workdir", workdir, input=text, check=0)
+    assert victim.read_bytes() == b"not a blob"

@@ -1,0 +1,74 @@
+"""The verify stage: re-hash cached blobs, and move corrupt ones out of the cache.
+
+Blobs are hashed in parallel, each in constant memory; results come back in the
+order asked for. Paths always come from the workdir and the digest, never from
+the input, so a hostile plan cannot make verify move files outside the cache.
+"""
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+from .digest import verify_file
+from .errors import CacheError, DigestMismatch
+
+DEFAULT_PARALLEL = min(4, os.cpu_count() or 1)
+
+
+class BlobCheck:
+    """One blob to verify: its digest, declared size (or None) and cache path."""
+
+    def __init__(self, digest, size, path, what):
+        self.digest = digest
+        self.size = size
+        self.path = path
+        self.what = what
+        self.error = None
+
+    @property
+    def ok(self):
+        return self.error is None
+
+
+def layer_check(workdir, record):
+    return BlobCheck(record["digest"], record.get("size"), workdir.layer_path(record["digest"]),
+                     f"layer {record['index']} ({record['digest']})")
+
+
+def config_check(workdir, config):
+    return BlobCheck(config["digest"], config.get("size"), workdir.config_path(config["digest"]),
+                     f"config ({config['digest']})")
+
+
+def digest_check(workdir, digest):
+    """A blob named only by its digest: a layer, or else a config, of the cache."""
+    path = workdir.layer_path(digest)
+    if not os.path.exists(path) and os.path.exists(workdir.config_path(digest)):
+        path = workdir.config_path(digest)
+    return BlobCheck(digest, None, path, f"blob {digest}")
+
+
+def verify_blobs(workdir, checks, parallel=DEFAULT_PARALLEL):
+    """Yield each BlobCheck, in order, once verified; failures carry `.error` (a
+    CacheError), and a corrupt blob has been moved to the quarantine directory."""
+    with ThreadPoolExecutor(max_workers=max(parallel, 1), thread_name_prefix="tosi-verify") as pool:
+        yield from pool.map(lambda check: _verify(workdir, check), checks)
+
+
+def _verify(workdir, check):
+    try:
+        verify_file(check.path, check.digest, check.size, check.what)
+    except FileNotFoundError:
+        check.error = CacheError(f"{check.what}: missing from the cache ({check.path})")
+    except DigestMismatch as exc:
+        moved = _quarantine(workdir, check.path)
+        check.error = CacheError(f"{exc}; moved to {moved}")
+    except OSError as exc:
+        check.error = CacheError(f"{check.what}: unreadable: {exc.strerror or exc} ({check.path})")
+    return check
+
+
+def _quarantine(workdir, path):
+    os.makedirs(workdir.quarantine, exist_ok=True)
+    target = os.path.join(workdir.quarantine, os.path.basename(path))
+    os.replace(path, target)
+    return target
