@@ -82,3 +82,80 @@ def run_tool(cmd, *args, input=None, env=None, timeout=120, check=None):
 @pytest.fixture
 def tool():
     return run_tool
+
+
+# ---------------------------------------------------------------- auth and TLS variants
+
+AUTH_USERS = {"alice": "wonderland-4-tests"}
+
+
+@pytest.fixture(scope="session")
+def htpasswd_registry(tmp_path_factory):
+    """A registry with htpasswd (HTTP Basic) auth over plain HTTP; `.users` are its accounts."""
+    import bcrypt
+
+    directory = tmp_path_factory.mktemp("htpasswd-registry")
+    htpasswd = directory / "htpasswd"
+    htpasswd.write_text("".join(
+        f"{user}:{bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=4)).decode()}\n"
+        for user, password in AUTH_USERS.items()))
+    reg = Registry(str(directory), extra_config={
+        "auth": {"htpasswd": {"realm": "tosi-tests", "path": str(htpasswd)}}}).start()
+    reg.users = dict(AUTH_USERS)
+    yield reg
+    reg.stop()
+
+
+@pytest.fixture(scope="session")
+def htpasswd_pusher(htpasswd_registry):
+    import requests
+
+    session = requests.Session()
+    session.auth = next(iter(AUTH_USERS.items()))
+    return Pusher(htpasswd_registry.url, session=session)
+
+
+@pytest.fixture(scope="session")
+def token_server(tmp_path_factory):
+    """A JWT token server on 127.0.0.1: anonymous pull of public/*, users pull and push all."""
+    from tests.support.tokenserver import TokenServer
+
+    server = TokenServer(str(tmp_path_factory.mktemp("token-server")), users=AUTH_USERS).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def token_registry(tmp_path_factory, token_server):
+    """A registry with `auth: token` trusting `token_server` (the Bearer challenge flow)."""
+    reg = Registry(str(tmp_path_factory.mktemp("token-registry")),
+                   extra_config={"auth": token_server.registry_config()}).start()
+    reg.users = dict(AUTH_USERS)
+    yield reg
+    reg.stop()
+
+
+@pytest.fixture(scope="session")
+def token_pusher(token_registry, token_server):
+    return Pusher(token_registry.url, session=token_server.push_session())
+
+
+@pytest.fixture(scope="session")
+def tls_registry(tmp_path_factory):
+    """A registry serving https on 127.0.0.1 with a certificate from a test CA (`.ca_file`)."""
+    from tests.support.tls import CertificateAuthority
+
+    directory = str(tmp_path_factory.mktemp("tls-registry"))
+    ca = CertificateAuthority()
+    ca_file, _ = ca.write(directory, "ca")
+    cert_file, key_file = ca.issue("127.0.0.1", ips=["127.0.0.1"], dns_names=["localhost"]).write(
+        directory, "server")
+    reg = Registry(directory, scheme="https", ca_file=ca_file, extra_config={
+        "http": {"tls": {"certificate": cert_file, "key": key_file}}}).start()
+    yield reg
+    reg.stop()
+
+
+@pytest.fixture(scope="session")
+def tls_pusher(tls_registry):
+    return Pusher(tls_registry.url, verify=tls_registry.ca_file)

@@ -9,6 +9,8 @@ stage; this layer makes one attempt per call.
 
 import ipaddress
 import logging
+import socket
+import ssl
 import threading
 from urllib.parse import urljoin, urlsplit
 
@@ -29,6 +31,7 @@ from .manifest import (  # noqa: E402
 DEFAULT_CONNECT_TIMEOUT = 10
 DEFAULT_READ_TIMEOUT = 60
 MAX_REDIRECTS = 5
+TLS_PROBE_TIMEOUT = 2
 
 
 def is_loopback_host(host):
@@ -49,6 +52,38 @@ def endpoint_for(registry, insecure=False, scheme=None):
     if scheme is None:
         scheme = "http" if (is_loopback_host(registry) or insecure) else "https"
     return f"{scheme}://{registry}"
+
+
+def speaks_tls(registry, timeout=TLS_PROBE_TIMEOUT):
+    """True if `registry` (host[:port], default port 443) completes a TLS handshake.
+
+    Nothing is verified or sent here: it only tells a TLS server from a plain
+    HTTP one, which answers the ClientHello with garbage or not at all.
+    """
+    parts = urlsplit(f"//{registry}")
+    host, port = parts.hostname, parts.port or 443
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            with context.wrap_socket(sock, server_hostname=host):
+                return True
+    except (OSError, ValueError):
+        return False
+
+
+def detect_endpoint(registry, insecure=False, timeout=TLS_PROBE_TIMEOUT):
+    """The endpoint to use for `registry`, as Docker chooses it.
+
+    https with verification for every registry, except that a loopback registry
+    and, with --insecure, any registry may speak plain http: those get https only
+    if they answer a TLS handshake (then verified, unless --insecure), else http.
+    """
+    if registry == "docker.io" or not (insecure or is_loopback_host(registry)):
+        return endpoint_for(registry, insecure=False, scheme="https")
+    scheme = "https" if speaks_tls(registry, timeout) else "http"
+    return endpoint_for(registry, insecure, scheme=scheme)
 
 
 class RegistryClient:

@@ -228,10 +228,10 @@ class Resolver:
 
     def resolve(self, reference, endpoint=None):
         """(image record, [layer records]) for a reference (text or Reference)."""
-        from .registry import endpoint_for
+        from .registry import detect_endpoint
 
         ref = reference if isinstance(reference, Reference) else parse_reference(reference)
-        self._endpoint = (endpoint or endpoint_for(ref.registry, self.insecure)).rstrip("/")
+        self._endpoint = (endpoint or detect_endpoint(ref.registry, self.insecure)).rstrip("/")
         wanted = self.platform or host_platform()
 
         top_data, top_type, top_digest = self._top_manifest(ref)

@@ -1,0 +1,174 @@
+"""Registry auth against real registries: the Bearer token flow and HTTP Basic (htpasswd)."""
+
+import io
+import os
+
+import pytest
+
+from tests.support.images import file_entry, make_layer
+from tosi_tools.auth import Credentials
+from tosi_tools.errors import Unauthorized
+from tosi_tools.plan import PlanReader
+from tosi_tools.platform import parse_platform
+from tosi_tools.resolve import resolve_image
+
+
+def _layers(n=1):
+    return [make_layer([file_entry(f"f{i}", f"{i}\n".encode())]) for i in range(n)]
+
+
+def _plan(proc):
+    reader = PlanReader(io.StringIO(proc.stdout))
+    return reader.image, reader.layers()
+
+
+def _user(reg):
+    return next(iter(reg.users.items()))
+
+
+@pytest.fixture
+def public_repo(repo_name):
+    return f"public/{repo_name}"
+
+
+def _files_contain(root, secret):
+    for directory, _dirs, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(directory, name), "rb") as f:
+                if secret.encode() in f.read():
+                    return True
+    return False
+
+
+# ------------------------------------------------------------ token auth
+
+def test_anonymous_pull_of_public_repository_uses_a_bearer_token(tool, token_registry, token_server,
+                                                                   token_pusher, public_repo, workdir):
+    image = token_pusher.push_image(public_repo, "v1", _layers())
+    before = len(token_server.token_requests())
+    proc = tool("tosi-resolve", "--workdir", workdir, f"{token_registry.host}/{public_repo}:v1", check=0)
+    assert _plan(proc)[0]["digest"] == image.digest
+    path, query, had_credentials = token_server.token_requests()[before]
+    assert query["service"] == ["tosi-test-registry"]
+    assert query["scope"] == [f"repository:{public_repo}:pull"]
+    assert not had_credentials
+
+
+def test_one_token_serves_every_request_of_a_resolution(token_registry, token_server, token_pusher,
+                                                        public_repo, workdir):
+    images = [token_pusher.push_image(public_repo, None, _layers(), oci=True, arch=arch)
+              for arch in ("amd64", "arm64")]
+    token_pusher.push_index(public_repo, "multi", images)
+    before = len(token_server.token_requests())
+    # index, then the arm64 manifest, then its config: three registry requests
+    image, _ = resolve_image(f"{token_registry.host}/{public_repo}:multi", workdir,
+                             platform=parse_platform("linux/arm64"))
+    assert image["digest"] == images[1].digest
+    assert len(token_server.token_requests()) - before == 1
+
+
+def test_token_response_with_only_access_token_is_accepted(token_registry, token_server, token_pusher,
+                                                           public_repo, workdir):
+    image = token_pusher.push_image(public_repo, "v1", _layers())
+    token_server.token_fields = ("access_token",)
+    try:
+        record, _ = resolve_image(f"{token_registry.host}/{public_repo}:v1", workdir)
+    finally:
+        token_server.token_fields = ("token", "access_token")
+    assert record["digest"] == image.digest
+
+
+def test_private_repository_with_right_credentials_resolves(tool, token_registry, token_server,
+                                                             token_pusher, repo_name, workdir):
+    image = token_pusher.push_image(repo_name, "v1", _layers())
+    user, password = _user(token_registry)
+    before = len(token_server.token_requests())
+    proc = tool("tosi-resolve", "--workdir", workdir, "--username", user, "--password", password,
+                f"{token_registry.host}/{repo_name}:v1", check=0)
+    assert _plan(proc)[0]["digest"] == image.digest
+    assert token_server.token_requests()[before][2], "the token request carried no credentials"
+
+
+def test_private_repository_with_wrong_password_is_unauthorized(tool, token_registry, token_pusher,
+                                                                repo_name, workdir):
+    token_pusher.push_image(repo_name, "v1", _layers())
+    user, _ = _user(token_registry)
+    proc = tool("tosi-resolve", "--workdir", workdir, "--username", user, "--password", "not-it",
+                f"{token_registry.host}/{repo_name}:v1", check=1)
+    assert proc.stderr == (f"tosi-resolve: error: {token_registry.host}: token server refused the "
+                           "credentials (401)\n")
+
+
+def test_private_repository_without_credentials_is_unauthorized(tool, token_registry, token_pusher,
+                                                                repo_name, workdir):
+    token_pusher.push_image(repo_name, "v1", _layers())
+    proc = tool("tosi-resolve", "--workdir", workdir, f"{token_registry.host}/{repo_name}:v1", check=1)
+    assert proc.stderr.startswith(f"tosi-resolve: error: manifest {token_registry.host}/{repo_name}:v1: "
+                                  "401 UNAUTHORIZED")
+
+
+def test_password_from_stdin_is_used(tool, token_registry, token_pusher, repo_name, workdir):
+    image = token_pusher.push_image(repo_name, "v1", _layers())
+    user, password = _user(token_registry)
+    proc = tool("tosi-resolve", "--workdir", workdir, "--username", user, "--password-stdin",
+                f"{token_registry.host}/{repo_name}:v1", input=f"{password}\n", check=0)
+    assert _plan(proc)[0]["digest"] == image.digest
+
+
+def test_credentials_reach_neither_plan_nor_cache_nor_log(tool, token_registry, token_pusher, repo_name,
+                                                          workdir):
+    token_pusher.push_image(repo_name, "v1", _layers())
+    user, password = _user(token_registry)
+    proc = tool("tosi-resolve", "-vv", "--workdir", workdir, "--username", user, "--password-stdin",
+                f"{token_registry.host}/{repo_name}:v1", input=password, check=0)
+    assert password not in proc.stdout and password not in proc.stderr
+    assert not _files_contain(workdir, password)
+
+
+# ------------------------------------------------------------ basic auth
+
+def test_basic_auth_with_right_credentials_resolves(tool, htpasswd_registry, htpasswd_pusher, repo_name,
+                                                    workdir):
+    image = htpasswd_pusher.push_image(repo_name, "v1", _layers())
+    user, password = _user(htpasswd_registry)
+    proc = tool("tosi-resolve", "--workdir", workdir, "--username", user, "--password", password,
+                f"{htpasswd_registry.host}/{repo_name}:v1", check=0)
+    assert _plan(proc)[0]["digest"] == image.digest
+
+
+def test_basic_auth_with_wrong_password_is_unauthorized(tool, htpasswd_registry, htpasswd_pusher,
+                                                        repo_name, workdir):
+    htpasswd_pusher.push_image(repo_name, "v1", _layers())
+    user, _ = _user(htpasswd_registry)
+    proc = tool("tosi-resolve", "--workdir", workdir, "--username", user, "--password", "wrong",
+                f"{htpasswd_registry.host}/{repo_name}:v1", check=1)
+    assert proc.stderr.startswith(f"tosi-resolve: error: manifest {htpasswd_registry.host}/{repo_name}:v1: "
+                                  "401 UNAUTHORIZED")
+
+
+def test_basic_auth_without_credentials_asks_for_them(htpasswd_registry, htpasswd_pusher, repo_name,
+                                                      workdir):
+    htpasswd_pusher.push_image(repo_name, "v1", _layers())
+    with pytest.raises(Unauthorized, match=r"authentication required \(use --username\)"):
+        resolve_image(f"{htpasswd_registry.host}/{repo_name}:v1", workdir)
+
+
+def test_basic_credentials_fetch_the_config_too(htpasswd_registry, htpasswd_pusher, repo_name, workdir):
+    image = htpasswd_pusher.push_image(repo_name, "v1", _layers())
+    record, _ = resolve_image(f"{htpasswd_registry.host}/{repo_name}:v1", workdir,
+                              credentials=Credentials(*_user(htpasswd_registry)))
+    with open(record["config"]["path"], "rb") as f:
+        assert f.read() == image.config
+
+
+# ------------------------------------------------------------ flags
+
+def test_password_without_username_is_usage_error(tool, workdir):
+    proc = tool("tosi-resolve", "--workdir", workdir, "--password", "x", "127.0.0.1:1/img", check=2)
+    assert proc.stderr == "tosi-resolve: error: a password needs --username\n"
+
+
+def test_password_and_password_stdin_together_are_usage_error(tool, workdir):
+    proc = tool("tosi-resolve", "--workdir", workdir, "--username", "u", "--password", "x",
+                "--password-stdin", "127.0.0.1:1/img", check=2)
+    assert "not allowed with argument" in proc.stderr
