@@ -158,4 +158,8 @@ def tls_registry(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tls_pusher(tls_registry):
-    return Pusher(tls_registry.url, verify=tls_registry.ca_file)
+    import requests
+
+    session = requests.Session()
+    session.trust_env = False  # else REQUESTS_CA_BUNDLE would replace the test CA
+    return Pusher(tls_registry.url, session=session, verify=tls_registry.ca_file)
