@@ -1,0 +1,214 @@
+"""Decompressing readers for layer blobs: gzip, zstd or plain tar.
+
+The compression comes from the layer's media type and is checked against the
+blob's magic bytes, so a mislabelled blob is an error instead of garbage fed to
+the tar reader. Decompression runs in its own thread (zlib, isal and zstd drop
+the GIL while they work) and hands bounded chunks to the reader, which is also
+where the decompressed size is capped: a decompression bomb stops with an
+UnpackError long before it fills a disk or the memory.
+"""
+
+import gzip
+import queue
+import threading
+
+import zstandard
+
+from .errors import UnpackError
+
+try:  # the isal gzip decoder is several times faster than zlib's
+    from isal import igzip as _gzip_module
+except ImportError:  # pragma: no cover - depends on the "fast" extra
+    _gzip_module = gzip
+
+GZIP, ZSTD, TAR = "gzip", "zstd", "tar"
+CHUNK = 1 << 20
+QUEUE_CHUNKS = 8
+_HEAD = 512
+
+_MAGIC = [
+    (GZIP, b"\x1f\x8b"),
+    (ZSTD, b"\x28\xb5\x2f\xfd"),
+    ("bzip2", b"BZh"),
+    ("xz", b"\xfd7zXZ\x00"),
+]
+
+
+def compression_of(media_type):
+    """gzip, zstd or tar for a layer media type (OCI or Docker); UnpackError for others."""
+    mt = (media_type or "").strip().lower()
+    if mt.endswith(("+gzip", ".tar.gzip")):
+        return GZIP
+    if mt.endswith("+zstd"):
+        return ZSTD
+    if mt.endswith((".tar", "layer.v1.tar")) or mt in ("application/x-tar",):
+        return TAR
+    raise UnpackError(f"unsupported layer media type {media_type!r} "
+                      "(known: gzip, zstd and uncompressed tar layers)")
+
+
+def sniff(head):
+    """The compression the first bytes of a blob show ("tar" when none is recognised)."""
+    for name, magic in _MAGIC:
+        if head.startswith(magic):
+            return name
+    return TAR
+
+
+class _Prefixed:
+    """A stream with some bytes already read from it put back in front."""
+
+    def __init__(self, head, stream):
+        self._head = head
+        self._stream = stream
+
+    def read(self, n=-1):
+        if self._head:
+            if n is None or n < 0:
+                data, self._head = self._head + self._stream.read(), b""
+                return data
+            data, self._head = self._head[:n], self._head[n:]
+            return data
+        return self._stream.read(n)
+
+    def readinto(self, buffer):
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+
+class _ZstdReader:
+    def __init__(self, stream):
+        self._reader = zstandard.ZstdDecompressor().stream_reader(
+            stream, read_size=CHUNK, read_across_frames=True)
+
+    def read(self, n):
+        return self._reader.read(n)
+
+
+class DecompressedStream:
+    """The decompressed bytes of a blob, produced by a background thread.
+
+    `read(n)` returns at most n bytes, b"" at the end. Errors of the
+    decompressor (corrupt data, the size cap) surface as UnpackError from
+    `read`. Always `close()` it, which stops the thread.
+    """
+
+    def __init__(self, decoder, what, max_bytes=None):
+        self._decoder = decoder
+        self._what = what
+        self._max_bytes = max_bytes
+        self._queue = queue.Queue(QUEUE_CHUNKS)
+        self._stop = threading.Event()
+        self._buf = b""
+        self._pos = 0
+        self._done = False
+        self.total = 0
+        self._thread = threading.Thread(target=self._produce, name=f"decompress {what}", daemon=True)
+        self._thread.start()
+
+    def _put(self, item):
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self):
+        total = 0
+        try:
+            while not self._stop.is_set():
+                chunk = self._decoder.read(CHUNK)
+                if not chunk:
+                    break
+                total += len(chunk)
+                if self._max_bytes is not None and total > self._max_bytes:
+                    raise UnpackError(
+                        f"{self._what}: decompresses to more than {self._max_bytes} bytes "
+                        "(the cap for one layer; see TOSI_MAX_LAYER_BYTES)")
+                if not self._put(chunk):
+                    return
+            self._put(None)
+        except UnpackError as exc:
+            self._put(exc)
+        except (OSError, EOFError, zstandard.ZstdError, ValueError) as exc:
+            # zlib/isal raise OSError subclasses or EOFError for corrupt or truncated data
+            self._put(UnpackError(f"{self._what}: corrupt or truncated compressed data ({exc})"))
+        except Exception as exc:  # delivered to the reader rather than lost in this thread
+            self._put(exc)
+
+    def read(self, n=-1):
+        if n is None or n < 0:
+            parts = []
+            while True:
+                chunk = self.read(CHUNK)
+                if not chunk:
+                    return b"".join(parts)
+                parts.append(chunk)
+        while self._pos >= len(self._buf):
+            if self._done:
+                return b""
+            item = self._queue.get()
+            if item is None:
+                self._done = True
+                return b""
+            if isinstance(item, BaseException):
+                self._done = True
+                raise item
+            self._buf, self._pos = item, 0
+            self.total += len(item)
+        start = self._pos
+        end = min(start + n, len(self._buf))
+        self._pos = end
+        if start == 0 and end == len(self._buf):
+            return self._buf
+        return self._buf[start:end]
+
+    def close(self):
+        self._stop.set()
+        while True:  # unblock a producer waiting on a full queue
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        self._thread.join()
+        closer = getattr(self._decoder, "close", None)
+        if closer:
+            try:
+                closer()
+            except Exception:
+                pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def open_layer(stream, media_type, what="layer", max_bytes=None):
+    """A DecompressedStream over a layer blob read from `stream` (any binary reader).
+
+    The media type names the compression; the magic bytes must agree with it.
+    """
+    expected = compression_of(media_type)
+    head = stream.read(_HEAD)
+    found = sniff(head)
+    if head and found != expected:
+        if expected == TAR:
+            raise UnpackError(f"{what}: media type {media_type} says uncompressed tar, "
+                              f"but the blob is {found}-compressed")
+        shown = "not compressed" if found == TAR else f"{found}-compressed"
+        raise UnpackError(f"{what}: media type {media_type} says {expected}, but the blob is {shown}")
+    source = _Prefixed(head, stream)
+    if not head:
+        decoder = source  # an empty blob: an empty layer whatever its type
+    elif expected == GZIP:
+        decoder = _gzip_module.GzipFile(fileobj=source, mode="rb")
+    elif expected == ZSTD:
+        decoder = _ZstdReader(source)
+    else:
+        decoder = source
+    return DecompressedStream(decoder, what, max_bytes)

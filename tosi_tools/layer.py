@@ -1,0 +1,470 @@
+"""Apply one layer (an OCI changeset tar) to a root directory.
+
+Two modes:
+  flat     the layer is applied on top of what the root holds (bottom layer
+           first): whiteouts delete, opaque markers empty directories of what
+           lower layers put there.
+  overlay  the root is an empty directory that becomes one overlayfs lowerdir:
+           a whiteout becomes a 0/0 character device and an opaque marker the
+           trusted.overlay.opaque=y xattr; the kernel does the rest at mount time.
+
+OCI semantics both modes keep: a whiteout hides entries of LOWER layers only;
+entries of the same layer stay whatever the order of the tar, so a whiteout or
+opaque marker that comes after the layer's own entries spares them.
+
+Every name goes through saferoot (resolved inside the root, never following a
+symlink it creates or meets at the last component). Directory modes and mtimes
+are set when the layer is done, so read-only directories still get their
+contents and directory mtimes are not disturbed by them.
+"""
+
+import errno
+import logging
+import os
+import stat
+import tarfile
+from dataclasses import dataclass, field
+
+from . import saferoot
+from .compression import open_layer
+from .errors import UnpackError, UnsafeEntry
+
+log = logging.getLogger("tosi.layer")
+
+FLAT, OVERLAY = "flat", "overlay"
+WHITEOUT_PREFIX = ".wh."
+OPAQUE_MARKER = ".wh..wh..opq"
+OPAQUE_XATTR = "trusted.overlay.opaque"
+_OVERLAY_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.")
+_XATTR_PAX = "SCHILY.xattr."
+DEFAULT_MAX_LAYER_BYTES = 64 << 30
+DEFAULT_MAX_LAYER_ENTRIES = 10_000_000
+COPY_CHUNK = 1 << 20
+_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_NODE_TYPES = {tarfile.CHRTYPE: stat.S_IFCHR, tarfile.BLKTYPE: stat.S_IFBLK, tarfile.FIFOTYPE: stat.S_IFIFO}
+_said_not_root = False
+
+
+@dataclass
+class Limits:
+    """Caps for one layer: decompressed bytes and tar entries."""
+
+    max_bytes: int = DEFAULT_MAX_LAYER_BYTES
+    max_entries: int = DEFAULT_MAX_LAYER_ENTRIES
+
+    @classmethod
+    def from_env(cls, environ=os.environ):
+        def number(key, default):
+            text = environ.get(key)
+            if not text:
+                return default
+            try:
+                value = int(text)
+            except ValueError:
+                raise UnpackError(f"{key}={text!r} is not a number") from None
+            if value <= 0:
+                raise UnpackError(f"{key}={text!r} must be positive")
+            return value
+        return cls(number("TOSI_MAX_LAYER_BYTES", DEFAULT_MAX_LAYER_BYTES),
+                   number("TOSI_MAX_LAYER_ENTRIES", DEFAULT_MAX_LAYER_ENTRIES))
+
+
+@dataclass
+class LayerStats:
+    entries: int = 0
+    bytes: int = 0
+    skipped_devices: int = 0
+    whiteouts: int = 0
+
+
+@dataclass
+class _DirFixup:
+    parts: tuple
+    mode: int
+    mtime_ns: int
+
+
+@dataclass
+class _Applier:
+    root: saferoot.SafeRoot
+    mode: str
+    layer_name: str
+    limits: Limits
+    as_root: bool
+    stats: LayerStats = field(default_factory=LayerStats)
+    # Every path this layer made, plus all their ancestors: what whiteouts and
+    # opaque markers of the same layer must spare.
+    touched: set = field(default_factory=set)
+    fixups: list = field(default_factory=list)
+
+    def fail(self, name, reason, cls=UnpackError):
+        return cls(f"layer {self.layer_name}: entry {name!r}: {reason}")
+
+    # ---------------------------------------------------------------- bookkeeping
+
+    def touch(self, parts):
+        for i in range(len(parts), 0, -1):
+            key = parts[:i]
+            if key in self.touched:
+                return
+            self.touched.add(key)
+
+    def place(self, parts, name):
+        """(dir_fd, basename, canonical parent) for a new entry, parents made as needed."""
+        try:
+            return self.root.parent(parts, create=True)
+        except NotADirectoryError as exc:
+            raise self.fail(name, f"a parent is not a directory ({exc.filename})") from None
+        except UnsafeEntry as exc:
+            raise self.fail(name, str(exc), UnsafeEntry) from None
+
+    # ---------------------------------------------------------------- entries
+
+    def apply(self, tar, member):
+        name = member.name
+        try:
+            parts = saferoot.clean_name(name)
+        except UnsafeEntry as exc:
+            raise self.fail(name, str(exc), UnsafeEntry) from None
+        if parts and parts[-1].startswith(WHITEOUT_PREFIX):
+            self.whiteout(name, parts)
+            return
+        self.stats.entries += 1
+        if self.stats.entries > self.limits.max_entries:
+            raise UnpackError(f"layer {self.layer_name}: more than {self.limits.max_entries} "
+                              "entries (the cap for one layer; see TOSI_MAX_LAYER_ENTRIES)")
+        xattrs = self.xattrs_of(name, member)
+        if not parts:
+            if not member.isdir():
+                raise self.fail(name, "only a directory can stand for the root")
+            self.fix_dir(os.dup(self.root.fd), (), member, xattrs, name)
+            return
+        if member.islnk():
+            # Resolved before placing the new name, whose lookup may evict the target's handle.
+            source = self.link_source(name, member)
+        if member.type in _NODE_TYPES and _NODE_TYPES[member.type] != stat.S_IFIFO and not self.as_root:
+            self.stats.skipped_devices += 1
+            return
+        dir_fd, base, canonical = self.place(parts, name)
+        here = canonical + (base,)
+        self.touch(here)
+        if member.isdir():
+            self.make_dir(dir_fd, base, canonical, member, xattrs, name)
+        elif member.isreg():
+            self.make_file(tar, dir_fd, base, canonical, member, xattrs, name)
+        elif member.issym():
+            self.make_symlink(dir_fd, base, canonical, member)
+        elif member.islnk():
+            self.make_hardlink(dir_fd, base, canonical, source, name)
+        elif member.type in _NODE_TYPES:
+            self.make_node(dir_fd, base, canonical, member, xattrs, name)
+        else:
+            raise self.fail(name, f"unsupported tar entry type {member.type!r}")
+
+    def xattrs_of(self, name, member):
+        xattrs = []
+        for key, value in member.pax_headers.items():
+            if not key.startswith(_XATTR_PAX):
+                continue
+            xname = key[len(_XATTR_PAX):]
+            if xname.startswith(_OVERLAY_XATTR_PREFIXES):
+                raise self.fail(name, f"carries the overlayfs xattr {xname!r}, which a layer "
+                                "must not set", UnsafeEntry)
+            xattrs.append((xname, value.encode("utf-8", "surrogateescape")))
+        return xattrs
+
+    def set_xattrs(self, xattrs, name, fd=None, dir_fd=None, base=None):
+        """xattrs on an open entry (`fd`) or on `base` inside `dir_fd`, never through a symlink."""
+        for key, value in xattrs:
+            try:
+                if fd is not None:
+                    os.setxattr(fd, key, value)
+                else:
+                    saferoot.setxattr_at(dir_fd, base, key, value)
+            except OSError as exc:
+                raise self.fail(name, f"cannot set xattr {key!r}: {exc.strerror}") from None
+
+    def make_dir(self, dir_fd, base, canonical, member, xattrs, name):
+        replaced_whiteout = False
+        try:
+            os.mkdir(base, 0o700, dir_fd=dir_fd)
+        except FileExistsError:
+            st = saferoot.lstat_at(dir_fd, base)
+            if st is None or not stat.S_ISDIR(st.st_mode):
+                replaced_whiteout = st is not None and _is_whiteout(st)
+                self.root.remove(dir_fd, base, canonical)
+                os.mkdir(base, 0o700, dir_fd=dir_fd)
+        fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        if replaced_whiteout:
+            # This layer deleted the lower entry and made a directory in its place:
+            # for overlayfs that is an opaque directory.
+            self.set_opaque(fd, name)
+        self.fix_dir(fd, canonical + (base,), member, xattrs, name)
+
+    def fix_dir(self, fd, parts, member, xattrs, name):
+        """Owner and xattrs now (closes fd); mode and mtime when the layer is done."""
+        try:
+            if self.as_root:
+                os.fchown(fd, member.uid, member.gid)
+            self.set_xattrs(xattrs, name, fd=fd)
+        finally:
+            os.close(fd)
+        self.fixups.append(_DirFixup(parts, stat.S_IMODE(member.mode), _ns(member.mtime)))
+
+    def make_file(self, tar, dir_fd, base, canonical, member, xattrs, name):
+        try:
+            fd = os.open(base, _FILE_FLAGS, 0o600, dir_fd=dir_fd)
+        except FileExistsError:
+            self.root.remove(dir_fd, base, canonical)
+            fd = os.open(base, _FILE_FLAGS, 0o600, dir_fd=dir_fd)
+        try:
+            if member.sparse is not None:
+                for offset, size in member.sparse:
+                    os.lseek(fd, offset, os.SEEK_SET)
+                    self.copy(tar, fd, size, name)
+                os.ftruncate(fd, member.size)
+            else:
+                self.copy(tar, fd, member.size, name)
+            if self.as_root:
+                os.fchown(fd, member.uid, member.gid)
+            os.fchmod(fd, stat.S_IMODE(member.mode))
+            self.set_xattrs(xattrs, name, fd=fd)
+            t = _ns(member.mtime)
+            os.utime(fd, ns=(t, t))
+        finally:
+            os.close(fd)
+
+    def copy(self, tar, fd, size, name):
+        read = tar.fileobj.read
+        while size > 0:
+            chunk = read(min(size, COPY_CHUNK))
+            if not chunk:
+                raise UnpackError(f"layer {self.layer_name}: entry {name!r}: the tar ends inside its data")
+            size -= len(chunk)
+            self.stats.bytes += len(chunk)
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view):]
+
+    def make_symlink(self, dir_fd, base, canonical, member):
+        try:
+            os.symlink(member.linkname, base, dir_fd=dir_fd)
+        except FileExistsError:
+            self.root.remove(dir_fd, base, canonical)
+            os.symlink(member.linkname, base, dir_fd=dir_fd)
+        if self.as_root:
+            saferoot.chown_at(dir_fd, base, member.uid, member.gid)
+        saferoot.utime_at(dir_fd, base, _ns(member.mtime))
+
+    def link_source(self, name, member):
+        """(dir fd owned by the caller, basename, lstat) of a hardlink's target inside the root."""
+        try:
+            target = saferoot.clean_name(member.linkname)
+        except UnsafeEntry as exc:
+            raise self.fail(name, f"hardlink target {exc}", UnsafeEntry) from None
+        if not target:
+            raise self.fail(name, "hardlink to the root directory")
+        where = "this layer" if self.mode == OVERLAY else "the root"
+        try:
+            src_fd, src_base, _ = self.root.parent(target, create=False)
+        except (FileNotFoundError, NotADirectoryError):
+            raise self.fail(name, f"hardlink target {member.linkname!r} is not in {where}") from None
+        except UnsafeEntry as exc:
+            raise self.fail(name, str(exc), UnsafeEntry) from None
+        st = saferoot.lstat_at(src_fd, src_base)
+        if st is None:
+            raise self.fail(name, f"hardlink target {member.linkname!r} is not in {where}")
+        if stat.S_ISDIR(st.st_mode):
+            raise self.fail(name, f"hardlink target {member.linkname!r} is a directory")
+        return os.dup(src_fd), src_base, st
+
+    def make_hardlink(self, dir_fd, base, canonical, source, name):
+        src_fd, src_base, st = source
+        try:
+            try:
+                os.link(src_base, base, src_dir_fd=src_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+            except FileExistsError:
+                existing = saferoot.lstat_at(dir_fd, base)
+                if existing is not None and (existing.st_dev, existing.st_ino) == (st.st_dev, st.st_ino):
+                    return  # a link to itself, or one already made
+                self.root.remove(dir_fd, base, canonical)
+                os.link(src_base, base, src_dir_fd=src_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+        finally:
+            os.close(src_fd)
+
+    def make_node(self, dir_fd, base, canonical, member, xattrs, name):
+        kind = _NODE_TYPES[member.type]
+        device = os.makedev(member.devmajor, member.devminor) if kind != stat.S_IFIFO else 0
+        try:
+            os.mknod(base, kind | 0o600, device, dir_fd=dir_fd)
+        except FileExistsError:
+            self.root.remove(dir_fd, base, canonical)
+            os.mknod(base, kind | 0o600, device, dir_fd=dir_fd)
+        if self.as_root:
+            saferoot.chown_at(dir_fd, base, member.uid, member.gid)
+        saferoot.chmod_at(dir_fd, base, stat.S_IMODE(member.mode))
+        self.set_xattrs(xattrs, name, dir_fd=dir_fd, base=base)
+        saferoot.utime_at(dir_fd, base, _ns(member.mtime))
+
+    # ---------------------------------------------------------------- whiteouts
+
+    def whiteout(self, name, parts):
+        self.stats.whiteouts += 1
+        marker = parts[-1]
+        directory = parts[:-1]
+        if marker == OPAQUE_MARKER:
+            self.opaque(name, directory)
+            return
+        hidden = marker[len(WHITEOUT_PREFIX):]
+        if hidden in ("", ".", "..") or hidden.startswith(WHITEOUT_PREFIX):
+            raise self.fail(name, "malformed whiteout", UnsafeEntry)
+        target = directory + (hidden,)
+        if self.mode == FLAT:
+            try:
+                dir_fd, base, canonical = self.root.parent(target, create=False)
+            except (FileNotFoundError, NotADirectoryError):
+                return  # nothing there to delete
+            except UnsafeEntry as exc:
+                raise self.fail(name, str(exc), UnsafeEntry) from None
+        else:
+            dir_fd, base, canonical = self.place(target, name)
+        here = canonical + (base,)
+        if here in self.touched:
+            # The same layer made this entry; the whiteout only removes what lower
+            # layers had there, which for a directory means emptying it of them.
+            st = saferoot.lstat_at(dir_fd, base)
+            if st is not None and stat.S_ISDIR(st.st_mode):
+                self.opaque(name, here)
+            return
+        if self.mode == FLAT:
+            self.root.remove(dir_fd, base, canonical)
+            return
+        self.need_root(name, "an overlayfs whiteout device")
+        try:
+            os.mknod(base, stat.S_IFCHR | 0o600, os.makedev(0, 0), dir_fd=dir_fd)
+        except FileExistsError:
+            pass  # already whited out by an earlier entry of this layer
+        self.touch(here)
+
+    def opaque(self, name, directory):
+        if self.mode == OVERLAY:
+            self.need_root(name, "the trusted.overlay.opaque xattr")
+        if directory:
+            # An opaque directory exists in this layer even when nothing else names it.
+            dir_fd, base, canonical = self.place(directory, name)
+            st = saferoot.lstat_at(dir_fd, base)
+            if st is None or not stat.S_ISDIR(st.st_mode):
+                self.root.remove(dir_fd, base, canonical)
+                os.mkdir(base, 0o755, dir_fd=dir_fd)
+        fd, canonical = self.root.open_entry_dir(directory)
+        try:
+            if self.mode == OVERLAY:
+                self.set_opaque(fd, name)
+            else:
+                self.remove_lower(fd, canonical)
+            self.touch(canonical)
+        finally:
+            os.close(fd)
+
+    def set_opaque(self, fd, name):
+        if self.mode != OVERLAY:
+            return
+        try:
+            os.setxattr(fd, OPAQUE_XATTR, b"y")
+        except OSError as exc:
+            raise self.fail(name, f"cannot set {OPAQUE_XATTR}: {exc.strerror}") from None
+
+    def remove_lower(self, fd, directory):
+        """Delete what lower layers left in a directory, keeping this layer's own entries."""
+        for child in os.listdir(fd):
+            parts = directory + (child,)
+            if parts not in self.touched:
+                self.root.remove(fd, child, directory)
+                continue
+            st = saferoot.lstat_at(fd, child)
+            if st is not None and stat.S_ISDIR(st.st_mode):
+                sub = os.open(child, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+                try:
+                    self.remove_lower(sub, parts)
+                finally:
+                    os.close(sub)
+
+    def need_root(self, name, what):
+        if not self.as_root:
+            raise self.fail(name, f"making {what} needs root; as another user unpack with --into")
+
+    # ---------------------------------------------------------------- finish
+
+    def finish(self):
+        """Directory modes and mtimes, deepest first so a parent's mtime is the last word."""
+        for fix in reversed(self.fixups):
+            fd, _ = self.root.open_entry_dir(fix.parts)
+            if fd is None:
+                continue  # replaced or deleted later in the layer
+            try:
+                os.fchmod(fd, fix.mode)
+                os.utime(fd, ns=(fix.mtime_ns, fix.mtime_ns))
+            finally:
+                os.close(fd)
+
+
+def _is_whiteout(st):
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def _ns(mtime):
+    return int(mtime * 1_000_000_000) if isinstance(mtime, float) else int(mtime) * 1_000_000_000
+
+
+def running_as_root():
+    return os.geteuid() == 0
+
+
+def apply_layer(root, stream, media_type, mode=FLAT, layer_name="layer", limits=None):
+    """Apply the layer blob read from `stream` (any binary reader) to `root`.
+
+    `root` is a SafeRoot or a directory path. Returns LayerStats. Raises
+    UnsafeEntry for entries that try to leave the root or smuggle overlay
+    metadata, UnpackError for everything else that is wrong with the layer.
+    """
+    global _said_not_root
+    if mode not in (FLAT, OVERLAY):
+        raise ValueError(f"mode must be {FLAT!r} or {OVERLAY!r}, not {mode!r}")
+    limits = limits or Limits.from_env()
+    own_root = not isinstance(root, saferoot.SafeRoot)
+    safe = saferoot.SafeRoot(root) if own_root else root
+    as_root = running_as_root()
+    applier = _Applier(safe, mode, layer_name, limits, as_root)
+    data = open_layer(stream, media_type, f"layer {layer_name}", limits.max_bytes)
+    try:
+        try:
+            tar = tarfile.open(fileobj=data, mode="r|", bufsize=64 * 1024)
+        except tarfile.ReadError as exc:
+            if str(exc) == "empty file":
+                return applier.stats
+            raise UnpackError(f"layer {layer_name}: not a tar archive ({exc})") from None
+        try:
+            while True:
+                member = tar.next()
+                if member is None:
+                    break
+                tar.members.clear()  # tarfile keeps every member; a layer can have millions
+                applier.apply(tar, member)
+        except tarfile.TarError as exc:
+            raise UnpackError(f"layer {layer_name}: malformed tar ({exc})") from None
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise UnpackError(f"layer {layer_name}: no space left on the target") from None
+            raise
+        applier.finish()
+    finally:
+        data.close()
+        if own_root:
+            safe.close()
+    if applier.stats.skipped_devices:
+        log.warning("layer %s: skipped %d device node(s): creating them needs root",
+                    layer_name, applier.stats.skipped_devices)
+    if not as_root and not _said_not_root:
+        _said_not_root = True
+        log.warning("not running as root: extracted files belong to you, not to the owners the layers name")
+    return applier.stats

@@ -1,0 +1,237 @@
+"""Safe paths inside a target root: the one way tosi touches a filesystem it extracts into.
+
+A layer is untrusted input. Every name it carries is resolved here, one
+component at a time, from open directory handles (openat with O_NOFOLLOW):
+a symlink met on the way is read and resolved as if the root were "/", the
+way a process chrooted into the root would see it, so `evil -> /` followed by
+`evil/etc/passwd` reaches the root's own etc/passwd and never the host's.
+The last component of a name is never followed: every operation below acts on
+the entry itself (chown, chmod, utime and xattrs never go through a symlink).
+
+Resolved directories are kept open in a small LRU keyed by their canonical
+(symlink-free) path, so the thousands of entries of one directory cost one
+lookup, not one walk from the root each. Whoever removes or replaces an entry
+goes through `remove()`, which drops the cached handles at and below it.
+"""
+
+import errno
+import os
+import shutil
+import stat
+from collections import OrderedDict
+
+from .errors import UnsafeEntry
+
+MAX_SYMLINKS = 40
+DIR_CACHE_SIZE = 128
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_NOT_A_DIR = (errno.ELOOP, errno.ENOTDIR)
+
+
+def clean_name(name):
+    """The components of an entry name, relative to the root.
+
+    Leading slashes are dropped (absolute names are relative to the root, as
+    docker and containerd treat them); "." and empty components vanish; ".."
+    removes the component before it and raises UnsafeEntry when it would climb
+    above the root.
+    """
+    parts = []
+    for part in name.split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not parts:
+                raise UnsafeEntry(f"{name!r} climbs out of the root with '..'")
+            parts.pop()
+            continue
+        parts.append(part)
+    return tuple(parts)
+
+
+def _link_parts(target):
+    # Inside a symlink target ".." is kept: the walk clamps it at the root, like chroot.
+    return [p for p in target.split("/") if p not in ("", ".")]
+
+
+def proc_path(dir_fd, name):
+    """A path that reaches `name` inside the already resolved directory `dir_fd`.
+
+    For the calls that take no dir_fd (the xattr family): /proc resolves the
+    directory through its handle, and the caller asks not to follow `name`.
+    """
+    return f"/proc/self/fd/{dir_fd}/{name}"
+
+
+class SafeRoot:
+    """An open target root; resolves entry names inside it and acts on entries safely."""
+
+    def __init__(self, path, cache_size=DIR_CACHE_SIZE):
+        self.path = os.path.abspath(path)
+        self.fd = os.open(self.path, _DIR_FLAGS)
+        self._cache = OrderedDict()
+        self._cache_size = cache_size
+
+    def close(self):
+        for fd in self._cache.values():
+            os.close(fd)
+        self._cache.clear()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ------------------------------------------------------------ resolution
+
+    def _remember(self, key, fd):
+        self._cache[key] = fd
+        if len(self._cache) > self._cache_size:
+            _, old = self._cache.popitem(last=False)
+            os.close(old)
+
+    def _cached(self, key):
+        fd = self._cache.get(key)
+        if fd is not None:
+            self._cache.move_to_end(key)
+        return fd
+
+    def directory(self, parts, create=False):
+        """(fd, canonical parts) of the directory `parts` names, symlinks resolved in the root.
+
+        The fd belongs to the cache: use it at once, do not close it. Missing
+        directories are made (mode 0755, fixed up by the caller) when `create`;
+        otherwise FileNotFoundError. A non-directory on the way raises
+        NotADirectoryError.
+        """
+        parts = tuple(parts)
+        fd = self.fd if not parts else self._cached(parts)
+        if fd is not None:
+            return fd, parts
+        # Start from the longest prefix already open.
+        start, fd = 0, self.fd
+        for i in range(len(parts) - 1, 0, -1):
+            cached = self._cached(parts[:i])
+            if cached is not None:
+                start, fd = i, cached
+                break
+        resolved = list(parts[:start])
+        pending = list(reversed(parts[start:]))
+        links = 0
+        while pending:
+            name = pending.pop()
+            if name == "..":
+                if resolved:
+                    resolved.pop()
+                fd, _ = self.directory(resolved)
+                continue
+            try:
+                child = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            except FileNotFoundError:
+                if not create:
+                    raise
+                try:
+                    os.mkdir(name, 0o755, dir_fd=fd)
+                except FileExistsError:
+                    pass  # a dangling symlink: resolved on the next round
+                pending.append(name)
+                continue
+            except OSError as exc:
+                if exc.errno not in _NOT_A_DIR:
+                    raise
+                try:
+                    target = os.readlink(name, dir_fd=fd)
+                except OSError:
+                    raise NotADirectoryError(
+                        errno.ENOTDIR, "not a directory", "/".join(resolved + [name])
+                    ) from None
+                links += 1
+                if links > MAX_SYMLINKS:
+                    raise UnsafeEntry(
+                        f"{'/'.join(parts)!r}: too many levels of symbolic links"
+                    ) from None
+                if target.startswith("/"):
+                    resolved, fd = [], self.fd
+                pending.extend(reversed(_link_parts(target)))
+                continue
+            resolved.append(name)
+            key = tuple(resolved)
+            old = self._cache.pop(key, None)
+            if old is not None:
+                os.close(old)
+            self._remember(key, child)
+            fd = child
+        return fd, tuple(resolved)
+
+    def parent(self, parts, create=True):
+        """(parent fd, last component, canonical parent parts) for an entry; parts must not be empty."""
+        fd, canonical = self.directory(parts[:-1], create=create)
+        return fd, parts[-1], canonical
+
+    def forget(self, canonical):
+        """Drop cached handles at or below a canonical path that was removed or replaced."""
+        canonical = tuple(canonical)
+        n = len(canonical)
+        stale = [key for key in self._cache if key[:n] == canonical]
+        for key in stale:
+            os.close(self._cache.pop(key))
+
+    # ------------------------------------------------------------ entries
+
+    def remove(self, dir_fd, name, canonical_parent):
+        """Remove an entry of any type (a directory with all it holds); missing is fine."""
+        try:
+            st = os.lstat(name, dir_fd=dir_fd)
+        except FileNotFoundError:
+            return
+        if stat.S_ISDIR(st.st_mode):
+            self.forget(tuple(canonical_parent) + (name,))
+            shutil.rmtree(name, dir_fd=dir_fd)
+        else:
+            os.unlink(name, dir_fd=dir_fd)
+
+    def open_entry_dir(self, parts):
+        """(fd, canonical parts) of the directory `parts` itself, never through a symlink.
+
+        The caller closes the fd. (None, None) when the entry is missing or not a directory.
+        """
+        try:
+            if not parts:
+                return os.dup(self.fd), ()
+            dir_fd, name, canonical = self.parent(parts, create=False)
+            return os.open(name, _DIR_FLAGS, dir_fd=dir_fd), canonical + (name,)
+        except (FileNotFoundError, NotADirectoryError):
+            return None, None
+        except OSError as exc:
+            if exc.errno in _NOT_A_DIR:
+                return None, None
+            raise
+
+
+def lstat_at(dir_fd, name):
+    """os.lstat of `name` in `dir_fd`, or None when it does not exist."""
+    try:
+        return os.lstat(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+
+
+def chown_at(dir_fd, name, uid, gid):
+    os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+
+
+def chmod_at(dir_fd, name, mode):
+    """chmod of a non-symlink entry; symlinks have no mode of their own on Linux."""
+    os.chmod(name, mode, dir_fd=dir_fd, follow_symlinks=False)
+
+
+def utime_at(dir_fd, name, mtime_ns):
+    os.utime(name, ns=(mtime_ns, mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
+
+
+def setxattr_at(dir_fd, name, key, value):
+    os.setxattr(proc_path(dir_fd, name), key, value, follow_symlinks=False)

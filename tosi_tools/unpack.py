@@ -1,0 +1,240 @@
+"""The unpack stage: lay a fetched image's layers out on disk.
+
+Two layouts:
+  per layer (default)  each layer is extracted alone into <overlaydir>/<hex>/,
+                       ready to be an overlayfs lowerdir, and reused by later
+                       runs; <overlaydir>/<hex>.link holds a short name and
+                       <overlaydir>/<short> -> <hex>, so that a long list of
+                       lowerdirs fits in one page of mount options.
+  --into DIR           every layer is applied bottom first straight into DIR
+                       (absent or empty), without touching the overlay cache.
+
+A per-layer extraction happens in a temporary directory renamed into place
+when complete, under a per-layer lock, so a killed run never leaves a half
+layer that a later run would trust; its temporary directory is removed by the
+next run that extracts the same layer.
+"""
+
+import concurrent.futures
+import contextlib
+import logging
+import os
+import secrets
+import shutil
+from collections import deque
+
+from . import layer as layer_mod
+from .cache import Workdir, file_lock
+from .digest import Digest
+from .errors import CacheError, UnpackError, UsageError
+
+log = logging.getLogger("tosi.unpack")
+
+_TMP_PREFIX = ".tmp-"
+_BASE36 = "0123456789abcdefghijklmnopqrstuvwxyz"
+
+
+def _layer_name(record):
+    return f"{record.get('index', '?')} ({record.get('digest')})"
+
+
+def blob_path(workdir, record):
+    """Where the layer's blob is: the path tosi-fetch recorded, else the cache's place for it."""
+    path = record.get("path") or workdir.layer_path(record["digest"])
+    if not os.path.isfile(path):
+        raise CacheError(f"layer {_layer_name(record)} is not in the cache ({path}); "
+                         "run tosi-fetch first")
+    return path
+
+
+@contextlib.contextmanager
+def _open_blob(workdir, record, stream):
+    if stream is not None:
+        yield stream
+        return
+    with open(blob_path(workdir, record), "rb", buffering=0) as f:
+        yield f
+
+
+# ---------------------------------------------------------------- --into
+
+def check_into_target(target):
+    """UsageError unless `target` is absent or an empty directory (nothing is touched)."""
+    if not os.path.lexists(target):
+        return
+    if not os.path.isdir(target) or os.path.islink(target):
+        raise UsageError(f"--into {target}: exists and is not a directory")
+    if os.listdir(target):
+        raise UsageError(f"--into {target}: directory is not empty")
+
+
+def apply_layers_into(target, layer_records, workdir=None, open_stream=None, limits=None):
+    """Apply layers bottom first into `target`; yields each record with "applied": true.
+
+    `open_stream(record)` may give the blob stream of a layer (default: the
+    cache). On failure the error says how much of `target` was applied.
+    """
+    check_into_target(target)
+    workdir = _workdir(workdir)
+    limits = limits or layer_mod.Limits.from_env()
+    os.makedirs(target, exist_ok=True)
+    applied = 0
+    records = iter(layer_records)
+    with layer_mod.saferoot.SafeRoot(target) as root:
+        while True:
+            try:
+                record = next(records)
+            except StopIteration:
+                return
+            except UsageError as exc:
+                raise UnpackError(f"{_partial(target, applied)}: {exc}") from exc
+            try:
+                stream = open_stream(record) if open_stream else None
+                with _open_blob(workdir, record, stream) as blob:
+                    layer_mod.apply_layer(root, blob, record.get("mediaType"), layer_mod.FLAT,
+                                          _layer_name(record), limits)
+            except (UnpackError, CacheError) as exc:
+                raise type(exc)(f"{exc}; {_partial(target, applied)}") from exc
+            except OSError as exc:
+                raise UnpackError(f"layer {_layer_name(record)}: {_os_error(exc)}; "
+                                  f"{_partial(target, applied)}") from exc
+            applied += 1
+            yield dict(record, applied=True)
+
+
+def _workdir(workdir):
+    if isinstance(workdir, Workdir):
+        return workdir
+    return Workdir(workdir) if workdir else Workdir()
+
+
+def _os_error(exc):
+    return f"{exc.strerror or exc}" + (f" ({exc.filename})" if exc.filename else "")
+
+
+def _partial(target, applied):
+    if applied == 0:
+        return f"{target} is partially extracted (no layer applied completely); remove it"
+    last = f"0-{applied - 1}" if applied > 1 else "0"
+    return f"{target} is partially extracted (layers {last} applied); remove it"
+
+
+# ---------------------------------------------------------------- per layer
+
+def _short_name():
+    n = secrets.randbits(64)
+    digits = []
+    while n:
+        n, r = divmod(n, 36)
+        digits.append(_BASE36[r])
+    return "".join(reversed(digits)) or "0"
+
+
+def _ensure_link(workdir, digest):
+    """The short name of an extracted layer, made (file and symlink) if missing."""
+    link_file = workdir.overlay_link_file(digest)
+    hexname = Digest(digest).hex
+    try:
+        with open(link_file) as f:
+            short = f.read().strip()
+    except FileNotFoundError:
+        short = ""
+    if short and os.path.islink(os.path.join(workdir.overlays, short)) \
+            and os.readlink(os.path.join(workdir.overlays, short)) == hexname:
+        return short
+    while True:
+        short = _short_name()
+        try:
+            os.symlink(hexname, os.path.join(workdir.overlays, short))
+            break
+        except FileExistsError:
+            continue  # another layer's name: draw again
+    tmp = f"{link_file}.{secrets.token_hex(4)}"
+    with open(tmp, "w") as f:
+        f.write(short)
+    os.replace(tmp, link_file)
+    return short
+
+
+def _remove_stale_temps(workdir, hexname):
+    # Called with the layer's lock held: any temp dir of this layer is a dead run's.
+    prefix = f"{_TMP_PREFIX}{hexname}-"
+    for name in os.listdir(workdir.overlays):
+        if name.startswith(prefix):
+            log.info("removing %s left by an interrupted run", name)
+            shutil.rmtree(os.path.join(workdir.overlays, name), ignore_errors=True)
+
+
+def extract_layer_to_overlay(workdir, layer_record, stream=None, limits=None):
+    """Extract one layer as an overlayfs lowerdir (or reuse it); returns the enriched record."""
+    workdir = _workdir(workdir)
+    os.makedirs(workdir.overlays, exist_ok=True)
+    digest = Digest(layer_record["digest"])
+    final = workdir.overlay_path(digest)
+    with file_lock(final + ".lock"):
+        if not os.path.isdir(final):
+            _remove_stale_temps(workdir, digest.hex)
+            tmp = os.path.join(workdir.overlays, f"{_TMP_PREFIX}{digest.hex}-{secrets.token_hex(4)}")
+            os.mkdir(tmp, 0o755)
+            try:
+                with _open_blob(workdir, layer_record, stream) as blob:
+                    layer_mod.apply_layer(tmp, blob, layer_record.get("mediaType"), layer_mod.OVERLAY,
+                                          _layer_name(layer_record), limits)
+                os.rename(tmp, final)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        short = _ensure_link(workdir, digest)
+    return dict(layer_record, overlay=final, link=short)
+
+
+def _default_parallel():
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def extract_layers_to_overlays(workdir, layer_records, parallel=None, limits=None):
+    """Extract layers in parallel; yields the enriched records in plan order as they finish."""
+    workdir = _workdir(workdir)
+    limits = limits or layer_mod.Limits.from_env()
+    parallel = parallel or _default_parallel()
+    pending = deque()
+    by_digest = {}
+    pool = concurrent.futures.ThreadPoolExecutor(parallel, thread_name_prefix="unpack")
+    try:
+        for record in layer_records:
+            digest = record["digest"]
+            future = by_digest.get(digest)
+            if future is None:  # a layer the image repeats is extracted once
+                future = by_digest[digest] = pool.submit(
+                    extract_layer_to_overlay, workdir, record, None, limits)
+            pending.append((record, future))
+            while pending and pending[0][1].done():
+                yield _merged(*pending.popleft())
+        while pending:
+            yield _merged(*pending.popleft())
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _merged(record, future):
+    done = future.result()
+    return dict(record, overlay=done["overlay"], link=done["link"])
+
+
+# ---------------------------------------------------------------- the stage
+
+def unpack_plan(image, layer_records, workdir=None, overlaydir=None, into=None, parallel=None,
+                limits=None):
+    """Unpack the layers of a plan; yields the enriched layer records in plan order.
+
+    With `into`, sets image["rootfs"] (call before writing the image record;
+    the target is checked at once) and applies the layers into it; otherwise
+    extracts each layer under the overlay directory.
+    """
+    wd = Workdir(workdir or image.get("workdir") or Workdir().root, overlaydir)
+    if into:
+        check_into_target(into)
+        image["rootfs"] = os.path.abspath(into)
+        return apply_layers_into(image["rootfs"], layer_records, wd, limits=limits)
+    return extract_layers_to_overlays(wd, layer_records, parallel, limits)
+
