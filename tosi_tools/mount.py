@@ -80,8 +80,7 @@ def _prepare_dir(path, what):
         return False
 
 
-def check_mount_point(target):
-    """Refuse a mount point that already holds a mount or is not an empty directory."""
+def _check_mount_point(target):
     if os.path.ismount(target) or overlay.mount_at(target):
         raise MountError(f"{target} is already a mount point; "
                          f"unmount it first (tosi-mount --unmount {target})")
@@ -92,6 +91,20 @@ def check_mount_point(target):
             raise MountError(f"mount point {target} is not empty")
 
 
+def check_mountable(target, read_only=False, keep_upper=False):
+    """Everything that can be refused before any work: privilege, a mount point that
+    holds a mount or is not an empty directory, a leftover upperdir."""
+    target, upper, _work = side_dirs(target)
+    if not overlay.has_mount_privilege():
+        raise MountError("mounting overlayfs needs root (CAP_SYS_ADMIN); run tosi-mount "
+                         "as root, or unpack a flat tree with tosi-unpack --into instead")
+    _check_mount_point(target)
+    if not read_only and os.path.isdir(upper) and not _is_empty_dir(upper) and not keep_upper:
+        raise MountError(
+            f"{upper} holds the changes of an earlier mount; pass --keep-upper to mount "
+            f"with them, or discard them with tosi-mount --unmount --clean {target}")
+
+
 def mount_image(image, layers, target, overlaydir=None, workdir=None, read_only=False,
                 keep_upper=False, api="auto"):
     """Mount the plan's layers at `target`; returns the image record's "mount" field."""
@@ -100,14 +113,7 @@ def mount_image(image, layers, target, overlaydir=None, workdir=None, read_only=
     lowers = lowerdirs(layers, ovdir)
     if not lowers:
         raise MountError("the image has no layers to mount")
-    if not overlay.has_mount_privilege():
-        raise MountError("mounting overlayfs needs root (CAP_SYS_ADMIN); run tosi-mount "
-                         "as root, or unpack a flat tree with tosi-unpack --into instead")
-    check_mount_point(target)
-    if not read_only and os.path.isdir(upper) and not _is_empty_dir(upper) and not keep_upper:
-        raise MountError(
-            f"{upper} holds the changes of an earlier mount; pass --keep-upper to mount "
-            f"with them, or discard them with tosi-mount --unmount --clean {target}")
+    check_mountable(target, read_only, keep_upper)
     if read_only and len(lowers) == 1:
         empty = os.path.join(ovdir, EMPTY_LOWER)
         os.makedirs(empty, exist_ok=True)

@@ -1,10 +1,9 @@
 """tosi-mount: mount an unpacked image (plan on stdin) as overlayfs, or unmount it."""
 
-import os
 import sys
 
 from ..errors import UsageError
-from .common import new_parser, run, setup_logging
+from .common import new_parser, plan_workdir, run, setup_logging
 
 PROG = "tosi-mount"
 

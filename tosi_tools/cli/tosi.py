@@ -1,9 +1,255 @@
-"""tosi (not yet implemented)."""
+"""tosi: the original tool's command line, running every stage in one process.
 
-from .common import not_yet_implemented, run
+Flags follow Go's flag package, as the original's did: `-flag value`,
+`-flag=value`, `--flag value` and `--flag=value` for flags with a value; a
+boolean flag is `-flag` or `-flag=true|false` (never `-flag false`). Parsing
+stops at the first non-flag argument or at `--`.
+"""
+
+import logging
+import sys
+import textwrap
+from dataclasses import dataclass
+
+from .. import __version__
+from ..cache import DEFAULT_WORKDIR
+from ..errors import UsageError
+from .common import EXIT_OK, run, setup_logging
 
 PROG = "tosi"
 
+SUMMARY = """\
+usage: tosi -image IMAGE [-extractto DIR | -mount DIR] [flags]
+
+Pull a container image from an OCI/Docker registry into the workdir cache and
+unpack its layers into the overlay cache; with -extractto, combine them into
+one directory instead; with -mount, also mount them there as overlayfs.
+Flags may be written -flag, --flag, -flag=value or --flag=value.
+See tosi(1)."""
+
+EXAMPLES = """\
+examples:
+  tosi -image nginx -extractto /tmp/nginx-rootfs
+  tosi -image quay.io/quay/redis -mount /run/rootfs
+  tosi -image bitnami/tomcat:8.5.31 -saveconfig /tmp/tomcat.config
+  tosi -image quay.io/bitriseio/android-ndk -parallel-downloads 8
+  tosi -workdir /mnt/image-cache -image alpine"""
+
+BOOL, STRING, INT = "bool", "string", "int"
+
+
+@dataclass(frozen=True)
+class Flag:
+    name: str
+    kind: str
+    help: str
+    default: object = None
+    metavar: str = ""
+
+
+FLAGS = [
+    Flag("alsologtostderr", BOOL, "log to standard error as well as files (logs always go to "
+         "stderr here; this also shows informational messages)", False),
+    Flag("extractto", STRING, "Extract and combine all layers of an image directly into this "
+         "directory. Mutually exclusive with -mount <dir>.", metavar="DIR"),
+    Flag("image", STRING, "Image repository to pull, e.g. alpine, alpine:3.20, "
+         "quay.io/quay/redis or 127.0.0.1:5000/repo@sha256:<hex>.", metavar="IMAGE"),
+    Flag("insecure", BOOL, "Allow plain HTTP and unverified TLS for a registry that is not on "
+         "loopback.", False),
+    Flag("log_backtrace_at", STRING, "when logging hits line file:N, emit a stack trace "
+         "(accepted for compatibility; ignored)", metavar="FILE:N"),
+    Flag("log_dir", STRING, "If non-empty, write log files in this directory (accepted for "
+         "compatibility; logs go to stderr only)", metavar="DIR"),
+    Flag("logtostderr", BOOL, "log to standard error instead of files (logs always go to "
+         "stderr here; this also shows informational messages)", False),
+    Flag("mount", STRING, "Create an overlayfs mount in this directory, with the image's layers "
+         "as lowerdirs and <dir>.upper and <dir>.work beside it. The directory will be created "
+         "if it does not exist. Mutually exclusive with -extractto <dir>.", metavar="DIR"),
+    Flag("overlaydir", STRING, "Working directory for extracting layers. By default, it will be "
+         "<workdir>/overlays.", metavar="DIR"),
+    Flag("parallel-downloads", INT, "Number of layers to download in parallel; 0 means one per "
+         "layer.", 4, metavar="N"),
+    Flag("password", STRING, "Password for registry login.", metavar="PASSWORD"),
+    Flag("password-stdin", BOOL, "Read the password for registry login from the first line of "
+         "stdin.", False),
+    Flag("platform", STRING, "Platform to pick from a multi-platform image, as OS/ARCH[/VARIANT] "
+         "(default: this machine's).", metavar="OS/ARCH[/VARIANT]"),
+    Flag("progress", BOOL, "Show download progress bars on stderr (default: only when stderr "
+         "is a terminal; -progress=false never).", None),
+    Flag("read-only", BOOL, "With -mount: mount the layers only, without an upper dir, so "
+         "writes fail.", False),
+    Flag("saveconfig", STRING, "Save config from image to this file as JSON.", metavar="FILE"),
+    Flag("stderrthreshold", STRING, "logs at or above this threshold go to stderr "
+         "(INFO, WARNING, ERROR or FATAL, or 0-3)", "ERROR", metavar="LEVEL"),
+    Flag("url", STRING, "DEPRECATED. Use -image instead with the registry server as the first "
+         "part of the image. Registry base URL (http(s)://HOST[:PORT] or HOST[:PORT]); -image is "
+         "then the repository on it as given.", metavar="URL"),
+    Flag("username", STRING, "Username for registry login.", metavar="USERNAME"),
+    Flag("v", INT, "log level for V logs: 1 shows informational messages, 2 and more debug "
+         "detail", 0, metavar="LEVEL"),
+    Flag("validate-cache", BOOL, "validate already downloaded layers in cache via verifying "
+         "their checksum", False),
+    Flag("version", BOOL, "Print version and exit.", False),
+    Flag("vmodule", STRING, "comma-separated list of pattern=N settings for file-filtered "
+         "logging (accepted for compatibility; ignored)", metavar="LIST"),
+    Flag("workdir", STRING, "Working directory, used for caching.", DEFAULT_WORKDIR,
+         metavar="DIR"),
+]
+FLAG_BY_NAME = {flag.name: flag for flag in FLAGS}
+HELP_NAMES = ("h", "help")
+_TRUE = {"1", "t", "T", "true", "TRUE", "True"}
+_FALSE = {"0", "f", "F", "false", "FALSE", "False"}
+_THRESHOLDS = {"INFO": logging.INFO, "WARNING": logging.WARNING, "ERROR": logging.ERROR,
+               "FATAL": logging.CRITICAL}
+
+
+class HelpRequested(Exception):
+    pass
+
+
+def _default_note(flag):
+    if flag.default in (None, False, 0, ""):
+        return ""
+    return f' (default "{flag.default}")' if flag.kind == STRING else f" (default {flag.default})"
+
+
+def help_text():
+    lines = [SUMMARY, "", "flags:"]
+    for flag in FLAGS:
+        lines.append(f"  -{flag.name}" + (f" {flag.metavar}" if flag.metavar else ""))
+        lines.append(textwrap.fill(flag.help + _default_note(flag), 79, initial_indent=" " * 8,
+                                   subsequent_indent=" " * 8))
+    lines += ["  -h, -help", "        Print this help and exit.", "", EXAMPLES]
+    return "\n".join(lines) + "\n"
+
+
+def parse_flags(argv):
+    """Go flag semantics over FLAGS; returns {name: value} with defaults filled in."""
+    values = {flag.name: flag.default for flag in FLAGS}
+    given = set()
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg == "--":
+            break
+        if len(arg) < 2 or not arg.startswith("-"):
+            args.insert(0, arg)
+            break
+        text = arg[2:] if arg.startswith("--") else arg[1:]
+        if not text or text.startswith(("-", "=")):
+            raise UsageError(f"bad flag syntax: {arg}")
+        name, has_value, value = text.partition("=")
+        if name in HELP_NAMES:
+            raise HelpRequested()
+        flag = FLAG_BY_NAME.get(name)
+        if flag is None:
+            raise UsageError(f"flag provided but not defined: -{name}")
+        if flag.kind == BOOL:
+            if not has_value:
+                value = "true"
+            if value not in _TRUE | _FALSE:
+                raise UsageError(f"invalid boolean value {value!r} for -{name}")
+            values[name] = value in _TRUE
+        else:
+            if not has_value:
+                if not args:
+                    raise UsageError(f"flag needs an argument: -{name}")
+                value = args.pop(0)
+            if flag.kind == INT:
+                try:
+                    values[name] = int(value, 0)
+                except ValueError:
+                    raise UsageError(f"invalid value {value!r} for -{name}: not an integer") from None
+            else:
+                values[name] = value
+        given.add(name)
+    if args:
+        raise UsageError(f"unexpected argument {args[0]!r}: tosi takes flags only (-image IMAGE)")
+    values["_given"] = given
+    return values
+
+
+def log_level(values):
+    """The stderr log level the glog-style flags ask for."""
+    threshold = str(values["stderrthreshold"]).upper()
+    if threshold.isdigit() and int(threshold) < len(_THRESHOLDS):
+        threshold = list(_THRESHOLDS)[int(threshold)]
+    if threshold not in _THRESHOLDS:
+        raise UsageError(f"invalid value {values['stderrthreshold']!r} for -stderrthreshold: "
+                         "expected INFO, WARNING, ERROR, FATAL or 0-3")
+    level = logging.WARNING
+    if values["v"] >= 2:
+        level = logging.DEBUG
+    elif values["v"] == 1 or values["logtostderr"] or values["alsologtostderr"] \
+            or _THRESHOLDS[threshold] == logging.INFO:
+        level = logging.INFO
+    return level
+
+
+def check_flags(values):
+    """The flag combinations the original refused, and the new flags' own rules."""
+    if not values["image"]:
+        raise UsageError("-image is required")
+    if values["password"] is not None and values["password-stdin"]:
+        raise UsageError("-password and -password-stdin are mutually exclusive")
+    if values["parallel-downloads"] < 0:
+        raise UsageError("-parallel-downloads must be 0 (one per layer) or more")
+    for name in ("extractto", "mount", "saveconfig", "workdir", "overlaydir"):
+        if values[name] == "":
+            raise UsageError(f"-{name} needs a non-empty value")
+
+
+def body(argv):
+    if argv is None:
+        argv = sys.argv[1:]
+    try:
+        values = parse_flags(argv)
+    except HelpRequested:
+        sys.stdout.write(help_text())
+        return EXIT_OK
+    if values["version"]:
+        print(f"{PROG} version {__version__}")
+        return EXIT_OK
+    level = log_level(values)
+    check_flags(values)
+    setup_logging(PROG, 0)
+    logging.getLogger("tosi").setLevel(level)
+    if values["log_dir"]:
+        logging.getLogger("tosi").info("-log_dir is accepted but logs go to stderr only")
+
+    from .. import pipeline
+
+    password = values["password"]
+    if values["password-stdin"]:
+        password = sys.stdin.readline().rstrip("\r\n")
+        if not password:
+            raise UsageError("-password-stdin: no password on stdin")
+    options = pipeline.PullOptions(
+        image=values["image"],
+        url=values["url"],
+        workdir=values["workdir"],
+        overlaydir=values["overlaydir"],
+        extract_to=values["extractto"],
+        mount=values["mount"],
+        read_only=values["read-only"],
+        save_config=values["saveconfig"],
+        parallel=values["parallel-downloads"],
+        username=values["username"],
+        password=password,
+        validate_cache=values["validate-cache"],
+        platform=values["platform"],
+        insecure=values["insecure"],
+    )
+    show = values["progress"] if values["progress"] is not None else sys.stderr.isatty()
+    pipeline.pull(options, progress_for=_progress_bars if show else None)
+    return EXIT_OK
+
+
+def _progress_bars(image, layers):
+    from .fetch import ProgressBars, _total_bytes
+
+    return ProgressBars(_total_bytes(image, layers), sys.stderr)
+
 
 def main(argv=None):
-    return run(PROG, not_yet_implemented(PROG), argv)
+    return run(PROG, body, argv)

@@ -1,0 +1,131 @@
+"""The whole pull in one process: resolve, fetch, unpack and mount, chained through
+the plan records exactly as `tosi-resolve | tosi-fetch | tosi-unpack | tosi-mount`
+chains them, so the umbrella command and the pipeline make the same trees.
+
+Layers stream from stage to stage: a layer starts unpacking as soon as its blob
+is verified, while later blobs are still downloading. No separate verify pass
+runs: the fetch stage verifies every blob as it arrives (and re-hashes cached
+ones with `validate_cache`), which is what tosi-verify would check again.
+"""
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+from . import fetch, mount, resolve, unpack
+from .auth import TokenCache, credentials_from_flags
+from .cache import DEFAULT_WORKDIR, Workdir, atomic_write
+from .errors import UsageError
+from .platform import parse_platform
+from .reference import parse_reference, reference_with_base_url
+from .registry import detect_endpoint, endpoint_for
+
+log = logging.getLogger("tosi.pipeline")
+
+
+@dataclass
+class PullOptions:
+    image: str
+    workdir: str = DEFAULT_WORKDIR
+    overlaydir: Optional[str] = None
+    extract_to: Optional[str] = None
+    mount: Optional[str] = None
+    read_only: bool = False
+    save_config: Optional[str] = None
+    parallel: int = fetch.DEFAULT_PARALLEL
+    username: Optional[str] = None
+    password: Optional[str] = None
+    validate_cache: bool = False
+    platform: Optional[str] = None
+    insecure: bool = False
+    url: Optional[str] = None  # the original's deprecated -url: registry base URL
+
+
+def preflight(options):
+    """Refuse, before any network access, what would fail only after the download."""
+    if options.extract_to and options.mount:
+        raise UsageError("-extractto and -mount are mutually exclusive")
+    if options.extract_to:
+        try:
+            unpack.check_into_target(options.extract_to)
+        except UsageError as exc:
+            reason = str(exc).split(": ", 1)[-1]
+            raise UsageError(f"-extractto {options.extract_to}: {reason}") from None
+    if options.mount:
+        mount.check_mountable(options.mount, read_only=options.read_only)
+    elif options.read_only:
+        raise UsageError("-read-only goes with -mount")
+    platform = parse_platform(options.platform) if options.platform else None
+    return platform
+
+
+def reference_and_endpoint(options):
+    """The Reference to pull and the endpoint to use (None: the registry's usual one)."""
+    if not options.url:
+        return parse_reference(options.image), None
+    url = options.url
+    if "://" not in url:
+        # A bare host:port is spoken to as Docker would: plain HTTP on loopback only.
+        url = detect_endpoint(url.rstrip("/"), options.insecure)
+    return reference_with_base_url(options.image, url)
+
+
+def _client_factory(credentials, tokens, pool_size):
+    from .registry import RegistryClient
+
+    def client_for_image(image):
+        insecure = bool(image.get("insecure"))
+        endpoint = image.get("endpoint") or endpoint_for(image["registry"], insecure)
+        return RegistryClient(endpoint, credentials=credentials, ca_file=image.get("caFile"),
+                              insecure=insecure, pool_size=pool_size, token_cache=tokens)
+
+    return client_for_image
+
+
+def save_config(image, path):
+    """Write the image config's "config" object (as cached by resolve) to `path`, atomically."""
+    with open(image["config"]["savedConfig"], "rb") as f:
+        data = f.read()
+    atomic_write(os.path.abspath(path), data)
+
+
+def pull(options, progress_for=None):
+    """Pull and lay out one image; returns the final plan: (image record, layer records).
+
+    `progress_for(image, layers)` may return a download progress callback (see
+    fetch.Fetcher) with a close() method, called once the downloads are over.
+    """
+    platform = preflight(options)
+    ref, endpoint = reference_and_endpoint(options)
+    credentials = credentials_from_flags(options.username, options.password,
+                                         registry=ref.registry)
+    tokens = TokenCache()
+    image, layers = resolve.resolve_image(
+        ref, options.workdir, platform=platform, credentials=credentials,
+        insecure=options.insecure, endpoint=endpoint, token_cache=tokens)
+    log.info("%s: %d layers", image["reference"], len(layers))
+
+    workdir = Workdir(options.workdir, options.overlaydir)
+    progress = progress_for(image, layers) if progress_for else None
+    pool_size = options.parallel or max(len(layers) + 1, 1)
+    fetcher = fetch.Fetcher(workdir, _client_factory(credentials, tokens, pool_size),
+                            parallel=options.parallel, validate_cache=options.validate_cache,
+                            progress=progress)
+    fetched = fetch.fetch_plan(fetcher, image, layers)
+    try:
+        image = next(fetched)
+        unpacked = unpack.unpack_plan(image, fetched, workdir=workdir.root,
+                                      overlaydir=options.overlaydir, into=options.extract_to)
+        layers = list(unpacked)
+    finally:
+        fetched.close()
+        if progress is not None:
+            progress.close()
+    if options.mount:
+        image["mount"] = mount.mount_image(image, layers, options.mount,
+                                           overlaydir=options.overlaydir, workdir=workdir.root,
+                                           read_only=options.read_only)
+    if options.save_config:
+        save_config(image, options.save_config)
+    return image, layers
