@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+from tests.support.faultproxy import FaultProxy, Rule
 from tests.support.images import file_entry, make_layer
 from tosi_tools.auth import Credentials
 from tosi_tools.errors import Unauthorized
@@ -172,3 +173,18 @@ def test_password_and_password_stdin_together_are_usage_error(tool, workdir):
     proc = tool("tosi-resolve", "--workdir", workdir, "--username", "u", "--password", "x",
                 "--password-stdin", "127.0.0.1:1/img", check=2)
     assert "not allowed with argument" in proc.stderr
+
+
+def test_credentials_are_not_sent_to_the_host_a_blob_redirects_to(htpasswd_registry, htpasswd_pusher,
+                                                                  repo_name, workdir):
+    image = htpasswd_pusher.push_image(repo_name, "v1", _layers())
+    user, password = _user(htpasswd_registry)
+    # Blob storage that refuses any Authorization header, as S3 does for presigned URLs.
+    with FaultProxy(htpasswd_registry.url, reject_authorization=True, upstream_auth=(user, password)) as storage, \
+            FaultProxy(htpasswd_registry.url) as front:
+        front.add(Rule("redirect", path="/blobs/", to=storage.url))
+        record, _ = resolve_image(f"{front.url.split('://')[1]}/{repo_name}:v1", workdir,
+                                  credentials=Credentials(user, password))
+        assert [r.headers.get("Authorization") for r in storage.seen("GET")] == [None]
+    with open(record["config"]["path"], "rb") as f:
+        assert f.read() == image.config

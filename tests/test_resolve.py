@@ -15,7 +15,7 @@ from tests.support.images import (
 )
 from tests.support.registry import free_port
 from tosi_tools.cache import Workdir
-from tosi_tools.errors import DigestMismatch
+from tosi_tools.errors import DigestMismatch, Unreachable
 from tosi_tools.plan import PlanReader
 from tosi_tools.platform import host_platform, parse_platform
 from tosi_tools.registry import RegistryClient
@@ -404,3 +404,57 @@ def test_version_does_not_import_requests():
             "print('requests' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().endswith("False")
+
+
+def test_warm_tag_resolution_falls_back_to_get_when_head_names_no_digest(registry, pusher, repo_name,
+                                                                        workdir):
+    image = pusher.push_image(repo_name, "v1", _layers(1))
+    with FaultProxy(registry.url) as proxy:
+        ref = f"{proxy.url.split('://')[1]}/{repo_name}:v1"
+        resolve_image(ref, workdir)
+        proxy.add(Rule("status", method="HEAD", path="/manifests/", status=200, body=b""))
+        before = len(proxy.seen())
+        record, _ = resolve_image(ref, workdir)
+        methods = [r.method for r in proxy.seen()[before:]]
+    assert record["digest"] == image.digest
+    assert methods == ["HEAD", "GET"]
+
+
+def test_stalled_manifest_response_times_out_as_unreachable(registry, pusher, repo_name, workdir):
+    pusher.push_image(repo_name, "v1", _layers(1))
+    with FaultProxy(registry.url) as proxy:
+        proxy.add(Rule("stall", path="/manifests/", after=10, seconds=10))
+        resolver = Resolver(workdir, client_factory=lambda endpoint: RegistryClient(endpoint, read_timeout=0.5))
+        with pytest.raises(Unreachable, match="connection lost reading manifest"):
+            resolver.resolve(f"{proxy.url.split('://')[1]}/{repo_name}:v1")
+        resolver.client.close()
+
+
+def test_config_behind_a_redirect_is_fetched(registry, pusher, repo_name, workdir):
+    image = pusher.push_image(repo_name, "v1", _layers(1))
+    with FaultProxy(registry.url) as storage, FaultProxy(registry.url) as front:
+        front.add(Rule("redirect", path="/blobs/", to=storage.url))
+        record, _ = resolve_image(f"{front.url.split('://')[1]}/{repo_name}:v1", workdir)
+        assert storage.count("GET", f"/blobs/{sha256(image.config)}") == 1
+    with open(record["config"]["path"], "rb") as f:
+        assert f.read() == image.config
+
+
+def test_index_entry_larger_than_4_mib_is_refused_unfetched(tool, registry, workdir):
+    host = str(host_platform().normalized()).split("/")
+    index = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+                        "manifests": [{"mediaType": OCI_MANIFEST, "digest": sha256(b"big"), "size": 5 << 20,
+                                       "platform": {"os": host[0], "architecture": host[1]}}]}).encode()
+    with FaultProxy(registry.url) as proxy:
+        proxy.add(Rule("status", path="/manifests/v1", status=200, body=index))
+        proc = _resolve(tool, workdir, f"{proxy.url.split('://')[1]}/img:v1", check=1)
+        assert proxy.count("GET", f"/manifests/{sha256(b'big')}") == 0
+    assert "the index says 5242880 bytes, more than 4 MiB; refused" in proc.stderr
+
+
+def test_plan_records_are_one_json_object_per_line(tool, registry, pusher, repo_name, workdir):
+    pusher.push_image(repo_name, "v1", _layers(3))
+    proc = _resolve(tool, workdir, f"{registry.host}/{repo_name}:v1")
+    lines = proc.stdout.splitlines()
+    assert [json.loads(line)["type"] for line in lines] == ["image", "layer", "layer", "layer"]
+    assert proc.stdout.endswith("\n")

@@ -55,6 +55,9 @@ class Resolver:
                               insecure=self.insecure, token_cache=self.token_cache)
 
     def _registry(self):
+        if self.client is not None and self.client.endpoint != self._endpoint:
+            self.client.close()  # a Resolver used for another registry
+            self.client = None
         if self.client is None:
             self.client = self._client_factory(self._endpoint)
         return self.client
@@ -164,6 +167,9 @@ class Resolver:
 
     def _child_manifest(self, ref, entry):
         digest = Digest(entry["digest"])
+        if entry["size"] > MAX_MANIFEST_SIZE:
+            raise ManifestError(f"manifest {ref.name}@{digest}: the index says {entry['size']} bytes, "
+                                f"more than {MAX_MANIFEST_SIZE >> 20} MiB; refused")
         data = self._cached_manifest(ref, digest)
         content_type = entry["mediaType"]
         if data is None:
