@@ -61,11 +61,13 @@ class Target:
 class Competitor:
     needs = ()          # executables that must be installed
     rows = {}           # row key -> what the row measures
+    profiled = False    # run once more under a profiler with --profile
 
     def setup(self, target):
         pass
 
-    def measure(self, target):
+    def measure(self, target, wrap=list):
+        """Measure once; `wrap(argv)` gives the argv to run (a profiler puts itself in front)."""
         raise NotImplementedError
 
 
@@ -75,17 +77,9 @@ def _umount(path):
 
 # ---------------------------------------------------------------- tosi
 
-class TosiExtractCold(Competitor):
-    rows = {"tosi-extractto-cold": "tosi -extractto, cold workdir"}
-
-    def measure(self, target):
-        run = target.scratch.fresh("tosi-cold")
-        try:
-            return {"tosi-extractto-cold": timed(
-                tosi("tosi", "-image", target.ref, "-extractto", f"{run}/rootfs", "-workdir", f"{run}/workdir"),
-                label="tosi")}
-        finally:
-            remove_tree(run)
+def tosi_pull(target, mode, destination, workdir):
+    """`tosi -image REF -extractto|-mount DESTINATION -workdir WORKDIR`."""
+    return tosi("tosi", "-image", target.ref, f"-{mode}", destination, "-workdir", workdir)
 
 
 def warm_workdir(target):
@@ -93,61 +87,40 @@ def warm_workdir(target):
     if "tosi-warm" not in target.state:
         run = target.scratch.fresh("tosi-warm")
         workdir = f"{run}/workdir"
-        timed(tosi("tosi", "-image", target.ref, "-extractto", f"{run}/rootfs", "-workdir", workdir),
-              label="tosi (warming up)")
+        timed(tosi_pull(target, "extractto", f"{run}/rootfs", workdir), label="tosi -extractto (warming up)")
         remove_tree(f"{run}/rootfs")
-        mountpoint = f"{run}/mnt"
-        timed(tosi("tosi", "-image", target.ref, "-mount", mountpoint, "-workdir", workdir),
-              label="tosi -mount (warming up)")
-        _umount(mountpoint)
+        try:
+            timed(tosi_pull(target, "mount", f"{run}/mnt", workdir), label="tosi -mount (warming up)")
+        finally:
+            _umount(f"{run}/mnt")
         target.state["tosi-warm"] = workdir
     return target.state["tosi-warm"]
 
 
-class TosiExtractWarm(Competitor):
-    rows = {"tosi-extractto-warm": "tosi -extractto, warm workdir"}
+class Tosi(Competitor):
+    """tosi -extractto or -mount into a fresh directory, from a cold (empty) or the warm workdir."""
+
+    def __init__(self, mode, warm):
+        self.mode = mode
+        self.warm = warm
+        temperature = "warm" if warm else "cold"
+        self.row = f"tosi-{mode}-{temperature}"
+        self.rows = {self.row: f"tosi -{mode}, {temperature} workdir"}
+        self.profiled = mode == "extractto" and not warm
 
     def setup(self, target):
-        warm_workdir(target)
+        if self.warm:
+            warm_workdir(target)
 
-    def measure(self, target):
-        run = target.scratch.fresh("tosi-warm-x")
+    def measure(self, target, wrap=list):
+        run = target.scratch.fresh(self.row)
+        workdir = warm_workdir(target) if self.warm else f"{run}/workdir"
+        destination = f"{run}/{'mnt' if self.mode == 'mount' else 'rootfs'}"
         try:
-            return {"tosi-extractto-warm": timed(
-                tosi("tosi", "-image", target.ref, "-extractto", f"{run}/rootfs", "-workdir",
-                     warm_workdir(target)), label="tosi")}
+            return {self.row: timed(wrap(tosi_pull(target, self.mode, destination, workdir)), label="tosi")}
         finally:
-            remove_tree(run)
-
-
-class TosiMountWarm(Competitor):
-    rows = {"tosi-mount-warm": "tosi -mount, warm workdir"}
-
-    def setup(self, target):
-        warm_workdir(target)
-
-    def measure(self, target):
-        run = target.scratch.fresh("tosi-mount")
-        try:
-            return {"tosi-mount-warm": timed(
-                tosi("tosi", "-image", target.ref, "-mount", f"{run}/mnt", "-workdir", warm_workdir(target)),
-                label="tosi")}
-        finally:
-            _umount(f"{run}/mnt")
-            remove_tree(run)
-
-
-class TosiMountCold(Competitor):
-    rows = {"tosi-mount-cold": "tosi -mount, cold workdir"}
-
-    def measure(self, target):
-        run = target.scratch.fresh("tosi-mount-cold")
-        try:
-            return {"tosi-mount-cold": timed(
-                tosi("tosi", "-image", target.ref, "-mount", f"{run}/mnt", "-workdir", f"{run}/workdir"),
-                label="tosi")}
-        finally:
-            _umount(f"{run}/mnt")
+            if self.mode == "mount":
+                _umount(destination)
             remove_tree(run)
 
 
@@ -155,6 +128,7 @@ class TosiUnpackInto(Competitor):
     """tosi-unpack --into alone, on a plan that tosi-resolve | tosi-fetch made beforehand."""
 
     rows = {"tosi-unpack-into": "tosi-unpack --into"}
+    profiled = True
 
     def setup(self, target):
         if "tosi-plan" in target.state:
@@ -169,12 +143,12 @@ class TosiUnpackInto(Competitor):
             raise CommandFailed(f"tosi-resolve | tosi-fetch failed: {lines[-1] if lines else proc.returncode}")
         target.state["tosi-plan"] = (workdir, plan)
 
-    def measure(self, target):
+    def measure(self, target, wrap=list):
         workdir, plan = target.state["tosi-plan"]
         run = target.scratch.fresh("tosi-into")
         try:
             return {"tosi-unpack-into": timed(
-                tosi("tosi-unpack", "--workdir", workdir, "--into", f"{run}/rootfs"),
+                wrap(tosi("tosi-unpack", "--workdir", workdir, "--into", f"{run}/rootfs")),
                 stdin_path=plan, stdout_path=f"{run}/plan-out.jsonl", label="tosi-unpack")}
         finally:
             remove_tree(run)
@@ -191,7 +165,7 @@ class TarXzf(Competitor):
     def setup(self, target):
         target.blob_copies()
 
-    def measure(self, target):
+    def measure(self, target, wrap=list):
         run = target.scratch.fresh("tar")
         try:
             return {"tar-xzf": sequence(
@@ -207,7 +181,7 @@ class Curl(Competitor):
     needs = ("curl",)
     rows = {"curl": "curl of the layer blobs, sequential"}
 
-    def measure(self, target):
+    def measure(self, target, wrap=list):
         run = target.scratch.fresh("curl")
         argv = ["curl", "-sS", "--fail", "-L"]
         for i, blob in enumerate(target.image.layers):
@@ -228,7 +202,7 @@ class SkopeoUmoci(Competitor):
     rows = {"skopeo-umoci": "skopeo copy + umoci unpack",
             "skopeo-copy": "skopeo copy (part)", "umoci-unpack": "umoci unpack (part)"}
 
-    def measure(self, target):
+    def measure(self, target, wrap=list):
         run = target.scratch.fresh("skopeo-umoci")
         try:
             total = sequence([
@@ -258,7 +232,7 @@ class UmociUnpack(Competitor):
             timed(skopeo_copy(target, layout), label="skopeo copy")
             target.state["oci-layout"] = layout
 
-    def measure(self, target):
+    def measure(self, target, wrap=list):
         run = target.scratch.fresh("umoci")
         try:
             return {"umoci-unpack": timed(
@@ -275,7 +249,7 @@ class PodmanPull(Competitor):
     rows = {"podman-pull": "podman pull, empty storage",
             "podman-pull-again": "podman pull, image already there"}
 
-    def measure(self, target):
+    def measure(self, target, wrap=list):
         run = target.scratch.fresh("podman")
         argv = ["podman", "--root", f"{run}/storage", "--runroot", f"{run}/run",
                 "--storage-driver", "overlay", "--events-backend", "none",

@@ -11,6 +11,7 @@ retried. The results are plain dicts, ready for report.py and JSON.
 import argparse
 import os
 import platform
+import shutil
 import signal
 import sys
 import time
@@ -19,11 +20,11 @@ from dataclasses import dataclass
 from tests.support.images import Pusher
 from tests.support.registry import Registry
 
-from . import imagegen, tools
+from . import imagegen, profile, report, tools
 from .competitors import Target
 from .measure import CommandFailed, summary
 from .report import log
-from .scratch import DISK, TMPFS, scratch_space
+from .scratch import DISK, TMPFS, remove_tree, scratch_space
 
 
 @dataclass
@@ -45,6 +46,9 @@ def common_flags(description):
     parser.add_argument("--tmpfs-size", default=None, help="size of the tmpfs (default 10g; 1g with --quick)")
     parser.add_argument("--images", default=None, help="comma-separated image keys to run (default all)")
     parser.add_argument("--no-install", action="store_true", help="do not apt-get install missing tools")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="afterwards, run each tosi command once more under py-spy on the first "
+                        "filesystem; raw samples go to DIR, a summary to the table and JSON")
     return parser
 
 
@@ -80,6 +84,7 @@ def run_benchmark(name, specs, competitors, args, needed_tools):
         "tools": {n: {"installed": p is not None, "version": p and tools.version(p)} for n, p in found.items()},
         "images": {},
         "rows": [],
+        "profiles": [],
     }
     tmpfs_size = args.tmpfs_size or ("1g" if args.quick else "10g")
     with scratch_space(kinds, tmpfs_size) as (base, spaces):
@@ -95,6 +100,9 @@ def run_benchmark(name, specs, competitors, args, needed_tools):
                 targets = [Target(spec.key, image, registry, f"bench/{spec.name}", "latest", spaces[k])
                            for k in kinds]
                 results["rows"] += _measure_image(targets, competitors, runs, found)
+                if args.profile:
+                    results["profiles"] += _profile_image(targets[0], competitors, results["rows"],
+                                                          args.profile, name)
                 for space in spaces.values():
                     _empty(space.root)
         finally:
@@ -108,12 +116,10 @@ def _build(spec, base):
         return imagegen.cached(spec.cache_key, spec.make)
     directory = os.path.join(base, "images", spec.name)
     os.makedirs(directory)
-    image = spec.make(directory)
-    return image
+    return spec.make(directory)
 
 
 def _empty(root):
-    from .scratch import remove_tree
     for name in os.listdir(root):
         remove_tree(os.path.join(root, name))
 
@@ -122,7 +128,7 @@ def _measure_image(targets, competitors, runs, found):
     samples = {}    # (fs, row) -> [Sample]
     status = {}     # (fs, competitor index) -> None | ("failed"|"not-installed", why)
     for index, competitor in enumerate(competitors):
-        missing = [n for n in competitor.needs if not found.get(n) and not _which(n)]
+        missing = [n for n in competitor.needs if not found.get(n) and not shutil.which(n)]
         for target in targets:
             status[(target.scratch.kind, index)] = ("not-installed", ", ".join(missing)) if missing else None
     for round_ in range(runs):
@@ -159,14 +165,31 @@ def _measure_image(targets, competitors, runs, found):
     return rows
 
 
-def _which(name):
-    import shutil
-    return shutil.which(name)
+def _profile_image(target, competitors, rows, directory, name):
+    if not profile.py_spy():
+        log("no py-spy (pip install py-spy): nothing profiled")
+        return []
+    os.makedirs(directory, exist_ok=True)
+    measured = {(r["fs"], r["command"]) for r in rows if r["image"] == target.image_key and r["status"] == "ok"}
+    out = []
+    for competitor in competitors:
+        for row in competitor.rows:
+            if not competitor.profiled or (target.scratch.kind, row) not in measured:
+                continue
+            raw = os.path.join(directory, f"{name}-{target.image_key}-{target.scratch.kind}-{row}.txt")
+            try:
+                sample = competitor.measure(target, wrap=profile.wrapper(raw))[row]
+            except CommandFailed as exc:
+                log(f"profiling {row} on ({target.image_key}) failed: {exc}")
+                continue
+            log(f"profiled {row} on ({target.image_key}) {target.scratch.kind}: {sample.seconds:.2f}s, {raw}")
+            out.append({"image": target.image_key, "fs": target.scratch.kind, "command": row,
+                        "seconds": round(sample.seconds, 3), "raw": raw, **profile.summarize(raw)})
+    return out
 
 
 def main(name, specs, competitors, ratio_specs, rss_limits, args, needed_tools):
     """Run, print the table, write the JSON; exit status 0 unless the run itself broke."""
-    from . import report
     try:
         results = run_benchmark(name, specs, competitors, args, needed_tools)
     except KeyboardInterrupt:

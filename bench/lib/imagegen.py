@@ -17,7 +17,6 @@ import io
 import json
 import os
 import random
-import shutil
 import stat
 import subprocess
 import tarfile
@@ -439,14 +438,3 @@ def debian_rootfs(directory, cache_dir=None):
         entries=len(base_members) + len(layer1_members) + deletions.entries,
         unpacked_bytes=_count(base, base_members) + _count(full, layer1_members),
         extra={"packages": DEBIAN_PACKAGES})
-
-
-def shared_copy(image, directory):
-    """Copy the blobs of `image` into `directory` (tar's input, on the filesystem under test)."""
-    os.makedirs(directory, exist_ok=True)
-    paths = []
-    for blob in image.layers:
-        dest = os.path.join(directory, os.path.basename(blob.path))
-        shutil.copyfile(blob.path, dest)
-        paths.append(dest)
-    return paths

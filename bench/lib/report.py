@@ -40,41 +40,42 @@ def _ok_rows(results):
     return {(r["image"], r["fs"], r["command"]): r for r in results["rows"] if r["status"] == "ok"}
 
 
+def _places(results, spec):
+    """(image, filesystem) pairs a goal applies to."""
+    for image in results["images"]:
+        if spec.images is None or image in spec.images:
+            for fs in results["filesystems"]:
+                yield image, fs
+
+
 def ratios(results, specs):
     rows = _ok_rows(results)
     out = []
-    for image in results["images"]:
-        for spec in specs:
-            if spec.images is not None and image not in spec.images:
-                continue
-            for fs in results["filesystems"]:
-                num = rows.get((image, fs, spec.numerator))
-                den = rows.get((image, fs, spec.denominator))
-                goal = spec.goal_for(image)
-                value = num["median"] / den["median"] if num and den and den["median"] > 0 else None
-                out.append({
-                    "image": image, "fs": fs, "label": spec.label,
-                    "numerator": spec.numerator, "denominator": spec.denominator,
-                    "ratio": None if value is None else round(value, 3),
-                    "goal": goal,
-                    "met": None if value is None or goal is None else value <= goal,
-                })
+    for spec in specs:
+        for image, fs in _places(results, spec):
+            num = rows.get((image, fs, spec.numerator))
+            den = rows.get((image, fs, spec.denominator))
+            goal = spec.goal_for(image)
+            value = num["median"] / den["median"] if num and den and den["median"] > 0 else None
+            out.append({
+                "image": image, "fs": fs, "label": spec.label,
+                "numerator": spec.numerator, "denominator": spec.denominator,
+                "ratio": None if value is None else round(value, 3), "goal": goal,
+                "met": None if value is None or goal is None else value <= goal,
+            })
     return out
 
 
 def rss_checks(results, limits):
     rows = _ok_rows(results)
     out = []
-    for image in results["images"]:
-        for limit in limits:
-            if limit.images is not None and image not in limit.images:
-                continue
-            for fs in results["filesystems"]:
-                peaks = [rows[(image, fs, c)]["maxRssKiB"] for c in limit.commands if (image, fs, c) in rows]
-                peak = max(peaks) / 1024 if peaks else None
-                out.append({"image": image, "fs": fs, "label": limit.label, "commands": limit.commands,
-                            "peakMiB": None if peak is None else round(peak, 1), "limitMiB": limit.mib,
-                            "met": None if peak is None else peak < limit.mib})
+    for limit in limits:
+        for image, fs in _places(results, limit):
+            peaks = [rows[(image, fs, c)]["maxRssKiB"] for c in limit.commands if (image, fs, c) in rows]
+            peak = max(peaks) / 1024 if peaks else None
+            out.append({"image": image, "fs": fs, "label": limit.label, "commands": limit.commands,
+                        "peakMiB": None if peak is None else round(peak, 1), "limitMiB": limit.mib,
+                        "met": None if peak is None else peak < limit.mib})
     return out
 
 
@@ -97,7 +98,7 @@ def write_json(results, path, name):
 
 
 def _mib(n):
-    return f"{n / 2**20:,.1f} MiB"
+    return f"{n / 2**20:,.1f} MiB" if n >= 2**20 else f"{n / 1024:,.1f} KiB"
 
 
 def _cell(row):
@@ -117,6 +118,23 @@ def _format(lines, widths):
         "  " + "".join(str(cell).ljust(w) if i == 0 else str(cell).rjust(w) for i, (cell, w) in
                        enumerate(zip(line, widths))).rstrip() + "\n"
         for line in lines)
+
+
+def _check_lines(checks, image, fss, field, show_goal, show_value, goal_field="goal"):
+    """One table line per check label: label, goal, then value and met? per filesystem."""
+    by_label = {}
+    for r in checks:
+        if r["image"] == image:
+            by_label.setdefault(r["label"], {})[r["fs"]] = r
+    lines = []
+    for label, per_fs in by_label.items():
+        line = [label, show_goal(next(iter(per_fs.values()))[goal_field])]
+        for fs in fss:
+            r = per_fs.get(fs)
+            value = r and r[field]
+            line += [show_value(value) if value is not None else "n/a", _yes_no(r and r["met"])]
+        lines.append(line)
+    return lines
 
 
 def table(results):
@@ -139,31 +157,17 @@ def table(results):
         failures = [r for r in results["rows"] if r["image"] == key and r["status"] == "failed"]
         for r in failures:
             out.append(f"    {r['fs']}: {r['label']}: {r.get('error')}\n")
-        checks = [r for r in results.get("ratios", []) if r["image"] == key]
-        checks_rss = [r for r in results.get("rss", []) if r["image"] == key]
-        if checks or checks_rss:
+        checks = _check_lines(results.get("ratios", []), key, fss, "ratio",
+                              lambda goal: f"<= {goal}x" if goal is not None else "(info)",
+                              lambda value: f"{value:.2f}x")
+        checks += _check_lines(results.get("rss", []), key, fss, "peakMiB",
+                               lambda limit: f"< {limit} MiB", lambda value: f"{value:.0f} MiB", "limitMiB")
+        if checks:
             head = ["ratio (tosi / other)", "goal"] + [h for fs in fss for h in (fs, "met")]
-            body = []
-            by_label = {}
-            for r in checks:
-                by_label.setdefault(r["label"], {})[r["fs"]] = r
-            for label, per_fs in by_label.items():
-                goal = next(iter(per_fs.values()))["goal"]
-                line = [label, f"<= {goal}x" if goal is not None else "(info)"]
-                for fs in fss:
-                    r = per_fs.get(fs)
-                    line += [f"{r['ratio']:.2f}x" if r and r["ratio"] is not None else "n/a",
-                             _yes_no(r and r["met"])]
-                body.append(line)
-            by_label = {}
-            for r in checks_rss:
-                by_label.setdefault(r["label"], {})[r["fs"]] = r
-            for label, per_fs in by_label.items():
-                line = [label, f"< {next(iter(per_fs.values()))['limitMiB']} MiB"]
-                for fs in fss:
-                    r = per_fs.get(fs)
-                    line += [f"{r['peakMiB']:.0f} MiB" if r and r["peakMiB"] is not None else "n/a",
-                             _yes_no(r and r["met"])]
-                body.append(line)
-            out.append("\n" + _format([head] + body, [44, 10] + [11, 5] * len(fss)))
+            out.append("\n" + _format([head] + checks, [44, 10] + [11, 5] * len(fss)))
+        for prof in results.get("profiles", []):
+            if prof["image"] == key:
+                out.append(f"\n  profile of {prof['command']} on {prof['fs']} ({prof['seconds']:.2f}s under py-spy, "
+                           f"{prof['samples']} samples of busy threads), self time:\n")
+                out += [f"    {p['percent']:5.1f}%  {p['function']}\n" for p in prof["self"][:8]]
     return "".join(out)
