@@ -36,7 +36,7 @@ BACKOFF_BASE = 0.5
 BACKOFF_CAP = 30.0
 RETRY_AFTER_CAP = 120.0
 REDIRECT_STATUSES = (301, 302, 303, 307, 308)
-# 401 is retried too: the client renews an expired token on the next attempt.
+# 401 is retried after a Bearer challenge: the client renews an expired token on the next attempt.
 RETRYABLE_STATUSES = (401, 408, 429)
 
 
@@ -277,6 +277,10 @@ class Downloader:
             resp.close()
             # The partial is no prefix the server recognizes: start over.
             raise _Retryable(RegistryError(f"range {offset}- refused (416)", status=status), restart=True)
+        if status == 401 and not _bearer_challenge(resp):
+            # Basic credentials do not expire: a refusal is final.
+            with resp:
+                self.client.check(resp, f"{download.what}: GET {_redact(url)}")
         if status >= 500 or status in RETRYABLE_STATUSES:
             resp.close()
             raise _Retryable(RegistryError(f"{status} {resp.reason or ''}".strip(), status=status), retry_after)
@@ -378,6 +382,10 @@ def _exhausted(download, error, attempts):
     if isinstance(error, RegistryError):
         return type(error)(message, status=error.status, code=error.code)
     return type(error)(message)
+
+
+def _bearer_challenge(resp):
+    return resp.headers.get("WWW-Authenticate", "").lower().startswith("bearer")
 
 
 def _retry_after(value):

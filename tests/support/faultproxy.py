@@ -38,21 +38,25 @@ class Rule:
     long> (None: until the proxy stops); status status=<code>, headers={...}, body=b"";
     corrupt at=<body offset>; delay seconds=<before forwarding>; redirect to=<base URL>
     (the request path is appended). `times`: how many matching requests it applies to
-    (None: all).
+    (None: all). `header`: only requests carrying that header match (e.g. "Authorization",
+    to let a registry's 401 challenge through first).
     """
 
-    def __init__(self, action, path="", method="GET", times=None, **params):
+    def __init__(self, action, path="", method="GET", times=None, header=None, **params):
         if action not in ACTIONS:
             raise ValueError(f"unknown fault {action!r}")
         self.action = action
         self.path = re.compile(path)
         self.method = method
         self.times = times
+        self.header = header
         self.params = params
         self.applied = 0
 
-    def matches(self, method, path):
+    def matches(self, method, path, headers):
         if self.method and method != self.method:
+            return False
+        if self.header and not any(k.lower() == self.header.lower() for k in headers):
             return False
         if self.times is not None and self.applied >= self.times:
             return False
@@ -259,7 +263,7 @@ class FaultProxy:
         """Log a request and claim the rules that apply to it."""
         with self._lock:
             self.requests.append(Request(method, path, headers))
-            matched = [r for r in self.rules if r.matches(method, path)]
+            matched = [r for r in self.rules if r.matches(method, path, headers)]
             for rule in matched:
                 rule.applied += 1
             return matched
