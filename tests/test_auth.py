@@ -7,10 +7,11 @@ import pytest
 
 from tests.support.faultproxy import FaultProxy, Rule
 from tests.support.images import file_entry, make_layer
-from tosi_tools.auth import Credentials
+from tosi_tools.auth import Credentials, TokenCache
 from tosi_tools.errors import Unauthorized
 from tosi_tools.plan import PlanReader
 from tosi_tools.platform import parse_platform
+from tosi_tools.registry import RegistryClient
 from tosi_tools.resolve import resolve_image
 
 
@@ -188,3 +189,37 @@ def test_credentials_are_not_sent_to_the_host_a_blob_redirects_to(htpasswd_regis
         assert [r.headers.get("Authorization") for r in storage.seen("GET")] == [None]
     with open(record["config"]["path"], "rb") as f:
         assert f.read() == image.config
+
+
+def test_clients_sharing_a_token_cache_authenticate_their_first_request(token_registry, token_server,
+                                                                        token_pusher, public_repo, workdir):
+    image = token_pusher.push_image(public_repo, "v1", _layers())
+    tokens = TokenCache()
+    with FaultProxy(token_registry.url) as proxy:
+        resolve_image(f"{proxy.url.split('://')[1]}/{public_repo}:v1", workdir, token_cache=tokens)
+        token_requests = len(token_server.token_requests())
+        before = len(proxy.seen())
+        client = RegistryClient(proxy.url, token_cache=tokens)
+        try:
+            resp = client.send("GET", client.blob_path(public_repo, image.layers[0].digest),
+                               repository=public_repo)
+            assert resp.status_code == 200
+        finally:
+            client.close()
+        assert ["Authorization" in r.headers for r in proxy.seen()[before:]] == [True]
+    assert len(token_server.token_requests()) == token_requests
+
+
+def test_refused_cached_token_is_replaced(token_registry, token_server, token_pusher, public_repo):
+    token_pusher.push_image(public_repo, "v1", _layers())
+    client = RegistryClient(token_registry.url)
+    try:
+        client.check(client.send("HEAD", client.manifest_path(public_repo, "v1"), repository=public_repo), "m")
+        key = next(iter(client.tokens._tokens))
+        client.tokens.put(key, "not-a-valid-token", expires_in=300)
+        before = len(token_server.token_requests())
+        resp = client.send("HEAD", client.manifest_path(public_repo, "v1"), repository=public_repo)
+        assert resp.status_code == 200
+        assert len(token_server.token_requests()) == before + 1
+    finally:
+        client.close()

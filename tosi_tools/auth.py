@@ -56,10 +56,13 @@ def parse_challenge(header):
 
 
 class TokenCache:
-    """Bearer tokens keyed by (realm, service, scope), kept for their lifetime; thread-safe."""
+    """Bearer tokens keyed by (registry, realm, service, scope), kept for their lifetime,
+    and the last challenge of each registry host, so that every client sharing the
+    cache sends the right credentials with its first request; thread-safe."""
 
     def __init__(self, clock=time.monotonic):
         self._tokens = {}
+        self._challenges = {}
         self._lock = threading.Lock()
         self._clock = clock
 
@@ -79,6 +82,15 @@ class TokenCache:
     def drop(self, key):
         with self._lock:
             self._tokens.pop(key, None)
+
+    def challenge(self, host):
+        """(scheme, params) of the last 401 challenge from `host`, or None."""
+        with self._lock:
+            return self._challenges.get(host)
+
+    def set_challenge(self, host, challenge):
+        with self._lock:
+            self._challenges[host] = challenge
 
 
 def docker_config_credentials(registry, path=None):

@@ -110,8 +110,6 @@ class RegistryClient:
         self.session.verify = True if self.verify is None else self.verify
         self._host = urlsplit(self.endpoint).netloc
         self._lock = threading.Lock()
-        # What the last 401 challenge asked for, so later requests authenticate up front.
-        self._challenge = None
 
     # ------------------------------------------------------------ plumbing
 
@@ -123,6 +121,15 @@ class RegistryClient:
 
     def _scope(self, repository, actions="pull"):
         return f"repository:{repository}:{actions}" if repository else None
+
+    @property
+    def _challenge(self):
+        # Kept with the tokens, so clients sharing a TokenCache authenticate up front.
+        return self.tokens.challenge(self._host)
+
+    @_challenge.setter
+    def _challenge(self, challenge):
+        self.tokens.set_challenge(self._host, challenge)
 
     def _token_key(self, params, repository):
         return (self._host, params.get("realm"), params.get("service"), self._scope(repository))
@@ -196,10 +203,16 @@ class RegistryClient:
             scheme, params = parse_challenge(resp.headers.get("WWW-Authenticate", ""))
             resp.close()
             if scheme == "bearer":
+                sent = hdrs.get("Authorization", "")
                 with self._lock:
                     self._challenge = (scheme, params)
-                    self.tokens.drop(self._token_key(params, repository))
-                    self._fetch_token(params, repository)
+                    key = self._token_key(params, repository)
+                    cached = self.tokens.get(key)
+                    # A token another request (or client) fetched meanwhile is tried
+                    # first; only a token the registry just refused is fetched anew.
+                    if cached is None or sent == f"Bearer {cached}":
+                        self.tokens.drop(key)
+                        self._fetch_token(params, repository)
             elif scheme == "basic":
                 if not self.credentials:
                     raise Unauthorized(f"{self._host}: authentication required (use --username)",
