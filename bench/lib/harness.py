@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from tests.support.images import Pusher
 from tests.support.registry import Registry
 
-from . import imagegen, profile, report, tools
+from . import imagegen, measure, profile, report, tools
 from .competitors import Target
 from .measure import CommandFailed, summary
 from .report import log
@@ -81,6 +81,7 @@ def run_benchmark(name, specs, competitors, args, needed_tools):
         "runs": runs,
         "filesystems": kinds,
         "machine": machine(),
+        "rssSource": measure.rss_source(),
         "tools": {n: {"installed": p is not None, "version": p and tools.version(p)} for n, p in found.items()},
         "images": {},
         "rows": [],

@@ -5,6 +5,7 @@ Linux charges a child, at exec, with the high-water RSS of the process it was
 forked from, so every command started from this (large) Python process would
 report at least our own peak. Without GNU time, /proc/<pid>/status VmHWM is
 sampled instead (it misses the command's children and its last few milliseconds).
+The results file says which (`rssSource`).
 """
 
 import os
@@ -33,7 +34,13 @@ class Sample:
                       max(self.max_rss_kib, other.max_rss_kib), {**self.parts, **other.parts})
 
 
-GNU_TIME = "/usr/bin/time" if os.access("/usr/bin/time", os.X_OK) else shutil.which("gtime")
+def gnu_time():
+    # Looked up per call: a full run installs GNU time after this module is imported.
+    return "/usr/bin/time" if os.access("/usr/bin/time", os.X_OK) else shutil.which("gtime")
+
+
+def rss_source():
+    return "GNU time %M" if gnu_time() else "/proc/PID/status VmHWM sampled every 5 ms"
 
 
 class _HighWaterSampler(threading.Thread):
@@ -44,13 +51,15 @@ class _HighWaterSampler(threading.Thread):
         self.done = threading.Event()
 
     def run(self):
-        while not self.done.wait(0.01):
+        while True:
             try:
                 with open(self.path) as f:
                     for line in f:
                         if line.startswith("VmHWM:"):
                             self.peak_kib = max(self.peak_kib, int(line.split()[1]))
             except (OSError, ValueError):
+                return
+            if self.done.wait(0.005):
                 return
 
 
@@ -64,12 +73,13 @@ def timed(argv, stdin_path=None, stdout_path=None, env=None, cwd=None, timeout=3
     """Run argv to completion; the Sample covers that process and its children."""
     stdin = open(stdin_path, "rb") if stdin_path else subprocess.DEVNULL
     stdout = open(stdout_path, "wb") if stdout_path else subprocess.DEVNULL
+    time_program = gnu_time()
     with tempfile.TemporaryFile() as stderr, tempfile.NamedTemporaryFile("r") as rss_file:
-        full_argv = [GNU_TIME, "-f", "%M", "-o", rss_file.name, *argv] if GNU_TIME else list(argv)
+        full_argv = [time_program, "-f", "%M", "-o", rss_file.name, *argv] if time_program else list(argv)
         try:
             start = time.perf_counter()
             proc = subprocess.Popen(full_argv, stdin=stdin, stdout=stdout, stderr=stderr, env=env, cwd=cwd)
-            sampler = None if GNU_TIME else _HighWaterSampler(proc.pid)
+            sampler = None if time_program else _HighWaterSampler(proc.pid)
             if sampler:
                 sampler.start()
             killer = threading.Timer(timeout, proc.kill)
@@ -82,7 +92,8 @@ def timed(argv, stdin_path=None, stdout_path=None, env=None, cwd=None, timeout=3
                     sampler.done.set()
             seconds = time.perf_counter() - start
             proc.returncode = os.waitstatus_to_exitcode(status)
-            peak_kib = _peak_from_gnu_time(rss_file.name) if GNU_TIME else sampler.peak_kib
+            # A command too quick for one sample falls back to wait4's (inflated) figure.
+            peak_kib = (_peak_from_gnu_time(rss_file.name) if time_program else sampler.peak_kib) or usage.ru_maxrss
         finally:
             for stream in (stdin, stdout):
                 if hasattr(stream, "close"):
