@@ -194,7 +194,8 @@ def test_signed_schema1_is_converted_bottom_first_without_throwaway_layers(tool,
         image_record, layer_records = _plan(_resolve(tool, workdir, f"{host}/{repo_name}:v2"))
     assert image_record["mediaType"] == SCHEMA1_SIGNED
     assert image_record["digest"] == schema1.headers["Docker-Content-Digest"]
-    assert [r["digest"] for r in layer_records] == [layer.digest for layer in layers]
+    assert [(r["digest"], r["size"]) for r in layer_records] == [(x.digest, len(x.data)) for x in layers]
+    assert [r["diffID"] for r in layer_records] == [None, None]
     with open(image_record["config"]["savedConfig"]) as f:
         assert json.load(f) == {"Cmd": ["/bin/sh"], "Env": ["PATH=/usr/bin:/bin"]}
 

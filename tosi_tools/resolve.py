@@ -230,6 +230,22 @@ class Resolver:
         atomic_write(path, data)
         return path
 
+    def _blob_sizes(self, ref, descriptors):
+        """Fill in the sizes schema1 does not name, from the registry's HEAD of each blob."""
+        client = self._registry()
+        sizes = {}
+        for descriptor in descriptors:
+            digest = descriptor["digest"]
+            if digest not in sizes:
+                resp = client.send_following_redirects(
+                    "HEAD", client.blob_path(ref.repository, digest), repository=ref.repository)
+                resp.close()
+                client.check(resp, f"layer {ref.name}@{digest}")
+                length = resp.headers.get("Content-Length", "")
+                sizes[digest] = int(length) if length.isdigit() else None
+            if sizes[digest] is not None:
+                descriptor["size"] = sizes[digest]
+
     # ------------------------------------------------------------ the stage
 
     def resolve(self, reference, endpoint=None):
@@ -261,6 +277,7 @@ class Resolver:
             manifest, digest, manifest_data = top, top_digest, top_data
 
         if manifest.config_bytes is not None:
+            self._blob_sizes(ref, manifest.layers)
             config_bytes = manifest.config_bytes
             atomic_write(self.workdir.config_path(manifest.config["digest"]), config_bytes)
         else:
