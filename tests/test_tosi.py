@@ -366,3 +366,52 @@ def test_pipeline_and_tosi_mount_make_identical_views(tool, image, tmp_path, mou
     tree = snapshot(piped)
     assert tree["dev/null"]["rdev"] == (1, 3) and "opt/old/a" not in tree
     assert tree == snapshot(direct)
+
+
+# ---------------------------------------------------------------- login and the cache
+
+@pytest.fixture
+def private_image(htpasswd_pusher, htpasswd_registry, repo_name):
+    htpasswd_pusher.push_image(repo_name, "1", [make_layer([file_entry("secret", b"s\n")])])
+    user, password = next(iter(htpasswd_registry.users.items()))
+    return f"{htpasswd_registry.host}/{repo_name}:1", user, password
+
+
+def test_username_and_password_log_in(tool, private_image, tmp_path, workdir):
+    ref, user, password = private_image
+    tool("tosi", "-image", ref, "-username", user, "-password", password,
+         "-extractto", tmp_path / "r", "-workdir", workdir, check=0)
+    assert (tmp_path / "r/secret").read_text() == "s\n"
+
+
+def test_password_stdin_reads_the_first_line(tool, private_image, tmp_path, workdir):
+    ref, user, password = private_image
+    tool("tosi", "-image", ref, "-username", user, "-password-stdin", "-extractto", tmp_path / "r",
+         "-workdir", workdir, input=password + "\n", check=0)
+    assert (tmp_path / "r/secret").read_text() == "s\n"
+    for dirpath, _dirs, files in os.walk(workdir):
+        for name in files:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                assert password.encode() not in f.read(), name
+
+
+def test_wrong_password_is_one_line_exit_one(tool, private_image, tmp_path, workdir):
+    ref, user, _ = private_image
+    proc = tool("tosi", "-image", ref, "-username", user, "-password", "not-her-password-8431",
+                "-extractto", tmp_path / "r", "-workdir", workdir, check=1)
+    assert proc.stderr.startswith("tosi: error: ") and len(proc.stderr.splitlines()) == 1
+    assert "not-her-password-8431" not in proc.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_validate_cache_replaces_a_corrupt_cached_layer(tool, image, tmp_path, workdir):
+    pushed, ref = image
+    tool("tosi", "-image", ref, "-workdir", workdir, check=0)
+    blob = Workdir(workdir).layer_path(pushed.layers[0].digest)
+    with open(blob, "r+b") as f:
+        f.write(b"\0\0\0\0")
+    tool("tosi", "-image", ref, "-validate-cache", "-extractto", tmp_path / "r", "-workdir", workdir,
+         check=0)
+    with open(blob, "rb") as f:
+        assert f.read() == pushed.layers[0].data
+    assert (tmp_path / "r/etc/shadow").read_text() == "root:*:1::::::\n"
