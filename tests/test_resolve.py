@@ -459,3 +459,34 @@ def test_plan_records_are_one_json_object_per_line(tool, registry, pusher, repo_
     lines = proc.stdout.splitlines()
     assert [json.loads(line)["type"] for line in lines] == ["image", "layer", "layer", "layer"]
     assert proc.stdout.endswith("\n")
+
+
+def test_manifest_is_asked_for_with_every_accept_type_in_one_request(registry, pusher, repo_name, workdir):
+    pusher.push_image(repo_name, "v1", _layers(1))
+    with FaultProxy(registry.url) as proxy:
+        resolve_image(f"{proxy.url.split('://')[1]}/{repo_name}:v1", workdir)
+        [request] = proxy.seen("GET", "/manifests/")
+    accepted = {part.split(";")[0].strip() for part in request.headers["Accept"].split(",")}
+    assert accepted == {
+        "application/vnd.oci.image.index.v1+json", "application/vnd.oci.image.manifest.v1+json",
+        "application/vnd.docker.distribution.manifest.list.v2+json", DOCKER_MANIFEST,
+        "application/vnd.docker.distribution.manifest.v1+json", SCHEMA1_SIGNED,
+    }
+
+
+def test_digest_reference_to_an_index_descends_to_the_platform(tool, registry, pusher, repo_name, workdir):
+    images = _platform_images(pusher, repo_name, ["linux/amd64", "linux/arm64"])
+    index_digest, _ = pusher.push_index(repo_name, "multi", images)
+    image_record, _ = _plan(_resolve(tool, workdir, f"{registry.host}/{repo_name}@{index_digest}",
+                                     "--platform", "linux/arm64"))
+    assert (image_record["digest"], image_record["index"]["digest"]) == (images[1].digest, index_digest)
+
+
+def test_index_entry_whose_bytes_do_not_match_is_refused(registry, pusher, repo_name, workdir):
+    images = _platform_images(pusher, repo_name, ["linux/amd64", "linux/arm64"])
+    pusher.push_index(repo_name, "multi", images)
+    with FaultProxy(registry.url) as proxy:
+        proxy.add(Rule("corrupt", path=f"/manifests/{images[1].digest}", at=30))
+        with pytest.raises(DigestMismatch, match=r"\(from the index\): content hashes to"):
+            resolve_image(f"{proxy.url.split('://')[1]}/{repo_name}:multi", workdir,
+                          platform=parse_platform("linux/arm64"))
