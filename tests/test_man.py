@@ -1,6 +1,7 @@
 """The man pages: they render without a warning, have the standard sections, and
 document every option that the commands' --help lists."""
 
+import json
 import os
 import re
 import subprocess
@@ -82,3 +83,32 @@ def test_plan_page_documents_every_field_the_stages_write():
               "diffID", "path", "overlay", "link", "applied"]
     for field in fields:
         assert re.search(rf"\b{field}\b", text), field
+
+
+def _field_names(value):
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            yield key
+            yield from _field_names(inner)
+
+
+def test_plan_page_documents_every_field_of_real_plans(tool, pusher, registry, repo_name, tmp_path):
+    from tests.support.images import file_entry, make_layer
+
+    one = pusher.push_image(repo_name, None, [make_layer([file_entry("a", b"a")])], oci=True)
+    pusher.push_index(repo_name, "1", [one])
+    ref = f"{registry.host}/{repo_name}:1"
+    resolved = tool("tosi-resolve", "--workdir", tmp_path / "w", ref, check=0).stdout
+    fetched = tool("tosi-fetch", "--progress", "never", input=resolved, check=0).stdout
+    plans = [tool("tosi-unpack", "--into", tmp_path / "flat", input=fetched, check=0).stdout]
+    unpacked = tool("tosi-unpack", input=fetched, check=0).stdout
+    target = str(tmp_path / "mnt")
+    try:
+        plans.append(tool("tosi-mount", target, input=unpacked, check=0).stdout)
+    finally:
+        tool("tosi-mount", "--unmount", target)
+    fields = {name for plan in plans for line in plan.splitlines()
+              for name in _field_names(json.loads(line))}
+    assert {"index", "mount", "rootfs", "overlay", "applied", "path"} <= fields
+    text = render("tosi-plan.5").stdout
+    assert {field for field in fields if not re.search(rf"\b{re.escape(field)}\b", text)} == set()

@@ -101,8 +101,8 @@ def check_mountable(target, read_only=False, keep_upper=False):
     _check_mount_point(target)
     if not read_only and os.path.isdir(upper) and not _is_empty_dir(upper) and not keep_upper:
         raise MountError(
-            f"{upper} holds the changes of an earlier mount; pass --keep-upper to mount "
-            f"with them, or discard them with tosi-mount --unmount --clean {target}")
+            f"{upper} holds the changes of an earlier mount; mount with them with "
+            f"tosi-mount --keep-upper, or discard them with tosi-mount --unmount --clean {target}")
 
 
 def mount_image(image, layers, target, overlaydir=None, workdir=None, read_only=False,
