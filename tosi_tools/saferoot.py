@@ -226,7 +226,10 @@ def chown_at(dir_fd, name, uid, gid):
 
 def chmod_at(dir_fd, name, mode):
     """chmod of a non-symlink entry; symlinks have no mode of their own on Linux."""
-    os.chmod(name, mode, dir_fd=dir_fd, follow_symlinks=False)
+    try:
+        os.chmod(name, mode, dir_fd=dir_fd, follow_symlinks=False)
+    except ValueError:  # Python's way of passing on the kernel's EOPNOTSUPP for a symlink
+        raise OSError(errno.EOPNOTSUPP, "a symlink has no mode to change", name) from None
 
 
 def utime_at(dir_fd, name, mtime_ns):

@@ -1,0 +1,173 @@
+"""The in-process API the umbrella command and streaming callers use: any stream in, records out."""
+
+import io
+import logging
+import os
+import pickle
+import shutil
+import stat
+import tarfile
+import tempfile
+import threading
+
+import pytest
+
+from tests.support.images import (
+    DOCKER_FOREIGN_LAYER, DOCKER_LAYER_GZIP, OCI_LAYER_GZIP, OCI_LAYER_TAR, OCI_LAYER_ZSTD,
+    file_entry, make_layer, special_entry, whiteout_entry,
+)
+from tosi_tools import compression, layer, unpack
+from tosi_tools.errors import UnpackError, UsageError
+from tosi_tools.plan import new_image_record, new_layer_record
+
+
+def pipe_stream(data):
+    """A non-seekable reader fed by a thread, like a download in flight."""
+    read_fd, write_fd = os.pipe()
+
+    def feed():
+        with os.fdopen(write_fd, "wb") as w:
+            w.write(data)
+
+    thread = threading.Thread(target=feed)
+    thread.start()
+    return os.fdopen(read_fd, "rb", buffering=0), thread
+
+
+def test_apply_layer_reads_a_non_seekable_stream(tmp_path):
+    data = make_layer([file_entry("big", os.urandom(3 << 20)), file_entry("small", b"s")]).data
+    stream, feeder = pipe_stream(data)
+    with stream:
+        stats = layer.apply_layer(str(tmp_path), stream, DOCKER_LAYER_GZIP, layer_name="piped")
+    feeder.join()
+    assert sorted(os.listdir(tmp_path)) == ["big", "small"]
+    assert stats.entries == 2 and stats.bytes == (3 << 20) + 1
+
+
+def test_empty_blob_is_an_empty_layer(tmp_path):
+    stats = layer.apply_layer(str(tmp_path), io.BytesIO(b""), OCI_LAYER_TAR)
+    assert os.listdir(tmp_path) == [] and stats.entries == 0
+
+
+@pytest.mark.parametrize("media_type,expected", [
+    (DOCKER_LAYER_GZIP, "gzip"), (DOCKER_FOREIGN_LAYER, "gzip"), (OCI_LAYER_GZIP, "gzip"),
+    ("application/vnd.oci.image.layer.nondistributable.v1.tar+gzip", "gzip"),
+    (OCI_LAYER_ZSTD, "zstd"), (OCI_LAYER_TAR, "tar"),
+])
+def test_compression_follows_the_media_type(media_type, expected):
+    assert compression.compression_of(media_type) == expected
+
+
+@pytest.mark.parametrize("media_type", ["application/vnd.oci.image.layer.v1.tar+lz4", "text/plain", None])
+def test_unknown_media_type_is_an_unpack_error(media_type):
+    with pytest.raises(UnpackError, match="unsupported layer media type"):
+        compression.compression_of(media_type)
+
+
+def test_overlay_mode_needs_an_empty_dir_per_layer_api(tmp_path):
+    lay = make_layer([file_entry("a", b"a"), whiteout_entry("b")])
+    stats = layer.apply_layer(str(tmp_path), io.BytesIO(lay.data), lay.media_type, mode=layer.OVERLAY)
+    assert stats.whiteouts == 1
+    assert stat.S_ISCHR(os.lstat(tmp_path / "b").st_mode)
+
+
+def _records(tmp_path, layers):
+    workdir = str(tmp_path / "workdir")
+    os.makedirs(os.path.join(workdir, "layers"))
+    records = []
+    for i, lay in enumerate(layers):
+        path = os.path.join(workdir, "layers", lay.digest.split(":")[1])
+        with open(path, "wb") as f:
+            f.write(lay.data)
+        records.append(new_layer_record(i, lay.descriptor(), path=path))
+    image = new_image_record(workdir=workdir, layerCount=len(layers))
+    return workdir, image, records
+
+
+def test_unpack_plan_into_sets_rootfs_and_yields_applied_records(tmp_path):
+    workdir, image, records = _records(tmp_path, [make_layer([file_entry("a")]), make_layer([file_entry("b")])])
+    target = str(tmp_path / "rootfs")
+    out = list(unpack.unpack_plan(image, iter(records), workdir=workdir, into=target))
+    assert image["rootfs"] == target
+    assert [(r["index"], r["applied"]) for r in out] == [(0, True), (1, True)]
+    assert sorted(os.listdir(target)) == ["a", "b"]
+
+
+def test_unpack_plan_checks_the_into_target_before_anything(tmp_path):
+    workdir, image, records = _records(tmp_path, [make_layer([file_entry("a")])])
+    (tmp_path / "rootfs").mkdir()
+    (tmp_path / "rootfs" / "x").write_bytes(b"")
+    with pytest.raises(UsageError, match="not empty"):
+        unpack.unpack_plan(image, iter(records), workdir=workdir, into=str(tmp_path / "rootfs"))
+    assert "rootfs" not in image
+
+
+def test_extract_layer_to_overlay_takes_a_stream(tmp_path):
+    lay = make_layer([file_entry("streamed", b"s")])
+    record = new_layer_record(0, lay.descriptor())
+    out = unpack.extract_layer_to_overlay(str(tmp_path / "wd"), record, stream=io.BytesIO(lay.data))
+    assert os.listdir(out["overlay"]) == ["streamed"]
+    assert out["link"] and "path" not in out
+
+
+def _as_nobody(func):
+    """Run func() in a forked child with uid/gid 65534; returns (result, log lines) it sent back."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        status = 0
+        try:
+            os.close(read_fd)
+            records = []
+            handler = logging.Handler()
+            handler.emit = lambda rec: records.append(rec.getMessage())
+            logging.getLogger("tosi").addHandler(handler)
+            logging.getLogger("tosi").setLevel(logging.INFO)
+            os.setgroups([])
+            os.setresgid(65534, 65534, 65534)
+            os.setresuid(65534, 65534, 65534)
+            try:
+                result = ("ok", func())
+            except Exception as exc:
+                result = ("error", f"{type(exc).__name__}: {exc}")
+            with os.fdopen(write_fd, "wb") as w:
+                pickle.dump((result, records), w)
+        except BaseException:
+            status = 1
+        finally:
+            os._exit(status)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as r:
+        data = r.read()
+    _, status = os.waitpid(pid, 0)
+    assert status == 0 and data, "the unprivileged child failed"
+    return pickle.loads(data)
+
+
+@pytest.fixture
+def nobody_dir():
+    # Outside pytest's tmp_path, whose parents only root may enter.
+    path = tempfile.mkdtemp(prefix="tosi-nobody-", dir="/tmp")
+    os.chown(path, 65534, 65534)
+    yield path
+    shutil.rmtree(path)
+
+
+def test_as_non_root_devices_are_skipped_with_one_counting_warning(nobody_dir):
+    lay = make_layer([special_entry("null", tarfile.CHRTYPE, 1, 3), special_entry("sda", tarfile.BLKTYPE, 8, 0),
+                      special_entry("fifo", tarfile.FIFOTYPE), file_entry("f", b"x", uid=0)])
+    (result, logs) = _as_nobody(lambda: layer.apply_layer(nobody_dir, io.BytesIO(lay.data), lay.media_type,
+                                                          layer_name="L").skipped_devices)
+    assert result == ("ok", 2)
+    assert sorted(os.listdir(nobody_dir)) == ["f", "fifo"]
+    assert [m for m in logs if "device" in m] == ["layer L: skipped 2 device node(s): creating them needs root"]
+    assert os.stat(os.path.join(nobody_dir, "f")).st_uid == 65534
+    assert len([m for m in logs if "not running as root" in m]) == 1
+
+
+def test_as_non_root_per_layer_whiteouts_fail_clearly(nobody_dir):
+    lay = make_layer([whiteout_entry("gone")])
+    (result, _) = _as_nobody(lambda: layer.apply_layer(nobody_dir, io.BytesIO(lay.data), lay.media_type,
+                                                       mode=layer.OVERLAY, layer_name="L"))
+    assert result[0] == "error"
+    assert "needs root" in result[1] and "--into" in result[1]

@@ -1,0 +1,132 @@
+"""saferoot: names resolve inside the root as if it were "/", and no metadata call goes through a symlink."""
+
+import os
+import stat
+
+import pytest
+
+from tosi_tools import saferoot
+from tosi_tools.errors import UnsafeEntry
+from tosi_tools.saferoot import SafeRoot, clean_name
+
+
+@pytest.mark.parametrize("name,parts", [
+    ("a/b", ("a", "b")), ("/etc/passwd", ("etc", "passwd")), ("./a//b/.", ("a", "b")),
+    ("a/../b", ("b",)), ("./", ()), ("//", ()),
+])
+def test_clean_name_is_relative_to_the_root(name, parts):
+    assert clean_name(name) == parts
+
+
+@pytest.mark.parametrize("name", ["..", "../x", "a/../../x", "/../etc", "a/b/../../../c"])
+def test_clean_name_refuses_climbing_above_the_root(name):
+    with pytest.raises(UnsafeEntry, match="climbs out of the root"):
+        clean_name(name)
+
+
+@pytest.fixture
+def tree(tmp_path):
+    """tmp/outside/ next to tmp/root/, which holds real/ and a few symlinks."""
+    (tmp_path / "outside").mkdir()
+    root = tmp_path / "root"
+    (root / "real" / "sub").mkdir(parents=True)
+    (root / "file").write_bytes(b"f")
+    os.symlink("/", root / "slash")
+    os.symlink("/real", root / "absreal")
+    os.symlink("../../../../..", root / "real" / "up")
+    os.symlink(str(tmp_path / "outside"), root / "host")
+    os.symlink("loop2", root / "loop1")
+    os.symlink("loop1", root / "loop2")
+    os.symlink("file", root / "tofile")
+    with SafeRoot(str(root)) as safe:
+        yield tmp_path, root, safe
+
+
+def _real(safe, fd):
+    return os.path.relpath(os.readlink(f"/proc/self/fd/{fd}"), safe.path)
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("real/sub", ("real", "sub")), ("slash/real", ("real",)), ("absreal/sub", ("real", "sub")),
+    ("real/up/real", ("real",)), ("real/up", ()), ("slash", ()),
+])
+def test_symlinks_resolve_as_if_the_root_were_slash(tree, name, expected):
+    _, _, safe = tree
+    fd, canonical = safe.directory(clean_name(name))
+    assert canonical == expected
+    assert _real(safe, fd) == ("/".join(expected) or ".")
+
+
+def test_symlink_to_a_host_path_resolves_inside_the_root(tree):
+    tmp_path, root, safe = tree
+    fd, canonical = safe.directory(("host",), create=True)
+    assert "/".join(canonical) == str(tmp_path / "outside").lstrip("/")
+    assert os.readlink(f"/proc/self/fd/{fd}").startswith(str(root) + "/")
+    assert os.listdir(tmp_path / "outside") == []
+
+
+def test_symlink_loop_is_an_unsafe_entry(tree):
+    _, _, safe = tree
+    with pytest.raises(UnsafeEntry, match="too many levels"):
+        safe.directory(("loop1",))
+
+
+def test_file_on_the_way_is_not_a_directory(tree):
+    _, _, safe = tree
+    with pytest.raises(NotADirectoryError):
+        safe.directory(("tofile", "x"))
+
+
+def test_missing_directories_are_made_only_when_asked(tree):
+    _, root, safe = tree
+    with pytest.raises(FileNotFoundError):
+        safe.directory(("new", "deeper"))
+    _, canonical = safe.directory(("new", "deeper"), create=True)
+    assert canonical == ("new", "deeper") and (root / "new" / "deeper").is_dir()
+
+
+def test_removed_directory_is_resolved_afresh(tree):
+    _, root, safe = tree
+    safe.directory(("real", "sub"))
+    safe.remove(safe.fd, "real", ())
+    os.symlink("/elsewhere", root / "real")
+    (root / "elsewhere" / "sub").mkdir(parents=True)
+    _, canonical = safe.directory(("real", "sub"))
+    assert canonical == ("elsewhere", "sub")
+
+
+def test_metadata_calls_never_follow_a_symlink(tree):
+    tmp_path, root, safe = tree
+    victim = tmp_path / "outside" / "victim"
+    victim.write_bytes(b"v")
+    os.chmod(victim, 0o644)
+    os.symlink(str(victim), root / "link")
+    before = os.stat(victim)
+    saferoot.chown_at(safe.fd, "link", 1234, 1234)
+    saferoot.utime_at(safe.fd, "link", 0)
+    with pytest.raises(OSError):
+        saferoot.chmod_at(safe.fd, "link", 0o777)
+    with pytest.raises(OSError):  # user xattrs are not allowed on symlinks themselves
+        saferoot.setxattr_at(safe.fd, "link", "user.x", b"1")
+    after = os.stat(victim)
+    assert (after.st_uid, after.st_mode, after.st_mtime_ns) == (before.st_uid, before.st_mode, before.st_mtime_ns)
+    assert os.listxattr(victim) == []
+    assert os.lstat(root / "link").st_uid == 1234
+
+
+def test_open_entry_dir_does_not_follow_the_last_component(tree):
+    _, _, safe = tree
+    assert safe.open_entry_dir(("absreal",)) == (None, None)
+    fd, canonical = safe.open_entry_dir(("slash", "real"))
+    os.close(fd)
+    assert canonical == ("real",)
+
+
+def test_remove_deletes_a_whole_tree_without_following_links(tree):
+    tmp_path, root, safe = tree
+    (tmp_path / "outside" / "keep").write_bytes(b"k")
+    os.symlink(str(tmp_path / "outside"), root / "real" / "sub" / "escape")
+    safe.remove(safe.fd, "real", ())
+    assert not (root / "real").exists()
+    assert (tmp_path / "outside" / "keep").read_bytes() == b"k"
+    assert stat.S_ISLNK(os.lstat(root / "slash").st_mode)
