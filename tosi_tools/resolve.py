@@ -81,26 +81,37 @@ class Resolver:
         atomic_write(path, data)
         return path
 
-    def _get_manifest(self, ref, reference):
+    def _get(self, ref, path, what, headers=None):
+        """A streamed 200 response for `path`, or the typed error for what the registry said."""
         client = self._registry()
-        what = f"manifest {ref.name}:{reference}" if ":" not in reference else f"manifest {ref.name}@{reference}"
-        resp = client.send_following_redirects(
-            "GET", client.manifest_path(ref.repository, reference), repository=ref.repository,
-            headers={"Accept": ACCEPT}, stream=True,
-        )
-        if resp.status_code >= 400:
-            try:
-                resp.content  # the error body names the registry's code and message
-            finally:
-                resp.close()
-            client.check(resp, what)
+        resp = client.send_following_redirects("GET", path, repository=ref.repository,
+                                               headers=headers, stream=True)
         if resp.status_code != 200:
-            resp.close()
-            raise ManifestError(f"{what}: unexpected HTTP status {resp.status_code}")
+            with resp:
+                client.check(resp, what)
+                raise ManifestError(f"{what}: unexpected HTTP status {resp.status_code}")
+        return resp
+
+    def _get_manifest(self, ref, reference, what):
+        """(bytes, Content-Type, Docker-Content-Digest) of a manifest by tag or digest."""
+        client = self._registry()
+        resp = self._get(ref, client.manifest_path(ref.repository, reference), what,
+                         headers={"Accept": ACCEPT})
         content_type = resp.headers.get("Content-Type")
         header_digest = resp.headers.get("Docker-Content-Digest")
-        data = client.read_limited(resp, MAX_MANIFEST_SIZE, what)
-        return data, content_type, header_digest
+        return client.read_limited(resp, MAX_MANIFEST_SIZE, what), content_type, header_digest
+
+    def _manifest_by_digest(self, ref, digest, what):
+        """(bytes, Content-Type or None) of a manifest, from the cache or fetched, verified and stored."""
+        data = self._cached_manifest(ref, digest)
+        if data is not None:
+            log.info("%s: cached", what)
+            return data, None
+        data, content_type, _ = self._get_manifest(ref, digest, what)
+        if not _names(digest, data):
+            raise DigestMismatch(f"{what}: content hashes to {digest_of(data)}")
+        self._store_manifest(ref, digest, data)
+        return data, content_type
 
     def _head_digest(self, ref):
         client = self._registry()
@@ -119,16 +130,8 @@ class Resolver:
     def _top_manifest(self, ref):
         """(bytes, content type or None, digest) of what the reference names, index or image."""
         if ref.digest:
-            data = self._cached_manifest(ref, ref.digest)
-            if data is not None:
-                log.info("%s: manifest cached", ref)
-                return data, None, ref.digest
-            data, content_type, _ = self._get_manifest(ref, ref.digest)
-            if not _names(ref.digest, data):
-                raise DigestMismatch(
-                    f"manifest {ref.name}@{ref.digest}: content hashes to {digest_of(data)}"
-                )
-            self._store_manifest(ref, ref.digest, data)
+            data, content_type = self._manifest_by_digest(ref, ref.digest,
+                                                          f"manifest {ref.name}@{ref.digest}")
             return data, content_type, ref.digest
         tag_file = self.workdir.tag_path(ref.registry, ref.repository, ref.tag)
         if os.path.isdir(self.workdir.manifest_dir(ref.registry, ref.repository)):
@@ -136,9 +139,9 @@ class Resolver:
             data = self._cached_manifest(ref, digest) if digest else None
             if data is not None:
                 log.info("%s: registry names %s, which is cached", ref, digest)
-                self._store_tag(tag_file, digest)
+                _write_if_changed(tag_file, f"{digest}\n".encode())
                 return data, None, digest
-        data, content_type, header_digest = self._get_manifest(ref, ref.tag)
+        data, content_type, header_digest = self._get_manifest(ref, ref.tag, f"manifest {ref}")
         if header_digest:
             try:
                 digest = Digest(header_digest)
@@ -153,32 +156,16 @@ class Resolver:
         else:
             digest = digest_of(data)
         self._store_manifest(ref, digest, data)
-        self._store_tag(tag_file, digest)
+        _write_if_changed(tag_file, f"{digest}\n".encode())
         return data, content_type, digest
-
-    def _store_tag(self, tag_file, digest):
-        try:
-            with open(tag_file) as f:
-                if f.read().strip() == digest:
-                    return
-        except OSError:
-            pass
-        atomic_write(tag_file, f"{digest}\n".encode())
 
     def _child_manifest(self, ref, entry):
         digest = Digest(entry["digest"])
         if entry["size"] > MAX_MANIFEST_SIZE:
             raise ManifestError(f"manifest {ref.name}@{digest}: the index says {entry['size']} bytes, "
                                 f"more than {MAX_MANIFEST_SIZE >> 20} MiB; refused")
-        data = self._cached_manifest(ref, digest)
-        content_type = entry["mediaType"]
-        if data is None:
-            data, content_type, _ = self._get_manifest(ref, digest)
-            if not _names(digest, data):
-                raise DigestMismatch(
-                    f"manifest {ref.name}@{digest} (from the index): content hashes to {digest_of(data)}"
-                )
-            self._store_manifest(ref, digest, data)
+        data, content_type = self._manifest_by_digest(ref, digest,
+                                                      f"manifest {ref.name}@{digest} (from the index)")
         if entry["mediaType"] not in SCHEMA1_TYPES and len(data) != entry["size"]:
             raise DigestMismatch(
                 f"manifest {ref.name}@{digest}: {len(data)} bytes, the index says {entry['size']}"
@@ -200,17 +187,9 @@ class Resolver:
                     return f.read()
             except (DigestMismatch, OSError) as exc:
                 log.warning("%s; fetching it again", exc)
-        client = self._registry()
         what = f"image config {ref.name}@{digest}"
-        resp = client.send_following_redirects(
-            "GET", client.blob_path(ref.repository, digest), repository=ref.repository, stream=True,
-        )
-        if resp.status_code >= 400:
-            try:
-                resp.content
-            finally:
-                resp.close()
-            client.check(resp, what)
+        client = self._registry()
+        resp = self._get(ref, client.blob_path(ref.repository, digest), what)
         data = client.read_limited(resp, MAX_CONFIG_SIZE, what)
         hasher = VerifyingHasher(digest, size, what="image config")
         hasher.update(data)
@@ -220,14 +199,7 @@ class Resolver:
 
     def _store_saved_config(self, digest, config_body):
         path = self.workdir.saved_config_path(digest)
-        data = json.dumps(config_body.get("config") or {}).encode()
-        try:
-            with open(path, "rb") as f:
-                if f.read() == data:
-                    return path
-        except OSError:
-            pass
-        atomic_write(path, data)
+        _write_if_changed(path, json.dumps(config_body.get("config") or {}).encode())
         return path
 
     def _blob_sizes(self, ref, descriptors):
@@ -323,6 +295,17 @@ class Resolver:
             for i, descriptor in enumerate(manifest.layers)
         ]
         return image, layers
+
+
+def _write_if_changed(path, data):
+    # Warm runs leave files (and their mtimes) alone when nothing changed.
+    try:
+        with open(path, "rb") as f:
+            if f.read(len(data) + 1) == data:
+                return
+    except OSError:
+        pass
+    atomic_write(path, data)
 
 
 def _names(digest, data):
