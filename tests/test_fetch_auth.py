@@ -4,13 +4,7 @@ import pytest
 
 from tests.support import tokenserver
 from tests.support.faultproxy import FaultProxy, Rule
-from tests.support.images import file_entry, make_layer
-from tests.support.plans import parse_plan, plan_text
-from tosi_tools.cache import Workdir
-
-
-def random_layer(size):
-    return make_layer([file_entry("blob.bin", __import__("os").urandom(size))], compression=None)
+from tests.support.plans import assert_cached, parse_plan, plan_text, random_layer
 
 
 @pytest.fixture
@@ -40,12 +34,6 @@ def blob_storage(htpasswd_registry, credentials):
     """Another loopback port serving blobs, which refuses any Authorization header."""
     with FaultProxy(htpasswd_registry.url, reject_authorization=True, upstream_auth=credentials) as p:
         yield p
-
-
-def assert_cached(workdir, layers):
-    for layer in layers:
-        with open(Workdir(workdir).layer_path(layer.digest), "rb") as f:
-            assert f.read() == layer.data
 
 
 def test_credentials_from_the_environment_pull_from_a_protected_registry(tool, htpasswd_registry, image,

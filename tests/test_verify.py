@@ -5,15 +5,13 @@ import os
 
 import pytest
 
-from tests.support.images import file_entry, make_layer
-from tests.support.plans import parse_plan, plan_text
+from tests.support.plans import parse_plan, plan_text, random_layer
 from tosi_tools.cache import Workdir
 
 
 @pytest.fixture
 def image(pusher, repo_name):
-    layers = [make_layer([file_entry(f"f{i}", os.urandom(50_000 * (i + 1)))], compression=None)
-              for i in range(3)]
+    layers = [random_layer(50_000 * (i + 1)) for i in range(3)]
     return pusher.push_image(repo_name, "v1", layers)
 
 

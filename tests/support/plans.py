@@ -1,4 +1,5 @@
-"""Plans for the stages after resolve, built from a pushed image without running tosi-resolve.
+"""Plans for the stages after resolve, built from a pushed image without running tosi-resolve,
+and the checks of what those stages leave in the cache.
 
 The records carry the fields tosi-resolve writes (see HACKING.md); the config
 is left for tosi-fetch to download unless `cache_config` puts it in place the
@@ -8,6 +9,7 @@ way resolve does.
 import json
 import os
 
+from tests.support.images import file_entry, make_layer
 from tosi_tools.cache import Workdir, atomic_write
 from tosi_tools.plan import new_image_record, new_layer_record
 
@@ -45,3 +47,15 @@ def plan_text(endpoint, image, workdir, **kwargs):
 
 def parse_plan(text):
     return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def random_layer(size):
+    """An uncompressed layer of incompressible content, a little over `size` bytes."""
+    return make_layer([file_entry("blob.bin", os.urandom(size))], compression=None)
+
+
+def assert_cached(workdir, layers):
+    """Each layer's blob is in `layers/<hex>` of the workdir, byte for byte."""
+    for layer in layers:
+        with open(Workdir(workdir).layer_path(layer.digest), "rb") as f:
+            assert f.read() == layer.data, f"cached {layer.digest} differs"
