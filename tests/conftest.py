@@ -163,3 +163,16 @@ def tls_pusher(tls_registry):
     session = requests.Session()
     session.trust_env = False  # else REQUESTS_CA_BUNDLE would replace the test CA
     return Pusher(tls_registry.url, session=session, verify=tls_registry.ca_file)
+
+
+@pytest.fixture
+def mounts():
+    """Mount points a test uses (append them); whatever is still mounted there at the
+    end of the test is unmounted, so a failing test leaves no mount behind."""
+    from tosi_tools import overlay
+
+    points = []
+    yield points
+    for point in points:
+        while overlay.mount_at(os.path.abspath(point)):
+            overlay.unmount(os.path.abspath(point))

@@ -65,17 +65,6 @@ TWO_LAYERS = [
 
 
 @pytest.fixture
-def mounts():
-    """Mount points the test used; whatever is still mounted at the end is unmounted."""
-    points = []
-    yield points
-    for point in points:
-        target = os.path.abspath(point)
-        while overlay.mount_at(target):
-            overlay.unmount(target)
-
-
-@pytest.fixture
 def unpacked(workdir):
     return build_unpacked(workdir, TWO_LAYERS)
 

@@ -49,16 +49,6 @@ def image(pusher, registry, repo_name):
     return pushed, f"{registry.host}/{repo_name}:1"
 
 
-@pytest.fixture
-def mounts():
-    """Mount points a test used; whatever is still mounted at its end is unmounted."""
-    points = []
-    yield points
-    for point in points:
-        while overlay.mount_at(os.path.abspath(point)):
-            overlay.unmount(os.path.abspath(point))
-
-
 class ConnectionCounter:
     """A TCP listener on 127.0.0.1 that counts the connections made to it."""
 
