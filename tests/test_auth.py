@@ -107,6 +107,7 @@ def test_private_repository_without_credentials_is_unauthorized(tool, token_regi
     proc = tool("tosi-resolve", "--workdir", workdir, f"{token_registry.host}/{repo_name}:v1", check=1)
     assert proc.stderr.startswith(f"tosi-resolve: error: manifest {token_registry.host}/{repo_name}:v1: "
                                   "401 UNAUTHORIZED")
+    assert proc.stderr.endswith("(no credentials were given: use --username)\n")
 
 
 def test_password_from_stdin_is_used(tool, token_registry, token_pusher, repo_name, workdir):

@@ -243,6 +243,8 @@ class RegistryClient:
         if resp.status_code == 404 or code in ("NAME_UNKNOWN", "MANIFEST_UNKNOWN", "BLOB_UNKNOWN"):
             raise NotFound(text, status=resp.status_code, code=code)
         if resp.status_code in (401, 403) or code in ("UNAUTHORIZED", "DENIED"):
+            if not self.credentials:
+                text += " (no credentials were given: use --username)"
             raise Unauthorized(text, status=resp.status_code, code=code)
         raise RegistryError(text, status=resp.status_code, code=code)
 
