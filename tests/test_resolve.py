@@ -490,3 +490,14 @@ def test_index_entry_whose_bytes_do_not_match_is_refused(registry, pusher, repo_
         with pytest.raises(DigestMismatch, match=r"\(from the index\): content hashes to"):
             resolve_image(f"{proxy.url.split('://')[1]}/{repo_name}:multi", workdir,
                           platform=parse_platform("linux/arm64"))
+
+
+@pytest.mark.parametrize("form", ["{host}/{repo}", "{host}/{repo}:v1", "{host}/{repo}@{digest}",
+                                  "{host}/{repo}:v1@{digest}"])
+def test_reference_forms_resolve_end_to_end_on_localhost(tool, registry, pusher, repo_name, workdir, form):
+    image = pusher.push_image(repo_name, "v1", _layers(1))
+    pusher.push_manifest(repo_name, "latest", image.manifest, image.media_type)
+    host = f"localhost:{registry.port}"
+    image_record, _ = _plan(_resolve(tool, workdir, form.format(host=host, repo=repo_name, digest=image.digest)))
+    assert (image_record["registry"], image_record["digest"]) == (host, image.digest)
+    assert image_record["endpoint"] == f"http://{host}"
