@@ -359,3 +359,24 @@ def test_mount_restores_the_current_directory_when_it_fails(tmp_path):
     with pytest.raises(MountError):
         overlay.mount_overlay(str(tmp_path / "missing"), ["a", "b"], relative_to=str(tmp_path))
     assert os.getcwd() == before
+
+
+def test_new_api_mounts_with_upper_and_work_paths_longer_than_fsconfig_takes(workdir, tmp_path,
+                                                                              mounts):
+    plan = build_unpacked(workdir, TWO_LAYERS)
+    deep = tmp_path / ("d" * 120) / ("e" * 120)
+    upper, work, target = str(deep / "upper"), str(deep / "work"), str(tmp_path / "mnt")
+    for path in (upper, work, target):
+        os.makedirs(path)
+    assert len(upper) > overlay.FSCONFIG_MAX_STRING
+    mounts.append(target)
+    links = [layer["link"] for layer in PlanReader(io.StringIO(plan))][::-1]
+    overlay.mount_overlay(target, links, upper, work, relative_to=os.path.join(workdir, "overlays"),
+                          api="fsmount")
+    open(os.path.join(target, "new"), "w").close()
+    assert os.listdir(upper) == ["new"]
+
+
+def test_unknown_architecture_says_why_the_new_mount_api_is_not_used(monkeypatch):
+    monkeypatch.setattr(overlay.platform, "machine", lambda: "pdp11")
+    assert "syscall numbers on pdp11" in overlay.new_api_unavailable_reason()

@@ -193,7 +193,28 @@ def _kernel_messages(fs_fd):
     return "; ".join(lines)
 
 
+FSCONFIG_MAX_STRING = 255  # fsconfig(2) copies at most 256 bytes of a string, with its NUL
+
+
+def _fsconfig_path(path, held):
+    """`path`, or a /proc/self/fd name for it when it is too long for fsconfig(2)."""
+    if len(os.fsencode(path)) <= FSCONFIG_MAX_STRING:
+        return path
+    fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    held.append(fd)
+    return f"/proc/self/fd/{fd}"
+
+
 def _mount_new_api(target, lowerdirs, upperdir, workdir, read_only, option_bytes):
+    held = []
+    try:
+        _mount_new_api_fds(target, lowerdirs, upperdir, workdir, read_only, option_bytes, held)
+    finally:
+        for fd in held:
+            os.close(fd)
+
+
+def _mount_new_api_fds(target, lowerdirs, upperdir, workdir, read_only, option_bytes, held):
     reason = new_api_unavailable_reason()
     too_long = (f"the mount options for {len(lowerdirs)} layers take {option_bytes} bytes, "
                 f"more than mount(2) accepts in one page ({page_size()})")
@@ -222,10 +243,10 @@ def _mount_new_api(target, lowerdirs, upperdir, workdir, read_only, option_bytes
 
         config("source", OVERLAY)
         for lower in lowerdirs:
-            config("lowerdir+", lower)
+            config("lowerdir+", _fsconfig_path(lower, held))
         if upperdir is not None:
-            config("upperdir", upperdir)
-            config("workdir", workdir)
+            config("upperdir", _fsconfig_path(upperdir, held))
+            config("workdir", _fsconfig_path(workdir, held))
         _, err = _syscall("fsconfig", ctypes.c_int(fs_fd), ctypes.c_uint(FSCONFIG_CMD_CREATE),
                           None, None, ctypes.c_int(0))
         if err:
