@@ -301,3 +301,31 @@ def test_a_run_killed_mid_download_is_completed_by_the_next_run(tool, proxy, ima
     assert_cached(workdir, image.layers)
     assert proxy.seen("GET", layer.digest)[-1].headers["Range"] == "bytes=300000-"
     assert not os.path.exists(partial)
+
+
+def test_a_complete_partial_file_is_verified_and_renamed_without_a_request(tool, proxy, image, workdir):
+    # What a run killed between the last write and the rename leaves behind.
+    layer = image.layers[1]
+    cache = Workdir(workdir).ensure()
+    with open(cache.partial_path(layer.digest), "wb") as f:
+        f.write(layer.data)
+    fetch(tool, proxy, image, workdir, check=0)
+    assert proxy.count("GET", layer.digest) == 0
+    assert_cached(workdir, image.layers)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_after", [0.05, 0.2, 0.4, 0.7, 1.0, 1.5])
+def test_a_run_killed_at_any_moment_is_completed_by_the_next_run(tool, proxy, pusher, repo_name, workdir,
+                                                                 kill_after):
+    image = pusher.push_image(repo_name, "v1", [random_layer(2_000_000) for _ in range(4)])
+    proxy.add(Rule("delay", path="/blobs/", seconds=0.2))
+    proc = start_fetch(plan_text(proxy.url, image, workdir), workdir,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(kill_after)
+    proc.kill()
+    proc.wait()
+    proxy.clear()
+    fetch(tool, proxy, image, workdir, check=0)
+    assert_cached(workdir, image.layers)
+    assert not [name for name in layer_files(workdir) if name.endswith(".partial")]

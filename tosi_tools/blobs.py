@@ -12,10 +12,12 @@ read the partial file behind the writer; bytes it reads are not verified until
 `result()` returns.
 """
 
+import contextlib
 import email.utils
 import logging
 import os
 import random
+import socket
 import threading
 import time
 from urllib.parse import urljoin, urlsplit
@@ -95,8 +97,9 @@ class BlobDownload:
             return self._done
 
     def wait_for(self, offset, timeout=None):
-        """Block until `offset` bytes are in the partial file (or the blob is complete);
-        return how many are there. Raises the download's error if it failed."""
+        """Block until `offset` bytes are in the partial file, or the download ended;
+        return how many are there. Raises the download's error if it failed. Waiting
+        past `size` is waiting for the verdict (use `result()` for the final path)."""
         with self._cond:
             self._cond.wait_for(lambda: self._written >= offset or self._done, timeout)
             if self._error is not None:
@@ -147,6 +150,15 @@ class Downloader:
         self.cancelled = cancel_event or threading.Event()
         self.backoff_base = backoff_base
         self.timeout = (client.timeout[0], read_timeout) if read_timeout else None
+        self._receiving = set()
+        self._receiving_lock = threading.Lock()
+
+    def abort(self):
+        """Cancel every download of this downloader, also those blocked on a silent socket."""
+        self.cancelled.set()
+        with self._receiving_lock:
+            for resp in self._receiving:
+                _shut_down(resp)
 
     def run(self, download):
         """Bring `download` into the cache; never raises, the outcome is in the download."""
@@ -242,9 +254,19 @@ class Downloader:
                 if source == sources[-1]:
                     raise
                 continue
-            with resp:
+            with resp, self._watching(resp):
                 self._receive(download, hasher, resp)
             return
+
+    @contextlib.contextmanager
+    def _watching(self, resp):
+        with self._receiving_lock:
+            self._receiving.add(resp)
+        try:
+            yield
+        finally:
+            with self._receiving_lock:
+                self._receiving.discard(resp)
 
     def _open(self, download, offset, source):
         """GET the blob (from the registry, or the foreign URL `source`), following redirects."""
@@ -341,6 +363,16 @@ class Downloader:
                 self.progress(download, "advance", len(chunk))
         if hasher.count < download.size:
             raise _Retryable(Unreachable(f"connection closed after {hasher.count} of {download.size} bytes"))
+
+
+def _shut_down(resp):
+    # shutdown(), unlike close(), wakes a thread blocked in recv() on the socket.
+    sock = getattr(getattr(resp.raw, "connection", None), "sock", None)
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 def _hash_partial(download):

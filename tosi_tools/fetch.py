@@ -77,6 +77,7 @@ class Fetcher:
         self.cancelled = threading.Event()
         self._pool = None
         self._clients = []
+        self._downloaders = []
 
     def start(self, image, layers):
         """Start downloading the config and every layer of `image`; returns a FetchRun."""
@@ -100,6 +101,7 @@ class Fetcher:
             validate_cache=self.validate_cache, progress=self.progress,
             cancel_event=self.cancelled, read_timeout=self.read_timeout,
         )
+        self._downloaders.append(downloader)
         workers = self.parallel or max(len(unique), 1)
         if self._pool is None:
             self.workdir.ensure()
@@ -111,13 +113,15 @@ class Fetcher:
 
     def close(self, cancel=False):
         if cancel:
-            self.cancelled.set()
+            for downloader in self._downloaders:
+                downloader.abort()
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=cancel)
             self._pool = None
         for client in self._clients:
             client.close()
         self._clients = []
+        self._downloaders = []
 
 
 def _config_download(workdir, image):
