@@ -380,3 +380,14 @@ def test_new_api_mounts_with_upper_and_work_paths_longer_than_fsconfig_takes(wor
 def test_unknown_architecture_says_why_the_new_mount_api_is_not_used(monkeypatch):
     monkeypatch.setattr(overlay.platform, "machine", lambda: "pdp11")
     assert "syscall numbers on pdp11" in overlay.new_api_unavailable_reason()
+
+
+def test_a_layer_repeated_in_the_image_is_mounted_once(tool, workdir, tmp_path, mounts):
+    records = [json.loads(line) for line in build_unpacked(workdir, [
+        {"f": "bottom\n", "only-bottom": "x\n"}, {"f": "middle\n", "only-middle": "y\n"}]).splitlines()]
+    records.append(dict(records[1], index=2))  # the bottom layer again, on top
+    records[0]["layerCount"] = 3
+    target = str(tmp_path / "rootfs")
+    mounts.append(target)
+    mount_tool(tool, target, plan="".join(json.dumps(r) + "\n" for r in records), check=0)
+    assert tree(target) == {"f": "bottom\n", "only-bottom": "x\n", "only-middle": "y\n"}

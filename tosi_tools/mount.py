@@ -41,7 +41,11 @@ def overlay_dir_for(image, layers, overlaydir=None, workdir=None):
 
 def lowerdirs(layers, overlaydir):
     """The layers' lowerdirs topmost first: short link names where they resolve,
-    else the overlay dir's absolute path."""
+    else the overlay dir's absolute path.
+
+    overlayfs refuses a directory twice; the lower copies of a repeated layer
+    are left out, since its topmost copy shadows them and their whiteouts only
+    hide what that copy's whiteouts hide already."""
     result = []
     for layer in reversed(layers):
         link, path = layer.get("link"), layer.get("overlay")
@@ -61,7 +65,7 @@ def lowerdirs(layers, overlaydir):
         raise MountError(
             f"layer {layer.get('index')} ({layer.get('digest')}): overlay dir "
             f"{path or link} is missing; run tosi-unpack again")
-    return result
+    return list(dict.fromkeys(result))
 
 
 def _is_empty_dir(path):
