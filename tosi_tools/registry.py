@@ -19,11 +19,6 @@ from requests.adapters import HTTPAdapter
 
 from .auth import Credentials, TokenCache, parse_challenge
 from .errors import ManifestError, NotFound, RegistryError, TLSFailure, Unauthorized, Unreachable
-# Media types live with the manifest parser; these names are kept for callers of this module.
-from .manifest import (  # noqa: F401
-    ACCEPT as MANIFEST_ACCEPT, DOCKER_LIST, DOCKER_MANIFEST, DOCKER_SCHEMA1, DOCKER_SCHEMA1_SIGNED,
-    OCI_INDEX, OCI_MANIFEST,
-)
 
 log = logging.getLogger("tosi.registry")
 
