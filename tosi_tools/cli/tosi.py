@@ -126,7 +126,6 @@ def help_text():
 def parse_flags(argv):
     """Go flag semantics over FLAGS; returns {name: value} with defaults filled in."""
     values = {flag.name: flag.default for flag in FLAGS}
-    given = set()
     args = list(argv)
     while args:
         arg = args.pop(0)
@@ -162,10 +161,8 @@ def parse_flags(argv):
                     raise UsageError(f"invalid value {value!r} for -{name}: not an integer") from None
             else:
                 values[name] = value
-        given.add(name)
     if args:
         raise UsageError(f"unexpected argument {args[0]!r}: tosi takes flags only (-image IMAGE)")
-    values["_given"] = given
     return values
 
 
