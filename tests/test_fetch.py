@@ -184,7 +184,18 @@ def test_a_corrupt_blob_is_rejected_naming_the_layer_and_absent_from_the_cache(t
     cache = Workdir(workdir)
     assert not os.path.exists(cache.layer_path(digest))
     assert not os.path.exists(cache.partial_path(digest))
-    assert parse_plan(proc.stdout)[-1]["index"] == 0  # the plan stops before the bad layer
+    assert all(r.get("index") != 1 for r in parse_plan(proc.stdout))
+
+
+def test_the_first_failure_stops_the_other_downloads_and_is_the_error_reported(tool, proxy, image, workdir):
+    proxy.add(Rule("stall", path=image.layers[0].digest, after=100_000, seconds=30))
+    proxy.add(Rule("corrupt", path=image.layers[2].digest, at=5))
+    started = time.monotonic()
+    proc = fetch(tool, proxy, image, workdir, check=1)
+    assert time.monotonic() - started < 10
+    assert f"layer 2 ({image.layers[2].digest})" in proc.stderr and "hashes to" in proc.stderr
+    assert all(r["type"] == "image" for r in parse_plan(proc.stdout))
+    assert os.path.getsize(Workdir(workdir).partial_path(image.layers[0].digest)) >= 100_000
 
 
 def test_a_dropped_download_resumes_with_a_range_request(tool, proxy, image, workdir):

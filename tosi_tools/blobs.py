@@ -141,13 +141,14 @@ class Downloader:
     """
 
     def __init__(self, client, repository, retries=5, validate_cache=False, progress=None,
-                 cancel_event=None, backoff_base=BACKOFF_BASE, read_timeout=None):
+                 cancel_event=None, backoff_base=BACKOFF_BASE, read_timeout=None, on_failure=None):
         self.client = client
         self.repository = repository
         self.retries = retries
         self.validate_cache = validate_cache
         self.progress = progress or (lambda download, event, nbytes: None)
         self.cancelled = cancel_event or threading.Event()
+        self.on_failure = on_failure or (lambda download, error: None)
         self.backoff_base = backoff_base
         self.timeout = (client.timeout[0], read_timeout) if read_timeout else None
         self._receiving = set()
@@ -165,15 +166,21 @@ class Downloader:
         try:
             self._run(download)
         except TosiError as exc:
-            download._finish(exc)
+            self._fail(download, exc)
         except OSError as exc:
-            download._finish(CacheError(f"{download.what}: {exc.strerror or exc} ({exc.filename or download.partial_path})"))
+            self._fail(download, CacheError(
+                f"{download.what}: {exc.strerror or exc} ({exc.filename or download.partial_path})"))
         except BaseException as exc:  # a bug must still wake the waiters
-            download._finish(CacheError(f"{download.what}: internal error: {type(exc).__name__}: {exc}"))
+            self._fail(download, CacheError(f"{download.what}: internal error: {type(exc).__name__}: {exc}"))
             raise
         else:
             download._finish()
         return download
+
+    def _fail(self, download, error):
+        download._finish(error)
+        if not isinstance(error, Cancelled):
+            self.on_failure(download, error)
 
     def _run(self, download):
         os.makedirs(os.path.dirname(download.final_path), exist_ok=True)

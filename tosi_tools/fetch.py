@@ -15,7 +15,7 @@ on the bottom layer while the others still download.
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from .blobs import BlobDownload, Downloader
+from .blobs import BlobDownload, Cancelled, Downloader
 from .errors import PlanError
 
 DEFAULT_PARALLEL = 4
@@ -75,9 +75,11 @@ class Fetcher:
         self.progress = progress
         self.read_timeout = read_timeout
         self.cancelled = threading.Event()
+        self.failure = None  # the first error; it cancels the other downloads
         self._pool = None
         self._clients = []
         self._downloaders = []
+        self._downloads = []
 
     def start(self, image, layers):
         """Start downloading the config and every layer of `image`; returns a FetchRun."""
@@ -99,9 +101,10 @@ class Fetcher:
         downloader = Downloader(
             client, image.get("repository"), retries=self.retries,
             validate_cache=self.validate_cache, progress=self.progress,
-            cancel_event=self.cancelled, read_timeout=self.read_timeout,
+            cancel_event=self.cancelled, read_timeout=self.read_timeout, on_failure=self._failed,
         )
         self._downloaders.append(downloader)
+        self._downloads.extend(unique.values())
         workers = self.parallel or max(len(unique), 1)
         if self._pool is None:
             self.workdir.ensure()
@@ -111,17 +114,29 @@ class Fetcher:
             self._pool.submit(downloader.run, download)
         return FetchRun(self, config, handles)
 
+    def _failed(self, download, error):
+        if self.failure is None:
+            self.failure = error
+        self._abort()
+
+    def _abort(self):
+        for downloader in list(self._downloaders):
+            downloader.abort()
+
     def close(self, cancel=False):
         if cancel:
-            for downloader in self._downloaders:
-                downloader.abort()
+            self._abort()
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=cancel)
             self._pool = None
+        for download in self._downloads:
+            if not download.done:  # its turn never came
+                download._finish(Cancelled(f"{download.what}: cancelled"))
         for client in self._clients:
             client.close()
         self._clients = []
         self._downloaders = []
+        self._downloads = []
 
 
 def _config_download(workdir, image):
@@ -146,13 +161,19 @@ def fetch_plan(fetcher, image, layers):
     is cached (with the config "path"), then each layer record, in plan order, once its
     blob is verified (with "path").
 
-    On the first failure the other downloads are cancelled and the error raised,
-    after the records before it were yielded.
+    The first failure cancels the other downloads (their partial files stay) and is
+    raised after the records before the first unfinished one were yielded.
     """
     with fetcher.start(image, layers) as run:
         image = dict(image, workdir=fetcher.workdir.root)
-        if run.config is not None:
-            image["config"] = dict(image["config"], path=run.config.result())
-        yield image
-        for handle in run.layers:
-            yield handle.result()
+        try:
+            if run.config is not None:
+                image["config"] = dict(image["config"], path=run.config.result())
+            yield image
+            for handle in run.layers:
+                yield handle.result()
+        except Cancelled:
+            # A blob later in the plan failed first: report that, not the cancellation.
+            if fetcher.failure is not None:
+                raise fetcher.failure from None
+            raise
