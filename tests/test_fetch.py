@@ -293,6 +293,23 @@ def test_two_concurrent_processes_both_succeed_and_download_each_blob_once(proxy
     assert all(len(parse_plan(out)) == 4 for out, _err in outputs)
 
 
+def test_concurrent_validating_runs_replace_a_corrupt_blob_once(proxy, image, workdir):
+    plan = plan_text(proxy.url, image, workdir)
+    first = start_fetch(plan, workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert first.wait(30) == 0
+    bad = Workdir(workdir).layer_path(image.layers[2].digest)
+    with open(bad, "r+b") as f:
+        f.write(b"corrupt")
+    proxy.add(Rule("delay", path=image.layers[2].digest, seconds=0.3))
+    procs = [subprocess.Popen([sys.executable, os.path.join(BIN, "tosi-fetch"), "--workdir", workdir,
+                               "--validate-cache"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    errors = [p.communicate(plan, timeout=60)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], errors
+    assert proxy.count("GET", image.layers[2].digest) == 2  # the first run, and one replacement
+    assert_cached(workdir, image.layers)
+
+
 def test_a_run_killed_mid_download_is_completed_by_the_next_run(tool, proxy, image, workdir):
     layer = image.layers[2]
     proxy.add(Rule("stall", path=layer.digest, after=300_000, times=1))

@@ -184,15 +184,18 @@ class Downloader:
 
     def _run(self, download):
         os.makedirs(os.path.dirname(download.final_path), exist_ok=True)
-        if self._reuse(download):
+        # A cached blob is taken without the lock; re-hashing one (and replacing it) needs it.
+        if not self.validate_cache and os.path.exists(download.final_path):
+            self._reused(download)
             return
         with file_lock(download.lock_path):
             # Another process may have finished it while we waited for the lock.
-            if self._reuse(download):
+            if self._valid_in_cache(download):
+                self._reused(download)
                 return
             self._download(download)
 
-    def _reuse(self, download):
+    def _valid_in_cache(self, download):
         if not os.path.exists(download.final_path):
             return False
         if self.validate_cache:
@@ -200,11 +203,13 @@ class Downloader:
                 verify_file(download.final_path, download.digest, download.size, download.what)
             except DigestMismatch as exc:
                 log.warning("%s; downloading it again", exc)
-                os.unlink(download.final_path)
+                _remove(download.final_path)
                 return False
+        return True
+
+    def _reused(self, download):
         download.reused = True
         self.progress(download, "reused", download.size)
-        return True
 
     def _download(self, download):
         hasher = _hash_partial(download)
