@@ -405,3 +405,13 @@ def test_validate_cache_replaces_a_corrupt_cached_layer(tool, image, tmp_path, w
     with open(blob, "rb") as f:
         assert f.read() == pushed.layers[0].data
     assert (tmp_path / "r/etc/shadow").read_text() == "root:*:1::::::\n"
+
+
+def test_leftover_upperdir_is_refused_before_any_request(tool, counter, tmp_path):
+    upper = tmp_path / "rootfs.upper"
+    upper.mkdir()
+    (upper / "changed").write_text("earlier")
+    proc = tool("tosi", "-image", f"{counter.host}/test/app:1", "-mount", tmp_path / "rootfs", check=1)
+    assert "tosi-mount --keep-upper" in proc.stderr and "--unmount --clean" in proc.stderr
+    assert counter.count == 0
+    assert not (tmp_path / "rootfs").exists()
