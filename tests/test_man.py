@@ -5,6 +5,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 
 import pytest
 
@@ -68,10 +69,18 @@ def test_umbrella_page_documents_every_original_flag():
         assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", text), flag
 
 
-@pytest.mark.parametrize("page", PAGES)
-def test_page_is_installed_with_the_package(page):
-    with open(os.path.join(ROOT, "setup.cfg")) as f:
-        assert f"man/{page}" in f.read()
+def test_pages_are_installed_with_the_package_where_man_finds_them(tmp_path):
+    # The package's own data_files, installed as pip installs them (setuptools' install_data).
+    subprocess.run([sys.executable, "-W", "ignore", "-c", "import setuptools; setuptools.setup()",
+                    "-q", "install_data", "--install-dir", str(tmp_path)],
+                   cwd=ROOT, check=True, capture_output=True, timeout=60)
+    for page in PAGES:
+        installed = tmp_path / "share" / "man" / f"man{page[-1]}" / page
+        with open(os.path.join(MAN, page), "rb") as f:
+            assert installed.read_bytes() == f.read(), page
+    proc = subprocess.run(["man", "-M", str(tmp_path / "share" / "man"), "-P", "cat", "tosi-mount"],
+                          capture_output=True, text=True, timeout=30, env={**os.environ, "MANWIDTH": "80"})
+    assert proc.returncode == 0 and "--unmount" in proc.stdout
 
 
 def test_plan_page_documents_every_field_the_stages_write():
