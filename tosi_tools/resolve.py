@@ -262,6 +262,8 @@ class Resolver:
                     f"{ref} is a single image for {platform or 'an unnamed platform'}, "
                     f"not for {self.platform}"
                 )
+            if platform is not None and not _runs(wanted, platform):
+                log.warning("%s is an image for %s, not for this machine (%s)", ref, platform, wanted)
         saved = self._store_saved_config(manifest.config["digest"], config_body)
         ids = None if manifest.media_type in SCHEMA1_TYPES else diff_ids(
             config_body, len(manifest.layers), what=f"image config {manifest.config['digest']}")
@@ -294,6 +296,7 @@ class Resolver:
             new_layer_record(i, descriptor, diffID=ids[i] if ids else None)
             for i, descriptor in enumerate(manifest.layers)
         ]
+        log.info("%s: %s for %s, %d layers", ref, digest, platform or "an unnamed platform", len(layers))
         return image, layers
 
 
