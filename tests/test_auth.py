@@ -224,3 +224,9 @@ def test_refused_cached_token_is_replaced(token_registry, token_server, token_pu
         assert len(token_server.token_requests()) == before + 1
     finally:
         client.close()
+
+
+def test_empty_password_stdin_is_usage_error(tool, workdir):
+    proc = tool("tosi-resolve", "--workdir", workdir, "--username", "u", "--password-stdin",
+                "127.0.0.1:1/img", input="", check=2)
+    assert proc.stderr == "tosi-resolve: error: --password-stdin: no password on stdin\n"

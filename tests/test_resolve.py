@@ -18,6 +18,7 @@ from tosi_tools.cache import Workdir
 from tosi_tools.errors import DigestMismatch, Unreachable
 from tosi_tools.plan import PlanReader
 from tosi_tools.platform import host_platform, parse_platform
+from tosi_tools.reference import reference_with_base_url
 from tosi_tools.registry import RegistryClient
 from tosi_tools.resolve import Resolver, resolve_image
 
@@ -501,3 +502,11 @@ def test_reference_forms_resolve_end_to_end_on_localhost(tool, registry, pusher,
     image_record, _ = _plan(_resolve(tool, workdir, form.format(host=host, repo=repo_name, digest=image.digest)))
     assert (image_record["registry"], image_record["digest"]) == (host, image.digest)
     assert image_record["endpoint"] == f"http://{host}"
+
+
+def test_base_url_reference_is_resolved_through_that_endpoint(registry, pusher, repo_name, workdir):
+    image = pusher.push_image(repo_name, "v1", _layers(1))
+    ref, endpoint = reference_with_base_url(f"{repo_name}:v1", registry.url)
+    image_record, _ = resolve_image(ref, workdir, endpoint=endpoint)
+    assert (image_record["endpoint"], image_record["registry"]) == (registry.url, registry.host)
+    assert image_record["digest"] == image.digest
