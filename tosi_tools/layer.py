@@ -22,10 +22,9 @@ import errno
 import logging
 import os
 import stat
-import tarfile
 from dataclasses import dataclass, field
 
-from . import saferoot
+from . import saferoot, tarstream
 from .compression import open_layer
 from .errors import UnpackError, UnsafeEntry
 
@@ -36,12 +35,10 @@ WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
 OPAQUE_XATTR = "trusted.overlay.opaque"
 _OVERLAY_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.")
-_XATTR_PAX = "SCHILY.xattr."
 DEFAULT_MAX_LAYER_BYTES = 64 << 30
 DEFAULT_MAX_LAYER_ENTRIES = 10_000_000
-COPY_CHUNK = 1 << 20
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-_NODE_TYPES = {tarfile.CHRTYPE: stat.S_IFCHR, tarfile.BLKTYPE: stat.S_IFBLK, tarfile.FIFOTYPE: stat.S_IFIFO}
+_NODE_TYPES = {tarstream.CHR: stat.S_IFCHR, tarstream.BLK: stat.S_IFBLK, tarstream.FIFO: stat.S_IFIFO}
 _said_not_root = False
 
 
@@ -121,6 +118,7 @@ class _Applier:
     # ---------------------------------------------------------------- entries
 
     def apply(self, tar, member):
+        """Apply one tarstream.Entry; its data is read from `tar` (a TarReader)."""
         name = member.name
         try:
             parts = saferoot.clean_name(name)
@@ -139,7 +137,7 @@ class _Applier:
                 raise self.fail(name, "only a directory can stand for the root")
             self.fix_dir(os.dup(self.root.fd), (), member, xattrs, name)
             return
-        if member.islnk():
+        if member.type == tarstream.LNK:
             # Resolved before placing the new name, whose lookup may evict the target's handle.
             source = self.link_source(name, member)
         if member.type in _NODE_TYPES and _NODE_TYPES[member.type] != stat.S_IFIFO and not self.as_root:
@@ -150,11 +148,11 @@ class _Applier:
         self.touch(here)
         if member.isdir():
             self.make_dir(dir_fd, base, canonical, member, xattrs, name)
-        elif member.isreg():
+        elif member.type == tarstream.REG:
             self.make_file(tar, dir_fd, base, canonical, member, xattrs, name)
-        elif member.issym():
+        elif member.type == tarstream.SYM:
             self.make_symlink(dir_fd, base, canonical, member)
-        elif member.islnk():
+        elif member.type == tarstream.LNK:
             self.make_hardlink(dir_fd, base, canonical, source, name)
         elif member.type in _NODE_TYPES:
             self.make_node(dir_fd, base, canonical, member, xattrs, name)
@@ -163,14 +161,11 @@ class _Applier:
 
     def xattrs_of(self, name, member):
         xattrs = []
-        for key, value in member.pax_headers.items():
-            if not key.startswith(_XATTR_PAX):
-                continue
-            xname = key[len(_XATTR_PAX):]
+        for xname, value in member.xattrs:
             if xname.startswith(_OVERLAY_XATTR_PREFIXES):
                 raise self.fail(name, f"carries the overlayfs xattr {xname!r}, which a layer "
                                 "must not set", UnsafeEntry)
-            xattrs.append((xname, value.encode("utf-8", "surrogateescape")))
+            xattrs.append((xname, value))
         return xattrs
 
     def set_xattrs(self, xattrs, name, fd=None, dir_fd=None, base=None):
@@ -221,10 +216,11 @@ class _Applier:
             if member.sparse is not None:
                 for offset, size in member.sparse:
                     os.lseek(fd, offset, os.SEEK_SET)
-                    self.copy(tar, fd, size, name)
+                    tar.copy_to(fd, size)
                 os.ftruncate(fd, member.size)
             else:
-                self.copy(tar, fd, member.size, name)
+                tar.copy_to(fd, member.size)
+            self.stats.bytes += member.data_size
             if self.as_root:
                 os.fchown(fd, member.uid, member.gid)
             os.fchmod(fd, stat.S_IMODE(member.mode))
@@ -233,18 +229,6 @@ class _Applier:
             os.utime(fd, ns=(t, t))
         finally:
             os.close(fd)
-
-    def copy(self, tar, fd, size, name):
-        read = tar.fileobj.read
-        while size > 0:
-            chunk = read(min(size, COPY_CHUNK))
-            if not chunk:
-                raise UnpackError(f"layer {self.layer_name}: entry {name!r}: the tar ends inside its data")
-            size -= len(chunk)
-            self.stats.bytes += len(chunk)
-            view = memoryview(chunk)
-            while view:
-                view = view[os.write(fd, view):]
 
     def make_symlink(self, dir_fd, base, canonical, member):
         try:
@@ -437,26 +421,14 @@ def apply_layer(root, stream, media_type, mode=FLAT, layer_name="layer", limits=
     applier = _Applier(safe, mode, layer_name, limits, as_root)
     data = open_layer(stream, media_type, f"layer {layer_name}", limits.max_bytes)
     try:
-        try:
-            tar = tarfile.open(fileobj=data, mode="r|", bufsize=64 * 1024)
-        except tarfile.ReadError as exc:
-            if str(exc) == "empty file":
-                return applier.stats
-            raise UnpackError(f"layer {layer_name}: not a tar archive ({exc})") from None
-        try:
-            while True:
-                member = tar.next()
-                if member is None:
-                    break
-                tar.members.clear()  # tarfile keeps every member; a layer can have millions
-                applier.apply(tar, member)
-        except tarfile.TarError as exc:
-            raise UnpackError(f"layer {layer_name}: malformed tar ({exc})") from None
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise UnpackError(f"layer {layer_name}: no space left on the target") from None
-            raise
+        tar = tarstream.TarReader(data, f"layer {layer_name}")
+        for entry in tar:
+            applier.apply(tar, entry)
         applier.finish()
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise UnpackError(f"layer {layer_name}: no space left on the target") from None
+        raise
     finally:
         data.close()
         if own_root:
