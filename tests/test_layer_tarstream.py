@@ -1,0 +1,149 @@
+"""tarstream reads what GNU tar and Python's tarfile write: every header format a layer may use."""
+
+import io
+import os
+import subprocess
+import tarfile
+
+import pytest
+
+from tests.support.images import dir_entry, file_entry, hardlink_entry, special_entry, symlink_entry, tar_bytes
+from tosi_tools.errors import UnpackError
+from tosi_tools.tarstream import TarReader
+
+LONG = "/".join(["n" * 50] * 6)
+
+
+def entries(data, with_data=True):
+    reader = TarReader(io.BytesIO(data), "test")
+    out = []
+    for e in reader:
+        body = reader.read_data(e.data_size) if with_data else None
+        out.append((e, body))
+    return out
+
+
+def summary(data):
+    return [(e.name, e.type, e.mode, e.uid, e.gid, e.size, int(e.mtime), e.linkname, e.devmajor, e.devminor,
+             body) for e, body in entries(data)]
+
+
+def tarfile_summary(data):
+    out = []
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        for m in tar:
+            body = tar.extractfile(m).read() if m.isreg() else b""
+            out.append((m.name, m.type.decode(), m.mode, m.uid, m.gid, m.size if m.isreg() else 0,
+                        int(m.mtime), m.linkname, m.devmajor if m.ischr() or m.isblk() else 0,
+                        m.devminor if m.ischr() or m.isblk() else 0, body))
+    return out
+
+
+MEMBERS = [
+    dir_entry("dir", mode=0o1755, uid=5, gid=6), file_entry("dir/file", b"hello", mode=0o4711, uid=1000),
+    file_entry(LONG, b"long"), symlink_entry("sym", "t" * 150), hardlink_entry("hard", "dir/file"),
+    special_entry("chr", tarfile.CHRTYPE, 4, 64), special_entry("blk", tarfile.BLKTYPE, 8, 1),
+    special_entry("fifo", tarfile.FIFOTYPE), file_entry("big-uid", b"x", uid=3_000_000_000),
+    file_entry("empty", b""),
+]
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT])
+def test_reads_what_tarfile_writes(fmt):
+    data = tar_bytes(MEMBERS, format=fmt)
+    assert summary(data) == tarfile_summary(data)
+
+
+def test_reads_ustar_prefix_names():
+    name = "p" * 120 + "/file"
+    data = tar_bytes([file_entry(name, b"u")], format=tarfile.USTAR_FORMAT)
+    [(e, body)] = entries(data)
+    assert e.name == name and body == b"u"
+
+
+def test_pax_xattrs_keep_their_bytes():
+    data = tar_bytes([file_entry("f", pax={"SCHILY.xattr.user.a": "1", "SCHILY.xattr.user.b": "\u00e9"})])
+    [(e, _)] = entries(data)
+    assert e.xattrs == [("user.a", b"1"), ("user.b", "\u00e9".encode())]
+
+
+def test_pax_mtime_keeps_fractions():
+    info, body = file_entry("f")
+    info.pax_headers = {"mtime": "1600000000.25"}
+    [(e, _)] = entries(tar_bytes([(info, body)]))
+    assert e.mtime == 1600000000.25
+
+
+def test_global_pax_header_applies_to_following_entries():
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT,
+                      pax_headers={"SCHILY.xattr.user.g": "all"}) as tar:
+        tar.addfile(tarfile.TarInfo("a"), io.BytesIO(b""))
+    [(e, _)] = entries(buf.getvalue())
+    assert e.name == "a" and e.xattrs == [("user.g", b"all")]
+
+
+def _sparse_file(path):
+    with open(path, "wb") as f:
+        f.truncate(3 << 20)
+        f.seek(1 << 20)
+        f.write(b"middle")
+        f.seek((3 << 20) - 3)
+        f.write(b"end")
+
+
+@pytest.mark.parametrize("flags", [
+    ["--format=pax", "--sparse-version=1.0"], ["--format=pax", "--sparse-version=0.1"],
+    ["--format=pax", "--sparse-version=0.0"], ["--format=gnu"],
+])
+def test_reads_gnu_sparse_files(tmp_path, flags):
+    _sparse_file(tmp_path / "sparse")
+    out = tmp_path / "s.tar"
+    subprocess.run(["tar", "--sparse", *flags, "-cf", out, "-C", tmp_path, "sparse"], check=True)
+    reader = TarReader(io.BytesIO(out.read_bytes()), "test")
+    e = next(reader)
+    content = bytearray(e.size)
+    for offset, size in e.sparse:
+        content[offset:offset + size] = reader.read_data(size)
+    assert e.name == "sparse" and e.size == 3 << 20
+    assert bytes(content) == (tmp_path / "sparse").read_bytes()
+    assert list(reader) == []
+
+
+def test_old_directory_marked_by_trailing_slash():
+    info = tarfile.TarInfo("olddir/")
+    info.type = tarfile.AREGTYPE
+    data = tar_bytes([(info, None)], format=tarfile.USTAR_FORMAT)
+    [(e, _)] = entries(data)
+    assert e.isdir() and e.name == "olddir"
+
+
+def test_unread_data_is_skipped():
+    data = tar_bytes([file_entry("a", b"a" * 5000), file_entry("b", b"b")])
+    names = [e.name for e in TarReader(io.BytesIO(data), "test")]
+    assert names == ["a", "b"]
+
+
+def test_archive_without_end_marker_is_tolerated():
+    data = tar_bytes([file_entry("a", b"a")])
+    [(e, body)] = entries(data[:1024])
+    assert e.name == "a" and body == b"a"
+
+
+def test_bad_checksum_is_an_error():
+    data = bytearray(tar_bytes([file_entry("a", b"a")]))
+    data[0] ^= 1
+    with pytest.raises(UnpackError, match="test: not a valid tar header"):
+        entries(bytes(data))
+
+
+def test_stream_ending_inside_data_is_an_error():
+    data = tar_bytes([file_entry("a", os.urandom(4000))])
+    with pytest.raises(UnpackError, match="ends"):
+        entries(data[:2048])
+
+
+def test_stream_ending_inside_a_header_is_an_error():
+    data = tar_bytes([file_entry("a", b"")])
+    with pytest.raises(UnpackError, match="ends inside a header"):
+        entries(data[:300])
