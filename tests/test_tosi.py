@@ -415,3 +415,17 @@ def test_leftover_upperdir_is_refused_before_any_request(tool, counter, tmp_path
     assert "tosi-mount --keep-upper" in proc.stderr and "--unmount --clean" in proc.stderr
     assert counter.count == 0
     assert not (tmp_path / "rootfs").exists()
+
+
+def test_download_failure_during_extractto_says_what_the_target_holds(tool, pusher, registry,
+                                                                      repo_name, tmp_path, workdir):
+    layers = [make_layer([file_entry(name, name.encode())]) for name in ("a", "b", "c")]
+    pusher.push_image(repo_name, "1", layers)
+    pusher.session.delete(f"{registry.url}/v2/{repo_name}/blobs/{layers[1].digest}").raise_for_status()
+    target = tmp_path / "rootfs"
+    proc = tool("tosi", "-image", f"{registry.host}/{repo_name}:1", "-extractto", target,
+                "-parallel-downloads", "1", "-workdir", workdir, check=1)
+    assert len(proc.stderr.splitlines()) == 1 and layers[1].digest in proc.stderr
+    assert proc.stderr.rstrip().endswith(f"{target} is partially extracted (1 of 3 layers applied); "
+                                         "remove it")
+    assert os.listdir(target) == ["a"]

@@ -8,6 +8,7 @@ runs: the fetch stage verifies every blob as it arrives (and re-hashes cached
 ones with `validate_cache`), which is what tosi-verify would check again.
 """
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from typing import Optional
 from . import fetch, mount, resolve, unpack
 from .auth import TokenCache, credentials_from_flags
 from .cache import DEFAULT_WORKDIR, Workdir, atomic_write
-from .errors import UsageError
+from .errors import TosiError, UsageError
 from .platform import parse_platform
 from .reference import parse_reference, reference_with_base_url
 from .registry import detect_endpoint, endpoint_for
@@ -90,6 +91,26 @@ def save_config(image, path):
     atomic_write(os.path.abspath(path), data)
 
 
+def _noting_failures(records, failures):
+    try:
+        yield from records
+    except TosiError as exc:
+        failures.append(exc)
+        raise
+
+
+def _with_extract_state(exc, target, applied, total, created_target):
+    """A download failure during -extractto, saying what it left in the target
+    (the unpack stage says so itself for its own failures)."""
+    if applied == 0 and created_target:
+        with contextlib.suppress(OSError):
+            os.rmdir(target)  # only if still empty: nothing of the image is in it
+        if not os.path.lexists(target):
+            return type(exc)(str(exc))
+    return type(exc)(f"{exc}; {target} is partially extracted ({applied} of {total} layers "
+                     "applied); remove it")
+
+
 def pull(options, progress_for=None):
     """Pull and lay out one image; returns the final plan: (image record, layer records).
 
@@ -113,15 +134,26 @@ def pull(options, progress_for=None):
                             parallel=options.parallel, validate_cache=options.validate_cache,
                             progress=progress)
     fetched = fetch.fetch_plan(fetcher, image, layers)
+    fetch_failures = []
+    created_target = bool(options.extract_to) and not os.path.lexists(options.extract_to)
+    done = []
     try:
         image = next(fetched)
-        unpacked = unpack.unpack_plan(image, fetched, workdir=workdir.root,
-                                      overlaydir=options.overlaydir, into=options.extract_to)
-        layers = list(unpacked)
+        unpacked = unpack.unpack_plan(image, _noting_failures(fetched, fetch_failures),
+                                      workdir=workdir.root, overlaydir=options.overlaydir,
+                                      into=options.extract_to)
+        for record in unpacked:
+            done.append(record)
+    except TosiError as exc:
+        if options.extract_to and exc in fetch_failures:
+            raise _with_extract_state(exc, options.extract_to, len(done), len(layers),
+                                      created_target) from exc
+        raise
     finally:
         fetched.close()
         if progress is not None:
             progress.close()
+    layers = done
     if options.mount:
         image["mount"] = mount.mount_image(image, layers, options.mount,
                                            overlaydir=options.overlaydir, workdir=workdir.root,
