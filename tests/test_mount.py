@@ -391,3 +391,16 @@ def test_a_layer_repeated_in_the_image_is_mounted_once(tool, workdir, tmp_path, 
     mounts.append(target)
     mount_tool(tool, target, plan="".join(json.dumps(r) + "\n" for r in records), check=0)
     assert tree(target) == {"f": "bottom\n", "only-bottom": "x\n", "only-middle": "y\n"}
+
+
+def test_plan_without_workdir_finds_the_overlays_through_the_workdir_flag(tool, workdir, tmp_path,
+                                                                           mounts):
+    records = [json.loads(line) for line in build_unpacked(workdir, TWO_LAYERS).splitlines()]
+    del records[0]["workdir"]
+    for record in records[1:]:
+        del record["overlay"]
+    target = str(tmp_path / "rootfs")
+    mounts.append(target)
+    mount_tool(tool, "--workdir", workdir, target,
+               plan="".join(json.dumps(r) + "\n" for r in records), check=0)
+    assert tree(target)["app/run"] == "app\n"

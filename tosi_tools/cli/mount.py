@@ -60,7 +60,7 @@ def body(argv):
     image = dict(reader.image)
     image["mount"] = mount.mount_image(
         image, layers, args.mountpoint, overlaydir=args.overlaydir,
-        workdir=args.workdir or image.get("workdir") or os.environ.get("TOSI_WORKDIR"),
+        workdir=plan_workdir(args.workdir, image).root,
         read_only=args.read_only, keep_upper=args.keep_upper)
     writer = PlanWriter(sys.stdout)
     writer.write(image)
