@@ -1,10 +1,15 @@
 """tosi-fetch against the real registry, through a fault-injecting proxy where failures are needed."""
 
+import fcntl
 import hashlib
 import json
 import os
+import pty
+import select
+import struct
 import subprocess
 import sys
+import termios
 import time
 from urllib.parse import urljoin
 
@@ -161,6 +166,33 @@ def test_a_blob_named_by_sha512_is_verified_with_sha512(tool, proxy, registry, i
     assert os.path.basename(path) == digest.split(":")[1] and len(os.path.basename(path)) == 128
     with open(path, "rb") as f:
         assert f.read() == data
+
+
+def test_progress_auto_draws_bars_when_stderr_is_a_terminal(proxy, image, workdir):
+    main, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # rows, columns
+    try:
+        proc = start_fetch(plan_text(proxy.url, image, workdir), workdir,
+                           stdout=subprocess.PIPE, stderr=terminal)
+        os.close(terminal)
+        terminal = None
+        out = proc.stdout.read()
+        assert proc.wait(30) == 0
+        drawn = b""
+        while select.select([main], [], [], 0.5)[0]:
+            try:
+                chunk = os.read(main, 65536)
+            except OSError:  # the terminal's other end is gone: all was read
+                break
+            if not chunk:
+                break
+            drawn += chunk
+    finally:
+        os.close(main)
+        if terminal is not None:
+            os.close(terminal)
+    assert b"total" in drawn and b"B/s" in drawn
+    assert len(parse_plan(out)) == 4
 
 
 # ---------------------------------------------------------------- bad input
