@@ -32,6 +32,12 @@ def rich_layers():
         dir_entry("tmp", mode=0o1777), file_entry("usr/bin/passwd", b"suid", mode=0o4755),
         special_entry("dev/null", tarfile.CHRTYPE, 1, 3, mode=0o666),
         file_entry("opt/old/a", b"a"), file_entry("opt/old/b", b"b"),
+        special_entry("run/initctl", tarfile.FIFOTYPE, mode=0o600), dir_entry("mnt/empty"),
+        file_entry("usr/lib/" + "long-name-" * 20, b"long"),
+        file_entry("usr/bin/ping", b"ping", mode=0o755,
+                   pax={"SCHILY.xattr.security.capability": "\x01\x00\x00\x02\x00\x20\x00\x00"
+                        "\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00",
+                        "SCHILY.xattr.user.origin": "test"}),
     ])
     middle = make_layer([
         whiteout_entry("var/cache/apt"), file_entry("etc/os-release", b"ID=test\nVERSION=2\n"),
@@ -355,6 +361,8 @@ def test_pipeline_and_tosi_mount_make_identical_views(tool, image, tmp_path, mou
     tool("tosi", "-image", ref, "-mount", direct, "-workdir", tmp_path / "w2", check=0)
     tree = snapshot(piped)
     assert tree["dev/null"]["rdev"] == (1, 3) and "opt/old/a" not in tree
+    assert tree["usr/bin/ping"]["xattrs"]["user.origin"] == b"test"
+    assert "security.capability" in tree["usr/bin/ping"]["xattrs"]
     assert tree == snapshot(direct)
 
 
@@ -429,3 +437,19 @@ def test_download_failure_during_extractto_says_what_the_target_holds(tool, push
     assert proc.stderr.rstrip().endswith(f"{target} is partially extracted (1 of 3 layers applied); "
                                          "remove it")
     assert os.listdir(target) == ["a"]
+
+
+@pytest.mark.slow
+def test_image_too_long_for_one_mount_page_is_mounted_by_tosi(tool, pusher, registry, repo_name,
+                                                              tmp_path, workdir, mounts):
+    count = 400  # 400 short links of up to 13 characters overflow a 4 KiB page
+    layers = [make_layer([file_entry(f"layer/{i:03d}", b""), file_entry("top", f"{i}\n".encode())])
+              for i in range(count)]
+    pusher.push_image(repo_name, "long", layers)
+    target = str(tmp_path / "rootfs")
+    mounts.append(target)
+    tool("tosi", "-image", f"{registry.host}/{repo_name}:long", "-mount", target,
+         "-parallel-downloads", "16", "-workdir", workdir, timeout=600, check=0)
+    assert "lowerdir+=" in overlay.mount_at(target)[1]
+    assert len(os.listdir(os.path.join(target, "layer"))) == count
+    assert open(os.path.join(target, "top")).read() == f"{count - 1}\n"
