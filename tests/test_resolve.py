@@ -16,6 +16,7 @@ from tests.support.images import (
 from tests.support.registry import free_port
 from tosi_tools.cache import Workdir
 from tosi_tools.errors import DigestMismatch, Unreachable
+from tosi_tools.manifest import schema1_payload
 from tosi_tools.plan import PlanReader
 from tosi_tools.platform import host_platform, parse_platform
 from tosi_tools.reference import reference_with_base_url
@@ -23,6 +24,7 @@ from tosi_tools.registry import RegistryClient
 from tosi_tools.resolve import Resolver, resolve_image
 
 SCHEMA1_SIGNED = "application/vnd.docker.distribution.manifest.v1+prettyjws"
+SCHEMA1_UNSIGNED = "application/vnd.docker.distribution.manifest.v1+json"
 
 
 def _layers(n=2, **kwargs):
@@ -183,17 +185,20 @@ def _schema1_image(pusher, registry, repo):
     return layers, r
 
 
-def test_signed_schema1_is_converted_bottom_first_without_throwaway_layers(tool, registry, pusher,
-                                                                           repo_name, workdir):
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_schema1_is_converted_bottom_first_without_throwaway_layers(tool, registry, pusher, repo_name,
+                                                                    workdir, signed):
     layers, schema1 = _schema1_image(pusher, registry, repo_name)
+    # Without its signatures the manifest is the unsigned form, under the same digest.
+    body, media_type = (schema1.content, SCHEMA1_SIGNED) if signed else (
+        schema1_payload(schema1.content), SCHEMA1_UNSIGNED)
     # A registry that serves only schema1 (as old ones did): the proxy answers with the real bytes.
     with FaultProxy(registry.url) as proxy:
-        proxy.add(Rule("status", path="/manifests/", status=200, body=schema1.content, headers={
-            "Content-Type": SCHEMA1_SIGNED,
-            "Docker-Content-Digest": schema1.headers["Docker-Content-Digest"]}))
+        proxy.add(Rule("status", path="/manifests/", status=200, body=body, headers={
+            "Content-Type": media_type, "Docker-Content-Digest": schema1.headers["Docker-Content-Digest"]}))
         host = proxy.url.split("://")[1]
         image_record, layer_records = _plan(_resolve(tool, workdir, f"{host}/{repo_name}:v2"))
-    assert image_record["mediaType"] == SCHEMA1_SIGNED
+    assert image_record["mediaType"] == media_type
     assert image_record["digest"] == schema1.headers["Docker-Content-Digest"]
     assert [(r["digest"], r["size"]) for r in layer_records] == [(x.digest, len(x.data)) for x in layers]
     assert [r["diffID"] for r in layer_records] == [None, None]
@@ -471,7 +476,7 @@ def test_manifest_is_asked_for_with_every_accept_type_in_one_request(registry, p
     assert accepted == {
         "application/vnd.oci.image.index.v1+json", "application/vnd.oci.image.manifest.v1+json",
         "application/vnd.docker.distribution.manifest.list.v2+json", DOCKER_MANIFEST,
-        "application/vnd.docker.distribution.manifest.v1+json", SCHEMA1_SIGNED,
+        SCHEMA1_UNSIGNED, SCHEMA1_SIGNED,
     }
 
 
