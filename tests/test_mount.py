@@ -1,6 +1,7 @@
 """tosi-mount: real overlayfs mounts of layer dirs laid out as tosi-unpack leaves them."""
 
 import base64
+import ctypes
 import errno
 import hashlib
 import io
@@ -404,3 +405,62 @@ def test_plan_without_workdir_finds_the_overlays_through_the_workdir_flag(tool, 
     mount_tool(tool, "--workdir", workdir, target,
                plan="".join(json.dumps(r) + "\n" for r in records), check=0)
     assert tree(target)["app/run"] == "app\n"
+
+
+def failing_syscall(number, error):
+    """A preexec_fn that makes syscall `number` fail with `error` in the child (a
+    seccomp filter), so a test can show how tosi-mount copes with an older kernel."""
+    class SockFilter(ctypes.Structure):
+        _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte),
+                    ("k", ctypes.c_uint)]
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(SockFilter))]
+
+    load_nr, jump_if_equal, ret = 0x20, 0x15, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, BPF_RET|K
+    program = (SockFilter * 4)(SockFilter(load_nr, 0, 0, 0), SockFilter(jump_if_equal, 0, 1, number),
+                               SockFilter(ret, 0, 0, 0x00050000 | error),  # SECCOMP_RET_ERRNO
+                               SockFilter(ret, 0, 0, 0x7FFF0000))  # SECCOMP_RET_ALLOW
+
+    def install():
+        libc = ctypes.CDLL(None, use_errno=True)
+        fprog = SockFprog(len(program), program)
+        assert libc.prctl(38, 1, 0, 0, 0) == 0  # PR_SET_NO_NEW_PRIVS
+        assert libc.prctl(22, 2, ctypes.byref(fprog), 0, 0) == 0  # PR_SET_SECCOMP, FILTER
+    return install
+
+
+@pytest.fixture
+def long_plan(workdir):
+    plan = build_unpacked(workdir, [{f"f{i}": "x"} for i in range(200)])
+    links = [layer["link"] for layer in PlanReader(io.StringIO(plan))]
+    assert not overlay.fits_in_page(overlay.option_string(links, "/u", "/w"))
+    return plan
+
+
+def mount_on_older_kernel(target, plan, syscall_name, error):
+    return subprocess.run(
+        [sys.executable, os.path.join(BIN, "tosi-mount"), target], input=plan, capture_output=True,
+        text=True, timeout=60,
+        preexec_fn=failing_syscall(overlay._SYSCALL[syscall_name], error))
+
+
+def test_kernel_without_the_new_mount_api_is_told_apart(long_plan, tmp_path, mounts):
+    target = str(tmp_path / "rootfs")
+    mounts.append(target)
+    proc = mount_on_older_kernel(target, long_plan, "fsopen", errno.ENOSYS)
+    assert proc.returncode == 1
+    assert f"more than mount(2) accepts in one page ({overlay.page_size()})" in proc.stderr
+    assert "has no new mount API (fsopen, Linux 5.2 or newer)" in proc.stderr
+    assert len(proc.stderr.splitlines()) == 1
+    assert not os.path.exists(target) and not os.path.exists(target + ".upper")
+
+
+def test_overlayfs_without_lowerdir_plus_is_told_apart(long_plan, tmp_path, mounts):
+    target = str(tmp_path / "rootfs")
+    mounts.append(target)
+    proc = mount_on_older_kernel(target, long_plan, "fsconfig", errno.EINVAL)
+    assert proc.returncode == 1
+    assert 'has no "lowerdir+" option (Linux 6.8 or newer)' in proc.stderr
+    assert len(proc.stderr.splitlines()) == 1
+    assert not os.path.exists(target)

@@ -148,7 +148,8 @@ def mount_overlay(target, lowerdirs, upperdir=None, workdir=None, relative_to=No
             _mount_legacy(target, options, read_only)
     elif api == "fsmount":
         with _inside(relative_to):
-            _mount_new_api(target, lowerdirs, upperdir, workdir, read_only, len(options))
+            _mount_new_api(target, lowerdirs, upperdir, workdir, read_only,
+                           len(os.fsencode(options)))
     else:
         raise ValueError(f"unknown mount api {api!r}")
     return api
@@ -216,37 +217,42 @@ def _mount_new_api(target, lowerdirs, upperdir, workdir, read_only, option_bytes
 
 def _mount_new_api_fds(target, lowerdirs, upperdir, workdir, read_only, option_bytes, held):
     reason = new_api_unavailable_reason()
-    too_long = (f"the mount options for {len(lowerdirs)} layers take {option_bytes} bytes, "
-                f"more than mount(2) accepts in one page ({page_size()})")
+    if option_bytes >= page_size():
+        why = (f"the mount options for {len(lowerdirs)} layers take {option_bytes} bytes, "
+               f"more than mount(2) accepts in one page ({page_size()})")
+    else:
+        why = "the new mount API was asked for"
     if reason:
-        raise MountError(f"{too_long}, and {reason}")
+        raise MountError(f"{why}, and {reason}")
     fs_fd, code = _syscall("fsopen", ctypes.c_char_p(OVERLAY.encode()),
                            ctypes.c_uint(FSOPEN_CLOEXEC))
     if fs_fd is None:
         if code == errno.ENOSYS:
-            raise MountError(f"{too_long}, and this kernel ({platform.release()}) has no "
+            raise MountError(f"{why}, and this kernel ({platform.release()}) has no "
                              "new mount API (fsopen, Linux 5.2 or newer)")
         raise MountError(f"fsopen overlay: {os.strerror(code)}{_permission_hint(code)}")
     try:
-        def config(key, value):
+        def config(key, value, first_lower=False):
             _, err = _syscall("fsconfig", ctypes.c_int(fs_fd), ctypes.c_uint(FSCONFIG_SET_STRING),
                               ctypes.c_char_p(key.encode()), ctypes.c_char_p(os.fsencode(value)),
                               ctypes.c_int(0))
             if err:
                 detail = _kernel_messages(fs_fd)
-                if key == "lowerdir+" and err == errno.EINVAL and "nknown parameter" in detail:
+                # Before 6.8, overlayfs answers the first "lowerdir+" with EINVAL and
+                # "Unknown parameter"; a real layer problem names itself otherwise.
+                if first_lower and err == errno.EINVAL and (not detail or "nknown parameter" in detail):
                     raise MountError(
-                        f"{too_long}, and overlayfs in this kernel ({platform.release()}) has no "
+                        f"{why}, and overlayfs in this kernel ({platform.release()}) has no "
                         "\"lowerdir+\" option (Linux 6.8 or newer) to pass them one by one")
                 raise MountError(f"overlay {key}={value}: {os.strerror(err)}"
                                  + (f" ({detail})" if detail else ""))
 
-        config("source", OVERLAY)
-        for lower in lowerdirs:
-            config("lowerdir+", _fsconfig_path(lower, held))
+        for position, lower in enumerate(lowerdirs):
+            config("lowerdir+", _fsconfig_path(lower, held), first_lower=position == 0)
         if upperdir is not None:
             config("upperdir", _fsconfig_path(upperdir, held))
             config("workdir", _fsconfig_path(workdir, held))
+        config("source", OVERLAY)
         _, err = _syscall("fsconfig", ctypes.c_int(fs_fd), ctypes.c_uint(FSCONFIG_CMD_CREATE),
                           None, None, ctypes.c_int(0))
         if err:
