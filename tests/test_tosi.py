@@ -5,11 +5,13 @@ it makes the same trees as the pipeline of the stage commands."""
 import json
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
 import tarfile
 import threading
+import time
 
 import pytest
 
@@ -453,3 +455,34 @@ def test_image_too_long_for_one_mount_page_is_mounted_by_tosi(tool, pusher, regi
     assert "lowerdir+=" in overlay.mount_at(target)[1]
     assert len(os.listdir(os.path.join(target, "layer"))) == count
     assert open(os.path.join(target, "top")).read() == f"{count - 1}\n"
+
+
+def test_interrupt_stops_the_pull_at_once_and_leaves_no_unverified_blob(pusher, registry, repo_name,
+                                                                        tmp_path, workdir):
+    from tests.support.faultproxy import FaultProxy, Rule
+
+    layer = make_layer([file_entry("big", os.urandom(256 << 10))], compression=None)
+    pusher.push_image(repo_name, "1", [layer])
+    with FaultProxy(registry.url) as proxy:
+        proxy.add(Rule("stall", path=layer.digest, after=4096))
+        host = proxy.url.split("://", 1)[1]
+        proc = subprocess.Popen([sys.executable, os.path.join(BIN, "tosi"), "-image",
+                                 f"{host}/{repo_name}:1", "-extractto", str(tmp_path / "r"),
+                                 "-workdir", workdir], stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 30
+            while not any(layer.digest in r.path for r in proxy.requests):
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.05)
+            time.sleep(0.3)
+            started = time.monotonic()
+            proc.send_signal(signal.SIGINT)
+            _, stderr = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == 130
+    assert stderr.strip() == "tosi: error: interrupted"
+    assert time.monotonic() - started < 5
+    assert not os.path.exists(Workdir(workdir).layer_path(layer.digest))
