@@ -18,7 +18,9 @@ import requests
 
 from tests.conftest import BIN
 from tests.support.faultproxy import FaultProxy, Rule
-from tests.support.plans import assert_cached, parse_plan, plan_records, plan_text, random_layer
+from tests.support.plans import (
+    assert_cached, parse_plan, plan_records, plan_text, random_layer, records_text,
+)
 from tosi_tools.cache import Workdir
 
 
@@ -82,7 +84,7 @@ def test_fetch_keeps_fields_it_does_not_know(tool, proxy, image, workdir):
     records = plan_records(proxy.url, image, workdir)
     records[0]["futureField"] = {"x": 1}
     records[2]["annotations"] = {"org.example": "kept"}
-    text = "".join(json.dumps(r) + "\n" for r in records)
+    text = records_text(records)
     proc = tool("tosi-fetch", "--workdir", workdir, input=text, check=0)
     out = parse_plan(proc.stdout)
     assert out[0]["futureField"] == {"x": 1}
@@ -206,9 +208,20 @@ def test_a_malformed_plan_is_a_usage_error(tool, workdir):
 def test_a_layer_without_a_size_is_refused(tool, proxy, image, workdir):
     records = plan_records(proxy.url, image, workdir)
     del records[2]["size"]
-    proc = tool("tosi-fetch", "--workdir", workdir, input="".join(json.dumps(r) + "\n" for r in records))
+    proc = tool("tosi-fetch", "--workdir", workdir, input=records_text(records))
     assert proc.returncode == 2
     assert "layer 1 has no valid size" in proc.stderr
+    assert proxy.count() == 0
+
+
+@pytest.mark.parametrize("field", ["repository", "endpoint"])
+def test_an_image_record_without_where_to_fetch_from_is_refused(tool, proxy, image, workdir, field):
+    records = plan_records(proxy.url, image, workdir)
+    records[0].pop(field)
+    if field == "endpoint":
+        records[0].pop("registry")
+    proc = tool("tosi-fetch", "--workdir", workdir, input=records_text(records))
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
     assert proxy.count() == 0
 
 
@@ -216,7 +229,7 @@ def test_a_blob_longer_than_its_descriptor_is_rejected_without_writing_beyond_th
         tool, proxy, image, workdir):
     records = plan_records(proxy.url, image, workdir)
     records[1]["size"] -= 10
-    proc = tool("tosi-fetch", "--workdir", workdir, input="".join(json.dumps(r) + "\n" for r in records))
+    proc = tool("tosi-fetch", "--workdir", workdir, input=records_text(records))
     assert proc.returncode == 1
     assert f"layer 0 ({image.layers[0].digest})" in proc.stderr
     assert image.layers[0].digest.split(":")[1] not in layer_files(workdir)

@@ -1,12 +1,11 @@
 """tosi-resolve | tosi-fetch | tosi-verify through real pipes, as a user runs them."""
 
-import json
 import os
 import subprocess
 import sys
 
 from tests.conftest import BIN
-from tests.support.plans import assert_cached, parse_plan, random_layer
+from tests.support.plans import assert_cached, parse_plan, random_layer, records_text
 from tosi_tools.cache import Workdir
 
 
@@ -61,7 +60,7 @@ def test_fetch_without_the_ca_fails_with_a_tls_error(tls_registry, tls_pusher, r
     records = parse_plan(resolved)
     assert records[0]["caFile"] == tls_registry.ca_file
     records[0]["caFile"] = None
-    plan = "".join(json.dumps(r) + "\n" for r in records)
+    plan = records_text(records)
     proc = subprocess.run([sys.executable, os.path.join(BIN, "tosi-fetch"), "--retries", "0"],
                           input=plan, capture_output=True, text=True, env={**os.environ, "REQUESTS_CA_BUNDLE": ""})
     assert proc.returncode == 1

@@ -1,11 +1,10 @@
 """tosi-verify on a cache filled by tosi-fetch from the real registry."""
 
-import json
 import os
 
 import pytest
 
-from tests.support.plans import parse_plan, plan_text, random_layer
+from tests.support.plans import parse_plan, plan_text, random_layer, records_text
 from tosi_tools.cache import Workdir
 
 
@@ -127,6 +126,6 @@ def test_a_plan_cannot_point_verify_at_files_outside_the_cache(tool, fetched, tm
     victim = tmp_path / "victim"
     victim.write_bytes(b"not a blob")
     records[1]["path"] = str(victim)
-    text = "".join(json.dumps(r) + "\n" for r in records)
+    text = records_text(records)
     tool("tosi-verify", "--workdir", workdir, input=text, check=0)
     assert victim.read_bytes() == b"not a blob"

@@ -83,6 +83,10 @@ class Fetcher:
 
     def start(self, image, layers):
         """Start downloading the config and every layer of `image`; returns a FetchRun."""
+        if not isinstance(image.get("repository"), str) or not image["repository"]:
+            raise PlanError("image record has no repository")
+        if not (image.get("endpoint") or image.get("registry")):
+            raise PlanError("image record names neither an endpoint nor a registry")
         records = list(layers)
         config = _config_download(self.workdir, image)
         unique = {config.digest: config} if config else {}

@@ -42,7 +42,12 @@ def plan_records(endpoint, image, workdir, cache_config=False, layers=None):
 
 def plan_text(endpoint, image, workdir, **kwargs):
     """The plan as the JSON lines a stage reads on stdin."""
-    return "".join(json.dumps(r) + "\n" for r in plan_records(endpoint, image, workdir, **kwargs))
+    return records_text(plan_records(endpoint, image, workdir, **kwargs))
+
+
+def records_text(records):
+    """Plan records as the JSON lines a stage reads on stdin."""
+    return "".join(json.dumps(r) + "\n" for r in records)
 
 
 def parse_plan(text):
