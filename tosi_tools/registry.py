@@ -9,6 +9,7 @@ stage; this layer makes one attempt per call.
 
 import ipaddress
 import logging
+import re
 import socket
 import ssl
 import threading
@@ -306,10 +307,20 @@ def _mib(n):
     return f"{n / (1 << 20):g} MiB"
 
 
+_POOL_PREFIX = re.compile(r"^(?:<[^>]*>|\w+\(host=[^)]*\)): ")
+
+
 def _reason(exc):
-    # requests wraps urllib3 wraps socket errors; the innermost reason is the readable one.
-    text = str(exc)
-    for marker in ("Caused by ", "Failed to establish a new connection: "):
-        if marker in text:
-            text = text.split(marker, 1)[1]
-    return text.strip("()'\" ")[:300]
+    """The readable cause of a transport error: requests wraps urllib3 wraps socket errors."""
+    seen = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        inner = getattr(exc, "reason", None)
+        if not isinstance(inner, BaseException) and exc.args and isinstance(exc.args[0], BaseException):
+            inner = exc.args[0]
+        if not isinstance(inner, BaseException):
+            break
+        exc = inner
+    text = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
+    text = _POOL_PREFIX.sub("", text).replace("Failed to establish a new connection: ", "")
+    return text.strip("'\" ")[:300]
