@@ -37,7 +37,8 @@ def test_resolve_fetch_verify_pipeline_caches_and_verifies_every_blob(registry, 
     assert codes == [0, 0, 0], errs
     records = parse_plan(out)
     assert [r["digest"] for r in records[1:]] == [layer.digest for layer in image.layers]
-    assert [r["path"] for r in records[1:]] == [Workdir(workdir).layer_path(layer.digest) for layer in image.layers]
+    cache = Workdir(workdir)
+    assert [r["path"] for r in records[1:]] == [cache.layer_path(layer.digest) for layer in image.layers]
     assert_cached(workdir, image.layers)
 
 
@@ -62,7 +63,8 @@ def test_fetch_without_the_ca_fails_with_a_tls_error(tls_registry, tls_pusher, r
     records[0]["caFile"] = None
     plan = records_text(records)
     proc = subprocess.run([sys.executable, os.path.join(BIN, "tosi-fetch"), "--retries", "0"],
-                          input=plan, capture_output=True, text=True, env={**os.environ, "REQUESTS_CA_BUNDLE": ""})
+                          input=plan, capture_output=True, text=True,
+                          env={**os.environ, "REQUESTS_CA_BUNDLE": ""})
     assert proc.returncode == 1
     assert "TLS" in proc.stderr and proc.stderr.count("\n") == 1
     assert not os.path.exists(Workdir(workdir).layer_path(image.layers[0].digest))

@@ -317,7 +317,8 @@ class Downloader:
                 self.client.check(resp, f"{download.what}: GET {_redact(url)}")
         if status >= 500 or status in RETRYABLE_STATUSES:
             resp.close()
-            raise _Retryable(RegistryError(f"{status} {resp.reason or ''}".strip(), status=status), retry_after)
+            error = RegistryError(f"{status} {resp.reason or ''}".strip(), status=status)
+            raise _Retryable(error, retry_after)
         with resp:
             self.client.check(resp, f"{download.what}: GET {_redact(url)}")
         raise RegistryError(f"{download.what}: GET {_redact(url)}: unexpected status {status}", status=status)
@@ -360,7 +361,8 @@ class Downloader:
                     # read1: whatever has arrived, so watchers see bytes as they come.
                     chunk = stream.read1(CHUNK, decode_content=False)
                 except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:
-                    raise _Retryable(Unreachable(f"connection broke after {hasher.count} bytes: {_short(exc)}")) from None
+                    broke = Unreachable(f"connection broke after {hasher.count} bytes: {_short(exc)}")
+                    raise _Retryable(broke) from None
                 if not chunk:
                     break
                 if skip:
