@@ -1,5 +1,7 @@
 """tosi-fetch against registries that need credentials: Basic (htpasswd) and Bearer tokens."""
 
+import time
+
 import pytest
 
 from tests.support import tokenserver
@@ -112,3 +114,12 @@ def test_an_expired_token_is_renewed_in_the_middle_of_a_pull(tool, token_registr
     assert_cached(workdir, [layer])
     assert len(token_server.token_requests()) - before >= 2
     assert answers[-1].headers.get("Range", "").startswith("bytes=")
+
+
+def test_a_token_without_pull_access_fails_at_once(tool, token_registry, token_pusher, repo_name, workdir):
+    image = token_pusher.push_image(repo_name, "v1", [random_layer(1000)])  # not under public/
+    started = time.monotonic()
+    proc = tool("tosi-fetch", "--workdir", workdir, input=plan_text(token_registry.url, image, workdir),
+                env={"TOSI_USERNAME": "", "DOCKER_CONFIG": workdir}, check=1)
+    assert time.monotonic() - started < 5
+    assert "401" in proc.stderr and proc.stderr.count("\n") == 1

@@ -28,7 +28,7 @@ import urllib3
 from .cache import file_lock
 from .digest import CHUNK, Digest, VerifyingHasher, verify_file
 from .errors import (
-    CacheError, DigestMismatch, NotFound, RegistryError, TosiError, Unreachable,
+    CacheError, DigestMismatch, NotFound, RegistryError, TosiError, Unauthorized, Unreachable,
 )
 
 log = logging.getLogger("tosi.blobs")
@@ -38,8 +38,7 @@ BACKOFF_BASE = 0.5
 BACKOFF_CAP = 30.0
 RETRY_AFTER_CAP = 120.0
 REDIRECT_STATUSES = (301, 302, 303, 307, 308)
-# 401 is retried after a Bearer challenge: the client renews an expired token on the next attempt.
-RETRYABLE_STATUSES = (401, 408, 429)
+RETRYABLE_STATUSES = (408, 429)
 
 
 class Cancelled(TosiError):
@@ -78,6 +77,7 @@ class BlobDownload:
         self.urls = [u for u in urls or () if isinstance(u, str) and urlsplit(u).scheme in ("http", "https")]
         self.reused = False
         self.restarts = 0
+        self._auth_retried = False
         self._cond = threading.Condition()
         self._written = 0
         self._done = False
@@ -311,8 +311,13 @@ class Downloader:
             resp.close()
             # The partial is no prefix the server recognizes: start over.
             raise _Retryable(RegistryError(f"range {offset}- refused (416)", status=status), restart=True)
-        if status == 401 and not _bearer_challenge(resp):
-            # Basic credentials do not expire: a refusal is final.
+        if status == 401:
+            # send() already renewed the token once; one more try covers a token that
+            # expired in between. Basic credentials do not expire: that refusal is final.
+            if _bearer_challenge(resp) and not download._auth_retried:
+                download._auth_retried = True
+                resp.close()
+                raise _Retryable(Unauthorized(f"{download.what}: token refused (401)", status=401), 0)
             with resp:
                 self.client.check(resp, f"{download.what}: GET {_redact(url)}")
         if status >= 500 or status in RETRYABLE_STATUSES:
