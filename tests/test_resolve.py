@@ -515,3 +515,22 @@ def test_base_url_reference_is_resolved_through_that_endpoint(registry, pusher, 
     image_record, _ = resolve_image(ref, workdir, endpoint=endpoint)
     assert (image_record["endpoint"], image_record["registry"]) == (registry.url, registry.host)
     assert image_record["digest"] == image.digest
+
+
+def test_transient_registry_failure_is_tried_again(registry, pusher, repo_name, workdir):
+    image = pusher.push_image(repo_name, "v1", _layers(1))
+    with FaultProxy(registry.url) as proxy:
+        proxy.add(Rule("status", path="/manifests/", status=503, times=1))
+        proxy.add(Rule("status", path="/blobs/", status=429, times=1))
+        record, _ = resolve_image(f"{proxy.url.split('://')[1]}/{repo_name}:v1", workdir)
+        assert (proxy.count("GET", "/manifests/"), proxy.count("GET", "/blobs/")) == (2, 2)
+    assert record["digest"] == image.digest
+
+
+def test_persistent_registry_failure_reports_the_status(tool, registry, pusher, repo_name, workdir):
+    pusher.push_image(repo_name, "v1", _layers(1))
+    with FaultProxy(registry.url) as proxy:
+        proxy.add(Rule("status", path="/manifests/", status=503, body=b"down for maintenance"))
+        proc = _resolve(tool, workdir, f"{proxy.url.split('://')[1]}/{repo_name}:v1", check=1)
+        assert proxy.count("GET", "/manifests/") == 3
+    assert proc.stderr.rstrip().endswith(f"{repo_name}:v1: 503 Service Unavailable")

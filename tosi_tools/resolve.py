@@ -13,10 +13,11 @@ registry names no digest or the bytes are not cached).
 import json
 import logging
 import os
+import time
 
 from .cache import Workdir, atomic_write
 from .digest import Digest, VerifyingHasher, digest_of, verify_file
-from .errors import DigestMismatch, ManifestError, NoMatchingPlatform, UsageError
+from .errors import DigestMismatch, ManifestError, NoMatchingPlatform, Unreachable, UsageError
 from .manifest import (
     ACCEPT, MAX_CONFIG_SIZE, MAX_MANIFEST_SIZE, SCHEMA1_TYPES, config_platform, content_digests,
     diff_ids, parse_config, parse_manifest,
@@ -26,6 +27,11 @@ from .platform import host_platform
 from .reference import Reference, parse_reference
 
 log = logging.getLogger("tosi.resolve")
+
+# Manifests and configs are small: a transient failure is tried again soon, a few times.
+ATTEMPTS = 3
+BACKOFF = 0.5
+TRANSIENT_STATUSES = (429, 502, 503, 504)
 
 
 class Resolver:
@@ -81,11 +87,30 @@ class Resolver:
         atomic_write(path, data)
         return path
 
+    def _send(self, method, ref, path, headers=None, stream=False):
+        """One request, tried again after a transient failure (no connection, 429, 502-504)."""
+        client = self._registry()
+        for attempt in range(1, ATTEMPTS + 1):
+            try:
+                resp = client.send_following_redirects(method, path, repository=ref.repository,
+                                                       headers=headers, stream=stream)
+            except Unreachable as exc:
+                if attempt == ATTEMPTS:
+                    raise Unreachable(f"{exc} ({ATTEMPTS} attempts)") from None
+                problem = str(exc)
+            else:
+                if resp.status_code not in TRANSIENT_STATUSES or attempt == ATTEMPTS:
+                    return resp
+                resp.close()
+                problem = f"HTTP {resp.status_code}"
+            delay = BACKOFF * 2 ** (attempt - 1)
+            log.info("%s %s: %s; trying again in %.1fs", method, path, problem, delay)
+            time.sleep(delay)
+
     def _get(self, ref, path, what, headers=None):
         """A streamed 200 response for `path`, or the typed error for what the registry said."""
         client = self._registry()
-        resp = client.send_following_redirects("GET", path, repository=ref.repository,
-                                               headers=headers, stream=True)
+        resp = self._send("GET", ref, path, headers=headers, stream=True)
         if resp.status_code != 200:
             with resp:
                 client.check(resp, what)
@@ -115,10 +140,8 @@ class Resolver:
 
     def _head_digest(self, ref):
         client = self._registry()
-        resp = client.send_following_redirects(
-            "HEAD", client.manifest_path(ref.repository, ref.tag), repository=ref.repository,
-            headers={"Accept": ACCEPT},
-        )
+        resp = self._send("HEAD", ref, client.manifest_path(ref.repository, ref.tag),
+                          headers={"Accept": ACCEPT})
         resp.close()
         if resp.status_code != 200:
             return None
@@ -209,8 +232,7 @@ class Resolver:
         for descriptor in descriptors:
             digest = descriptor["digest"]
             if digest not in sizes:
-                resp = client.send_following_redirects(
-                    "HEAD", client.blob_path(ref.repository, digest), repository=ref.repository)
+                resp = self._send("HEAD", ref, client.blob_path(ref.repository, digest))
                 resp.close()
                 client.check(resp, f"layer {ref.name}@{digest}")
                 length = resp.headers.get("Content-Length", "")
