@@ -93,7 +93,12 @@ def run_benchmark(name, specs, competitors, args, needed_tools):
         try:
             pusher = Pusher(registry.url)
             for spec in specs:
-                image = _build(spec, base)
+                try:
+                    image = _build(spec, base)
+                except (RuntimeError, OSError) as exc:  # debootstrap without a mirror, a full disk
+                    log(f"image ({spec.key}) {spec.name} could not be built: {exc}")
+                    results["images"][spec.key] = {"name": spec.name, "error": str(exc)[:2000]}
+                    continue
                 results["images"][spec.key] = {"name": spec.name, **image.summary()}
                 imagegen.push(pusher, f"bench/{spec.name}", "latest", image)
                 log(f"image ({spec.key}) {spec.name}: {image.description}, "

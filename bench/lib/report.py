@@ -42,8 +42,8 @@ def _ok_rows(results):
 
 def _places(results, spec):
     """(image, filesystem) pairs a goal applies to."""
-    for image in results["images"]:
-        if spec.images is None or image in spec.images:
+    for image, built in results["images"].items():
+        if "error" not in built and (spec.images is None or image in spec.images):
             for fs in results["filesystems"]:
                 yield image, fs
 
@@ -144,6 +144,9 @@ def table(results):
     out = [f"{results['benchmark']}: {results['runs']} run(s) per command, median and min-max spread; "
            f"{results['machine'].get('cpus')} CPUs\n"]
     for key, image in results["images"].items():
+        if "error" in image:
+            out.append(f"\n({key}) {image['name']}: not built: {image['error']}\n")
+            continue
         out.append(f"\n({key}) {image['name']}: {image['description']}; {image['layers']} layers, "
                    f"{image['entries']:,} entries, {_mib(image['unpackedBytes'])} of files, "
                    f"{_mib(image['blobBytes'])} of blobs\n")
