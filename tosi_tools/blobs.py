@@ -468,4 +468,12 @@ def _redact(url):
 
 
 def _short(exc):
-    return str(exc).split(": ", 1)[-1][:200]
+    # urllib3 nests the cause (IncompleteRead, a socket error) in its own exception's args.
+    if isinstance(exc, urllib3.exceptions.ReadTimeoutError):
+        return "read timed out"
+    if isinstance(exc, urllib3.exceptions.ProtocolError):
+        cause = exc.args[-1] if len(exc.args) > 1 else None
+        if isinstance(cause, OSError) and cause.strerror:
+            return cause.strerror
+        return "the server closed the connection early"
+    return str(exc)[:200]
