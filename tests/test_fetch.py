@@ -409,8 +409,9 @@ def test_a_complete_partial_file_is_verified_and_renamed_without_a_request(tool,
 @pytest.mark.parametrize("kill_after", [0.05, 0.2, 0.4, 0.7, 1.0, 1.5])
 def test_a_run_killed_at_any_moment_is_completed_by_the_next_run(tool, proxy, pusher, repo_name, workdir,
                                                                  kill_after):
-    image = pusher.push_image(repo_name, "v1", [random_layer(2_000_000) for _ in range(4)])
-    proxy.add(Rule("delay", path="/blobs/", seconds=0.2))
+    image = pusher.push_image(repo_name, "v1", [random_layer(1_000_000) for _ in range(4)])
+    # About a second of downloading, so the kills land before, during and after it.
+    proxy.add(Rule("throttle", path="/blobs/", rate=2_000_000))
     proc = start_fetch(plan_text(proxy.url, image, workdir), workdir,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(kill_after)

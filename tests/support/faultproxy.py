@@ -29,7 +29,7 @@ import requests
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
               "proxy-authorization", "proxy-authenticate", "host", "content-length"}
 CHUNK = 64 << 10
-ACTIONS = {"drop", "status", "stall", "corrupt", "ignore_range", "delay", "redirect"}
+ACTIONS = {"drop", "status", "stall", "corrupt", "ignore_range", "delay", "redirect", "throttle"}
 
 
 class Rule:
@@ -37,7 +37,8 @@ class Rule:
 
     Parameters by action: drop/stall after=<body bytes sent first>; stall seconds=<how
     long> (None: until the proxy stops); status status=<code>, headers={...}, body=b"";
-    corrupt at=<body offset>; delay seconds=<before forwarding>; redirect to=<base URL>
+    corrupt at=<body offset>; delay seconds=<before forwarding>; throttle rate=<body bytes
+    per second>; redirect to=<base URL>
     (the request path is appended). `times`: how many matching requests it applies to
     (None: all). `header`: only requests carrying that header match (e.g. "Authorization",
     to let a registry's 401 challenge through first).
@@ -136,7 +137,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._answer(502, f"upstream failed: {exc}\n".encode())
             return
         with resp:
-            self._relay(resp, [r for r in rules if r.action in ("drop", "stall", "corrupt")])
+            self._relay(resp, [r for r in rules if r.action in ("drop", "stall", "corrupt", "throttle")])
 
     def _relay(self, resp, faults):
         declared = resp.headers.get("Content-Length")
@@ -167,6 +168,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _apply(self, fault, chunk, sent, stalled):
         """The chunk to send (maybe altered), or None once the connection is dropped."""
         after = fault.params.get("after", 0)
+        if fault.action == "throttle":
+            self.server.proxy.stopping.wait(len(chunk) / fault.params["rate"])
+            return chunk
         if fault.action == "corrupt":
             at = fault.params.get("at", 0) - sent
             if 0 <= at < len(chunk):
