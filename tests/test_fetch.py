@@ -144,6 +144,14 @@ def test_parallel_bounds_how_many_blobs_download_at_once(tool, proxy, image, wor
     assert proxy.max_in_flight == expected
 
 
+def test_downloads_share_kept_alive_connections(tool, proxy, pusher, repo_name, workdir):
+    image = pusher.push_image(repo_name, "v1", [random_layer(20_000) for _ in range(6)])
+    fetch(tool, proxy, image, workdir, "--parallel", "2", check=0)
+    connections = {r.client for r in proxy.seen("GET", "/blobs/")}
+    assert proxy.count("GET", "/blobs/") == 7
+    assert len(connections) <= 2
+
+
 def test_stdout_carries_only_the_plan_even_with_progress_bars(tool, proxy, image, workdir):
     proc = fetch(tool, proxy, image, workdir, "--progress", "always", check=0)
     assert len(parse_plan(proc.stdout)) == 4

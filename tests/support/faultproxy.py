@@ -66,10 +66,11 @@ class Rule:
 
 
 class Request:
-    def __init__(self, method, path, headers):
+    def __init__(self, method, path, headers, client=None):
         self.method = method
         self.path = path
         self.headers = headers
+        self.client = client  # (host, port): one port per TCP connection
         self.time = time.monotonic()
 
     def __repr__(self):
@@ -105,7 +106,7 @@ class _Handler(BaseHTTPRequestHandler):
         headers = {k: v for k, v in self.headers.items()}
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else None
-        rules = proxy.record(self.command, self.path, headers)
+        rules = proxy.record(self.command, self.path, headers, self.client_address)
         with proxy.in_flight():
             self._serve(proxy, headers, body, rules)
 
@@ -272,10 +273,10 @@ class FaultProxy:
         with self._lock:
             self.rules.clear()
 
-    def record(self, method, path, headers):
+    def record(self, method, path, headers, client=None):
         """Log a request and claim the rules that apply to it."""
         with self._lock:
-            self.requests.append(Request(method, path, headers))
+            self.requests.append(Request(method, path, headers, client))
             matched = [r for r in self.rules if r.matches(method, path, headers)]
             for rule in matched:
                 rule.applied += 1
