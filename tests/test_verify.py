@@ -129,3 +129,15 @@ def test_a_plan_cannot_point_verify_at_files_outside_the_cache(tool, fetched, tm
     text = records_text(records)
     tool("tosi-verify", "--workdir", workdir, input=text, check=0)
     assert victim.read_bytes() == b"not a blob"
+
+
+def test_a_corrupt_blob_named_twice_is_reported_once(tool, pusher, registry, repo_name, workdir):
+    layer = random_layer(60_000)
+    image = pusher.push_image(repo_name, "v1", [layer, random_layer(1000), layer])
+    plan = tool("tosi-fetch", "--workdir", workdir, input=plan_text(registry.url, image, workdir),
+                check=0).stdout
+    with open(Workdir(workdir).layer_path(layer.digest), "r+b") as f:
+        f.write(b"!")
+    proc = tool("tosi-verify", "--workdir", workdir, input=plan, check=1)
+    assert proc.stderr.count("\n") == 1 and "layer 0" in proc.stderr
+    assert [r.get("index") for r in parse_plan(proc.stdout)] == [None]

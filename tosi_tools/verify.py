@@ -23,6 +23,7 @@ class BlobCheck:
         self.path = path
         self.what = what
         self.error = None
+        self.same_as = None  # the check of the same blob earlier in the input, if any
 
     @property
     def ok(self):
@@ -49,9 +50,24 @@ def digest_check(workdir, digest):
 
 def verify_blobs(workdir, checks, parallel=DEFAULT_PARALLEL):
     """Yield each BlobCheck, in order, once verified; failures carry `.error` (a
-    CacheError), and a corrupt blob has been moved to the quarantine directory."""
+    CacheError), and a corrupt blob has been moved to the quarantine directory.
+    A blob named twice is hashed once; the later check has `.same_as` set."""
     with ThreadPoolExecutor(max_workers=max(parallel, 1), thread_name_prefix="tosi-verify") as pool:
-        yield from pool.map(lambda check: _verify(workdir, check), checks)
+        first = {}
+        futures = []
+        for check in checks:
+            if check.path in first:
+                check.same_as = first[check.path]
+                futures.append(None)
+            else:
+                first[check.path] = check
+                futures.append(pool.submit(_verify, workdir, check))
+        for check, future in zip(checks, futures):
+            if future is None:
+                check.error = check.same_as.error
+            else:
+                future.result()
+            yield check
 
 
 def _verify(workdir, check):
@@ -70,5 +86,8 @@ def _verify(workdir, check):
 def _quarantine(workdir, path):
     os.makedirs(workdir.quarantine, exist_ok=True)
     target = os.path.join(workdir.quarantine, os.path.basename(path))
-    os.replace(path, target)
+    try:
+        os.replace(path, target)
+    except FileNotFoundError:
+        pass  # a concurrent tosi-verify moved it first
     return target
