@@ -213,6 +213,14 @@ def test_a_malformed_plan_is_a_usage_error(tool, workdir):
     assert proc.stderr.startswith("tosi-fetch: error: ") and proc.stderr.count("\n") == 1
 
 
+@pytest.mark.parametrize("flags", [["--parallel", "-1"], ["--retries", "-1"], ["--read-timeout", "0"],
+                                   ["--progress", "sometimes"], ["--password", "x", "--password-stdin"]])
+def test_bad_flags_are_a_usage_error_in_one_line(tool, workdir, flags):
+    proc = tool("tosi-fetch", "--workdir", workdir, *flags, input="")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("tosi-fetch: error: ") and proc.stderr.count("\n") == 1
+
+
 def test_a_layer_without_a_size_is_refused(tool, proxy, image, workdir):
     records = plan_records(proxy.url, image, workdir)
     del records[2]["size"]
