@@ -88,11 +88,18 @@ class _Applier:
     layer_name: str
     limits: Limits
     as_root: bool
+    umask: int = 0o777
+    # Only a flat root that held something before this layer has lower entries a
+    # whiteout may delete; elsewhere whatever exists is this layer's own.
+    has_lower: bool = False
     stats: LayerStats = field(default_factory=LayerStats)
-    # Every path this layer made, plus all their ancestors: what whiteouts and
-    # opaque markers of the same layer must spare.
+    # With has_lower: every path this layer made, plus all their ancestors, which
+    # its whiteouts and opaque markers must spare.
     touched: set = field(default_factory=set)
     fixups: list = field(default_factory=list)
+    # Whether a parent directory hands its group to new files (setgid), by canonical path.
+    setgid_dirs: dict = field(default_factory=dict)
+    ids: tuple = ()  # our euid and egid: a new file's owner unless told otherwise
 
     def fail(self, name, reason, cls=UnpackError):
         return cls(f"layer {self.layer_name}: entry {name!r}: {reason}")
@@ -100,6 +107,8 @@ class _Applier:
     # ---------------------------------------------------------------- bookkeeping
 
     def touch(self, parts):
+        if not self.has_lower:
+            return
         for i in range(len(parts), 0, -1):
             key = parts[:i]
             if key in self.touched:
@@ -114,6 +123,21 @@ class _Applier:
             raise self.fail(name, f"a parent is not a directory ({exc.filename})") from None
         except UnsafeEntry as exc:
             raise self.fail(name, str(exc), UnsafeEntry) from None
+
+    def setgid(self, dir_fd, canonical):
+        """Whether new files in this directory take its group instead of ours."""
+        known = self.setgid_dirs.get(canonical)
+        if known is None:
+            # Directories this layer makes get their modes only at the end, so a
+            # stale answer for a replaced directory can only cost a needless fchown.
+            known = self.setgid_dirs[canonical] = bool(os.fstat(dir_fd).st_mode & stat.S_ISGID)
+        return known
+
+    def is_own(self, dir_fd, base, here):
+        """Whether the entry at `here` was made by this layer (not by a lower one)."""
+        if self.has_lower:
+            return here in self.touched
+        return saferoot.lstat_at(dir_fd, base) is not None
 
     # ---------------------------------------------------------------- entries
 
@@ -131,7 +155,7 @@ class _Applier:
         if self.stats.entries > self.limits.max_entries:
             raise UnpackError(f"layer {self.layer_name}: more than {self.limits.max_entries} "
                               "entries (the cap for one layer; see TOSI_MAX_LAYER_ENTRIES)")
-        xattrs = self.xattrs_of(name, member)
+        xattrs = self.xattrs_of(name, member) if member.xattrs else ()
         if not parts:
             if not member.isdir():
                 raise self.fail(name, "only a directory can stand for the root")
@@ -144,8 +168,8 @@ class _Applier:
             self.stats.skipped_devices += 1
             return
         dir_fd, base, canonical = self.place(parts, name)
-        here = canonical + (base,)
-        self.touch(here)
+        if self.has_lower:
+            self.touch(canonical + (base,))
         if member.isdir():
             self.make_dir(dir_fd, base, canonical, member, xattrs, name)
         elif member.type == tarstream.REG:
@@ -207,11 +231,12 @@ class _Applier:
         self.fixups.append(_DirFixup(parts, stat.S_IMODE(member.mode), _ns(member.mtime)))
 
     def make_file(self, tar, dir_fd, base, canonical, member, xattrs, name):
+        mode = member.mode & 0o7777
         try:
-            fd = os.open(base, _FILE_FLAGS, 0o600, dir_fd=dir_fd)
+            fd = os.open(base, _FILE_FLAGS, mode & 0o777, dir_fd=dir_fd)
         except FileExistsError:
             self.root.remove(dir_fd, base, canonical)
-            fd = os.open(base, _FILE_FLAGS, 0o600, dir_fd=dir_fd)
+            fd = os.open(base, _FILE_FLAGS, mode & 0o777, dir_fd=dir_fd)
         try:
             if member.sparse is not None:
                 for offset, size in member.sparse:
@@ -221,9 +246,11 @@ class _Applier:
             else:
                 tar.copy_to(fd, member.size)
             self.stats.bytes += member.data_size
-            if self.as_root:
+            if self.as_root and ((member.uid, member.gid) != self.ids or self.setgid(dir_fd, canonical)):
                 os.fchown(fd, member.uid, member.gid)
-            os.fchmod(fd, stat.S_IMODE(member.mode))
+            if mode & self.umask or mode & 0o7000:
+                # the umask trimmed it, or fchown cleared setuid/setgid
+                os.fchmod(fd, mode)
             self.set_xattrs(xattrs, name, fd=fd)
             t = _ns(member.mtime)
             os.utime(fd, ns=(t, t))
@@ -313,7 +340,7 @@ class _Applier:
         else:
             dir_fd, base, canonical = self.place(target, name)
         here = canonical + (base,)
-        if here in self.touched:
+        if self.is_own(dir_fd, base, here):
             # The same layer made this entry; the whiteout only removes what lower
             # layers had there, which for a directory means emptying it of them.
             st = saferoot.lstat_at(dir_fd, base)
@@ -344,7 +371,7 @@ class _Applier:
         try:
             if self.mode == OVERLAY:
                 self.set_opaque(fd, name)
-            else:
+            elif self.has_lower:
                 self.remove_lower(fd, canonical)
             self.touch(canonical)
         finally:
@@ -400,6 +427,18 @@ def _ns(mtime):
     return int(mtime * 1_000_000_000) if isinstance(mtime, float) else int(mtime) * 1_000_000_000
 
 
+def current_umask():
+    """The process umask, read without changing it (0o777, forcing chmods, if unknown)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o777
+
+
 def running_as_root():
     return os.geteuid() == 0
 
@@ -418,7 +457,9 @@ def apply_layer(root, stream, media_type, mode=FLAT, layer_name="layer", limits=
     own_root = not isinstance(root, saferoot.SafeRoot)
     safe = saferoot.SafeRoot(root) if own_root else root
     as_root = running_as_root()
-    applier = _Applier(safe, mode, layer_name, limits, as_root)
+    has_lower = mode == FLAT and bool(os.listdir(safe.fd))
+    applier = _Applier(safe, mode, layer_name, limits, as_root, current_umask(), has_lower,
+                       ids=(os.geteuid(), os.getegid()))
     data = open_layer(stream, media_type, f"layer {layer_name}", limits.max_bytes)
     try:
         tar = tarstream.TarReader(data, f"layer {layer_name}")
