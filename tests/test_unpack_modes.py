@@ -277,3 +277,13 @@ def test_tar_bytes_helper_round_trip_is_pax():
     # Sanity of the builder the corpus relies on: long names must survive as PAX records.
     data = tar_bytes([file_entry("x" * 300)])
     assert b"path=" + b"x" * 300 in data
+
+
+def test_abandoned_temp_dir_of_another_layer_is_removed_too(stage, workdir):
+    plan = stage([make_layer([file_entry("a", b"a")])])
+    other = "ab" * 32
+    stale = os.path.join(overlays_of(workdir), f".tmp-{other}-dead")
+    os.makedirs(os.path.join(stale, "half"))
+    proc = run_unpack(plan, "--workdir", workdir)
+    assert proc.returncode == 0, proc.stderr
+    assert not os.path.exists(stale)

@@ -17,6 +17,7 @@ next run that extracts the same layer.
 
 import concurrent.futures
 import contextlib
+import fcntl
 import logging
 import os
 import secrets
@@ -32,6 +33,12 @@ log = logging.getLogger("tosi.unpack")
 
 _TMP_PREFIX = ".tmp-"
 _BASE36 = "0123456789abcdefghijklmnopqrstuvwxyz"
+
+
+def _workdir(workdir):
+    if isinstance(workdir, Workdir):
+        return workdir
+    return Workdir(workdir) if workdir else Workdir()
 
 
 def _layer_name(record):
@@ -102,12 +109,6 @@ def apply_layers_into(target, layer_records, workdir=None, open_stream=None, lim
             yield dict(record, applied=True)
 
 
-def _workdir(workdir):
-    if isinstance(workdir, Workdir):
-        return workdir
-    return Workdir(workdir) if workdir else Workdir()
-
-
 def _os_error(exc):
     return f"{exc.strerror or exc}" + (f" ({exc.filename})" if exc.filename else "")
 
@@ -165,6 +166,28 @@ def _remove_stale_temps(workdir, hexname):
             shutil.rmtree(os.path.join(workdir.overlays, name), ignore_errors=True)
 
 
+def remove_abandoned_temps(workdir):
+    """Remove the temporary directories of killed runs, whatever layer they were for.
+
+    A temporary directory whose layer lock nobody holds belongs to no live run.
+    """
+    workdir = _workdir(workdir)
+    try:
+        names = os.listdir(workdir.overlays)
+    except FileNotFoundError:
+        return
+    for hexname in {n[len(_TMP_PREFIX):].split("-", 1)[0] for n in names if n.startswith(_TMP_PREFIX)}:
+        fd = os.open(os.path.join(workdir.overlays, f"{hexname}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a live run is extracting that layer
+            _remove_stale_temps(workdir, hexname)
+        finally:
+            os.close(fd)
+
+
 def extract_layer_to_overlay(workdir, layer_record, stream=None, limits=None):
     """Extract one layer as an overlayfs lowerdir (or reuse it); returns the enriched record."""
     workdir = _workdir(workdir)
@@ -197,6 +220,7 @@ def extract_layers_to_overlays(workdir, layer_records, parallel=None, limits=Non
     workdir = _workdir(workdir)
     limits = limits or layer_mod.Limits.from_env()
     parallel = parallel or _default_parallel()
+    remove_abandoned_temps(workdir)
     pending = deque()
     by_digest = {}
     pool = concurrent.futures.ThreadPoolExecutor(parallel, thread_name_prefix="unpack")
