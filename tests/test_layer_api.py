@@ -171,3 +171,9 @@ def test_as_non_root_per_layer_whiteouts_fail_clearly(nobody_dir):
                                                        mode=layer.OVERLAY, layer_name="L"))
     assert result[0] == "error"
     assert "needs root" in result[1] and "--into" in result[1]
+
+
+def test_filesystem_error_names_layer_and_entry(tmp_path):
+    lay = make_layer([file_entry("n" * 300, b"x")])
+    with pytest.raises(UnpackError, match=r"layer L: entry 'n{300}': File name too long"):
+        layer.apply_layer(str(tmp_path), io.BytesIO(lay.data), lay.media_type, layer_name="L")

@@ -463,13 +463,16 @@ def apply_layer(root, stream, media_type, mode=FLAT, layer_name="layer", limits=
     data = open_layer(stream, media_type, f"layer {layer_name}", limits.max_bytes)
     try:
         tar = tarstream.TarReader(data, f"layer {layer_name}")
+        entry = None
         for entry in tar:
             applier.apply(tar, entry)
+        entry = None
         applier.finish()
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
             raise UnpackError(f"layer {layer_name}: no space left on the target") from None
-        raise
+        where = f"entry {entry.name!r}: " if entry is not None else ""
+        raise UnpackError(f"layer {layer_name}: {where}{exc.strerror or exc}") from exc
     finally:
         data.close()
         if own_root:
