@@ -142,16 +142,20 @@ class TarReader:
         self._pos += n
         return self._buf[start:self._pos]
 
+    def _buffered(self):
+        """How many bytes the buffer holds past _pos, refilled from the stream when none."""
+        have = len(self._buf) - self._pos
+        if have == 0:
+            self._buf = self._read(CHUNK)
+            self._pos = 0
+            if not self._buf:
+                raise UnpackError(f"{self._what}: the tar stream ends inside an entry's data")
+            have = len(self._buf)
+        return have
+
     def _skip(self, n):
         while n > 0:
-            have = len(self._buf) - self._pos
-            if have == 0:
-                self._buf = self._read(CHUNK)
-                self._pos = 0
-                if not self._buf:
-                    raise UnpackError(f"{self._what}: the tar stream ends in the middle of an entry")
-                have = len(self._buf)
-            step = min(have, n)
+            step = min(self._buffered(), n)
             self._pos += step
             n -= step
 
@@ -167,14 +171,7 @@ class TarReader:
         self.pending -= n
         write = os.write
         while n > 0:
-            have = len(self._buf) - self._pos
-            if have == 0:
-                self._buf = self._read(CHUNK)
-                self._pos = 0
-                if not self._buf:
-                    raise UnpackError(f"{self._what}: the tar stream ends inside an entry's data")
-                have = len(self._buf)
-            step = min(have, n)
+            step = min(self._buffered(), n)
             view = memoryview(self._buf)[self._pos:self._pos + step]
             while view:
                 view = view[write(fd, view):]

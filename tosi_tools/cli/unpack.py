@@ -1,9 +1,8 @@
 """tosi-unpack: extract the layers of a fetched plan, per layer for overlayfs or flat into a directory."""
 
-import os
 import sys
 
-from .common import add_workdir_flag, new_parser, run, setup_logging
+from .common import add_workdir_flag, new_parser, plan_workdir, run, setup_logging
 
 PROG = "tosi-unpack"
 
@@ -60,8 +59,8 @@ def body(argv):
         check_into_target(args.into)  # before reading anything, so a mistake costs nothing
     reader = PlanReader(sys.stdin)
     image = reader.image
-    workdir = args.workdir or image.get("workdir") or os.environ.get("TOSI_WORKDIR") or None
-    records = unpack_plan(image, reader, workdir=workdir, overlaydir=args.overlaydir,
+    records = unpack_plan(image, reader, workdir=plan_workdir(args.workdir, image).root,
+                          overlaydir=args.overlaydir,
                           into=args.into, parallel=args.parallel)
     writer = PlanWriter(sys.stdout)
     writer.write(image)
