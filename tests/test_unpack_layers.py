@@ -10,6 +10,7 @@ import stat
 import struct
 import subprocess
 import tarfile
+import tempfile
 
 import pytest
 
@@ -25,20 +26,21 @@ LONG_TARGET = "t" * 200
 CAPABILITY = struct.pack("<IIIII", 0x02000001, 1 << 10, 0, 0, 0)  # cap_net_bind_service+ep
 
 
-def _sparse_tar(tmp_dir):
-    os.makedirs(tmp_dir, exist_ok=True)
-    path = os.path.join(tmp_dir, "sparse")
-    with open(path, "wb") as f:
-        f.truncate(8 << 20)
-        f.seek(4096)
-        f.write(b"hello")
-        f.seek((6 << 20) + 7)
-        f.write(b"end")
-    os.utime(path, (1_600_000_000, 1_600_000_000))
-    out = os.path.join(tmp_dir, "sparse.tar")
-    subprocess.run(["tar", "--sparse", "--format=pax", "-cf", out, "-C", tmp_dir, "sparse"], check=True)
-    with open(out, "rb") as f:
-        return f.read()
+def _sparse_tar():
+    """A tar of one sparse file, written by GNU tar (tarfile cannot write sparse files)."""
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        path = os.path.join(tmp_dir, "sparse")
+        with open(path, "wb") as f:
+            f.truncate(8 << 20)
+            f.seek(4096)
+            f.write(b"hello")
+            f.seek((6 << 20) + 7)
+            f.write(b"end")
+        os.utime(path, (1_600_000_000, 1_600_000_000))
+        out = os.path.join(tmp_dir, "sparse.tar")
+        subprocess.run(["tar", "--sparse", "--format=pax", "-cf", out, "-C", tmp_dir, "sparse"], check=True)
+        with open(out, "rb") as f:
+            return f.read()
 
 
 def L(*entries, compression="gzip", fmt=tarfile.PAX_FORMAT):
@@ -137,6 +139,7 @@ CASES = {
     "absolute_names": lambda: [
         L(dir_entry("/etc"), file_entry("/etc/abs", b"abs"), file_entry("//twice", b"2")),
     ],
+    "sparse_file": lambda: [make_layer(raw_tar=_sparse_tar())],
     "mtimes": lambda: [
         L(dir_entry("d", mtime=1_000_000_000), file_entry("d/f", b"x", mtime=1_100_000_000),
           symlink_entry("d/l", "f", mtime=1_200_000_000)),
@@ -302,8 +305,8 @@ def test_long_names_and_link_targets(flat, case):
     assert os.stat(f"{root}/hl").st_ino == os.stat(f"{root}/{LONG_DIR}/file").st_ino
 
 
-def test_sparse_file_keeps_content_and_holes(flat, tmp_path):
-    root = flat([make_layer(raw_tar=_sparse_tar(str(tmp_path / "src")))])
+def test_sparse_file_keeps_content_and_holes(flat):
+    root = flat(CASES["sparse_file"]())
     st = os.stat(f"{root}/sparse")
     assert st.st_size == 8 << 20
     with open(f"{root}/sparse", "rb") as f:

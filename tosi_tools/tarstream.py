@@ -367,6 +367,8 @@ class TarReader:
         read_pairs(block[386:482], 4)
         extended = block[482]
         while extended:
+            if len(pairs) > _MAX_META // 24:
+                raise UnpackError(f"{self._what}: an old GNU sparse map is too long")
             ext = self._take(BLOCK)
             read_pairs(ext[0:504], 21)
             extended = ext[504]
