@@ -52,7 +52,7 @@ class _Retryable(Exception):
         super().__init__(str(error))
         self.error = error
         self.retry_after = retry_after
-        self.restart = restart  # the partial file was emptied: hash from zero again
+        self.restart = restart  # the partial file is no good: empty it, hash from zero again
 
 
 class BlobDownload:
