@@ -268,6 +268,7 @@ def test_a_corrupt_blob_is_rejected_naming_the_layer_and_absent_from_the_cache(t
 
 def test_the_first_failure_stops_the_other_downloads_and_is_the_error_reported(tool, proxy, image, workdir):
     proxy.add(Rule("stall", path=image.layers[0].digest, after=100_000, seconds=30))
+    proxy.add(Rule("delay", path=image.layers[2].digest, seconds=0.5))  # layer 0 reaches its stall first
     proxy.add(Rule("corrupt", path=image.layers[2].digest, at=5))
     started = time.monotonic()
     proc = fetch(tool, proxy, image, workdir, check=1)
