@@ -205,6 +205,15 @@ def test_progress_auto_draws_bars_when_stderr_is_a_terminal(proxy, image, workdi
     assert len(parse_plan(out)) == 4
 
 
+def test_an_empty_blob_is_cached_without_a_request(tool, proxy, image, workdir):
+    empty = {"mediaType": "application/vnd.oci.image.layer.v1.tar", "size": 0,
+             "digest": "sha256:" + hashlib.sha256(b"").hexdigest()}
+    proc = fetch(tool, proxy, image, workdir, check=0, layers=[empty])
+    path = parse_plan(proc.stdout)[1]["path"]
+    assert os.path.getsize(path) == 0
+    assert proxy.count("GET", empty["digest"]) == 0
+
+
 # ---------------------------------------------------------------- bad input
 
 def test_a_malformed_plan_is_a_usage_error(tool, workdir):

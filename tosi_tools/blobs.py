@@ -213,6 +213,8 @@ class Downloader:
 
     def _download(self, download):
         hasher = _hash_partial(download)
+        # An empty blob needs no request, but still a file to rename into place.
+        open(download.partial_path, "ab").close()
         download._set_written(hasher.count)
         self.progress(download, "start", hasher.count)
         try:
