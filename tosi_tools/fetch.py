@@ -89,17 +89,18 @@ class Fetcher:
             raise PlanError("image record names neither an endpoint nor a registry")
         records = list(layers)
         config = _config_download(self.workdir, image)
-        unique = {config.digest: config} if config else {}
+        unique = {config.final_path: config} if config else {}  # one download per cache file
         handles = []
         for record in records:
             digest = record["digest"]
             _require_size(record.get("size"), f"layer {record['index']}")
-            if digest not in unique:
-                unique[digest] = BlobDownload(
-                    digest, record.get("size"), self.workdir.layer_path(digest),
+            path = self.workdir.layer_path(digest)
+            if path not in unique:
+                unique[path] = BlobDownload(
+                    digest, record.get("size"), path,
                     what=f"layer {record['index']} ({digest})", urls=record.get("urls") or (),
                 )
-            handles.append(LayerHandle(record, unique[digest]))
+            handles.append(LayerHandle(record, unique[path]))
         client = self.client_for_image(image)
         self._clients.append(client)
         downloader = Downloader(
