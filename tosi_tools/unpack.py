@@ -22,6 +22,7 @@ import logging
 import os
 import secrets
 import shutil
+import time
 from collections import deque
 
 from . import layer as layer_mod
@@ -97,9 +98,14 @@ def apply_layers_into(target, layer_records, workdir=None, open_stream=None, lim
                 raise UnpackError(f"{_partial(target, applied)}: {exc}") from exc
             try:
                 stream = open_stream(record) if open_stream else None
+                started = time.monotonic()
                 with _open_blob(workdir, record, stream) as blob:
-                    layer_mod.apply_layer(root, blob, record.get("mediaType"), layer_mod.FLAT,
-                                          _layer_name(record), limits)
+                    stats = layer_mod.apply_layer(root, blob, record.get("mediaType"), layer_mod.FLAT,
+                                                  _layer_name(record), limits)
+                _log_stats("applied", record, stats, started)
+            except KeyboardInterrupt:
+                log.warning("%s", _partial(target, applied))
+                raise
             except (UnpackError, CacheError) as exc:
                 raise type(exc)(f"{exc}; {_partial(target, applied)}") from exc
             except OSError as exc:
@@ -107,6 +113,11 @@ def apply_layers_into(target, layer_records, workdir=None, open_stream=None, lim
                                   f"{_partial(target, applied)}") from exc
             applied += 1
             yield dict(record, applied=True)
+
+
+def _log_stats(what, record, stats, started):
+    log.info("layer %s: %s %d entries, %d bytes of data in %.2fs", _layer_name(record), what,
+             stats.entries, stats.bytes, time.monotonic() - started)
 
 
 def _os_error(exc):
@@ -189,7 +200,11 @@ def remove_abandoned_temps(workdir):
 
 
 def extract_layer_to_overlay(workdir, layer_record, stream=None, limits=None):
-    """Extract one layer as an overlayfs lowerdir (or reuse it); returns the enriched record."""
+    """Extract one layer as an overlayfs lowerdir (or reuse it); returns the enriched record.
+
+    `stream` (any binary reader) replaces the cached blob; it is not read at all
+    when the layer is already extracted.
+    """
     workdir = _workdir(workdir)
     os.makedirs(workdir.overlays, exist_ok=True)
     digest = Digest(layer_record["digest"])
@@ -198,15 +213,20 @@ def extract_layer_to_overlay(workdir, layer_record, stream=None, limits=None):
         if not os.path.isdir(final):
             _remove_stale_temps(workdir, digest.hex)
             tmp = os.path.join(workdir.overlays, f"{_TMP_PREFIX}{digest.hex}-{secrets.token_hex(4)}")
-            os.mkdir(tmp, 0o755)
+            os.mkdir(tmp)
+            os.chmod(tmp, 0o755)  # whatever the umask: the layer's "./" entry, if any, decides
             try:
+                started = time.monotonic()
                 with _open_blob(workdir, layer_record, stream) as blob:
-                    layer_mod.apply_layer(tmp, blob, layer_record.get("mediaType"), layer_mod.OVERLAY,
-                                          _layer_name(layer_record), limits)
+                    stats = layer_mod.apply_layer(tmp, blob, layer_record.get("mediaType"), layer_mod.OVERLAY,
+                                                  _layer_name(layer_record), limits)
                 os.rename(tmp, final)
+                _log_stats("extracted", layer_record, stats, started)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
+        else:
+            log.info("layer %s: already extracted in %s", _layer_name(layer_record), final)
         short = _ensure_link(workdir, digest)
     return dict(layer_record, overlay=final, link=short)
 
