@@ -431,6 +431,28 @@ def test_a_complete_partial_file_is_verified_and_renamed_without_a_request(tool,
     assert_cached(workdir, image.layers)
 
 
+def test_a_partial_file_with_wrong_bytes_is_downloaded_again_from_the_start(tool, proxy, image, workdir):
+    layer = image.layers[1]
+    cache = Workdir(workdir).ensure()
+    with open(cache.partial_path(layer.digest), "wb") as f:
+        f.write(b"\0" * 100_000)  # what a crash without fsync can leave
+    fetch(tool, proxy, image, workdir, check=0)
+    assert_cached(workdir, image.layers)
+    ranges = [r.headers.get("Range") for r in proxy.seen("GET", layer.digest)]
+    assert ranges == ["bytes=100000-", None]
+
+
+def test_a_wrong_digest_after_starting_afresh_is_final(tool, proxy, image, workdir):
+    layer = image.layers[1]
+    cache = Workdir(workdir).ensure()
+    with open(cache.partial_path(layer.digest), "wb") as f:
+        f.write(layer.data[:100_000])
+    proxy.add(Rule("corrupt", path=layer.digest, at=50))
+    proc = fetch(tool, proxy, image, workdir, check=1)
+    assert proxy.count("GET", layer.digest) == 2 and "hashes to" in proc.stderr
+    assert not os.path.exists(cache.partial_path(layer.digest))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kill_after", [0.05, 0.2, 0.4, 0.7, 1.0, 1.5])
 def test_a_run_killed_at_any_moment_is_completed_by_the_next_run(tool, proxy, pusher, repo_name, workdir,

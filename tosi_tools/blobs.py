@@ -4,7 +4,7 @@ A blob goes to `<final>.partial` while it arrives and is renamed to `<final>`
 only once its size and digest check out, so the cache never holds a bad blob
 under its name. The partial file survives a failed attempt (and a killed
 process): the next attempt hashes what is there and asks for the rest with a
-Range request. A per-blob fcntl lock makes concurrent processes wait for each
+Range request; if the whole then fails to verify, it starts once more from zero. A per-blob fcntl lock makes concurrent processes wait for each
 other instead of downloading the same bytes twice.
 
 A BlobDownload can be watched while it runs (`wait_for`), so a consumer may
@@ -217,13 +217,27 @@ class Downloader:
         open(download.partial_path, "ab").close()
         download._set_written(hasher.count)
         self.progress(download, "start", hasher.count)
+        resumed = hasher.count > 0
         try:
             hasher = self._attempts(download, hasher)
             hasher.check()
-        except DigestMismatch:
-            # Bad bytes must not be resumed from: the next run starts afresh.
-            _remove(download.partial_path)
-            raise
+        except DigestMismatch as exc:
+            if not resumed:
+                # Bad bytes must not be resumed from: the next run starts afresh.
+                _remove(download.partial_path)
+                raise
+            # The partial file an earlier run left is to blame (a crash that lost its
+            # tail, say): start from zero once; a second mismatch is the server's.
+            log.warning("%s; downloading it again from the start", exc)
+            _truncate(download)
+            download._set_written(0)
+            hasher = VerifyingHasher(download.digest, download.size, download.what)
+            try:
+                hasher = self._attempts(download, hasher)
+                hasher.check()
+            except DigestMismatch:
+                _remove(download.partial_path)
+                raise
         os.replace(download.partial_path, download.final_path)
         self.progress(download, "done", download.size)
 
