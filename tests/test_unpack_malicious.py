@@ -26,15 +26,14 @@ def L(*entries):
 
 
 @functools.lru_cache(maxsize=None)
-def _bomb():
-    """A gzip layer of a 64 MiB file of zeros: about 64 KiB on the wire."""
+def _bomb(compression="gzip"):
+    """A layer of a 64 MiB file of zeros: a few KiB on the wire."""
     info = tarfile.TarInfo("bomb")
     info.size = 64 << 20
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         tar.addfile(info, io.BytesIO(bytes(info.size)))
-    tar_data = buf.getvalue()
-    return make_layer(raw_tar=tar_data)
+    return make_layer(raw_tar=buf.getvalue(), compression=compression)
 
 
 class Sentinel:
@@ -216,9 +215,10 @@ def test_symlink_loop_is_refused(unpack, sentinel, mode):
     sentinel.assert_unchanged()
 
 
+@pytest.mark.parametrize("compression", ["gzip", "zstd"])
 @pytest.mark.parametrize("mode", MODES)
-def test_gzip_bomb_stops_at_the_size_cap(unpack, sentinel, mode):
-    proc, _ = unpack([_bomb()], mode, env={"TOSI_MAX_LAYER_BYTES": str(8 << 20)})
+def test_decompression_bomb_stops_at_the_size_cap(unpack, sentinel, mode, compression):
+    proc, _ = unpack([_bomb(compression)], mode, env={"TOSI_MAX_LAYER_BYTES": str(8 << 20)})
     assert_refused(proc, "layer 0", "more than 8388608 bytes", "TOSI_MAX_LAYER_BYTES")
     if mode == "into":
         assert os.path.getsize(f"{sentinel.rootfs}/bomb") <= 8 << 20
@@ -234,5 +234,5 @@ def test_too_many_entries_stop_at_the_entry_cap(unpack, sentinel, mode):
 
 def test_bomb_layer_is_small_on_the_wire():
     # The cap test above is only meaningful if the registry served a small blob.
-    assert len(_bomb().data) < 1 << 20
+    assert len(_bomb().data) < 1 << 20 and len(_bomb("zstd").data) < 1 << 20
     assert len(gzip.decompress(_bomb().data)) > 64 << 20

@@ -287,3 +287,18 @@ def test_abandoned_temp_dir_of_another_layer_is_removed_too(stage, workdir):
     proc = run_unpack(plan, "--workdir", workdir)
     assert proc.returncode == 0, proc.stderr
     assert not os.path.exists(stale)
+
+
+def test_concurrent_runs_share_one_extraction_per_layer(stage, workdir):
+    plan = stage([make_layer([file_entry(f"f{i}", b"x" * 100) for i in range(3000)]),
+                  make_layer([file_entry("top", b"t")])])
+    procs = [subprocess.Popen(_tool("tosi-unpack") + ["--workdir", workdir], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outputs = [p.communicate(plan, timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [err for _, err in outputs]
+    plans = [records_of(out)[1] for out, _ in outputs]
+    assert plans[0] == plans[1] == plans[2]
+    assert len(os.listdir(plans[0][0]["overlay"])) == 3000
+    names = os.listdir(overlays_of(workdir))
+    assert not [n for n in names if n.startswith(".tmp-")]
+    assert len([n for n in names if os.path.islink(os.path.join(overlays_of(workdir), n))]) == 2
