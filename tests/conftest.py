@@ -176,3 +176,12 @@ def mounts():
     for point in points:
         while overlay.mount_at(os.path.abspath(point)):
             overlay.unmount(os.path.abspath(point))
+
+
+@pytest.fixture
+def fault_proxy(registry):
+    """A fault-injecting proxy (tests/support/faultproxy.py) in front of `registry`."""
+    from tests.support.faultproxy import FaultProxy
+
+    with FaultProxy(registry.url) as proxy:
+        yield proxy

@@ -17,17 +17,11 @@ import pytest
 import requests
 
 from tests.conftest import BIN
-from tests.support.faultproxy import FaultProxy, Rule
+from tests.support.faultproxy import Rule
 from tests.support.plans import (
     assert_cached, parse_plan, plan_records, plan_text, random_layer, records_text,
 )
 from tosi_tools.cache import Workdir
-
-
-@pytest.fixture
-def proxy(registry):
-    with FaultProxy(registry.url) as p:
-        yield p
 
 
 @pytest.fixture
@@ -41,9 +35,9 @@ def blob_path(image, layer):
     return f"/v2/{image.repo}/blobs/{layer.digest}"
 
 
-def fetch(tool, proxy, image, workdir, *flags, check=None, **plan_kwargs):
+def fetch(tool, fault_proxy, image, workdir, *flags, check=None, **plan_kwargs):
     return tool("tosi-fetch", "--workdir", workdir, *flags,
-                input=plan_text(proxy.url, image, workdir, **plan_kwargs), check=check)
+                input=plan_text(fault_proxy.url, image, workdir, **plan_kwargs), check=check)
 
 
 def start_fetch(plan, workdir, **popen):
@@ -61,8 +55,8 @@ def layer_files(workdir):
 
 # ---------------------------------------------------------------- the plan and the cache
 
-def test_fetch_puts_each_blob_in_layers_hex_and_writes_the_plan_with_paths(tool, proxy, image, workdir):
-    proc = fetch(tool, proxy, image, workdir, check=0)
+def test_fetch_puts_each_blob_in_layers_hex_and_writes_the_plan_with_paths(tool, fault_proxy, image, workdir):
+    proc = fetch(tool, fault_proxy, image, workdir, check=0)
     records = parse_plan(proc.stdout)
     cache = Workdir(workdir)
     assert [r["type"] for r in records] == ["image", "layer", "layer", "layer"]
@@ -72,16 +66,16 @@ def test_fetch_puts_each_blob_in_layers_hex_and_writes_the_plan_with_paths(tool,
     assert_cached(workdir, image.layers)
 
 
-def test_fetch_downloads_a_missing_config_into_configs(tool, proxy, image, workdir):
-    proc = fetch(tool, proxy, image, workdir, check=0)
+def test_fetch_downloads_a_missing_config_into_configs(tool, fault_proxy, image, workdir):
+    proc = fetch(tool, fault_proxy, image, workdir, check=0)
     config = parse_plan(proc.stdout)[0]["config"]
     with open(config["path"], "rb") as f:
         assert f.read() == image.config
     assert config["path"] == Workdir(workdir).config_path(config["digest"])
 
 
-def test_fetch_keeps_fields_it_does_not_know(tool, proxy, image, workdir):
-    records = plan_records(proxy.url, image, workdir)
+def test_fetch_keeps_fields_it_does_not_know(tool, fault_proxy, image, workdir):
+    records = plan_records(fault_proxy.url, image, workdir)
     records[0]["futureField"] = {"x": 1}
     records[2]["annotations"] = {"org.example": "kept"}
     text = records_text(records)
@@ -91,39 +85,39 @@ def test_fetch_keeps_fields_it_does_not_know(tool, proxy, image, workdir):
     assert out[2]["annotations"] == {"org.example": "kept"}
 
 
-def test_cached_blobs_are_reused_without_a_request(tool, proxy, image, workdir):
-    fetch(tool, proxy, image, workdir, check=0)
-    before = proxy.count("GET", "/blobs/")
-    fetch(tool, proxy, image, workdir, check=0)
-    assert proxy.count("GET", "/blobs/") == before
-    assert proxy.count() == before
+def test_cached_blobs_are_reused_without_a_request(tool, fault_proxy, image, workdir):
+    fetch(tool, fault_proxy, image, workdir, check=0)
+    before = fault_proxy.count("GET", "/blobs/")
+    fetch(tool, fault_proxy, image, workdir, check=0)
+    assert fault_proxy.count("GET", "/blobs/") == before
+    assert fault_proxy.count() == before
 
 
-def test_validate_cache_replaces_a_corrupt_cached_blob(tool, proxy, image, workdir):
-    fetch(tool, proxy, image, workdir, check=0)
+def test_validate_cache_replaces_a_corrupt_cached_blob(tool, fault_proxy, image, workdir):
+    fetch(tool, fault_proxy, image, workdir, check=0)
     bad = Workdir(workdir).layer_path(image.layers[1].digest)
     with open(bad, "r+b") as f:
         f.write(b"X")
-    fetch(tool, proxy, image, workdir, "--validate-cache", check=0)
+    fetch(tool, fault_proxy, image, workdir, "--validate-cache", check=0)
     assert_cached(workdir, image.layers)
-    assert proxy.count("GET", blob_path(image, image.layers[1])) == 2
-    assert proxy.count("GET", blob_path(image, image.layers[0])) == 1
+    assert fault_proxy.count("GET", blob_path(image, image.layers[1])) == 2
+    assert fault_proxy.count("GET", blob_path(image, image.layers[0])) == 1
 
 
-def test_a_blob_listed_twice_is_downloaded_once(tool, proxy, pusher, repo_name, workdir):
+def test_a_blob_listed_twice_is_downloaded_once(tool, fault_proxy, pusher, repo_name, workdir):
     layer = random_layer(100_000)
     image = pusher.push_image(repo_name, "v1", [layer, random_layer(1000), layer])
-    proc = fetch(tool, proxy, image, workdir, check=0)
+    proc = fetch(tool, fault_proxy, image, workdir, check=0)
     records = parse_plan(proc.stdout)
     assert records[1]["path"] == records[3]["path"]
-    assert proxy.count("GET", blob_path(image, layer)) == 1
+    assert fault_proxy.count("GET", blob_path(image, layer)) == 1
 
 
-def test_layer_records_are_written_as_soon_as_their_blob_is_verified(proxy, image, workdir):
+def test_layer_records_are_written_as_soon_as_their_blob_is_verified(fault_proxy, image, workdir):
     # The top layer is held back by the proxy; the bottom one must come out meanwhile.
-    proxy.add(Rule("delay", path=image.layers[2].digest, seconds=5))
+    fault_proxy.add(Rule("delay", path=image.layers[2].digest, seconds=5))
     started = time.monotonic()
-    proc = start_fetch(plan_text(proxy.url, image, workdir), workdir,
+    proc = start_fetch(plan_text(fault_proxy.url, image, workdir), workdir,
                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
         first_two = [json.loads(proc.stdout.readline()) for _ in range(2)]
@@ -131,39 +125,40 @@ def test_layer_records_are_written_as_soon_as_their_blob_is_verified(proxy, imag
         assert proc.poll() is None
         assert first_two[1]["index"] == 0 and "path" in first_two[1]
     finally:
-        proxy.stopping.set()  # ends the delay
+        fault_proxy.stopping.set()  # ends the delay
         proc.stdout.read()
         proc.wait(30)
     assert proc.returncode == 0
 
 
 @pytest.mark.parametrize("parallel, expected", [("1", 1), ("2", 2), ("0", 3)])
-def test_parallel_bounds_how_many_blobs_download_at_once(tool, proxy, image, workdir, parallel, expected):
-    proxy.add(Rule("delay", path="/blobs/", seconds=0.5))
-    fetch(tool, proxy, image, workdir, "--parallel", parallel, check=0, cache_config=True)
-    assert proxy.max_in_flight == expected
+def test_parallel_bounds_how_many_blobs_download_at_once(
+        tool, fault_proxy, image, workdir, parallel, expected):
+    fault_proxy.add(Rule("delay", path="/blobs/", seconds=0.5))
+    fetch(tool, fault_proxy, image, workdir, "--parallel", parallel, check=0, cache_config=True)
+    assert fault_proxy.max_in_flight == expected
 
 
-def test_downloads_share_kept_alive_connections(tool, proxy, pusher, repo_name, workdir):
+def test_downloads_share_kept_alive_connections(tool, fault_proxy, pusher, repo_name, workdir):
     image = pusher.push_image(repo_name, "v1", [random_layer(20_000) for _ in range(6)])
-    fetch(tool, proxy, image, workdir, "--parallel", "2", check=0)
-    connections = {r.client for r in proxy.seen("GET", "/blobs/")}
-    assert proxy.count("GET", "/blobs/") == 7
+    fetch(tool, fault_proxy, image, workdir, "--parallel", "2", check=0)
+    connections = {r.client for r in fault_proxy.seen("GET", "/blobs/")}
+    assert fault_proxy.count("GET", "/blobs/") == 7
     assert len(connections) <= 2
 
 
-def test_stdout_carries_only_the_plan_even_with_progress_bars(tool, proxy, image, workdir):
-    proc = fetch(tool, proxy, image, workdir, "--progress", "always", check=0)
+def test_stdout_carries_only_the_plan_even_with_progress_bars(tool, fault_proxy, image, workdir):
+    proc = fetch(tool, fault_proxy, image, workdir, "--progress", "always", check=0)
     assert len(parse_plan(proc.stdout)) == 4
     assert "total" in proc.stderr and "B/s" in proc.stderr
 
 
-def test_progress_auto_draws_nothing_when_stderr_is_not_a_terminal(tool, proxy, image, workdir):
-    proc = fetch(tool, proxy, image, workdir, check=0)
+def test_progress_auto_draws_nothing_when_stderr_is_not_a_terminal(tool, fault_proxy, image, workdir):
+    proc = fetch(tool, fault_proxy, image, workdir, check=0)
     assert proc.stderr == ""
 
 
-def test_a_blob_named_by_sha512_is_verified_with_sha512(tool, proxy, registry, image, workdir):
+def test_a_blob_named_by_sha512_is_verified_with_sha512(tool, fault_proxy, registry, image, workdir):
     data = os.urandom(70_000)
     digest = "sha512:" + hashlib.sha512(data).hexdigest()
     upload = requests.post(f"{registry.url}/v2/{image.repo}/blobs/uploads/", timeout=10)
@@ -171,18 +166,18 @@ def test_a_blob_named_by_sha512_is_verified_with_sha512(tool, proxy, registry, i
     sep = "&" if "?" in location else "?"
     requests.put(f"{location}{sep}digest={digest}", data=data, timeout=10).raise_for_status()
     layers = [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": digest, "size": len(data)}]
-    proc = fetch(tool, proxy, image, workdir, check=0, layers=layers)
+    proc = fetch(tool, fault_proxy, image, workdir, check=0, layers=layers)
     path = parse_plan(proc.stdout)[1]["path"]
     assert os.path.basename(path) == digest.split(":")[1] and len(os.path.basename(path)) == 128
     with open(path, "rb") as f:
         assert f.read() == data
 
 
-def test_progress_auto_draws_bars_when_stderr_is_a_terminal(proxy, image, workdir):
+def test_progress_auto_draws_bars_when_stderr_is_a_terminal(fault_proxy, image, workdir):
     main, terminal = pty.openpty()
     fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # rows, columns
     try:
-        proc = start_fetch(plan_text(proxy.url, image, workdir), workdir,
+        proc = start_fetch(plan_text(fault_proxy.url, image, workdir), workdir,
                            stdout=subprocess.PIPE, stderr=terminal)
         os.close(terminal)
         terminal = None
@@ -205,13 +200,13 @@ def test_progress_auto_draws_bars_when_stderr_is_a_terminal(proxy, image, workdi
     assert len(parse_plan(out)) == 4
 
 
-def test_an_empty_blob_is_cached_without_a_request(tool, proxy, image, workdir):
+def test_an_empty_blob_is_cached_without_a_request(tool, fault_proxy, image, workdir):
     empty = {"mediaType": "application/vnd.oci.image.layer.v1.tar", "size": 0,
              "digest": "sha256:" + hashlib.sha256(b"").hexdigest()}
-    proc = fetch(tool, proxy, image, workdir, check=0, layers=[empty])
+    proc = fetch(tool, fault_proxy, image, workdir, check=0, layers=[empty])
     path = parse_plan(proc.stdout)[1]["path"]
     assert os.path.getsize(path) == 0
-    assert proxy.count("GET", empty["digest"]) == 0
+    assert fault_proxy.count("GET", empty["digest"]) == 0
 
 
 # ---------------------------------------------------------------- bad input
@@ -230,29 +225,29 @@ def test_bad_flags_are_a_usage_error_in_one_line(tool, workdir, flags):
     assert proc.stderr.startswith("tosi-fetch: error: ") and proc.stderr.count("\n") == 1
 
 
-def test_a_layer_without_a_size_is_refused(tool, proxy, image, workdir):
-    records = plan_records(proxy.url, image, workdir)
+def test_a_layer_without_a_size_is_refused(tool, fault_proxy, image, workdir):
+    records = plan_records(fault_proxy.url, image, workdir)
     del records[2]["size"]
     proc = tool("tosi-fetch", "--workdir", workdir, input=records_text(records))
     assert proc.returncode == 2
     assert "layer 1 has no valid size" in proc.stderr
-    assert proxy.count() == 0
+    assert fault_proxy.count() == 0
 
 
 @pytest.mark.parametrize("field", ["repository", "endpoint"])
-def test_an_image_record_without_where_to_fetch_from_is_refused(tool, proxy, image, workdir, field):
-    records = plan_records(proxy.url, image, workdir)
+def test_an_image_record_without_where_to_fetch_from_is_refused(tool, fault_proxy, image, workdir, field):
+    records = plan_records(fault_proxy.url, image, workdir)
     records[0].pop(field)
     if field == "endpoint":
         records[0].pop("registry")
     proc = tool("tosi-fetch", "--workdir", workdir, input=records_text(records))
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
-    assert proxy.count() == 0
+    assert fault_proxy.count() == 0
 
 
 def test_a_blob_longer_than_its_descriptor_is_rejected_without_writing_beyond_the_size(
-        tool, proxy, image, workdir):
-    records = plan_records(proxy.url, image, workdir)
+        tool, fault_proxy, image, workdir):
+    records = plan_records(fault_proxy.url, image, workdir)
     records[1]["size"] -= 10
     proc = tool("tosi-fetch", "--workdir", workdir, input=records_text(records))
     assert proc.returncode == 1
@@ -263,9 +258,10 @@ def test_a_blob_longer_than_its_descriptor_is_rejected_without_writing_beyond_th
 
 # ---------------------------------------------------------------- faults
 
-def test_a_corrupt_blob_is_rejected_naming_the_layer_and_absent_from_the_cache(tool, proxy, image, workdir):
-    proxy.add(Rule("corrupt", path=image.layers[1].digest, at=1234))
-    proc = fetch(tool, proxy, image, workdir, check=1)
+def test_a_corrupt_blob_is_rejected_naming_the_layer_and_absent_from_the_cache(
+        tool, fault_proxy, image, workdir):
+    fault_proxy.add(Rule("corrupt", path=image.layers[1].digest, at=1234))
+    proc = fetch(tool, fault_proxy, image, workdir, check=1)
     digest = image.layers[1].digest
     assert proc.stderr.count("\n") == 1
     assert f"layer 1 ({digest})" in proc.stderr and "hashes to" in proc.stderr
@@ -275,85 +271,88 @@ def test_a_corrupt_blob_is_rejected_naming_the_layer_and_absent_from_the_cache(t
     assert all(r.get("index") != 1 for r in parse_plan(proc.stdout))
 
 
-def test_the_first_failure_stops_the_other_downloads_and_is_the_error_reported(tool, proxy, image, workdir):
-    proxy.add(Rule("stall", path=image.layers[0].digest, after=100_000, seconds=30))
-    proxy.add(Rule("delay", path=image.layers[2].digest, seconds=0.5))  # layer 0 reaches its stall first
-    proxy.add(Rule("corrupt", path=image.layers[2].digest, at=5))
+def test_the_first_failure_stops_the_other_downloads_and_is_the_error_reported(
+        tool, fault_proxy, image, workdir):
+    fault_proxy.add(Rule("stall", path=image.layers[0].digest, after=100_000, seconds=30))
+    # Layer 0 reaches its stall before layer 2 fails.
+    fault_proxy.add(Rule("delay", path=image.layers[2].digest, seconds=0.5))
+    fault_proxy.add(Rule("corrupt", path=image.layers[2].digest, at=5))
     started = time.monotonic()
-    proc = fetch(tool, proxy, image, workdir, check=1)
+    proc = fetch(tool, fault_proxy, image, workdir, check=1)
     assert time.monotonic() - started < 10
     assert f"layer 2 ({image.layers[2].digest})" in proc.stderr and "hashes to" in proc.stderr
     assert all(r["type"] == "image" for r in parse_plan(proc.stdout))
     assert os.path.getsize(Workdir(workdir).partial_path(image.layers[0].digest)) >= 100_000
 
 
-def test_a_dropped_download_resumes_with_a_range_request(tool, proxy, image, workdir):
+def test_a_dropped_download_resumes_with_a_range_request(tool, fault_proxy, image, workdir):
     layer = image.layers[2]
-    proxy.add(Rule("drop", path=layer.digest, after=250_000, times=1))
-    fetch(tool, proxy, image, workdir, check=0)
+    fault_proxy.add(Rule("drop", path=layer.digest, after=250_000, times=1))
+    fetch(tool, fault_proxy, image, workdir, check=0)
     assert_cached(workdir, image.layers)
-    ranges = [r.headers.get("Range") for r in proxy.seen("GET", layer.digest)]
+    ranges = [r.headers.get("Range") for r in fault_proxy.seen("GET", layer.digest)]
     assert ranges[0] is None
     assert len(ranges) == 2 and ranges[1].startswith("bytes=") and ranges[1] != "bytes=0-"
     assert int(ranges[1][len("bytes="):-1]) >= 65_536  # the bytes before the drop were kept
 
 
-def test_a_server_ignoring_range_gets_a_full_redownload(tool, proxy, image, workdir):
+def test_a_server_ignoring_range_gets_a_full_redownload(tool, fault_proxy, image, workdir):
     layer = image.layers[2]
-    proxy.add(Rule("drop", path=layer.digest, after=250_000, times=1))
-    proxy.add(Rule("ignore_range", path=layer.digest))
-    fetch(tool, proxy, image, workdir, check=0)
+    fault_proxy.add(Rule("drop", path=layer.digest, after=250_000, times=1))
+    fault_proxy.add(Rule("ignore_range", path=layer.digest))
+    fetch(tool, fault_proxy, image, workdir, check=0)
     assert_cached(workdir, image.layers)
-    assert proxy.count("GET", layer.digest) == 2
+    assert fault_proxy.count("GET", layer.digest) == 2
 
 
-def test_server_errors_are_retried_until_success(tool, proxy, image, workdir):
-    proxy.add(Rule("status", path=image.layers[0].digest, status=500, times=2))
-    proxy.add(Rule("status", path=image.layers[1].digest, status=503, times=1))
-    fetch(tool, proxy, image, workdir, check=0)
+def test_server_errors_are_retried_until_success(tool, fault_proxy, image, workdir):
+    fault_proxy.add(Rule("status", path=image.layers[0].digest, status=500, times=2))
+    fault_proxy.add(Rule("status", path=image.layers[1].digest, status=503, times=1))
+    fetch(tool, fault_proxy, image, workdir, check=0)
     assert_cached(workdir, image.layers)
-    assert proxy.count("GET", image.layers[0].digest) == 3
+    assert fault_proxy.count("GET", image.layers[0].digest) == 3
 
 
-def test_429_is_retried_after_the_retry_after_delay(tool, proxy, image, workdir):
-    proxy.add(Rule("status", path=image.layers[0].digest, status=429, headers={"Retry-After": "1"}, times=1))
-    fetch(tool, proxy, image, workdir, check=0)
-    first, second = proxy.seen("GET", image.layers[0].digest)
+def test_429_is_retried_after_the_retry_after_delay(tool, fault_proxy, image, workdir):
+    fault_proxy.add(Rule("status", path=image.layers[0].digest, status=429, headers={"Retry-After": "1"},
+                         times=1))
+    fetch(tool, fault_proxy, image, workdir, check=0)
+    first, second = fault_proxy.seen("GET", image.layers[0].digest)
     assert second.time - first.time >= 0.95
 
 
-def test_an_exhausted_retry_budget_is_one_clean_error(tool, proxy, image, workdir):
-    proxy.add(Rule("status", path=image.layers[1].digest, status=502))
-    proc = fetch(tool, proxy, image, workdir, "--retries", "2", check=1)
-    assert proxy.count("GET", image.layers[1].digest) == 3
+def test_an_exhausted_retry_budget_is_one_clean_error(tool, fault_proxy, image, workdir):
+    fault_proxy.add(Rule("status", path=image.layers[1].digest, status=502))
+    proc = fetch(tool, fault_proxy, image, workdir, "--retries", "2", check=1)
+    assert fault_proxy.count("GET", image.layers[1].digest) == 3
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert f"layer 1 ({image.layers[1].digest})" in proc.stderr and "3 attempts" in proc.stderr
     assert image.layers[1].digest.split(":")[1] not in layer_files(workdir)
 
 
-def test_a_client_error_fails_at_once(tool, proxy, image, workdir):
-    proxy.add(Rule("status", path=image.layers[0].digest, status=403))
-    proc = fetch(tool, proxy, image, workdir, check=1)
-    assert proxy.count("GET", image.layers[0].digest) == 1
+def test_a_client_error_fails_at_once(tool, fault_proxy, image, workdir):
+    fault_proxy.add(Rule("status", path=image.layers[0].digest, status=403))
+    proc = fetch(tool, fault_proxy, image, workdir, check=1)
+    assert fault_proxy.count("GET", image.layers[0].digest) == 1
     assert "403" in proc.stderr
 
 
-def test_an_unknown_blob_fails_at_once_naming_the_layer(tool, proxy, image, workdir):
+def test_an_unknown_blob_fails_at_once_naming_the_layer(tool, fault_proxy, image, workdir):
     missing = random_layer(1000)
     layers = [image.layers[0].descriptor(), missing.descriptor()]
-    proc = fetch(tool, proxy, image, workdir, check=1, layers=layers)
-    assert proxy.count("GET", missing.digest) == 1
+    proc = fetch(tool, fault_proxy, image, workdir, check=1, layers=layers)
+    assert fault_proxy.count("GET", missing.digest) == 1
     assert f"layer 1 ({missing.digest})" in proc.stderr and "404" in proc.stderr
 
 
-def test_a_stalled_download_times_out_and_resumes(tool, proxy, image, workdir):
+def test_a_stalled_download_times_out_and_resumes(tool, fault_proxy, image, workdir):
     layer = image.layers[1]
-    proxy.add(Rule("stall", path=layer.digest, after=100_000, seconds=20, times=1))
+    fault_proxy.add(Rule("stall", path=layer.digest, after=100_000, seconds=20, times=1))
     started = time.monotonic()
-    fetch(tool, proxy, image, workdir, "--read-timeout", "0.5", check=0)
+    fetch(tool, fault_proxy, image, workdir, "--read-timeout", "0.5", check=0)
     assert time.monotonic() - started < 10
     assert_cached(workdir, image.layers)
-    assert proxy.seen("GET", layer.digest)[1].headers.get("Range", "").startswith("bytes=")
+    assert fault_proxy.seen("GET", layer.digest)[1].headers.get("Range", "").startswith("bytes=")
 
 
 def test_an_unreachable_registry_is_retried_then_reported(tool, image, workdir):
@@ -367,43 +366,43 @@ def test_an_unreachable_registry_is_retried_then_reported(tool, image, workdir):
 
 # ---------------------------------------------------------------- concurrency and crashes
 
-def test_two_concurrent_processes_both_succeed_and_download_each_blob_once(proxy, image, workdir):
+def test_two_concurrent_processes_both_succeed_and_download_each_blob_once(fault_proxy, image, workdir):
     # Slow blobs make the two runs overlap for certain.
-    proxy.add(Rule("delay", path="/blobs/", seconds=0.3))
-    plan = plan_text(proxy.url, image, workdir)
+    fault_proxy.add(Rule("delay", path="/blobs/", seconds=0.3))
+    plan = plan_text(fault_proxy.url, image, workdir)
     procs = [subprocess.Popen([sys.executable, os.path.join(BIN, "tosi-fetch"), "--workdir", workdir],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for _ in range(3)]
     outputs = [p.communicate(plan, timeout=60) for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], [err for _out, err in outputs]
     for layer in image.layers:
-        assert proxy.count("GET", layer.digest) == 1
+        assert fault_proxy.count("GET", layer.digest) == 1
     assert_cached(workdir, image.layers)
     assert all(len(parse_plan(out)) == 4 for out, _err in outputs)
 
 
-def test_concurrent_validating_runs_replace_a_corrupt_blob_once(proxy, image, workdir):
-    plan = plan_text(proxy.url, image, workdir)
+def test_concurrent_validating_runs_replace_a_corrupt_blob_once(fault_proxy, image, workdir):
+    plan = plan_text(fault_proxy.url, image, workdir)
     first = start_fetch(plan, workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert first.wait(30) == 0
     bad = Workdir(workdir).layer_path(image.layers[2].digest)
     with open(bad, "r+b") as f:
         f.write(b"corrupt")
-    proxy.add(Rule("delay", path=image.layers[2].digest, seconds=0.3))
+    fault_proxy.add(Rule("delay", path=image.layers[2].digest, seconds=0.3))
     procs = [subprocess.Popen([sys.executable, os.path.join(BIN, "tosi-fetch"), "--workdir", workdir,
                                "--validate-cache"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True) for _ in range(3)]
     errors = [p.communicate(plan, timeout=60)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], errors
-    assert proxy.count("GET", image.layers[2].digest) == 2  # the first run, and one replacement
+    assert fault_proxy.count("GET", image.layers[2].digest) == 2  # the first run, and one replacement
     assert_cached(workdir, image.layers)
 
 
-def test_a_run_killed_mid_download_is_completed_by_the_next_run(tool, proxy, image, workdir):
+def test_a_run_killed_mid_download_is_completed_by_the_next_run(tool, fault_proxy, image, workdir):
     layer = image.layers[2]
-    proxy.add(Rule("stall", path=layer.digest, after=300_000, times=1))
+    fault_proxy.add(Rule("stall", path=layer.digest, after=300_000, times=1))
     partial = Workdir(workdir).partial_path(layer.digest)
-    proc = start_fetch(plan_text(proxy.url, image, workdir), workdir,
+    proc = start_fetch(plan_text(fault_proxy.url, image, workdir), workdir,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 20
@@ -414,58 +413,59 @@ def test_a_run_killed_mid_download_is_completed_by_the_next_run(tool, proxy, ima
         proc.kill()
         proc.wait()
     assert proc.returncode == -9
-    fetch(tool, proxy, image, workdir, check=0)
+    fetch(tool, fault_proxy, image, workdir, check=0)
     assert_cached(workdir, image.layers)
-    assert proxy.seen("GET", layer.digest)[-1].headers["Range"] == "bytes=300000-"
+    assert fault_proxy.seen("GET", layer.digest)[-1].headers["Range"] == "bytes=300000-"
     assert not os.path.exists(partial)
 
 
-def test_a_complete_partial_file_is_verified_and_renamed_without_a_request(tool, proxy, image, workdir):
+def test_a_complete_partial_file_is_verified_and_renamed_without_a_request(tool, fault_proxy, image, workdir):
     # What a run killed between the last write and the rename leaves behind.
     layer = image.layers[1]
     cache = Workdir(workdir).ensure()
     with open(cache.partial_path(layer.digest), "wb") as f:
         f.write(layer.data)
-    fetch(tool, proxy, image, workdir, check=0)
-    assert proxy.count("GET", layer.digest) == 0
+    fetch(tool, fault_proxy, image, workdir, check=0)
+    assert fault_proxy.count("GET", layer.digest) == 0
     assert_cached(workdir, image.layers)
 
 
-def test_a_partial_file_with_wrong_bytes_is_downloaded_again_from_the_start(tool, proxy, image, workdir):
+def test_a_partial_file_with_wrong_bytes_is_downloaded_again_from_the_start(
+        tool, fault_proxy, image, workdir):
     layer = image.layers[1]
     cache = Workdir(workdir).ensure()
     with open(cache.partial_path(layer.digest), "wb") as f:
         f.write(b"\0" * 100_000)  # what a crash without fsync can leave
-    fetch(tool, proxy, image, workdir, check=0)
+    fetch(tool, fault_proxy, image, workdir, check=0)
     assert_cached(workdir, image.layers)
-    ranges = [r.headers.get("Range") for r in proxy.seen("GET", layer.digest)]
+    ranges = [r.headers.get("Range") for r in fault_proxy.seen("GET", layer.digest)]
     assert ranges == ["bytes=100000-", None]
 
 
-def test_a_wrong_digest_after_starting_afresh_is_final(tool, proxy, image, workdir):
+def test_a_wrong_digest_after_starting_afresh_is_final(tool, fault_proxy, image, workdir):
     layer = image.layers[1]
     cache = Workdir(workdir).ensure()
     with open(cache.partial_path(layer.digest), "wb") as f:
         f.write(layer.data[:100_000])
-    proxy.add(Rule("corrupt", path=layer.digest, at=50))
-    proc = fetch(tool, proxy, image, workdir, check=1)
-    assert proxy.count("GET", layer.digest) == 2 and "hashes to" in proc.stderr
+    fault_proxy.add(Rule("corrupt", path=layer.digest, at=50))
+    proc = fetch(tool, fault_proxy, image, workdir, check=1)
+    assert fault_proxy.count("GET", layer.digest) == 2 and "hashes to" in proc.stderr
     assert not os.path.exists(cache.partial_path(layer.digest))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kill_after", [0.05, 0.2, 0.4, 0.7, 1.0, 1.5])
-def test_a_run_killed_at_any_moment_is_completed_by_the_next_run(tool, proxy, pusher, repo_name, workdir,
-                                                                 kill_after):
+def test_a_run_killed_at_any_moment_is_completed_by_the_next_run(
+        tool, fault_proxy, pusher, repo_name, workdir, kill_after):
     image = pusher.push_image(repo_name, "v1", [random_layer(1_000_000) for _ in range(4)])
     # About a second of downloading, so the kills land before, during and after it.
-    proxy.add(Rule("throttle", path="/blobs/", rate=2_000_000))
-    proc = start_fetch(plan_text(proxy.url, image, workdir), workdir,
+    fault_proxy.add(Rule("throttle", path="/blobs/", rate=2_000_000))
+    proc = start_fetch(plan_text(fault_proxy.url, image, workdir), workdir,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(kill_after)
     proc.kill()
     proc.wait()
-    proxy.clear()
-    fetch(tool, proxy, image, workdir, check=0)
+    fault_proxy.clear()
+    fetch(tool, fault_proxy, image, workdir, check=0)
     assert_cached(workdir, image.layers)
     assert not [name for name in layer_files(workdir) if name.endswith(".partial")]

@@ -5,19 +5,13 @@ import time
 
 import pytest
 
-from tests.support.faultproxy import FaultProxy, Rule
+from tests.support.faultproxy import Rule
 from tests.support.plans import assert_cached, plan_records, random_layer
 from tosi_tools.blobs import Cancelled
 from tosi_tools.cache import Workdir
 from tosi_tools.errors import DigestMismatch
 from tosi_tools.fetch import Fetcher, fetch_plan
 from tosi_tools.registry import RegistryClient
-
-
-@pytest.fixture
-def proxy(registry):
-    with FaultProxy(registry.url) as p:
-        yield p
 
 
 @pytest.fixture
@@ -29,40 +23,40 @@ def fetcher_for(workdir, **kwargs):
     return Fetcher(Workdir(workdir), lambda image: RegistryClient(image["endpoint"]), **kwargs)
 
 
-def test_a_download_can_be_read_behind_the_writer_before_it_is_verified(proxy, image, workdir):
+def test_a_download_can_be_read_behind_the_writer_before_it_is_verified(fault_proxy, image, workdir):
     layer = image.layers[1]
-    proxy.add(Rule("stall", path=layer.digest, after=300_000))  # until released below
-    image_record, *layers = plan_records(proxy.url, image, workdir)
+    fault_proxy.add(Rule("stall", path=layer.digest, after=300_000))  # until released below
+    image_record, *layers = plan_records(fault_proxy.url, image, workdir)
     with fetcher_for(workdir).start(image_record, layers) as run:
         download = run.layers[1].download
         assert download.wait_for(300_000, timeout=20) >= 300_000
         assert not download.done
         with open(download.partial_path, "rb") as f:
             assert f.read(300_000) == layer.data[:300_000]
-        proxy.stopping.set()
+        fault_proxy.stopping.set()
         record = run.layers[1].result(timeout=20)
     assert record["path"] == download.final_path == Workdir(workdir).layer_path(layer.digest)
     assert download.written == download.size
     assert_cached(workdir, image.layers)
 
 
-def test_waiting_past_the_end_raises_the_error_of_a_failed_download(proxy, image, workdir):
-    proxy.add(Rule("corrupt", path=image.layers[1].digest, at=10))
-    image_record, *layers = plan_records(proxy.url, image, workdir)
+def test_waiting_past_the_end_raises_the_error_of_a_failed_download(fault_proxy, image, workdir):
+    fault_proxy.add(Rule("corrupt", path=image.layers[1].digest, at=10))
+    image_record, *layers = plan_records(fault_proxy.url, image, workdir)
     with pytest.raises(DigestMismatch), fetcher_for(workdir).start(image_record, layers) as run:
         download = run.layers[1].download
         download.wait_for(download.size + 1, timeout=20)
 
 
-def test_fetch_plan_yields_the_image_record_then_the_layers_in_order(proxy, image, workdir):
-    image_record, *layers = plan_records(proxy.url, image, workdir)
+def test_fetch_plan_yields_the_image_record_then_the_layers_in_order(fault_proxy, image, workdir):
+    image_record, *layers = plan_records(fault_proxy.url, image, workdir)
     records = list(fetch_plan(fetcher_for(workdir), image_record, layers))
     assert [r["type"] for r in records] == ["image", "layer", "layer"]
     assert records[0]["config"]["path"] == Workdir(workdir).config_path(records[0]["config"]["digest"])
     assert [r["index"] for r in records[1:]] == [0, 1]
 
 
-def test_progress_reports_every_byte_of_every_blob(proxy, image, workdir):
+def test_progress_reports_every_byte_of_every_blob(fault_proxy, image, workdir):
     seen = {}
     lock = threading.Lock()
 
@@ -70,15 +64,15 @@ def test_progress_reports_every_byte_of_every_blob(proxy, image, workdir):
         with lock:
             if event in ("start", "advance"):
                 seen[download.digest] = seen.get(download.digest, 0) + nbytes
-    image_record, *layers = plan_records(proxy.url, image, workdir, cache_config=True)
+    image_record, *layers = plan_records(fault_proxy.url, image, workdir, cache_config=True)
     list(fetch_plan(fetcher_for(workdir, progress=progress), image_record, layers))
     assert seen == {layer.digest: len(layer.data) for layer in image.layers}
 
 
-def test_cancelling_stops_a_stalled_download_at_once_and_keeps_its_partial_file(proxy, image, workdir):
+def test_cancelling_stops_a_stalled_download_at_once_and_keeps_its_partial_file(fault_proxy, image, workdir):
     layer = image.layers[1]
-    proxy.add(Rule("stall", path=layer.digest, after=200_000))
-    image_record, *layers = plan_records(proxy.url, image, workdir)
+    fault_proxy.add(Rule("stall", path=layer.digest, after=200_000))
+    image_record, *layers = plan_records(fault_proxy.url, image, workdir)
     run = fetcher_for(workdir).start(image_record, layers)
     download = run.layers[1].download
     download.wait_for(200_000, timeout=20)
