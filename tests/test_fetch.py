@@ -1,5 +1,6 @@
 """tosi-fetch against the real registry, through a fault-injecting proxy where failures are needed."""
 
+import email.utils
 import fcntl
 import hashlib
 import json
@@ -313,12 +314,21 @@ def test_server_errors_are_retried_until_success(tool, fault_proxy, image, workd
     assert fault_proxy.count("GET", image.layers[0].digest) == 3
 
 
-def test_429_is_retried_after_the_retry_after_delay(tool, fault_proxy, image, workdir):
-    fault_proxy.add(Rule("status", path=image.layers[0].digest, status=429, headers={"Retry-After": "1"},
-                         times=1))
+@pytest.mark.parametrize("retry_after", ["1", "date"])
+def test_429_is_retried_after_the_retry_after_delay(tool, fault_proxy, image, workdir, retry_after):
+    if retry_after == "date":  # the HTTP-date form, whole seconds: 2 s ahead is at least 1 s
+        retry_after = email.utils.formatdate(time.time() + 2, usegmt=True)
+    fault_proxy.add(Rule("status", path=image.layers[0].digest, status=429,
+                         headers={"Retry-After": retry_after}, times=1))
     fetch(tool, fault_proxy, image, workdir, check=0)
     first, second = fault_proxy.seen("GET", image.layers[0].digest)
     assert second.time - first.time >= 0.95
+
+
+def test_408_is_retried(tool, fault_proxy, image, workdir):
+    fault_proxy.add(Rule("status", path=image.layers[0].digest, status=408, times=1))
+    fetch(tool, fault_proxy, image, workdir, check=0)
+    assert fault_proxy.count("GET", image.layers[0].digest) == 2
 
 
 def test_an_exhausted_retry_budget_is_one_clean_error(tool, fault_proxy, image, workdir):
