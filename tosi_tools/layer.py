@@ -164,6 +164,13 @@ class _Applier:
         if member.type == tarstream.LNK:
             # Resolved before placing the new name, whose lookup may evict the target's handle.
             source = self.link_source(name, member)
+            try:
+                dir_fd, base, canonical = self.place(parts, name)
+                self.touch(canonical + (base,))
+                self.make_hardlink(dir_fd, base, canonical, source)
+            finally:
+                os.close(source[0])
+            return
         if member.type in _NODE_TYPES and _NODE_TYPES[member.type] != stat.S_IFIFO and not self.as_root:
             self.stats.skipped_devices += 1
             return
@@ -176,8 +183,6 @@ class _Applier:
             self.make_file(tar, dir_fd, base, canonical, member, xattrs, name)
         elif member.type == tarstream.SYM:
             self.make_symlink(dir_fd, base, canonical, member)
-        elif member.type == tarstream.LNK:
-            self.make_hardlink(dir_fd, base, canonical, source, name)
         elif member.type in _NODE_TYPES:
             self.make_node(dir_fd, base, canonical, member, xattrs, name)
         else:
@@ -289,19 +294,16 @@ class _Applier:
             raise self.fail(name, f"hardlink target {member.linkname!r} is a directory")
         return os.dup(src_fd), src_base, st
 
-    def make_hardlink(self, dir_fd, base, canonical, source, name):
+    def make_hardlink(self, dir_fd, base, canonical, source):
         src_fd, src_base, st = source
         try:
-            try:
-                os.link(src_base, base, src_dir_fd=src_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
-            except FileExistsError:
-                existing = saferoot.lstat_at(dir_fd, base)
-                if existing is not None and (existing.st_dev, existing.st_ino) == (st.st_dev, st.st_ino):
-                    return  # a link to itself, or one already made
-                self.root.remove(dir_fd, base, canonical)
-                os.link(src_base, base, src_dir_fd=src_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
-        finally:
-            os.close(src_fd)
+            os.link(src_base, base, src_dir_fd=src_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+        except FileExistsError:
+            existing = saferoot.lstat_at(dir_fd, base)
+            if existing is not None and (existing.st_dev, existing.st_ino) == (st.st_dev, st.st_ino):
+                return  # a link to itself, or one already made
+            self.root.remove(dir_fd, base, canonical)
+            os.link(src_base, base, src_dir_fd=src_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
 
     def make_node(self, dir_fd, base, canonical, member, xattrs, name):
         kind = _NODE_TYPES[member.type]
