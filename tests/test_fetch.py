@@ -317,7 +317,7 @@ def test_server_errors_are_retried_until_success(tool, fault_proxy, image, workd
 @pytest.mark.parametrize("retry_after", ["1", "date"])
 def test_429_is_retried_after_the_retry_after_delay(tool, fault_proxy, image, workdir, retry_after):
     if retry_after == "date":  # the HTTP-date form, whole seconds: 2 s ahead is at least 1 s
-        retry_after = email.utils.formatdate(time.time() + 2, usegmt=True)
+        retry_after = lambda: email.utils.formatdate(time.time() + 2, usegmt=True)  # noqa: E731
     fault_proxy.add(Rule("status", path=image.layers[0].digest, status=429,
                          headers={"Retry-After": retry_after}, times=1))
     fetch(tool, fault_proxy, image, workdir, check=0)

@@ -36,7 +36,8 @@ class Rule:
     """One fault: `action` applied to requests whose path contains the regex `path`.
 
     Parameters by action: drop/stall after=<body bytes sent first>; stall seconds=<how
-    long> (None: until the proxy stops); status status=<code>, headers={...}, body=b"";
+    long> (None: until the proxy stops); status status=<code>, headers={name: value or
+    a function giving it at answer time}, body=b"";
     corrupt at=<body offset>; delay seconds=<before forwarding>; throttle rate=<body bytes
     per second>; redirect to=<base URL>
     (the request path is appended). `times`: how many matching requests it applies to
@@ -203,7 +204,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _answer(self, status, body, headers=None):
         self.send_response(status)
         for key, value in (headers or {}).items():
-            self.send_header(key, value)
+            self.send_header(key, value() if callable(value) else value)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         if self.command != "HEAD":
