@@ -177,3 +177,15 @@ def test_filesystem_error_names_layer_and_entry(tmp_path):
     lay = make_layer([file_entry("n" * 300, b"x")])
     with pytest.raises(UnpackError, match=r"layer L: entry 'n{300}': File name too long"):
         layer.apply_layer(str(tmp_path), io.BytesIO(lay.data), lay.media_type, layer_name="L")
+
+
+def test_whiteouts_count_towards_the_entry_cap(tmp_path):
+    lay = make_layer([whiteout_entry(f"w{i}") for i in range(11)])
+    with pytest.raises(UnpackError, match="more than 10 entries"):
+        layer.apply_layer(str(tmp_path), io.BytesIO(lay.data), lay.media_type, limits=layer.Limits(max_entries=10))
+
+
+def test_entry_cap_allows_exactly_the_cap(tmp_path):
+    lay = make_layer([file_entry(f"f{i}") for i in range(10)])
+    stats = layer.apply_layer(str(tmp_path), io.BytesIO(lay.data), lay.media_type, limits=layer.Limits(max_entries=10))
+    assert stats.entries == 10

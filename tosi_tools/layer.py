@@ -148,13 +148,13 @@ class _Applier:
             parts = saferoot.clean_name(name)
         except UnsafeEntry as exc:
             raise self.fail(name, str(exc), UnsafeEntry) from None
+        if self.stats.entries + self.stats.whiteouts >= self.limits.max_entries:
+            raise UnpackError(f"layer {self.layer_name}: more than {self.limits.max_entries} "
+                              "entries (the cap for one layer; see TOSI_MAX_LAYER_ENTRIES)")
         if parts and parts[-1].startswith(WHITEOUT_PREFIX):
             self.whiteout(name, parts)
             return
         self.stats.entries += 1
-        if self.stats.entries > self.limits.max_entries:
-            raise UnpackError(f"layer {self.layer_name}: more than {self.limits.max_entries} "
-                              "entries (the cap for one layer; see TOSI_MAX_LAYER_ENTRIES)")
         xattrs = self.xattrs_of(name, member) if member.xattrs else ()
         if not parts:
             if not member.isdir():
