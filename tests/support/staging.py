@@ -1,20 +1,17 @@
-"""Stage an image for tosi-unpack: push it to the real registry and produce the plan tosi-fetch writes.
+"""Stage an image for tosi-unpack: push it to the real registry, then `tosi-resolve | tosi-fetch`.
 
-`fetched_plan` is the one place that decides how the blobs reach the
-workdir: through `tosi-resolve | tosi-fetch` once both are implemented, else
-by copying the pushed blobs into the cache the way tosi-fetch would.
+The plan the tests feed tosi-unpack is the one the real stages write, with
+the layer blobs in the workdir's cache. Also: comparing two trees, and a
+read-only overlay mount of per-layer directories.
 """
 
-import functools
 import hashlib
-import json
 import os
 import stat
 import subprocess
 import sys
 
-from tests.support.plans import parse_plan, plan_records
-from tosi_tools.cache import Workdir, atomic_write
+from tests.support.plans import parse_plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -23,35 +20,16 @@ def _tool(cmd):
     return [sys.executable, os.path.join(ROOT, "bin", cmd)]
 
 
-@functools.lru_cache(maxsize=None)
-def _tools_ready():
-    for cmd in ("tosi-resolve", "tosi-fetch"):
-        proc = subprocess.run(_tool(cmd) + ["--help"], capture_output=True, text=True)
-        if proc.returncode != 0 or "not yet implemented" in proc.stdout + proc.stderr:
-            return False
-    return True
-
-
 def fetched_plan(registry, image, workdir):
     """(plan text, records) for a pushed image, its layer blobs in `workdir`'s cache."""
-    if _tools_ready():
-        ref = f"{registry.host}/{image.repo}@{image.digest}"
-        resolve = subprocess.run(_tool("tosi-resolve") + ["--workdir", workdir, ref],
-                                 capture_output=True, text=True, timeout=60)
-        assert resolve.returncode == 0, resolve.stderr
-        fetch = subprocess.run(_tool("tosi-fetch") + ["--workdir", workdir, "--progress", "never"],
-                               input=resolve.stdout, capture_output=True, text=True, timeout=120)
-        assert fetch.returncode == 0, fetch.stderr
-        return fetch.stdout, parse_plan(fetch.stdout)
-    cache = Workdir(workdir).ensure()
-    records = plan_records(registry.url, image, workdir, cache_config=True)
-    for record, layer in zip(records[1:], image.layers):
-        path = cache.layer_path(layer.digest)
-        if not os.path.exists(path):
-            atomic_write(path, layer.data)
-        record["path"] = path
-    text = "".join(json.dumps(r) + "\n" for r in records)
-    return text, records
+    ref = f"{registry.host}/{image.repo}@{image.digest}"
+    resolve = subprocess.run(_tool("tosi-resolve") + ["--workdir", workdir, ref],
+                             capture_output=True, text=True, timeout=60)
+    assert resolve.returncode == 0, resolve.stderr
+    fetch = subprocess.run(_tool("tosi-fetch") + ["--workdir", workdir, "--progress", "never"],
+                           input=resolve.stdout, capture_output=True, text=True, timeout=120)
+    assert fetch.returncode == 0, fetch.stderr
+    return fetch.stdout, parse_plan(fetch.stdout)
 
 
 def stage_image(pusher, registry, repo, layers, workdir, tag="latest", oci=False):
