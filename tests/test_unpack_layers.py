@@ -73,6 +73,10 @@ CASES = {
         L(dir_entry("x"), file_entry("x/lower", b"l")),
         L(whiteout_entry("x"), dir_entry("x"), file_entry("x/upper", b"u")),
     ],
+    "whiteout_then_entries_below_same_name": lambda: [
+        L(dir_entry("x"), file_entry("x/lower", b"l")),
+        L(whiteout_entry("x"), file_entry("x/upper", b"u")),
+    ],
     "file_replaced_by_directory_across_layers": lambda: [
         L(file_entry("p", b"file")),
         L(dir_entry("p"), file_entry("p/q", b"q")),
@@ -215,8 +219,9 @@ def test_opaque_marker_after_same_layer_entries_spares_them(flat):
     assert os.listdir(f"{root}/d/sub") == ["new"]
 
 
-def test_whiteout_and_same_name_in_one_layer_keep_only_the_new_entry(flat):
-    root = flat(CASES["whiteout_then_same_name_in_layer"]())
+@pytest.mark.parametrize("case", ["whiteout_then_same_name_in_layer", "whiteout_then_entries_below_same_name"])
+def test_whiteout_and_same_name_in_one_layer_keep_only_the_new_entry(flat, case):
+    root = flat(CASES[case]())
     assert os.listdir(f"{root}/x") == ["upper"]
 
 

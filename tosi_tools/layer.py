@@ -117,12 +117,38 @@ class _Applier:
 
     def place(self, parts, name):
         """(dir_fd, basename, canonical parent) for a new entry, parents made as needed."""
+        retried = False
+        while True:
+            try:
+                return self.root.parent(parts, create=True)
+            except NotADirectoryError as exc:
+                if not retried and self.reopen_whited_out(tuple(exc.filename.split("/")), name):
+                    retried = True
+                    continue
+                raise self.fail(name, f"a parent is not a directory ({exc.filename})") from None
+            except UnsafeEntry as exc:
+                raise self.fail(name, str(exc), UnsafeEntry) from None
+
+    def reopen_whited_out(self, canonical, name):
+        """Turn this layer's whiteout device at `canonical` into an opaque directory.
+
+        For a layer that deletes a directory and then puts entries under the same
+        name without a directory entry of its own; False if it is something else.
+        """
+        if self.mode != OVERLAY:
+            return False
+        dir_fd, base, parent = self.root.parent(canonical, create=False)
+        st = saferoot.lstat_at(dir_fd, base)
+        if st is None or not _is_whiteout(st):
+            return False
+        os.unlink(base, dir_fd=dir_fd)
+        os.mkdir(base, 0o755, dir_fd=dir_fd)
+        fd, _ = self.root.open_entry_dir(canonical)
         try:
-            return self.root.parent(parts, create=True)
-        except NotADirectoryError as exc:
-            raise self.fail(name, f"a parent is not a directory ({exc.filename})") from None
-        except UnsafeEntry as exc:
-            raise self.fail(name, str(exc), UnsafeEntry) from None
+            self.set_opaque(fd, name)
+        finally:
+            os.close(fd)
+        return True
 
     def setgid(self, dir_fd, canonical):
         """Whether new files in this directory take its group instead of ours."""
