@@ -189,3 +189,16 @@ def test_entry_cap_allows_exactly_the_cap(tmp_path):
     lay = make_layer([file_entry(f"f{i}") for i in range(10)])
     stats = layer.apply_layer(str(tmp_path), io.BytesIO(lay.data), lay.media_type, limits=layer.Limits(max_entries=10))
     assert stats.entries == 10
+
+
+@pytest.mark.parametrize("into", [True, False])
+def test_unpack_plan_reads_blobs_from_open_stream_when_given(tmp_path, into):
+    layers = [make_layer([file_entry("a")]), make_layer([file_entry("b")])]
+    blobs = {lay.digest: lay.data for lay in layers}
+    records = [new_layer_record(i, lay.descriptor()) for i, lay in enumerate(layers)]  # no cache paths
+    image = new_image_record(workdir=str(tmp_path / "wd"), layerCount=2)
+    target = str(tmp_path / "rootfs") if into else None
+    out = list(unpack.unpack_plan(image, iter(records), into=target,
+                                  open_stream=lambda record: io.BytesIO(blobs[record["digest"]])))
+    trees = [target] if into else [r["overlay"] for r in out]
+    assert sorted(n for tree in trees for n in os.listdir(tree)) == ["a", "b"]

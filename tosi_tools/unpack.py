@@ -56,7 +56,9 @@ def blob_path(workdir, record):
 
 
 @contextlib.contextmanager
-def _open_blob(workdir, record, stream):
+def _open_blob(workdir, record, stream, open_stream=None):
+    if stream is None and open_stream is not None:
+        stream = open_stream(record)
     if stream is not None:
         yield stream
         return
@@ -97,9 +99,8 @@ def apply_layers_into(target, layer_records, workdir=None, open_stream=None, lim
             except UsageError as exc:
                 raise UnpackError(f"{_partial(target, applied)}: {exc}") from exc
             try:
-                stream = open_stream(record) if open_stream else None
                 started = time.monotonic()
-                with _open_blob(workdir, record, stream) as blob:
+                with _open_blob(workdir, record, None, open_stream) as blob:
                     stats = layer_mod.apply_layer(root, blob, record.get("mediaType"), layer_mod.FLAT,
                                                   _layer_name(record), limits)
                 _log_stats("applied", record, stats, started)
@@ -199,11 +200,11 @@ def remove_abandoned_temps(workdir):
             os.close(fd)
 
 
-def extract_layer_to_overlay(workdir, layer_record, stream=None, limits=None):
+def extract_layer_to_overlay(workdir, layer_record, stream=None, limits=None, open_stream=None):
     """Extract one layer as an overlayfs lowerdir (or reuse it); returns the enriched record.
 
-    `stream` (any binary reader) replaces the cached blob; it is not read at all
-    when the layer is already extracted.
+    `stream` (any binary reader), or else what `open_stream(record)` returns,
+    replaces the cached blob; neither is used when the layer is already extracted.
     """
     workdir = _workdir(workdir)
     os.makedirs(workdir.overlays, exist_ok=True)
@@ -217,7 +218,7 @@ def extract_layer_to_overlay(workdir, layer_record, stream=None, limits=None):
             os.chmod(tmp, 0o755)  # whatever the umask: the layer's "./" entry, if any, decides
             try:
                 started = time.monotonic()
-                with _open_blob(workdir, layer_record, stream) as blob:
+                with _open_blob(workdir, layer_record, stream, open_stream) as blob:
                     stats = layer_mod.apply_layer(tmp, blob, layer_record.get("mediaType"), layer_mod.OVERLAY,
                                                   _layer_name(layer_record), limits)
                 os.rename(tmp, final)
@@ -235,7 +236,7 @@ def _default_parallel():
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
-def extract_layers_to_overlays(workdir, layer_records, parallel=None, limits=None):
+def extract_layers_to_overlays(workdir, layer_records, parallel=None, limits=None, open_stream=None):
     """Extract layers in parallel; yields the enriched records in plan order as they finish."""
     workdir = _workdir(workdir)
     limits = limits or layer_mod.Limits.from_env()
@@ -250,7 +251,7 @@ def extract_layers_to_overlays(workdir, layer_records, parallel=None, limits=Non
             future = by_digest.get(digest)
             if future is None:  # a layer the image repeats is extracted once
                 future = by_digest[digest] = pool.submit(
-                    extract_layer_to_overlay, workdir, record, None, limits)
+                    extract_layer_to_overlay, workdir, record, None, limits, open_stream)
             pending.append((record, future))
             while pending and pending[0][1].done():
                 yield _merged(*pending.popleft())
@@ -268,17 +269,19 @@ def _merged(record, future):
 # ---------------------------------------------------------------- the stage
 
 def unpack_plan(image, layer_records, workdir=None, overlaydir=None, into=None, parallel=None,
-                limits=None):
+                limits=None, open_stream=None):
     """Unpack the layers of a plan; yields the enriched layer records in plan order.
 
     With `into`, sets image["rootfs"] (call before writing the image record;
     the target is checked at once) and applies the layers into it; otherwise
-    extracts each layer under the overlay directory.
+    extracts each layer under the overlay directory. `open_stream(record)`, if
+    given, returns the layer blob as a binary stream (a download in flight, say)
+    instead of the cached file.
     """
     wd = Workdir(workdir or image.get("workdir") or Workdir().root, overlaydir)
     if into:
         check_into_target(into)
         image["rootfs"] = os.path.abspath(into)
-        return apply_layers_into(image["rootfs"], layer_records, wd, limits=limits)
-    return extract_layers_to_overlays(wd, layer_records, parallel, limits)
+        return apply_layers_into(image["rootfs"], layer_records, wd, open_stream, limits)
+    return extract_layers_to_overlays(wd, layer_records, parallel, limits, open_stream)
 
