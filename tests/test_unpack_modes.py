@@ -302,3 +302,17 @@ def test_concurrent_runs_share_one_extraction_per_layer(stage, workdir):
     names = os.listdir(overlays_of(workdir))
     assert not [n for n in names if n.startswith(".tmp-")]
     assert len([n for n in names if os.path.islink(os.path.join(overlays_of(workdir), n))]) == 2
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_zero_byte_blob_is_an_empty_layer(stage, workdir, tmp_path, per_layer):
+    layer = _mislabelled(b"", "application/vnd.oci.image.layer.v1.tar")
+    plan = stage([layer, make_layer([file_entry("a")])])
+    args = ["--workdir", workdir] + ([] if per_layer else ["--into", tmp_path / "r"])
+    proc = run_unpack(plan, *args)
+    assert proc.returncode == 0, proc.stderr
+    _, records = records_of(proc.stdout)
+    if per_layer:
+        assert os.listdir(records[0]["overlay"]) == []
+    else:
+        assert os.listdir(tmp_path / "r") == ["a"]
