@@ -36,6 +36,9 @@ def clean_name(name):
     removes the component before it and raises UnsafeEntry when it would climb
     above the root.
     """
+    parts = name.split("/")
+    if "" not in parts and "." not in parts and ".." not in parts:
+        return tuple(parts)
     parts = []
     for part in name.split("/"):
         if part in ("", "."):
