@@ -5,7 +5,12 @@ blob's magic bytes, so a mislabelled blob is an error instead of garbage fed to
 the tar reader. Decompression runs in its own thread (zlib, isal and zstd drop
 the GIL while they work) and hands bounded chunks to the reader, which is also
 where the decompressed size is capped: a decompression bomb stops with an
-UnpackError long before it fills a disk or the memory.
+UnpackError long before it fills a disk or the memory. The same thread hashes
+the decompressed bytes when asked (the layer's diffID), so checking it costs no
+second pass; hashlib drops the GIL too.
+
+A gzip blob may hold several members: they decompress to their concatenation,
+as gzip(1) and Go's reader have it.
 """
 
 import gzip
@@ -91,13 +96,16 @@ class DecompressedStream:
 
     `read(n)` returns at most n bytes, b"" at the end. Errors of the
     decompressor (corrupt data, the size cap) surface as UnpackError from
-    `read`. Always `close()` it, which stops the thread.
+    `read`. `hasher` (anything with update(bytes)) is fed every decompressed
+    byte by the thread; it has seen the whole stream once `read` has returned
+    b"". Always `close()` it, which stops the thread.
     """
 
-    def __init__(self, decoder, what, max_bytes=None):
+    def __init__(self, decoder, what, max_bytes=None, hasher=None):
         self._decoder = decoder
         self._what = what
         self._max_bytes = max_bytes
+        self._hasher = hasher
         self._queue = queue.Queue(QUEUE_CHUNKS)
         self._stop = threading.Event()
         self._buf = b""
@@ -128,6 +136,8 @@ class DecompressedStream:
                     raise UnpackError(
                         f"{self._what}: decompresses to more than {self._max_bytes} bytes "
                         "(the cap for one layer; see TOSI_MAX_LAYER_BYTES)")
+                if self._hasher is not None:
+                    self._hasher.update(chunk)
                 if not self._put(chunk):
                     return
             self._put(None)
@@ -166,6 +176,13 @@ class DecompressedStream:
             return self._buf
         return self._buf[start:end]
 
+    def drain(self):
+        """Read to the end of the stream, discarding: what follows a tar's end marker
+        still counts for the diffID, and a compressed stream is only checked whole."""
+        self._buf, self._pos = b"", 0
+        while self.read(CHUNK):
+            pass
+
     def close(self):
         self._stop.set()
         while True:  # unblock a producer waiting on a full queue
@@ -188,10 +205,11 @@ class DecompressedStream:
         self.close()
 
 
-def open_layer(stream, media_type, what="layer", max_bytes=None):
+def open_layer(stream, media_type, what="layer", max_bytes=None, hasher=None):
     """A DecompressedStream over a layer blob read from `stream` (any binary reader).
 
     The media type names the compression; the magic bytes must agree with it.
+    `hasher` is fed the decompressed bytes (see DecompressedStream).
     """
     expected = compression_of(media_type)
     head = stream.read(_HEAD)
@@ -211,4 +229,4 @@ def open_layer(stream, media_type, what="layer", max_bytes=None):
         decoder = _ZstdReader(source)
     else:
         decoder = source
-    return DecompressedStream(decoder, what, max_bytes)
+    return DecompressedStream(decoder, what, max_bytes, hasher)

@@ -19,6 +19,7 @@ contents and directory mtimes are not disturbed by them.
 """
 
 import errno
+import hashlib
 import logging
 import os
 import stat
@@ -26,7 +27,8 @@ from dataclasses import dataclass, field
 
 from . import saferoot, tarstream
 from .compression import open_layer
-from .errors import UnpackError, UnsafeEntry
+from .digest import Digest
+from .errors import DigestMismatch, UnpackError, UnsafeEntry
 
 log = logging.getLogger("tosi.layer")
 
@@ -72,6 +74,9 @@ class LayerStats:
     bytes: int = 0
     skipped_devices: int = 0
     whiteouts: int = 0
+    # The digest of the decompressed stream: the layer's real diffID (sha256 unless
+    # the one to check is sha512).
+    diff_id: str = None
 
 
 @dataclass
@@ -471,12 +476,20 @@ def running_as_root():
     return os.geteuid() == 0
 
 
-def apply_layer(root, stream, media_type, mode=FLAT, layer_name="layer", limits=None):
+def diff_id_mismatch(layer_name, actual, stated):
+    return DigestMismatch(f"layer {layer_name}: uncompressed content hashes to {actual}, "
+                          f"config says diffID {stated}")
+
+
+def apply_layer(root, stream, media_type, mode=FLAT, layer_name="layer", limits=None, diff_id=None):
     """Apply the layer blob read from `stream` (any binary reader) to `root`.
 
     `root` is a SafeRoot or a directory path. Returns LayerStats. Raises
     UnsafeEntry for entries that try to leave the root or smuggle overlay
-    metadata, UnpackError for everything else that is wrong with the layer.
+    metadata, UnpackError for everything else that is wrong with the layer,
+    and DigestMismatch when the whole decompressed stream (what follows the
+    tar's end marker included) does not hash to `diff_id` (None: not checked),
+    in which case the root holds the layer's entries all the same.
     """
     global _said_not_root
     if mode not in (FLAT, OVERLAY):
@@ -488,13 +501,19 @@ def apply_layer(root, stream, media_type, mode=FLAT, layer_name="layer", limits=
     has_lower = mode == FLAT and bool(os.listdir(safe.fd))
     applier = _Applier(safe, mode, layer_name, limits, as_root, current_umask(), has_lower,
                        ids=(os.geteuid(), os.getegid()))
-    data = open_layer(stream, media_type, f"layer {layer_name}", limits.max_bytes)
+    algorithm = Digest(diff_id).algorithm if diff_id is not None else "sha256"
+    hasher = hashlib.new(algorithm)
+    data = open_layer(stream, media_type, f"layer {layer_name}", limits.max_bytes, hasher)
     try:
         tar = tarstream.TarReader(data, f"layer {layer_name}")
         entry = None
         for entry in tar:
             applier.apply(tar, entry)
         entry = None
+        data.drain()
+        applier.stats.diff_id = f"{algorithm}:{hasher.hexdigest()}"
+        if diff_id is not None and applier.stats.diff_id != diff_id:
+            raise diff_id_mismatch(layer_name, applier.stats.diff_id, diff_id)
         applier.finish()
     except OSError as exc:
         if exc.errno == errno.ENOSPC:

@@ -13,6 +13,11 @@ A per-layer extraction happens in a temporary directory renamed into place
 when complete, under a per-layer lock, so a killed run never leaves a half
 layer that a later run would trust; its temporary directory is removed by the
 next run that extracts the same layer.
+
+Each layer's diffID is checked as it is extracted. <overlaydir>/<hex>.diffid
+records the digest its content had (sha256, or sha512 when the plan's diffID
+was one), so a plan that reuses the layer later, or names it twice, is checked
+against it too.
 """
 
 import concurrent.futures
@@ -28,7 +33,7 @@ from collections import deque
 from . import layer as layer_mod
 from .cache import Workdir, file_lock
 from .digest import Digest
-from .errors import CacheError, UnpackError, UsageError
+from .errors import CacheError, DigestMismatch, PlanError, UnpackError, UsageError
 
 log = logging.getLogger("tosi.unpack")
 
@@ -44,6 +49,18 @@ def _workdir(workdir):
 
 def _layer_name(record):
     return f"{record.get('index', '?')} ({record.get('digest')})"
+
+
+def diff_id_of(record):
+    """The layer's diffID (the digest of its uncompressed tar), or None when the plan
+    names none (a schema1 image); PlanError if it is not a sha256 or sha512 digest."""
+    value = record.get("diffID")
+    if value is None:
+        return None
+    try:
+        return Digest(value)
+    except UsageError as exc:
+        raise PlanError(f"layer record {record.get('index', '?')}: diffID: {exc}") from None
 
 
 def blob_path(workdir, record):
@@ -99,15 +116,19 @@ def apply_layers_into(target, layer_records, workdir=None, open_stream=None, lim
             except UsageError as exc:
                 raise UnpackError(f"{_partial(target, applied)}: {exc}") from exc
             try:
+                diff_id = diff_id_of(record)
+            except PlanError as exc:
+                raise PlanError(f"{exc}; {_partial(target, applied)}") from None
+            try:
                 started = time.monotonic()
                 with _open_blob(workdir, record, None, open_stream) as blob:
                     stats = layer_mod.apply_layer(root, blob, record.get("mediaType"), layer_mod.FLAT,
-                                                  _layer_name(record), limits)
+                                                  _layer_name(record), limits, diff_id)
                 _log_stats("applied", record, stats, started)
             except KeyboardInterrupt:
                 log.warning("%s", _partial(target, applied))
                 raise
-            except (UnpackError, CacheError) as exc:
+            except (UnpackError, CacheError, DigestMismatch) as exc:
                 raise type(exc)(f"{exc}; {_partial(target, applied)}") from exc
             except OSError as exc:
                 raise UnpackError(f"layer {_layer_name(record)}: {_os_error(exc)}; "
@@ -162,11 +183,33 @@ def _ensure_link(workdir, digest):
             break
         except FileExistsError:
             continue  # another layer's name: draw again
-    tmp = f"{link_file}.{secrets.token_hex(4)}"
-    with open(tmp, "w") as f:
-        f.write(short)
-    os.replace(tmp, link_file)
+    _write_small_file(link_file, short)
     return short
+
+
+def _write_small_file(path, text):
+    tmp = f"{path}.{secrets.token_hex(4)}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _check_extracted(final, record, diff_id):
+    """A layer extracted before (by this run or an earlier one) against the diffID
+    `record` states, through the digest recorded when it was extracted."""
+    if diff_id is None:
+        return
+    try:
+        with open(final + ".diffid") as f:
+            recorded = f.read().strip()
+    except FileNotFoundError:
+        recorded = ""
+    if not recorded.startswith(f"{diff_id.algorithm}:"):
+        log.info("layer %s: no %s digest of %s recorded; its diffID is not checked",
+                 _layer_name(record), diff_id.algorithm, final)
+        return
+    if recorded != diff_id:
+        raise layer_mod.diff_id_mismatch(_layer_name(record), recorded, diff_id)
 
 
 def _remove_stale_temps(workdir, hexname):
@@ -205,8 +248,10 @@ def extract_layer_to_overlay(workdir, layer_record, stream=None, limits=None, op
 
     `stream` (any binary reader), or else what `open_stream(record)` returns,
     replaces the cached blob; neither is used when the layer is already extracted.
+    A layer whose content does not hash to its diffID is not published.
     """
     workdir = _workdir(workdir)
+    diff_id = diff_id_of(layer_record)
     os.makedirs(workdir.overlays, exist_ok=True)
     digest = Digest(layer_record["digest"])
     final = workdir.overlay_path(digest)
@@ -220,7 +265,8 @@ def extract_layer_to_overlay(workdir, layer_record, stream=None, limits=None, op
                 started = time.monotonic()
                 with _open_blob(workdir, layer_record, stream, open_stream) as blob:
                     stats = layer_mod.apply_layer(tmp, blob, layer_record.get("mediaType"), layer_mod.OVERLAY,
-                                                  _layer_name(layer_record), limits)
+                                                  _layer_name(layer_record), limits, diff_id)
+                _write_small_file(final + ".diffid", stats.diff_id)
                 os.rename(tmp, final)
                 _log_stats("extracted", layer_record, stats, started)
             except BaseException:
@@ -228,6 +274,7 @@ def extract_layer_to_overlay(workdir, layer_record, stream=None, limits=None, op
                 raise
         else:
             log.info("layer %s: already extracted in %s", _layer_name(layer_record), final)
+            _check_extracted(final, layer_record, diff_id)
         short = _ensure_link(workdir, digest)
     return dict(layer_record, overlay=final, link=short)
 
@@ -247,6 +294,7 @@ def extract_layers_to_overlays(workdir, layer_records, parallel=None, limits=Non
     pool = concurrent.futures.ThreadPoolExecutor(parallel, thread_name_prefix="unpack")
     try:
         for record in layer_records:
+            diff_id_of(record)  # a malformed plan stops before more work starts
             digest = record["digest"]
             future = by_digest.get(digest)
             if future is None:  # a layer the image repeats is extracted once
@@ -263,6 +311,8 @@ def extract_layers_to_overlays(workdir, layer_records, parallel=None, limits=Non
 
 def _merged(record, future):
     done = future.result()
+    if record.get("diffID") != done.get("diffID"):  # a repeated layer, said to be other content
+        _check_extracted(done["overlay"], record, diff_id_of(record))
     return dict(record, overlay=done["overlay"], link=done["link"])
 
 
