@@ -306,6 +306,17 @@ def test_a_server_ignoring_range_gets_a_full_redownload(tool, fault_proxy, image
     assert fault_proxy.count("GET", layer.digest) == 2
 
 
+def test_a_refused_range_is_followed_by_a_whole_download_that_keeps_the_partial_bytes(
+        tool, fault_proxy, image, workdir):
+    layer = image.layers[2]
+    fault_proxy.add(Rule("drop", path=layer.digest, after=250_000, times=1))
+    fault_proxy.add(Rule("status", path=layer.digest, status=416, header="Range", times=1))
+    fetch(tool, fault_proxy, image, workdir, check=0)
+    assert_cached(workdir, image.layers)
+    ranges = [r.headers.get("Range") for r in fault_proxy.seen("GET", layer.digest)]
+    assert ranges[0] is None and ranges[1].startswith("bytes=") and ranges[2] is None
+
+
 def test_server_errors_are_retried_until_success(tool, fault_proxy, image, workdir):
     fault_proxy.add(Rule("status", path=image.layers[0].digest, status=500, times=2))
     fault_proxy.add(Rule("status", path=image.layers[1].digest, status=503, times=1))

@@ -1,5 +1,6 @@
 """The fetch stage as a library (what a one-process pipeline builds on), against the real registry."""
 
+import os
 import threading
 import time
 
@@ -83,3 +84,33 @@ def test_cancelling_stops_a_stalled_download_at_once_and_keeps_its_partial_file(
         download.result(timeout=0)
     with open(download.partial_path, "rb") as f:
         assert f.read() == layer.data[:200_000]
+
+
+def test_a_watched_download_never_goes_back_when_the_server_refuses_to_resume(fault_proxy, image, workdir):
+    layer = image.layers[1]
+    fault_proxy.add(Rule("drop", path=layer.digest, after=200_000, times=1))
+    fault_proxy.add(Rule("status", path=layer.digest, status=416, header="Range", times=1))
+    image_record, *layers = plan_records(fault_proxy.url, image, workdir)
+    seen = []
+    with fetcher_for(workdir).start(image_record, layers) as run:
+        download = run.layers[1].download
+        while not download.done:
+            seen.append(download.wait_for(seen[-1] + 1 if seen else 1, timeout=20))
+        run.layers[1].result()
+    assert seen == sorted(seen) and download.restarts == 0
+    assert fault_proxy.count("GET", layer.digest) == 3
+
+
+def test_a_watched_download_resumed_from_bad_bytes_fails_rather_than_starting_over(
+        fault_proxy, image, workdir):
+    layer = image.layers[1]
+    cache = Workdir(workdir).ensure()
+    with open(cache.partial_path(layer.digest), "wb") as f:
+        f.write(b"\0" * 100_000)
+    fault_proxy.add(Rule("delay", path=layer.digest, seconds=0.5))  # the watcher comes first
+    image_record, *layers = plan_records(fault_proxy.url, image, workdir)
+    with pytest.raises(DigestMismatch), fetcher_for(workdir).start(image_record, layers) as run:
+        download = run.layers[1].download
+        download.wait_for(1, timeout=20)
+        run.layers[1].result(timeout=20)
+    assert not os.path.exists(cache.partial_path(layer.digest))

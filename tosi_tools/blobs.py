@@ -4,8 +4,11 @@ A blob goes to `<final>.partial` while it arrives and is renamed to `<final>`
 only once its size and digest check out, so the cache never holds a bad blob
 under its name. The partial file survives a failed attempt (and a killed
 process): the next attempt hashes what is there and asks for the rest with a
-Range request; if the whole then fails to verify, it starts once more from zero. A per-blob fcntl lock makes concurrent processes wait for each
-other instead of downloading the same bytes twice.
+Range request (a server that will not give a range sends the whole, and the
+bytes we have are passed over). If a blob resumed from an earlier run's partial
+file fails to verify, it is downloaded once more from zero. A per-blob fcntl
+lock makes concurrent processes wait for each other instead of downloading the
+same bytes twice.
 
 A BlobDownload can be watched while it runs (`wait_for`), so a consumer may
 read the partial file behind the writer; bytes it reads are not verified until
@@ -48,11 +51,13 @@ class Cancelled(TosiError):
 class _Retryable(Exception):
     """One attempt failed in a way that another attempt may fix."""
 
-    def __init__(self, error, retry_after=None, restart=False):
+    def __init__(self, error, retry_after=None, without_range=False):
         super().__init__(str(error))
         self.error = error
         self.retry_after = retry_after
-        self.restart = restart  # the partial file is no good: empty it, hash from zero again
+        # The server will not continue the partial file: ask for the whole blob and
+        # pass over the bytes we have, so what was written stays (and is verified).
+        self.without_range = without_range
 
 
 class BlobDownload:
@@ -61,8 +66,9 @@ class BlobDownload:
     `written` counts the bytes of the blob present in `partial_path` (in order,
     from offset 0); `wait_for(offset)` blocks until that many are there, or the
     download ends. `result()` gives the verified final path or raises its error.
-    `written` only goes back (to 0, with `restarts` counting up) when a server
-    refuses to continue a partial file; a watcher must then start over too.
+    `written` never goes back once someone called `wait_for`; for a download nobody
+    watches, it goes back to 0 (`restarts` counting up) when a resumed partial file
+    from an earlier run fails to verify and the blob is downloaded again.
     """
 
     def __init__(self, digest, size, final_path, what=None, urls=()):
@@ -78,6 +84,8 @@ class BlobDownload:
         self.reused = False
         self.restarts = 0
         self._auth_retried = False
+        self._whole = False  # ask without Range (the server did not honour one)
+        self._watched = False
         self._cond = threading.Condition()
         self._written = 0
         self._done = False
@@ -89,6 +97,7 @@ class BlobDownload:
     @property
     def written(self):
         with self._cond:
+            self._watched = True
             return self._written
 
     @property
@@ -101,6 +110,7 @@ class BlobDownload:
         return how many are there. Raises the download's error if it failed. Waiting
         past `size` is waiting for the verdict (use `result()` for the final path)."""
         with self._cond:
+            self._watched = True
             self._cond.wait_for(lambda: self._written >= offset or self._done, timeout)
             if self._error is not None:
                 raise self._error
@@ -118,10 +128,19 @@ class BlobDownload:
     # The downloader's side.
     def _set_written(self, count):
         with self._cond:
-            if count < self._written:
-                self.restarts += 1
             self._written = count
             self._cond.notify_all()
+
+    def _restart_unwatched(self):
+        """Empty the partial file for a fresh start, if nobody has watched it; True if done."""
+        with self._cond:
+            if self._watched:
+                return False
+            with open(self.partial_path, "r+b") as f:
+                f.truncate(0)
+            self._written = 0
+            self.restarts += 1
+            return True
 
     def _finish(self, error=None):
         with self._cond:
@@ -222,15 +241,14 @@ class Downloader:
             hasher = self._attempts(download, hasher)
             hasher.check()
         except DigestMismatch as exc:
-            if not resumed:
+            # The partial file an earlier run left may be to blame (a crash that lost
+            # its tail, say): start from zero once, unless someone read those bytes
+            # already (they must hear that they were wrong). A second mismatch is final.
+            if not resumed or not download._restart_unwatched():
                 # Bad bytes must not be resumed from: the next run starts afresh.
                 _remove(download.partial_path)
                 raise
-            # The partial file an earlier run left is to blame (a crash that lost its
-            # tail, say): start from zero once; a second mismatch is the server's.
             log.warning("%s; downloading it again from the start", exc)
-            _truncate(download)
-            download._set_written(0)
             hasher = VerifyingHasher(download.digest, download.size, download.what)
             try:
                 hasher = self._attempts(download, hasher)
@@ -250,10 +268,8 @@ class Downloader:
                 self._attempt(download, hasher)
                 return hasher
             except _Retryable as failure:
-                if failure.restart:
-                    _truncate(download)
-                    hasher = VerifyingHasher(download.digest, download.size, download.what)
-                    download._set_written(0)
+                if failure.without_range:
+                    download._whole = True
                 if attempt >= self.retries:
                     raise _exhausted(download, failure.error, attempt + 1) from None
                 delay = self._delay(attempt, failure.retry_after)
@@ -299,7 +315,7 @@ class Downloader:
     def _open(self, download, offset, source):
         """GET the blob (from the registry, or the foreign URL `source`), following redirects."""
         headers = {"Accept-Encoding": "identity"}
-        if offset:
+        if offset and not download._whole:
             headers["Range"] = f"bytes={offset}-"
         if source is None:
             url = self.client.url(self.client.blob_path(self.repository, download.digest))
@@ -326,7 +342,8 @@ class Downloader:
         if status == 416 and offset:
             resp.close()
             # The partial is no prefix the server recognizes: start over.
-            raise _Retryable(RegistryError(f"range {offset}- refused (416)", status=status), restart=True)
+            raise _Retryable(RegistryError(f"range {offset}- refused (416)", status=status),
+                             without_range=True)
         if status == 401:
             # send() already renewed the token once; one more try covers a token that
             # expired in between. Basic credentials do not expire: that refusal is final.
@@ -366,7 +383,7 @@ class Downloader:
             start = _content_range_start(resp.headers.get("Content-Range"))
             if start != offset:
                 raise _Retryable(RegistryError(f"asked for bytes {offset}-, got a range starting at {start}"),
-                                 restart=True)
+                                 without_range=True)
         elif offset:
             # The server ignored Range and sends the whole blob: pass over what we have.
             log.info("%s: server ignored the Range request, reading %d bytes again", download.what, offset)
