@@ -9,6 +9,7 @@
     <workdir>/manifests/<registry>/<repository>/tags/<tag>    digest the tag last resolved to
     <workdir>/overlays/<hex>/         a layer extracted as an overlayfs lowerdir
     <workdir>/overlays/<hex>.link     short name of that layer; overlays/<short> -> <hex>
+    <workdir>/overlays/<hex>.diffid   digest of that layer's uncompressed tar, as extracted
     <workdir>/quarantine/             corrupt blobs moved aside by tosi-verify
 """
 
