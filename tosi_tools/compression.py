@@ -101,8 +101,9 @@ class DecompressedStream:
     b"". Always `close()` it, which stops the thread.
     """
 
-    def __init__(self, decoder, what, max_bytes=None, hasher=None):
+    def __init__(self, decoder, what, max_bytes=None, hasher=None, source=None):
         self._decoder = decoder
+        self._source = source  # the blob stream, if it can be interrupted (a download in flight)
         self._what = what
         self._max_bytes = max_bytes
         self._hasher = hasher
@@ -185,6 +186,9 @@ class DecompressedStream:
 
     def close(self):
         self._stop.set()
+        interrupt = getattr(self._source, "interrupt", None)
+        if interrupt is not None and not self._done:
+            interrupt()  # else a blob still downloading would hold the thread until its next bytes
         while True:  # unblock a producer waiting on a full queue
             try:
                 self._queue.get_nowait()
@@ -229,4 +233,4 @@ def open_layer(stream, media_type, what="layer", max_bytes=None, hasher=None):
         decoder = _ZstdReader(source)
     else:
         decoder = source
-    return DecompressedStream(decoder, what, max_bytes, hasher)
+    return DecompressedStream(decoder, what, max_bytes, hasher, source=stream)

@@ -161,13 +161,19 @@ def _require_size(size, what):
         raise PlanError(f"{what} has no valid size ({size!r})")
 
 
-def fetch_plan(fetcher, image, layers):
+def fetch_plan(fetcher, image, layers, early=None):
     """Yield the plan's records as they become true: the image record once its config
     is cached (with the config "path"), then each layer record, in plan order, once its
     blob is verified (with "path").
 
     The first failure cancels the other downloads (their partial files stay) and is
     raised after the records before the first unfinished one were yielded.
+
+    With `early(handle)`, each layer record is yielded at once instead, with the "path"
+    its blob will have, after `early` was given its LayerHandle: the caller reads the
+    blob as it arrives (blobstream.FollowingReader) and trusts nothing of it before
+    `handle.download.result()`; the last record is followed by the end of the
+    iteration only once every download is over.
     """
     with fetcher.start(image, layers) as run:
         image = dict(image, workdir=fetcher.workdir.root)
@@ -176,7 +182,11 @@ def fetch_plan(fetcher, image, layers):
                 image["config"] = dict(image["config"], path=run.config.result())
             yield image
             for handle in run.layers:
-                yield handle.result()
+                if early is None:
+                    yield handle.result()
+                else:
+                    early(handle)
+                    yield dict(handle.record, path=handle.download.final_path)
         except Cancelled:
             # A blob later in the plan failed first: report that, not the cancellation.
             if fetcher.failure is not None:

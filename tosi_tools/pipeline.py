@@ -2,10 +2,13 @@
 the plan records exactly as `tosi-resolve | tosi-fetch | tosi-unpack | tosi-mount`
 chains them, so the umbrella command and the pipeline make the same trees.
 
-Layers stream from stage to stage: a layer starts unpacking as soon as its blob
-is verified, while later blobs are still downloading. No separate verify pass
-runs: the fetch stage verifies every blob as it arrives (and re-hashes cached
-ones with `validate_cache`), which is what tosi-verify would check again.
+Layers stream from stage to stage: all downloads start at once, and a layer
+starts unpacking as soon as its first bytes arrive (blobstream.FollowingReader
+reads the partial file behind the downloader), while later blobs are still
+downloading. No separate verify pass runs: the downloader hashes every blob as
+it writes it (and re-hashes cached ones with `validate_cache`), and the reader
+ends a blob only once that check passed, so a layer is published (its overlay
+renamed into place, or reported applied) only after it.
 """
 
 import contextlib
@@ -14,8 +17,9 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-from . import fetch, mount, resolve, unpack
+from . import blobstream, fetch, mount, resolve, unpack
 from .auth import TokenCache, credentials_from_flags
+from .blobs import Cancelled
 from .cache import DEFAULT_WORKDIR, Workdir, atomic_write
 from .errors import TosiError, UsageError
 from .platform import parse_platform
@@ -133,7 +137,8 @@ def pull(options, progress_for=None):
     fetcher = fetch.Fetcher(workdir, _client_factory(credentials, tokens, pool_size),
                             parallel=options.parallel, validate_cache=options.validate_cache,
                             progress=progress)
-    fetched = fetch.fetch_plan(fetcher, image, layers)
+    streams = blobstream.DownloadStreams()  # a layer unpacks as its blob arrives
+    fetched = fetch.fetch_plan(fetcher, image, layers, early=streams.add)
     fetch_failures = []
     created_target = bool(options.extract_to) and not os.path.lexists(options.extract_to)
     done = []
@@ -141,13 +146,16 @@ def pull(options, progress_for=None):
         image = next(fetched)
         unpacked = unpack.unpack_plan(image, _noting_failures(fetched, fetch_failures),
                                       workdir=workdir.root, overlaydir=options.overlaydir,
-                                      into=options.extract_to)
+                                      into=options.extract_to, open_stream=streams.open)
         for record in unpacked:
             done.append(record)
     except TosiError as exc:
-        if options.extract_to and exc in fetch_failures:
-            raise _with_extract_state(exc, options.extract_to, len(done), len(layers),
-                                      created_target) from exc
+        failure = fetcher.failure if isinstance(exc, Cancelled) and fetcher.failure else exc
+        if options.extract_to and (failure in fetch_failures or failure is fetcher.failure):
+            raise _with_extract_state(failure, options.extract_to, len(done), len(layers),
+                                      created_target) from failure
+        if failure is not exc:  # a read stopped because another blob failed first
+            raise failure from None
         raise
     finally:
         fetched.close()

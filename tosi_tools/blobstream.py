@@ -1,0 +1,161 @@
+"""Read a blob while it downloads: the bytes behind a BlobDownload, as a binary stream.
+
+The downloader hashes the bytes as it writes them to the partial file, so a
+reader following it gets the blob in one pass over the network and is verified
+on that same pass: it returns the end of the stream (b"") only once the download
+has checked size and digest, and raises the download's error instead if it did
+not. A consumer that reads to the end (the layer extraction does) therefore
+cannot finish on bytes that turn out to be wrong; it must publish nothing
+before that end.
+
+The reader never reads past `written`, which the downloader never moves back
+for a watched download (a server that will not resume is read again from the
+start, passing over the bytes already there). Should the file still hold fewer
+bytes than that, the reader waits and reads them again, from whatever file then
+holds them: a blob is content-addressed, the same bytes lie at each offset
+whatever the attempt, and the digest catches it if they do not.
+"""
+
+import io
+import os
+import threading
+
+from .blobs import Cancelled
+from .digest import CHUNK
+from .errors import CacheError
+
+POLL_SECONDS = 0.05  # how quickly a blocked read notices interrupt()
+MIN_READ = 64 << 10  # read(n) waits for this much (or n, or the end), then takes what is there
+
+
+class FollowingReader(io.RawIOBase):
+    """The bytes of `download` (a blobs.BlobDownload) as they arrive, then its verdict.
+
+    `readinto` delivers what is there (at least one byte, waiting if need be);
+    `read(n)` waits for min(n, MIN_READ) bytes unless the blob ends first (so a
+    short head is never mistaken for a whole blob), then gives what is there, up
+    to n: the consumer gets the bytes as they come. At the end of the blob both wait for the download's verdict before returning b"". Both
+    raise the download's error if it fails, and `Cancelled` once `interrupt()`
+    was called (from any thread) while they would have to wait.
+    """
+
+    def __init__(self, download):
+        super().__init__()
+        self._download = download
+        self._pos = 0
+        self._file = None
+        self._interrupted = threading.Event()
+
+    def readable(self):
+        return True
+
+    def interrupt(self):
+        """Make a read blocked on the download (now or later) give up with Cancelled."""
+        self._interrupted.set()
+
+    def read(self, n=-1):
+        if n is None or n < 0:
+            return self.readall()
+        parts = []
+        floor = min(n, MIN_READ)
+        # Short only at the end of the blob, whose verdict the next read waits for.
+        while floor > 0 and not (parts and self._pos >= self._download.size):
+            buffer = bytearray(min(n, CHUNK))
+            got = self.readinto(buffer)
+            if not got:
+                break
+            parts.append(bytes(buffer[:got]) if got < len(buffer) else bytes(buffer))
+            n -= got
+            floor -= got
+        return b"".join(parts)
+
+    def readinto(self, buffer):
+        want = len(buffer)
+        if want == 0:
+            return 0
+        size = self._download.size
+        while True:
+            if self._pos >= size:
+                self._wait(size + 1)  # the verdict: raises unless the blob verified
+                self._close_file()
+                return 0
+            written = self._wait(self._pos + 1)
+            if self._file is None:
+                if not self._open():
+                    continue
+            view = memoryview(buffer)[:min(want, written - self._pos)]
+            count = os.preadv(self._file.fileno(), [view], self._pos)
+            if count:
+                self._pos += count
+                return count
+            if self._download.done:
+                raise CacheError(f"{self._download.what}: {self._download.final_path} is shorter "
+                                 f"than its {size} bytes")
+            # Fewer bytes than `written` said: wait for them again, in whatever file
+            # then holds them.
+            self._close_file()
+
+    def _wait(self, offset):
+        """Block until `offset` bytes are in the partial file or the download ended."""
+        download = self._download
+        while True:
+            if self._interrupted.is_set():
+                self._close_file()
+                raise Cancelled(f"{download.what}: reading stopped")
+            try:
+                written = download.wait_for(offset, timeout=POLL_SECONDS)
+            except BaseException:
+                self._close_file()
+                raise
+            if written >= offset or download.done:
+                return written
+
+    def _open(self):
+        """Open the file holding the bytes; False if there is none yet."""
+        self._close_file()
+        download = self._download
+        # The final name is trusted only once verified: before that it may be a stale
+        # file the downloader is about to check and replace.
+        done = download.done
+        try:
+            self._file = open(download.final_path if done else download.partial_path, "rb", buffering=0)
+        except FileNotFoundError:
+            if done:
+                raise CacheError(f"{download.what}: {download.final_path} vanished") from None
+            # Not made yet, or renamed into place just before the verdict: look again soon.
+            self._interrupted.wait(POLL_SECONDS)
+            return False
+        return True
+
+    def _close_file(self):
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def close(self):
+        self._close_file()
+        super().close()
+
+
+def following(download):
+    """A FollowingReader of `download`, or None if its blob is already verified in the
+    cache (then read the cached file itself)."""
+    if download.done:
+        download.result()  # raises the download's error
+        return None
+    return FollowingReader(download)
+
+
+class DownloadStreams:
+    """The blobs of a fetch in flight for unpack's `open_stream(record)`: collect the
+    LayerHandles with `add` (fetch.fetch_plan's `early`), then `open(record)` gives a
+    layer's blob as it arrives, or None once it is verified in the cache."""
+
+    def __init__(self):
+        self._downloads = {}
+
+    def add(self, handle):
+        self._downloads[handle.record["index"]] = handle.download
+
+    def open(self, record):
+        return following(self._downloads[record["index"]])
