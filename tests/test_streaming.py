@@ -305,3 +305,19 @@ def test_a_download_error_stops_the_extraction_of_its_layer(fault_proxy, pusher,
     overlays = Workdir(workdir).overlays
     assert [n for n in os.listdir(overlays) if not n.endswith(".lock")] == []
     assert tosi_threads() <= before
+
+
+@pytest.mark.parametrize("bad_index", [0, 1])
+def test_an_extraction_error_cancels_the_other_downloads_of_an_overlay_pull(fault_proxy, pusher, repo_name,
+                                                                           workdir, bad_index):
+    bad = make_layer([file_entry("../escape", b"x")], compression=None)
+    stalled = two_file_layer()
+    layers = [bad, stalled] if bad_index == 0 else [stalled, bad]
+    image = pusher.push_image(repo_name, "1", layers)
+    fault_proxy.add(Rule("stall", path=stalled.digest, after=1000))  # until the proxy stops
+    before = tosi_threads()
+    thread, out = pull_in_thread(pipeline.PullOptions(proxied_reference(fault_proxy, image), workdir=workdir))
+    thread.join(WAIT)
+    assert not thread.is_alive(), "the pull hung on the stalled download"
+    assert isinstance(out.get("error"), UnsafeEntry), out
+    assert tosi_threads() <= before

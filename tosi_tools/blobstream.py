@@ -18,6 +18,7 @@ whatever the attempt, and the digest catches it if they do not.
 
 import io
 import os
+import sys
 import threading
 
 from .blobs import Cancelled
@@ -39,9 +40,10 @@ class FollowingReader(io.RawIOBase):
     was called (from any thread) while they would have to wait.
     """
 
-    def __init__(self, download):
+    def __init__(self, download, on_interrupt=None):
         super().__init__()
         self._download = download
+        self._on_interrupt = on_interrupt
         self._pos = 0
         self._file = None
         self._interrupted = threading.Event()
@@ -50,8 +52,11 @@ class FollowingReader(io.RawIOBase):
         return True
 
     def interrupt(self):
-        """Make a read blocked on the download (now or later) give up with Cancelled."""
+        """Make a read blocked on the download (now or later) give up with Cancelled;
+        the consumer calls it when it gives up early (and `on_interrupt()` is told)."""
         self._interrupted.set()
+        if self._on_interrupt is not None:
+            self._on_interrupt()
 
     def read(self, n=-1):
         if n is None or n < 0:
@@ -149,13 +154,33 @@ def following(download):
 class DownloadStreams:
     """The blobs of a fetch in flight for unpack's `open_stream(record)`: collect the
     LayerHandles with `add` (fetch.fetch_plan's `early`), then `open(record)` gives a
-    layer's blob as it arrives, or None once it is verified in the cache."""
+    layer's blob as it arrives, or None once it is verified in the cache.
 
-    def __init__(self):
+    The first reader whose consumer gives up early calls `cancel()` (stop the
+    downloads: the other layers would wait for theirs in vain) and keeps the
+    error it gave up on as `failure`, the cause the others' cancellations hide.
+    """
+
+    def __init__(self, cancel=None):
         self._downloads = {}
+        self._cancel = cancel
+        self._lock = threading.Lock()
+        self.failure = None
 
     def add(self, handle):
         self._downloads[handle.record["index"]] = handle.download
 
     def open(self, record):
-        return following(self._downloads[record["index"]])
+        download = self._downloads[record["index"]]
+        if download.done:
+            return following(download)
+        return FollowingReader(download, on_interrupt=self._gave_up)
+
+    def _gave_up(self):
+        # Called while the consumer's error propagates (from its cleanup): that is the cause.
+        error = sys.exc_info()[1]
+        with self._lock:
+            if self.failure is None and isinstance(error, Exception) and not isinstance(error, Cancelled):
+                self.failure = error
+        if self._cancel is not None:
+            self._cancel()

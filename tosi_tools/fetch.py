@@ -119,6 +119,11 @@ class Fetcher:
             self._pool.submit(downloader.run, download)
         return FetchRun(self, config, handles)
 
+    def abort(self):
+        """Stop every download now, from any thread (their partial files stay);
+        close() still waits for them."""
+        self._abort()
+
     def _failed(self, download, error):
         if self.failure is None:
             self.failure = error

@@ -137,7 +137,7 @@ def pull(options, progress_for=None):
     fetcher = fetch.Fetcher(workdir, _client_factory(credentials, tokens, pool_size),
                             parallel=options.parallel, validate_cache=options.validate_cache,
                             progress=progress)
-    streams = blobstream.DownloadStreams()  # a layer unpacks as its blob arrives
+    streams = blobstream.DownloadStreams(fetcher.abort)  # a layer unpacks as its blob arrives
     fetched = fetch.fetch_plan(fetcher, image, layers, early=streams.add)
     fetch_failures = []
     created_target = bool(options.extract_to) and not os.path.lexists(options.extract_to)
@@ -150,11 +150,13 @@ def pull(options, progress_for=None):
         for record in unpacked:
             done.append(record)
     except TosiError as exc:
-        failure = fetcher.failure if isinstance(exc, Cancelled) and fetcher.failure else exc
+        failure = exc
+        if isinstance(exc, Cancelled):  # a read stopped because something else failed first
+            failure = fetcher.failure or streams.failure or exc
         if options.extract_to and (failure in fetch_failures or failure is fetcher.failure):
             raise _with_extract_state(failure, options.extract_to, len(done), len(layers),
                                       created_target) from failure
-        if failure is not exc:  # a read stopped because another blob failed first
+        if failure is not exc:
             raise failure from None
         raise
     finally:
