@@ -35,9 +35,10 @@ class FollowingReader(io.RawIOBase):
     `readinto` delivers what is there (at least one byte, waiting if need be);
     `read(n)` waits for min(n, MIN_READ) bytes unless the blob ends first (so a
     short head is never mistaken for a whole blob), then gives what is there, up
-    to n: the consumer gets the bytes as they come. At the end of the blob both wait for the download's verdict before returning b"". Both
-    raise the download's error if it fails, and `Cancelled` once `interrupt()`
-    was called (from any thread) while they would have to wait.
+    to n: the consumer gets the bytes as they come. At the end of the blob both
+    wait for the download's verdict before returning b"". Both raise the
+    download's error if it fails, and `Cancelled` once `interrupt()` was called
+    (from any thread) while they would have to wait.
     """
 
     def __init__(self, download, on_interrupt=None):
@@ -69,7 +70,7 @@ class FollowingReader(io.RawIOBase):
             got = self.readinto(buffer)
             if not got:
                 break
-            parts.append(bytes(buffer[:got]) if got < len(buffer) else bytes(buffer))
+            parts.append(bytes(memoryview(buffer)[:got]))
             n -= got
             floor -= got
         return b"".join(parts)
@@ -142,13 +143,13 @@ class FollowingReader(io.RawIOBase):
         super().close()
 
 
-def following(download):
+def following(download, on_interrupt=None):
     """A FollowingReader of `download`, or None if its blob is already verified in the
     cache (then read the cached file itself)."""
     if download.done:
         download.result()  # raises the download's error
         return None
-    return FollowingReader(download)
+    return FollowingReader(download, on_interrupt)
 
 
 class DownloadStreams:
@@ -171,10 +172,7 @@ class DownloadStreams:
         self._downloads[handle.record["index"]] = handle.download
 
     def open(self, record):
-        download = self._downloads[record["index"]]
-        if download.done:
-            return following(download)
-        return FollowingReader(download, on_interrupt=self._gave_up)
+        return following(self._downloads[record["index"]], on_interrupt=self._gave_up)
 
     def _gave_up(self):
         # Called while the consumer's error propagates (from its cleanup): that is the cause.
