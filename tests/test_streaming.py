@@ -321,3 +321,16 @@ def test_an_extraction_error_cancels_the_other_downloads_of_an_overlay_pull(faul
     assert not thread.is_alive(), "the pull hung on the stalled download"
     assert isinstance(out.get("error"), UnsafeEntry), out
     assert tosi_threads() <= before
+
+
+def test_a_pull_fails_on_a_bad_blob_even_if_its_overlay_needs_no_extraction(fault_proxy, pusher, repo_name,
+                                                                            workdir):
+    layer = two_file_layer()
+    image = pusher.push_image(repo_name, "1", [layer])
+    options = pipeline.PullOptions(proxied_reference(fault_proxy, image), workdir=workdir)
+    pipeline.pull(options)
+    os.unlink(Workdir(workdir).layer_path(layer.digest))  # the overlay stays
+    fault_proxy.add(Rule("corrupt", path=layer.digest, at=1000))
+    with pytest.raises(DigestMismatch, match=f"{layer.digest}: content hashes to"):
+        pipeline.pull(options)
+    assert not os.path.exists(Workdir(workdir).layer_path(layer.digest))

@@ -177,8 +177,8 @@ def fetch_plan(fetcher, image, layers, early=None):
     With `early(handle)`, each layer record is yielded at once instead, with the "path"
     its blob will have, after `early` was given its LayerHandle: the caller reads the
     blob as it arrives (blobstream.FollowingReader) and trusts nothing of it before
-    `handle.download.result()`; the last record is followed by the end of the
-    iteration only once every download is over.
+    `handle.download.result()`; the iteration ends only once every blob is
+    verified, and raises the first failure otherwise.
     """
     with fetcher.start(image, layers) as run:
         image = dict(image, workdir=fetcher.workdir.root)
@@ -192,6 +192,9 @@ def fetch_plan(fetcher, image, layers, early=None):
                 else:
                     early(handle)
                     yield dict(handle.record, path=handle.download.final_path)
+            if early is not None:
+                for handle in run.layers:  # verified too when nobody read it (its overlay was there)
+                    handle.result()
         except Cancelled:
             # A blob later in the plan failed first: report that, not the cancellation.
             if fetcher.failure is not None:
