@@ -3,13 +3,19 @@ behind its downloader, and the umbrella `tosi` unpacks each layer as its bytes a
 publishing it only once the downloader has verified the blob."""
 
 import hashlib
+import io
 import json
 import os
+import signal
+import subprocess
+import sys
+import tarfile
 import threading
 import time
 
 import pytest
 
+from tests.conftest import BIN
 from tests.support.faultproxy import Rule
 from tests.support.images import file_entry, make_layer, sha256
 from tests.support.plans import plan_records
@@ -270,8 +276,6 @@ def test_a_download_that_starts_over_after_a_drop_still_gives_the_right_tree(fau
 
 
 def _file_data(layer, name):
-    import io
-    import tarfile
     with tarfile.open(fileobj=io.BytesIO(layer.data)) as tar:
         return tar.extractfile(name).read()
 
@@ -334,3 +338,29 @@ def test_a_pull_fails_on_a_bad_blob_even_if_its_overlay_needs_no_extraction(faul
     with pytest.raises(DigestMismatch, match=f"{layer.digest}: content hashes to"):
         pipeline.pull(options)
     assert not os.path.exists(Workdir(workdir).layer_path(layer.digest))
+
+
+def test_an_interrupt_stops_an_overlay_pull_whose_layer_is_half_extracted(fault_proxy, pusher, repo_name,
+                                                                         workdir):
+    layer = two_file_layer()
+    image = pusher.push_image(repo_name, "1", [layer])
+    fault_proxy.add(Rule("stall", path=layer.digest, after=250_000))  # until the proxy stops
+    proc = subprocess.Popen([sys.executable, os.path.join(BIN, "tosi"), "-image",
+                             proxied_reference(fault_proxy, image), "-workdir", workdir],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        overlays = Workdir(workdir).overlays
+        wait_until(lambda: proc.poll() is not None or any(
+            os.path.isfile(os.path.join(overlays, n, "first"))
+            for n in (os.listdir(overlays) if os.path.isdir(overlays) else ()) if n.startswith(".tmp-")),
+            "the layer is being extracted")
+        started = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=WAIT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, stderr
+    assert time.monotonic() - started < 5
+    assert [n for n in os.listdir(overlays) if not n.endswith(".lock")] == []
