@@ -2,6 +2,7 @@
 behind its downloader, and the umbrella `tosi` unpacks each layer as its bytes arrive,
 publishing it only once the downloader has verified the blob."""
 
+import gzip
 import hashlib
 import io
 import json
@@ -22,7 +23,7 @@ from tests.support.plans import plan_records
 from tosi_tools import blobstream, compression, pipeline
 from tosi_tools.blobs import BlobDownload, Cancelled
 from tosi_tools.cache import Workdir
-from tosi_tools.errors import DigestMismatch, UnpackError, UnsafeEntry
+from tosi_tools.errors import DigestMismatch, UnsafeEntry
 from tosi_tools.fetch import Fetcher
 from tosi_tools.registry import RegistryClient
 
@@ -157,18 +158,18 @@ def test_decompressing_a_followed_download_gives_the_blob_digest_and_the_diff_id
     fetcher = Fetcher(Workdir(workdir), lambda record: RegistryClient(record["endpoint"]))
     with fetcher.start(image_record, [layer_record]) as run:
         download = run.layers[0].download
-        blob_hash, tar_hash = hashlib.sha256(), hashlib.sha256()
-        source = blobstream.FollowingReader(download)
-        passed = _Tee(source, blob_hash)
-        with compression.open_layer(passed, layer.media_type) as tar:
-            while chunk := tar.read(1 << 20):
-                tar_hash.update(chunk)
+        blob_hash = hashlib.sha256()
+        tar_hash = hashlib.sha256()  # fed by the decompression thread, as the extraction does
+        passed = _Tee(blobstream.FollowingReader(download), blob_hash)
+        with compression.open_layer(passed, layer.media_type, hasher=tar_hash) as tar:
+            tar.drain()
         delivered_before_verdict = passed.before_done
         path = download.result(WAIT)
     with open(path, "rb") as f:
         cached = f.read()
     assert f"sha256:{blob_hash.hexdigest()}" == sha256(cached) == layer.digest
-    assert f"sha256:{tar_hash.hexdigest()}" == json.loads(image.config)["rootfs"]["diff_ids"][0]
+    assert f"sha256:{tar_hash.hexdigest()}" == sha256(gzip.decompress(cached)) \
+        == json.loads(image.config)["rootfs"]["diff_ids"][0]
     assert delivered_before_verdict > 0
 
 
@@ -292,7 +293,7 @@ def test_an_extraction_error_stops_a_flat_pull_whose_next_blob_is_stalled(fault_
     thread, out = pull_in_thread(options)
     thread.join(WAIT)
     assert not thread.is_alive(), "the pull hung on the stalled download"
-    assert isinstance(out.get("error"), (UnsafeEntry, UnpackError))
+    assert isinstance(out.get("error"), UnsafeEntry), out
     assert tosi_threads() <= before
 
 
