@@ -7,6 +7,7 @@
     <workdir>/configs/v2:<algo>:<hex> the config's "config" object (what -saveconfig writes)
     <workdir>/manifests/<registry>/<repository>/<algo>:<hex>  raw manifest and index bytes
     <workdir>/manifests/<registry>/<repository>/tags/<tag>    digest the tag last resolved to
+    <workdir>/manifests/<registry>/.scheme    http or https: what a loopback/--insecure registry spoke
     <workdir>/overlays/<hex>/         a layer extracted as an overlayfs lowerdir
     <workdir>/overlays/<hex>.link     short name of that layer; overlays/<short> -> <hex>
     <workdir>/overlays/<hex>.diffid   digest of that layer's uncompressed tar, as extracted
@@ -103,6 +104,10 @@ class Workdir:
 
     def tag_path(self, registry, repository, tag):
         return os.path.join(self.manifest_dir(registry, repository), "tags", _safe_component(tag))
+
+    def scheme_path(self, registry):
+        # A leading dot: no repository path component can be named so.
+        return os.path.join(self.manifests, _safe_component(registry), ".scheme")
 
     # overlays
     def overlay_path(self, digest):

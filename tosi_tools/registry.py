@@ -5,20 +5,22 @@ RegistryClient.send(), which adds credentials for the registry's own host only,
 answers 401 challenges (Bearer token flow or Basic) once per request, and turns
 transport failures into typed errors. Retry policy for blobs lives in the fetch
 stage; this layer makes one attempt per call.
+
+The exception is `quick_head`, one unauthenticated HEAD through http.client for
+the warm path: importing requests (and building its TLS context) costs more than
+a warm run's whole work, so requests is imported only where a client is made.
 """
 
 import ipaddress
 import logging
+import os
 import re
 import socket
-import ssl
 import threading
 from urllib.parse import urljoin, urlsplit
 
-import requests
-from requests.adapters import HTTPAdapter
-
 from .auth import Credentials, TokenCache, parse_challenge
+from .cache import atomic_write
 from .errors import ManifestError, NotFound, RegistryError, TLSFailure, Unauthorized, Unreachable
 
 log = logging.getLogger("tosi.registry")
@@ -55,6 +57,8 @@ def speaks_tls(registry, timeout=TLS_PROBE_TIMEOUT):
     Nothing is verified or sent here: it only tells a TLS server from a plain
     HTTP one, which answers the ClientHello with garbage or not at all.
     """
+    import ssl
+
     parts = urlsplit(f"//{registry}")
     host, port = parts.hostname, parts.port or 443
     context = ssl.create_default_context()
@@ -68,17 +72,102 @@ def speaks_tls(registry, timeout=TLS_PROBE_TIMEOUT):
         return False
 
 
-def detect_endpoint(registry, insecure=False, timeout=TLS_PROBE_TIMEOUT):
+def detect_endpoint(registry, insecure=False, timeout=TLS_PROBE_TIMEOUT, scheme_file=None,
+                    probe=True):
     """The endpoint to use for `registry`, as Docker chooses it.
 
     https with verification for every registry, except that a loopback registry
     and, with --insecure, any registry may speak plain http: those get https only
     if they answer a TLS handshake (then verified, unless --insecure), else http.
+
+    `scheme_file` remembers the probe's answer: with `probe=False` the scheme it
+    holds is taken without a handshake (None if it holds none), and a probe
+    rewrites it. A remembered scheme is a guess the caller must be ready to drop.
     """
     if registry == "docker.io" or not (insecure or is_loopback_host(registry)):
         return endpoint_for(registry, insecure=False, scheme="https")
+    if not probe:
+        scheme = _read_scheme(scheme_file) if scheme_file else None
+        return endpoint_for(registry, insecure, scheme=scheme) if scheme else None
     scheme = "https" if speaks_tls(registry, timeout) else "http"
+    if scheme_file and _read_scheme(scheme_file) != scheme:
+        try:
+            atomic_write(scheme_file, f"{scheme}\n".encode())
+        except OSError as exc:  # only a cache: the next run probes again
+            log.debug("cannot remember the scheme of %s in %s: %s", registry, scheme_file, exc)
     return endpoint_for(registry, insecure, scheme=scheme)
+
+
+def _read_scheme(path):
+    try:
+        with open(path) as f:
+            scheme = f.read(16).strip()
+    except OSError:
+        return None
+    return scheme if scheme in ("http", "https") else None
+
+
+_PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy")
+_CA_BUNDLE_VARIABLES = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")
+
+
+def quick_head(endpoint, path, headers, ca_file=None, insecure=False,
+               connect_timeout=DEFAULT_CONNECT_TIMEOUT, read_timeout=DEFAULT_READ_TIMEOUT):
+    """The headers (lower-case names) of a 200 answer to one plain HEAD of `path`,
+    else None: any other status, a redirect, a transport failure, or an environment
+    that routes requests through a proxy. None means "ask again through a
+    RegistryClient", which handles all of those; no credentials are ever sent here.
+
+    TLS is verified as RegistryClient verifies it: `ca_file`, else the bundle the
+    environment names, else certifi's (requests' own default); `insecure`: not at all.
+    """
+    import http.client
+
+    if any(os.environ.get(name) or os.environ.get(name.upper()) for name in _PROXY_VARIABLES):
+        return None
+    parts = urlsplit(endpoint)
+    try:
+        if parts.scheme == "https":
+            connection = http.client.HTTPSConnection(
+                parts.hostname, parts.port, timeout=connect_timeout,
+                context=_tls_context(ca_file, insecure))
+        else:
+            connection = http.client.HTTPConnection(parts.hostname, parts.port,
+                                                    timeout=connect_timeout)
+        try:
+            connection.connect()
+            connection.sock.settimeout(read_timeout)
+            connection.request("HEAD", path, headers=headers)
+            response = connection.getresponse()
+            response.read()
+            if response.status != 200:
+                log.debug("HEAD %s%s: %s; asking through the client", endpoint, path, response.status)
+                return None
+            return {name.lower(): value for name, value in response.getheaders()}
+        finally:
+            connection.close()
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        log.debug("HEAD %s%s: %s; asking through the client", endpoint, path, exc)
+        return None
+
+
+def _tls_context(ca_file, insecure):
+    import ssl
+
+    if insecure:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    bundle = ca_file or next((os.environ[name] for name in _CA_BUNDLE_VARIABLES
+                              if os.environ.get(name)), None)
+    if bundle is None:
+        import certifi
+
+        bundle = certifi.where()
+    if os.path.isdir(bundle):
+        return ssl.create_default_context(capath=bundle)
+    return ssl.create_default_context(cafile=bundle)
 
 
 class RegistryClient:
@@ -90,6 +179,9 @@ class RegistryClient:
         self.endpoint = endpoint.rstrip("/")
         self.credentials = credentials
         self.timeout = (connect_timeout, read_timeout)
+        import requests
+        from requests.adapters import HTTPAdapter
+
         self.tokens = token_cache or TokenCache()
         self.session = requests.Session()
         # The environment still decides proxies and REQUESTS_CA_BUNDLE, but credentials
@@ -142,6 +234,8 @@ class RegistryClient:
         return None
 
     def _fetch_token(self, params, repository):
+        import requests
+
         realm = params.get("realm")
         if not realm:
             raise Unauthorized(f"{self.endpoint}: Bearer challenge without a realm")
@@ -218,6 +312,8 @@ class RegistryClient:
         return resp
 
     def _request(self, method, url, headers, stream, allow_redirects, timeout):
+        import requests
+
         try:
             return self.session.request(
                 method, url, headers=headers, stream=stream,
@@ -257,6 +353,8 @@ class RegistryClient:
 
     def read_limited(self, resp, limit, what):
         """The body of a streamed response, refused (ManifestError) if longer than `limit`."""
+        import requests
+
         declared = resp.headers.get("Content-Length")
         if declared and declared.isdigit() and int(declared) > limit:
             resp.close()
@@ -282,10 +380,14 @@ class RegistryClient:
         return f"/v2/{repository}/blobs/{digest}"
 
     def manifest_path(self, repository, reference):
-        return f"/v2/{repository}/manifests/{reference}"
+        return manifest_path(repository, reference)
 
     def close(self):
         self.session.close()
+
+
+def manifest_path(repository, reference):
+    return f"/v2/{repository}/manifests/{reference}"
 
 
 def _registry_error(resp):

@@ -50,9 +50,12 @@ class Resolver:
         self.insecure = insecure
         self.ca_file = os.path.abspath(ca_file) if ca_file else None
         self.token_cache = token_cache
+        self._quick_heads = client_factory is None  # a caller's factory decides all transport
         self._client_factory = client_factory or self._default_client
         self.client = None
         self._endpoint = None
+        self._endpoint_guessed = False  # remembered, not probed: dropped before a client uses it
+        self._registry_host = None
 
     def _default_client(self, endpoint):
         from .registry import RegistryClient
@@ -60,7 +63,15 @@ class Resolver:
         return RegistryClient(endpoint, credentials=self.credentials, ca_file=self.ca_file,
                               insecure=self.insecure, token_cache=self.token_cache)
 
+    def _detect_endpoint(self, probe=True):
+        from .registry import detect_endpoint
+
+        return detect_endpoint(self._registry_host, self.insecure, probe=probe,
+                               scheme_file=self.workdir.scheme_path(self._registry_host))
+
     def _registry(self):
+        if self._endpoint is None or self._endpoint_guessed:
+            self._endpoint, self._endpoint_guessed = self._detect_endpoint().rstrip("/"), False
         if self.client is not None and self.client.endpoint != self._endpoint:
             self.client.close()  # a Resolver used for another registry
             self.client = None
@@ -138,7 +149,32 @@ class Resolver:
         self._store_manifest(ref, digest, data)
         return data, content_type
 
+    def _quick_head_digest(self, ref):
+        """(answered, digest) from one HEAD of the tag without requests
+        (registry.quick_head): answered is False when the client must ask instead,
+        as if this had not been tried; digest is None when a 200 named none."""
+        from .registry import manifest_path, quick_head
+
+        if not self._quick_heads:
+            return False, None
+        if self._endpoint is None:
+            remembered = self._detect_endpoint(probe=False)
+            self._endpoint = (remembered or self._detect_endpoint()).rstrip("/")
+            self._endpoint_guessed = remembered is not None
+        headers = quick_head(self._endpoint, manifest_path(ref.repository, ref.tag),
+                             {"Accept": ACCEPT}, ca_file=self.ca_file, insecure=self.insecure)
+        if headers is None:
+            return False, None
+        self._endpoint_guessed = False  # it answered: the remembered scheme is right
+        try:
+            return True, Digest(headers.get("docker-content-digest", ""))
+        except UsageError:
+            return True, None
+
     def _head_digest(self, ref):
+        answered, digest = self._quick_head_digest(ref)
+        if answered:
+            return digest
         client = self._registry()
         resp = self._send("HEAD", ref, client.manifest_path(ref.repository, ref.tag),
                           headers={"Accept": ACCEPT})
@@ -244,10 +280,12 @@ class Resolver:
 
     def resolve(self, reference, endpoint=None):
         """(image record, [layer records]) for a reference (text or Reference)."""
-        from .registry import detect_endpoint
-
         ref = reference if isinstance(reference, Reference) else parse_reference(reference)
-        self._endpoint = (endpoint or detect_endpoint(ref.registry, self.insecure)).rstrip("/")
+        self._registry_host = ref.registry
+        # Without a given endpoint it is found when first needed: a cached digest
+        # reference needs none, a warm tag takes the remembered scheme for its HEAD.
+        self._endpoint = endpoint.rstrip("/") if endpoint else None
+        self._endpoint_guessed = False
         wanted = self.platform or host_platform()
 
         top_data, top_type, top_digest = self._top_manifest(ref)
@@ -290,6 +328,8 @@ class Resolver:
         ids = None if manifest.media_type in SCHEMA1_TYPES else diff_ids(
             config_body, len(manifest.layers), what=f"image config {manifest.config['digest']}")
 
+        if self._endpoint is None:
+            self._endpoint = (self._detect_endpoint(probe=False) or self._detect_endpoint()).rstrip("/")
         image = new_image_record(
             reference=ref.normalized(),
             registry=ref.registry,
