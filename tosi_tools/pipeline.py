@@ -9,6 +9,10 @@ downloading. No separate verify pass runs: the downloader hashes every blob as
 it writes it (and re-hashes cached ones with `validate_cache`), and the reader
 ends a blob only once that check passed, so a layer is published (its overlay
 renamed into place, or reported applied) only after it.
+
+A warm -mount (every blob cached, every overlay extracted, no -validate-cache)
+skips fetch and the downloading machinery altogether: their imports (requests
+among them) cost more than the rest of such a run.
 """
 
 import contextlib
@@ -17,9 +21,8 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-from . import blobstream, fetch, mount, resolve, unpack
+from . import mount, resolve, unpack
 from .auth import TokenCache, credentials_from_flags
-from .blobs import Cancelled
 from .cache import DEFAULT_WORKDIR, Workdir, atomic_write
 from .errors import TosiError, UsageError
 from .platform import parse_platform
@@ -38,7 +41,7 @@ class PullOptions:
     mount: Optional[str] = None
     read_only: bool = False
     save_config: Optional[str] = None
-    parallel: int = fetch.DEFAULT_PARALLEL
+    parallel: Optional[int] = None  # None: fetch.DEFAULT_PARALLEL; 0: one download per layer
     username: Optional[str] = None
     password: Optional[str] = None
     validate_cache: bool = False
@@ -132,10 +135,46 @@ def pull(options, progress_for=None):
     log.info("%s: %d layers", image["reference"], len(layers))
 
     workdir = Workdir(options.workdir, options.overlaydir)
+    cached = None
+    if options.mount and not options.validate_cache:
+        cached = _extracted_from_cache(workdir, image, layers)
+    if cached is not None:
+        image, layers = cached
+    else:
+        image, layers = _fetch_and_unpack(options, workdir, credentials, tokens, image, layers,
+                                          progress_for)
+    if options.mount:
+        image["mount"] = mount.mount_image(image, layers, options.mount,
+                                           overlaydir=options.overlaydir, workdir=workdir.root,
+                                           read_only=options.read_only)
+    if options.save_config:
+        save_config(image, options.save_config)
+    return image, layers
+
+
+def _extracted_from_cache(workdir, image, layers):
+    """The plan fetch and unpack would give, (image, layers), when every blob is in
+    the cache and every layer extracted (each still checked against its diffID);
+    None when anything is missing."""
+    for record in layers:
+        if not (os.path.exists(workdir.layer_path(record["digest"]))
+                and os.path.isdir(workdir.overlay_path(record["digest"]))):
+            return None
+    done = [unpack.extract_layer_to_overlay(workdir, dict(record, path=workdir.layer_path(record["digest"])))
+            for record in layers]
+    log.info("%s: every layer cached and extracted", image["reference"])
+    return dict(image, workdir=workdir.root), done
+
+
+def _fetch_and_unpack(options, workdir, credentials, tokens, image, layers, progress_for):
+    from . import blobstream, fetch
+    from .blobs import Cancelled
+
     progress = progress_for(image, layers) if progress_for else None
-    pool_size = options.parallel or max(len(layers) + 1, 1)
+    parallel = fetch.DEFAULT_PARALLEL if options.parallel is None else options.parallel
+    pool_size = parallel or max(len(layers) + 1, 1)
     fetcher = fetch.Fetcher(workdir, _client_factory(credentials, tokens, pool_size),
-                            parallel=options.parallel, validate_cache=options.validate_cache,
+                            parallel=parallel, validate_cache=options.validate_cache,
                             progress=progress)
     streams = blobstream.DownloadStreams(fetcher.abort)  # a layer unpacks as its blob arrives
     fetched = fetch.fetch_plan(fetcher, image, layers, early=streams.add)
@@ -163,11 +202,4 @@ def pull(options, progress_for=None):
         fetched.close()
         if progress is not None:
             progress.close()
-    layers = done
-    if options.mount:
-        image["mount"] = mount.mount_image(image, layers, options.mount,
-                                           overlaydir=options.overlaydir, workdir=workdir.root,
-                                           read_only=options.read_only)
-    if options.save_config:
-        save_config(image, options.save_config)
-    return image, layers
+    return image, done

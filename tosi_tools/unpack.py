@@ -18,6 +18,9 @@ Each layer's diffID is checked as it is extracted. <overlaydir>/<hex>.diffid
 records the digest its content had (sha256, or sha512 when the plan's diffID
 was one), so a plan that reuses the layer later, or names it twice, is checked
 against it too.
+
+The layer mechanism (and the decompressors under it) is imported only where a
+layer is applied: a run that only reuses extracted layers never needs it.
 """
 
 import concurrent.futures
@@ -30,7 +33,6 @@ import shutil
 import time
 from collections import deque
 
-from . import layer as layer_mod
 from .cache import Workdir, file_lock
 from .digest import Digest
 from .errors import CacheError, DigestMismatch, PlanError, UnpackError, UsageError
@@ -101,6 +103,8 @@ def apply_layers_into(target, layer_records, workdir=None, open_stream=None, lim
     `open_stream(record)` may give the blob stream of a layer (default: the
     cache). On failure the error says how much of `target` was applied.
     """
+    from . import layer as layer_mod
+
     check_into_target(target)
     workdir = _workdir(workdir)
     limits = limits or layer_mod.Limits.from_env()
@@ -209,6 +213,8 @@ def _check_extracted(final, record, diff_id):
                  _layer_name(record), diff_id.algorithm, final)
         return
     if recorded != diff_id:
+        from . import layer as layer_mod
+
         raise layer_mod.diff_id_mismatch(_layer_name(record), recorded, diff_id)
 
 
@@ -257,6 +263,8 @@ def extract_layer_to_overlay(workdir, layer_record, stream=None, limits=None, op
     final = workdir.overlay_path(digest)
     with file_lock(final + ".lock"):
         if not os.path.isdir(final):
+            from . import layer as layer_mod
+
             _remove_stale_temps(workdir, digest.hex)
             tmp = os.path.join(workdir.overlays, f"{_TMP_PREFIX}{digest.hex}-{secrets.token_hex(4)}")
             os.mkdir(tmp)
@@ -285,6 +293,8 @@ def _default_parallel():
 
 def extract_layers_to_overlays(workdir, layer_records, parallel=None, limits=None, open_stream=None):
     """Extract layers in parallel; yields the enriched records in plan order as they finish."""
+    from . import layer as layer_mod
+
     workdir = _workdir(workdir)
     limits = limits or layer_mod.Limits.from_env()
     parallel = parallel or _default_parallel()
