@@ -13,6 +13,7 @@ import os
 import platform
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -20,8 +21,8 @@ from dataclasses import dataclass
 from tests.support.images import Pusher
 from tests.support.registry import Registry
 
-from . import imagegen, measure, profile, report, tools
-from .competitors import Target
+from . import ROOT, imagegen, measure, profile, report, tools
+from .competitors import Target, python
 from .measure import CommandFailed, summary
 from .report import log
 from .scratch import DISK, TMPFS, remove_tree, scratch_space
@@ -66,9 +67,17 @@ def machine():
     return info
 
 
+def compile_package():
+    """Byte-compile tosi_tools as installing it would: with PYTHONDONTWRITEBYTECODE
+    (or a read-only checkout) every measured run would compile it from source again."""
+    subprocess.run([python(), "-m", "compileall", "-q", os.path.join(ROOT, "tosi_tools")],
+                   check=True, stdout=subprocess.DEVNULL)
+
+
 def run_benchmark(name, specs, competitors, args, needed_tools):
     """Measure every competitor on every image; returns the results dict."""
     signal.signal(signal.SIGTERM, _terminate_cleanly)
+    compile_package()
     runs = args.runs or (1 if args.quick else 3)
     kinds = [TMPFS, DISK] if args.fs == "both" else [args.fs]
     wanted = set(args.images.split(",")) if args.images else None
