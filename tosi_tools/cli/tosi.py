@@ -9,7 +9,7 @@ stops at the first non-flag argument or at `--`.
 import logging
 import sys
 import textwrap
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .. import __version__
 from ..cache import DEFAULT_WORKDIR
@@ -38,8 +38,7 @@ examples:
 BOOL, STRING, INT = "bool", "string", "int"
 
 
-@dataclass(frozen=True)
-class Flag:
+class Flag(NamedTuple):
     name: str
     kind: str
     help: str
