@@ -137,6 +137,21 @@ def test_warm_mount_behind_a_token_challenge_works_through_the_client(
         ("HEAD", False), ("HEAD", False), ("HEAD", True)]
 
 
+def test_a_registry_that_challenged_the_plain_head_is_asked_through_the_client_next_time(
+        token_registry, token_pusher, workdir, tmp_path):
+    repo = "public/warm-path-again"
+    token_pusher.push_image(repo, "1", layers())
+    with FaultProxy(token_registry.url) as proxy:
+        reference = f"{host_of(proxy)}/{repo}:1"
+        for run in ("cold", "first-warm"):
+            pull_and_mount(reference, workdir, str(tmp_path / run))
+        before = len(proxy.seen())
+        pull_and_mount(reference, workdir, str(tmp_path / "warm"))
+        warm = proxy.seen()[before:]
+    assert [(r.method, "authorization" in {k.lower() for k in r.headers}) for r in warm] == [
+        ("HEAD", False), ("HEAD", True)]
+
+
 def test_the_probed_scheme_of_a_loopback_registry_is_remembered_in_the_workdir(
         pusher, registry, repo_name, workdir):
     pusher.push_image(repo_name, "1", layers())
@@ -201,4 +216,5 @@ def test_warm_head_over_tls_refuses_a_server_it_cannot_verify(tls_registry, tls_
     tls_pusher.push_image("warm/untrusted", "1", layers())
     path = registry_mod.manifest_path("warm/untrusted", "1")
     assert registry_mod.quick_head(tls_registry.url, path, {}) is None
-    assert registry_mod.quick_head(tls_registry.url, path, {}, insecure=True)["docker-content-digest"]
+    status, headers = registry_mod.quick_head(tls_registry.url, path, {}, insecure=True)
+    assert status == 200 and headers["docker-content-digest"].startswith("sha256:")

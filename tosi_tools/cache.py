@@ -8,6 +8,7 @@
     <workdir>/manifests/<registry>/<repository>/<algo>:<hex>  raw manifest and index bytes
     <workdir>/manifests/<registry>/<repository>/tags/<tag>    digest the tag last resolved to
     <workdir>/manifests/<registry>/.scheme    http or https: what a loopback/--insecure registry spoke
+    <workdir>/manifests/<registry>/.challenged  the registry asks for credentials even to HEAD
     <workdir>/overlays/<hex>/         a layer extracted as an overlayfs lowerdir
     <workdir>/overlays/<hex>.link     short name of that layer; overlays/<short> -> <hex>
     <workdir>/overlays/<hex>.diffid   digest of that layer's uncompressed tar, as extracted
@@ -108,6 +109,9 @@ class Workdir:
     def scheme_path(self, registry):
         # A leading dot: no repository path component can be named so.
         return os.path.join(self.manifests, _safe_component(registry), ".scheme")
+
+    def challenged_path(self, registry):
+        return os.path.join(self.manifests, _safe_component(registry), ".challenged")
 
     # overlays
     def overlay_path(self, digest):

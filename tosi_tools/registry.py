@@ -113,10 +113,10 @@ _CA_BUNDLE_VARIABLES = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")
 
 def quick_head(endpoint, path, headers, ca_file=None, insecure=False,
                connect_timeout=DEFAULT_CONNECT_TIMEOUT, read_timeout=DEFAULT_READ_TIMEOUT):
-    """The headers (lower-case names) of a 200 answer to one plain HEAD of `path`,
-    else None: any other status, a redirect, a transport failure, or an environment
-    that routes requests through a proxy. None means "ask again through a
-    RegistryClient", which handles all of those; no credentials are ever sent here.
+    """(status, headers with lower-case names) of the answer to one plain HEAD of
+    `path`, or None: a transport failure, or an environment that routes requests
+    through a proxy. Anything but a 200 means "ask again through a RegistryClient",
+    which handles challenges, redirects and all; no credentials are ever sent here.
 
     A HEAD answer is a status line and headers only, so a socket does: even
     http.client (with the email package under it) costs a warm run 15 ms.
@@ -143,15 +143,16 @@ def quick_head(endpoint, path, headers, ca_file=None, insecure=False,
         return None
     status_line, *header_lines = head.split("\r\n")
     version, _, status = status_line.partition(" ")
-    if not version.startswith("HTTP/1.") or status.partition(" ")[0] != "200":
-        log.debug("HEAD %s%s: %s; asking through the client", endpoint, path, status_line)
+    status = status.partition(" ")[0]
+    if not version.startswith("HTTP/1.") or not status.isdigit():
+        log.debug("HEAD %s%s: %r is no HTTP answer", endpoint, path, status_line[:100])
         return None
     answer = {}
     for line in header_lines:
         name, colon, value = line.partition(":")
         if colon:
             answer[name.strip().lower()] = value.strip()
-    return answer
+    return int(status), answer
 
 
 def _read_head(sock, limit=64 << 10):

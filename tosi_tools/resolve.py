@@ -155,15 +155,19 @@ class Resolver:
         as if this had not been tried; digest is None when a 200 named none."""
         from .registry import manifest_path, quick_head
 
-        if not self._quick_heads:
+        challenged = self.workdir.challenged_path(self._registry_host)
+        if not self._quick_heads or os.path.exists(challenged):
             return False, None
         if self._endpoint is None:
             remembered = self._detect_endpoint(probe=False)
             self._endpoint = (remembered or self._detect_endpoint()).rstrip("/")
             self._endpoint_guessed = remembered is not None
-        headers = quick_head(self._endpoint, manifest_path(ref.repository, ref.tag),
-                             {"Accept": ACCEPT}, ca_file=self.ca_file, insecure=self.insecure)
-        if headers is None:
+        answer = quick_head(self._endpoint, manifest_path(ref.repository, ref.tag),
+                            {"Accept": ACCEPT}, ca_file=self.ca_file, insecure=self.insecure)
+        status, headers = answer or (None, None)
+        if status == 401:  # later runs go straight to the client, which has the token flow
+            atomic_write(challenged, b"")
+        if status != 200:
             return False, None
         self._endpoint_guessed = False  # it answered: the remembered scheme is right
         try:
