@@ -57,13 +57,9 @@ def speaks_tls(registry, timeout=TLS_PROBE_TIMEOUT):
     Nothing is verified or sent here: it only tells a TLS server from a plain
     HTTP one, which answers the ClientHello with garbage or not at all.
     """
-    import ssl
-
     parts = urlsplit(f"//{registry}")
     host, port = parts.hostname, parts.port or 443
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
+    context = _unverified_context()
     try:
         with socket.create_connection((host, port), timeout=timeout) as sock:
             with context.wrap_socket(sock, server_hostname=host):
@@ -96,6 +92,16 @@ def detect_endpoint(registry, insecure=False, timeout=TLS_PROBE_TIMEOUT, scheme_
         except OSError as exc:  # only a cache: the next run probes again
             log.debug("cannot remember the scheme of %s in %s: %s", registry, scheme_file, exc)
     return endpoint_for(registry, insecure, scheme=scheme)
+
+
+def _unverified_context():
+    import ssl
+
+    # Not create_default_context(): loading the system's CA store is the slow part.
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 def _read_scheme(path):
@@ -172,10 +178,7 @@ def _tls_context(ca_file, insecure):
     import ssl
 
     if insecure:
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-        return context
+        return _unverified_context()
     bundle = ca_file or next((os.environ[name] for name in _CA_BUNDLE_VARIABLES
                               if os.environ.get(name)), None)
     if bundle is None:
