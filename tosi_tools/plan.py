@@ -100,6 +100,12 @@ class PlanWriter:
         self._stream.write(json.dumps(record, separators=(",", ":")) + "\n")
         self._stream.flush()
 
+    def write_plan(self, image, layers):
+        """The image record, then each layer record as the iterable yields it."""
+        self.write(image)
+        for layer in layers:
+            self.write(layer)
+
 
 def new_image_record(**fields):
     """An image record with the version and type set; callers add the rest."""

@@ -107,7 +107,8 @@ def client_factory(credentials, pool_size, read_timeout=None):
     return client_for_image
 
 
-def _total_bytes(image, layers):
+def total_bytes(image, layers):
+    """Bytes to download for a plan: each distinct blob once, the config included."""
     sizes = {layer["digest"]: layer.get("size") for layer in layers}
     config = image.get("config")
     if isinstance(config, dict) and config.get("digest"):
@@ -138,15 +139,14 @@ def body(argv):
     credentials = credentials_from_flags(args.username, args.password, password,
                                          registry=image.get("registry"))
     show = args.progress == "always" or (args.progress == "auto" and sys.stderr.isatty())
-    bars = ProgressBars(_total_bytes(image, layers), sys.stderr) if show else None
+    bars = ProgressBars(total_bytes(image, layers), sys.stderr) if show else None
     pool_size = args.parallel or max(len(layers) + 1, 1)
     fetcher = Fetcher(workdir, client_factory(credentials, pool_size, args.read_timeout),
                       parallel=args.parallel, retries=args.retries,
                       validate_cache=args.validate_cache, progress=bars)
-    writer = PlanWriter(sys.stdout)
     try:
-        for record in fetch_plan(fetcher, image, layers):
-            writer.write(record)
+        records = fetch_plan(fetcher, image, layers)
+        PlanWriter(sys.stdout).write_plan(next(records), records)
     finally:
         if bars:
             bars.close()

@@ -62,10 +62,7 @@ def body(argv):
         image, layers, args.mountpoint, overlaydir=args.overlaydir,
         workdir=plan_workdir(args.workdir, image).root,
         read_only=args.read_only, keep_upper=args.keep_upper)
-    writer = PlanWriter(sys.stdout)
-    writer.write(image)
-    for layer in layers:
-        writer.write(layer)
+    PlanWriter(sys.stdout).write_plan(image, layers)
     return 0
 
 

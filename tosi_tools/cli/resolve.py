@@ -73,10 +73,7 @@ def _body(argv):
     credentials, ca_file = credentials_and_transport(args, ref.registry)
     image, layers = resolve_image(ref, args.workdir, platform=platform, credentials=credentials,
                                   insecure=args.insecure, ca_file=ca_file)
-    writer = PlanWriter(sys.stdout)
-    writer.write(image)
-    for layer in layers:
-        writer.write(layer)
+    PlanWriter(sys.stdout).write_plan(image, layers)
     return 0
 
 

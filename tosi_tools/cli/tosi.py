@@ -242,9 +242,9 @@ def body(argv):
 
 
 def _progress_bars(image, layers):
-    from .fetch import ProgressBars, _total_bytes
+    from .fetch import ProgressBars, total_bytes
 
-    return ProgressBars(_total_bytes(image, layers), sys.stderr)
+    return ProgressBars(total_bytes(image, layers), sys.stderr)
 
 
 def main(argv=None):

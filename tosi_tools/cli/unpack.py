@@ -62,10 +62,7 @@ def body(argv):
     records = unpack_plan(image, reader, workdir=plan_workdir(args.workdir, image).root,
                           overlaydir=args.overlaydir,
                           into=args.into, parallel=args.parallel)
-    writer = PlanWriter(sys.stdout)
-    writer.write(image)
-    for record in records:
-        writer.write(record)
+    PlanWriter(sys.stdout).write_plan(image, records)
     return 0
 
 
