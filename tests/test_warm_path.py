@@ -218,3 +218,12 @@ def test_warm_head_over_tls_refuses_a_server_it_cannot_verify(tls_registry, tls_
     assert registry_mod.quick_head(tls_registry.url, path, {}) is None
     status, headers = registry_mod.quick_head(tls_registry.url, path, {}, insecure=True)
     assert status == 200 and headers["docker-content-digest"].startswith("sha256:")
+
+
+def test_warm_head_is_left_to_the_client_when_the_environment_names_a_proxy(
+        pusher, registry, repo_name, monkeypatch):
+    pusher.push_image(repo_name, "1", layers())
+    path = registry_mod.manifest_path(repo_name, "1")
+    assert registry_mod.quick_head(registry.url, path, {})[0] == 200
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    assert registry_mod.quick_head(registry.url, path, {}) is None
