@@ -53,7 +53,7 @@ def main():
             dir_entry("etc"), file_entry("etc/motd", b"hello from tosi-tools\n"),
             file_entry("etc/obsolete.conf", b"to be deleted by the next layer\n"),
             dir_entry("bin"), file_entry("bin/hello", b"#!/bin/sh\ncat /etc/motd\n", mode=0o755),
-        ])
+        ], oci=True)
         upper = make_layer([
             whiteout_entry("etc/obsolete.conf"), symlink_entry("etc/greeting", "motd"),
         ], compression="zstd")
