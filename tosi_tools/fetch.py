@@ -149,6 +149,21 @@ class Fetcher:
         self._downloads = []
 
 
+def client_factory(credentials, pool_size, token_cache=None, read_timeout=None):
+    """A `client_for_image(image)` for Fetcher: a RegistryClient reaching the plan's
+    registry the way resolve did (endpoint, insecure, caFile), with `credentials`."""
+    from .registry import DEFAULT_READ_TIMEOUT, RegistryClient, endpoint_for
+
+    def client_for_image(image):
+        insecure = bool(image.get("insecure"))
+        endpoint = image.get("endpoint") or endpoint_for(image["registry"], insecure)
+        return RegistryClient(endpoint, credentials=credentials, ca_file=image.get("caFile"),
+                              insecure=insecure, read_timeout=read_timeout or DEFAULT_READ_TIMEOUT,
+                              pool_size=pool_size, token_cache=token_cache)
+
+    return client_for_image
+
+
 def _config_download(workdir, image):
     config = image.get("config")
     if config is None:

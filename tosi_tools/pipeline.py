@@ -26,7 +26,7 @@ from .cache import DEFAULT_WORKDIR, Workdir, atomic_write
 from .errors import TosiError, UsageError
 from .platform import parse_platform
 from .reference import parse_reference, reference_with_base_url
-from .registry import detect_endpoint, endpoint_for
+from .registry import detect_endpoint
 
 log = logging.getLogger("tosi.pipeline")
 
@@ -75,18 +75,6 @@ def reference_and_endpoint(options):
         # A bare host:port is spoken to as Docker would: plain HTTP on loopback only.
         url = detect_endpoint(url.rstrip("/"), options.insecure)
     return reference_with_base_url(options.image, url)
-
-
-def _client_factory(credentials, tokens, pool_size):
-    from .registry import RegistryClient
-
-    def client_for_image(image):
-        insecure = bool(image.get("insecure"))
-        endpoint = image.get("endpoint") or endpoint_for(image["registry"], insecure)
-        return RegistryClient(endpoint, credentials=credentials, ca_file=image.get("caFile"),
-                              insecure=insecure, pool_size=pool_size, token_cache=tokens)
-
-    return client_for_image
 
 
 def save_config(image, path):
@@ -171,7 +159,7 @@ def _fetch_and_unpack(options, workdir, credentials, tokens, image, layers, prog
     progress = progress_for(image, layers) if progress_for else None
     parallel = fetch.DEFAULT_PARALLEL if options.parallel is None else options.parallel
     pool_size = parallel or max(len(layers) + 1, 1)
-    fetcher = fetch.Fetcher(workdir, _client_factory(credentials, tokens, pool_size),
+    fetcher = fetch.Fetcher(workdir, fetch.client_factory(credentials, pool_size, token_cache=tokens),
                             parallel=parallel, validate_cache=options.validate_cache,
                             progress=progress)
     streams = blobstream.DownloadStreams(fetcher.abort)  # a layer unpacks as its blob arrives

@@ -19,7 +19,7 @@ import socket
 import threading
 from urllib.parse import urljoin, urlsplit
 
-from .auth import Credentials, TokenCache, parse_challenge
+from .auth import TokenCache, parse_challenge
 from .cache import atomic_write
 from .errors import ManifestError, NotFound, RegistryError, TLSFailure, Unauthorized, Unreachable
 

@@ -11,7 +11,7 @@ import os
 import sys
 
 from .. import __version__
-from ..errors import TosiError
+from ..errors import TosiError, UsageError
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -52,6 +52,26 @@ def add_workdir_flag(parser):
         help="cache directory for manifests, configs, layers and overlays "
         "(default: $TOSI_WORKDIR or /tmp/tosi)",
     )
+
+
+def add_credential_flags(parser):
+    """--username, --password, --password-stdin: the same for every command that logs in."""
+    parser.add_argument("--username", metavar="U", help="registry user name")
+    secret = parser.add_mutually_exclusive_group()
+    secret.add_argument("--password", metavar="P", help="registry password (visible in ps; "
+                        "prefer --password-stdin)")
+    secret.add_argument("--password-stdin", action="store_true",
+                        help="read the password from the first line of stdin")
+
+
+def password_from_stdin(args):
+    """The first line of stdin with --password-stdin, else None; an empty one is a usage error."""
+    if not args.password_stdin:
+        return None
+    password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        raise UsageError("--password-stdin: no password on stdin")
+    return password
 
 
 def setup_logging(prog, verbosity):

@@ -3,7 +3,10 @@
 import sys
 import threading
 
-from .common import add_workdir_flag, new_parser, plan_workdir, run, setup_logging
+from .common import (
+    add_credential_flags, add_workdir_flag, new_parser, password_from_stdin, plan_workdir, run,
+    setup_logging,
+)
 
 PROG = "tosi-fetch"
 
@@ -44,12 +47,7 @@ def build_parser():
                         help=f"retry each blob up to N times (default {DEFAULT_RETRIES})")
     parser.add_argument("--read-timeout", type=float, default=None, metavar="SECONDS",
                         help="give up on a silent connection after SECONDS (default 60), then retry")
-    parser.add_argument("--username", help="registry user name")
-    secret = parser.add_mutually_exclusive_group()
-    secret.add_argument("--password", help="registry password (visible to other users: "
-                        "prefer --password-stdin)")
-    secret.add_argument("--password-stdin", action="store_true",
-                        help="read the password from the first line of stdin")
+    add_credential_flags(parser)
     return parser
 
 
@@ -94,19 +92,6 @@ class ProgressBars:
             self.total.close()
 
 
-def client_factory(credentials, pool_size, read_timeout=None):
-    """A function giving the RegistryClient for a plan's image record."""
-    from ..registry import DEFAULT_READ_TIMEOUT, RegistryClient, endpoint_for
-
-    def client_for_image(image):
-        endpoint = image.get("endpoint") or endpoint_for(image["registry"], bool(image.get("insecure")))
-        return RegistryClient(endpoint, credentials=credentials, ca_file=image.get("caFile"),
-                              insecure=bool(image.get("insecure")),
-                              read_timeout=read_timeout or DEFAULT_READ_TIMEOUT, pool_size=pool_size)
-
-    return client_for_image
-
-
 def total_bytes(image, layers):
     """Bytes to download for a plan: each distinct blob once, the config included."""
     sizes = {layer["digest"]: layer.get("size") for layer in layers}
@@ -128,10 +113,10 @@ def body(argv):
     setup_logging(PROG, args.verbose)
 
     from ..auth import credentials_from_flags
-    from ..fetch import Fetcher, fetch_plan
+    from ..fetch import Fetcher, client_factory, fetch_plan
     from ..plan import PlanReader, PlanWriter
 
-    password = sys.stdin.readline().rstrip("\r\n") if args.password_stdin else None
+    password = password_from_stdin(args)  # before the plan, which follows it on stdin
     reader = PlanReader(sys.stdin)
     image = reader.image
     layers = reader.layers()
@@ -141,7 +126,7 @@ def body(argv):
     show = args.progress == "always" or (args.progress == "auto" and sys.stderr.isatty())
     bars = ProgressBars(total_bytes(image, layers), sys.stderr) if show else None
     pool_size = args.parallel or max(len(layers) + 1, 1)
-    fetcher = Fetcher(workdir, client_factory(credentials, pool_size, args.read_timeout),
+    fetcher = Fetcher(workdir, client_factory(credentials, pool_size, read_timeout=args.read_timeout),
                       parallel=args.parallel, retries=args.retries,
                       validate_cache=args.validate_cache, progress=bars)
     try:

@@ -3,7 +3,9 @@
 import os
 import sys
 
-from .common import add_workdir_flag, new_parser, run, setup_logging
+from .common import (
+    add_credential_flags, add_workdir_flag, new_parser, password_from_stdin, run, setup_logging,
+)
 
 PROG = "tosi-resolve"
 
@@ -15,12 +17,7 @@ write the plan to stdout: one image record, then one record per layer."""
 
 def add_registry_flags(parser):
     """Credentials and transport flags shared by every command that talks to a registry."""
-    parser.add_argument("--username", metavar="U", help="registry user name")
-    secret = parser.add_mutually_exclusive_group()
-    secret.add_argument("--password", metavar="P", help="registry password (visible in ps; "
-                        "prefer --password-stdin)")
-    secret.add_argument("--password-stdin", action="store_true",
-                        help="read the password from the first line of stdin")
+    add_credential_flags(parser)
     parser.add_argument("--insecure", action="store_true",
                         help="use plain http (or skip certificate verification for https) "
                         "for a registry that is not on loopback")
@@ -34,12 +31,7 @@ def credentials_and_transport(args, registry):
     from ..auth import credentials_from_flags
     from ..errors import UsageError
 
-    password_stdin = None
-    if args.password_stdin:
-        password_stdin = sys.stdin.readline().rstrip("\r\n")
-        if not password_stdin:
-            raise UsageError("--password-stdin: no password on stdin")
-    credentials = credentials_from_flags(args.username, args.password, password_stdin,
+    credentials = credentials_from_flags(args.username, args.password, password_from_stdin(args),
                                          registry=registry)
     ca_file = None
     if args.ca_file:
