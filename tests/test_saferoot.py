@@ -130,3 +130,58 @@ def test_remove_deletes_a_whole_tree_without_following_links(tree):
     assert not (root / "real").exists()
     assert (tmp_path / "outside" / "keep").read_bytes() == b"k"
     assert stat.S_ISLNK(os.lstat(root / "slash").st_mode)
+
+
+DEEP = 3000  # deeper than Python's recursion limit and than the handles remove_tree_at keeps open
+
+
+def _deep_tree(base, depth=DEEP):
+    """a/d/d/d/... `depth` levels below `base`, a file at every 500th; returns the top."""
+    top = os.path.join(base, "a")
+    os.mkdir(top)
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    for level in range(depth):
+        os.mkdir("d", dir_fd=fd)
+        if level % 500 == 0:
+            os.close(os.open("f", os.O_WRONLY | os.O_CREAT, dir_fd=fd))
+        sub = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = sub
+    os.close(fd)
+    return top
+
+
+def test_remove_tree_takes_a_tree_deeper_than_the_recursion_limit(tmp_path):
+    top = _deep_tree(str(tmp_path))
+    saferoot.remove_tree(top)
+    assert os.listdir(tmp_path) == []
+
+
+def test_remove_tree_holds_a_bounded_number_of_handles(tmp_path):
+    import resource
+    top = _deep_tree(str(tmp_path))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    try:
+        saferoot.remove_tree(top)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert not os.path.lexists(top)
+
+
+def test_remove_tree_removes_a_symlink_not_its_target(tmp_path):
+    (tmp_path / "target").mkdir()
+    (tmp_path / "target" / "keep").write_bytes(b"k")
+    os.symlink(tmp_path / "target", tmp_path / "link")
+    saferoot.remove_tree(str(tmp_path / "link"))
+    assert not os.path.lexists(tmp_path / "link")
+    assert (tmp_path / "target" / "keep").read_bytes() == b"k"
+
+
+def test_remove_tree_at_of_a_missing_name_is_no_error(tmp_path):
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        saferoot.remove_tree_at(fd, "missing")
+    finally:
+        os.close(fd)
+    assert os.listdir(tmp_path) == []

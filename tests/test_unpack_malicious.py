@@ -236,3 +236,34 @@ def test_bomb_layer_is_small_on_the_wire():
     # The cap test above is only meaningful if the registry served a small blob.
     assert len(_bomb().data) < 1 << 20 and len(_bomb("zstd").data) < 1 << 20
     assert len(gzip.decompress(_bomb().data)) > 64 << 20
+
+
+def _nested_dirs(depth):
+    return [dir_entry("/".join(["n"] * level)) for level in range(1, depth + 1)]
+
+
+@pytest.fixture
+def deep_cleanup(sentinel, workdir):
+    # pytest's own tmp_path cleanup (shutil.rmtree) recurses once per level
+    yield
+    from tosi_tools.saferoot import remove_tree
+    for path in (sentinel.rootfs, os.path.join(workdir, "overlays")):
+        if os.path.lexists(path):
+            remove_tree(path)
+
+
+@pytest.mark.parametrize("deleting", ["whiteout", "opaque"])
+def test_deleting_a_tree_nested_deeper_than_the_stack_goes_cleanly(unpack, sentinel, deep_cleanup, deleting):
+    from tests.support.images import opaque_entry, whiteout_entry
+    upper = whiteout_entry("n") if deleting == "whiteout" else opaque_entry(".")
+    proc, root = unpack([L(*_nested_dirs(3000)), L(file_entry("kept", b"k"), upper)], "into")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(os.listdir(root)) == ["kept"]
+    sentinel.assert_unchanged()
+
+
+def test_failed_layer_nested_deeper_than_the_stack_leaves_no_temp_dir(unpack, sentinel, deep_cleanup):
+    # 3000 levels, then an escape: the half-made overlay dir must still be removed.
+    proc, _ = unpack([L(*_nested_dirs(3000), file_entry("../pwned", b"x"))], "per-layer")
+    assert_refused(proc, "layer 0", "climbs out")
+    sentinel.assert_unchanged()

@@ -420,6 +420,20 @@ class _Applier:
 
     def remove_lower(self, fd, directory):
         """Delete what lower layers left in a directory, keeping this layer's own entries."""
+        # Iterative: a layer may nest its directories deeper than Python's stack.
+        below = self.remove_lower_in(fd, directory)
+        while below:
+            sub, canonical = self.root.open_entry_dir(below.pop())
+            if sub is None:
+                continue
+            try:
+                below += self.remove_lower_in(sub, canonical)
+            finally:
+                os.close(sub)
+
+    def remove_lower_in(self, fd, directory):
+        """remove_lower for one directory's entries; the subdirectories of this layer's to visit."""
+        visit = []
         for child in os.listdir(fd):
             parts = directory + (child,)
             if parts not in self.touched:
@@ -427,11 +441,8 @@ class _Applier:
                 continue
             st = saferoot.lstat_at(fd, child)
             if st is not None and stat.S_ISDIR(st.st_mode):
-                sub = os.open(child, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
-                try:
-                    self.remove_lower(sub, parts)
-                finally:
-                    os.close(sub)
+                visit.append(parts)
+        return visit
 
     def need_root(self, name, what):
         if not self.as_root:

@@ -8,9 +8,8 @@ small, as the original tosi did. Writes go to `<mount point>.upper` (with
 
 import logging
 import os
-import shutil
 
-from . import overlay
+from . import overlay, saferoot
 from .cache import DEFAULT_WORKDIR, Workdir
 from .errors import MountError, PlanError
 
@@ -174,7 +173,7 @@ def unmount_image(target, clean=False):
                              "were kept; run --clean again once nothing uses it")
         for path in (upper, work):
             if os.path.lexists(path):
-                shutil.rmtree(path)
+                saferoot.remove_tree(path)
         if os.path.isdir(target) and not os.path.islink(target) and _is_empty_dir(target):
             os.rmdir(target)
     return detached

@@ -16,7 +16,6 @@ goes through `remove()`, which drops the cached handles at and below it.
 
 import errno
 import os
-import shutil
 import stat
 from collections import OrderedDict
 
@@ -193,7 +192,7 @@ class SafeRoot:
             return
         if stat.S_ISDIR(st.st_mode):
             self.forget(tuple(canonical_parent) + (name,))
-            shutil.rmtree(name, dir_fd=dir_fd)
+            remove_tree_at(dir_fd, name)
         else:
             os.unlink(name, dir_fd=dir_fd)
 
@@ -241,3 +240,87 @@ def utime_at(dir_fd, name, mtime_ns):
 
 def setxattr_at(dir_fd, name, key, value):
     os.setxattr(proc_path(dir_fd, name), key, value, follow_symlinks=False)
+
+
+# ---------------------------------------------------------------- removing trees
+
+_KEEP_OPEN = 64  # directory handles held while descending; deeper ones are reopened via ".."
+
+
+def remove_tree_at(dir_fd, name):
+    """Remove `name` in `dir_fd` and everything under it, never following a symlink.
+
+    Iterative, unlike shutil.rmtree before Python 3.12, so a layer nesting
+    directories thousands deep cannot make it overflow the stack; and it holds
+    at most _KEEP_OPEN directory handles whatever the depth. Missing is fine.
+    """
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+        return
+    except FileNotFoundError:
+        return
+    except (IsADirectoryError, PermissionError):
+        pass  # Linux says EISDIR for a directory (EPERM on some filesystems)
+    try:
+        top = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return
+    # [fd or None, name in the parent, (st_dev, st_ino)] from the top down
+    stack = [[top, name, _identity(top)]]
+    try:
+        while stack:
+            here = stack[-1][0]
+            child = _first_subdir_emptying(here)
+            if child is not None:
+                sub = os.open(child, _DIR_FLAGS, dir_fd=here)
+                stack.append([sub, child, _identity(sub)])
+                if len(stack) > _KEEP_OPEN:
+                    far = stack[-_KEEP_OPEN - 1]
+                    if far[0] is not None:
+                        os.close(far[0])
+                        far[0] = None
+                continue
+            done = stack.pop()
+            if stack and stack[-1][0] is None:
+                parent = os.open("..", _DIR_FLAGS, dir_fd=done[0])
+                if _identity(parent) != stack[-1][2]:
+                    os.close(parent)
+                    raise OSError(errno.EBUSY, "directory moved while being removed", done[1])
+                stack[-1][0] = parent
+            os.close(done[0])
+            os.rmdir(done[1], dir_fd=stack[-1][0] if stack else dir_fd)
+    finally:
+        for entry in stack:
+            if entry[0] is not None:
+                os.close(entry[0])
+
+
+def _identity(fd):
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def _first_subdir_emptying(dir_fd):
+    """Unlink the non-directories in dir_fd; the name of one subdirectory, or None if none is left."""
+    with os.scandir(dir_fd) as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                return entry.name
+            try:
+                os.unlink(entry.name, dir_fd=dir_fd)
+            except FileNotFoundError:
+                pass
+    return None
+
+
+def remove_tree(path):
+    """remove_tree_at for a path: its last component is never followed (a symlink goes, not its target)."""
+    path = os.path.abspath(path)
+    parent, name = os.path.split(path.rstrip("/") or "/")
+    if not name:
+        raise OSError(errno.EBUSY, "refusing to remove /", path)
+    parent_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        remove_tree_at(parent_fd, name)
+    finally:
+        os.close(parent_fd)

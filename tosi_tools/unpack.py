@@ -29,10 +29,10 @@ import fcntl
 import logging
 import os
 import secrets
-import shutil
 import time
 from collections import deque
 
+from . import saferoot
 from .cache import Workdir, file_lock
 from .digest import Digest
 from .errors import CacheError, DigestMismatch, PlanError, UnpackError, UsageError
@@ -111,7 +111,7 @@ def apply_layers_into(target, layer_records, workdir=None, open_stream=None, lim
     os.makedirs(target, exist_ok=True)
     applied = 0
     records = iter(layer_records)
-    with layer_mod.saferoot.SafeRoot(target) as root:
+    with saferoot.SafeRoot(target) as root:
         while True:
             try:
                 record = next(records)
@@ -218,13 +218,21 @@ def _check_extracted(final, record, diff_id):
         raise layer_mod.diff_id_mismatch(_layer_name(record), recorded, diff_id)
 
 
+def _discard_tree(path):
+    """Remove a temporary tree of ours; what cannot be removed stays (and is said)."""
+    try:
+        saferoot.remove_tree(path)
+    except OSError as exc:
+        log.warning("could not remove %s: %s", path, exc.strerror or exc)
+
+
 def _remove_stale_temps(workdir, hexname):
     # Called with the layer's lock held: any temp dir of this layer is a dead run's.
     prefix = f"{_TMP_PREFIX}{hexname}-"
     for name in os.listdir(workdir.overlays):
         if name.startswith(prefix):
             log.info("removing %s left by an interrupted run", name)
-            shutil.rmtree(os.path.join(workdir.overlays, name), ignore_errors=True)
+            _discard_tree(os.path.join(workdir.overlays, name))
 
 
 def remove_abandoned_temps(workdir):
@@ -278,7 +286,7 @@ def extract_layer_to_overlay(workdir, layer_record, stream=None, limits=None, op
                 os.rename(tmp, final)
                 _log_stats("extracted", layer_record, stats, started)
             except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
+                _discard_tree(tmp)
                 raise
         else:
             log.info("layer %s: already extracted in %s", _layer_name(layer_record), final)
