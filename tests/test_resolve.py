@@ -534,3 +534,14 @@ def test_persistent_registry_failure_reports_the_status(tool, registry, pusher, 
         proc = _resolve(tool, workdir, f"{proxy.url.split('://')[1]}/{repo_name}:v1", check=1)
         assert proxy.count("GET", "/manifests/") == 3
     assert proc.stderr.rstrip().endswith(f"{repo_name}:v1: 503 Service Unavailable")
+
+
+def test_manifest_nested_beyond_the_parser_is_refused_in_one_line(tool, registry, workdir):
+    body = b'{"schemaVersion": 2, "mediaType": "' + OCI_MANIFEST.encode() + b'", "x": ' \
+        + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    with FaultProxy(registry.url) as proxy:
+        proxy.add(Rule("status", path="/manifests/", status=200, body=body,
+                       headers={"Content-Type": OCI_MANIFEST}))
+        proc = _resolve(tool, workdir, f"{proxy.url.split('://')[1]}/img:v1", check=1)
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert "error: malformed manifest" in proc.stderr and "nested too deeply" in proc.stderr

@@ -6,7 +6,7 @@ import pytest
 
 from tosi_tools.errors import ManifestError
 from tosi_tools.manifest import (
-    DOCKER_LAYER_GZIP, DOCKER_SCHEMA1, OCI_INDEX, OCI_MANIFEST, parse_manifest,
+    DOCKER_LAYER_GZIP, DOCKER_SCHEMA1, OCI_INDEX, OCI_MANIFEST, parse_config, parse_manifest,
 )
 from tosi_tools.platform import parse_platform
 
@@ -72,3 +72,12 @@ def test_index_entries_of_other_kinds_and_attestations_are_skipped():
     entry, platform = index.select(parse_platform("linux/amd64"))
     assert entry["digest"] == D[4]
     assert str(platform) == "linux/amd64"
+
+
+DEEP = b"[" * 100_000 + b"]" * 100_000
+
+
+@pytest.mark.parametrize("parse", [parse_manifest, parse_config])
+def test_json_nested_beyond_the_parser_is_a_manifest_error(parse):
+    with pytest.raises(ManifestError, match="nested too deeply"):
+        parse(b'{"schemaVersion": 2, "x": ' + DEEP + b"}")

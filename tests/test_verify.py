@@ -141,3 +141,16 @@ def test_a_corrupt_blob_named_twice_is_reported_once(tool, pusher, registry, rep
     proc = tool("tosi-verify", "--workdir", workdir, input=plan, check=1)
     assert proc.stderr.count("\n") == 1 and "layer 0" in proc.stderr
     assert [r.get("index") for r in parse_plan(proc.stdout)] == [None]
+
+
+DEEP_JSON = '{"type": "image", "x": ' + "[" * 100_000 + "]" * 100_000 + "}\n"
+
+
+@pytest.mark.parametrize("cmd", ["tosi-verify", "tosi-fetch", "tosi-unpack", "tosi-mount"])
+def test_a_plan_line_nested_too_deeply_is_a_usage_error_not_a_crash(tool, workdir, cmd):
+    extra = ("--into", f"{workdir}/into") if cmd == "tosi-unpack" else (
+        (f"{workdir}/mnt",) if cmd == "tosi-mount" else ())
+    proc = tool(cmd, "--workdir", workdir, *extra, input=DEEP_JSON)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(f"{cmd}: error: stdin: line 1") and proc.stderr.count("\n") == 1, proc.stderr
+    assert "nested too deeply" in proc.stderr

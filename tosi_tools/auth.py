@@ -105,7 +105,7 @@ def docker_config_credentials(registry, path=None):
     try:
         with open(path) as f:
             config = json.load(f)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     auths = config.get("auths") if isinstance(config, dict) else None
     if not isinstance(auths, dict):

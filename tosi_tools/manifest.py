@@ -121,6 +121,8 @@ def _decode_json(data, what):
         body = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
         _fail(what, f"not JSON ({exc})")
+    except RecursionError:
+        _fail(what, "not JSON this reader takes (nested too deeply)")
     if not isinstance(body, dict):
         _fail(what, "not a JSON object")
     return body
@@ -213,7 +215,7 @@ def schema1_payload(data):
         protected = body["signatures"][0]["protected"]
         header = json.loads(_b64url(protected))
         return data[:header["formatLength"]] + _b64url(header["formatTail"])
-    except (ValueError, KeyError, IndexError, TypeError):
+    except (ValueError, KeyError, IndexError, TypeError, RecursionError):
         return None
 
 

@@ -20,7 +20,9 @@ def _decode(line, lineno, source):
     try:
         record = json.loads(line)
     except ValueError as exc:
-        raise PlanError(f"{source}: line {lineno} is not JSON ({exc.msg})") from None
+        raise PlanError(f"{source}: line {lineno} is not JSON ({getattr(exc, 'msg', exc)})") from None
+    except RecursionError:
+        raise PlanError(f"{source}: line {lineno} is not a plan record (nested too deeply)") from None
     if not isinstance(record, dict) or "type" not in record:
         raise PlanError(f"{source}: line {lineno} is not a plan record (no \"type\")")
     return record

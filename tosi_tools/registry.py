@@ -283,8 +283,10 @@ class RegistryClient:
             raise RegistryError(f"token server {realm} answered {r.status_code}", status=r.status_code)
         try:
             body = r.json()
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: JSON nested beyond the parser's depth
             raise Unauthorized(f"token server {realm} answered with no JSON") from None
+        if not isinstance(body, dict):
+            raise Unauthorized(f"token server {realm} answered with no JSON object")
         token = body.get("token") or body.get("access_token")
         if not token:
             raise Unauthorized(f"token server {realm} answered without a token")
@@ -416,7 +418,7 @@ def _registry_error(resp):
         errors = body.get("errors") or []
         if errors and isinstance(errors[0], dict):
             return errors[0].get("code"), errors[0].get("message")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         pass
     return None, None
 
