@@ -528,3 +528,10 @@ def test_sparse_file_beyond_8_gib_keeps_its_size_data_and_holes(fmt, layouts, tm
                 assert os.pread(f.fileno(), 4, 1 << 30) == bytes(4)
     finally:
         overlay.unmount(target)
+
+
+@pytest.mark.parametrize("read_only", [False, True])
+def test_root_entry_of_the_top_layer_sets_the_mode_of_the_mounted_root(read_only, layouts):
+    layers = [L(file_entry("f", b"f")), L(dir_entry(".", mode=0o710, uid=5, gid=6), file_entry("g", b"g"))]
+    root = layouts.mounted(layers, read_only=read_only)["."]
+    assert (root["mode"], root["uid"], root["gid"]) == (0o710, 5, 6)

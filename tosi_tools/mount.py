@@ -8,6 +8,7 @@ small, as the original tosi did. Writes go to `<mount point>.upper` (with
 
 import logging
 import os
+import stat
 
 from . import overlay, saferoot
 from .cache import DEFAULT_WORKDIR, Workdir
@@ -83,6 +84,15 @@ def _prepare_dir(path, what):
         return False
 
 
+def _inherit_root(upper, top_lower):
+    """Give a fresh upperdir the mode and owner of the top layer's root, as containerd's
+    overlay snapshotter does: the upperdir's root is the mounted root, and mkdir's 0755
+    root:root would hide what the layer's "./" entry said."""
+    st = os.stat(top_lower)
+    os.chown(upper, st.st_uid, st.st_gid)
+    os.chmod(upper, stat.S_IMODE(st.st_mode))
+
+
 def _check_mount_point(target):
     if os.path.ismount(target) or overlay.mount_at(target):
         raise MountError(f"{target} is already a mount point; "
@@ -127,6 +137,8 @@ def mount_image(image, layers, target, overlaydir=None, workdir=None, read_only=
                 () if read_only else ((upper, "upperdir"), (work, "workdir"))):
             if _prepare_dir(path, what):
                 created.append(path)
+        if not read_only and _is_empty_dir(upper):
+            _inherit_root(upper, os.path.join(ovdir, lowers[0]))
         used = overlay.mount_overlay(
             target, lowers, None if read_only else upper, None if read_only else work,
             relative_to=ovdir, read_only=read_only, api=api)
