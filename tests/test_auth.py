@@ -1,6 +1,7 @@
 """Registry auth against real registries: the Bearer token flow and HTTP Basic (htpasswd)."""
 
 import io
+import itertools
 import os
 
 import pytest
@@ -230,3 +231,52 @@ def test_empty_password_stdin_is_usage_error(tool, workdir):
     proc = tool("tosi-resolve", "--workdir", workdir, "--username", "u", "--password-stdin",
                 "127.0.0.1:1/img", input="", check=2)
     assert proc.stderr == "tosi-resolve: error: --password-stdin: no password on stdin\n"
+
+
+# ------------------------------------------------------------ hostile token servers and challenges
+
+def _challenge_for_own_token(proxy, realm=None):
+    """Make every /v2/ answer of `proxy` a challenge for a token from its own /token (or `realm`)."""
+    proxy.add(Rule("status", path="^/v2/", status=401, body=b"", headers={
+        "WWW-Authenticate": f'Bearer realm="{realm or proxy.url + "/token"}",service="s"'}))
+    return f"{proxy.url.split('://')[1]}/img:v1"
+
+
+def test_a_token_answer_that_never_ends_is_refused_after_1_mib(tool, fault_proxy, workdir):
+    ref = _challenge_for_own_token(fault_proxy)
+    fault_proxy.add(Rule("status", path="^/token", status=200, body=itertools.repeat(b" " * 65536)))
+    proc = tool("tosi-resolve", "--workdir", workdir, ref, check=1, timeout=30)
+    assert proc.stderr == f"tosi-resolve: error: token server {fault_proxy.url}/token: more than the 1 MiB " \
+        "allowed; refused\n"
+
+
+@pytest.mark.parametrize("answer", [b'{"token": 12345}', b'{"token": "a\\r\\nX-Injected: 1"}',
+                                    b'{"token": {"nested": "object"}}'])
+def test_a_token_that_is_no_header_safe_string_is_refused(tool, fault_proxy, workdir, answer):
+    ref = _challenge_for_own_token(fault_proxy)
+    fault_proxy.add(Rule("status", path="^/token", status=200, body=answer))
+    proc = tool("tosi-resolve", "--workdir", workdir, ref, check=1)
+    assert proc.stderr == f"tosi-resolve: error: token server {fault_proxy.url}/token answered with a " \
+        "malformed token\n"
+
+
+@pytest.mark.parametrize("realm", ["file:///etc/passwd", "/token", "not a url"])
+def test_a_realm_that_is_no_http_url_is_refused_without_retrying(tool, fault_proxy, workdir, realm):
+    ref = _challenge_for_own_token(fault_proxy, realm=realm)
+    proc = tool("tosi-resolve", "--workdir", workdir, ref, check=1)
+    assert fault_proxy.count("GET", "/manifests/") == 1
+    assert proc.stderr == f"tosi-resolve: error: {fault_proxy.url}: Bearer challenge realm {realm!r} is no " \
+        "http(s) URL\n"
+
+
+def test_a_bearer_challenge_offered_beside_basic_is_answered_with_a_token(tool, token_registry, token_server,
+                                                                        token_pusher, public_repo, workdir):
+    image = token_pusher.push_image(public_repo, "v1", _layers())
+    with FaultProxy(token_registry.url) as proxy:
+        # What requests makes of a registry sending two WWW-Authenticate headers.
+        proxy.add(Rule("status", path="/manifests/", status=401, times=1, body=b"", headers={
+            "WWW-Authenticate": f'Basic realm="registry", Bearer realm="{token_server.realm}",'
+                                f'service="{token_server.registry_config()["token"]["service"]}"'}))
+        proc = tool("tosi-resolve", "--workdir", workdir, f"{proxy.url.split('://')[1]}/{public_repo}:v1",
+                    check=0)
+    assert _plan(proc)[0]["digest"] == image.digest

@@ -17,6 +17,11 @@ def test_challenge_with_escaped_quote_and_bare_value_is_parsed():
         "basic", {"realm": 'a "b"', "charset": "UTF-8"})
 
 
+def test_one_header_with_several_challenges_gives_the_bearer_one():
+    assert parse_challenge('Negotiate abc==, Basic realm="r", Bearer\trealm="https://a/t",service="s, t"') == (
+        "bearer", {"realm": "https://a/t", "service": "s, t"})
+
+
 def test_token_is_kept_for_its_lifetime_and_then_dropped():
     now = [1000.0]
     cache = TokenCache(clock=lambda: now[0])

@@ -366,6 +366,15 @@ def test_an_unknown_blob_fails_at_once_naming_the_layer(tool, fault_proxy, image
     assert f"layer 1 ({missing.digest})" in proc.stderr and "404" in proc.stderr
 
 
+@pytest.mark.parametrize("location", ["ftp://storage.example/blob", "http://[::1/blob"])
+def test_a_blob_redirect_to_no_http_url_fails_at_once_in_one_line(tool, fault_proxy, image, workdir, location):
+    fault_proxy.add(Rule("status", path=image.layers[0].digest, status=307, headers={"Location": location}))
+    proc = fetch(tool, fault_proxy, image, workdir, check=1)
+    assert fault_proxy.count("GET", image.layers[0].digest) == 1
+    assert proc.stderr.count("\n") == 1 and "internal error" not in proc.stderr
+    assert image.layers[0].digest in proc.stderr
+
+
 def test_a_stalled_download_times_out_and_resumes(tool, fault_proxy, image, workdir):
     layer = image.layers[1]
     fault_proxy.add(Rule("stall", path=layer.digest, after=100_000, seconds=20, times=1))

@@ -1,6 +1,7 @@
 """tosi-resolve against the real registry: every manifest kind, platforms, digests, cache, errors."""
 
 import io
+import itertools
 import json
 import os
 import subprocess
@@ -545,3 +546,20 @@ def test_manifest_nested_beyond_the_parser_is_refused_in_one_line(tool, registry
         proc = _resolve(tool, workdir, f"{proxy.url.split('://')[1]}/img:v1", check=1)
     assert proc.stderr.count("\n") == 1, proc.stderr
     assert "error: malformed manifest" in proc.stderr and "nested too deeply" in proc.stderr
+
+
+def test_an_error_answer_that_never_ends_is_not_read_to_its_end(tool, registry, workdir):
+    with FaultProxy(registry.url) as proxy:
+        proxy.add(Rule("status", path="/manifests/", status=404, body=itertools.repeat(b"[" * 65536),
+                       headers={"Content-Type": "application/json"}))
+        proc = _resolve(tool, workdir, f"{proxy.url.split('://')[1]}/img:v1", check=1, timeout=20)
+    assert proc.stderr.endswith("/img:v1: 404 Not Found\n")
+
+
+@pytest.mark.parametrize("location", ["file:///etc/passwd", "http://[::1/x"])
+def test_a_redirect_to_no_http_url_is_refused_in_one_line(tool, registry, workdir, location):
+    with FaultProxy(registry.url) as proxy:
+        proxy.add(Rule("status", path="/manifests/", status=302, headers={"Location": location}))
+        proc = _resolve(tool, workdir, f"{proxy.url.split('://')[1]}/img:v1", check=1)
+    assert proc.stderr.count("\n") == 1 and "internal error" not in proc.stderr
+    assert "/v2/img/manifests/v1" in proc.stderr

@@ -34,25 +34,43 @@ class Credentials:
         return "Basic " + base64.b64encode(raw).decode()
 
 
-_PARAM_RE = re.compile(r'\s*([A-Za-z0-9_-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]*))\s*,?')
+_TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_SCHEME_RE = re.compile(rf"[\s,]*({_TOKEN})")
+_PARAM_RE = re.compile(rf'[\s,]*({_TOKEN})\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]*))')
+_TOKEN68_RE = re.compile(r"\s+[A-Za-z0-9._~+/-]+=*(?=\s*(?:,|$))")
+# Docker's order: a registry offering both is asked for a token.
+_PREFERRED_SCHEMES = ("bearer", "basic")
+
+
+def parse_challenges(header):
+    """Every challenge of a WWW-Authenticate value (RFC 7235: several may share one header,
+    and requests joins repeated headers with commas) as [(scheme, {param: value})],
+    schemes and parameter names lower-cased."""
+    challenges = []
+    pos = 0
+    while match := _SCHEME_RE.match(header or "", pos):
+        scheme, pos = match.group(1).lower(), match.end()
+        params = {}
+        token68 = _TOKEN68_RE.match(header, pos)
+        if token68:
+            pos = token68.end()
+        while not token68 and (param := _PARAM_RE.match(header, pos)):
+            key, quoted, bare = param.groups()
+            params[key.lower()] = re.sub(r"\\(.)", r"\1", quoted) if quoted is not None else bare
+            pos = param.end()
+        challenges.append((scheme, params))
+    return challenges
 
 
 def parse_challenge(header):
-    """Parse one WWW-Authenticate header into (scheme, {param: value}); scheme lower-cased."""
-    if not header:
-        return None, {}
-    scheme, _, rest = header.strip().partition(" ")
-    params = {}
-    pos = 0
-    while pos < len(rest):
-        m = _PARAM_RE.match(rest, pos)
-        if not m or m.end() == pos:
-            break
-        key, quoted, bare = m.groups()
-        value = quoted if quoted is not None else bare
-        params[key.lower()] = re.sub(r"\\(.)", r"\1", value)
-        pos = m.end()
-    return scheme.lower(), params
+    """The challenge to answer in a WWW-Authenticate value: (scheme, {param: value}),
+    Bearer before Basic before any other; (None, {}) for none."""
+    challenges = parse_challenges(header)
+    for wanted in _PREFERRED_SCHEMES:
+        for scheme, params in challenges:
+            if scheme == wanted:
+                return scheme, params
+    return challenges[0] if challenges else (None, {})
 
 
 class TokenCache:

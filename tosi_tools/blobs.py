@@ -23,16 +23,18 @@ import random
 import socket
 import threading
 import time
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urlsplit
 
 import requests
 import urllib3
 
+from .auth import parse_challenge
 from .cache import file_lock
 from .digest import CHUNK, Digest, VerifyingHasher, verify_file
 from .errors import (
     CacheError, DigestMismatch, NotFound, RegistryError, TosiError, Unauthorized, Unreachable,
 )
+from .registry import redirect_target
 
 log = logging.getLogger("tosi.blobs")
 
@@ -322,16 +324,17 @@ class Downloader:
         else:
             url = source
         for _hop in range(MAX_REDIRECTS + 1):
-            resp = self._get(url, headers, registry=source is None)
+            resp = self._get(url, headers, registry=source is None, what=download.what)
             if resp.status_code not in REDIRECT_STATUSES:
                 break
             location = resp.headers.get("Location")
             resp.close()
             if not location:
                 raise RegistryError(f"{download.what}: redirect without a Location", status=resp.status_code)
-            url = urljoin(url, location)
-            if urlsplit(url).scheme not in ("http", "https"):
-                raise RegistryError(f"{download.what}: redirect to unsupported URL scheme {url!r}")
+            target = redirect_target(url, location)
+            if target is None:
+                raise RegistryError(f"{download.what}: redirect to {location[:200]!r}, no http(s) URL")
+            url = target
         else:
             resp.close()
             raise RegistryError(f"{download.what}: more than {MAX_REDIRECTS} redirects")
@@ -361,7 +364,7 @@ class Downloader:
             self.client.check(resp, f"{download.what}: GET {_redact(url)}")
         raise RegistryError(f"{download.what}: GET {_redact(url)}: unexpected status {status}", status=status)
 
-    def _get(self, url, headers, registry):
+    def _get(self, url, headers, registry, what):
         try:
             if registry:
                 # send() adds credentials for the registry's own host only.
@@ -375,6 +378,9 @@ class Downloader:
             raise _Retryable(exc) from None
         except (requests.ConnectionError, requests.Timeout) as exc:
             raise _Retryable(Unreachable(f"{urlsplit(url).netloc} unreachable: {exc}")) from None
+        except (requests.RequestException, ValueError) as exc:
+            # A malformed header or Location (requests parses it even when not following).
+            raise RegistryError(f"{what}: GET {_redact(url)}: {_short(exc)}") from None
 
     def _receive(self, download, hasher, resp):
         offset = hasher.count
@@ -469,7 +475,7 @@ def _exhausted(download, error, attempts):
 
 
 def _bearer_challenge(resp):
-    return resp.headers.get("WWW-Authenticate", "").lower().startswith("bearer")
+    return parse_challenge(resp.headers.get("WWW-Authenticate", ""))[0] == "bearer"
 
 
 def _retry_after(value):

@@ -12,6 +12,7 @@ a warm run's whole work, so requests is imported only where a client is made.
 """
 
 import ipaddress
+import json
 import logging
 import os
 import re
@@ -29,6 +30,13 @@ DEFAULT_CONNECT_TIMEOUT = 10
 DEFAULT_READ_TIMEOUT = 60
 MAX_REDIRECTS = 5
 TLS_PROBE_TIMEOUT = 2
+# A hostile server may answer with a body that never ends: only this much of an
+# error answer is read for its message, and a token server's answer is refused beyond
+# its cap (a token goes into every request's headers, which servers cap near 1 MiB).
+MAX_ERROR_BODY = 64 << 10
+MAX_TOKEN_ANSWER = 1 << 20
+# RFC 6750 b64token, leniently: any visible ASCII, nothing that could end a header.
+_TOKEN_RE = re.compile(r"[\x21-\x7e]+")
 
 
 def is_loopback_host(host):
@@ -259,6 +267,8 @@ class RegistryClient:
         realm = params.get("realm")
         if not realm:
             raise Unauthorized(f"{self.endpoint}: Bearer challenge without a realm")
+        if not _is_http_url(realm):
+            raise Unauthorized(f"{self.endpoint}: Bearer challenge realm {realm[:200]!r} is no http(s) URL")
         scope = self._scope(repository) or params.get("scope")
         key = self._token_key(params, repository)
         query = {}
@@ -269,27 +279,35 @@ class RegistryClient:
         headers = {}
         if self.credentials:
             headers["Authorization"] = self.credentials.basic_header()
+        what = f"token server {realm}"
         try:
             r = self.session.get(realm, params=query, headers=headers, timeout=self.timeout,
-                                 verify=self.verify)
+                                 verify=self.verify, stream=True)
         except requests.exceptions.SSLError as exc:
-            raise TLSFailure(f"token server {realm}: TLS failure: {_reason(exc)}") from None
+            raise TLSFailure(f"{what}: TLS failure: {_reason(exc)}") from None
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            raise Unreachable(f"{what} unreachable: {_reason(exc)}") from None
         except requests.RequestException as exc:
-            raise Unreachable(f"token server {realm} unreachable: {_reason(exc)}") from None
+            raise RegistryError(f"{what}: {_reason(exc)}") from None
         if r.status_code in (401, 403):
+            r.close()
             raise Unauthorized(f"{self._host}: token server refused the credentials ({r.status_code})",
                                status=r.status_code)
         if r.status_code != 200:
-            raise RegistryError(f"token server {realm} answered {r.status_code}", status=r.status_code)
+            r.close()
+            raise RegistryError(f"{what} answered {r.status_code}", status=r.status_code)
+        data = self.read_limited(r, MAX_TOKEN_ANSWER, what, too_large=Unauthorized)
         try:
-            body = r.json()
+            body = json.loads(data)
         except (ValueError, RecursionError):  # RecursionError: JSON nested beyond the parser's depth
-            raise Unauthorized(f"token server {realm} answered with no JSON") from None
+            raise Unauthorized(f"{what} answered with no JSON") from None
         if not isinstance(body, dict):
-            raise Unauthorized(f"token server {realm} answered with no JSON object")
+            raise Unauthorized(f"{what} answered with no JSON object")
         token = body.get("token") or body.get("access_token")
         if not token:
-            raise Unauthorized(f"token server {realm} answered without a token")
+            raise Unauthorized(f"{what} answered without a token")
+        if not isinstance(token, str) or not _TOKEN_RE.fullmatch(token):
+            raise Unauthorized(f"{what} answered with a malformed token")
         self.tokens.put(key, token, body.get("expires_in"))
         return token
 
@@ -345,6 +363,10 @@ class RegistryClient:
             raise TLSFailure(f"{urlsplit(url).netloc}: TLS failure: {_reason(exc)}") from None
         except (requests.ConnectionError, requests.Timeout) as exc:
             raise Unreachable(f"{urlsplit(url).netloc} unreachable: {_reason(exc)}") from None
+        except (requests.RequestException, ValueError) as exc:
+            # A malformed URL, header or Location (requests parses it even when not following).
+            parts = urlsplit(url)  # the path only: storage URLs carry signatures in the query
+            raise RegistryError(f"{parts.netloc}: {method} {parts.path}: {_reason(exc)}") from None
 
     def check(self, resp, what):
         """Raise the typed error for a failed response, with the registry's code and message."""
@@ -370,23 +392,26 @@ class RegistryClient:
             if resp.status_code not in (301, 302, 303, 307, 308) or "Location" not in resp.headers:
                 return resp
             resp.close()
-            url = urljoin(url, resp.headers["Location"])
+            url = redirect_target(url, resp.headers["Location"])
+            if url is None:
+                raise RegistryError(f"{self._host}: {path} redirects to {resp.headers['Location'][:200]!r}, "
+                                    "no http(s) URL")
         raise RegistryError(f"{self._host}: more than {max_redirects} redirects for {path}")
 
-    def read_limited(self, resp, limit, what):
-        """The body of a streamed response, refused (ManifestError) if longer than `limit`."""
+    def read_limited(self, resp, limit, what, too_large=ManifestError):
+        """The body of a streamed response, refused (`too_large`) if longer than `limit`."""
         import requests
 
         declared = resp.headers.get("Content-Length")
         if declared and declared.isdigit() and int(declared) > limit:
             resp.close()
-            raise ManifestError(f"{what}: {declared} bytes, more than the {_mib(limit)} allowed; refused")
+            raise too_large(f"{what}: {declared} bytes, more than the {_mib(limit)} allowed; refused")
         chunks, total = [], 0
         try:
             for chunk in resp.iter_content(64 << 10):
                 total += len(chunk)
                 if total > limit:
-                    raise ManifestError(f"{what}: more than the {_mib(limit)} allowed; refused")
+                    raise too_large(f"{what}: more than the {_mib(limit)} allowed; refused")
                 chunks.append(chunk)
         except requests.exceptions.SSLError as exc:
             raise TLSFailure(f"{self._host}: TLS failure: {_reason(exc)}") from None
@@ -412,13 +437,39 @@ def manifest_path(repository, reference):
     return f"/v2/{repository}/manifests/{reference}"
 
 
-def _registry_error(resp):
+def _is_http_url(url):
     try:
-        body = resp.json()
+        parts = urlsplit(url)
+        return parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        return False
+
+
+def redirect_target(url, location):
+    """The absolute URL a redirect from `url` to `location` leads to, or None unless it is http(s)."""
+    try:
+        target = urljoin(url, location)
+    except ValueError:
+        return None
+    return target if _is_http_url(target) else None
+
+
+def _registry_error(resp):
+    """(code, message) of the first entry of an error answer's "errors", from at most
+    MAX_ERROR_BODY bytes of it: a body that never ends is not waited for."""
+    import requests
+
+    data = b""
+    try:
+        for chunk in resp.iter_content(8192):
+            data += chunk
+            if len(data) >= MAX_ERROR_BODY:
+                return None, None
+        body = json.loads(data)
         errors = body.get("errors") or []
         if errors and isinstance(errors[0], dict):
             return errors[0].get("code"), errors[0].get("message")
-    except (ValueError, AttributeError, RecursionError):
+    except (ValueError, AttributeError, RecursionError, requests.RequestException):
         pass
     return None, None
 

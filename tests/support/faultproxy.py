@@ -37,7 +37,8 @@ class Rule:
 
     Parameters by action: drop/stall after=<body bytes sent first>; stall seconds=<how
     long> (None: until the proxy stops); status status=<code>, headers={name: value or
-    a function giving it at answer time}, body=b"";
+    a function giving it at answer time}, body=b"" (or an iterable of chunks, maybe endless,
+    sent until the client hangs up);
     corrupt at=<body offset>; delay seconds=<before forwarding>; throttle rate=<body bytes
     per second>; redirect to=<base URL>
     (the request path is appended). `times`: how many matching requests it applies to
@@ -205,10 +206,16 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         for key, value in (headers or {}).items():
             self.send_header(key, value() if callable(value) else value)
-        self.send_header("Content-Length", str(len(body)))
+        if isinstance(body, bytes):
+            self.send_header("Content-Length", str(len(body)))
+        else:  # chunks (maybe endless): the body ends when the connection closes
+            self.send_header("Connection", "close")
+            self.close_connection = True
         self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
+        if self.command == "HEAD":
+            return
+        for chunk in [body] if isinstance(body, bytes) else body:
+            self.wfile.write(chunk)
 
 
 class _Server(ThreadingHTTPServer):
