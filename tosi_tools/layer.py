@@ -25,7 +25,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 
-from . import saferoot, tarstream
+from . import filewriter, saferoot, tarstream
 from .compression import open_layer
 from .digest import Digest
 from .errors import DigestMismatch, UnpackError, UnsafeEntry
@@ -42,6 +42,7 @@ DEFAULT_MAX_LAYER_ENTRIES = 10_000_000
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _NODE_TYPES = {tarstream.CHR: stat.S_IFCHR, tarstream.BLK: stat.S_IFBLK, tarstream.FIFO: stat.S_IFIFO}
 _said_not_root = False
+WRITER_AFTER_FILES = 64  # below this a layer's files are not worth the writer thread
 
 
 @dataclass
@@ -105,6 +106,11 @@ class _Applier:
     # Whether a parent directory hands its group to new files (setgid), by canonical path.
     setgid_dirs: dict = field(default_factory=dict)
     ids: tuple = ()  # our euid and egid: a new file's owner unless told otherwise
+    # Small files go to the C writer thread once a layer has shown it has many
+    # (see filewriter); None: not started yet, False: not to be used.
+    writer: object = None
+    small_files: int = 0
+    queued: set = field(default_factory=set)  # (canonical parent, name) of files not synced yet
 
     def fail(self, name, reason, cls=UnpackError):
         return cls(f"layer {self.layer_name}: entry {name!r}: {reason}")
@@ -182,7 +188,10 @@ class _Applier:
         if self.stats.entries + self.stats.whiteouts >= self.limits.max_entries:
             raise UnpackError(f"layer {self.layer_name}: more than {self.limits.max_entries} "
                               "entries (the cap for one layer; see TOSI_MAX_LAYER_ENTRIES)")
-        if parts and parts[-1].startswith(WHITEOUT_PREFIX):
+        whiteout = bool(parts) and parts[-1].startswith(WHITEOUT_PREFIX)
+        if self.writer and not self.spares_queued(member, parts, whiteout):
+            self.sync_writer()
+        if whiteout:
             self.whiteout(name, parts)
             return
         self.stats.entries += 1
@@ -267,6 +276,30 @@ class _Applier:
         self.fixups.append(_DirFixup(parts, stat.S_IMODE(member.mode), _ns(member.mtime)))
 
     def make_file(self, tar, dir_fd, base, canonical, member, xattrs, name):
+        self.stats.bytes += member.data_size
+        if not xattrs and self.queueable(member) and self.start_writer():
+            data = tar.read_data(member.size)
+            mode = member.mode & 0o7777
+            chown, chmod = self.file_fixes(dir_fd, canonical, member)
+            t = _ns(member.mtime)
+            self.writer.add(dir_fd, base, data, mode,
+                            (filewriter.CHOWN if chown else 0) | (filewriter.CHMOD if chmod else 0),
+                            member.uid, member.gid, t, (canonical, base, member, data, name))
+            self.queued.add((canonical, base))
+            return
+        if member.sparse is not None:
+            def write(fd):
+                for offset, size in member.sparse:
+                    os.lseek(fd, offset, os.SEEK_SET)
+                    tar.copy_to(fd, size)
+                os.ftruncate(fd, member.size)
+        else:
+            def write(fd):
+                tar.copy_to(fd, member.size)
+        self.write_file(dir_fd, base, canonical, member, xattrs, write)
+
+    def write_file(self, dir_fd, base, canonical, member, xattrs, write):
+        """Create the regular file `base`; `write(fd)` puts its data in."""
         mode = member.mode & 0o7777
         try:
             fd = os.open(base, _FILE_FLAGS, mode & 0o777, dir_fd=dir_fd)
@@ -274,24 +307,82 @@ class _Applier:
             self.root.remove(dir_fd, base, canonical)
             fd = os.open(base, _FILE_FLAGS, mode & 0o777, dir_fd=dir_fd)
         try:
-            if member.sparse is not None:
-                for offset, size in member.sparse:
-                    os.lseek(fd, offset, os.SEEK_SET)
-                    tar.copy_to(fd, size)
-                os.ftruncate(fd, member.size)
-            else:
-                tar.copy_to(fd, member.size)
-            self.stats.bytes += member.data_size
-            if self.as_root and ((member.uid, member.gid) != self.ids or self.setgid(dir_fd, canonical)):
+            write(fd)
+            chown, chmod = self.file_fixes(dir_fd, canonical, member)
+            if chown:
                 os.fchown(fd, member.uid, member.gid)
-            if mode & self.umask or mode & 0o7000:
-                # the umask trimmed it, or fchown cleared setuid/setgid
+            if chmod:
                 os.fchmod(fd, mode)
-            self.set_xattrs(xattrs, name, fd=fd)
+            self.set_xattrs(xattrs, member.name, fd=fd)
             t = _ns(member.mtime)
             os.utime(fd, ns=(t, t))
         finally:
             os.close(fd)
+
+    def file_fixes(self, dir_fd, canonical, member):
+        """(fchown?, fchmod?) for a new file in `dir_fd`."""
+        mode = member.mode & 0o7777
+        chown = self.as_root and ((member.uid, member.gid) != self.ids or self.setgid(dir_fd, canonical))
+        # the umask trimmed it, or fchown cleared setuid/setgid
+        return chown, bool(mode & self.umask or mode & 0o7000)
+
+    # ---------------------------------------------------------------- the file writer
+
+    def queueable(self, member):
+        return member.sparse is None and not member.xattrs and member.data_size <= filewriter.MAX_FILE
+
+    def start_writer(self):
+        """Whether the writer takes this file: only once the layer had many small ones."""
+        if self.writer is None:
+            self.small_files += 1
+            if self.small_files < WRITER_AFTER_FILES:
+                return False
+            self.writer = False
+            if filewriter.available():
+                try:
+                    self.writer = filewriter.FileWriter()
+                except OSError as exc:  # no thread to be had: write here
+                    log.debug("layer %s: no file writer (%s)", self.layer_name, exc)
+        return bool(self.writer)
+
+    def spares_queued(self, member, parts, whiteout):
+        """Whether this entry may be applied while queued files are still being made.
+
+        A queued file goes on; a new directory or symlink may too, as long as it
+        is not where a queued file goes and needs no parent made. Everything else
+        (whiteouts, hardlinks, nodes, big files, names that exist) waits for them.
+        """
+        if whiteout:
+            return False
+        if member.type == tarstream.REG:
+            return self.queueable(member)
+        if member.type not in (tarstream.DIR, tarstream.SYM) or not parts:
+            return False
+        try:
+            dir_fd, base, canonical = self.root.parent(parts, create=False)
+        except (OSError, UnsafeEntry):
+            return False
+        if (canonical, base) in self.queued:
+            return False
+        # A symlink replaces whatever is there, a directory with queued files in it too.
+        return member.type == tarstream.DIR or saferoot.lstat_at(dir_fd, base) is None
+
+    def sync_writer(self):
+        """Wait for the queued files; redo here, in order, those the writer could not make."""
+        if not self.writer:
+            return
+        self.queued.clear()
+        for canonical, base, member, data, name in self.writer.sync():
+            try:
+                dir_fd, base, canonical = self.place(canonical + (base,), name)
+                self.write_file(dir_fd, base, canonical, member, (), lambda fd: _write_all(fd, data))
+            except OSError as exc:
+                raise os_error(self.layer_name, name, exc) from None
+
+    def close_writer(self):
+        if self.writer:
+            self.writer.close()
+        self.writer = False
 
     def make_symlink(self, dir_fd, base, canonical, member):
         try:
@@ -463,6 +554,20 @@ class _Applier:
                 os.close(fd)
 
 
+def _write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def os_error(layer_name, name, exc):
+    """The UnpackError for an OSError while making entry `name` (None: not one entry's)."""
+    if exc.errno == errno.ENOSPC:
+        return UnpackError(f"layer {layer_name}: no space left on the target")
+    where = f"entry {name!r}: " if name is not None else ""
+    return UnpackError(f"layer {layer_name}: {where}{exc.strerror or exc}")
+
+
 def _is_whiteout(st):
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
@@ -521,17 +626,17 @@ def apply_layer(root, stream, media_type, mode=FLAT, layer_name="layer", limits=
         for entry in tar:
             applier.apply(tar, entry)
         entry = None
+        applier.sync_writer()
         data.drain()
         applier.stats.diff_id = f"{algorithm}:{hasher.hexdigest()}"
         if diff_id is not None and applier.stats.diff_id != diff_id:
             raise diff_id_mismatch(layer_name, applier.stats.diff_id, diff_id)
         applier.finish()
     except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            raise UnpackError(f"layer {layer_name}: no space left on the target") from None
-        where = f"entry {entry.name!r}: " if entry is not None else ""
-        raise UnpackError(f"layer {layer_name}: {where}{exc.strerror or exc}") from exc
+        raise os_error(layer_name, entry.name if entry is not None else None, exc) from exc
     finally:
+        # Before anyone cleans up after a failure, the writer must have stopped writing.
+        applier.close_writer()
         data.close()
         if own_root:
             safe.close()

@@ -1,0 +1,91 @@
+"""Small regular files created by a C thread, beside the Python code that parses the layer.
+
+For a layer of many small files the system calls that create each one (open,
+write, fchown, utimensat, close) cost about as much as parsing its header in
+Python. A Python thread cannot overlap the two, since it must take the GIL
+back after every call; the thread of the `_filewriter` extension is plain C
+and takes batches of files, so it can. Without the extension (it is built when
+a C compiler is there, and is optional) `available()` is False and appliers
+write every file themselves.
+
+Safety stays with the applier: the thread gets directory handles the applier
+resolved inside the root (duplicated per batch, so they remain the same open
+directories whatever the applier's cache closes), single-component names, and
+creates each file with O_CREAT|O_EXCL|O_NOFOLLOW as the applier would. Order
+stays with it too: it calls `sync()` before any entry that is not such a file.
+
+The thread stops at the first failure (a name that exists, ENOSPC, ...) and
+skips the rest until the next sync, which hands back that task and all after
+it for the applier to redo, in order, through its own code path and error
+handling. So the thread never has to know what a failure means.
+"""
+
+import os
+
+try:
+    from . import _filewriter
+except ImportError:  # pragma: no cover - depends on a C compiler at install time
+    _filewriter = None
+
+CHOWN, CHMOD = 1, 2
+MAX_FILE = 64 << 10      # bigger files are written by the applier itself
+_BATCH_FILES = 32
+_FIRST_BATCH_FILES = 4   # after a sync the thread is idle: give it work soon, then in bigger batches
+_BATCH_BYTES = 512 << 10
+
+
+def available():
+    """Whether files can go to the C thread (TOSI_FILE_WRITER=0 turns it off)."""
+    return _filewriter is not None and os.environ.get("TOSI_FILE_WRITER", "1") != "0"
+
+
+class FileWriter:
+    """The applier's side: `add()` files, `sync()` to learn which ones it must redo."""
+
+    def __init__(self):
+        self._writer = _filewriter.Writer()
+        self._tasks = []      # the caller's task objects since the last sync, in order
+        self._batch = []
+        self._bytes = 0
+        self._dups = {}       # caller's dir fd -> our duplicate, for the batch being built
+        self._limit = _FIRST_BATCH_FILES
+
+    def add(self, dir_fd, base, data, mode, flags, uid, gid, mtime_ns, task):
+        """Queue one file; `task` is what sync() hands back if it must be redone."""
+        dup = self._dups.get(dir_fd)
+        if dup is None:
+            dup = self._dups[dir_fd] = os.dup(dir_fd)
+        self._batch.append((dup, os.fsencode(base), data, mode, flags, uid, gid, mtime_ns))
+        self._tasks.append(task)
+        self._bytes += len(data)
+        if len(self._batch) >= self._limit or self._bytes >= _BATCH_BYTES:
+            self._submit()
+            self._limit = min(2 * self._limit, _BATCH_FILES)
+
+    def _submit(self):
+        if not self._batch:
+            return
+        batch, dups = self._batch, list(self._dups.values())
+        self._batch, self._bytes, self._dups = [], 0, {}
+        try:
+            self._writer.submit(batch, dups)  # the thread closes the dups after the batch
+        except BaseException:
+            for dup in dups:
+                os.close(dup)
+            raise
+
+    def sync(self):
+        """Wait until the thread has done everything queued; the tasks it did not do."""
+        self._submit()
+        failed = self._writer.wait()
+        tasks, self._tasks = self._tasks, []
+        self._limit = _FIRST_BATCH_FILES
+        return tasks[failed[0]:] if failed is not None else []
+
+    def close(self):
+        """Let the thread finish what is queued, then stop it (what failed is not redone)."""
+        try:
+            self._submit()
+        finally:
+            self._writer.close()
+            self._tasks = []
