@@ -60,7 +60,7 @@ def ratios(results, specs):
             out.append({
                 "image": image, "fs": fs, "label": spec.label,
                 "numerator": spec.numerator, "denominator": spec.denominator,
-                "ratio": None if value is None else round(value, 3), "goal": goal,
+                "ratio": value, "goal": goal,
                 "met": None if value is None or goal is None else value <= goal,
             })
     return out
