@@ -12,12 +12,12 @@ import requests
 
 from tests.support.faultproxy import FaultProxy, Rule
 from tests.support.images import (
-    DOCKER_CONFIG, DOCKER_MANIFEST, OCI_MANIFEST, file_entry, make_config, make_layer, sha256,
+    DOCKER_CONFIG, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, file_entry, make_config, make_layer, sha256,
 )
 from tests.support.registry import free_port
 from tosi_tools.cache import Workdir
 from tosi_tools.errors import DigestMismatch, Unreachable
-from tosi_tools.manifest import schema1_payload
+from tosi_tools.manifest import MAX_INDEX_DEPTH, MAX_NESTED_INDEXES, schema1_payload
 from tosi_tools.plan import PlanReader
 from tosi_tools.platform import host_platform, parse_platform
 from tosi_tools.reference import reference_with_base_url
@@ -144,6 +144,31 @@ def test_no_matching_platform_lists_the_index_platforms(tool, registry, pusher, 
         "(it has: linux/amd64, linux/arm/v7; choose one with --platform)"
     )
     assert proc.stdout == ""
+
+
+def _nest_index(pusher, repo, digest, body, levels):
+    """Push `levels` indexes (tags level1, level2, ...), each listing the one before it
+    without a platform, the first listing the index `digest`; (digest, body) of the last."""
+    for level in range(1, levels + 1):
+        entry = {"mediaType": OCI_INDEX, "size": len(body), "digest": digest}
+        digest, body = pusher.push_index(repo, f"level{level}", [], extra_manifests=[entry])
+    return digest, body
+
+
+def test_an_index_nested_in_an_index_is_resolved_through_to_the_platform_image(tool, registry, pusher,
+                                                                             repo_name, workdir):
+    images = _platform_images(pusher, repo_name, [_other_platform(), str(host_platform().normalized())])
+    outer_digest, _ = _nest_index(pusher, repo_name, *pusher.push_index(repo_name, "inner", images), levels=1)
+    image_record, _ = _plan(_resolve(tool, workdir, f"{registry.host}/{repo_name}:level1"))
+    assert (image_record["digest"], image_record["index"]["digest"]) == (images[1].digest, outer_digest)
+
+
+def test_indexes_nested_deeper_than_the_cap_are_refused(tool, registry, pusher, repo_name, workdir):
+    images = _platform_images(pusher, repo_name, [str(host_platform().normalized())])
+    _nest_index(pusher, repo_name, *pusher.push_index(repo_name, "inner", images), levels=MAX_INDEX_DEPTH)
+    proc = _resolve(tool, workdir, f"{registry.host}/{repo_name}:level{MAX_INDEX_DEPTH}", check=1)
+    assert proc.stderr.count("\n") == 1
+    assert f"more than {MAX_INDEX_DEPTH} levels or {MAX_NESTED_INDEXES} indexes nested; refused" in proc.stderr
 
 
 def test_attestation_entries_are_not_candidates(tool, registry, pusher, repo_name, workdir):
@@ -563,3 +588,13 @@ def test_a_redirect_to_no_http_url_is_refused_in_one_line(tool, registry, workdi
         proc = _resolve(tool, workdir, f"{proxy.url.split('://')[1]}/img:v1", check=1)
     assert proc.stderr.count("\n") == 1 and "internal error" not in proc.stderr
     assert "/v2/img/manifests/v1" in proc.stderr
+
+
+def test_a_manifest_answer_that_is_no_manifest_is_not_cached(tool, registry, workdir):
+    with FaultProxy(registry.url) as proxy:
+        proxy.add(Rule("status", path="/manifests/", status=200, body=b"<html>Log in to the WiFi</html>",
+                       headers={"Content-Type": "text/html"}))
+        host = proxy.url.split("://")[1]
+        proc = _resolve(tool, workdir, f"{host}/img:v1", check=1)
+    assert "malformed manifest" in proc.stderr
+    assert not os.path.exists(Workdir(workdir).manifest_dir(host, "img"))

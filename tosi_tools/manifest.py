@@ -16,6 +16,9 @@ from .platform import Platform, best_match
 
 MAX_MANIFEST_SIZE = 4 << 20
 MAX_CONFIG_SIZE = 16 << 20
+# An index nesting indexes: how deep (the top one is level 1), and how many nested in all.
+MAX_INDEX_DEPTH = 4
+MAX_NESTED_INDEXES = 16
 
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
@@ -80,17 +83,49 @@ class Index:
             entries.append((entry, platform))
         return entries
 
-    def select(self, wanted):
-        """The descriptor of the entry for `wanted` (a Platform); NoMatchingPlatform lists the rest."""
-        entries = self.image_entries()
-        i = best_match(wanted, [platform for _entry, platform in entries])
-        if i is None:
-            have = sorted({str(p) for _e, p in entries if p is not None})
-            listed = ", ".join(have) if have else "none"
+    def select(self, wanted, open_nested=None):
+        """(descriptor, platform) of the image entry for `wanted` (a Platform).
+
+        Without one, the indexes this one lists for `wanted` or for no platform (OCI lets
+        an index nest indexes) are searched, depth first and in order:
+        `open_nested(descriptor)` gives the Index a descriptor names (None: nested indexes
+        are not searched). Past MAX_INDEX_DEPTH levels or MAX_NESTED_INDEXES opened
+        (no loop can hash, but a hostile registry can nest deep or wide) it is a
+        ManifestError; NoMatchingPlatform lists the platforms of every index searched.
+        """
+        platforms = set()
+        found = self._find(wanted, open_nested, platforms, depth=1, budget=[MAX_NESTED_INDEXES])
+        if found is None:
+            listed = ", ".join(sorted(platforms)) or "none"
             raise NoMatchingPlatform(
                 f"no image for platform {wanted} in the index (it has: {listed}; choose one with --platform)"
             )
-        return entries[i][0], entries[i][1]
+        return found
+
+    def _find(self, wanted, open_nested, platforms, depth, budget):
+        entries = self.image_entries()
+        i = best_match(wanted, [platform for _entry, platform in entries])
+        if i is not None:
+            return entries[i]
+        platforms.update(str(p) for _e, p in entries if p is not None)
+        for entry in self._nested_indexes(wanted) if open_nested else ():
+            if depth == MAX_INDEX_DEPTH or budget[0] == 0:
+                raise ManifestError(f"index {entry['digest']}: more than {MAX_INDEX_DEPTH} levels or "
+                                    f"{MAX_NESTED_INDEXES} indexes nested; refused")
+            budget[0] -= 1
+            found = open_nested(entry)._find(wanted, open_nested, platforms, depth + 1, budget)
+            if found is not None:
+                return found
+        return None
+
+    def _nested_indexes(self, wanted):
+        nested = []
+        for entry in self.manifests:
+            platform = Platform.from_dict(entry.get("platform"))
+            if entry["mediaType"] in INDEX_TYPES and (platform is None
+                                                      or best_match(wanted, [platform]) is not None):
+                nested.append(entry)
+        return nested
 
 
 def _fail(what, message):

@@ -19,8 +19,8 @@ from .cache import Workdir, atomic_write
 from .digest import Digest, VerifyingHasher, digest_of, verify_file
 from .errors import DigestMismatch, ManifestError, NoMatchingPlatform, Unreachable, UsageError
 from .manifest import (
-    ACCEPT, MAX_CONFIG_SIZE, MAX_MANIFEST_SIZE, SCHEMA1_TYPES, config_platform, content_digests,
-    diff_ids, parse_config, parse_manifest,
+    ACCEPT, INDEX_TYPES, MAX_CONFIG_SIZE, MAX_MANIFEST_SIZE, SCHEMA1_TYPES, config_platform,
+    content_digests, diff_ids, parse_config, parse_manifest,
 )
 from .plan import new_image_record, new_layer_record
 from .platform import host_platform
@@ -137,17 +137,19 @@ class Resolver:
         header_digest = resp.headers.get("Docker-Content-Digest")
         return client.read_limited(resp, MAX_MANIFEST_SIZE, what), content_type, header_digest
 
-    def _manifest_by_digest(self, ref, digest, what):
-        """(bytes, Content-Type or None) of a manifest, from the cache or fetched, verified and stored."""
+    def _manifest_by_digest(self, ref, digest, what, media_type=None):
+        """(bytes, parsed) of a manifest, from the cache or fetched, verified, parsed and stored;
+        `media_type` is the kind to assume when neither the bytes nor the answer name one."""
         data = self._cached_manifest(ref, digest)
         if data is not None:
             log.info("%s: cached", what)
-            return data, None
+            return data, parse_manifest(data, media_type, what=what)
         data, content_type, _ = self._get_manifest(ref, digest, what)
         if not _names(digest, data):
             raise DigestMismatch(f"{what}: content hashes to {digest_of(data)}")
+        manifest = parse_manifest(data, content_type or media_type, what=what)
         self._store_manifest(ref, digest, data)
-        return data, content_type
+        return data, manifest
 
     def _quick_head_digest(self, ref):
         """(answered, digest) from one HEAD of the tag without requests
@@ -191,11 +193,11 @@ class Resolver:
             return None
 
     def _top_manifest(self, ref):
-        """(bytes, content type or None, digest) of what the reference names, index or image."""
+        """(bytes, parsed, digest) of what the reference names, index or image."""
+        what = f"manifest {ref}"
         if ref.digest:
-            data, content_type = self._manifest_by_digest(ref, ref.digest,
-                                                          f"manifest {ref.name}@{ref.digest}")
-            return data, content_type, ref.digest
+            data, manifest = self._manifest_by_digest(ref, ref.digest, what)
+            return data, manifest, ref.digest
         tag_file = self.workdir.tag_path(ref.registry, ref.repository, ref.tag)
         if os.path.isdir(self.workdir.manifest_dir(ref.registry, ref.repository)):
             digest = self._head_digest(ref)
@@ -203,37 +205,43 @@ class Resolver:
             if data is not None:
                 log.info("%s: registry names %s, which is cached", ref, digest)
                 _write_if_changed(tag_file, f"{digest}\n".encode())
-                return data, None, digest
-        data, content_type, header_digest = self._get_manifest(ref, ref.tag, f"manifest {ref}")
+                return data, parse_manifest(data, what=what), digest
+        data, content_type, header_digest = self._get_manifest(ref, ref.tag, what)
         if header_digest:
             try:
                 digest = Digest(header_digest)
             except UsageError:
                 raise ManifestError(
-                    f"manifest {ref}: registry sent a malformed Docker-Content-Digest {header_digest!r}"
+                    f"{what}: registry sent a malformed Docker-Content-Digest {header_digest!r}"
                 ) from None
             if not _names(digest, data):
                 raise DigestMismatch(
-                    f"manifest {ref}: registry says {digest}, content hashes to {digest_of(data)}"
+                    f"{what}: registry says {digest}, content hashes to {digest_of(data)}"
                 )
         else:
             digest = digest_of(data)
+        # Parsed before it is stored: a captive portal's page is no manifest to keep.
+        manifest = parse_manifest(data, content_type, what=what)
         self._store_manifest(ref, digest, data)
         _write_if_changed(tag_file, f"{digest}\n".encode())
-        return data, content_type, digest
+        return data, manifest, digest
 
     def _child_manifest(self, ref, entry):
+        """(bytes, parsed) of the manifest an index entry names, checked against the entry."""
         digest = Digest(entry["digest"])
+        what = f"manifest {ref.name}@{digest} (from the index)"
         if entry["size"] > MAX_MANIFEST_SIZE:
             raise ManifestError(f"manifest {ref.name}@{digest}: the index says {entry['size']} bytes, "
                                 f"more than {MAX_MANIFEST_SIZE >> 20} MiB; refused")
-        data, content_type = self._manifest_by_digest(ref, digest,
-                                                      f"manifest {ref.name}@{digest} (from the index)")
+        data, manifest = self._manifest_by_digest(ref, digest, what, media_type=entry["mediaType"])
         if entry["mediaType"] not in SCHEMA1_TYPES and len(data) != entry["size"]:
             raise DigestMismatch(
                 f"manifest {ref.name}@{digest}: {len(data)} bytes, the index says {entry['size']}"
             )
-        return data, content_type or entry["mediaType"]
+        if manifest.is_index != (entry["mediaType"] in INDEX_TYPES):
+            raise ManifestError(f"{what}: the index names a {entry['mediaType']}, it is a "
+                                f"{manifest.media_type}")
+        return data, manifest
 
     # ------------------------------------------------------------ config
 
@@ -292,22 +300,18 @@ class Resolver:
         self._endpoint_guessed = False
         wanted = self.platform or host_platform()
 
-        top_data, top_type, top_digest = self._top_manifest(ref)
-        top = parse_manifest(top_data, top_type, what=f"manifest {ref}")
+        top_data, top, top_digest = self._top_manifest(ref)
         index_record = None
         platform = None
         if top.is_index:
-            entry, platform = top.select(wanted)
+            entry, platform = top.select(wanted,
+                                         open_nested=lambda nested: self._child_manifest(ref, nested)[1])
             index_record = {
                 "mediaType": top.media_type, "digest": top_digest, "size": len(top_data),
                 "path": self.workdir.manifest_path(ref.registry, ref.repository, top_digest),
             }
-            data, content_type = self._child_manifest(ref, entry)
-            manifest = parse_manifest(data, content_type, what=f"manifest {ref.name}@{entry['digest']}")
-            if manifest.is_index:
-                raise ManifestError(f"manifest {ref.name}@{entry['digest']}: an index inside an index "
-                                    "is not supported")
-            digest, manifest_data = Digest(entry["digest"]), data
+            manifest_data, manifest = self._child_manifest(ref, entry)
+            digest = Digest(entry["digest"])
             log.info("%s: index entry for %s is %s", ref, platform, digest)
         else:
             manifest, digest, manifest_data = top, top_digest, top_data
