@@ -35,6 +35,8 @@ log = logging.getLogger("tosi.layer")
 FLAT, OVERLAY = "flat", "overlay"
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
+# Docker's AUFS driver kept its own files under these names; any other ".wh..wh." is refused.
+AUFS_METADATA = (".wh..wh.aufs", ".wh..wh.plnk", ".wh..wh.orph")
 OPAQUE_XATTR = "trusted.overlay.opaque"
 _OVERLAY_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.")
 DEFAULT_MAX_LAYER_BYTES = 64 << 30
@@ -188,10 +190,14 @@ class _Applier:
         if self.stats.entries + self.stats.whiteouts >= self.limits.max_entries:
             raise UnpackError(f"layer {self.layer_name}: more than {self.limits.max_entries} "
                               "entries (the cap for one layer; see TOSI_MAX_LAYER_ENTRIES)")
+        if len(parts) > 1 and _is_aufs_metadata(parts[:1]):
+            return  # inside AUFS's .wh..wh.plnk or .wh..wh.orph
         whiteout = bool(parts) and parts[-1].startswith(WHITEOUT_PREFIX)
         if self.writer and not self.spares_queued(member, parts, whiteout):
             self.sync_writer()
         if whiteout:
+            if _is_aufs_metadata(parts):
+                return  # what AUFS kept for itself: docker and containerd leave it out too
             self.whiteout(name, parts)
             return
         self.stats.entries += 1
@@ -566,6 +572,11 @@ def os_error(layer_name, name, exc):
         return UnpackError(f"layer {layer_name}: no space left on the target")
     where = f"entry {name!r}: " if name is not None else ""
     return UnpackError(f"layer {layer_name}: {where}{exc.strerror or exc}")
+
+
+def _is_aufs_metadata(parts):
+    """`.wh..wh.aufs`, `.wh..wh.plnk`, `.wh..wh.orph`: old Docker layers made on AUFS carry them."""
+    return parts[-1] in AUFS_METADATA
 
 
 def _is_whiteout(st):
