@@ -113,6 +113,9 @@ class _Applier:
     writer: object = None
     small_files: int = 0
     queued: set = field(default_factory=set)  # (canonical parent, name) of files not synced yet
+    # Overlay mode: directories this layer made opaque, and the whiteout devices it made, by directory.
+    opaque_dirs: set = field(default_factory=set)
+    whiteout_devices: dict = field(default_factory=dict)
 
     def fail(self, name, reason, cls=UnpackError):
         return cls(f"layer {self.layer_name}: entry {name!r}: {reason}")
@@ -158,7 +161,7 @@ class _Applier:
         os.mkdir(base, 0o755, dir_fd=dir_fd)
         fd, _ = self.root.open_entry_dir(canonical)
         try:
-            self.set_opaque(fd, name)
+            self.set_opaque(fd, name, canonical)
         finally:
             os.close(fd)
         return True
@@ -268,7 +271,7 @@ class _Applier:
         if replaced_whiteout:
             # This layer deleted the lower entry and made a directory in its place:
             # for overlayfs that is an opaque directory.
-            self.set_opaque(fd, name)
+            self.set_opaque(fd, name, canonical + (base,))
         self.fix_dir(fd, canonical + (base,), member, xattrs, name)
 
     def fix_dir(self, fd, parts, member, xattrs, name):
@@ -481,10 +484,13 @@ class _Applier:
             self.root.remove(dir_fd, base, canonical)
             return
         self.need_root(name, "an overlayfs whiteout device")
+        if canonical in self.opaque_dirs:
+            return  # the directory hides all lower entries already
         try:
             os.mknod(base, stat.S_IFCHR | 0o600, os.makedev(0, 0), dir_fd=dir_fd)
         except FileExistsError:
             pass  # already whited out by an earlier entry of this layer
+        self.whiteout_devices.setdefault(canonical, set()).add(base)
         self.touch(here)
 
     def opaque(self, name, directory):
@@ -500,20 +506,27 @@ class _Applier:
         fd, canonical = self.root.open_entry_dir(directory)
         try:
             if self.mode == OVERLAY:
-                self.set_opaque(fd, name)
+                self.set_opaque(fd, name, canonical)
             elif self.has_lower:
                 self.remove_lower(fd, canonical)
             self.touch(canonical)
         finally:
             os.close(fd)
 
-    def set_opaque(self, fd, name):
+    def set_opaque(self, fd, name, canonical):
         if self.mode != OVERLAY:
             return
         try:
             os.setxattr(fd, OPAQUE_XATTR, b"y")
         except OSError as exc:
             raise self.fail(name, f"cannot set {OPAQUE_XATTR}: {exc.strerror}") from None
+        # Lower entries are hidden whole now: whiteouts in it would only show, since
+        # overlayfs lists an opaque directory as it is, devices included.
+        self.opaque_dirs.add(canonical)
+        for base in self.whiteout_devices.pop(canonical, ()):
+            st = saferoot.lstat_at(fd, base)
+            if st is not None and _is_whiteout(st):
+                os.unlink(base, dir_fd=fd)
 
     def remove_lower(self, fd, directory):
         """Delete what lower layers left in a directory, keeping this layer's own entries."""
