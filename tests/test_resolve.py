@@ -4,8 +4,10 @@ import io
 import itertools
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
 
 import pytest
 import requests
@@ -230,6 +232,17 @@ def test_schema1_is_converted_bottom_first_without_throwaway_layers(tool, regist
     assert [r["diffID"] for r in layer_records] == [None, None]
     with open(image_record["config"]["savedConfig"]) as f:
         assert json.load(f) == {"Cmd": ["/bin/sh"], "Env": ["PATH=/usr/bin:/bin"]}
+
+
+def test_schema1_layer_sizes_come_from_a_get_where_the_registry_refuses_head(registry, pusher, repo_name,
+                                                                            workdir):
+    layers, schema1 = _schema1_image(pusher, registry, repo_name)
+    with FaultProxy(registry.url) as proxy:
+        proxy.add(Rule("status", path="/manifests/", status=200, body=schema1.content, headers={
+            "Content-Type": SCHEMA1_SIGNED, "Docker-Content-Digest": schema1.headers["Docker-Content-Digest"]}))
+        proxy.add(Rule("status", method="HEAD", path="/blobs/", status=405, body=b""))
+        _image, layer_records = resolve_image(f"{proxy.url.split('://')[1]}/{repo_name}:v2", workdir)
+    assert [r["size"] for r in layer_records] == [len(x.data) for x in layers]
 
 
 # ------------------------------------------------------------ digests
@@ -598,3 +611,27 @@ def test_a_manifest_answer_that_is_no_manifest_is_not_cached(tool, registry, wor
         proc = _resolve(tool, workdir, f"{host}/img:v1", check=1)
     assert "malformed manifest" in proc.stderr
     assert not os.path.exists(Workdir(workdir).manifest_dir(host, "img"))
+
+
+def test_a_server_that_speaks_no_http_is_reported_as_such(tool, workdir):
+    stop = threading.Event()
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.settimeout(0.1)
+
+        def answer_with_a_banner():
+            while not stop.is_set():
+                try:
+                    conn, _ = server.accept()
+                except TimeoutError:
+                    continue
+                with conn:
+                    conn.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+
+        banner = threading.Thread(target=answer_with_a_banner)
+        banner.start()
+        try:
+            proc = _resolve(tool, workdir, f"127.0.0.1:{server.getsockname()[1]}/img:v1", check=1)
+        finally:
+            stop.set()
+            banner.join()
+    assert "unreachable: no HTTP answer (BadStatusLine: SSH-2.0-OpenSSH_9.2)" in proc.stderr

@@ -487,15 +487,20 @@ _POOL_PREFIX = re.compile(r"^(?:<[^>]*>|\w+\(host=[^)]*\)): ")
 
 def _reason(exc):
     """The readable cause of a transport error: requests wraps urllib3 wraps socket errors."""
+    import http.client  # loaded by requests already; kept off the warm path
+
     seen = set()
     while id(exc) not in seen:
         seen.add(id(exc))
         inner = getattr(exc, "reason", None)
-        if not isinstance(inner, BaseException) and exc.args and isinstance(exc.args[0], BaseException):
-            inner = exc.args[0]
         if not isinstance(inner, BaseException):
+            # urllib3's ProtocolError("Connection aborted.", cause) names the cause last.
+            inner = next((arg for arg in exc.args[:1] + exc.args[-1:] if isinstance(arg, BaseException)), None)
+        if inner is None:
             break
         exc = inner
     text = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
+    if isinstance(exc, http.client.HTTPException) and not isinstance(exc, OSError):
+        text = f"no HTTP answer ({type(exc).__name__}: {text.strip()[:100]})"
     text = _POOL_PREFIX.sub("", text).replace("Failed to establish a new connection: ", "")
     return text.strip("'\" ")[:300]

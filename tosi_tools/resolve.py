@@ -280,9 +280,13 @@ class Resolver:
         for descriptor in descriptors:
             digest = descriptor["digest"]
             if digest not in sizes:
-                resp = self._send("HEAD", ref, client.blob_path(ref.repository, digest))
+                path = client.blob_path(ref.repository, digest)
+                resp = self._send("HEAD", ref, path)
                 resp.close()
-                client.check(resp, f"layer {ref.name}@{digest}")
+                if resp.status_code != 200:  # some registries refuse HEAD (404, 405) where GET works
+                    resp = self._send("GET", ref, path, stream=True)
+                    with resp:  # the headers only: the body is fetch's job
+                        client.check(resp, f"layer {ref.name}@{digest}")
                 length = resp.headers.get("Content-Length", "")
                 sizes[digest] = int(length) if length.isdigit() else None
             if sizes[digest] is not None:
