@@ -147,3 +147,10 @@ def test_stream_ending_inside_a_header_is_an_error():
     data = tar_bytes([file_entry("a", b"")])
     with pytest.raises(UnpackError, match="ends inside a header"):
         entries(data[:300])
+
+
+@pytest.mark.parametrize("pax", [{"path": "a\0b"}, {"linkpath": "t\0u"}, {"SCHILY.xattr.user.a\0b": "v"}])
+def test_a_nul_byte_in_a_pax_name_is_an_unpack_error(pax):
+    data = tar_bytes([file_entry("f", b"x", pax=pax)])
+    with pytest.raises(UnpackError, match="NUL byte"):
+        entries(data)

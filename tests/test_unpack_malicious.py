@@ -267,3 +267,11 @@ def test_failed_layer_nested_deeper_than_the_stack_leaves_no_temp_dir(unpack, se
     proc, _ = unpack([L(*_nested_dirs(3000), file_entry("../pwned", b"x"))], "per-layer")
     assert_refused(proc, "layer 0", "climbs out")
     sentinel.assert_unchanged()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_nul_byte_in_a_pax_path_is_refused_in_one_line(unpack, sentinel, mode):
+    many = [file_entry(f"f{i}", b"x") for i in range(100)]  # past the file writer's start
+    proc, _ = unpack([L(*many, file_entry("ok", b"x", pax={"path": "a\0b"}))], mode)
+    assert_refused(proc, "layer 0", "NUL byte")
+    sentinel.assert_unchanged()

@@ -280,6 +280,9 @@ class TarReader:
             e.type = REG
         if e.type == DIR:
             name = name.rstrip("/") or name
+        if "\0" in name or "\0" in e.linkname or any("\0" in key for key, _ in e.xattrs):
+            # Only PAX records can carry one; no system call takes such a name.
+            raise UnpackError(f"{self._what}: entry {name!r} has a NUL byte in a name")
         e.name = name
         e.size = real_size
         e.data_size = data_size
