@@ -185,3 +185,33 @@ def test_remove_tree_at_of_a_missing_name_is_no_error(tmp_path):
     finally:
         os.close(fd)
     assert os.listdir(tmp_path) == []
+
+
+def test_open_canonical_dir_opens_a_real_directory(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    with SafeRoot(str(tmp_path)) as root:
+        fd = root.open_canonical_dir(("a", "b"))
+        try:
+            assert os.path.samestat(os.fstat(fd), os.stat(tmp_path / "a" / "b"))
+        finally:
+            os.close(fd)
+
+
+@pytest.mark.parametrize("replaced", ["a", "a/b"])
+def test_open_canonical_dir_never_follows_a_symlink_that_replaced_a_directory(tmp_path, replaced):
+    (tmp_path / "t" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    with SafeRoot(str(tmp_path)) as root:
+        assert root.directory(("a", "b"))[1] == ("a", "b")  # cached before the replacement
+        victim = tmp_path / replaced
+        root.remove(root.fd if replaced == "a" else root.directory(("a",))[0], victim.name,
+                    () if replaced == "a" else ("a",))
+        victim.symlink_to(tmp_path / "t" / "b" if replaced == "a/b" else "t")
+        assert root.open_canonical_dir(("a", "b")) is None
+
+
+def test_open_canonical_dir_of_a_file_or_nothing_is_none(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with SafeRoot(str(tmp_path)) as root:
+        assert root.open_canonical_dir(("f",)) is None
+        assert root.open_canonical_dir(("missing", "x")) is None

@@ -213,6 +213,41 @@ class SafeRoot:
                 return None, None
             raise
 
+    def open_canonical_dir(self, canonical):
+        """A new fd of the directory at a canonical path, or None unless every component,
+        the last included, is still a real directory (a symlink is never followed).
+
+        For work deferred to the end of a layer: what was a directory when the
+        work was queued may have been replaced since, by a symlink to another
+        directory among others, and the work must not land there. Cached handles
+        are trusted (remove() drops those at and below what it removes).
+        """
+        canonical = tuple(canonical)
+        start, fd = 0, self.fd
+        for i in range(len(canonical), 0, -1):
+            cached = self._cached(canonical[:i])
+            if cached is not None:
+                start, fd = i, cached
+                break
+        fd = os.dup(fd)
+        try:
+            for name in canonical[start:]:
+                try:
+                    child = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                except FileNotFoundError:
+                    return None
+                except OSError as exc:
+                    if exc.errno in _NOT_A_DIR:
+                        return None
+                    raise
+                os.close(fd)
+                fd = child
+            fd, found = -1, fd
+            return found
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
 
 def lstat_at(dir_fd, name):
     """os.lstat of `name` in `dir_fd`, or None when it does not exist."""
