@@ -1,5 +1,6 @@
 """tosi-resolve against the real registry: every manifest kind, platforms, digests, cache, errors."""
 
+import hashlib
 import io
 import itertools
 import json
@@ -279,6 +280,18 @@ def test_manifest_bytes_not_matching_docker_content_digest_are_refused(registry,
         proxy.add(Rule("corrupt", path="/manifests/", at=40))
         with pytest.raises(DigestMismatch, match=f"registry says {image.digest}, content hashes to"):
             resolve_image(f"{proxy.url.split('://')[1]}/{repo_name}:v1", workdir)
+
+
+def test_a_sha512_docker_content_digest_is_verified_with_sha512(registry, pusher, repo_name, workdir):
+    image = pusher.push_image(repo_name, "v1", _layers(1))
+    sha512 = "sha512:" + hashlib.sha512(image.manifest).hexdigest()
+    with FaultProxy(registry.url) as proxy:
+        proxy.add(Rule("status", path="/manifests/v1", status=200, body=image.manifest, headers={
+            "Content-Type": image.media_type, "Docker-Content-Digest": sha512}))
+        record, _ = resolve_image(f"{proxy.url.split('://')[1]}/{repo_name}:v1", workdir)
+    assert record["digest"] == sha512
+    with open(record["manifestPath"], "rb") as f:
+        assert f.read() == image.manifest
 
 
 def test_config_not_matching_its_descriptor_is_refused(tool, registry, pusher, repo_name, workdir):

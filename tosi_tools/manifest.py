@@ -258,14 +258,14 @@ def _b64url(text):
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-def content_digests(data):
-    """Digests that may name these manifest bytes (a signed schema1 manifest: with and without
-    its signatures, as registries differ in which they name)."""
-    digests = {digest_of(data)}
+def content_digests(data, algorithm="sha256"):
+    """Digests by `algorithm` that may name these manifest bytes (a signed schema1 manifest:
+    with and without its signatures, as registries differ in which they name)."""
+    digests = {digest_of(data, algorithm)}
     if b'"signatures"' in data:
         payload = schema1_payload(data)
         if payload is not None:
-            digests.add(digest_of(payload))
+            digests.add(digest_of(payload, algorithm))
     return digests
 
 

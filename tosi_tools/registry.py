@@ -495,7 +495,8 @@ def _reason(exc):
         inner = getattr(exc, "reason", None)
         if not isinstance(inner, BaseException):
             # urllib3's ProtocolError("Connection aborted.", cause) names the cause last.
-            inner = next((arg for arg in exc.args[:1] + exc.args[-1:] if isinstance(arg, BaseException)), None)
+            causes = [arg for arg in exc.args[:1] + exc.args[-1:] if isinstance(arg, BaseException)]
+            inner = causes[0] if causes else None
         if inner is None:
             break
         exc = inner

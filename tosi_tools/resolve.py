@@ -146,7 +146,7 @@ class Resolver:
             return data, parse_manifest(data, media_type, what=what)
         data, content_type, _ = self._get_manifest(ref, digest, what)
         if not _names(digest, data):
-            raise DigestMismatch(f"{what}: content hashes to {digest_of(data)}")
+            raise DigestMismatch(f"{what}: content hashes to {digest_of(data, digest.algorithm)}")
         manifest = parse_manifest(data, content_type or media_type, what=what)
         self._store_manifest(ref, digest, data)
         return data, manifest
@@ -216,7 +216,7 @@ class Resolver:
                 ) from None
             if not _names(digest, data):
                 raise DigestMismatch(
-                    f"{what}: registry says {digest}, content hashes to {digest_of(data)}"
+                    f"{what}: registry says {digest}, content hashes to {digest_of(data, digest.algorithm)}"
                 )
         else:
             digest = digest_of(data)
@@ -386,7 +386,7 @@ def _write_if_changed(path, data):
 
 
 def _names(digest, data):
-    return digest in content_digests(data)
+    return digest in content_digests(data, digest.algorithm)
 
 
 def _runs(wanted, have):
