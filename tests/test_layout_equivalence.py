@@ -578,3 +578,17 @@ def test_directory_replaced_by_a_symlink_keeps_its_mode_off_the_target(layouts):
     assert_all_agree(layouts, [L(dir_entry("d"), dir_entry("d/sub", mode=0o700, mtime=1_000_000_000),
                                  symlink_entry("d", "t"), dir_entry("t"),
                                  dir_entry("t/sub", mode=0o755, mtime=1_500_000_000))])
+
+
+@pytest.mark.parametrize("marker", ["whiteout", "opaque"])
+@pytest.mark.parametrize("link", ["absolute", "climbing"])
+def test_whiteout_below_a_symlink_to_a_host_directory_leaves_the_host_alone(marker, link, layouts, tmp_path):
+    # The escape other unpackers shipped: a deletion resolved through a symlink the image planted.
+    host = tmp_path / "host"
+    host.mkdir()
+    (host / "victim").write_text("keep")
+    target = str(host) if link == "absolute" else "../" * 12 + str(host).lstrip("/")
+    layers = [L(symlink_entry("esc", target)),
+              L(whiteout_entry("esc/victim") if marker == "whiteout" else opaque_entry("esc"))]
+    flat = layouts.flat(layers)
+    assert (host / "victim").read_text() == "keep" and "esc/victim" not in flat
