@@ -280,3 +280,18 @@ def test_a_bearer_challenge_offered_beside_basic_is_answered_with_a_token(tool, 
         proc = tool("tosi-resolve", "--workdir", workdir, f"{proxy.url.split('://')[1]}/{public_repo}:v1",
                     check=0)
     assert _plan(proc)[0]["digest"] == image.digest
+
+
+def test_a_token_server_failing_for_a_moment_is_tried_again(tool, token_registry, token_server, token_pusher,
+                                                           public_repo, workdir):
+    image = token_pusher.push_image(public_repo, "v1", _layers())
+    service = token_server.registry_config()["token"]["service"]
+    with FaultProxy(token_server.realm.rsplit("/", 1)[0]) as busy_tokens, \
+            FaultProxy(token_registry.url) as proxy:
+        busy_tokens.add(Rule("status", path="^/token", status=503, times=1))
+        proxy.add(Rule("status", path="/manifests/", status=401, times=1, body=b"", headers={
+            "WWW-Authenticate": f'Bearer realm="{busy_tokens.url}/token",service="{service}"'}))
+        proc = tool("tosi-resolve", "--workdir", workdir, f"{proxy.url.split('://')[1]}/{public_repo}:v1",
+                    check=0)
+        assert busy_tokens.count("GET", "/token") == 1
+    assert _plan(proc)[0]["digest"] == image.digest

@@ -35,6 +35,8 @@ TLS_PROBE_TIMEOUT = 2
 # its cap (a token goes into every request's headers, which servers cap near 1 MiB).
 MAX_ERROR_BODY = 64 << 10
 MAX_TOKEN_ANSWER = 1 << 20
+# A token server answering these is busy or down for a moment, not refusing.
+TOKEN_SERVER_BUSY = (429, 500, 502, 503, 504)
 # RFC 6750 b64token, leniently: any visible ASCII, nothing that could end a header.
 _TOKEN_RE = re.compile(r"[\x21-\x7e]+")
 
@@ -293,6 +295,9 @@ class RegistryClient:
             r.close()
             raise Unauthorized(f"{self._host}: token server refused the credentials ({r.status_code})",
                                status=r.status_code)
+        if r.status_code in TOKEN_SERVER_BUSY:  # Unreachable: what resolve and fetch try again
+            r.close()
+            raise Unreachable(f"{what} unavailable ({r.status_code})")
         if r.status_code != 200:
             r.close()
             raise RegistryError(f"{what} answered {r.status_code}", status=r.status_code)
