@@ -6,6 +6,7 @@ small, as the original tosi did. Writes go to `<mount point>.upper` (with
 `<mount point>.work` as overlayfs' scratch dir), next to the mount point.
 """
 
+import errno
 import logging
 import os
 import stat
@@ -19,6 +20,8 @@ log = logging.getLogger("tosi.mount")
 # overlayfs wants two lowerdirs when there is no upperdir; a one-layer image
 # mounted read-only gets this empty one below it.
 EMPTY_LOWER = ".tosi-empty"
+ATTRS_PREFIX = ".tosi-attrs-"
+_OVERLAY_XATTRS = ("trusted.overlay.", "user.overlay.")
 
 
 def side_dirs(target):
@@ -66,6 +69,148 @@ def lowerdirs(layers, overlaydir):
             f"layer {layer.get('index')} ({layer.get('digest')}): overlay dir "
             f"{path or link} is missing; run tosi-unpack again")
     return list(dict.fromkeys(result))
+
+
+# ---------------------------------------------------------------- implicit directories
+#
+# A layer extracted alone gives a directory it does not name (a parent of its entries,
+# the root without a "./" entry) mode 0755, owner 0:0 and no xattrs, and overlayfs shows
+# those over what the lower layers say. The image's own lowerdir on top of the others,
+# holding just those directories (and their parents) with the attributes a flat
+# extraction has, puts them right; it depends on the exact list of layers only.
+
+
+def _implicit_dirs(layer_dir):
+    try:
+        with open(layer_dir + overlay.IMPLICIT_SUFFIX, "rb") as f:
+            names = f.read().split(b"\0")
+    except FileNotFoundError:
+        return frozenset()
+    return frozenset(() if n == b"." else tuple(os.fsdecode(n).split("/")) for n in names if n)
+
+
+def _lstat(layer_dir, parts):
+    try:
+        return os.lstat(os.path.join(layer_dir, *parts))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def _is_opaque(layer_dir, parts):
+    try:
+        return os.getxattr(os.path.join(layer_dir, *parts), "trusted.overlay.opaque",
+                           follow_symlinks=False) == b"y"
+    except OSError:
+        return False
+
+
+def _is_whiteout(st):
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def _shadowed(parts, st):
+    if not _is_whiteout(st):
+        log.warning("/%s is a %s in a lower layer, and a directory in a layer above that does "
+                    "not name it: overlayfs shows the directory, an -extractto tree does not",
+                    "/".join(parts), "symlink" if stat.S_ISLNK(st.st_mode) else "file")
+
+
+def _attributes_from(dirs, implicit, parts):
+    """(layer index, lstat) of the entry whose attributes the view must show at `parts`,
+    or None when the topmost layer holding it shows the right ones: it names the
+    directory, or what is below is deleted or hidden."""
+    top = None
+    for index, layer_dir in enumerate(dirs):
+        for depth in range(1, len(parts)):
+            above = _lstat(layer_dir, parts[:depth])
+            if above is not None and not stat.S_ISDIR(above.st_mode):
+                if top is not None:
+                    _shadowed(parts[:depth], above)
+                return None
+        st = _lstat(layer_dir, parts)
+        if st is not None:
+            if not stat.S_ISDIR(st.st_mode):
+                if top is not None:
+                    _shadowed(parts, st)
+                return None
+            if parts not in implicit[index]:
+                return None if top is None else (index, st)
+            if top is None:
+                top = index
+        if any(_is_opaque(layer_dir, parts[:depth]) for depth in range(1, len(parts))):
+            return None
+    return None
+
+
+def _attribute_fixes(dirs, implicit):
+    """{parts: (layer index, lstat)} for the implicit directories whose view is wrong, and
+    for their parents (the image's lowerdir holds them too, so it must say what the view
+    says), their own attributes where they are right."""
+    fixes = {}
+    for parts in sorted({p for names in implicit for p in names}, key=len):
+        found = _attributes_from(dirs, implicit, parts)
+        if found is not None:
+            fixes[parts] = found
+    for parts in list(fixes):
+        for depth in range(len(parts)):
+            above = parts[:depth]
+            if above not in fixes:
+                found = _attributes_from(dirs, implicit, above)
+                if found is None:
+                    index = next(i for i, d in enumerate(dirs) if _lstat(d, above) is not None)
+                    found = index, _lstat(dirs[index], above)
+                fixes[above] = found
+    return fixes
+
+
+def _attributes_lower(ovdir, lowers):
+    """The name (in ovdir) of the image's lowerdir that puts implicit directories right,
+    made if missing; None when no layer needs it."""
+    dirs = [os.path.realpath(os.path.join(ovdir, lower)) for lower in lowers]
+    implicit = [_implicit_dirs(d) for d in dirs]
+    if not any(implicit):
+        return None
+    fixes = _attribute_fixes(dirs, implicit)
+    if not fixes:
+        return None
+    import hashlib  # off the warm path of images that need no such lowerdir
+    import secrets
+
+    key = hashlib.sha256("\0".join(dirs).encode()).hexdigest()[:32]
+    name = ATTRS_PREFIX + key
+    final = os.path.join(ovdir, name)
+    if os.path.isdir(final):
+        return name
+    # Not ".tmp-<hex>-": unpack removes those as temporaries of dead extractions.
+    tmp = os.path.join(ovdir, f"{name}.{secrets.token_hex(4)}")
+    try:
+        os.mkdir(tmp)
+        ordered = sorted(fixes, key=len)
+        for parts in ordered:
+            if parts:
+                os.mkdir(os.path.join(tmp, *parts))
+        for parts in reversed(ordered):  # deepest first: a mkdir below changes a parent's mtime
+            _copy_attributes(os.path.join(dirs[fixes[parts][0]], *parts), os.path.join(tmp, *parts),
+                             fixes[parts][1])
+        os.rename(tmp, final)
+    except OSError as exc:
+        saferoot.remove_tree(tmp)
+        if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not os.path.isdir(final):
+            raise
+        # another mount made it meanwhile
+    except BaseException:
+        saferoot.remove_tree(tmp)
+        raise
+    return name
+
+
+def _copy_attributes(source, target, st):
+    for key in os.listxattr(source, follow_symlinks=False):
+        if not key.startswith(_OVERLAY_XATTRS):
+            os.setxattr(target, key, os.getxattr(source, key, follow_symlinks=False))
+    os.chown(target, st.st_uid, st.st_gid)
+    os.chmod(target, stat.S_IMODE(st.st_mode))
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 def _is_empty_dir(path):
@@ -127,6 +272,9 @@ def mount_image(image, layers, target, overlaydir=None, workdir=None, read_only=
     if not lowers:
         raise MountError("the image has no layers to mount")
     check_mountable(target, read_only, keep_upper)
+    attributes = _attributes_lower(ovdir, lowers)
+    if attributes is not None:
+        lowers.insert(0, attributes)
     if read_only and len(lowers) == 1:
         empty = os.path.join(ovdir, EMPTY_LOWER)
         os.makedirs(empty, exist_ok=True)

@@ -32,7 +32,7 @@ import secrets
 import time
 from collections import deque
 
-from . import saferoot
+from . import overlay, saferoot
 from .cache import Workdir, file_lock
 from .digest import Digest
 from .errors import CacheError, DigestMismatch, PlanError, UnpackError, UsageError
@@ -193,9 +193,19 @@ def _ensure_link(workdir, digest):
 
 def _write_small_file(path, text):
     tmp = f"{path}.{secrets.token_hex(4)}"
-    with open(tmp, "w") as f:
+    with open(tmp, "wb" if isinstance(text, bytes) else "w") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+def _write_implicit(final, implicit_dirs):
+    """<hex>.implicit: the directories of the layer no entry named (see tosi_tools.mount)."""
+    path = final + overlay.IMPLICIT_SUFFIX
+    if implicit_dirs:
+        _write_small_file(path, b"\0".join(os.fsencode("/".join(parts) or ".") for parts in implicit_dirs))
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # a stale one, left by a layer dir removed by hand
 
 
 def _check_extracted(final, record, diff_id):
@@ -283,6 +293,7 @@ def extract_layer_to_overlay(workdir, layer_record, stream=None, limits=None, op
                     stats = layer_mod.apply_layer(tmp, blob, layer_record.get("mediaType"), layer_mod.OVERLAY,
                                                   _layer_name(layer_record), limits, diff_id)
                 _write_small_file(final + ".diffid", stats.diff_id)
+                _write_implicit(final, getattr(stats, "implicit_dirs", None))
                 os.rename(tmp, final)
                 _log_stats("extracted", layer_record, stats, started)
             except BaseException:

@@ -7,7 +7,8 @@ second path to the same Node object. Each layer is read with Python's tarfile
   1. the layer's own tree: its entries in tar order, a later entry replacing an
      earlier one of the same name; missing parents are implicit directories;
   2. onto the lower tree: whiteouts and opaque markers delete LOWER entries
-     only, then the layer's entries are laid over what is left (a directory
+     only (and so does any non-directory entry, even one a directory replaces
+     later in the layer), then the layer's entries are laid over what is left (a directory
      over a directory keeps the lower children and takes the new attributes;
      anything else replaces the lower entry with all it holds; an implicit
      directory keeps the lower directory as it was).
@@ -122,8 +123,22 @@ def _own_tree(tar_bytes, lower):
             old = own.get(parts)
             if old is not None and not (old.kind == DIR and node.kind == DIR):
                 _drop(own, parts)
+            if node.kind != DIR:
+                # Applied in tar order, a non-directory removes what lower layers have
+                # there, even if a directory of the same name follows (docker does so too).
+                whiteouts.append(parts)
             own[parts] = node
     return own, whiteouts, opaques
+
+
+def implicit_dirs(tar_bytes):
+    """The directories a layer holds without naming them, whose attributes are therefore
+    the lower layers' (the root unless a "./" entry names it; not those the layer
+    deletes below it first, which are new)."""
+    own, whiteouts, _ = _own_tree(tar_bytes, {})
+    named_root = any(not parts_of(m.name) for m in tarfile.open(fileobj=io.BytesIO(tar_bytes)))
+    found = [parts for parts, node in own.items() if node.implicit and parts not in whiteouts]
+    return ([] if named_root else [()]) + sorted(found)
 
 
 def apply_layer(tree, tar_bytes):
