@@ -335,12 +335,6 @@ def test_random_stack_of_big_layers_flat_and_mounted_trees_match_the_model_slow(
 
 # ---------------------------------------------------------------- probes of the layer rules
 
-IMPLICIT_DIRS = pytest.mark.xfail(strict=True, reason=(
-    "per-layer extraction gives a directory the layer does not name (a parent of its entries, "
-    "an opaque marker's directory, the root without a ./ entry) mode 0755, owner 0:0 and no "
-    "xattrs, which overlayfs shows over the lower layer's directory; mount puts them right from "
-    "overlays/<hex>.implicit once layer.py reports LayerStats.implicit_dirs (see "
-    "test_mount_shows_lower_attributes_of_directories_a_layer_does_not_name)"))
 
 @pytest.mark.parametrize("order", ["whiteout_first", "file_first"])
 def test_whiteout_and_file_of_one_name_in_one_layer_keep_the_file(order, layouts):
@@ -408,7 +402,7 @@ def test_root_entry_sets_the_mode_of_the_flat_root(layouts):
     assert (root["mode"], root["uid"], root["gid"]) == (0o700, 5, 6)
 
 
-@IMPLICIT_DIRS
+
 @pytest.mark.parametrize("read_only", [False, True])
 def test_root_entry_sets_the_mode_of_the_mounted_root(read_only, layouts):
     layers = [L(dir_entry(".", mode=0o700, uid=5, gid=6), file_entry("f", b"f")), L(file_entry("g", b"g"))]
@@ -416,14 +410,14 @@ def test_root_entry_sets_the_mode_of_the_mounted_root(read_only, layouts):
     assert (root["mode"], root["uid"], root["gid"]) == (0o700, 5, 6)
 
 
-@IMPLICIT_DIRS
+
 def test_entry_under_a_read_only_directory_the_layer_does_not_name_keeps_the_directory(layouts):
     layers = [L(dir_entry("ro", mode=0o555, uid=33, gid=33), file_entry("ro/f", b"f", mode=0o444)),
               L(file_entry("ro/g", b"g", mode=0o400))]
     assert_all_agree(layouts, layers)
 
 
-@IMPLICIT_DIRS
+
 def test_opaque_marker_of_a_directory_the_layer_does_not_name_keeps_its_attributes(layouts):
     layers = [L(dir_entry("d", mode=0o750, uid=7, gid=8), file_entry("d/old", b"o")),
               L(opaque_entry("d"), file_entry("d/new", b"n"))]
@@ -459,9 +453,6 @@ def test_whiteout_in_a_directory_no_lower_layer_has_leaves_no_ghost(layouts):
     assert_all_agree(layouts, layers)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "layer.py flat mode: a directory entry over an existing directory adds its xattrs but "
-    "keeps the ones the entry no longer has (the overlay view drops them)"))
 def test_directory_entry_over_a_lower_directory_drops_the_xattrs_it_no_longer_has(layouts):
     layers = [L(dir_entry("d", pax={"SCHILY.xattr.user.old": "1"}), file_entry("d/f", b"f")),
               L(dir_entry("d", pax={"SCHILY.xattr.user.new": "2"}))]
@@ -567,10 +558,6 @@ def test_root_entry_of_the_top_layer_sets_the_mode_of_the_mounted_root(read_only
     assert (root["mode"], root["uid"], root["gid"]) == (0o710, 5, 6)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "layer.py: _Applier.finish applies the deferred directory fixups in reverse order, so of two "
-    "entries for one directory in a layer the FIRST one's mode and mtime win (and the xattrs of "
-    "the first stay)"))
 def test_directory_named_twice_in_a_layer_takes_the_last_entry(layouts):
     assert_all_agree(layouts, [L(dir_entry("d", mode=0o2755, mtime=1_000_000_000,
                                            pax={"SCHILY.xattr.user.k": "first"}),
@@ -578,10 +565,6 @@ def test_directory_named_twice_in_a_layer_takes_the_last_entry(layouts):
                                  dir_entry("d", mode=0o700, mtime=1_200_000_000))])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "layer.py: _Applier.finish reopens a deferred directory by its canonical path through "
-    "symlinks, so a directory replaced later in the layer by a symlink hands its mode and mtime "
-    "to the directory the symlink points at (saferoot.SafeRoot.open_canonical_dir is the fix)"))
 def test_directory_replaced_by_a_symlink_keeps_its_mode_off_the_target(layouts):
     assert_all_agree(layouts, [L(dir_entry("d"), dir_entry("d/sub", mode=0o700, mtime=1_000_000_000),
                                  symlink_entry("d", "t"), dir_entry("t"),
@@ -686,10 +669,6 @@ def test_random_stack_with_unnamed_parents_mounts_as_the_model_says_slow(seed, t
     assert _differences(without_root(mount_with_implicit(tmp_path, layers, mounts)), expected) == {}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "layer.py overlay mode: a directory that replaces, later in the same layer, a non-directory "
-    "entry of its name is not made opaque (the flat tree and docker drop the lower directory's "
-    "contents), and the layer's whiteouts below it went with the non-directory"))
 def test_directory_after_a_non_directory_of_its_name_hides_the_lower_one(layouts):
     assert_all_agree(layouts, [
         L(dir_entry("e"), file_entry("e/a", b"a"), file_entry("e/b", b"b")),

@@ -39,6 +39,8 @@ OPAQUE_MARKER = ".wh..wh..opq"
 AUFS_METADATA = (".wh..wh.aufs", ".wh..wh.plnk", ".wh..wh.orph")
 OPAQUE_XATTR = "trusted.overlay.opaque"
 _OVERLAY_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.")
+# Not the layer's to take away: overlayfs' own (an opaque marker), the LSM's label.
+_KEPT_XATTR_PREFIXES = ("trusted.overlay.", "security.selinux")
 DEFAULT_MAX_LAYER_BYTES = 64 << 30
 DEFAULT_MAX_LAYER_ENTRIES = 10_000_000
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -80,6 +82,10 @@ class LayerStats:
     # The digest of the decompressed stream: the layer's real diffID (sha256 unless
     # the one to check is sha512).
     diff_id: str = None
+    # Overlay mode: directories of the layer that no entry names (its root without a
+    # ./ entry, parents of entries, an opaque marker's directory), as canonical
+    # tuples: the mount shows the lower layers' attributes for them.
+    implicit_dirs: list = None
 
 
 @dataclass
@@ -116,6 +122,11 @@ class _Applier:
     # Overlay mode: directories this layer made opaque, and the whiteout devices it made, by directory.
     opaque_dirs: set = field(default_factory=set)
     whiteout_devices: dict = field(default_factory=dict)
+    # Overlay mode, for LayerStats.implicit_dirs: parents entries were placed in, the
+    # directories entries named, and those that replace a lower entry (new, not implicit).
+    parents: set = field(default_factory=set)
+    named_dirs: set = field(default_factory=set)
+    new_dirs: set = field(default_factory=set)
 
     def fail(self, name, reason, cls=UnpackError):
         return cls(f"layer {self.layer_name}: entry {name!r}: {reason}")
@@ -136,7 +147,10 @@ class _Applier:
         retried = False
         while True:
             try:
-                return self.root.parent(parts, create=True)
+                placed = self.root.parent(parts, create=True)
+                if self.mode == OVERLAY:
+                    self.parents.add(placed[2])
+                return placed
             except NotADirectoryError as exc:
                 if not retried and self.reopen_whited_out(tuple(exc.filename.split("/")), name):
                     retried = True
@@ -159,6 +173,7 @@ class _Applier:
             return False
         os.unlink(base, dir_fd=dir_fd)
         os.mkdir(base, 0o755, dir_fd=dir_fd)
+        self.new_dirs.add(tuple(canonical))
         fd, _ = self.root.open_entry_dir(canonical)
         try:
             self.set_opaque(fd, name, canonical)
@@ -208,7 +223,8 @@ class _Applier:
         if not parts:
             if not member.isdir():
                 raise self.fail(name, "only a directory can stand for the root")
-            self.fix_dir(os.dup(self.root.fd), (), member, xattrs, name)
+            # The target itself: whatever other xattrs it has are not the layer's to drop.
+            self.fix_dir(os.dup(self.root.fd), (), member, xattrs, name, existed=False)
             return
         if member.type == tarstream.LNK:
             # Resolved before placing the new name, whose lookup may evict the target's handle.
@@ -258,31 +274,53 @@ class _Applier:
                 raise self.fail(name, f"cannot set xattr {key!r}: {exc.strerror}") from None
 
     def make_dir(self, dir_fd, base, canonical, member, xattrs, name):
-        replaced_whiteout = False
+        replaced = existed = False
         try:
             os.mkdir(base, 0o700, dir_fd=dir_fd)
         except FileExistsError:
             st = saferoot.lstat_at(dir_fd, base)
+            existed = st is not None and stat.S_ISDIR(st.st_mode)
             if st is None or not stat.S_ISDIR(st.st_mode):
-                replaced_whiteout = st is not None and _is_whiteout(st)
+                # A whiteout, or a non-directory of this layer: either way the lower
+                # entry is gone, and for overlayfs the new directory is opaque.
+                replaced = st is not None
                 self.root.remove(dir_fd, base, canonical)
                 os.mkdir(base, 0o700, dir_fd=dir_fd)
         fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-        if replaced_whiteout:
-            # This layer deleted the lower entry and made a directory in its place:
-            # for overlayfs that is an opaque directory.
+        if replaced and self.mode == OVERLAY:
+            self.new_dirs.add(canonical + (base,))
             self.set_opaque(fd, name, canonical + (base,))
-        self.fix_dir(fd, canonical + (base,), member, xattrs, name)
+        self.fix_dir(fd, canonical + (base,), member, xattrs, name, existed)
 
-    def fix_dir(self, fd, parts, member, xattrs, name):
-        """Owner and xattrs now (closes fd); mode and mtime when the layer is done."""
+    def fix_dir(self, fd, parts, member, xattrs, name, existed=True):
+        """Owner and xattrs now (closes fd); mode and mtime when the layer is done.
+
+        A directory that was there already (a lower layer's, or named twice) keeps
+        only the xattrs this entry names, as overlayfs shows the upper one's alone.
+        """
+        self.named_dirs.add(tuple(parts))
         try:
             if self.as_root:
                 os.fchown(fd, member.uid, member.gid)
+            if existed:
+                self.drop_other_xattrs(fd, xattrs, name)
             self.set_xattrs(xattrs, name, fd=fd)
         finally:
             os.close(fd)
         self.fixups.append(_DirFixup(parts, stat.S_IMODE(member.mode), _ns(member.mtime)))
+
+    def drop_other_xattrs(self, fd, xattrs, name):
+        keep = {key for key, _ in xattrs}
+        try:
+            present = os.listxattr(fd)
+        except OSError:
+            return  # a filesystem without xattrs has nothing stale either
+        for key in present:
+            if key not in keep and not key.startswith(_KEPT_XATTR_PREFIXES):
+                try:
+                    os.removexattr(fd, key)
+                except OSError as exc:
+                    raise self.fail(name, f"cannot remove xattr {key!r}: {exc.strerror}") from None
 
     def make_file(self, tar, dir_fd, base, canonical, member, xattrs, name):
         self.stats.bytes += member.data_size
@@ -478,6 +516,7 @@ class _Applier:
             # layers had there, which for a directory means emptying it of them.
             st = saferoot.lstat_at(dir_fd, base)
             if st is not None and stat.S_ISDIR(st.st_mode):
+                self.new_dirs.add(here)
                 self.opaque(name, here)
             return
         if self.mode == FLAT:
@@ -506,6 +545,7 @@ class _Applier:
         fd, canonical = self.root.open_entry_dir(directory)
         try:
             if self.mode == OVERLAY:
+                self.parents.add(canonical)
                 self.set_opaque(fd, name, canonical)
             elif self.has_lower:
                 self.remove_lower(fd, canonical)
@@ -560,10 +600,22 @@ class _Applier:
 
     # ---------------------------------------------------------------- finish
 
+    def implicit_dirs(self):
+        """LayerStats.implicit_dirs: every ancestor of a placed entry, the root too, that no entry named."""
+        found = {()}
+        for parent in self.parents:
+            found.update(parent[:i] for i in range(1, len(parent) + 1))
+        return sorted(found - self.named_dirs - self.new_dirs)
+
     def finish(self):
-        """Directory modes and mtimes, deepest first so a parent's mtime is the last word."""
-        for fix in reversed(self.fixups):
-            fd, _ = self.root.open_entry_dir(fix.parts)
+        """Directory modes and mtimes: of a directory named twice, the last entry's.
+
+        (Any order does: chmod and utime of a directory leave its parent's mtime alone.)
+        """
+        last = {fix.parts: fix for fix in self.fixups}
+        for fix in last.values():
+            # Never through a symlink: one may have replaced the directory since.
+            fd = self.root.open_canonical_dir(fix.parts)
             if fd is None:
                 continue  # replaced or deleted later in the layer
             try:
@@ -656,6 +708,8 @@ def apply_layer(root, stream, media_type, mode=FLAT, layer_name="layer", limits=
         if diff_id is not None and applier.stats.diff_id != diff_id:
             raise diff_id_mismatch(layer_name, applier.stats.diff_id, diff_id)
         applier.finish()
+        if mode == OVERLAY:
+            applier.stats.implicit_dirs = applier.implicit_dirs()
     except OSError as exc:
         raise os_error(layer_name, entry.name if entry is not None else None, exc) from exc
     finally:
