@@ -245,6 +245,8 @@ def test_extractto_with_a_blob_corrupted_in_flight_says_the_target_is_partial(fa
                                                                                tmp_path):
     layers = [two_file_layer(), two_file_layer()]
     image = pusher.push_image(repo_name, "1", layers)
+    # Late enough that layer 0 is in the target (sooner, the target is left empty and removed).
+    fault_proxy.add(Rule("delay", path=layers[1].digest, seconds=1.0))
     fault_proxy.add(Rule("corrupt", path=layers[1].digest, at=len(layers[1].data) - 20_000))
     target = tmp_path / "rootfs"
     options = pipeline.PullOptions(proxied_reference(fault_proxy, image), workdir=workdir,

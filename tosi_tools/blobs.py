@@ -199,9 +199,12 @@ class Downloader:
         return download
 
     def _fail(self, download, error):
-        download._finish(error)
-        if not isinstance(error, Cancelled):
-            self.on_failure(download, error)
+        try:
+            if not isinstance(error, Cancelled):
+                # Before the waiters wake: they may ask which failure came first.
+                self.on_failure(download, error)
+        finally:
+            download._finish(error)
 
     def _run(self, download):
         os.makedirs(os.path.dirname(download.final_path), exist_ok=True)

@@ -178,7 +178,8 @@ def _fetch_and_unpack(options, workdir, credentials, tokens, image, layers, prog
         failure = exc
         if isinstance(exc, Cancelled):  # a read stopped because something else failed first
             failure = fetcher.failure or streams.failure or exc
-        if options.extract_to and (failure in fetch_failures or failure is fetcher.failure):
+        if options.extract_to and (failure in fetch_failures or failure is fetcher.failure
+                                   or failure is streams.failure):
             raise _with_extract_state(failure, options.extract_to, len(done), len(layers),
                                       created_target) from failure
         if failure is not exc:
