@@ -194,3 +194,17 @@ def test_running_out_of_space_in_the_writer_is_the_usual_one_line_error(tmp_path
             layer.apply_layer(str(target), io.BytesIO(lay.data), lay.media_type, layer_name="L")
     finally:
         subprocess.run(["umount", str(target)], check=True)
+
+
+def test_what_waits_for_a_sync_is_bounded(dir_fd):
+    writer = filewriter.FileWriter()
+    try:
+        for i in range(filewriter._BACKLOG_FILES - 1):
+            _add(writer, dir_fd, f"f{i}", b"")
+        assert not writer.full
+        _add(writer, dir_fd, "last", b"")
+        assert writer.full  # the applier syncs here, so a layer's files are not all held at once
+        writer.sync()
+        assert not writer.full
+    finally:
+        writer.close()

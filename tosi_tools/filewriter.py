@@ -32,6 +32,10 @@ MAX_FILE = 64 << 10      # bigger files are written by the applier itself
 _BATCH_FILES = 32
 _FIRST_BATCH_FILES = 4   # after a sync the thread is idle: give it work soon, then in bigger batches
 _BATCH_BYTES = 512 << 10
+# What may wait for a sync (its data is held until then): bounded, so memory does
+# not grow with the layer.
+_BACKLOG_FILES = 4096
+_BACKLOG_BYTES = 8 << 20
 
 
 def available():
@@ -49,6 +53,7 @@ class FileWriter:
         self._bytes = 0
         self._dups = {}       # caller's dir fd -> our duplicate, for the batch being built
         self._limit = _FIRST_BATCH_FILES
+        self._backlog_bytes = 0
 
     def add(self, dir_fd, base, data, mode, flags, uid, gid, mtime_ns, task):
         """Queue one file; `task` is what sync() hands back if it must be redone."""
@@ -58,6 +63,7 @@ class FileWriter:
         self._batch.append((dup, os.fsencode(base), data, mode, flags, uid, gid, mtime_ns))
         self._tasks.append(task)
         self._bytes += len(data)
+        self._backlog_bytes += len(data)
         if len(self._batch) >= self._limit or self._bytes >= _BATCH_BYTES:
             self._submit()
             self._limit = min(2 * self._limit, _BATCH_FILES)
@@ -74,12 +80,18 @@ class FileWriter:
                 os.close(dup)
             raise
 
+    @property
+    def full(self):
+        """Whether the caller should sync now: enough is held for redoing."""
+        return len(self._tasks) >= _BACKLOG_FILES or self._backlog_bytes >= _BACKLOG_BYTES
+
     def sync(self):
         """Wait until the thread has done everything queued; the tasks it did not do."""
         self._submit()
         failed = self._writer.wait()
         tasks, self._tasks = self._tasks, []
         self._limit = _FIRST_BATCH_FILES
+        self._backlog_bytes = 0
         return tasks[failed[0]:] if failed is not None else []
 
     def close(self):

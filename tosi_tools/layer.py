@@ -333,6 +333,8 @@ class _Applier:
                             (filewriter.CHOWN if chown else 0) | (filewriter.CHMOD if chmod else 0),
                             member.uid, member.gid, t, (canonical, base, member, data, name))
             self.queued.add((canonical, base))
+            if self.writer.full:
+                self.sync_writer()
             return
         if member.sparse is not None:
             def write(fd):
