@@ -459,10 +459,6 @@ def test_directory_entry_over_a_lower_directory_drops_the_xattrs_it_no_longer_ha
     assert_all_agree(layouts, layers)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "layer.py flat mode: a whiteout of a directory this layer made implicitly (for d/new) "
-    "empties the lower directory but keeps its mode and owner; the overlay view shows a new 0755 "
-    "root-owned directory, as the whiteout deleted the lower one"))
 def test_directory_whited_out_after_its_children_in_the_layer_is_a_new_directory(layouts):
     layers = [L(dir_entry("d", mode=0o1777, uid=9), file_entry("d/old", b"o")),
               L(file_entry("d/new", b"n"), whiteout_entry("d"))]

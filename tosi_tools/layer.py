@@ -519,6 +519,9 @@ class _Applier:
             st = saferoot.lstat_at(dir_fd, base)
             if st is not None and stat.S_ISDIR(st.st_mode):
                 self.new_dirs.add(here)
+                if self.mode == FLAT and here not in self.named_dirs:
+                    # The lower directory is deleted; the one its entries need is a new one.
+                    self.renew_dir(dir_fd, base, name)
                 self.opaque(name, here)
             return
         if self.mode == FLAT:
@@ -533,6 +536,17 @@ class _Applier:
             pass  # already whited out by an earlier entry of this layer
         self.whiteout_devices.setdefault(canonical, set()).add(base)
         self.touch(here)
+
+    def renew_dir(self, dir_fd, base, name):
+        """Give a directory the attributes of one made for an entry below it: 0755, ours, no xattrs."""
+        fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        try:
+            os.fchmod(fd, 0o755)
+            if self.as_root:
+                os.fchown(fd, *self.ids)
+            self.drop_other_xattrs(fd, (), name)
+        finally:
+            os.close(fd)
 
     def opaque(self, name, directory):
         if self.mode == OVERLAY:
