@@ -25,7 +25,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 
-from . import filewriter, saferoot, tarstream
+from . import filewriter, overlay, saferoot, tarstream
 from .compression import open_layer
 from .digest import Digest
 from .errors import DigestMismatch, UnpackError, UnsafeEntry
@@ -37,13 +37,13 @@ WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
 # Docker's AUFS driver kept its own files under these names; any other ".wh..wh." is refused.
 AUFS_METADATA = (".wh..wh.aufs", ".wh..wh.plnk", ".wh..wh.orph")
-OPAQUE_XATTR = "trusted.overlay.opaque"
-_OVERLAY_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.")
+OPAQUE_XATTR = overlay.OPAQUE_XATTR
 # Not the layer's to take away: overlayfs' own (an opaque marker), the LSM's label.
 _KEPT_XATTR_PREFIXES = ("trusted.overlay.", "security.selinux")
 DEFAULT_MAX_LAYER_BYTES = 64 << 30
 DEFAULT_MAX_LAYER_ENTRIES = 10_000_000
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NODE_TYPES = {tarstream.CHR: stat.S_IFCHR, tarstream.BLK: stat.S_IFBLK, tarstream.FIFO: stat.S_IFIFO}
 _said_not_root = False
 WRITER_AFTER_FILES = 64  # below this a layer's files are not worth the writer thread
@@ -169,7 +169,7 @@ class _Applier:
             return False
         dir_fd, base, parent = self.root.parent(canonical, create=False)
         st = saferoot.lstat_at(dir_fd, base)
-        if st is None or not _is_whiteout(st):
+        if st is None or not overlay.is_whiteout(st):
             return False
         os.unlink(base, dir_fd=dir_fd)
         os.mkdir(base, 0o755, dir_fd=dir_fd)
@@ -256,7 +256,7 @@ class _Applier:
     def xattrs_of(self, name, member):
         xattrs = []
         for xname, value in member.xattrs:
-            if xname.startswith(_OVERLAY_XATTR_PREFIXES):
+            if xname.startswith(overlay.OVERLAY_XATTR_PREFIXES):
                 raise self.fail(name, f"carries the overlayfs xattr {xname!r}, which a layer "
                                 "must not set", UnsafeEntry)
             xattrs.append((xname, value))
@@ -286,7 +286,7 @@ class _Applier:
                 replaced = st is not None
                 self.root.remove(dir_fd, base, canonical)
                 os.mkdir(base, 0o700, dir_fd=dir_fd)
-        fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        fd = os.open(base, _DIR_FLAGS, dir_fd=dir_fd)
         if replaced and self.mode == OVERLAY:
             self.new_dirs.add(canonical + (base,))
             self.set_opaque(fd, name, canonical + (base,))
@@ -324,7 +324,7 @@ class _Applier:
 
     def make_file(self, tar, dir_fd, base, canonical, member, xattrs, name):
         self.stats.bytes += member.data_size
-        if not xattrs and self.queueable(member) and self.start_writer():
+        if self.queueable(member) and self.start_writer():
             data = tar.read_data(member.size)
             mode = member.mode & 0o7777
             chown, chmod = self.file_fixes(dir_fd, canonical, member)
@@ -539,7 +539,7 @@ class _Applier:
 
     def renew_dir(self, dir_fd, base, name):
         """Give a directory the attributes of one made for an entry below it: 0755, ours, no xattrs."""
-        fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        fd = os.open(base, _DIR_FLAGS, dir_fd=dir_fd)
         try:
             os.fchmod(fd, 0o755)
             if self.as_root:
@@ -581,7 +581,7 @@ class _Applier:
         self.opaque_dirs.add(canonical)
         for base in self.whiteout_devices.pop(canonical, ()):
             st = saferoot.lstat_at(fd, base)
-            if st is not None and _is_whiteout(st):
+            if st is not None and overlay.is_whiteout(st):
                 os.unlink(base, dir_fd=fd)
 
     def remove_lower(self, fd, directory):
@@ -658,10 +658,6 @@ def os_error(layer_name, name, exc):
 def _is_aufs_metadata(parts):
     """`.wh..wh.aufs`, `.wh..wh.plnk`, `.wh..wh.orph`: old Docker layers made on AUFS carry them."""
     return parts[-1] in AUFS_METADATA
-
-
-def _is_whiteout(st):
-    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
 def _ns(mtime):

@@ -21,7 +21,6 @@ log = logging.getLogger("tosi.mount")
 # mounted read-only gets this empty one below it.
 EMPTY_LOWER = ".tosi-empty"
 ATTRS_PREFIX = ".tosi-attrs-"
-_OVERLAY_XATTRS = ("trusted.overlay.", "user.overlay.")
 
 
 def side_dirs(target):
@@ -98,18 +97,14 @@ def _lstat(layer_dir, parts):
 
 def _is_opaque(layer_dir, parts):
     try:
-        return os.getxattr(os.path.join(layer_dir, *parts), "trusted.overlay.opaque",
+        return os.getxattr(os.path.join(layer_dir, *parts), overlay.OPAQUE_XATTR,
                            follow_symlinks=False) == b"y"
     except OSError:
         return False
 
 
-def _is_whiteout(st):
-    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
-
-
 def _shadowed(parts, st):
-    if not _is_whiteout(st):
+    if not overlay.is_whiteout(st):
         log.warning("/%s is a %s in a lower layer, and a directory in a layer above that does "
                     "not name it: overlayfs shows the directory, an -extractto tree does not",
                     "/".join(parts), "symlink" if stat.S_ISLNK(st.st_mode) else "file")
@@ -170,9 +165,6 @@ def _attributes_lower(ovdir, lowers):
     implicit = [_implicit_dirs(d) for d in dirs]
     if not any(implicit):
         return None
-    fixes = _attribute_fixes(dirs, implicit)
-    if not fixes:
-        return None
     import hashlib  # off the warm path of images that need no such lowerdir
     import secrets
 
@@ -180,7 +172,10 @@ def _attributes_lower(ovdir, lowers):
     name = ATTRS_PREFIX + key
     final = os.path.join(ovdir, name)
     if os.path.isdir(final):
-        return name
+        return name  # made by an earlier mount of these layers: no walk over them again
+    fixes = _attribute_fixes(dirs, implicit)
+    if not fixes:
+        return None
     # Not ".tmp-<hex>-": unpack removes those as temporaries of dead extractions.
     tmp = os.path.join(ovdir, f"{name}.{secrets.token_hex(4)}")
     try:
@@ -206,7 +201,7 @@ def _attributes_lower(ovdir, lowers):
 
 def _copy_attributes(source, target, st):
     for key in os.listxattr(source, follow_symlinks=False):
-        if not key.startswith(_OVERLAY_XATTRS):
+        if not key.startswith(overlay.OVERLAY_XATTR_PREFIXES):
             os.setxattr(target, key, os.getxattr(source, key, follow_symlinks=False))
     os.chown(target, st.st_uid, st.st_gid)
     os.chmod(target, stat.S_IMODE(st.st_mode))

@@ -21,10 +21,16 @@ import errno
 import os
 import platform
 import re
+import stat
 
 from .errors import MountError
 
 OVERLAY = "overlay"
+# How a layer directory says what overlayfs makes of it: a 0/0 character device
+# hides a lower entry, this xattr hides a lower directory's contents; names under
+# these prefixes are overlayfs' own, never a layer's.
+OPAQUE_XATTR = "trusted.overlay.opaque"
+OVERLAY_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.")
 # <overlaydir>/<hex>.implicit, beside a layer dir: the directories in it that no entry of
 # the layer named, NUL-separated, "." for the root (so their attributes are the lower layers')
 IMPLICIT_SUFFIX = ".implicit"
@@ -48,6 +54,11 @@ _SYSCALL = {"move_mount": 429, "fsopen": 430, "fsconfig": 431, "fsmount": 432}
 
 _libc = None
 
+
+
+def is_whiteout(st):
+    """Whether an lstat result is an overlayfs whiteout (a 0/0 character device)."""
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 def _lib():
     global _libc

@@ -294,8 +294,13 @@ def remove_tree_at(dir_fd, name):
         return
     except FileNotFoundError:
         return
-    except (IsADirectoryError, PermissionError):
-        pass  # Linux says EISDIR for a directory (EPERM on some filesystems)
+    except IsADirectoryError:
+        pass
+    except PermissionError:
+        # Some filesystems say EPERM for a directory; for anything else it is the answer.
+        st = lstat_at(dir_fd, name)
+        if st is None or not stat.S_ISDIR(st.st_mode):
+            raise
     try:
         top = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
     except FileNotFoundError:

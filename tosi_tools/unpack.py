@@ -293,7 +293,7 @@ def extract_layer_to_overlay(workdir, layer_record, stream=None, limits=None, op
                     stats = layer_mod.apply_layer(tmp, blob, layer_record.get("mediaType"), layer_mod.OVERLAY,
                                                   _layer_name(layer_record), limits, diff_id)
                 _write_small_file(final + ".diffid", stats.diff_id)
-                _write_implicit(final, getattr(stats, "implicit_dirs", None))
+                _write_implicit(final, stats.implicit_dirs)
                 os.rename(tmp, final)
                 _log_stats("extracted", layer_record, stats, started)
             except BaseException:
