@@ -17,6 +17,16 @@ class UsageError(TosiError):
     exit_code = 2
 
 
+class UnsafePath(UsageError):
+    """A path tosi would create, follow or trust outside a target root (the workdir,
+    a side directory of a mount, a path named by a plan) could be controlled by
+    another local user or lies outside where it belongs (exit 2)."""
+
+    def __init__(self, message, path=None):
+        super().__init__(message)
+        self.path = path
+
+
 class InvalidReference(UsageError):
     """An image reference does not follow the distribution reference grammar."""
 
