@@ -16,6 +16,7 @@ import pytest
 
 from tests.conftest import BIN
 from tosi_tools import overlay
+from tosi_tools.cache import Workdir
 from tosi_tools.errors import MountError
 from tosi_tools.plan import PlanReader, PlanWriter, new_image_record, new_layer_record
 
@@ -28,8 +29,8 @@ def short_link(digest):
 def build_unpacked(workdir, layer_files):
     """Lay out overlays/<hex> + overlays/<short> -> <hex> per layer (bottom first) as
     tosi-unpack does, and return the plan text that describes them."""
+    Workdir(workdir).ensure()  # private, with its marker, as the stages before tosi-mount leave it
     overlays = os.path.join(workdir, "overlays")
-    os.makedirs(overlays, exist_ok=True)
     layers = []
     for index, files in enumerate(layer_files):
         digest = "sha256:" + hashlib.sha256(f"{workdir}/{index}".encode()).hexdigest()

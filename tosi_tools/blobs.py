@@ -29,7 +29,7 @@ import requests
 import urllib3
 
 from .auth import parse_challenge
-from .cache import file_lock
+from .cache import file_lock, require_cached
 from .digest import CHUNK, Digest, VerifyingHasher, verify_file
 from .errors import (
     CacheError, DigestMismatch, NotFound, RegistryError, TosiError, Unauthorized, Unreachable,
@@ -209,7 +209,7 @@ class Downloader:
     def _run(self, download):
         os.makedirs(os.path.dirname(download.final_path), exist_ok=True)
         # A cached blob is taken without the lock; re-hashing one (and replacing it) needs it.
-        if not self.validate_cache and os.path.exists(download.final_path):
+        if not self.validate_cache and _cached(download):
             self._reused(download)
             return
         with file_lock(download.lock_path):
@@ -220,7 +220,7 @@ class Downloader:
             self._download(download)
 
     def _valid_in_cache(self, download):
-        if not os.path.exists(download.final_path):
+        if not _cached(download):
             return False
         if self.validate_cache:
             try:
@@ -434,6 +434,16 @@ def _shut_down(resp):
             sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+
+
+def _cached(download):
+    """Whether the blob is in the cache; one that tosi did not write is refused (UnsafePath)."""
+    try:
+        st = os.lstat(download.final_path)
+    except FileNotFoundError:
+        return False
+    require_cached(download.final_path, st, f"cached blob of {download.what}")
+    return True
 
 
 def _hash_partial(download):

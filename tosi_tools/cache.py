@@ -13,16 +13,47 @@
     <workdir>/overlays/<hex>.link     short name of that layer; overlays/<short> -> <hex>
     <workdir>/overlays/<hex>.diffid   digest of that layer's uncompressed tar, as extracted
     <workdir>/quarantine/             corrupt blobs moved aside by tosi-verify
+    <workdir>/.tosi-workdir           marker: this directory is a tosi workdir
+
+The workdir is private, and nothing in it is trusted because it exists: tosi
+runs as root, with a default workdir in world-writable /tmp, where another
+user could create the name first and fill it with their own "cached" layers.
+`Workdir.ensure()` (stages that write) and `Workdir.check()` (stages that only
+read) are the one gate every stage passes before it reads or writes anything
+there. Both require, as ssh's StrictModes does:
+
+- the root, layers/, configs/, manifests/, overlays/ (or a separate overlay
+  directory) and quarantine/: real directories (not symlinks), owned by the
+  effective uid, not writable by group or others. Missing ones are created
+  0700 by `ensure()`; an existing one is never chmodded, so a root-owned 0755
+  workdir made by an earlier version is still used as it is.
+- every directory above them: owned by root or the effective uid, and
+  writable by others only when sticky (as /tmp is).
+
+A workdir named only by a plan's image record (untrusted input: a plan could
+name /etc, which root owns) is used only when it holds the marker
+`.tosi-workdir`, a regular file of ours that `ensure()` writes into every
+workdir it makes or uses. `workdir_for()` tells which workdir a stage uses.
+
+What is reused because it is there (a blob, an overlay dir, a `.diffid`
+record) must also be ours and not a symlink (`require_cached`): in a private
+workdir that always holds, so anything else is refused, not repaired.
+Failures raise errors.UnsafePath (exit 2) naming the path and the fix.
 """
 
 import contextlib
 import fcntl
 import os
 import secrets
+import stat
 
 from .digest import Digest
+from .errors import CacheError, PlanError, UnsafePath
+from .ownership import check_own_dir_stat, make_own_dir, require_safe_ancestors
 
 DEFAULT_WORKDIR = "/tmp/tosi"
+MARKER = ".tosi-workdir"
+_MARKER_TEXT = b"This directory is a tosi workdir (a cache of image blobs and layers); see tosi(1).\n"
 
 
 def atomic_write(path, data, mode=0o644):
@@ -64,21 +95,183 @@ def _safe_component(text):
     return os.path.join(*parts) if parts else "_"
 
 
-class Workdir:
-    """Paths inside one workdir; creating directories is explicit (`ensure`)."""
+def require_cached(path, st, what):
+    """UnsafePath unless `st` (an lstat or fstat of `path`, something the cache
+    holds and tosi is about to reuse) is owned by us and not a symlink."""
+    euid = os.geteuid()
+    if stat.S_ISLNK(st.st_mode):
+        problem = "a symlink"
+    elif st.st_uid != euid:
+        problem = f"owned by uid {st.st_uid}, not by uid {euid}"
+    else:
+        return
+    raise UnsafePath(f"{what} {path} is {problem}, so tosi did not make it; "
+                     "remove it (another user may have planted it)", path=path)
 
-    def __init__(self, root=DEFAULT_WORKDIR, overlaydir=None):
+
+def workdir_for(workdir=None, image=None, overlaydir=None, default=DEFAULT_WORKDIR, flag_prefix="--"):
+    """The Workdir a stage that reads a plan uses: `workdir` (a Workdir, or a path
+    the user chose), else the one the plan's image record names (used only if it
+    is a tosi workdir: see Workdir.named_by_plan), else `default`."""
+    if isinstance(workdir, Workdir):
+        if overlaydir and os.path.abspath(overlaydir) != workdir.overlays:
+            return Workdir(workdir.root, overlaydir, workdir.named_by_plan, workdir.flag_prefix)
+        return workdir
+    if workdir:
+        return Workdir(workdir, overlaydir, flag_prefix=flag_prefix)
+    named = (image or {}).get("workdir")
+    if named is not None:
+        if not isinstance(named, str) or not os.path.isabs(named):
+            raise PlanError(f"image record: workdir must be an absolute path, not {named!r}")
+        return Workdir(named, overlaydir, named_by_plan=True, flag_prefix=flag_prefix)
+    return Workdir(default, overlaydir, flag_prefix=flag_prefix)
+
+
+class Workdir:
+    """Paths inside one workdir; creating and checking directories is explicit
+    (`ensure`, `check`: see the module's docstring).
+
+    `named_by_plan`: the path came from a plan, not from the user, so it is used
+    only if it holds the marker. `flag_prefix` is how the command spells its
+    flags ("--" for the stages, "-" for tosi), for the fixes errors suggest.
+    """
+
+    def __init__(self, root=DEFAULT_WORKDIR, overlaydir=None, named_by_plan=False, flag_prefix="--"):
         self.root = os.path.abspath(root)
         self.layers = os.path.join(self.root, "layers")
         self.configs = os.path.join(self.root, "configs")
         self.manifests = os.path.join(self.root, "manifests")
         self.quarantine = os.path.join(self.root, "quarantine")
         self.overlays = os.path.abspath(overlaydir) if overlaydir else os.path.join(self.root, "overlays")
+        self.named_by_plan = named_by_plan
+        self.flag_prefix = flag_prefix
+        self._gate = None  # "checked" or "ensured", once passed: the checks cost a few lstat calls
+
+    @property
+    def marker(self):
+        return os.path.join(self.root, MARKER)
+
+    def _separate_overlays(self):
+        return os.path.dirname(self.overlays) != self.root
+
+    def _subdirs(self):
+        subdirs = [self.layers, self.configs, self.manifests, self.quarantine]
+        return subdirs if self._separate_overlays() else subdirs + [self.overlays]
 
     def ensure(self):
-        for d in (self.layers, self.configs, self.manifests, self.overlays):
-            os.makedirs(d, exist_ok=True)
+        """Create what is missing (0700) and check what exists, before a stage writes;
+        raises UnsafePath. Also writes the marker. Returns self."""
+        if self._gate == "ensured":
+            return self
+        self._safe_ancestors(self.root, "workdir")
+        if self.named_by_plan:
+            self._check_named_root()
+        else:
+            self._make_parents(self.root, "workdir")
+            make_own_dir(self.root, 0o700, "workdir", self._fix("workdir"))
+        for path in self._subdirs():
+            make_own_dir(path, 0o700, self._what(path), self._fix("workdir"))
+        if self._separate_overlays():
+            self._safe_ancestors(self.overlays, "overlay directory")
+            self._make_parents(self.overlays, "overlay directory")
+            make_own_dir(self.overlays, 0o700, "overlay directory", self._fix("overlaydir"))
+        self._write_marker()
+        self._gate = "ensured"
         return self
+
+    def check(self):
+        """Check the workdir without creating anything, before a stage only reads it:
+        the root must exist, directories that exist must pass. Raises UnsafePath, or
+        CacheError when there is no workdir at all. Returns self."""
+        if self._gate is not None:
+            return self
+        self._safe_ancestors(self.root, "workdir")
+        if self.named_by_plan:
+            self._check_named_root()
+        else:
+            try:
+                st = os.lstat(self.root)
+            except FileNotFoundError:
+                raise CacheError(f"workdir {self.root} does not exist, so nothing is cached "
+                                 "there; run tosi-fetch (or tosi) first") from None
+            self._check_dir(self.root, st, "workdir", "workdir")
+        for path in self._subdirs():
+            self._check_if_there(path, self._what(path), "workdir")
+        if self._separate_overlays():
+            self._safe_ancestors(self.overlays, "overlay directory")
+            self._check_if_there(self.overlays, "overlay directory", "overlaydir")
+        self._gate = "checked"
+        return self
+
+    # the gate's parts
+
+    def _what(self, path):
+        return "overlay directory" if path == self.overlays else "workdir directory"
+
+    def _fix(self, flag, ours=False):
+        choose = f"choose another {'workdir' if flag == 'workdir' else 'overlay directory'} " \
+                 f"({self.flag_prefix}{flag} DIR)"
+        if ours:
+            return f"make it private (chmod go-w), or {choose}"
+        return f"another user may have made it: remove it, or {choose}"
+
+    def _check_dir(self, path, st, what, flag):
+        ours = stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid()
+        check_own_dir_stat(path, st, what, self._fix(flag, ours))
+
+    def _check_if_there(self, path, what, flag):
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return
+        self._check_dir(path, st, what, flag)
+
+    def _safe_ancestors(self, path, what):
+        try:
+            require_safe_ancestors(path, what)
+        except UnsafePath as exc:
+            flag = "workdir" if what == "workdir" else "overlaydir"
+            raise UnsafePath(f"{exc} ({self.flag_prefix}{flag} DIR)", path=exc.path) from None
+
+    def _make_parents(self, path, what):
+        # Like mkdir -p for the directories above; a directory someone else made
+        # there meanwhile is caught by the second look at the ancestors.
+        parent = os.path.dirname(path)
+        if not os.path.isdir(parent):
+            os.makedirs(parent, 0o755, exist_ok=True)
+            self._safe_ancestors(path, what)
+
+    def _check_named_root(self):
+        fix = f"pass {self.flag_prefix}workdir DIR to choose the workdir yourself"
+        try:
+            st = os.lstat(self.root)
+        except FileNotFoundError:
+            raise UnsafePath(f"the plan's workdir {self.root} does not exist; {fix}",
+                             path=self.root) from None
+        self._check_dir(self.root, st, "the plan's workdir", "workdir")
+        try:
+            marker = os.lstat(self.marker)
+        except FileNotFoundError:
+            marker = None
+        if marker is None or not stat.S_ISREG(marker.st_mode) or marker.st_uid != os.geteuid():
+            raise UnsafePath(f"the plan's workdir {self.root} is not a tosi workdir of yours "
+                             f"(no {MARKER} of yours in it); {fix}", path=self.root)
+
+    def _write_marker(self):
+        try:
+            fd = os.open(self.marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o600)
+        except FileExistsError:
+            st = os.lstat(self.marker)
+            if not stat.S_ISREG(st.st_mode):
+                raise UnsafePath(f"{self.marker} is not a regular file; remove it", path=self.marker) \
+                    from None
+            require_cached(self.marker, st, "workdir marker")
+            return
+        try:
+            os.write(fd, _MARKER_TEXT)
+        finally:
+            os.close(fd)
 
     # blobs
     def layer_path(self, digest):

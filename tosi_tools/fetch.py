@@ -88,6 +88,7 @@ class Fetcher:
         if not (image.get("endpoint") or image.get("registry")):
             raise PlanError("image record names neither an endpoint nor a registry")
         records = list(layers)
+        self.workdir.ensure()  # private and ours, before a cached blob is looked at
         config = _config_download(self.workdir, image)
         unique = {config.final_path: config} if config else {}  # one download per cache file
         handles = []
@@ -112,7 +113,6 @@ class Fetcher:
         self._downloads.extend(unique.values())
         workers = self.parallel or max(len(unique), 1)
         if self._pool is None:
-            self.workdir.ensure()
             self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tosi-fetch")
         # The config first: it is small and the next stage needs it before any layer.
         for download in unique.values():

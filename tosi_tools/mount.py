@@ -12,7 +12,7 @@ import os
 import stat
 
 from . import overlay, saferoot
-from .cache import DEFAULT_WORKDIR, Workdir
+from .cache import DEFAULT_WORKDIR, Workdir, require_cached, workdir_for
 from .errors import MountError, PlanError
 
 log = logging.getLogger("tosi.mount")
@@ -41,6 +41,11 @@ def overlay_dir_for(image, layers, overlaydir=None, workdir=None):
     return Workdir(workdir or image.get("workdir") or DEFAULT_WORKDIR).overlays
 
 
+def _not_unpacked(layer):
+    return PlanError(f"layer {layer.get('index')} ({layer.get('digest')}) has no overlay dir: "
+                     "unpack the plan with tosi-unpack (without --into) first")
+
+
 def lowerdirs(layers, overlaydir):
     """The layers' lowerdirs topmost first: short link names where they resolve,
     else the overlay dir's absolute path.
@@ -52,9 +57,7 @@ def lowerdirs(layers, overlaydir):
     for layer in reversed(layers):
         link, path = layer.get("link"), layer.get("overlay")
         if link is None and path is None:
-            raise PlanError(
-                f"layer {layer.get('index')} ({layer.get('digest')}) has no overlay dir: "
-                "unpack the plan with tosi-unpack (without --into) first")
+            raise _not_unpacked(layer)
         if isinstance(link, str) and link:
             candidate = link if os.path.isabs(link) else os.path.join(overlaydir, link)
             if os.path.isdir(candidate):
@@ -171,8 +174,14 @@ def _attributes_lower(ovdir, lowers):
     key = hashlib.sha256("\0".join(dirs).encode()).hexdigest()[:32]
     name = ATTRS_PREFIX + key
     final = os.path.join(ovdir, name)
-    if os.path.isdir(final):
-        return name  # made by an earlier mount of these layers: no walk over them again
+    try:
+        made = os.lstat(final)
+    except FileNotFoundError:
+        made = None
+    if made is not None:
+        require_cached(final, made, "attributes lowerdir")
+        if stat.S_ISDIR(made.st_mode):
+            return name  # made by an earlier mount of these layers: no walk over them again
     fixes = _attribute_fixes(dirs, implicit)
     if not fixes:
         return None
@@ -244,13 +253,17 @@ def _check_mount_point(target):
             raise MountError(f"mount point {target} is not empty")
 
 
+def _require_privilege():
+    if not overlay.has_mount_privilege():
+        raise MountError("mounting overlayfs needs root (CAP_SYS_ADMIN); run tosi-mount "
+                         "as root, or unpack a flat tree with tosi-unpack --into instead")
+
+
 def check_mountable(target, read_only=False, keep_upper=False):
     """Everything that can be refused before any work: privilege, a mount point that
     holds a mount or is not an empty directory, a leftover upperdir."""
     target, upper, _work = side_dirs(target)
-    if not overlay.has_mount_privilege():
-        raise MountError("mounting overlayfs needs root (CAP_SYS_ADMIN); run tosi-mount "
-                         "as root, or unpack a flat tree with tosi-unpack --into instead")
+    _require_privilege()
     _check_mount_point(target)
     if not read_only and os.path.isdir(upper) and not _is_empty_dir(upper) and not keep_upper:
         raise MountError(
@@ -260,9 +273,19 @@ def check_mountable(target, read_only=False, keep_upper=False):
 
 def mount_image(image, layers, target, overlaydir=None, workdir=None, read_only=False,
                 keep_upper=False, api="auto"):
-    """Mount the plan's layers at `target`; returns the image record's "mount" field."""
+    """Mount the plan's layers at `target`; returns the image record's "mount" field.
+
+    `workdir` is a Workdir or a path; without it, the plan's workdir is used if it
+    is a tosi workdir (cache.workdir_for). It and the overlay dir are checked
+    (cache.Workdir.check) before anything in them is looked at."""
     target, upper, work = side_dirs(target)
-    ovdir = overlay_dir_for(image, layers, overlaydir, workdir)
+    _require_privilege()
+    for layer in layers:  # a plan never unpacked is told so before the workdir is looked at
+        if layer.get("link") is None and layer.get("overlay") is None:
+            raise _not_unpacked(layer)
+    wd = workdir_for(workdir, image, default=DEFAULT_WORKDIR)
+    ovdir = overlay_dir_for(image, layers, overlaydir, wd.root)
+    workdir_for(wd, overlaydir=ovdir).check()
     lowers = lowerdirs(layers, ovdir)
     if not lowers:
         raise MountError("the image has no layers to mount")

@@ -114,13 +114,14 @@ def pull(options, progress_for=None):
     ref, endpoint = reference_and_endpoint(options)
     credentials = credentials_from_flags(options.username, options.password,
                                          registry=ref.registry)
+    # Private and ours (made 0700 if missing), before anything in it is read or written.
+    workdir = Workdir(options.workdir, options.overlaydir, flag_prefix="-").ensure()
     tokens = TokenCache()
     image, layers = resolve.resolve_image(
-        ref, options.workdir, platform=platform, credentials=credentials,
+        ref, workdir, platform=platform, credentials=credentials,
         insecure=options.insecure, endpoint=endpoint, token_cache=tokens)
     log.info("%s: %d layers", image["reference"], len(layers))
 
-    workdir = Workdir(options.workdir, options.overlaydir)
     cached = None
     if options.mount and not options.validate_cache:
         cached = _extracted_from_cache(workdir, image, layers)
@@ -131,7 +132,7 @@ def pull(options, progress_for=None):
                                           progress_for)
     if options.mount:
         image["mount"] = mount.mount_image(image, layers, options.mount,
-                                           overlaydir=options.overlaydir, workdir=workdir.root,
+                                           overlaydir=options.overlaydir, workdir=workdir,
                                            read_only=options.read_only)
     if options.save_config:
         save_config(image, options.save_config)
@@ -170,7 +171,7 @@ def _fetch_and_unpack(options, workdir, credentials, tokens, image, layers, prog
     try:
         image = next(fetched)
         unpacked = unpack.unpack_plan(image, _noting_failures(fetched, fetch_failures),
-                                      workdir=workdir.root, overlaydir=options.overlaydir,
+                                      workdir=workdir, overlaydir=options.overlaydir,
                                       into=options.extract_to, open_stream=streams.open)
         for record in unpacked:
             done.append(record)

@@ -297,6 +297,7 @@ class Resolver:
     def resolve(self, reference, endpoint=None):
         """(image record, [layer records]) for a reference (text or Reference)."""
         ref = reference if isinstance(reference, Reference) else parse_reference(reference)
+        self.workdir.ensure()  # private and ours, before anything in it is read or written
         self._registry_host = ref.registry
         # Without a given endpoint it is found when first needed: a cached digest
         # reference needs none, a warm tag takes the remembered scheme for its HEAD.

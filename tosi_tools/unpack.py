@@ -33,7 +33,7 @@ import time
 from collections import deque
 
 from . import overlay, saferoot
-from .cache import Workdir, file_lock
+from .cache import Workdir, file_lock, require_cached, workdir_for
 from .digest import Digest
 from .errors import CacheError, DigestMismatch, PlanError, UnpackError, UsageError
 
@@ -81,7 +81,10 @@ def _open_blob(workdir, record, stream, open_stream=None):
     if stream is not None:
         yield stream
         return
-    with open(blob_path(workdir, record), "rb", buffering=0) as f:
+    path = blob_path(workdir, record)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with open(fd, "rb", buffering=0) as f:
+        require_cached(path, os.fstat(fd), f"cached blob of layer {_layer_name(record)}")
         yield f
 
 
@@ -107,6 +110,8 @@ def apply_layers_into(target, layer_records, workdir=None, open_stream=None, lim
 
     check_into_target(target)
     workdir = _workdir(workdir)
+    if open_stream is None:
+        workdir.check()  # the blobs come from the cache: it must be ours
     limits = limits or layer_mod.Limits.from_env()
     os.makedirs(target, exist_ok=True)
     applied = 0
@@ -213,11 +218,15 @@ def _check_extracted(final, record, diff_id):
     `record` states, through the digest recorded when it was extracted."""
     if diff_id is None:
         return
+    path = final + ".diffid"
     try:
-        with open(final + ".diffid") as f:
-            recorded = f.read().strip()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
         recorded = ""
+    else:
+        with open(fd) as f:
+            require_cached(path, os.fstat(fd), "diffID record")
+            recorded = f.read().strip()
     if not recorded.startswith(f"{diff_id.algorithm}:"):
         log.info("layer %s: no %s digest of %s recorded; its diffID is not checked",
                  _layer_name(record), diff_id.algorithm, final)
@@ -274,13 +283,12 @@ def extract_layer_to_overlay(workdir, layer_record, stream=None, limits=None, op
     replaces the cached blob; neither is used when the layer is already extracted.
     A layer whose content does not hash to its diffID is not published.
     """
-    workdir = _workdir(workdir)
+    workdir = _workdir(workdir).ensure()
     diff_id = diff_id_of(layer_record)
-    os.makedirs(workdir.overlays, exist_ok=True)
     digest = Digest(layer_record["digest"])
     final = workdir.overlay_path(digest)
     with file_lock(final + ".lock"):
-        if not os.path.isdir(final):
+        if not _extracted(final, layer_record):
             from . import layer as layer_mod
 
             _remove_stale_temps(workdir, digest.hex)
@@ -306,6 +314,19 @@ def extract_layer_to_overlay(workdir, layer_record, stream=None, limits=None, op
     return dict(layer_record, overlay=final, link=short)
 
 
+def _extracted(final, record):
+    """Whether the layer's overlay dir is there; one that tosi did not make is refused."""
+    try:
+        st = os.lstat(final)
+    except FileNotFoundError:
+        return False
+    require_cached(final, st, f"overlay dir of layer {_layer_name(record)}")
+    if not os.path.isdir(final):
+        raise CacheError(f"overlay dir of layer {_layer_name(record)}: {final} is not a "
+                         "directory; remove it")
+    return True
+
+
 def _default_parallel():
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
@@ -314,7 +335,7 @@ def extract_layers_to_overlays(workdir, layer_records, parallel=None, limits=Non
     """Extract layers in parallel; yields the enriched records in plan order as they finish."""
     from . import layer as layer_mod
 
-    workdir = _workdir(workdir)
+    workdir = _workdir(workdir).ensure()
     limits = limits or layer_mod.Limits.from_env()
     parallel = parallel or _default_parallel()
     remove_abandoned_temps(workdir)
@@ -353,12 +374,15 @@ def unpack_plan(image, layer_records, workdir=None, overlaydir=None, into=None, 
 
     With `into`, sets image["rootfs"] (call before writing the image record;
     the target is checked at once) and applies the layers into it; otherwise
-    extracts each layer under the overlay directory. `open_stream(record)`, if
+    extracts each layer under the overlay directory. `workdir` is a Workdir or a
+    path; without it, the plan's workdir is used if it is a tosi workdir
+    (cache.workdir_for). `open_stream(record)`, if
     given, returns the layer blob as a binary stream (a download in flight, say)
     instead of the cached file.
     """
-    wd = Workdir(workdir or image.get("workdir") or Workdir().root, overlaydir)
+    wd = workdir_for(workdir, image, overlaydir)
     if into:
+        wd.check()
         check_into_target(into)
         image["rootfs"] = os.path.abspath(into)
         return apply_layers_into(image["rootfs"], layer_records, wd, open_stream, limits)

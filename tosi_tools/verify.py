@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from .digest import verify_file
 from .errors import CacheError, DigestMismatch
+from .ownership import make_own_dir
 
 DEFAULT_PARALLEL = min(4, os.cpu_count() or 1)
 
@@ -51,7 +52,9 @@ def digest_check(workdir, digest):
 def verify_blobs(workdir, checks, parallel=DEFAULT_PARALLEL):
     """Yield each BlobCheck, in order, once verified; failures carry `.error` (a
     CacheError), and a corrupt blob has been moved to the quarantine directory.
-    A blob named twice is hashed once; the later check has `.same_as` set."""
+    A blob named twice is hashed once; the later check has `.same_as` set.
+    The workdir is checked first (cache.Workdir.check): it must be private and ours."""
+    workdir.check()
     with ThreadPoolExecutor(max_workers=max(parallel, 1), thread_name_prefix="tosi-verify") as pool:
         first = {}
         futures = []
@@ -84,7 +87,7 @@ def _verify(workdir, check):
 
 
 def _quarantine(workdir, path):
-    os.makedirs(workdir.quarantine, exist_ok=True)
+    make_own_dir(workdir.quarantine, 0o700, "quarantine directory")
     target = os.path.join(workdir.quarantine, os.path.basename(path))
     try:
         os.replace(path, target)

@@ -2,7 +2,8 @@
 
 Exit status (the same for every command, see the man pages):
   0 success; 1 operational failure (registry, network, digest, cache, unpack, mount);
-  2 usage error (bad flags, bad reference, malformed plan on stdin); 130 interrupted.
+  2 usage error (bad flags, bad reference, malformed plan on stdin, an unsafe path such
+  as a workdir another user could have made); 130 interrupted.
 """
 
 import argparse
@@ -127,10 +128,11 @@ def not_yet_implemented(prog):
     return body
 
 
-def plan_workdir(flag, image=None):
+def plan_workdir(flag, image=None, overlaydir=None):
     """The workdir a plan-reading stage uses: --workdir, else the one the plan names
-    (where resolve cached manifests and configs), else $TOSI_WORKDIR or /tmp/tosi.
+    (where resolve cached manifests and configs; used only if it holds the marker
+    .tosi-workdir, see tosi_tools.cache), else $TOSI_WORKDIR or /tmp/tosi.
     Pair with add_workdir_flag() and parser.set_defaults(workdir=None)."""
-    from ..cache import DEFAULT_WORKDIR, Workdir
+    from ..cache import DEFAULT_WORKDIR, workdir_for
 
-    return Workdir(flag or (image or {}).get("workdir") or os.environ.get("TOSI_WORKDIR") or DEFAULT_WORKDIR)
+    return workdir_for(flag, image, overlaydir, default=os.environ.get("TOSI_WORKDIR") or DEFAULT_WORKDIR)

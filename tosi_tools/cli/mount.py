@@ -60,7 +60,7 @@ def body(argv):
     image = dict(reader.image)
     image["mount"] = mount.mount_image(
         image, layers, args.mountpoint, overlaydir=args.overlaydir,
-        workdir=plan_workdir(args.workdir, image).root,
+        workdir=plan_workdir(args.workdir, image),
         read_only=args.read_only, keep_upper=args.keep_upper)
     PlanWriter(sys.stdout).write_plan(image, layers)
     return 0

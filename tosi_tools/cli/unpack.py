@@ -59,8 +59,7 @@ def body(argv):
         check_into_target(args.into)  # before reading anything, so a mistake costs nothing
     reader = PlanReader(sys.stdin)
     image = reader.image
-    records = unpack_plan(image, reader, workdir=plan_workdir(args.workdir, image).root,
-                          overlaydir=args.overlaydir,
+    records = unpack_plan(image, reader, workdir=plan_workdir(args.workdir, image, args.overlaydir),
                           into=args.into, parallel=args.parallel)
     PlanWriter(sys.stdout).write_plan(image, records)
     return 0

@@ -17,7 +17,11 @@ Every missing or corrupt blob is reported on stderr, one line each; a corrupt
 blob is moved to <workdir>/quarantine so the next tosi-fetch downloads it again.
 """
 
-EPILOG = "exit status: 0 all blobs verified; 1 a blob is missing or corrupt; 2 bad flags or input.\n"
+EPILOG = """\
+exit status: 0 all blobs verified; 1 a blob is missing or corrupt, or there is no
+workdir; 2 bad flags or input, or an unsafe workdir (not private, not yours, or
+named only by the plan and not a tosi workdir: pass --workdir).
+"""
 
 
 def build_parser():
@@ -42,7 +46,7 @@ def _verify_plan(lines, workdir_flag, report):
     reader = PlanReader(lines)
     image = reader.image
     layers = reader.layers()
-    workdir = plan_workdir(workdir_flag, image)
+    workdir = plan_workdir(workdir_flag, image).check()
     checks = [layer_check(workdir, record) for record in layers]
     # Each record goes out once its blob verified: the image record with its config.
     outputs = list(layers)
@@ -68,8 +72,9 @@ def _verify_digests(lines, workdir_flag, report):
     from ..plan import read_digest_list
     from ..verify import digest_check, verify_blobs
 
-    workdir = plan_workdir(workdir_flag)
-    checks = [digest_check(workdir, d) for d in read_digest_list(lines)]
+    digests = list(read_digest_list(lines))  # a malformed list is refused first
+    workdir = plan_workdir(workdir_flag).check()
+    checks = [digest_check(workdir, d) for d in digests]
     good = True
     for check in verify_blobs(workdir, checks):
         if check.ok:
