@@ -442,7 +442,7 @@ def _cached(download):
         st = os.lstat(download.final_path)
     except FileNotFoundError:
         return False
-    require_cached(download.final_path, st, f"cached blob of {download.what}")
+    require_cached(download.final_path, st, "cached blob")
     return True
 
 

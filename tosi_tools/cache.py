@@ -168,13 +168,13 @@ class Workdir:
             self._check_named_root()
         else:
             self._make_parents(self.root, "workdir")
-            make_own_dir(self.root, 0o700, "workdir", self._fix("workdir"))
+            self._make_dir(self.root, "workdir", "workdir")
         for path in self._subdirs():
-            make_own_dir(path, 0o700, self._what(path), self._fix("workdir"))
+            self._make_dir(path, self._what(path), "workdir")
         if self._separate_overlays():
             self._safe_ancestors(self.overlays, "overlay directory")
             self._make_parents(self.overlays, "overlay directory")
-            make_own_dir(self.overlays, 0o700, "overlay directory", self._fix("overlaydir"))
+            self._make_dir(self.overlays, "overlay directory", "overlaydir")
         self._write_marker()
         self._gate = "ensured"
         return self
@@ -218,6 +218,15 @@ class Workdir:
     def _check_dir(self, path, st, what, flag):
         ours = stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid()
         check_own_dir_stat(path, st, what, self._fix(flag, ours))
+
+    def _make_dir(self, path, what, flag):
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            # Made 0700; a name someone made meanwhile is checked by make_own_dir.
+            make_own_dir(path, 0o700, what, self._fix(flag))
+        else:
+            self._check_dir(path, st, what, flag)
 
     def _check_if_there(self, path, what, flag):
         try:

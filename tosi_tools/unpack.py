@@ -84,7 +84,7 @@ def _open_blob(workdir, record, stream, open_stream=None):
     path = blob_path(workdir, record)
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     with open(fd, "rb", buffering=0) as f:
-        require_cached(path, os.fstat(fd), f"cached blob of layer {_layer_name(record)}")
+        require_cached(path, os.fstat(fd), "cached blob")
         yield f
 
 
@@ -320,7 +320,7 @@ def _extracted(final, record):
         st = os.lstat(final)
     except FileNotFoundError:
         return False
-    require_cached(final, st, f"overlay dir of layer {_layer_name(record)}")
+    require_cached(final, st, "overlay dir")
     if not os.path.isdir(final):
         raise CacheError(f"overlay dir of layer {_layer_name(record)}: {final} is not a "
                          "directory; remove it")
