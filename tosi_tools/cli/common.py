@@ -47,12 +47,34 @@ def new_parser(prog, description, epilog=None):
     return parser
 
 
-def add_workdir_flag(parser):
+def add_workdir_flag(parser, from_plan=False):
+    """--workdir; `from_plan`: for a stage that reads a plan, whose workdir is the
+    default (resolved by plan_workdir, so the flag's own default is None)."""
+    if from_plan:
+        parser.add_argument(
+            "--workdir", default=None, metavar="DIR",
+            help="cache directory for manifests, configs, layers and overlays (default: the "
+            "plan's workdir, which must be a tosi workdir; if it names none, $TOSI_WORKDIR "
+            "or /tmp/tosi)",
+        )
+        return
     parser.add_argument(
         "--workdir", default=os.environ.get("TOSI_WORKDIR", "/tmp/tosi"), metavar="DIR",
         help="cache directory for manifests, configs, layers and overlays "
         "(default: $TOSI_WORKDIR or /tmp/tosi)",
     )
+
+
+def exit_status_epilog(prog, failure, reads_plan=False):
+    """The exit statuses, as the end of a --help epilog; `failure`: what exit 1 means."""
+    import textwrap
+
+    unsafe = "not private or not yours" + (
+        ", or named by the plan and not a tosi workdir" if reads_plan else "")
+    return textwrap.fill(
+        f"exit status: 0 success; 1 {failure}; 2 bad flags or input, or an unsafe workdir "
+        f"({unsafe}: see FILES in {prog}(1)); 130 interrupted.", 79, break_on_hyphens=False,
+        break_long_words=False) + "\n"
 
 
 def add_credential_flags(parser):
@@ -132,7 +154,7 @@ def plan_workdir(flag, image=None, overlaydir=None):
     """The workdir a plan-reading stage uses: --workdir, else the one the plan names
     (where resolve cached manifests and configs; used only if it holds the marker
     .tosi-workdir, see tosi_tools.cache), else $TOSI_WORKDIR or /tmp/tosi.
-    Pair with add_workdir_flag() and parser.set_defaults(workdir=None)."""
+    Pair with add_workdir_flag(parser, from_plan=True)."""
     from ..cache import DEFAULT_WORKDIR, workdir_for
 
     return workdir_for(flag, image, overlaydir, default=os.environ.get("TOSI_WORKDIR") or DEFAULT_WORKDIR)

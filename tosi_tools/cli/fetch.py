@@ -4,8 +4,8 @@ import sys
 import threading
 
 from .common import (
-    add_credential_flags, add_workdir_flag, new_parser, password_from_stdin, plan_workdir, run,
-    setup_logging,
+    add_credential_flags, add_workdir_flag, exit_status_epilog, new_parser, password_from_stdin,
+    plan_workdir, run, setup_logging,
 )
 
 PROG = "tosi-fetch"
@@ -26,17 +26,15 @@ EPILOG = """\
 With --password-stdin the first line of stdin is the password and the plan follows.
 Credentials otherwise come from TOSI_USERNAME/TOSI_PASSWORD or ~/.docker/config.json.
 
-exit status: 0 every blob is cached; 1 a download failed; 2 bad flags or a malformed plan.
 """
 
 
 def build_parser():
     from ..fetch import DEFAULT_PARALLEL, DEFAULT_RETRIES
 
-    parser = new_parser(PROG, DESCRIPTION, EPILOG)
-    add_workdir_flag(parser)
-    # The plan names the workdir resolve used; an explicit flag overrides it.
-    parser.set_defaults(workdir=None)
+    parser = new_parser(PROG, DESCRIPTION, EPILOG + "\n" + exit_status_epilog(
+        PROG, "a download failed", reads_plan=True))
+    add_workdir_flag(parser, from_plan=True)  # the plan's workdir unless the flag is given
     parser.add_argument("--parallel", type=int, default=DEFAULT_PARALLEL, metavar="N",
                         help=f"download N blobs at once (default {DEFAULT_PARALLEL}; 0: one per layer)")
     parser.add_argument("--validate-cache", action="store_true",

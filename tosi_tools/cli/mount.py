@@ -3,7 +3,7 @@
 import sys
 
 from ..errors import UsageError
-from .common import new_parser, plan_workdir, run, setup_logging
+from .common import exit_status_epilog, new_parser, plan_workdir, run, setup_logging
 
 PROG = "tosi-mount"
 
@@ -17,14 +17,18 @@ With --unmount, undo such a mount (no plan is read)."""
 EPILOG = """\
 examples:
   tosi-resolve alpine | tosi-fetch | tosi-unpack | tosi-mount /run/rootfs
-  tosi-mount --unmount --clean /run/rootfs"""
+  tosi-mount --unmount --clean /run/rootfs
+
+""" + exit_status_epilog(PROG, "the mount failed (privilege, mount point, missing layers)",
+                                  reads_plan=True)
 
 
 def build_parser():
     parser = new_parser(PROG, DESCRIPTION, EPILOG)
     parser.add_argument("--workdir", metavar="DIR",
                         help="the cache the plan was unpacked in (default: the plan's "
-                        "workdir, else $TOSI_WORKDIR or /tmp/tosi)")
+                        "workdir, which must be a tosi workdir; if it names none, "
+                        "$TOSI_WORKDIR or /tmp/tosi)")
     parser.add_argument("--overlaydir", metavar="DIR",
                         help="where the layers' overlay dirs and short links are "
                         "(default: from the plan, else <workdir>/overlays)")

@@ -4,7 +4,8 @@ import os
 import sys
 
 from .common import (
-    add_credential_flags, add_workdir_flag, new_parser, password_from_stdin, run, setup_logging,
+    add_credential_flags, add_workdir_flag, exit_status_epilog, new_parser, password_from_stdin, run,
+    setup_logging,
 )
 
 PROG = "tosi-resolve"
@@ -42,7 +43,9 @@ def credentials_and_transport(args, registry):
 
 
 def _parser():
-    parser = new_parser(PROG, DESCRIPTION, epilog="See tosi-resolve(1) and tosi-plan(5).")
+    epilog = "See tosi-resolve(1) and tosi-plan(5).\n\n" + exit_status_epilog(
+        PROG, "the registry, network or cache failed")
+    parser = new_parser(PROG, DESCRIPTION, epilog=epilog)
     add_workdir_flag(parser)
     parser.add_argument("--platform", metavar="OS/ARCH[/VARIANT]",
                         help="platform to pick from an index (default: this machine's)")

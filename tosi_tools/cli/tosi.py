@@ -14,7 +14,7 @@ from typing import NamedTuple
 from .. import __version__
 from ..cache import DEFAULT_WORKDIR
 from ..errors import UsageError
-from .common import EXIT_OK, run, setup_logging
+from .common import EXIT_OK, exit_status_epilog, run, setup_logging
 
 PROG = "tosi"
 
@@ -118,8 +118,9 @@ def help_text():
         lines.append(f"  -{flag.name}" + (f" {flag.metavar}" if flag.metavar else ""))
         lines.append(textwrap.fill(flag.help + _default_note(flag), 79, initial_indent=" " * 8,
                                    subsequent_indent=" " * 8))
-    lines += ["  -h, -help", "        Print this help and exit.", "", EXAMPLES]
-    return "\n".join(lines) + "\n"
+    lines += ["  -h, -help", "        Print this help and exit.", "", EXAMPLES, "",
+              exit_status_epilog(PROG, "the registry, network, cache, unpack or mount failed")]
+    return "\n".join(lines)
 
 
 def parse_flags(argv):

@@ -2,7 +2,7 @@
 
 import sys
 
-from .common import add_workdir_flag, new_parser, plan_workdir, run, setup_logging
+from .common import add_workdir_flag, exit_status_epilog, new_parser, plan_workdir, run, setup_logging
 
 PROG = "tosi-unpack"
 
@@ -24,7 +24,9 @@ EPILOG = """\
 environment:
   TOSI_MAX_LAYER_BYTES    cap on the decompressed size of one layer (default 64 GiB)
   TOSI_MAX_LAYER_ENTRIES  cap on the entries of one layer (default 10000000)
-"""
+
+""" + exit_status_epilog(PROG, "a layer could not be extracted (missing blob, bad diffID, I/O)",
+                                  reads_plan=True)
 
 
 def _positive(text):
@@ -41,8 +43,7 @@ def _positive(text):
 
 def body(argv):
     parser = new_parser(PROG, DESCRIPTION, EPILOG)
-    add_workdir_flag(parser)
-    parser.set_defaults(workdir=None)
+    add_workdir_flag(parser, from_plan=True)  # the plan's workdir unless the flag is given
     parser.add_argument("--overlaydir", metavar="DIR",
                         help="where per-layer directories go (default: WORKDIR/overlays)")
     parser.add_argument("--into", metavar="DIR",

@@ -3,7 +3,9 @@
 import itertools
 import sys
 
-from .common import EXIT_FAILURE, add_workdir_flag, new_parser, plan_workdir, run, setup_logging
+from .common import (
+    EXIT_FAILURE, add_workdir_flag, exit_status_epilog, new_parser, plan_workdir, run, setup_logging,
+)
 
 PROG = "tosi-verify"
 
@@ -17,18 +19,13 @@ Every missing or corrupt blob is reported on stderr, one line each; a corrupt
 blob is moved to <workdir>/quarantine so the next tosi-fetch downloads it again.
 """
 
-EPILOG = """\
-exit status: 0 all blobs verified; 1 a blob is missing or corrupt, or there is no
-workdir; 2 bad flags or input, or an unsafe workdir (not private, not yours, or
-named only by the plan and not a tosi workdir: pass --workdir).
-"""
+EPILOG = exit_status_epilog(PROG, "a blob is missing or corrupt, or there is no workdir",
+                            reads_plan=True)
 
 
 def build_parser():
     parser = new_parser(PROG, DESCRIPTION, EPILOG)
-    add_workdir_flag(parser)
-    # The plan names the workdir resolve used; an explicit flag overrides it.
-    parser.set_defaults(workdir=None)
+    add_workdir_flag(parser, from_plan=True)  # the plan's workdir unless the flag is given
     return parser
 
 
