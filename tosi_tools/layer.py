@@ -620,7 +620,9 @@ class _Applier:
         """LayerStats.implicit_dirs: every ancestor of a placed entry, the root too, that no entry named."""
         found = {()}
         for parent in self.parents:
-            found.update(parent[:i] for i in range(1, len(parent) + 1))
+            while parent not in found:  # up to the first ancestor met already: linear in depth
+                found.add(parent)
+                parent = parent[:-1]
         return sorted(found - self.named_dirs - self.new_dirs)
 
     def finish(self):
