@@ -229,10 +229,11 @@ def test_tree_of_holds_every_path_and_its_ancestors_once():
     assert [c.name for c in nodes[("a",)].children] == ["b"]
 
 
-@pytest.fixture
-def deep_tree(tmp_path):
-    """_deep_tree(tmp_path), removed afterwards (pytest's own cleanup recurses once per level)."""
-    top = _deep_tree(str(tmp_path))
+@pytest.fixture(scope="module")
+def deep_tree(tmp_path_factory):
+    """One _deep_tree for the walks, which leave it as it is; removed afterwards (pytest's own
+    cleanup recurses once per level)."""
+    top = _deep_tree(str(tmp_path_factory.mktemp("walked")))
     yield top
     saferoot.remove_tree(top)
 
