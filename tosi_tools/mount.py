@@ -90,12 +90,16 @@ def _implicit_dirs(layer_dir):
     for name in names:
         if name == b".":
             found.add("")
-        elif name and not _ODD_COMPONENTS.intersection(name.split(b"/")):
-            found.add(os.fsdecode(name))  # tosi wrote them canonical; others are no directory
+        elif name and _canonical(name):
+            found.add(os.fsdecode(name))  # unpack wrote them canonical; others are no directory
     return frozenset(found)
 
 
-_ODD_COMPONENTS = frozenset((b"", b".", b".."))
+def _canonical(name):
+    """Whether a relative name has no empty, "." or ".." component (without splitting it)."""
+    return not (name in (b".", b"..") or name.startswith((b"/", b"./", b"../"))
+                or name.endswith((b"/", b"/.", b"/..")) or b"//" in name or b"/./" in name
+                or b"/../" in name)
 
 
 def _split_path(path):
