@@ -1,5 +1,6 @@
 """saferoot: names resolve inside the root as if it were "/", and no metadata call goes through a symlink."""
 
+import errno
 import os
 import stat
 
@@ -215,3 +216,96 @@ def test_open_canonical_dir_of_a_file_or_nothing_is_none(tmp_path):
     with SafeRoot(str(tmp_path)) as root:
         assert root.open_canonical_dir(("f",)) is None
         assert root.open_canonical_dir(("missing", "x")) is None
+
+
+# ---------------------------------------------------------------- walking a tree of names
+
+
+def test_tree_of_holds_every_path_and_its_ancestors_once():
+    tree, nodes = saferoot.tree_of([("a", "b", "c"), ("a",), ("x", "y"), ("a", "b", "c")], (),
+                                   lambda p: (p[:-1], p[-1]))
+    assert sorted(nodes) == [(), ("a",), ("a", "b"), ("a", "b", "c"), ("x",), ("x", "y")]
+    assert nodes[()] is tree and [c.name for c in tree.children] == ["a", "x"]
+    assert [c.name for c in nodes[("a",)].children] == ["b"]
+
+
+@pytest.fixture(scope="module")
+def deep_tree(tmp_path_factory):
+    """One _deep_tree for the walks, which leave it as it is; removed afterwards (pytest's own
+    cleanup recurses once per level)."""
+    top = _deep_tree(str(tmp_path_factory.mktemp("walked")))
+    yield top
+    saferoot.remove_tree(top)
+
+
+def _chain_tree(depth):
+    tree, nodes = saferoot.tree_of([("d",) * depth], (), lambda p: (p[:-1], p[-1]))
+    for parts, node in nodes.items():
+        node.data = len(parts)
+    return tree
+
+
+def test_walk_tree_leaves_the_deepest_first_and_the_root_last(deep_tree):
+    top = deep_tree
+    left = []
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        saferoot.walk_tree(fd, _chain_tree(DEEP), saferoot.open_dir_at_node,
+                           lambda here, node: left.append((node.data, os.fstat(here).st_ino)))
+    finally:
+        os.close(fd)
+    assert [depth for depth, _ in left] == list(range(DEEP, -1, -1))
+    assert left[-1][1] == os.stat(top).st_ino and len({ino for _, ino in left}) == DEEP + 1
+
+
+def test_walk_tree_holds_a_bounded_number_of_handles(deep_tree):
+    import resource
+    top = deep_tree
+    seen = []
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    try:
+        saferoot.walk_tree(fd, _chain_tree(DEEP), saferoot.open_dir_at_node,
+                           lambda here, node: seen.append(node.data))
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        os.close(fd)
+    assert len(seen) == DEEP + 1
+
+
+def test_walk_tree_skips_what_is_not_a_real_directory(tmp_path):
+    (tmp_path / "t" / "b").mkdir(parents=True)
+    (tmp_path / "a").symlink_to("t")
+    (tmp_path / "f").write_text("x")
+    (tmp_path / "real" / "b").mkdir(parents=True)
+    tree, nodes = saferoot.tree_of([("a", "b"), ("f", "b"), ("missing", "b"), ("real", "b")], (),
+                                   lambda p: (p[:-1], p[-1]))
+    for parts, node in nodes.items():
+        node.data = parts
+    left = []
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        saferoot.walk_tree(fd, tree, saferoot.open_dir_at_node, lambda here, node: left.append(node.data))
+    finally:
+        os.close(fd)
+    assert left == [("real", "b"), ("real",), ()]
+
+
+def test_walk_tree_refuses_to_climb_into_a_directory_that_moved(tmp_path):
+    top = _deep_tree(str(tmp_path), depth=12)
+    moved = []
+
+    def leave(here, node):
+        if node.data == 12 and not moved:  # swap a closed ancestor for another directory
+            os.rename(os.path.join(top, "d", "d"), os.path.join(tmp_path, "away"))
+            os.mkdir(os.path.join(top, "d", "d"))
+            moved.append(True)
+
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(OSError) as caught:
+            saferoot.walk_tree(fd, _chain_tree(12), saferoot.open_dir_at_node, leave, keep_open=4)
+    finally:
+        os.close(fd)
+    assert caught.value.errno == errno.EBUSY

@@ -620,25 +620,38 @@ class _Applier:
         """LayerStats.implicit_dirs: every ancestor of a placed entry, the root too, that no entry named."""
         found = {()}
         for parent in self.parents:
-            found.update(parent[:i] for i in range(1, len(parent) + 1))
+            while parent not in found:  # up to the first ancestor met already: linear in depth
+                found.add(parent)
+                parent = parent[:-1]
         return sorted(found - self.named_dirs - self.new_dirs)
 
     def finish(self):
         """Directory modes and mtimes: of a directory named twice, the last entry's.
 
-        (Any order does: chmod and utime of a directory leave its parent's mtime alone.)
+        One walk down from the root through open handles, deepest first (any order
+        would do: chmod and utime of a directory leave its parent's mtime alone), so
+        it costs one open per directory however deep they nest.
         """
         last = {fix.parts: fix for fix in self.fixups}
-        for fix in last.values():
-            # Never through a symlink: one may have replaced the directory since.
-            fd = self.root.open_canonical_dir(fix.parts)
-            if fd is None:
-                continue  # replaced or deleted later in the layer
-            try:
+        if not last:
+            return
+        tree, nodes = saferoot.tree_of(last, (), _split_parts)
+        for parts, fix in last.items():
+            nodes[parts].data = fix
+
+        def apply(fd, node):
+            fix = node.data
+            if fix is not None:
                 os.fchmod(fd, fix.mode)
                 os.utime(fd, ns=(fix.mtime_ns, fix.mtime_ns))
-            finally:
-                os.close(fd)
+
+        # Never through a symlink: one may have replaced a directory since (then
+        # what was below it is not this layer's to fix either).
+        saferoot.walk_tree(self.root.fd, tree, saferoot.open_dir_at_node, apply)
+
+
+def _split_parts(parts):
+    return parts[:-1], parts[-1]
 
 
 def _write_all(fd, data):

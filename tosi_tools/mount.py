@@ -83,81 +83,170 @@ def lowerdirs(layers, overlaydir):
 
 
 def _implicit_dirs(layer_dir):
+    """The layer's implicit directories, as "/"-joined names ("" for its root)."""
     try:
         with open(layer_dir + overlay.IMPLICIT_SUFFIX, "rb") as f:
             names = f.read().split(b"\0")
     except FileNotFoundError:
         return frozenset()
-    return frozenset(() if n == b"." else tuple(os.fsdecode(n).split("/")) for n in names if n)
+    found = set()
+    for name in names:
+        if name == b".":
+            found.add("")
+        elif name and _canonical(name):
+            found.add(os.fsdecode(name))  # unpack wrote them canonical; others are no directory
+    return frozenset(found)
 
 
-def _lstat(layer_dir, parts):
-    try:
-        return os.lstat(os.path.join(layer_dir, *parts))
-    except (FileNotFoundError, NotADirectoryError):
-        return None
+def _canonical(name):
+    """Whether a relative name has no empty, "." or ".." component (without splitting it)."""
+    return not (name in (b".", b"..") or name.startswith((b"/", b"./", b"../"))
+                or name.endswith((b"/", b"/.", b"/..")) or b"//" in name or b"/./" in name
+                or b"/../" in name)
 
 
-def _is_opaque(layer_dir, parts):
-    try:
-        return os.getxattr(os.path.join(layer_dir, *parts), overlay.OPAQUE_XATTR,
-                           follow_symlinks=False) == b"y"
-    except OSError:
-        return False
+def _split_path(path):
+    parent, _, name = path.rpartition("/")
+    return parent, name
 
 
-def _shadowed(parts, st):
+def _shadowed(path, st):
     if not overlay.is_whiteout(st):
         log.warning("/%s is a %s in a lower layer, and a directory in a layer above that does "
                     "not name it: overlayfs shows the directory, an -extractto tree does not",
-                    "/".join(parts), "symlink" if stat.S_ISLNK(st.st_mode) else "file")
+                    path, "symlink" if stat.S_ISLNK(st.st_mode) else "file")
 
 
-def _attributes_from(dirs, implicit, parts):
-    """(layer index, lstat) of the entry whose attributes the view must show at `parts`,
+def _dir_state(fd):
+    """(fstat, opaque, xattrs to copy) of an open directory of a layer."""
+    try:
+        opaque = os.getxattr(fd, overlay.OPAQUE_XATTR) == b"y"
+    except OSError:
+        opaque = False
+    try:
+        keys = os.listxattr(fd)
+    except OSError:
+        keys = ()
+    xattrs = tuple((key, os.getxattr(fd, key)) for key in keys
+                   if not key.startswith(overlay.OVERLAY_XATTR_PREFIXES))
+    return os.fstat(fd), opaque, xattrs
+
+
+def _walk_layer(layer_dir, index, tree):
+    """Record in each node of `tree` what layer `index` has at its path: a directory's
+    _dir_state, (lstat, False, ()) for anything else, None for nothing (or nothing
+    reachable: below a missing entry or a non-directory). One open per directory, each
+    from its parent's handle: no path is resolved twice, and none is too long."""
+
+    def enter(parent_fd, node):
+        try:
+            fd = os.open(node.name, saferoot.DIR_FLAGS, dir_fd=parent_fd)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                raise
+            st = saferoot.lstat_at(parent_fd, node.name)
+            if st is not None:
+                node.data[1][index] = (st, False, ())
+            return None
+        node.data[1][index] = _dir_state(fd)
+        return fd
+
+    fd = os.open(layer_dir, saferoot.DIR_FLAGS)
+    try:
+        tree.data[1][index] = _dir_state(fd)
+        saferoot.walk_tree(fd, tree, enter)
+    finally:
+        os.close(fd)
+
+
+def _attributes_from(path, states, context, implicit):
+    """(layer index, state) of the entry whose attributes the view must show at `path`,
     or None when the topmost layer holding it shows the right ones: it names the
-    directory, or what is below is deleted or hidden."""
+    directory, or what is below is deleted or hidden; and the (path, lstat) of a lower
+    non-directory that overlayfs shows as a directory (an -extractto tree does not), if any.
+
+    `states` are the layers' entries at `path` (topmost first), `context` per layer the
+    (path, lstat) of a non-directory above `path` or None, and whether a directory
+    above `path` (the root aside) is opaque."""
     top = None
-    for index, layer_dir in enumerate(dirs):
-        for depth in range(1, len(parts)):
-            above = _lstat(layer_dir, parts[:depth])
-            if above is not None and not stat.S_ISDIR(above.st_mode):
-                if top is not None:
-                    _shadowed(parts[:depth], above)
-                return None
-        st = _lstat(layer_dir, parts)
-        if st is not None:
-            if not stat.S_ISDIR(st.st_mode):
-                if top is not None:
-                    _shadowed(parts, st)
-                return None
-            if parts not in implicit[index]:
-                return None if top is None else (index, st)
+    for index, (state, (blocked, opaque_above)) in enumerate(zip(states, context)):
+        if blocked is not None:
+            return None, blocked if top is not None else None
+        if state is not None:
+            if not stat.S_ISDIR(state[0].st_mode):
+                return None, (path, state[0]) if top is not None else None
+            if path not in implicit[index]:
+                return (None if top is None else (index, state)), None
             if top is None:
                 top = index
-        if any(_is_opaque(layer_dir, parts[:depth]) for depth in range(1, len(parts))):
-            return None
-    return None
+        if opaque_above:
+            return None, None
+    return None, None
+
+
+def _context_below(path, states, context):
+    """The context (see _attributes_from) of the entries in the directory at `path`."""
+    below = []
+    for state, (blocked, opaque_above) in zip(states, context):
+        if blocked is None and state is not None:
+            if not stat.S_ISDIR(state[0].st_mode):
+                blocked = (path, state[0])
+            elif path and state[1]:
+                opaque_above = True
+        below.append((blocked, opaque_above))
+    return below
 
 
 def _attribute_fixes(dirs, implicit):
-    """{parts: (layer index, lstat)} for the implicit directories whose view is wrong, and
+    """{path: (layer index, state)} for the implicit directories whose view is wrong, and
     for their parents (the image's lowerdir holds them too, so it must say what the view
-    says), their own attributes where they are right."""
+    says), their own attributes where they are right.
+
+    Each layer is walked once, top-down, over the implicit directories and their
+    parents only; then one pass down that tree decides each of them from what the
+    layers hold there and above. Linear in their number times the layers, whatever
+    the depth."""
+    named = set().union(*implicit)
+    tree, nodes = saferoot.tree_of(named, "", _split_path)
+    for path, node in nodes.items():
+        node.data = (path, [None] * len(dirs))
+    for index, layer_dir in enumerate(dirs):
+        _walk_layer(layer_dir, index, tree)
+    decided = {}
+    stack = [(tree, [(None, False)] * len(dirs))]
+    while stack:
+        node, context = stack.pop()
+        path, states = node.data
+        decided[path] = _attributes_from(path, states, context, implicit)
+        if node.children:
+            below = _context_below(path, states, context)
+            stack.extend((child, below) for child in node.children)
+    warned = set()
+
+    def attributes(path):
+        found, shadowed = decided[path]
+        if shadowed is not None and shadowed[0] not in warned:
+            warned.add(shadowed[0])
+            _shadowed(*shadowed)
+        return found
+
     fixes = {}
-    for parts in sorted({p for names in implicit for p in names}, key=len):
-        found = _attributes_from(dirs, implicit, parts)
+    for path in sorted(named, key=len):
+        found = attributes(path)
         if found is not None:
-            fixes[parts] = found
-    for parts in list(fixes):
-        for depth in range(len(parts)):
-            above = parts[:depth]
-            if above not in fixes:
-                found = _attributes_from(dirs, implicit, above)
-                if found is None:
-                    index = next(i for i, d in enumerate(dirs) if _lstat(d, above) is not None)
-                    found = index, _lstat(dirs[index], above)
-                fixes[above] = found
+            fixes[path] = found
+    for path in list(fixes):  # shortest first: a parent met in fixes has all of its own
+        while path:
+            path = _split_path(path)[0]
+            if path in fixes:
+                break
+            found = attributes(path)
+            if found is None:
+                states = nodes[path].data[1]
+                found = next((i, s) for i, s in enumerate(states) if s is not None)
+            fixes[path] = found
     return fixes
 
 
@@ -189,13 +278,7 @@ def _attributes_lower(ovdir, lowers):
     tmp = os.path.join(ovdir, f"{name}.{secrets.token_hex(4)}")
     try:
         os.mkdir(tmp)
-        ordered = sorted(fixes, key=len)
-        for parts in ordered:
-            if parts:
-                os.mkdir(os.path.join(tmp, *parts))
-        for parts in reversed(ordered):  # deepest first: a mkdir below changes a parent's mtime
-            _copy_attributes(os.path.join(dirs[fixes[parts][0]], *parts), os.path.join(tmp, *parts),
-                             fixes[parts][1])
+        _make_tree(tmp, fixes)
         os.rename(tmp, final)
     except OSError as exc:
         saferoot.remove_tree(tmp)
@@ -208,13 +291,31 @@ def _attributes_lower(ovdir, lowers):
     return name
 
 
-def _copy_attributes(source, target, st):
-    for key in os.listxattr(source, follow_symlinks=False):
-        if not key.startswith(overlay.OVERLAY_XATTR_PREFIXES):
-            os.setxattr(target, key, os.getxattr(source, key, follow_symlinks=False))
-    os.chown(target, st.st_uid, st.st_gid)
-    os.chmod(target, stat.S_IMODE(st.st_mode))
-    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+def _make_tree(top, fixes):
+    """The directories of `fixes` (a tree: every parent is in it) in `top`, with their
+    attributes, deepest first (a mkdir below changes a parent's mtime)."""
+    tree, nodes = saferoot.tree_of(fixes, "", _split_path)
+    for path, found in fixes.items():
+        nodes[path].data = found[1]
+
+    def make(parent_fd, node):
+        os.mkdir(node.name, 0o700, dir_fd=parent_fd)
+        return os.open(node.name, saferoot.DIR_FLAGS, dir_fd=parent_fd)
+
+    fd = os.open(top, saferoot.DIR_FLAGS)
+    try:
+        saferoot.walk_tree(fd, tree, make, _copy_attributes)
+    finally:
+        os.close(fd)
+
+
+def _copy_attributes(fd, node):
+    st, _opaque, xattrs = node.data
+    for key, value in xattrs:
+        os.setxattr(fd, key, value)
+    os.fchown(fd, st.st_uid, st.st_gid)
+    os.fchmod(fd, stat.S_IMODE(st.st_mode))
+    os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 def _is_empty_dir(path):

@@ -23,7 +23,8 @@ from .errors import UnsafeEntry
 
 MAX_SYMLINKS = 40
 DIR_CACHE_SIZE = 128
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# How a directory is opened here: never through a symlink (ELOOP), never a non-directory (ENOTDIR).
+DIR_FLAGS = _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NOT_A_DIR = (errno.ELOOP, errno.ENOTDIR)
 
 
@@ -249,6 +250,23 @@ class SafeRoot:
                 os.close(fd)
 
 
+def open_dir_at(dir_fd, name):
+    """A new fd of `name` in `dir_fd` if it is a real directory (never through a symlink), else None."""
+    try:
+        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno in _NOT_A_DIR:
+            return None
+        raise
+
+
+def open_dir_at_node(dir_fd, node):
+    """open_dir_at for walk_tree: a Node's directory in its parent's, if a real directory."""
+    return open_dir_at(dir_fd, node.name)
+
+
 def lstat_at(dir_fd, name):
     """os.lstat of `name` in `dir_fd`, or None when it does not exist."""
     try:
@@ -364,3 +382,90 @@ def remove_tree(path):
         remove_tree_at(parent_fd, name)
     finally:
         os.close(parent_fd)
+
+
+# ---------------------------------------------------------------- walking trees
+
+
+class Node:
+    """A directory in a tree of names to walk: its name in its parent, its children, the caller's data."""
+
+    __slots__ = ("name", "children", "data")
+
+    def __init__(self, name, data=None):
+        self.name = name
+        self.children = []
+        self.data = data
+
+
+def tree_of(paths, root_key, split):
+    """(root Node, {path: Node}) for `paths` and every ancestor of theirs.
+
+    `split(path)` gives (parent path, name); `root_key` is the root's path (the
+    empty tuple or string). Each path costs a lookup of its parent, not a walk
+    from the root, so a chain of n nested paths makes its tree in O(n) steps.
+    """
+    root = Node(None)
+    nodes = {root_key: root}
+    for path in paths:
+        if path in nodes:
+            continue
+        missing = []
+        while path not in nodes:
+            missing.append(path)
+            path = split(path)[0]
+        node = nodes[path]
+        for path in reversed(missing):
+            child = Node(split(path)[1])
+            node.children.append(child)
+            nodes[path] = child
+            node = child
+    return root, nodes
+
+
+def walk_tree(top_fd, root, enter, leave=None, keep_open=_KEEP_OPEN):
+    """Walk the directories of a tree of Nodes below `top_fd` (the root Node's directory),
+    top-down, each through its parent's handle: a whole walk costs one open per directory,
+    whatever the depth, and never resolves a path from the root again.
+
+    enter(parent fd, node) opens a child's directory and returns its fd (the walk
+    closes it) or None to skip it and everything below it. leave(fd, node) runs
+    once a node's subtree is done, so deepest first, the root last (with a copy of
+    top_fd). At most `keep_open` handles are held whatever the depth: deeper ones
+    close, and the walk climbs back through "..", refusing (EBUSY) a directory that
+    is not the one it left.
+    """
+    # [fd or None, node, children iterator, (st_dev, st_ino) once closed]
+    stack = [[os.dup(top_fd), root, iter(root.children), None]]
+    try:
+        while stack:
+            here = stack[-1]
+            child = next(here[2], None)
+            if child is not None:
+                fd = enter(here[0], child)
+                if fd is None:
+                    continue
+                stack.append([fd, child, iter(child.children), None])
+                if len(stack) > keep_open:
+                    far = stack[-keep_open - 1]
+                    if far[0] is not None:
+                        far[3] = _identity(far[0])
+                        os.close(far[0])
+                        far[0] = None
+                continue
+            if len(stack) > 1 and stack[-2][0] is None:
+                parent = os.open("..", _DIR_FLAGS, dir_fd=here[0])
+                if _identity(parent) != stack[-2][3]:
+                    os.close(parent)
+                    raise OSError(errno.EBUSY, "directory moved while being walked", here[1].name)
+                stack[-2][0] = parent
+            stack.pop()
+            try:
+                if leave is not None:
+                    leave(here[0], here[1])
+            finally:
+                os.close(here[0])
+    finally:
+        for entry in stack:
+            if entry[0] is not None:
+                os.close(entry[0])
