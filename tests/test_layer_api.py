@@ -198,7 +198,8 @@ def test_unpack_plan_reads_blobs_from_open_stream_when_given(tmp_path, into):
     records = [new_layer_record(i, lay.descriptor()) for i, lay in enumerate(layers)]  # no cache paths
     image = new_image_record(workdir=str(tmp_path / "wd"), layerCount=2)
     target = str(tmp_path / "rootfs") if into else None
-    out = list(unpack.unpack_plan(image, iter(records), into=target,
+    # The workdir is named, not taken from the plan: a plan's is used only if it is a tosi workdir.
+    out = list(unpack.unpack_plan(image, iter(records), workdir=str(tmp_path / "wd"), into=target,
                                   open_stream=lambda record: io.BytesIO(blobs[record["digest"]])))
     trees = [target] if into else [r["overlay"] for r in out]
     assert sorted(n for tree in trees for n in os.listdir(tree)) == ["a", "b"]

@@ -382,7 +382,8 @@ def unpack_plan(image, layer_records, workdir=None, overlaydir=None, into=None, 
     """
     wd = workdir_for(workdir, image, overlaydir)
     if into:
-        wd.check()
+        if open_stream is None:
+            wd.check()  # at once: the blobs come from the cache
         check_into_target(into)
         image["rootfs"] = os.path.abspath(into)
         return apply_layers_into(image["rootfs"], layer_records, wd, open_stream, limits)
