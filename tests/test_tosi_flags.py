@@ -16,14 +16,15 @@ VALUE_FLAGS = {
     "workdir": "/tmp/w", "overlaydir": "/tmp/o", "saveconfig": "/tmp/c.json",
     "parallel-downloads": "8", "username": "me", "password": "secret", "url": "http://h:5",
     "v": "2", "vmodule": "pull=3", "log_dir": "/tmp/logs", "stderrthreshold": "INFO",
-    "log_backtrace_at": "pull.go:42", "platform": "linux/arm64/v8",
+    "log_backtrace_at": "pull.go:42", "platform": "linux/arm64/v8", "mount-option": "nosuid,noexec",
 }
 BOOL_FLAGS = ["validate-cache", "version", "logtostderr", "alsologtostderr", "password-stdin",
-              "insecure", "progress", "read-only"]
+              "insecure", "progress", "read-only", "keep-root-mode"]
 
 
 def parsed(value, flag):
-    return int(value) if cli.FLAG_BY_NAME[flag].kind == cli.INT else value
+    kind = cli.FLAG_BY_NAME[flag].kind
+    return int(value) if kind == cli.INT else (value,) if kind == cli.LIST else value
 
 
 def test_every_original_and_new_flag_is_defined():

@@ -86,6 +86,14 @@ class LayerStats:
     # ./ entry, parents of entries, an opaque marker's directory), as canonical
     # tuples: the mount shows the lower layers' attributes for them.
     implicit_dirs: list = None
+    # What makes a tree dangerous to hand to other users, counted from the tar
+    # headers: setuid/setgid regular files, and character/block devices made.
+    setuid_files: int = 0
+    devices: int = 0
+    # With hold_root: the mode and mtime (ns) the layer's last "./" entry gives the
+    # root, left for the caller to apply (None: the layer has no such entry).
+    root_mode: int = None
+    root_mtime_ns: int = None
 
 
 @dataclass
@@ -114,6 +122,9 @@ class _Applier:
     # Whether a parent directory hands its group to new files (setgid), by canonical path.
     setgid_dirs: dict = field(default_factory=dict)
     ids: tuple = ()  # our euid and egid: a new file's owner unless told otherwise
+    # Leave the root's mode and mtime to the caller (LayerStats.root_mode), who keeps
+    # the root private until the whole image is in it.
+    hold_root: bool = False
     # Small files go to the C writer thread once a layer has shown it has many
     # (see filewriter); None: not started yet, False: not to be used.
     writer: object = None
@@ -225,6 +236,9 @@ class _Applier:
                 raise self.fail(name, "only a directory can stand for the root")
             # The target itself: whatever other xattrs it has are not the layer's to drop.
             self.fix_dir(os.dup(self.root.fd), (), member, xattrs, name, existed=False)
+            if self.hold_root:
+                fix = self.fixups.pop()
+                self.stats.root_mode, self.stats.root_mtime_ns = fix.mode, fix.mtime_ns
             return
         if member.type == tarstream.LNK:
             # Resolved before placing the new name, whose lookup may evict the target's handle.
@@ -236,9 +250,13 @@ class _Applier:
             finally:
                 os.close(source[0])
             return
-        if member.type in _NODE_TYPES and _NODE_TYPES[member.type] != stat.S_IFIFO and not self.as_root:
-            self.stats.skipped_devices += 1
-            return
+        if member.type in _NODE_TYPES and _NODE_TYPES[member.type] != stat.S_IFIFO:
+            if not self.as_root:
+                self.stats.skipped_devices += 1
+                return
+            self.stats.devices += 1
+        elif member.type == tarstream.REG and member.mode & 0o6000:
+            self.stats.setuid_files += 1
         dir_fd, base, canonical = self.place(parts, name)
         if self.has_lower:
             self.touch(canonical + (base,))
@@ -698,7 +716,8 @@ def diff_id_mismatch(layer_name, actual, stated):
                           f"config says diffID {stated}")
 
 
-def apply_layer(root, stream, media_type, mode=FLAT, layer_name="layer", limits=None, diff_id=None):
+def apply_layer(root, stream, media_type, mode=FLAT, layer_name="layer", limits=None, diff_id=None,
+                hold_root=False):
     """Apply the layer blob read from `stream` (any binary reader) to `root`.
 
     `root` is a SafeRoot or a directory path. Returns LayerStats. Raises
@@ -707,6 +726,8 @@ def apply_layer(root, stream, media_type, mode=FLAT, layer_name="layer", limits=
     and DigestMismatch when the whole decompressed stream (what follows the
     tar's end marker included) does not hash to `diff_id` (None: not checked),
     in which case the root holds the layer's entries all the same.
+    With `hold_root`, a "./" entry's mode and mtime are not applied to the root but
+    reported (LayerStats.root_mode, root_mtime_ns); its owner and xattrs are.
     """
     global _said_not_root
     if mode not in (FLAT, OVERLAY):
@@ -717,7 +738,7 @@ def apply_layer(root, stream, media_type, mode=FLAT, layer_name="layer", limits=
     as_root = running_as_root()
     has_lower = mode == FLAT and bool(os.listdir(safe.fd))
     applier = _Applier(safe, mode, layer_name, limits, as_root, current_umask(), has_lower,
-                       ids=(os.geteuid(), os.getegid()))
+                       ids=(os.geteuid(), os.getegid()), hold_root=hold_root)
     algorithm = Digest(diff_id).algorithm if diff_id is not None else "sha256"
     hasher = hashlib.new(algorithm)
     data = open_layer(stream, media_type, f"layer {layer_name}", limits.max_bytes, hasher)

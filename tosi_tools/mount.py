@@ -11,9 +11,9 @@ import logging
 import os
 import stat
 
-from . import overlay, saferoot
+from . import overlay, ownership, saferoot
 from .cache import DEFAULT_WORKDIR, Workdir, require_cached, workdir_for
-from .errors import MountError, PlanError
+from .errors import MountError, PlanError, UnsafePath, UsageError
 
 log = logging.getLogger("tosi.mount")
 
@@ -323,33 +323,155 @@ def _is_empty_dir(path):
         return next(entries, None) is None
 
 
-def _prepare_dir(path, what):
-    """Create `path` if missing; returns True if it was created here."""
+# ---------------------------------------------------------------- side directories
+#
+# The mount point, <mount point>.upper and <mount point>.work usually sit in a place
+# other users can write (/tmp): they may have made any of these names first, as a
+# symlink to a directory of root's or as a directory full of their own files. Each
+# is therefore looked at with lstat / O_NOFOLLOW, never through a symlink, and used
+# only when it is a real directory that is ours; their parent must be one where
+# nobody else can swap them (ownership.require_safe_ancestors).
+#
+# Two marks say what tosi made, as trusted.* xattrs, which only CAP_SYS_ADMIN can
+# set (mounting needs it too), so another user cannot forge them:
+# - MADE_XATTR on a mount point tosi created: --unmount --clean removes only such a
+#   mount point (one the user made stays);
+# - UPPER_XATTR on an upperdir tosi made, holding the mount point's path: its root
+#   takes the image root's owner and mode (_inherit_root), so that ownership alone
+#   cannot tell it is ours. It lives in overlayfs' private trusted.overlay.* space,
+#   which the mount never shows.
+
+MADE_XATTR = "trusted.tosi.made"
+UPPER_XATTR = "trusted.overlay.tosi.upper"
+_DIR_NOFOLLOW = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_SIDE_FIX = ("another user may have made it: remove it, or choose another mount point "
+             "(tosi never follows or reuses a name beside a mount point that is not its own)")
+
+
+def _lstat_or_none(path):
     try:
-        os.mkdir(path, 0o755)
-        return True
-    except FileExistsError:
-        if not os.path.isdir(path):
-            raise MountError(f"{what} {path} exists and is not a directory") from None
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
+
+
+def _refuse_kind(path, st, what):
+    """UnsafePath for a name that is not a real directory."""
+    kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a directory"
+    raise UnsafePath(f"{what} {path} is {kind}; {_SIDE_FIX}", path=path)
+
+
+def _open_side_dir(path, what):
+    """An O_NOFOLLOW fd on the directory `path` (UnsafePath for anything else)."""
+    try:
+        return os.open(path, _DIR_NOFOLLOW)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            _refuse_kind(path, os.lstat(path), what)
+        raise
+
+
+def _mark(fd, key, value):
+    try:
+        os.setxattr(fd, key, value)
+    except OSError as exc:
+        log.debug("cannot set %s (%s): what tosi made is not recorded", key, exc.strerror)
+
+
+def _has_mark(fd, key, value):
+    try:
+        return os.getxattr(fd, key) == value
+    except OSError:
         return False
 
 
-def _inherit_root(upper, top_lower):
+def _check_upper(upper, fd, st, target):
+    """An existing upperdir is ours: marked by tosi for this mount point, or a directory
+    of ours only we can write (an upperdir prepared by hand, or by an older tosi)."""
+    if not stat.S_ISDIR(st.st_mode):
+        _refuse_kind(upper, st, "upperdir")
+    if _has_mark(fd, UPPER_XATTR, os.fsencode(target)):
+        return
+    ownership.check_own_dir_stat(upper, st, "upperdir", _SIDE_FIX)
+
+
+def _check_side_dirs(target, upper, work):
+    """Refuse an upper or work dir beside `target` that is not ours (nothing is changed)."""
+    st = _lstat_or_none(upper)
+    if st is not None:
+        if not stat.S_ISDIR(st.st_mode):
+            _refuse_kind(upper, st, "upperdir")
+        fd = _open_side_dir(upper, "upperdir")
+        try:
+            _check_upper(upper, fd, os.fstat(fd), target)
+        finally:
+            os.close(fd)
+    st = _lstat_or_none(work)
+    if st is not None:
+        ownership.check_own_dir_stat(work, st, "overlay work dir", _SIDE_FIX)
+
+
+def _prepare_mount_point(target):
+    """Create the mount point (marked as tosi's) or check the one there; True if made."""
+    try:
+        os.mkdir(target, 0o700)
+    except FileExistsError:
+        _check_mount_point(target)
+        return False
+    fd = os.open(target, _DIR_NOFOLLOW)
+    try:
+        ownership.check_own_dir_stat(target, os.fstat(fd), "mount point", _SIDE_FIX)
+        os.fchmod(fd, 0o755)
+        _mark(fd, MADE_XATTR, b"mountpoint")
+    finally:
+        os.close(fd)
+    return True
+
+
+def _prepare_upper(upper, target):
+    """(fd, created) of the upperdir: made here (0700, marked) or an existing one of ours."""
+    created = True
+    try:
+        os.mkdir(upper, 0o700)
+    except FileExistsError:
+        created = False
+    fd = _open_side_dir(upper, "upperdir")
+    try:
+        st = os.fstat(fd)
+        if created:
+            ownership.check_own_dir_stat(upper, st, "upperdir", _SIDE_FIX)
+            _mark(fd, UPPER_XATTR, os.fsencode(target))
+        else:
+            _check_upper(upper, fd, st, target)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, created
+
+
+def _inherit_root(upper_fd, top_lower):
     """Give a fresh upperdir the mode and owner of the top layer's root, as containerd's
     overlay snapshotter does: the upperdir's root is the mounted root, and mkdir's 0755
-    root:root would hide what the layer's "./" entry said."""
+    root:root would hide what the layer's "./" entry said. Through the upperdir's fd,
+    never a path another user could have swapped for a symlink."""
     st = os.stat(top_lower)
-    os.chown(upper, st.st_uid, st.st_gid)
-    os.chmod(upper, stat.S_IMODE(st.st_mode))
+    os.fchown(upper_fd, st.st_uid, st.st_gid)
+    os.fchmod(upper_fd, stat.S_IMODE(st.st_mode))
 
 
 def _check_mount_point(target):
+    st = _lstat_or_none(target)
+    if st is not None and stat.S_ISLNK(st.st_mode):
+        _refuse_kind(target, st, "mount point")
     if os.path.ismount(target) or overlay.mount_at(target):
         raise MountError(f"{target} is already a mount point; "
                          f"unmount it first (tosi-mount --unmount {target})")
-    if os.path.lexists(target):
-        if not os.path.isdir(target) or os.path.islink(target):
+    if st is not None:
+        if not stat.S_ISDIR(st.st_mode):
             raise MountError(f"mount point {target} exists and is not a directory")
+        if st.st_uid != os.geteuid():
+            raise UnsafePath(f"mount point {target} is owned by uid {st.st_uid}, not by uid "
+                             f"{os.geteuid()}; {_SIDE_FIX}", path=target)
         if not _is_empty_dir(target):
             raise MountError(f"mount point {target} is not empty")
 
@@ -360,20 +482,79 @@ def _require_privilege():
                          "as root, or unpack a flat tree with tosi-unpack --into instead")
 
 
-def check_mountable(target, read_only=False, keep_upper=False):
-    """Everything that can be refused before any work: privilege, a mount point that
-    holds a mount or is not an empty directory, a leftover upperdir."""
-    target, upper, _work = side_dirs(target)
+# ---------------------------------------------------------------- mount options
+#
+# The generic per-mount flags as mount(8) names them, by group; a later one of a group wins.
+_OPTIONS = {
+    "nosuid": "suid", "suid": "suid",
+    "nodev": "dev", "dev": "dev",
+    "noexec": "exec", "exec": "exec",
+    "noatime": "atime", "relatime": "atime", "strictatime": "atime",
+    "nodiratime": "diratime", "diratime": "diratime",
+}
+
+
+def parse_mount_options(texts):
+    """{group: option} of what `texts` (comma-separated lists) ask for; UsageError for
+    an option tosi does not pass on."""
+    chosen = {}
+    for text in texts or ():
+        for name in text.split(","):
+            name = name.strip()
+            if not name:
+                continue
+            if name in ("ro", "rw"):
+                raise UsageError(f"mount option {name!r}: use --read-only (tosi: -read-only) "
+                                 "for a read-only mount")
+            if name not in _OPTIONS:
+                raise UsageError(f"unknown mount option {name!r}; known: {', '.join(_OPTIONS)}")
+            chosen[_OPTIONS[name]] = name
+    return chosen
+
+
+def mount_flags(target, options=()):
+    """(the VFS flags the mount at `target` gets, a warning or None).
+
+    Where other users can reach the mount point (its parent chain grants them search),
+    the image's setuid files and device nodes would work for them: the mount is then
+    nosuid,nodev, as fstab's `user` option makes it, unless `options` say suid or dev,
+    which earns a warning."""
+    target = os.path.abspath(target)
+    chosen = parse_mount_options(options)
+    reachable = ownership.reachable_by_others(os.path.dirname(target))
+    if reachable:
+        chosen.setdefault("suid", "nosuid")
+        chosen.setdefault("dev", "nodev")
+    flags = [name for name in overlay.VFS_FLAGS if name in chosen.values()]
+    lifted = [chosen[group] for group in ("suid", "dev") if chosen.get(group) == group]
+    warning = None
+    if reachable and lifted:
+        what = " and ".join({"suid": "setuid files", "dev": "devices"}[name] for name in lifted)
+        warning = (f"{target} is reachable by other users and mounted with {','.join(lifted)}: "
+                   f"the image's {what} work for them")
+    return flags, warning
+
+
+def check_mountable(target, read_only=False, keep_upper=False, mount_options=()):
+    """Everything that can be refused before any work: privilege, bad mount options, a
+    mount point in a place others can swap, one that holds a mount or is not an empty
+    directory of ours, an upper or work dir that is not ours, a leftover upperdir."""
+    target, upper, work = side_dirs(target)
+    parse_mount_options(mount_options)
     _require_privilege()
+    ownership.require_safe_ancestors(target, "mount point")
     _check_mount_point(target)
-    if not read_only and os.path.isdir(upper) and not _is_empty_dir(upper) and not keep_upper:
+    if read_only:
+        return
+    _check_side_dirs(target, upper, work)
+    if os.path.lexists(upper) and not _is_empty_dir(upper) and not keep_upper:
         raise MountError(
             f"{upper} holds the changes of an earlier mount; mount with them with "
             f"tosi-mount --keep-upper, or discard them with tosi-mount --unmount --clean {target}")
 
 
 def mount_image(image, layers, target, overlaydir=None, workdir=None, read_only=False,
-                keep_upper=False, api="auto"):
+                keep_upper=False, api="auto", mount_options=()):
     """Mount the plan's layers at `target`; returns the image record's "mount" field.
 
     `workdir` is a Workdir or a path; without it, the plan's workdir is used if it
@@ -381,6 +562,7 @@ def mount_image(image, layers, target, overlaydir=None, workdir=None, read_only=
     (cache.Workdir.check) before anything in them is looked at."""
     target, upper, work = side_dirs(target)
     _require_privilege()
+    flags, warning = mount_flags(target, mount_options)
     for layer in layers:  # a plan never unpacked is told so before the workdir is looked at
         if layer.get("link") is None and layer.get("overlay") is None:
             raise _not_unpacked(layer)
@@ -390,25 +572,29 @@ def mount_image(image, layers, target, overlaydir=None, workdir=None, read_only=
     lowers = lowerdirs(layers, ovdir)
     if not lowers:
         raise MountError("the image has no layers to mount")
-    check_mountable(target, read_only, keep_upper)
+    check_mountable(target, read_only, keep_upper, mount_options)
     attributes = _attributes_lower(ovdir, lowers)
     if attributes is not None:
         lowers.insert(0, attributes)
     if read_only and len(lowers) == 1:
-        empty = os.path.join(ovdir, EMPTY_LOWER)
-        os.makedirs(empty, exist_ok=True)
+        ownership.make_own_dir(os.path.join(ovdir, EMPTY_LOWER), 0o755, "empty lowerdir")
         lowers.append(EMPTY_LOWER)
     created = []
+    upper_fd = None
     try:
-        for path, what in ((target, "mount point"),) + (
-                () if read_only else ((upper, "upperdir"), (work, "workdir"))):
-            if _prepare_dir(path, what):
-                created.append(path)
-        if not read_only and _is_empty_dir(upper):
-            _inherit_root(upper, os.path.join(ovdir, lowers[0]))
+        if _prepare_mount_point(target):
+            created.append(target)
+        if not read_only:
+            upper_fd, made = _prepare_upper(upper, target)
+            if made:
+                created.append(upper)
+            if ownership.make_own_dir(work, 0o700, "overlay work dir", _SIDE_FIX):
+                created.append(work)
+            if _is_empty_dir(upper):
+                _inherit_root(upper_fd, os.path.join(ovdir, lowers[0]))
         used = overlay.mount_overlay(
             target, lowers, None if read_only else upper, None if read_only else work,
-            relative_to=ovdir, read_only=read_only, api=api)
+            relative_to=ovdir, read_only=read_only, api=api, flags=flags)
     except BaseException:
         for path in reversed(created):
             try:
@@ -416,15 +602,86 @@ def mount_image(image, layers, target, overlaydir=None, workdir=None, read_only=
             except OSError:
                 pass
         raise
-    log.info("mounted %d layers at %s with %s", len(layers), target,
-             "mount(2)" if used == "mount" else "the new mount API")
+    finally:
+        if upper_fd is not None:
+            os.close(upper_fd)
+    log.info("mounted %d layers at %s with %s%s", len(layers), target,
+             "mount(2)" if used == "mount" else "the new mount API",
+             f" ({','.join(flags)})" if flags else "")
+    if warning:
+        log.warning("%s", warning)
     return {
         "target": target,
         "upper": None if read_only else upper,
         "work": None if read_only else work,
         "readOnly": bool(read_only),
         "overlaydir": ovdir,
+        "options": flags,
     }
+
+
+def _remove_side_dir(parent_fd, path, what, target):
+    """Remove `path` (in the directory `parent_fd`) if it is a directory tosi made for
+    `target`; returns None, or why it was left alone."""
+    name = os.path.basename(path)
+    try:
+        fd = os.open(name, _DIR_NOFOLLOW, dir_fd=parent_fd)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise
+        st = os.lstat(name, dir_fd=parent_fd)
+        return f"{what} {path} is {'a symlink' if stat.S_ISLNK(st.st_mode) else 'not a directory'}"
+    try:
+        st = os.fstat(fd)
+        ours = st.st_uid == os.geteuid() or (
+            what == "upperdir" and _has_mark(fd, UPPER_XATTR, os.fsencode(target)))
+    finally:
+        os.close(fd)
+    if not ours:
+        return f"{what} {path} is owned by uid {st.st_uid}, not by uid {os.geteuid()}"
+    saferoot.remove_tree_at(parent_fd, name)
+    return None
+
+
+def _clean(target, upper, work):
+    """--clean: remove the upper and work dirs and the mount point tosi made, nothing else."""
+    ownership.require_safe_ancestors(target, "mount point")
+    try:
+        parent_fd = os.open(os.path.dirname(target), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        left = [(path, why) for path, why in (
+            (upper, _remove_side_dir(parent_fd, upper, "upperdir", target)),
+            (work, _remove_side_dir(parent_fd, work, "overlay work dir", target))) if why]
+        name = os.path.basename(target)
+        try:
+            fd = os.open(name, _DIR_NOFOLLOW, dir_fd=parent_fd)
+        except OSError:
+            fd = None  # gone, or not a directory: nothing of ours
+        if fd is not None:
+            try:
+                made = (os.fstat(fd).st_uid == os.geteuid()
+                        and _has_mark(fd, MADE_XATTR, b"mountpoint"))
+            finally:
+                os.close(fd)
+            if made:
+                try:
+                    os.rmdir(name, dir_fd=parent_fd)
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                        raise
+                    log.warning("mount point %s is not empty: left in place", target)
+            else:
+                log.info("mount point %s was not made by tosi: left in place", target)
+    finally:
+        os.close(parent_fd)
+    if left:
+        raise UnsafePath("; ".join(why for _, why in left) + ": not made by tosi, so left alone "
+                         "(another user may have made it); remove it yourself if it is yours",
+                         path=left[0][0])
 
 
 def unmount_image(target, clean=False):
@@ -450,9 +707,5 @@ def unmount_image(target, clean=False):
         if detached:
             raise MountError(f"{target} is still in use, so its upper and work dirs "
                              "were kept; run --clean again once nothing uses it")
-        for path in (upper, work):
-            if os.path.lexists(path):
-                saferoot.remove_tree(path)
-        if os.path.isdir(target) and not os.path.islink(target) and _is_empty_dir(target):
-            os.rmdir(target)
+        _clean(target, upper, work)
     return detached

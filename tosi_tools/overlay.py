@@ -38,6 +38,18 @@ MAX_LAYERS = 500  # OVL_MAX_STACK in the kernel
 
 MS_RDONLY = 1
 MNT_DETACH = 2
+# The generic per-mount (VFS) flags a caller may ask for by name, as mount(8) spells
+# them: (mount(2) MS_* flag, fsmount(2) MOUNT_ATTR_* flag). relatime is fsmount's
+# default atime mode (MOUNT_ATTR_RELATIME is 0).
+VFS_FLAGS = {
+    "nosuid": (2, 0x02),
+    "nodev": (4, 0x04),
+    "noexec": (8, 0x08),
+    "noatime": (1024, 0x10),
+    "nodiratime": (2048, 0x80),
+    "relatime": (1 << 21, 0x00),
+    "strictatime": (1 << 24, 0x20),
+}
 FSOPEN_CLOEXEC = 1
 FSCONFIG_SET_STRING = 1
 FSCONFIG_CMD_CREATE = 6
@@ -135,14 +147,28 @@ def _permission_hint(code):
     return ""
 
 
+def vfs_flags(flags):
+    """(MS_* bits for mount(2), MOUNT_ATTR_* bits for fsmount(2)) of VFS_FLAGS names."""
+    ms = attrs = 0
+    for name in flags:
+        try:
+            bits = VFS_FLAGS[name]
+        except KeyError:
+            raise MountError(f"unknown mount flag {name!r}") from None
+        ms |= bits[0]
+        attrs |= bits[1]
+    return ms, attrs
+
+
 def mount_overlay(target, lowerdirs, upperdir=None, workdir=None, relative_to=None,
-                  read_only=False, api="auto"):
+                  read_only=False, api="auto", flags=()):
     """Mount overlayfs at `target` (absolute); returns the API used: "mount" or "fsmount".
 
     `lowerdirs` are topmost first; relative ones are looked up in `relative_to`.
     `upperdir`/`workdir` are absolute or both None (a read-only overlay).
     api: "auto" (mount(2) when the options fit in a page, else the new API),
-    "mount" or "fsmount".
+    "mount" or "fsmount". `flags`: names from VFS_FLAGS ("nosuid", "nodev", ...),
+    the mount's per-mount flags with either API.
     """
     if not lowerdirs:
         raise MountError("an overlay needs at least one lower layer")
@@ -150,6 +176,7 @@ def mount_overlay(target, lowerdirs, upperdir=None, workdir=None, relative_to=No
         raise MountError(f"{len(lowerdirs)} layers: overlayfs stacks at most {MAX_LAYERS}")
     if (upperdir is None) != (workdir is None):
         raise MountError("upperdir and workdir go together")
+    ms_flags, attr_flags = vfs_flags(flags)
     options = option_string(lowerdirs, upperdir, workdir)
     if api == "auto":
         api = "mount" if fits_in_page(options) else "fsmount"
@@ -159,18 +186,18 @@ def mount_overlay(target, lowerdirs, upperdir=None, workdir=None, relative_to=No
                 f"the mount options for {len(lowerdirs)} layers take {len(options)} bytes, "
                 f"more than mount(2) accepts in one page ({page_size()})")
         with _inside(relative_to):
-            _mount_legacy(target, options, read_only)
+            _mount_legacy(target, options, read_only, ms_flags)
     elif api == "fsmount":
         with _inside(relative_to):
             _mount_new_api(target, lowerdirs, upperdir, workdir, read_only,
-                           len(os.fsencode(options)))
+                           len(os.fsencode(options)), attr_flags)
     else:
         raise ValueError(f"unknown mount api {api!r}")
     return api
 
 
-def _mount_legacy(target, options, read_only):
-    flags = MS_RDONLY if read_only else 0
+def _mount_legacy(target, options, read_only, ms_flags=0):
+    flags = (MS_RDONLY if read_only else 0) | ms_flags
     rc = _lib().mount(OVERLAY.encode(), os.fsencode(target), OVERLAY.encode(), flags,
                       os.fsencode(options))
     if rc != 0:
@@ -220,16 +247,18 @@ def _fsconfig_path(path, held):
     return f"/proc/self/fd/{fd}"
 
 
-def _mount_new_api(target, lowerdirs, upperdir, workdir, read_only, option_bytes):
+def _mount_new_api(target, lowerdirs, upperdir, workdir, read_only, option_bytes, attr_flags=0):
     held = []
     try:
-        _mount_new_api_fds(target, lowerdirs, upperdir, workdir, read_only, option_bytes, held)
+        _mount_new_api_fds(target, lowerdirs, upperdir, workdir, read_only, option_bytes, held,
+                           attr_flags)
     finally:
         for fd in held:
             os.close(fd)
 
 
-def _mount_new_api_fds(target, lowerdirs, upperdir, workdir, read_only, option_bytes, held):
+def _mount_new_api_fds(target, lowerdirs, upperdir, workdir, read_only, option_bytes, held,
+                       attr_flags=0):
     reason = new_api_unavailable_reason()
     if option_bytes >= page_size():
         why = (f"the mount options for {len(lowerdirs)} layers take {option_bytes} bytes, "
@@ -273,7 +302,7 @@ def _mount_new_api_fds(target, lowerdirs, upperdir, workdir, read_only, option_b
             detail = _kernel_messages(fs_fd)
             raise MountError(f"create overlay for {target}: {os.strerror(err)}"
                              + (f" ({detail})" if detail else "") + _permission_hint(err))
-        attrs = MOUNT_ATTR_RDONLY if read_only else 0
+        attrs = (MOUNT_ATTR_RDONLY if read_only else 0) | attr_flags
         mnt_fd, err = _syscall("fsmount", ctypes.c_int(fs_fd), ctypes.c_uint(FSMOUNT_CLOEXEC),
                                ctypes.c_uint(attrs))
         if mnt_fd is None:

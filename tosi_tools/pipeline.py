@@ -18,11 +18,12 @@ among them) cost more than the rest of such a run.
 import contextlib
 import logging
 import os
+import secrets
 from typing import NamedTuple, Optional
 
-from . import mount, resolve, unpack
+from . import mount, ownership, resolve, unpack
 from .auth import TokenCache, credentials_from_flags
-from .cache import DEFAULT_WORKDIR, Workdir, atomic_write
+from .cache import DEFAULT_WORKDIR, Workdir
 from .errors import TosiError, UsageError
 from .platform import parse_platform
 from .reference import parse_reference, reference_with_base_url
@@ -46,6 +47,8 @@ class PullOptions(NamedTuple):  # not a dataclass: importing dataclasses costs a
     platform: Optional[str] = None
     insecure: bool = False
     url: Optional[str] = None  # the original's deprecated -url: registry base URL
+    mount_options: tuple = ()  # -mount-option values (comma lists): see mount.mount_flags
+    keep_root_mode: bool = False  # -extractto: see unpack.apply_layers_into
 
 
 def preflight(options):
@@ -53,15 +56,16 @@ def preflight(options):
     if options.extract_to and options.mount:
         raise UsageError("-extractto and -mount are mutually exclusive")
     if options.extract_to:
-        try:
-            unpack.check_into_target(options.extract_to)
-        except UsageError as exc:
-            reason = str(exc).split(": ", 1)[-1]
-            raise UsageError(f"-extractto {options.extract_to}: {reason}") from None
+        unpack.check_into_target(options.extract_to, flag="-extractto")
+    elif options.keep_root_mode:
+        raise UsageError("-keep-root-mode goes with -extractto")
     if options.mount:
-        mount.check_mountable(options.mount, read_only=options.read_only)
-    elif options.read_only:
-        raise UsageError("-read-only goes with -mount")
+        mount.check_mountable(options.mount, read_only=options.read_only,
+                              mount_options=options.mount_options)
+    elif options.read_only or options.mount_options:
+        raise UsageError(f"-{'read-only' if options.read_only else 'mount-option'} goes with -mount")
+    if options.save_config:
+        check_save_config(options.save_config)
     platform = parse_platform(options.platform) if options.platform else None
     return platform
 
@@ -77,11 +81,40 @@ def reference_and_endpoint(options):
     return reference_with_base_url(options.image, url)
 
 
+def check_save_config(path):
+    """UnsafePath when -saveconfig's directory is one where another user could swap
+    what tosi writes (writable by others and not sticky, or owned by another user)."""
+    ownership.require_safe_ancestors(os.path.abspath(path), "-saveconfig file")
+
+
 def save_config(image, path):
-    """Write the image config's "config" object (as cached by resolve) to `path`, atomically."""
+    """Write the image config's "config" object (as cached by resolve) to `path`, atomically.
+
+    A new file is written beside `path` (O_CREAT|O_EXCL, so never through a symlink)
+    and renamed over it: whatever is at `path`, a symlink planted there included, is
+    replaced, never followed, and readers see the old file or the whole new one."""
+    path = os.path.abspath(path)
+    check_save_config(path)
     with open(image["config"]["savedConfig"], "rb") as f:
         data = f.read()
-    atomic_write(os.path.abspath(path), data)
+    directory, name = os.path.split(path)
+    os.makedirs(directory, exist_ok=True)
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        tmp = f".tmp-{name}-{secrets.token_hex(4)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o644, dir_fd=dir_fd)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                os.fchmod(f.fileno(), 0o644)
+            os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dir_fd)
+            raise
+    finally:
+        os.close(dir_fd)
 
 
 def _noting_failures(records, failures):
@@ -133,7 +166,8 @@ def pull(options, progress_for=None):
     if options.mount:
         image["mount"] = mount.mount_image(image, layers, options.mount,
                                            overlaydir=options.overlaydir, workdir=workdir,
-                                           read_only=options.read_only)
+                                           read_only=options.read_only,
+                                           mount_options=options.mount_options)
     if options.save_config:
         save_config(image, options.save_config)
     return image, layers
@@ -172,7 +206,8 @@ def _fetch_and_unpack(options, workdir, credentials, tokens, image, layers, prog
         image = next(fetched)
         unpacked = unpack.unpack_plan(image, _noting_failures(fetched, fetch_failures),
                                       workdir=workdir, overlaydir=options.overlaydir,
-                                      into=options.extract_to, open_stream=streams.open)
+                                      into=options.extract_to, open_stream=streams.open,
+                                      keep_root_mode=options.keep_root_mode)
         for record in unpacked:
             done.append(record)
     except TosiError as exc:

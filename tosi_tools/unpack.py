@@ -29,13 +29,14 @@ import fcntl
 import logging
 import os
 import secrets
+import stat
 import time
 from collections import deque
 
-from . import overlay, saferoot
+from . import overlay, ownership, saferoot
 from .cache import Workdir, file_lock, require_cached, workdir_for
 from .digest import Digest
-from .errors import CacheError, DigestMismatch, PlanError, UnpackError, UsageError
+from .errors import CacheError, DigestMismatch, PlanError, UnpackError, UnsafePath, UsageError
 
 log = logging.getLogger("tosi.unpack")
 
@@ -90,37 +91,105 @@ def _open_blob(workdir, record, stream, open_stream=None):
 
 # ---------------------------------------------------------------- --into
 
-def check_into_target(target):
-    """UsageError unless `target` is absent or an empty directory (nothing is touched)."""
-    if not os.path.lexists(target):
+def check_into_target(target, flag="--into"):
+    """UsageError unless `target` is absent or an empty directory of ours, below
+    directories nobody else can swap it in (nothing is touched); UnsafePath for a
+    symlink, a directory of another user's, or a parent others can write."""
+    ownership.require_safe_ancestors(target, f"{flag} target")
+    try:
+        st = os.lstat(target)
+    except FileNotFoundError:
         return
-    if not os.path.isdir(target) or os.path.islink(target):
-        raise UsageError(f"--into {target}: exists and is not a directory")
+    if stat.S_ISLNK(st.st_mode):
+        raise UnsafePath(f"{flag} {target}: is a symlink; tosi does not follow it (another "
+                         "user may have made it): remove it, or name a real directory",
+                         path=target)
+    if not stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"{flag} {target}: exists and is not a directory")
+    if st.st_uid != os.geteuid():
+        raise UnsafePath(f"{flag} {target}: is owned by uid {st.st_uid}, not by uid "
+                         f"{os.geteuid()} (another user may have made it): remove it, or "
+                         "choose another directory", path=target)
     if os.listdir(target):
-        raise UsageError(f"--into {target}: directory is not empty")
+        raise UsageError(f"{flag} {target}: directory is not empty")
 
 
-def apply_layers_into(target, layer_records, workdir=None, open_stream=None, limits=None):
+def _open_into_target(target, umask):
+    """Make `target` 0700 (created, or an empty directory of ours chmodded) and open it;
+    returns (SafeRoot, the mode the tree gets when no layer names its root)."""
+    check_into_target(target)
+    parent = os.path.dirname(target)
+    os.makedirs(parent, exist_ok=True)
+    try:
+        os.mkdir(target, 0o700)
+        default = 0o777 & ~umask  # what the directory had before tosi kept it private
+    except FileExistsError:
+        default = None
+    root = saferoot.SafeRoot(target)  # O_NOFOLLOW: a symlink swapped in is refused
+    try:
+        st = os.fstat(root.fd)
+        if st.st_uid != os.geteuid():
+            raise UnsafePath(f"--into {target}: is owned by uid {st.st_uid}, not by uid "
+                             f"{os.geteuid()}; remove it, or choose another directory",
+                             path=target)
+        os.fchmod(root.fd, 0o700)
+        if default is None:
+            default = stat.S_IMODE(st.st_mode)
+            if os.listdir(root.fd):  # filled between the check and the chmod
+                raise UsageError(f"--into {target}: directory is not empty")
+    except BaseException:
+        root.close()
+        raise
+    return root, default
+
+
+def _dangerous(setuid_files, devices):
+    said = []
+    if setuid_files:
+        said.append(f"{setuid_files} setuid/setgid file{'s' if setuid_files > 1 else ''}")
+    if devices:
+        said.append(f"{devices} device node{'s' if devices > 1 else ''}")
+    return " and ".join(said)
+
+
+def _finish_root(root, target, mode, setuid_files, devices, keep_root_mode):
+    """Give the target its image's root mode, unless that hands setuid files or devices
+    to other users (then it stays 0700, with a warning)."""
+    if (not keep_root_mode and (setuid_files or devices) and mode & 0o011
+            and ownership.reachable_by_others(os.path.dirname(target))):
+        log.warning("%s is reachable by other users and received %s: it stays 0700 instead "
+                    "of the image's %04o; --keep-root-mode (tosi: -keep-root-mode) gives it "
+                    "the image's mode", target, _dangerous(setuid_files, devices), mode)
+        return
+    os.fchmod(root.fd, mode)
+
+
+def apply_layers_into(target, layer_records, workdir=None, open_stream=None, limits=None,
+                      keep_root_mode=False):
     """Apply layers bottom first into `target`; yields each record with "applied": true.
 
     `open_stream(record)` may give the blob stream of a layer (default: the
     cache). On failure the error says how much of `target` was applied.
+    `target` is 0700 while the layers go in; at the end it gets the image's root mode,
+    unless other users can reach it and it received setuid/setgid files or devices
+    (see _finish_root) and `keep_root_mode` is false.
     """
     from . import layer as layer_mod
 
-    check_into_target(target)
     workdir = _workdir(workdir)
     if open_stream is None:
         workdir.check()  # the blobs come from the cache: it must be ours
     limits = limits or layer_mod.Limits.from_env()
-    os.makedirs(target, exist_ok=True)
-    applied = 0
+    target = os.path.abspath(target)
+    root, root_mode = _open_into_target(target, layer_mod.current_umask())
+    applied = setuid_files = devices = 0
     records = iter(layer_records)
-    with saferoot.SafeRoot(target) as root:
+    with root:
         while True:
             try:
                 record = next(records)
             except StopIteration:
+                _finish_root(root, target, root_mode, setuid_files, devices, keep_root_mode)
                 return
             except UsageError as exc:
                 raise UnpackError(f"{_partial(target, applied)}: {exc}") from exc
@@ -132,7 +201,13 @@ def apply_layers_into(target, layer_records, workdir=None, open_stream=None, lim
                 started = time.monotonic()
                 with _open_blob(workdir, record, None, open_stream) as blob:
                     stats = layer_mod.apply_layer(root, blob, record.get("mediaType"), layer_mod.FLAT,
-                                                  _layer_name(record), limits, diff_id)
+                                                  _layer_name(record), limits, diff_id,
+                                                  hold_root=True)
+                if stats.root_mode is not None:
+                    root_mode = stats.root_mode
+                    os.utime(root.fd, ns=(stats.root_mtime_ns, stats.root_mtime_ns))
+                setuid_files += stats.setuid_files
+                devices += stats.devices
                 _log_stats("applied", record, stats, started)
             except KeyboardInterrupt:
                 log.warning("%s", _partial(target, applied))
@@ -369,7 +444,7 @@ def _merged(record, future):
 # ---------------------------------------------------------------- the stage
 
 def unpack_plan(image, layer_records, workdir=None, overlaydir=None, into=None, parallel=None,
-                limits=None, open_stream=None):
+                limits=None, open_stream=None, keep_root_mode=False):
     """Unpack the layers of a plan; yields the enriched layer records in plan order.
 
     With `into`, sets image["rootfs"] (call before writing the image record;
@@ -378,7 +453,7 @@ def unpack_plan(image, layer_records, workdir=None, overlaydir=None, into=None, 
     path; without it, the plan's workdir is used if it is a tosi workdir
     (cache.workdir_for). `open_stream(record)`, if
     given, returns the layer blob as a binary stream (a download in flight, say)
-    instead of the cached file.
+    instead of the cached file. `keep_root_mode`: see apply_layers_into.
     """
     wd = workdir_for(workdir, image, overlaydir)
     if into:
@@ -386,6 +461,7 @@ def unpack_plan(image, layer_records, workdir=None, overlaydir=None, into=None, 
             wd.check()  # at once: the blobs come from the cache
         check_into_target(into)
         image["rootfs"] = os.path.abspath(into)
-        return apply_layers_into(image["rootfs"], layer_records, wd, open_stream, limits)
+        return apply_layers_into(image["rootfs"], layer_records, wd, open_stream, limits,
+                                 keep_root_mode)
     return extract_layers_to_overlays(wd, layer_records, parallel, limits, open_stream)
 

@@ -10,7 +10,9 @@ PROG = "tosi-mount"
 DESCRIPTION = """\
 Read a plan from tosi-unpack on stdin and mount the image's layers as overlayfs
 at MOUNTPOINT: the layers' short links are the lowerdirs (topmost first), and
-MOUNTPOINT.upper and MOUNTPOINT.work are the upper and work dirs. The plan goes
+MOUNTPOINT.upper and MOUNTPOINT.work are the upper and work dirs (each must be
+a real directory of yours, or is made). Where other users can reach MOUNTPOINT,
+the mount is nosuid,nodev unless --mount-option says suid or dev. The plan goes
 on to stdout with the image record's "mount" field added.
 With --unmount, undo such a mount (no plan is read)."""
 
@@ -36,11 +38,17 @@ def build_parser():
                         help="mount the lowerdirs only: no upper dir, writes fail")
     parser.add_argument("--keep-upper", action="store_true",
                         help="reuse a non-empty MOUNTPOINT.upper left by an earlier mount")
+    parser.add_argument("--mount-option", metavar="OPTS", action="append", default=[],
+                        dest="mount_options",
+                        help="per-mount flags, comma-separated, repeatable: nosuid/suid, "
+                        "nodev/dev, noexec/exec, noatime/relatime/strictatime, "
+                        "nodiratime/diratime (default: nosuid,nodev when other users can "
+                        "reach MOUNTPOINT, else none)")
     parser.add_argument("--unmount", action="store_true",
                         help="unmount the overlay at MOUNTPOINT instead of mounting")
     parser.add_argument("--clean", action="store_true",
-                        help="with --unmount: also remove MOUNTPOINT.upper, MOUNTPOINT.work "
-                        "and the emptied MOUNTPOINT")
+                        help="with --unmount: also remove MOUNTPOINT.upper and MOUNTPOINT.work, "
+                        "and MOUNTPOINT if tosi-mount created it; never what another user made")
     parser.add_argument("mountpoint", metavar="MOUNTPOINT",
                         help="directory to mount on (created if missing, must be empty)")
     return parser
@@ -51,8 +59,9 @@ def body(argv):
     setup_logging(PROG, args.verbose)
     if args.clean and not args.unmount:
         raise UsageError("--clean goes with --unmount")
-    if args.unmount and (args.read_only or args.keep_upper):
-        raise UsageError("--read-only and --keep-upper are for mounting, not --unmount")
+    if args.unmount and (args.read_only or args.keep_upper or args.mount_options):
+        raise UsageError("--read-only, --keep-upper and --mount-option are for mounting, "
+                         "not --unmount")
     from .. import mount
     from ..plan import PlanReader, PlanWriter
 
@@ -65,7 +74,8 @@ def body(argv):
     image["mount"] = mount.mount_image(
         image, layers, args.mountpoint, overlaydir=args.overlaydir,
         workdir=plan_workdir(args.workdir, image),
-        read_only=args.read_only, keep_upper=args.keep_upper)
+        read_only=args.read_only, keep_upper=args.keep_upper,
+        mount_options=args.mount_options)
     PlanWriter(sys.stdout).write_plan(image, layers)
     return 0
 

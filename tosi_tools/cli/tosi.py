@@ -35,7 +35,7 @@ examples:
   tosi -image quay.io/bitriseio/android-ndk -parallel-downloads 8
   tosi -workdir /mnt/image-cache -image alpine"""
 
-BOOL, STRING, INT = "bool", "string", "int"
+BOOL, STRING, INT, LIST = "bool", "string", "int", "list"  # LIST: a string flag that repeats
 
 
 class Flag(NamedTuple):
@@ -55,6 +55,9 @@ FLAGS = [
          "quay.io/quay/redis or 127.0.0.1:5000/repo@sha256:<hex>.", metavar="IMAGE"),
     Flag("insecure", BOOL, "Allow plain HTTP and unverified TLS for a registry that is not on "
          "loopback.", False),
+    Flag("keep-root-mode", BOOL, "With -extractto: give the directory the image's root mode "
+         "even when other users can reach it and the image holds setuid/setgid files or "
+         "devices (by default it then stays 0700, with a warning).", False),
     Flag("log_backtrace_at", STRING, "when logging hits line file:N, emit a stack trace "
          "(accepted for compatibility; ignored)", metavar="FILE:N"),
     Flag("log_dir", STRING, "If non-empty, write log files in this directory (accepted for "
@@ -64,6 +67,10 @@ FLAGS = [
     Flag("mount", STRING, "Create an overlayfs mount in this directory, with the image's layers "
          "as lowerdirs and <dir>.upper and <dir>.work beside it. The directory will be created "
          "if it does not exist. Mutually exclusive with -extractto <dir>.", metavar="DIR"),
+    Flag("mount-option", LIST, "With -mount: per-mount flags, comma-separated, repeatable: "
+         "nosuid/suid, nodev/dev, noexec/exec, noatime/relatime/strictatime, "
+         "nodiratime/diratime. Where other users can reach the mount point it is mounted "
+         "nosuid,nodev unless this says suid or dev.", (), metavar="OPTS"),
     Flag("overlaydir", STRING, "Working directory for extracting layers. By default, it will be "
          "<workdir>/overlays.", metavar="DIR"),
     Flag("parallel-downloads", INT, "Number of layers to download in parallel; 0 means one per "
@@ -107,7 +114,7 @@ class HelpRequested(Exception):
 
 
 def _default_note(flag):
-    if flag.default in (None, False, 0, ""):
+    if flag.default in (None, False, 0, "", ()):
         return ""
     return f' (default "{flag.default}")' if flag.kind == STRING else f" (default {flag.default})"
 
@@ -154,7 +161,9 @@ def parse_flags(argv):
                 if not args:
                     raise UsageError(f"flag needs an argument: -{name}")
                 value = args.pop(0)
-            if flag.kind == INT:
+            if flag.kind == LIST:
+                values[name] = values[name] + (value,)
+            elif flag.kind == INT:
                 try:
                     values[name] = int(value, 0)
                 except ValueError:
@@ -236,6 +245,8 @@ def body(argv):
         validate_cache=values["validate-cache"],
         platform=values["platform"],
         insecure=values["insecure"],
+        mount_options=values["mount-option"],
+        keep_root_mode=values["keep-root-mode"],
     )
     show = values["progress"] if values["progress"] is not None else sys.stderr.isatty()
     pipeline.pull(options, progress_for=_progress_bars if show else None)

@@ -16,8 +16,11 @@ OVERLAYDIR/<hex>.link and a symlink OVERLAYDIR/<short> -> <hex>; layer records
 gain "overlay" and "link".
 
 With --into DIR, all layers are applied bottom first into DIR, which must be
-absent or empty; the image record gains "rootfs" and each layer record
-"applied": true.
+absent or an empty directory of yours (never a symlink); the image record gains
+"rootfs" and each layer record "applied": true. DIR is 0700 while the layers go
+in, then gets the image's root mode, unless other users can reach it and it
+received setuid/setgid files or devices: then it stays 0700 (a warning says so;
+see --keep-root-mode).
 """
 
 EPILOG = """\
@@ -48,6 +51,10 @@ def body(argv):
                         help="where per-layer directories go (default: WORKDIR/overlays)")
     parser.add_argument("--into", metavar="DIR",
                         help="apply all layers into DIR (absent or empty) instead")
+    parser.add_argument("--keep-root-mode", action="store_true",
+                        help="with --into: give DIR the image's root mode even when other "
+                        "users can reach it and the image holds setuid/setgid files or "
+                        "devices (by default DIR then stays 0700, with a warning)")
     parser.add_argument("--parallel", type=_positive, metavar="N",
                         help="layers extracted at once in per-layer mode (default: number of CPUs)")
     args = parser.parse_args(argv)
@@ -56,12 +63,17 @@ def body(argv):
     from ..plan import PlanReader, PlanWriter
     from ..unpack import check_into_target, unpack_plan
 
+    if args.keep_root_mode and not args.into:
+        from ..errors import UsageError
+
+        raise UsageError("--keep-root-mode goes with --into")
     if args.into:
         check_into_target(args.into)  # before reading anything, so a mistake costs nothing
     reader = PlanReader(sys.stdin)
     image = reader.image
     records = unpack_plan(image, reader, workdir=plan_workdir(args.workdir, image, args.overlaydir),
-                          into=args.into, parallel=args.parallel)
+                          into=args.into, parallel=args.parallel,
+                          keep_root_mode=args.keep_root_mode)
     PlanWriter(sys.stdout).write_plan(image, records)
     return 0
 
