@@ -5,7 +5,7 @@ import pytest
 
 from tests.test_bench_quick import QuickRun, assert_measured
 
-QUICK_DEPTHS = [250, 500, 1000]
+QUICK_DEPTHS = [250, 1000]
 IMAGES = [str(d) for d in QUICK_DEPTHS] + [f"{d}-named" for d in QUICK_DEPTHS]
 COMMANDS = ["tosi-extractto-cold", "tosi-mount-cold", "tosi-mount-walk"]
 

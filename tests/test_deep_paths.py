@@ -52,7 +52,8 @@ def deep_image(pusher, registry, repo_name):
     def push(levels, component, named_mode=None):
         lower = make_layer([dir_entry(component, mode=0o750, uid=7, gid=8, mtime=1_500_000_000)])
         named = [] if named_mode is None else [
-            dir_entry(deep_name(level, component), mode=named_mode, uid=level % 5, mtime=1_400_000_000 + level)
+            dir_entry(deep_name(level, component), mode=named_mode, uid=level % 5,
+                      mtime=1_400_000_000 + level)
             for level in range(1, levels + 1)]
         top = make_layer(named + [file_entry(deep_name(levels, component) + "/f", b"deep")])
         tag = f"deep-{levels}-{len(component)}-{'named' if named else 'implicit'}"
