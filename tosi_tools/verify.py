@@ -84,10 +84,4 @@ def _verify(workdir, check):
 
 
 def _quarantine(workdir, path):
-    os.makedirs(workdir.quarantine, exist_ok=True)
-    target = os.path.join(workdir.quarantine, os.path.basename(path))
-    try:
-        os.replace(path, target)
-    except FileNotFoundError:
-        pass  # a concurrent tosi-verify moved it first
-    return target
+    return workdir.quarantine_blob(path)
