@@ -194,6 +194,7 @@ class Downloader:
 
     `progress(download, event, nbytes)` is called from the downloading thread with
     event "start" (nbytes: bytes already present), "advance" (nbytes: new bytes),
+    "restart" (nbytes: bytes discarded, for a download from byte 0 again),
     "reused" or "done".
     """
 
@@ -301,7 +302,7 @@ class Downloader:
                     raise _mismatches(download, exc, seen) from None
                 log.info("%s; downloading it again from byte 0", exc)
                 download._restart(exc)
-                self.progress(download, "start", 0)
+                self.progress(download, "restart", min(hasher.count, download.size))
                 from_earlier_run = False
                 hasher = VerifyingHasher(download.digest, download.size, download.what)
         fsync_path(download.partial_path)  # the data is on disk before the name says it is whole
