@@ -265,7 +265,7 @@ def test_a_blob_is_fsynced_before_its_rename_and_its_directory_after(fault_proxy
                    plan_text(fault_proxy.url, image, workdir), tmp_path)
     data = index_of(calls, rf"^fsync\(\d+<[^>]*/layers/{layer_hex}\.partial>")
     rename = index_of(calls, rf"^rename(at2?)?\(.*{layer_hex}\.partial.*/layers/{layer_hex}\"")
-    directory = index_of(calls[rename:], r"^fsync\(\d+<[^>]*/layers>\)") + rename
+    directory = index_of(calls[rename:], r"^fsync\(\d+<[^>]*/layers>[) ]") + rename
     assert data < rename < directory
 
 
@@ -278,5 +278,5 @@ def test_an_overlay_dir_is_synced_before_its_rename_and_its_parent_after(fault_p
     calls = traced([sys.executable, os.path.join(BIN, "tosi-unpack"), "--workdir", workdir], plan, tmp_path)
     synced = index_of(calls, rf"^syncfs\(\d+<[^>]*/overlays/\.tmp-{layer_hex}-")
     rename = index_of(calls, rf"^rename(at2?)?\(.*\.tmp-{layer_hex}-.*/overlays/{layer_hex}\"")
-    parent = index_of(calls[rename:], r"^fsync\(\d+<[^>]*/overlays>\)") + rename
+    parent = index_of(calls[rename:], r"^fsync\(\d+<[^>]*/overlays>[) ]") + rename
     assert synced < rename < parent
