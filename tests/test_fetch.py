@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import pty
+import re
 import select
 import struct
 import subprocess
@@ -259,13 +260,15 @@ def test_a_blob_longer_than_its_descriptor_is_rejected_without_writing_beyond_th
 
 # ---------------------------------------------------------------- faults
 
-def test_a_corrupt_blob_is_rejected_naming_the_layer_and_absent_from_the_cache(
+def test_a_blob_corrupt_on_every_download_is_rejected_naming_the_layer_and_absent_from_the_cache(
         tool, fault_proxy, image, workdir):
     fault_proxy.add(Rule("corrupt", path=image.layers[1].digest, at=1234))
     proc = fetch(tool, fault_proxy, image, workdir, check=1)
     digest = image.layers[1].digest
     assert proc.stderr.count("\n") == 1
     assert f"layer 1 ({digest})" in proc.stderr and "hashes to" in proc.stderr
+    assert "giving up after 3 downloads (3 hashed to sha256:" in proc.stderr
+    assert fault_proxy.count("GET", digest) == 3
     cache = Workdir(workdir)
     assert not os.path.exists(cache.layer_path(digest))
     assert not os.path.exists(cache.partial_path(digest))
@@ -472,14 +475,18 @@ def test_a_partial_file_with_wrong_bytes_is_downloaded_again_from_the_start(
     assert ranges == ["bytes=100000-", None]
 
 
-def test_a_wrong_digest_after_starting_afresh_is_final(tool, fault_proxy, image, workdir):
+def test_a_wrong_digest_after_the_budget_of_fresh_downloads_is_final(tool, fault_proxy, image, workdir):
     layer = image.layers[1]
     cache = Workdir(workdir).ensure()
     with open(cache.partial_path(layer.digest), "wb") as f:
         f.write(layer.data[:100_000])
-    fault_proxy.add(Rule("corrupt", path=layer.digest, at=50))
+    fault_proxy.add(Rule("corrupt", path=layer.digest, at=150_000))
     proc = fetch(tool, fault_proxy, image, workdir, check=1)
-    assert fault_proxy.count("GET", layer.digest) == 2 and "hashes to" in proc.stderr
+    # The resumed earlier run's partial file, then three downloads from byte 0.
+    ranges = [r.headers.get("Range") for r in fault_proxy.seen("GET", layer.digest)]
+    assert ranges == ["bytes=100000-", None, None, None]
+    # The flip lands 100000 bytes further into the blob when resumed: another digest.
+    assert re.search(r"giving up after 4 downloads \(3 hashed to sha256:\w+, 1 to sha256:\w+\)", proc.stderr)
     assert not os.path.exists(cache.partial_path(layer.digest))
 
 

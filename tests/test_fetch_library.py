@@ -8,7 +8,7 @@ import pytest
 
 from tests.support.faultproxy import Rule
 from tests.support.plans import assert_cached, plan_records, random_layer
-from tosi_tools.blobs import Cancelled
+from tosi_tools.blobs import Cancelled, Restarted
 from tosi_tools.cache import Workdir
 from tosi_tools.errors import DigestMismatch
 from tosi_tools.fetch import Fetcher, fetch_plan
@@ -101,16 +101,17 @@ def test_a_watched_download_never_goes_back_when_the_server_refuses_to_resume(fa
     assert fault_proxy.count("GET", layer.digest) == 3
 
 
-def test_a_watched_download_resumed_from_bad_bytes_fails_rather_than_starting_over(
+def test_a_watched_download_with_wrong_bytes_starts_a_new_generation_its_old_watchers_hear_of(
         fault_proxy, image, workdir):
     layer = image.layers[1]
-    cache = Workdir(workdir).ensure()
-    with open(cache.partial_path(layer.digest), "wb") as f:
-        f.write(b"\0" * 100_000)
-    fault_proxy.add(Rule("delay", path=layer.digest, seconds=0.5))  # the watcher comes first
+    fault_proxy.add(Rule("delay", path=layer.digest, seconds=0.5, times=1))  # the watcher comes first
+    fault_proxy.add(Rule("corrupt", path=layer.digest, at=10, times=1))
     image_record, *layers = plan_records(fault_proxy.url, image, workdir)
-    with pytest.raises(DigestMismatch), fetcher_for(workdir).start(image_record, layers) as run:
+    with fetcher_for(workdir).start(image_record, layers) as run:
         download = run.layers[1].download
-        download.wait_for(1, timeout=20)
-        run.layers[1].result(timeout=20)
-    assert not os.path.exists(cache.partial_path(layer.digest))
+        download.wait_for(1, timeout=20, generation=0)
+        with pytest.raises(Restarted, match="downloading it again from byte 0"):
+            download.wait_for(download.size + 1, timeout=20, generation=0)
+        assert download.generation == 1 and download.restarts == 1
+        assert download.wait_for(download.size + 1, timeout=20, generation=1) == download.size
+    assert_cached(workdir, image.layers)

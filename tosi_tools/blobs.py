@@ -5,14 +5,22 @@ only once its size and digest check out, so the cache never holds a bad blob
 under its name. The partial file survives a failed attempt (and a killed
 process): the next attempt hashes what is there and asks for the rest with a
 Range request (a server that will not give a range sends the whole, and the
-bytes we have are passed over). If a blob resumed from an earlier run's partial
-file fails to verify, it is downloaded once more from zero. A per-blob fcntl
-lock makes concurrent processes wait for each other instead of downloading the
-same bytes twice.
+bytes we have are passed over). A per-blob fcntl lock makes concurrent
+processes wait for each other instead of downloading the same bytes twice.
+
+A blob whose bytes do not match its digest (a byte flipped by a proxy or a CDN
+edge, a server sending more than the descriptor's size) is discarded and
+downloaded again from byte 0, never resumed: at most DIGEST_RETRIES more times
+(2, so three downloads in all; a check of bytes an earlier run left in the
+partial file does not count). Then the download fails naming the blob and what
+each attempt hashed to. The verified file is fsynced before it is renamed into
+place and its directory after, so after a power loss a blob under its final
+name is whole.
 
 A BlobDownload can be watched while it runs (`wait_for`), so a consumer may
 read the partial file behind the writer; bytes it reads are not verified until
-`result()` returns.
+`result()` returns. A restart from 0 starts a new `generation`: a watcher of
+an older one gets `Restarted` (it read bad bytes and must start over).
 """
 
 import contextlib
@@ -29,8 +37,8 @@ import requests
 import urllib3
 
 from .auth import parse_challenge
-from .cache import file_lock, require_cached
-from .digest import CHUNK, Digest, VerifyingHasher, verify_file
+from .cache import file_lock, fsync_dir, fsync_path, require_cached
+from .digest import CHUNK, DIGEST_RETRIES, Digest, VerifyingHasher, verify_file
 from .errors import (
     CacheError, DigestMismatch, NotFound, RegistryError, TosiError, Unauthorized, Unreachable,
 )
@@ -48,6 +56,10 @@ RETRYABLE_STATUSES = (408, 429)
 
 class Cancelled(TosiError):
     """The download was stopped because the fetch it belongs to gave up."""
+
+
+class Restarted(DigestMismatch):
+    """The bytes a watcher read turned out wrong; the blob is downloading again from 0."""
 
 
 class _Retryable(Exception):
@@ -68,9 +80,10 @@ class BlobDownload:
     `written` counts the bytes of the blob present in `partial_path` (in order,
     from offset 0); `wait_for(offset)` blocks until that many are there, or the
     download ends. `result()` gives the verified final path or raises its error.
-    `written` never goes back once someone called `wait_for`; for a download nobody
-    watches, it goes back to 0 (`restarts` counting up) when a resumed partial file
-    from an earlier run fails to verify and the blob is downloaded again.
+    Within one `generation`, `written` never goes back. When the bytes turn out
+    not to match the digest and the blob is downloaded again from 0, `restarts`
+    and `generation` count up and `written` goes back to 0; `wait_for(...,
+    generation=g)` of an older generation then raises `Restarted`.
     """
 
     def __init__(self, digest, size, final_path, what=None, urls=()):
@@ -87,9 +100,10 @@ class BlobDownload:
         self.restarts = 0
         self._auth_retried = False
         self._whole = False  # ask without Range (the server did not honour one)
-        self._watched = False
         self._cond = threading.Condition()
         self._written = 0
+        self._generation = 0
+        self._restart_reason = None
         self._done = False
         self._error = None
 
@@ -99,24 +113,46 @@ class BlobDownload:
     @property
     def written(self):
         with self._cond:
-            self._watched = True
             return self._written
+
+    @property
+    def generation(self):
+        """Counts the restarts from byte 0 (bytes of an older generation were wrong)."""
+        with self._cond:
+            return self._generation
 
     @property
     def done(self):
         with self._cond:
             return self._done
 
-    def wait_for(self, offset, timeout=None):
+    def wait_for(self, offset, timeout=None, generation=None):
         """Block until `offset` bytes are in the partial file, or the download ended;
-        return how many are there. Raises the download's error if it failed. Waiting
+        return how many are there. Raises the download's error if it failed, and
+        `Restarted` if `generation` is given and the blob started over since. Waiting
         past `size` is waiting for the verdict (use `result()` for the final path)."""
         with self._cond:
-            self._watched = True
-            self._cond.wait_for(lambda: self._written >= offset or self._done, timeout)
+            self._cond.wait_for(lambda: self._written >= offset or self._done
+                                or (generation is not None and generation != self._generation), timeout)
+            if generation is not None and generation != self._generation:
+                raise Restarted(self._restart_reason)
             if self._error is not None:
                 raise self._error
             return self._written
+
+    def settled(self, generation, timeout=None):
+        """Block until the bytes of `generation` are judged: True if they were wrong and
+        the blob is downloading again, False once verified; raises the download's error
+        (its last verdict, or Cancelled)."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._done or generation != self._generation, timeout)
+            if generation != self._generation:
+                return True
+            if not self._done:
+                raise TimeoutError(f"{self.what}: still downloading")
+            if self._error is not None:
+                raise self._error
+            return False
 
     def result(self, timeout=None):
         """The final cache path once the blob is verified; raises the download's error."""
@@ -133,16 +169,16 @@ class BlobDownload:
             self._written = count
             self._cond.notify_all()
 
-    def _restart_unwatched(self):
-        """Empty the partial file for a fresh start, if nobody has watched it; True if done."""
+    def _restart(self, reason):
+        """Empty the partial file for a fresh start from byte 0 (a new generation)."""
         with self._cond:
-            if self._watched:
-                return False
             with open(self.partial_path, "r+b") as f:
                 f.truncate(0)
             self._written = 0
             self.restarts += 1
-            return True
+            self._generation += 1
+            self._restart_reason = f"{reason}; downloading it again from byte 0"
+            self._cond.notify_all()
 
     def _finish(self, error=None):
         with self._cond:
@@ -158,14 +194,17 @@ class Downloader:
 
     `progress(download, event, nbytes)` is called from the downloading thread with
     event "start" (nbytes: bytes already present), "advance" (nbytes: new bytes),
+    "restart" (nbytes: bytes discarded, for a download from byte 0 again),
     "reused" or "done".
     """
 
     def __init__(self, client, repository, retries=5, validate_cache=False, progress=None,
-                 cancel_event=None, backoff_base=BACKOFF_BASE, read_timeout=None, on_failure=None):
+                 cancel_event=None, backoff_base=BACKOFF_BASE, read_timeout=None, on_failure=None,
+                 digest_retries=DIGEST_RETRIES):
         self.client = client
         self.repository = repository
         self.retries = retries
+        self.digest_retries = digest_retries
         self.validate_cache = validate_cache
         self.progress = progress or (lambda download, event, nbytes: None)
         self.cancelled = cancel_event or threading.Event()
@@ -241,27 +280,34 @@ class Downloader:
         open(download.partial_path, "ab").close()
         download._set_written(hasher.count)
         self.progress(download, "start", hasher.count)
-        resumed = hasher.count > 0
-        try:
-            hasher = self._attempts(download, hasher)
-            hasher.check()
-        except DigestMismatch as exc:
-            # The partial file an earlier run left may be to blame (a crash that lost
-            # its tail, say): start from zero once, unless someone read those bytes
-            # already (they must hear that they were wrong). A second mismatch is final.
-            if not resumed or not download._restart_unwatched():
-                # Bad bytes must not be resumed from: the next run starts afresh.
-                _remove(download.partial_path)
-                raise
-            log.warning("%s; downloading it again from the start", exc)
-            hasher = VerifyingHasher(download.digest, download.size, download.what)
+        # Bytes an earlier run left (a crash may have lost their tail) are checked once
+        # for free; then every download from byte 0 counts against the budget.
+        from_earlier_run = hasher.count > 0
+        downloads = 0
+        seen = {}  # what the attempts hashed to -> how many times
+        while True:
             try:
                 hasher = self._attempts(download, hasher)
                 hasher.check()
-            except DigestMismatch:
-                _remove(download.partial_path)
-                raise
+                break
+            except DigestMismatch as exc:
+                got = hasher.hashed() if hasher.count <= download.size else \
+                    f"more than {download.size} bytes"
+                seen[got] = seen.get(got, 0) + 1
+                if not from_earlier_run:
+                    downloads += 1
+                if downloads > self.digest_retries:
+                    # Bad bytes must not be resumed from: the next run starts afresh.
+                    _remove(download.partial_path)
+                    raise _mismatches(download, exc, seen) from None
+                log.info("%s; downloading it again from byte 0", exc)
+                download._restart(exc)
+                self.progress(download, "restart", min(hasher.count, download.size))
+                from_earlier_run = False
+                hasher = VerifyingHasher(download.digest, download.size, download.what)
+        fsync_path(download.partial_path)  # the data is on disk before the name says it is whole
         os.replace(download.partial_path, download.final_path)
+        fsync_dir(os.path.dirname(download.final_path))
         self.progress(download, "done", download.size)
 
     def _attempts(self, download, hasher):
@@ -478,6 +524,14 @@ def _remove(path):
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def _mismatches(download, error, seen):
+    """The final DigestMismatch: the last attempt's message and what the attempts hashed to."""
+    attempts = sum(seen.values())
+    ranked = sorted(seen.items(), key=lambda kv: -kv[1])
+    counts = ", ".join(f"{n} {'hashed ' if i == 0 else ''}to {got}" for i, (got, n) in enumerate(ranked))
+    return DigestMismatch(f"{error}; giving up after {attempts} downloads ({counts})")
 
 
 def _exhausted(download, error, attempts):

@@ -9,11 +9,19 @@ cannot finish on bytes that turn out to be wrong; it must publish nothing
 before that end.
 
 The reader never reads past `written`, which the downloader never moves back
-for a watched download (a server that will not resume is read again from the
-start, passing over the bytes already there). Should the file still hold fewer
-bytes than that, the reader waits and reads them again, from whatever file then
-holds them: a blob is content-addressed, the same bytes lie at each offset
-whatever the attempt, and the digest catches it if they do not.
+within one generation of the download (a server that will not resume is read
+again from the start, passing over the bytes already there). Should the file
+still hold fewer bytes than that, the reader waits and reads them again, from
+whatever file then holds them: a blob is content-addressed, the same bytes lie
+at each offset whatever the attempt, and the digest catches it if they do not.
+
+When the digest does catch it, the downloader starts the blob over from byte 0
+(a new generation) and the reader raises `blobs.Restarted`: its consumer read
+wrong bytes and must start over with a new reader. A consumer may also fail on
+wrong bytes before the download's verdict (a gzip CRC, a tar header checksum):
+`bad_bytes()` then waits for that verdict and tells whether the bytes were to
+blame. `DownloadStreams` does so for the layers of a pull, so that
+`pipeline.pull` redoes such a layer instead of failing.
 """
 
 import io
@@ -21,9 +29,9 @@ import os
 import sys
 import threading
 
-from .blobs import Cancelled
+from .blobs import Cancelled, Restarted
 from .digest import CHUNK
-from .errors import CacheError
+from .errors import CacheError, TosiError
 
 POLL_SECONDS = 0.05  # how quickly a blocked read notices interrupt()
 MIN_READ = 64 << 10  # read(n) waits for this much (or n, or the end), then takes what is there
@@ -48,6 +56,8 @@ class FollowingReader(io.RawIOBase):
         self._pos = 0
         self._file = None
         self._interrupted = threading.Event()
+        self._generation = None  # of the download, fixed by the first byte read
+        self.ended = False  # the whole blob was read and verified
 
     def readable(self):
         return True
@@ -84,6 +94,7 @@ class FollowingReader(io.RawIOBase):
             if self._pos >= size:
                 self._wait(size + 1)  # the verdict: raises unless the blob verified
                 self._close_file()
+                self.ended = True
                 return 0
             written = self._wait(self._pos + 1)
             if self._file is None:
@@ -94,6 +105,8 @@ class FollowingReader(io.RawIOBase):
             if count:
                 self._pos += count
                 return count
+            if self._download.generation != self._generation:
+                continue  # the blob started over: the next wait says so
             if self._download.done:
                 raise CacheError(f"{self._download.what}: {self._download.final_path} is shorter "
                                  f"than its {size} bytes")
@@ -108,13 +121,26 @@ class FollowingReader(io.RawIOBase):
             if self._interrupted.is_set():
                 self._close_file()
                 raise Cancelled(f"{download.what}: reading stopped")
+            if self._pos == 0:
+                # Nothing read yet: a restart of the blob before this reader began is no harm.
+                self._generation = download.generation
             try:
-                written = download.wait_for(offset, timeout=POLL_SECONDS)
+                written = download.wait_for(offset, timeout=POLL_SECONDS, generation=self._generation)
             except BaseException:
                 self._close_file()
                 raise
             if written >= offset or download.done:
                 return written
+
+    def bad_bytes(self):
+        """After the consumer failed: wait for the download's verdict on the bytes this
+        reader gave; True if they were wrong (the blob is downloading again from byte 0,
+        and the consumer should start over with a new reader), False if they were
+        right or nothing was read. Raises the download's error if it failed (Cancelled
+        included): that error, not the consumer's, says what went wrong."""
+        if self.ended or self._generation is None:
+            return False
+        return self._download.settled(self._generation)
 
     def _open(self):
         """Open the file holding the bytes; False if there is none yet."""
@@ -159,26 +185,59 @@ class DownloadStreams:
 
     The first reader whose consumer gives up early calls `cancel()` (stop the
     downloads: the other layers would wait for theirs in vain) and keeps the
-    error it gave up on as `failure`, the cause the others' cancellations hide.
+    error it gave up on as `failure`, the cause the others' cancellations hide;
+    unless the bytes it read turn out wrong (the download's verdict is awaited
+    first) and the blob is downloading again: then nothing is cancelled, and
+    `bad_bytes_read()` tells the caller to unpack that layer again.
     """
 
     def __init__(self, cancel=None):
         self._downloads = {}
         self._cancel = cancel
         self._lock = threading.Lock()
+        self._readers = []
         self.failure = None
 
     def add(self, handle):
         self._downloads[handle.record["index"]] = handle.download
 
     def open(self, record):
-        return following(self._downloads[record["index"]], on_interrupt=self._gave_up)
+        opened = []
+        reader = following(self._downloads[record["index"]], on_interrupt=lambda: self._gave_up(opened[0]))
+        if reader is not None:
+            opened.append(reader)
+            with self._lock:
+                self._readers.append(reader)
+        return reader
 
-    def _gave_up(self):
+    def bad_bytes_read(self):
+        """After a failed unpack: True if a reader not read to its verified end gave
+        bytes that turned out wrong (the consumer's failure is then no verdict on the
+        layer: unpack it again, from new readers). Waits for those verdicts, and
+        forgets the readers opened so far."""
+        with self._lock:
+            readers, self._readers = self._readers, []
+        bad = False
+        for reader in readers:
+            try:
+                bad = reader.bad_bytes() or bad
+            except TosiError:
+                pass  # the download failed: that failure is reported, not redone
+        return bad
+
+    def _gave_up(self, reader):
         # Called while the consumer's error propagates (from its cleanup): that is the cause.
         error = sys.exc_info()[1]
-        with self._lock:
-            if self.failure is None and isinstance(error, Exception) and not isinstance(error, Cancelled):
-                self.failure = error
+        if isinstance(error, Exception) and not isinstance(error, Cancelled):
+            try:
+                if isinstance(error, Restarted) or reader.bad_bytes():
+                    return  # the layer is unpacked again; the other downloads go on
+            except Cancelled:
+                pass
+            except TosiError as exc:
+                error = exc  # the download's own failure explains the consumer's
+            with self._lock:
+                if self.failure is None:
+                    self.failure = error
         if self._cancel is not None:
             self._cancel()

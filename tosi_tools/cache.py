@@ -12,7 +12,7 @@
     <workdir>/overlays/<hex>/         a layer extracted as an overlayfs lowerdir
     <workdir>/overlays/<hex>.link     short name of that layer; overlays/<short> -> <hex>
     <workdir>/overlays/<hex>.diffid   digest of that layer's uncompressed tar, as extracted
-    <workdir>/quarantine/             corrupt blobs moved aside by tosi-verify
+    <workdir>/quarantine/             corrupt blobs moved aside (tosi-verify, unpack)
     <workdir>/.tosi-workdir           marker: this directory is a tosi workdir
 
 The workdir is private, and nothing in it is trusted because it exists: tosi
@@ -39,6 +39,12 @@ What is reused because it is there (a blob, an overlay dir, a `.diffid`
 record) must also be ours and not a symlink (`require_cached`): in a private
 workdir that always holds, so anything else is refused, not repaired.
 Failures raise errors.UnsafePath (exit 2) naming the path and the fix.
+
+Whatever is published under a final name (a blob, a config, a manifest, an
+extracted layer) has its data on disk before the rename that publishes it, and
+the rename itself is made durable by an fsync of the directory after it: after
+a power loss the cache may lack a file, never hold a truncated one under a name
+it trusts.
 """
 
 import contextlib
@@ -57,7 +63,8 @@ _MARKER_TEXT = b"This directory is a tosi workdir (a cache of image blobs and la
 
 
 def atomic_write(path, data, mode=0o644):
-    """Write bytes to `path` so that readers see the old file or the whole new one."""
+    """Write bytes to `path` so that readers see the old file or the whole new one,
+    also after a power loss (fsync of the file before the rename, of its directory after)."""
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, f".tmp-{os.path.basename(path)}-{secrets.token_hex(4)}")
@@ -65,12 +72,61 @@ def atomic_write(path, data, mode=0o644):
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    fsync_dir(directory)
+
+
+def fsync_path(path):
+    """Flush a file's data and metadata to disk (before renaming it into place)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path):
+    """Make the renames and creations in directory `path` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_syncfs = None
+
+
+def sync_filesystem(path):
+    """Flush every dirty file of the filesystem holding `path` (syncfs(2)): one call for
+    the thousands of files of an extracted layer, instead of one fsync each. Falls back
+    to fsyncing `path` alone where libc has no syncfs."""
+    global _syncfs
+    if _syncfs is None:
+        import ctypes  # not on the warm path: only an extraction syncs
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        _syncfs = getattr(libc, "syncfs", False)
+        if _syncfs:
+            _syncfs.argtypes = [ctypes.c_int]
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if not _syncfs:
+            os.fsync(fd)
+        elif _syncfs(fd) != 0:
+            import ctypes
+
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), path)
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -157,6 +213,15 @@ class Workdir:
     def _subdirs(self):
         subdirs = [self.layers, self.configs, self.manifests, self.quarantine]
         return subdirs if self._separate_overlays() else subdirs + [self.overlays]
+
+    def quarantine_blob(self, path):
+        """Move a corrupt cached blob aside (so the next fetch downloads it again);
+        returns where it went. A blob another process moved first is fine."""
+        make_own_dir(self.quarantine, 0o700, "quarantine directory")
+        target = os.path.join(self.quarantine, os.path.basename(path))
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(path, target)
+        return target
 
     def ensure(self):
         """Create what is missing (0700) and check what exists, before a stage writes;

@@ -49,6 +49,12 @@ def digest_of(data, algorithm="sha256"):
     return Digest(f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}")
 
 
+# Content that does not hash to its digest was most likely corrupted on its way (a byte
+# flipped by a proxy or a CDN edge): it is downloaded again from its start this many
+# more times before the mismatch is final.
+DIGEST_RETRIES = 2
+
+
 class VerifyingHasher:
     """Hashes and counts bytes as they pass, then checks them against a descriptor."""
 
@@ -73,13 +79,17 @@ class VerifyingHasher:
         twin._hash = self._hash.copy()
         return twin
 
+    def hashed(self):
+        """The digest of the bytes seen so far ("sha256:...")."""
+        return f"{self.digest.algorithm}:{self._hash.hexdigest()}"
+
     def check(self):
         """Raise DigestMismatch unless the bytes seen match size and digest."""
         if self.size is not None and self.count != self.size:
             raise DigestMismatch(
                 f"{self.what} {self.digest}: size is {self.count} bytes, descriptor says {self.size}"
             )
-        got = f"{self.digest.algorithm}:{self._hash.hexdigest()}"
+        got = self.hashed()
         if got != self.digest:
             raise DigestMismatch(f"{self.what} {self.digest}: content hashes to {got}")
 

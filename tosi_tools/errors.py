@@ -76,6 +76,11 @@ class CacheError(TosiError):
     """The workdir cache is missing a blob, or holds a corrupt one."""
 
 
+class QuarantinedBlob(CacheError):
+    """A cached blob failed to unpack, then to match its digest, and was moved to the
+    workdir's quarantine: fetching it again may fix it."""
+
+
 class UnpackError(TosiError):
     """A layer could not be applied (malformed tar, unsupported compression, caps exceeded)."""
 

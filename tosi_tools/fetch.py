@@ -15,7 +15,7 @@ on the bottom layer while the others still download.
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from .blobs import BlobDownload, Cancelled, Downloader
+from .blobs import DIGEST_RETRIES, BlobDownload, Cancelled, Downloader
 from .errors import PlanError
 
 DEFAULT_PARALLEL = 4
@@ -60,17 +60,20 @@ class Fetcher:
     `client_for_image(image_record)` gives the RegistryClient to use (the caller
     decides credentials and TLS); it is closed with the fetcher.
     `progress(download, event, nbytes)`: see blobs.Downloader.
-    `parallel` 0 means one download per distinct blob.
+    `parallel` 0 means one download per distinct blob. `retries`: attempts after a
+    transient failure (resumed with Range); `digest_retries`: downloads from byte 0
+    after one whose bytes did not match (digest.DIGEST_RETRIES).
     """
 
     def __init__(self, workdir, client_for_image, parallel=DEFAULT_PARALLEL, retries=DEFAULT_RETRIES,
-                 validate_cache=False, progress=None, read_timeout=None):
+                 validate_cache=False, progress=None, read_timeout=None, digest_retries=DIGEST_RETRIES):
         if parallel < 0:
             raise ValueError("parallel must be >= 0")
         self.workdir = workdir
         self.client_for_image = client_for_image
         self.parallel = parallel
         self.retries = retries
+        self.digest_retries = digest_retries
         self.validate_cache = validate_cache
         self.progress = progress
         self.read_timeout = read_timeout
@@ -108,6 +111,7 @@ class Fetcher:
             client, image.get("repository"), retries=self.retries,
             validate_cache=self.validate_cache, progress=self.progress,
             cancel_event=self.cancelled, read_timeout=self.read_timeout, on_failure=self._failed,
+            digest_retries=self.digest_retries,
         )
         self._downloaders.append(downloader)
         self._downloads.extend(unique.values())

@@ -10,12 +10,22 @@ it writes it (and re-hashes cached ones with `validate_cache`), and the reader
 ends a blob only once that check passed, so a layer is published (its overlay
 renamed into place, or reported applied) only after it.
 
+Wrong bytes are redone, not fatal: a blob that fails its digest is downloaded
+again from byte 0 (digest.DIGEST_RETRIES), and a layer that was unpacking from
+its wrong bytes (failing on them, or reaching the digest's verdict) is unpacked
+again from the new ones: its overlay's temporary directory is discarded, and
+with -extractto the target (empty, or made, by this pull) is emptied and every
+layer applied again. A cached blob that fails to decompress or to match its
+diffID and then fails its digest too is moved to the workdir's quarantine/ and
+fetched again in the same run (unpack.QuarantinedBlob).
+
 A warm -mount (every blob cached, every overlay extracted, no -validate-cache)
 skips fetch and the downloading machinery altogether: their imports (requests
 among them) cost more than the rest of such a run.
 """
 
 import contextlib
+import itertools
 import logging
 import os
 import secrets
@@ -23,13 +33,15 @@ from typing import NamedTuple, Optional
 
 from . import mount, ownership, resolve, unpack
 from .auth import TokenCache, credentials_from_flags
-from .cache import DEFAULT_WORKDIR, Workdir
-from .errors import TosiError, UsageError
+from .cache import DEFAULT_WORKDIR, Workdir, atomic_write
+from .errors import QuarantinedBlob, TosiError, UsageError
 from .platform import parse_platform
 from .reference import parse_reference, reference_with_base_url
 from .registry import detect_endpoint
 
 log = logging.getLogger("tosi.pipeline")
+
+MAX_REFETCHES = 3  # rounds of fetching again blobs of the cache found corrupt while unpacking
 
 
 class PullOptions(NamedTuple):  # not a dataclass: importing dataclasses costs a warm run 7 ms
@@ -188,8 +200,38 @@ def _extracted_from_cache(workdir, image, layers):
 
 
 def _fetch_and_unpack(options, workdir, credentials, tokens, image, layers, progress_for):
+    created_target = bool(options.extract_to) and not os.path.lexists(options.extract_to)
+    refetches = 0
+    while True:
+        try:
+            return _fetch_and_unpack_once(options, workdir, credentials, tokens, image, layers,
+                                          progress_for, created_target)
+        except QuarantinedBlob as exc:
+            if refetches >= MAX_REFETCHES:
+                raise
+            refetches += 1
+            log.warning("%s; fetching it again", exc)
+            if options.extract_to:
+                _empty_target(options.extract_to)
+
+
+def _empty_target(target):
+    """Remove what this pull put in the -extractto target (it was absent or empty)."""
+    from . import saferoot
+
+    fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        for name in os.listdir(fd):
+            saferoot.remove_tree_at(fd, name)
+    finally:
+        os.close(fd)
+
+
+def _fetch_and_unpack_once(options, workdir, credentials, tokens, image, layers, progress_for,
+                           created_target):
     from . import blobstream, fetch
     from .blobs import Cancelled
+    from .digest import DIGEST_RETRIES
 
     progress = progress_for(image, layers) if progress_for else None
     parallel = fetch.DEFAULT_PARALLEL if options.parallel is None else options.parallel
@@ -200,16 +242,43 @@ def _fetch_and_unpack(options, workdir, credentials, tokens, image, layers, prog
     streams = blobstream.DownloadStreams(fetcher.abort)  # a layer unpacks as its blob arrives
     fetched = fetch.fetch_plan(fetcher, image, layers, early=streams.add)
     fetch_failures = []
-    created_target = bool(options.extract_to) and not os.path.lexists(options.extract_to)
+    noted = _noting_failures(fetched, fetch_failures)
+    seen = []  # the layer records fetch gave so far: a redo starts from the first again
+
+    def layer_records():
+        for i in itertools.count():
+            if i == len(seen):
+                try:
+                    seen.append(next(noted))
+                except StopIteration:
+                    return
+            yield seen[i]
+
+    redos = 0
     done = []
     try:
         image = next(fetched)
-        unpacked = unpack.unpack_plan(image, _noting_failures(fetched, fetch_failures),
-                                      workdir=workdir, overlaydir=options.overlaydir,
-                                      into=options.extract_to, open_stream=streams.open,
-                                      keep_root_mode=options.keep_root_mode)
-        for record in unpacked:
-            done.append(record)
+        while True:
+            done = []
+            try:
+                unpacked = unpack.unpack_plan(image, layer_records(),
+                                              workdir=workdir, overlaydir=options.overlaydir,
+                                              into=options.extract_to, open_stream=streams.open,
+                                              keep_root_mode=options.keep_root_mode)
+                for record in unpacked:
+                    done.append(record)
+                break
+            except TosiError as exc:
+                # Wrong bytes read from a download that then started over: unpack again.
+                if (redos < len(layers) * (DIGEST_RETRIES + 1) and not fetch_failures
+                        and not fetcher.cancelled.is_set() and streams.failure is None
+                        and streams.bad_bytes_read()):
+                    redos += 1
+                    log.info("%s; unpacking it again from the blob's new bytes", exc)
+                    if options.extract_to:
+                        _empty_target(options.extract_to)
+                    continue
+                raise
     except TosiError as exc:
         failure = exc
         if isinstance(exc, Cancelled):  # a read stopped because something else failed first

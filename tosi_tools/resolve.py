@@ -16,7 +16,7 @@ import os
 import time
 
 from .cache import Workdir, atomic_write
-from .digest import Digest, VerifyingHasher, digest_of, verify_file
+from .digest import DIGEST_RETRIES, Digest, VerifyingHasher, digest_of, verify_file
 from .errors import DigestMismatch, ManifestError, NoMatchingPlatform, Unreachable, UsageError
 from .manifest import (
     ACCEPT, INDEX_TYPES, MAX_CONFIG_SIZE, MAX_MANIFEST_SIZE, SCHEMA1_TYPES, config_platform,
@@ -144,9 +144,13 @@ class Resolver:
         if data is not None:
             log.info("%s: cached", what)
             return data, parse_manifest(data, media_type, what=what)
-        data, content_type, _ = self._get_manifest(ref, digest, what)
-        if not _names(digest, data):
-            raise DigestMismatch(f"{what}: content hashes to {digest_of(data, digest.algorithm)}")
+        def fetch():
+            data, content_type, _ = self._get_manifest(ref, digest, what)
+            if not _names(digest, data):
+                raise DigestMismatch(f"{what}: content hashes to {digest_of(data, digest.algorithm)}")
+            return data, content_type
+
+        data, content_type = _again_if_corrupt(fetch)
         manifest = parse_manifest(data, content_type or media_type, what=what)
         self._store_manifest(ref, digest, data)
         return data, manifest
@@ -206,8 +210,10 @@ class Resolver:
                 log.info("%s: registry names %s, which is cached", ref, digest)
                 _write_if_changed(tag_file, f"{digest}\n".encode())
                 return data, parse_manifest(data, what=what), digest
-        data, content_type, header_digest = self._get_manifest(ref, ref.tag, what)
-        if header_digest:
+        def fetch():
+            data, content_type, header_digest = self._get_manifest(ref, ref.tag, what)
+            if not header_digest:
+                return data, content_type, digest_of(data)
             try:
                 digest = Digest(header_digest)
             except UsageError:
@@ -218,8 +224,9 @@ class Resolver:
                 raise DigestMismatch(
                     f"{what}: registry says {digest}, content hashes to {digest_of(data, digest.algorithm)}"
                 )
-        else:
-            digest = digest_of(data)
+            return data, content_type, digest
+
+        data, content_type, digest = _again_if_corrupt(fetch)
         # Parsed before it is stored: a captive portal's page is no manifest to keep.
         manifest = parse_manifest(data, content_type, what=what)
         self._store_manifest(ref, digest, data)
@@ -260,11 +267,16 @@ class Resolver:
                 log.warning("%s; fetching it again", exc)
         what = f"image config {ref.name}@{digest}"
         client = self._registry()
-        resp = self._get(ref, client.blob_path(ref.repository, digest), what)
-        data = client.read_limited(resp, MAX_CONFIG_SIZE, what)
-        hasher = VerifyingHasher(digest, size, what="image config")
-        hasher.update(data)
-        hasher.check()
+
+        def fetch():
+            resp = self._get(ref, client.blob_path(ref.repository, digest), what)
+            data = client.read_limited(resp, MAX_CONFIG_SIZE, what)
+            hasher = VerifyingHasher(digest, size, what="image config")
+            hasher.update(data)
+            hasher.check()
+            return data
+
+        data = _again_if_corrupt(fetch)
         atomic_write(path, data)
         return data
 
@@ -373,6 +385,18 @@ class Resolver:
         ]
         log.info("%s: %s for %s, %d layers", ref, digest, platform or "an unnamed platform", len(layers))
         return image, layers
+
+
+def _again_if_corrupt(fetch):
+    """fetch(), again after a DigestMismatch (bytes corrupted on their way), at most
+    DIGEST_RETRIES more times; the last mismatch says how many downloads there were."""
+    for attempt in range(DIGEST_RETRIES + 1):
+        try:
+            return fetch()
+        except DigestMismatch as exc:
+            if attempt == DIGEST_RETRIES:
+                raise DigestMismatch(f"{exc} (giving up after {attempt + 1} downloads)") from None
+            log.info("%s; downloading it again", exc)
 
 
 def _write_if_changed(path, data):

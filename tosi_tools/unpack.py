@@ -34,9 +34,12 @@ import time
 from collections import deque
 
 from . import overlay, ownership, saferoot
-from .cache import Workdir, file_lock, require_cached, workdir_for
+from .cache import Workdir, file_lock, fsync_dir, require_cached, sync_filesystem, workdir_for
 from .digest import Digest
-from .errors import CacheError, DigestMismatch, PlanError, UnpackError, UnsafePath, UsageError
+from .errors import (
+    CacheError, DigestMismatch, PlanError, QuarantinedBlob, UnpackError, UnsafeEntry, UnsafePath,
+    UsageError,
+)
 
 log = logging.getLogger("tosi.unpack")
 
@@ -86,7 +89,39 @@ def _open_blob(workdir, record, stream, open_stream=None):
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     with open(fd, "rb", buffering=0) as f:
         require_cached(path, os.fstat(fd), "cached blob")
-        yield f
+        try:
+            yield f
+        except (UnpackError, DigestMismatch) as exc:
+            if not isinstance(exc, UnsafeEntry):
+                _check_cached_blob(workdir, record, path, exc)
+            raise
+
+
+def _check_cached_blob(workdir, record, path, error):
+    """A cached blob failed to decompress or to match its diffID: if it does not match its
+    own digest either (bit rot, a crash before fsync), move it to the quarantine and raise
+    QuarantinedBlob, so that fetching it again may fix it. Else the layer is bad as published."""
+    from .digest import verify_file
+
+    size = record.get("size")
+    size = size if isinstance(size, int) and not isinstance(size, bool) else None
+    what = f"cached blob of layer {_layer_name(record)}"
+    try:
+        digest = Digest(record["digest"])
+        in_cache = path == workdir.layer_path(digest)
+        # A fetch replacing the blob holds its lock.
+        with file_lock(path + ".lock") if in_cache else contextlib.nullcontext():
+            try:
+                verify_file(path, digest, size, what)
+            except DigestMismatch as mismatch:
+                if not in_cache:
+                    raise QuarantinedBlob(f"{error}; {mismatch}") from error
+                moved = workdir.quarantine_blob(path)
+                raise QuarantinedBlob(f"{error}; {mismatch}: moved to {moved}, "
+                                      "to be fetched again") from error
+    except (OSError, UsageError):
+        return
+    log.info("layer %s: the cached blob matches its digest: the layer itself is bad", _layer_name(record))
 
 
 # ---------------------------------------------------------------- --into
@@ -377,7 +412,11 @@ def extract_layer_to_overlay(workdir, layer_record, stream=None, limits=None, op
                                                   _layer_name(layer_record), limits, diff_id)
                 _write_small_file(final + ".diffid", stats.diff_id)
                 _write_implicit(final, stats.implicit_dirs)
+                # The layer's files (and .diffid, .implicit) on disk before the name says
+                # the layer is whole, as one syncfs of their filesystem; the rename after.
+                sync_filesystem(tmp)
                 os.rename(tmp, final)
+                fsync_dir(workdir.overlays)
                 _log_stats("extracted", layer_record, stats, started)
             except BaseException:
                 _discard_tree(tmp)

@@ -87,10 +87,4 @@ def _verify(workdir, check):
 
 
 def _quarantine(workdir, path):
-    make_own_dir(workdir.quarantine, 0o700, "quarantine directory")
-    target = os.path.join(workdir.quarantine, os.path.basename(path))
-    try:
-        os.replace(path, target)
-    except FileNotFoundError:
-        pass  # a concurrent tosi-verify moved it first
-    return target
+    return workdir.quarantine_blob(path)

@@ -17,6 +17,7 @@ own requests upstream then use `upstream_auth`.
 """
 
 import contextlib
+import random
 import re
 import socket
 import sys
@@ -39,14 +40,16 @@ class Rule:
     long> (None: until the proxy stops); status status=<code>, headers={name: value or
     a function giving it at answer time}, body=b"" (or an iterable of chunks, maybe endless,
     sent until the client hangs up);
-    corrupt at=<body offset>; delay seconds=<before forwarding>; throttle rate=<body bytes
+    corrupt at=<body offset> (None: a random one below the declared length; the proxy
+    counts the bytes it flipped in `corrupted`); delay seconds=<before forwarding>; throttle rate=<body bytes
     per second>; redirect to=<base URL>
     (the request path is appended). `times`: how many matching requests it applies to
-    (None: all). `header`: only requests carrying that header match (e.g. "Authorization",
-    to let a registry's 401 challenge through first).
+    (None: all); with `per_path`, that many requests of each distinct path (e.g. flip a
+    byte in the first two answers for every blob). `header`: only requests carrying that
+    header match (e.g. "Authorization", to let a registry's 401 challenge through first).
     """
 
-    def __init__(self, action, path="", method="GET", times=None, header=None, **params):
+    def __init__(self, action, path="", method="GET", times=None, header=None, per_path=False, **params):
         if action not in ACTIONS:
             raise ValueError(f"unknown fault {action!r}")
         self.action = action
@@ -55,16 +58,23 @@ class Rule:
         self.times = times
         self.header = header
         self.params = params
+        self.per_path = per_path
         self.applied = 0
+        self.applied_to = {}  # path -> times applied
 
     def matches(self, method, path, headers):
         if self.method and method != self.method:
             return False
         if self.header and not any(k.lower() == self.header.lower() for k in headers):
             return False
-        if self.times is not None and self.applied >= self.times:
+        done = self.applied_to.get(path, 0) if self.per_path else self.applied
+        if self.times is not None and done >= self.times:
             return False
         return bool(self.path.search(path))
+
+    def claim(self, path):
+        self.applied += 1
+        self.applied_to[path] = self.applied_to.get(path, 0) + 1
 
 
 class Request:
@@ -159,25 +169,35 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         sent = 0
         stalled = set()  # a stall happens once per response
+        # Where each corrupt fault flips its byte in this response.
+        flips = {fault: self._flip_offset(fault, declared) for fault in faults if fault.action == "corrupt"}
         for chunk in chunks:
             for fault in faults:
-                chunk = self._apply(fault, chunk, sent, stalled)
+                chunk = self._apply(fault, chunk, sent, stalled, flips)
                 if chunk is None:
                     return
             self.wfile.write(chunk)
             sent += len(chunk)
         self.wfile.flush()
 
-    def _apply(self, fault, chunk, sent, stalled):
+    @staticmethod
+    def _flip_offset(fault, declared):
+        if fault.params.get("at") is not None:
+            return fault.params["at"]
+        length = int(declared or 0)
+        return random.randrange(length) if length else -1
+
+    def _apply(self, fault, chunk, sent, stalled, flips):
         """The chunk to send (maybe altered), or None once the connection is dropped."""
         after = fault.params.get("after", 0)
         if fault.action == "throttle":
             self.server.proxy.stopping.wait(len(chunk) / fault.params["rate"])
             return chunk
         if fault.action == "corrupt":
-            at = fault.params.get("at", 0) - sent
+            at = flips[fault] - sent
             if 0 <= at < len(chunk):
                 chunk = chunk[:at] + bytes([chunk[at] ^ 0xFF]) + chunk[at + 1:]
+                self.server.proxy.flipped()
             return chunk
         if sent + len(chunk) <= after:
             return chunk
@@ -239,6 +259,7 @@ class FaultProxy:
         self.requests = []
         self.stopping = threading.Event()
         self.max_in_flight = 0  # most requests served at the same time
+        self.corrupted = 0  # bytes flipped by corrupt rules
         self._in_flight = 0
         self._lock = threading.Lock()
         self._server = None
@@ -287,8 +308,12 @@ class FaultProxy:
             self.requests.append(Request(method, path, headers, client))
             matched = [r for r in self.rules if r.matches(method, path, headers)]
             for rule in matched:
-                rule.applied += 1
+                rule.claim(path)
             return matched
+
+    def flipped(self):
+        with self._lock:
+            self.corrupted += 1
 
     @contextlib.contextmanager
     def in_flight(self):

@@ -74,6 +74,9 @@ class ProgressBars:
                     unit_scale=True, unit_divisor=1024, file=self._stream, position=row, leave=False,
                     dynamic_ncols=True))
                 self.total.update(nbytes)
+            elif event == "restart" and download in self._bars:
+                self._bars[download][1].reset(total=download.size)
+                self.total.update(-nbytes)
             elif event == "advance" and download in self._bars:
                 self._bars[download][1].update(nbytes)
                 self.total.update(nbytes)
