@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 import requests
 import urllib3
 
+from . import space
 from .auth import parse_challenge
 from .cache import file_lock
 from .digest import CHUNK, Digest, VerifyingHasher, verify_file
@@ -162,8 +163,11 @@ class Downloader:
     """
 
     def __init__(self, client, repository, retries=5, validate_cache=False, progress=None,
-                 cancel_event=None, backoff_base=BACKOFF_BASE, read_timeout=None, on_failure=None):
+                 cancel_event=None, backoff_base=BACKOFF_BASE, read_timeout=None, on_failure=None,
+                 reserve=None):
         self.client = client
+        # The free space the cache's filesystem keeps (space.Reserve; None: TOSI_MIN_FREE or the default).
+        self.reserve = reserve if reserve is not None else space.Reserve.from_env()
         self.repository = repository
         self.retries = retries
         self.validate_cache = validate_cache
@@ -238,7 +242,12 @@ class Downloader:
     def _download(self, download):
         hasher = _hash_partial(download)
         # An empty blob needs no request, but still a file to rename into place.
-        open(download.partial_path, "ab").close()
+        with open(download.partial_path, "ab") as f:
+            # A registry may send as much as the descriptor says: a blob that cannot fit
+            # above the reserve fails now, not once it filled the filesystem.
+            guard = space.guard(f.fileno(), self.reserve, download.what, download.partial_path)
+            if guard is not None and download.size > hasher.count:
+                guard.check(needed=download.size - hasher.count)
         download._set_written(hasher.count)
         self.progress(download, "start", hasher.count)
         resumed = hasher.count > 0
@@ -400,6 +409,7 @@ class Downloader:
         with open(download.partial_path, "ab", buffering=0) as out:
             out.seek(offset)
             out.truncate()
+            guard = space.guard(out.fileno(), self.reserve, download.what, download.partial_path)
             stream = resp.raw
             while True:
                 if self.cancelled.is_set():
@@ -419,6 +429,8 @@ class Downloader:
                     if not chunk:
                         continue
                 hasher.update(chunk)  # raises before a byte beyond the descriptor's size is written
+                if guard is not None:
+                    guard.spend(len(chunk))
                 out.write(chunk)
                 download._set_written(hasher.count)
                 self.progress(download, "advance", len(chunk))

@@ -46,6 +46,7 @@ class PullOptions(NamedTuple):  # not a dataclass: importing dataclasses costs a
     platform: Optional[str] = None
     insecure: bool = False
     url: Optional[str] = None  # the original's deprecated -url: registry base URL
+    min_free: Optional[str] = None  # -min-free: space.Reserve text (None: TOSI_MIN_FREE or the default)
 
 
 def preflight(options):
@@ -153,7 +154,7 @@ def _extracted_from_cache(workdir, image, layers):
 
 
 def _fetch_and_unpack(options, workdir, credentials, tokens, image, layers, progress_for):
-    from . import blobstream, fetch
+    from . import blobstream, fetch, layer, space
     from .blobs import Cancelled
 
     progress = progress_for(image, layers) if progress_for else None
@@ -161,7 +162,7 @@ def _fetch_and_unpack(options, workdir, credentials, tokens, image, layers, prog
     pool_size = parallel or max(len(layers) + 1, 1)
     fetcher = fetch.Fetcher(workdir, fetch.client_factory(credentials, pool_size, token_cache=tokens),
                             parallel=parallel, validate_cache=options.validate_cache,
-                            progress=progress)
+                            progress=progress, reserve=space.Reserve.from_env(size_text=options.min_free))
     streams = blobstream.DownloadStreams(fetcher.abort)  # a layer unpacks as its blob arrives
     fetched = fetch.fetch_plan(fetcher, image, layers, early=streams.add)
     fetch_failures = []
@@ -171,7 +172,8 @@ def _fetch_and_unpack(options, workdir, credentials, tokens, image, layers, prog
         image = next(fetched)
         unpacked = unpack.unpack_plan(image, _noting_failures(fetched, fetch_failures),
                                       workdir=workdir.root, overlaydir=options.overlaydir,
-                                      into=options.extract_to, open_stream=streams.open)
+                                      into=options.extract_to, open_stream=streams.open,
+                                      limits=layer.Limits.from_env(min_free=options.min_free))
         for record in unpacked:
             done.append(record)
     except TosiError as exc:
