@@ -277,3 +277,27 @@ def test_the_default_reserve_is_the_larger_of_8_mib_and_1_percent_at_most_1_gib(
     assert space.Reserve().for_filesystem(St(4 << 40))[0] == 1 << 30
     assert space.Reserve.parse("2%").for_filesystem(St(100 * MIB))[0] == 2 * MIB
     assert space.Reserve.parse("0").off
+
+
+# ---------------------------------------------------------------- the C file writer
+
+@pytest.mark.skipif(not __import__("tosi_tools.filewriter").filewriter.available(),
+                    reason="the C file writer is not built")
+def test_files_queued_for_the_c_writer_count_against_the_reserve(tmp_path):
+    # Thousands of small files go to the writer thread; the guard must see them written
+    # before it judges, or the thread would fill the filesystem behind its back.
+    import io
+
+    from tosi_tools import layer
+
+    target = tmp_path / "small"
+    target.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(target)], check=True)
+    try:
+        lay = make_layer([file_entry(f"d/f{i}", bytes([i % 251]) * 8000) for i in range(6000)], compression=None)
+        with pytest.raises(space.ReserveReached, match=r"^layer L: stopped with .* the reserve is 8\.0 MiB"):
+            layer.apply_layer(str(target), io.BytesIO(lay.data), lay.media_type, layer_name="L")
+        assert free(str(target))[0] >= DEFAULT_RESERVE
+        assert len(os.listdir(target / "d")) > layer.WRITER_AFTER_FILES  # the writer had work
+    finally:
+        subprocess.run(["umount", str(target)], check=True)
