@@ -246,8 +246,10 @@ class Downloader:
             # A registry may send as much as the descriptor says: a blob that cannot fit
             # above the reserve fails now, not once it filled the filesystem.
             guard = space.guard(f.fileno(), self.reserve, download.what, download.partial_path)
-            if guard is not None and download.size > hasher.count:
-                guard.check(needed=download.size - hasher.count)
+            if guard is not None:
+                with guard:
+                    if download.size > hasher.count:
+                        guard.check(needed=download.size - hasher.count)
         download._set_written(hasher.count)
         self.progress(download, "start", hasher.count)
         resumed = hasher.count > 0
@@ -409,31 +411,32 @@ class Downloader:
         with open(download.partial_path, "ab", buffering=0) as out:
             out.seek(offset)
             out.truncate()
-            guard = space.guard(out.fileno(), self.reserve, download.what, download.partial_path)
-            stream = resp.raw
-            while True:
-                if self.cancelled.is_set():
-                    raise Cancelled(f"{download.what}: cancelled")
-                try:
-                    # read1: whatever has arrived, so watchers see bytes as they come.
-                    chunk = stream.read1(CHUNK, decode_content=False)
-                except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:
-                    broke = Unreachable(f"connection broke after {hasher.count} bytes: {_short(exc)}")
-                    raise _Retryable(broke) from None
-                if not chunk:
-                    break
-                if skip:
-                    dropped = min(skip, len(chunk))
-                    skip -= dropped
-                    chunk = chunk[dropped:]
+            with space.guard(out.fileno(), self.reserve, download.what, download.partial_path) \
+                    or contextlib.nullcontext() as guard:
+                stream = resp.raw
+                while True:
+                    if self.cancelled.is_set():
+                        raise Cancelled(f"{download.what}: cancelled")
+                    try:
+                        # read1: whatever has arrived, so watchers see bytes as they come.
+                        chunk = stream.read1(CHUNK, decode_content=False)
+                    except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:
+                        broke = Unreachable(f"connection broke after {hasher.count} bytes: {_short(exc)}")
+                        raise _Retryable(broke) from None
                     if not chunk:
-                        continue
-                hasher.update(chunk)  # raises before a byte beyond the descriptor's size is written
-                if guard is not None:
-                    guard.spend(len(chunk))
-                out.write(chunk)
-                download._set_written(hasher.count)
-                self.progress(download, "advance", len(chunk))
+                        break
+                    if skip:
+                        dropped = min(skip, len(chunk))
+                        skip -= dropped
+                        chunk = chunk[dropped:]
+                        if not chunk:
+                            continue
+                    hasher.update(chunk)  # raises before a byte beyond the descriptor's size is written
+                    if guard is not None:
+                        guard.spend(len(chunk))
+                    out.write(chunk)
+                    download._set_written(hasher.count)
+                    self.progress(download, "advance", len(chunk))
         if hasher.count < download.size:
             raise _Retryable(Unreachable(f"connection closed after {hasher.count} of {download.size} bytes"))
 

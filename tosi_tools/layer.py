@@ -763,6 +763,8 @@ def apply_layer(root, stream, media_type, mode=FLAT, layer_name="layer", limits=
     finally:
         # Before anyone cleans up after a failure, the writer must have stopped writing.
         applier.close_writer()
+        if applier.guard is not None:
+            applier.guard.close()
         data.close()
         if own_root:
             safe.close()

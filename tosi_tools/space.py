@@ -37,6 +37,9 @@ DEFAULT_MAX_INODES = 65536
 DEFAULT_PERCENT = 1
 CHECK_BYTES = 16 * MIB
 CHECK_INODES = 4096
+# The most a writer charges at once (a layer's data step, a blob's chunk): at a check,
+# each other writer on the filesystem may have that much charged and not yet written.
+STEP = 1 << 20
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
@@ -156,6 +159,7 @@ class _Meter:
         self.spent_inodes = 0
         self.allow_bytes = 0   # 0: check at the first charge
         self.allow_inodes = 0
+        self.writers = 0       # open guards
 
 
 _meters = {}
@@ -185,6 +189,21 @@ class Guard:
         self.what = what
         self.path = path
         self._meter = _meter_for(os.fstat(fd).st_dev)
+        with self._meter.lock:
+            self._meter.writers += 1
+
+    def close(self):
+        """This writer is done (what it wrote stays charged until the next check)."""
+        m, self._meter = self._meter, None
+        if m is not None:
+            with m.lock:
+                m.writers -= 1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def charge(self, nbytes, inodes=0):
         m = self._meter
@@ -207,6 +226,8 @@ class Guard:
         about to be written; sets when the next check is due."""
         st = os.fstatvfs(self.fd)
         keep_bytes, keep_inodes = self.reserve.for_filesystem(st)
+        others = max(self._meter.writers - 1, 0)  # their last step may not show yet
+        upcoming = (upcoming[0] + others * STEP, upcoming[1])
         free_bytes = st.f_bavail * st.f_frsize
         free_inodes = st.f_favail
         check_bytes = st.f_blocks > 0 and keep_bytes > 0
@@ -214,7 +235,8 @@ class Guard:
         if (check_bytes and free_bytes - needed - upcoming[0] <= keep_bytes) \
                 or (check_inodes and free_inodes - upcoming[1] <= keep_inodes):
             raise self._error(free_bytes, free_inodes, keep_bytes, keep_inodes, needed)
-        allow_bytes = min((free_bytes - keep_bytes) // 2, CHECK_BYTES) if check_bytes else CHECK_BYTES
+        allow_bytes = min((free_bytes - upcoming[0] - keep_bytes) // 2, CHECK_BYTES) \
+            if check_bytes else CHECK_BYTES
         allow_inodes = min((free_inodes - keep_inodes) // 2, CHECK_INODES) if check_inodes else CHECK_INODES
         m = self._meter
         with m.lock:
