@@ -11,7 +11,7 @@ from tests.support.images import (
     dir_entry, file_entry, hardlink_entry, make_layer, opaque_entry, symlink_entry, whiteout_entry,
 )
 from tests.support.staging import snapshot
-from tosi_tools import filewriter, layer
+from tosi_tools import filewriter, layer, space
 
 
 def test_the_extension_is_built_here():
@@ -190,8 +190,10 @@ def test_running_out_of_space_in_the_writer_is_the_usual_one_line_error(tmp_path
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(target)], check=True)
     try:
         lay = make_layer([file_entry(f"f{i}", os.urandom(8192)) for i in range(MANY)])
+        # Without the free-space reserve (tests/test_space_guard.py), to reach ENOSPC.
+        limits = layer.Limits(reserve=space.Reserve.parse("0"))
         with pytest.raises(layer.UnpackError, match=r"^layer L: no space left on the target$"):
-            layer.apply_layer(str(target), io.BytesIO(lay.data), lay.media_type, layer_name="L")
+            layer.apply_layer(str(target), io.BytesIO(lay.data), lay.media_type, layer_name="L", limits=limits)
     finally:
         subprocess.run(["umount", str(target)], check=True)
 

@@ -679,3 +679,37 @@ def test_attributes_lowerdir_is_made_once_for_an_image_and_reused(tmp_path, moun
     made = sorted(n for n in os.listdir(overlays) if n.startswith(".tosi-attrs-"))
     assert len(made) == 1 and mount_with_implicit(tmp_path, layers, mounts) == first
     assert sorted(n for n in os.listdir(overlays) if n.startswith(".tosi-attrs-")) == made
+
+
+def test_overlayfs_xattrs_of_a_layer_hide_nothing_below_it(layouts):
+    # Image builders that copy overlay upper directories carry overlayfs' own xattrs
+    # along; if they reached the mount, the top layer would hide or redirect lower
+    # entries (an opaque directory, an xattr whiteout, a redirect). They are dropped.
+    def x(**pairs):
+        return {f"SCHILY.xattr.{key.replace('_', '.')}": value for key, value in pairs.items()}
+
+    layers = [
+        L(dir_entry("d"), file_entry("d/a", b"a"), dir_entry("e"), file_entry("e/w", b"w"),
+          file_entry("e/y", b"y"), dir_entry("u"), file_entry("u/a", b"a"), dir_entry("r")),
+        L(dir_entry("d", pax=x(trusted_overlay_opaque="y")),
+          dir_entry("e", pax=x(trusted_overlay_opaque="x")),
+          file_entry("e/w", pax=x(trusted_overlay_whiteout="y")),
+          dir_entry("u", pax=x(user_overlay_opaque="y")),
+          dir_entry("r", pax=x(trusted_overlay_redirect="/d")),
+          file_entry("f", b"f", pax={**x(trusted_overlay_origin="junk"), "SCHILY.xattr.user.kept": "1"})),
+    ]
+    flat, mounted = layouts.both(layers)
+    expected = without_root(layermodel.snapshot(layermodel.rootfs(layers)))
+    assert _differences(without_root(flat), expected) == {}
+    assert _differences(without_root(mounted), expected) == {}
+    for tree in (flat, mounted):
+        assert {"d/a", "e/w", "e/y", "u/a", "f"} <= set(tree) and "r/a" not in tree
+        assert tree["e/w"]["size"] == 0
+    # Nor are they in the layer directories the mount is made of (no layer has a marker).
+    overlays = os.path.join(layouts.workdir, "overlays")
+    for name in os.listdir(overlays):
+        top = os.path.join(overlays, name)
+        if os.path.isdir(top) and not os.path.islink(top):
+            for where, dirs, files in os.walk(top):
+                for path in [where] + [os.path.join(where, n) for n in dirs + files]:
+                    assert not [k for k in os.listxattr(path, follow_symlinks=False) if "overlay." in k], path

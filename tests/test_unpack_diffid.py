@@ -169,9 +169,11 @@ def test_malformed_diff_id_is_a_plan_error(stage, unpack, workdir, tmp_path, mod
 
 @pytest.mark.parametrize("compression", COMPRESSIONS)
 def test_data_after_the_tar_end_marker_is_part_of_the_diff_id(stage, unpack, workdir, compression):
-    # more than the decompressor's chunks after the end: the reader must go on past it
-    trailing = make_layer(raw_tar=TAR + bytes(3 << 20) + b"data after the end-of-archive blocks\n",
-                          compression=compression)
+    # past the decompressor's first chunk (1 MiB) after the end: the reader must go on
+    # past it (but not past 1 MiB of padding: tests/test_space_guard.py)
+    raw = TAR + bytes((1 << 20) - len(TAR) + 1024) + b"data after the end-of-archive blocks\n"
+    assert len(raw) > 1 << 20 and len(raw) - TAR.index(bytes(1024)) <= 1 << 20
+    trailing = make_layer(raw_tar=raw, compression=compression)
     records = stage([trailing])
     accepted = unpack(records, "per-layer")
     assert accepted.returncode == 0, accepted.stderr
@@ -213,9 +215,9 @@ def test_tar_of_the_full_record_size_with_padding_passes(stage, unpack, tmp_path
 
 # ---------------------------------------------------------------- broken gzip after the tar's end
 
-# Zeros after the end marker, more than the decompressor's chunks: the tar ends
-# before the decompressor meets the fault.
-LONG_TAR = TAR + bytes(3 << 20)
+# Zeros after the end marker, more than a decompressor's chunk (but less than the
+# 1 MiB of padding allowed): the tar ends before the decompressor meets the fault.
+LONG_TAR = TAR + bytes((1 << 20) - len(TAR) + 1024)
 GZ = gzip.compress(LONG_TAR, mtime=0)
 BROKEN_GZIP = {
     # the tar is whole in each: only reading the compressed stream to its end finds the fault

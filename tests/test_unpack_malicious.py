@@ -202,9 +202,18 @@ def test_malformed_whiteout_is_refused(unpack, sentinel, mode, name):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("xattr", ["trusted.overlay.opaque", "trusted.overlay.redirect", "user.overlay.origin"])
-def test_overlay_xattr_in_layer_is_refused(unpack, sentinel, mode, xattr):
-    proc, _ = unpack([L(dir_entry("d", pax={f"SCHILY.xattr.{xattr}": "y"}))], mode)
-    assert_refused(proc, "layer 0", "'d'", xattr)
+def test_overlay_xattrs_in_a_layer_are_dropped_with_one_warning(unpack, sentinel, mode, xattr):
+    proc, view = unpack([L(dir_entry("d", pax={f"SCHILY.xattr.{xattr}": "y", "SCHILY.xattr.user.kept": "k"}),
+                           file_entry("d/f", b"f", pax={f"SCHILY.xattr.{xattr}": "y"}),
+                           dir_entry("e", pax={f"SCHILY.xattr.{xattr}": "y"}))], mode)
+    assert proc.returncode == 0, proc.stderr
+    warnings = [line for line in proc.stderr.splitlines() if "overlayfs xattr" in line]
+    assert len(warnings) == 1 and "layer 0" in warnings[0] and "dropped 3" in warnings[0], proc.stderr
+    for path in ("d", "d/f", "e"):
+        assert not [k for k in os.listxattr(os.path.join(view, path)) if "overlay." in k], path
+    assert os.getxattr(os.path.join(view, "d"), "user.kept") == b"k"
+    with open(os.path.join(view, "d/f"), "rb") as f:
+        assert f.read() == b"f"
     sentinel.assert_unchanged()
 
 

@@ -36,6 +36,7 @@ from urllib.parse import urlsplit
 import requests
 import urllib3
 
+from . import space
 from .auth import parse_challenge
 from .cache import file_lock, fsync_dir, fsync_path, require_cached
 from .digest import CHUNK, DIGEST_RETRIES, Digest, VerifyingHasher, verify_file
@@ -200,8 +201,10 @@ class Downloader:
 
     def __init__(self, client, repository, retries=5, validate_cache=False, progress=None,
                  cancel_event=None, backoff_base=BACKOFF_BASE, read_timeout=None, on_failure=None,
-                 digest_retries=DIGEST_RETRIES):
+                 digest_retries=DIGEST_RETRIES, reserve=None):
         self.client = client
+        # The free space the cache's filesystem keeps (space.Reserve; None: TOSI_MIN_FREE or the default).
+        self.reserve = reserve if reserve is not None else space.Reserve.from_env()
         self.repository = repository
         self.retries = retries
         self.digest_retries = digest_retries
@@ -277,7 +280,14 @@ class Downloader:
     def _download(self, download):
         hasher = _hash_partial(download)
         # An empty blob needs no request, but still a file to rename into place.
-        open(download.partial_path, "ab").close()
+        with open(download.partial_path, "ab") as f:
+            # A registry may send as much as the descriptor says: a blob that cannot fit
+            # above the reserve fails now, not once it filled the filesystem.
+            guard = space.guard(f.fileno(), self.reserve, download.what, download.partial_path)
+            if guard is not None:
+                with guard:
+                    if download.size > hasher.count:
+                        guard.check(needed=download.size - hasher.count)
         download._set_written(hasher.count)
         self.progress(download, "start", hasher.count)
         # Bytes an earlier run left (a crash may have lost their tail) are checked once
@@ -446,28 +456,32 @@ class Downloader:
         with open(download.partial_path, "ab", buffering=0) as out:
             out.seek(offset)
             out.truncate()
-            stream = resp.raw
-            while True:
-                if self.cancelled.is_set():
-                    raise Cancelled(f"{download.what}: cancelled")
-                try:
-                    # read1: whatever has arrived, so watchers see bytes as they come.
-                    chunk = stream.read1(CHUNK, decode_content=False)
-                except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:
-                    broke = Unreachable(f"connection broke after {hasher.count} bytes: {_short(exc)}")
-                    raise _Retryable(broke) from None
-                if not chunk:
-                    break
-                if skip:
-                    dropped = min(skip, len(chunk))
-                    skip -= dropped
-                    chunk = chunk[dropped:]
+            with space.guard(out.fileno(), self.reserve, download.what, download.partial_path) \
+                    or contextlib.nullcontext() as guard:
+                stream = resp.raw
+                while True:
+                    if self.cancelled.is_set():
+                        raise Cancelled(f"{download.what}: cancelled")
+                    try:
+                        # read1: whatever has arrived, so watchers see bytes as they come.
+                        chunk = stream.read1(CHUNK, decode_content=False)
+                    except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:
+                        broke = Unreachable(f"connection broke after {hasher.count} bytes: {_short(exc)}")
+                        raise _Retryable(broke) from None
                     if not chunk:
-                        continue
-                hasher.update(chunk)  # raises before a byte beyond the descriptor's size is written
-                out.write(chunk)
-                download._set_written(hasher.count)
-                self.progress(download, "advance", len(chunk))
+                        break
+                    if skip:
+                        dropped = min(skip, len(chunk))
+                        skip -= dropped
+                        chunk = chunk[dropped:]
+                        if not chunk:
+                            continue
+                    hasher.update(chunk)  # raises before a byte beyond the descriptor's size is written
+                    if guard is not None:
+                        guard.spend(len(chunk))
+                    out.write(chunk)
+                    download._set_written(hasher.count)
+                    self.progress(download, "advance", len(chunk))
         if hasher.count < download.size:
             raise _Retryable(Unreachable(f"connection closed after {hasher.count} of {download.size} bytes"))
 

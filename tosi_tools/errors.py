@@ -89,5 +89,19 @@ class UnsafeEntry(UnpackError):
     """A layer entry tries to leave the target root or smuggle forbidden metadata."""
 
 
+class ReserveReached(UnpackError):
+    """Writing a layer (or downloading a blob) stopped because its filesystem was down
+    to the reserve of free space or inodes that tosi leaves (tosi_tools.space)."""
+
+    def __init__(self, message, filesystem=None, free_bytes=None, free_inodes=None,
+                 reserve_bytes=None, reserve_inodes=None):
+        super().__init__(message)
+        self.filesystem = filesystem
+        self.free_bytes = free_bytes
+        self.free_inodes = free_inodes
+        self.reserve_bytes = reserve_bytes
+        self.reserve_inodes = reserve_inodes
+
+
 class MountError(TosiError):
     """An overlay mount or unmount failed or was refused."""

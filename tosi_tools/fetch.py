@@ -66,7 +66,8 @@ class Fetcher:
     """
 
     def __init__(self, workdir, client_for_image, parallel=DEFAULT_PARALLEL, retries=DEFAULT_RETRIES,
-                 validate_cache=False, progress=None, read_timeout=None, digest_retries=DIGEST_RETRIES):
+                 validate_cache=False, progress=None, read_timeout=None, digest_retries=DIGEST_RETRIES,
+                 reserve=None):
         if parallel < 0:
             raise ValueError("parallel must be >= 0")
         self.workdir = workdir
@@ -77,6 +78,7 @@ class Fetcher:
         self.validate_cache = validate_cache
         self.progress = progress
         self.read_timeout = read_timeout
+        self.reserve = reserve  # space.Reserve the cache's filesystem keeps (None: TOSI_MIN_FREE)
         self.cancelled = threading.Event()
         self.failure = None  # the first error; it cancels the other downloads
         self._pool = None
@@ -112,6 +114,7 @@ class Fetcher:
             validate_cache=self.validate_cache, progress=self.progress,
             cancel_event=self.cancelled, read_timeout=self.read_timeout, on_failure=self._failed,
             digest_retries=self.digest_retries,
+            reserve=self.reserve,
         )
         self._downloaders.append(downloader)
         self._downloads.extend(unique.values())

@@ -25,7 +25,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 
-from . import filewriter, overlay, saferoot, tarstream
+from . import filewriter, overlay, saferoot, space, tarstream
 from .compression import open_layer
 from .digest import Digest
 from .errors import DigestMismatch, UnpackError, UnsafeEntry
@@ -42,6 +42,10 @@ OPAQUE_XATTR = overlay.OPAQUE_XATTR
 _KEPT_XATTR_PREFIXES = ("trusted.overlay.", "security.selinux")
 DEFAULT_MAX_LAYER_BYTES = 64 << 30
 DEFAULT_MAX_LAYER_ENTRIES = 10_000_000
+# What may follow a tar's end marker: GNU tar pads to 10 KiB records, Go's archive/tar
+# writes 1 KiB. The diffID covers it all, so it must be read; past this it is refused.
+MAX_TRAILING_BYTES = 1 << 20
+_COPY_STEP = 1 << 20  # a file's data is charged to the free-space guard in steps of this
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NODE_TYPES = {tarstream.CHR: stat.S_IFCHR, tarstream.BLK: stat.S_IFBLK, tarstream.FIFO: stat.S_IFIFO}
@@ -51,13 +55,17 @@ WRITER_AFTER_FILES = 64  # below this a layer's files are not worth the writer t
 
 @dataclass
 class Limits:
-    """Caps for one layer: decompressed bytes and tar entries."""
+    """Caps for one layer: decompressed bytes and tar entries; and the free space
+    (space.Reserve, None: the default rule) the target's filesystem keeps."""
 
     max_bytes: int = DEFAULT_MAX_LAYER_BYTES
     max_entries: int = DEFAULT_MAX_LAYER_ENTRIES
+    reserve: object = None
 
     @classmethod
-    def from_env(cls, environ=os.environ):
+    def from_env(cls, environ=os.environ, min_free=None):
+        """From TOSI_MAX_LAYER_BYTES, TOSI_MAX_LAYER_ENTRIES, TOSI_MIN_FREE(_INODES);
+        `min_free` (a --min-free flag's text) overrides TOSI_MIN_FREE."""
         def number(key, default):
             text = environ.get(key)
             if not text:
@@ -70,7 +78,8 @@ class Limits:
                 raise UnpackError(f"{key}={text!r} must be positive")
             return value
         return cls(number("TOSI_MAX_LAYER_BYTES", DEFAULT_MAX_LAYER_BYTES),
-                   number("TOSI_MAX_LAYER_ENTRIES", DEFAULT_MAX_LAYER_ENTRIES))
+                   number("TOSI_MAX_LAYER_ENTRIES", DEFAULT_MAX_LAYER_ENTRIES),
+                   space.Reserve.from_env(environ, min_free))
 
 
 @dataclass
@@ -79,6 +88,10 @@ class LayerStats:
     bytes: int = 0
     skipped_devices: int = 0
     whiteouts: int = 0
+    # overlayfs' own xattrs (trusted.overlay.*, user.overlay.*) the layer carried, dropped;
+    # the first as (entry name, xattr name).
+    overlay_xattrs: int = 0
+    first_overlay_xattr: tuple = None
     # The digest of the decompressed stream: the layer's real diffID (sha256 unless
     # the one to check is sha512).
     diff_id: str = None
@@ -138,6 +151,14 @@ class _Applier:
     parents: set = field(default_factory=set)
     named_dirs: set = field(default_factory=set)
     new_dirs: set = field(default_factory=set)
+    guard: object = None  # space.Guard of the target's filesystem, None: no reserve kept
+
+    def spend(self, nbytes, inodes=0):
+        """Charge what is about to be written to the free-space guard; when a check is
+        due, the queued files are written first so that the filesystem shows them."""
+        if self.guard is not None and self.guard.charge(nbytes, inodes):
+            self.sync_writer()
+            self.guard.check(upcoming=(nbytes, inodes))
 
     def fail(self, name, reason, cls=UnpackError):
         return cls(f"layer {self.layer_name}: entry {name!r}: {reason}")
@@ -221,6 +242,7 @@ class _Applier:
                               "entries (the cap for one layer; see TOSI_MAX_LAYER_ENTRIES)")
         if len(parts) > 1 and _is_aufs_metadata(parts[:1]):
             return  # inside AUFS's .wh..wh.plnk or .wh..wh.orph
+        self.spend(0, 1)
         whiteout = bool(parts) and parts[-1].startswith(WHITEOUT_PREFIX)
         if self.writer and not self.spares_queued(member, parts, whiteout):
             self.sync_writer()
@@ -272,11 +294,14 @@ class _Applier:
             raise self.fail(name, f"unsupported tar entry type {member.type!r}")
 
     def xattrs_of(self, name, member):
+        """The entry's xattrs but overlayfs' own: copied from an overlay upper directory by
+        some image builders, they would make the mount hide or redirect lower entries."""
         xattrs = []
         for xname, value in member.xattrs:
             if xname.startswith(overlay.OVERLAY_XATTR_PREFIXES):
-                raise self.fail(name, f"carries the overlayfs xattr {xname!r}, which a layer "
-                                "must not set", UnsafeEntry)
+                self.stats.overlay_xattrs += 1
+                self.stats.first_overlay_xattr = self.stats.first_overlay_xattr or (name, xname)
+                continue
             xattrs.append((xname, value))
         return xattrs
 
@@ -343,6 +368,7 @@ class _Applier:
     def make_file(self, tar, dir_fd, base, canonical, member, xattrs, name):
         self.stats.bytes += member.data_size
         if self.queueable(member) and self.start_writer():
+            self.spend(-(-member.size // 4096) * 4096)  # in blocks: a small file takes a whole one
             data = tar.read_data(member.size)
             mode = member.mode & 0o7777
             chown, chmod = self.file_fixes(dir_fd, canonical, member)
@@ -354,15 +380,21 @@ class _Applier:
             if self.writer.full:
                 self.sync_writer()
             return
+        def copy(fd, n):
+            while n > 0:
+                step = min(n, _COPY_STEP)
+                self.spend(step)
+                tar.copy_to(fd, step)
+                n -= step
         if member.sparse is not None:
             def write(fd):
                 for offset, size in member.sparse:
                     os.lseek(fd, offset, os.SEEK_SET)
-                    tar.copy_to(fd, size)
+                    copy(fd, size)
                 os.ftruncate(fd, member.size)
         else:
             def write(fd):
-                tar.copy_to(fd, member.size)
+                copy(fd, member.size)
         self.write_file(dir_fd, base, canonical, member, xattrs, write)
 
     def write_file(self, dir_fd, base, canonical, member, xattrs, write):
@@ -721,11 +753,14 @@ def apply_layer(root, stream, media_type, mode=FLAT, layer_name="layer", limits=
     """Apply the layer blob read from `stream` (any binary reader) to `root`.
 
     `root` is a SafeRoot or a directory path. Returns LayerStats. Raises
-    UnsafeEntry for entries that try to leave the root or smuggle overlay
-    metadata, UnpackError for everything else that is wrong with the layer,
-    and DigestMismatch when the whole decompressed stream (what follows the
-    tar's end marker included) does not hash to `diff_id` (None: not checked),
-    in which case the root holds the layer's entries all the same.
+    UnsafeEntry for entries that try to leave the root, ReserveReached when the
+    target's filesystem is down to the reserve (limits.reserve), UnpackError
+    for everything else that is wrong with the layer (more than
+    MAX_TRAILING_BYTES after the tar's end marker included), and DigestMismatch
+    when the whole decompressed stream (what follows the end marker included)
+    does not hash to `diff_id` (None: not checked), in which case the root
+    holds the layer's entries all the same. overlayfs' own xattrs in the layer
+    are dropped, with one warning.
     With `hold_root`, a "./" entry's mode and mtime are not applied to the root but
     reported (LayerStats.root_mode, root_mtime_ns); its owner and xattrs are.
     """
@@ -738,7 +773,8 @@ def apply_layer(root, stream, media_type, mode=FLAT, layer_name="layer", limits=
     as_root = running_as_root()
     has_lower = mode == FLAT and bool(os.listdir(safe.fd))
     applier = _Applier(safe, mode, layer_name, limits, as_root, current_umask(), has_lower,
-                       ids=(os.geteuid(), os.getegid()), hold_root=hold_root)
+                       ids=(os.geteuid(), os.getegid()), hold_root=hold_root,
+                       guard=space.guard(safe.fd, limits.reserve, f"layer {layer_name}", safe.path))
     algorithm = Digest(diff_id).algorithm if diff_id is not None else "sha256"
     hasher = hashlib.new(algorithm)
     data = open_layer(stream, media_type, f"layer {layer_name}", limits.max_bytes, hasher)
@@ -749,7 +785,7 @@ def apply_layer(root, stream, media_type, mode=FLAT, layer_name="layer", limits=
             applier.apply(tar, entry)
         entry = None
         applier.sync_writer()
-        data.drain()
+        tar.finish(MAX_TRAILING_BYTES)
         applier.stats.diff_id = f"{algorithm}:{hasher.hexdigest()}"
         if diff_id is not None and applier.stats.diff_id != diff_id:
             raise diff_id_mismatch(layer_name, applier.stats.diff_id, diff_id)
@@ -761,9 +797,15 @@ def apply_layer(root, stream, media_type, mode=FLAT, layer_name="layer", limits=
     finally:
         # Before anyone cleans up after a failure, the writer must have stopped writing.
         applier.close_writer()
+        if applier.guard is not None:
+            applier.guard.close()
         data.close()
         if own_root:
             safe.close()
+    if applier.stats.overlay_xattrs:
+        name, key = applier.stats.first_overlay_xattr
+        log.warning("layer %s: dropped %d overlayfs xattr(s) (%s on %r first): overlayfs metadata "
+                    "is the mount's, not a layer's", layer_name, applier.stats.overlay_xattrs, key, name)
     if applier.stats.skipped_devices:
         log.warning("layer %s: skipped %d device node(s): creating them needs root",
                     layer_name, applier.stats.skipped_devices)

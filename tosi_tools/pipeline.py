@@ -28,7 +28,6 @@ import contextlib
 import itertools
 import logging
 import os
-import secrets
 from typing import NamedTuple, Optional
 
 from . import mount, ownership, resolve, unpack
@@ -61,6 +60,7 @@ class PullOptions(NamedTuple):  # not a dataclass: importing dataclasses costs a
     url: Optional[str] = None  # the original's deprecated -url: registry base URL
     mount_options: tuple = ()  # -mount-option values (comma lists): see mount.mount_flags
     keep_root_mode: bool = False  # -extractto: see unpack.apply_layers_into
+    min_free: Optional[str] = None  # -min-free: space.Reserve text (None: TOSI_MIN_FREE or the default)
 
 
 def preflight(options):
@@ -109,24 +109,7 @@ def save_config(image, path):
     check_save_config(path)
     with open(image["config"]["savedConfig"], "rb") as f:
         data = f.read()
-    directory, name = os.path.split(path)
-    os.makedirs(directory, exist_ok=True)
-    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        tmp = f".tmp-{name}-{secrets.token_hex(4)}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o644, dir_fd=dir_fd)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                os.fchmod(f.fileno(), 0o644)
-            os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp, dir_fd=dir_fd)
-            raise
-    finally:
-        os.close(dir_fd)
+    atomic_write(path, data)
 
 
 def _noting_failures(records, failures):
@@ -229,7 +212,7 @@ def _empty_target(target):
 
 def _fetch_and_unpack_once(options, workdir, credentials, tokens, image, layers, progress_for,
                            created_target):
-    from . import blobstream, fetch
+    from . import blobstream, fetch, layer, space
     from .blobs import Cancelled
     from .digest import DIGEST_RETRIES
 
@@ -238,7 +221,7 @@ def _fetch_and_unpack_once(options, workdir, credentials, tokens, image, layers,
     pool_size = parallel or max(len(layers) + 1, 1)
     fetcher = fetch.Fetcher(workdir, fetch.client_factory(credentials, pool_size, token_cache=tokens),
                             parallel=parallel, validate_cache=options.validate_cache,
-                            progress=progress)
+                            progress=progress, reserve=space.Reserve.from_env(size_text=options.min_free))
     streams = blobstream.DownloadStreams(fetcher.abort)  # a layer unpacks as its blob arrives
     fetched = fetch.fetch_plan(fetcher, image, layers, early=streams.add)
     fetch_failures = []
@@ -264,7 +247,8 @@ def _fetch_and_unpack_once(options, workdir, credentials, tokens, image, layers,
                 unpacked = unpack.unpack_plan(image, layer_records(),
                                               workdir=workdir, overlaydir=options.overlaydir,
                                               into=options.extract_to, open_stream=streams.open,
-                                              keep_root_mode=options.keep_root_mode)
+                                              keep_root_mode=options.keep_root_mode,
+                                              limits=layer.Limits.from_env(min_free=options.min_free))
                 for record in unpacked:
                     done.append(record)
                 break

@@ -184,6 +184,20 @@ class TarReader:
         self.pending -= n
         return self._take(n)
 
+    def finish(self, limit):
+        """Read what follows the end of the archive (once iteration stopped): its padding,
+        which still counts for a layer's diffID. UnpackError past `limit` bytes, since an
+        endless stream of padding would otherwise be read for ever."""
+        extra = len(self._buf) - self._pos
+        self._buf, self._pos = b"", 0
+        while extra <= limit:
+            chunk = self._read(CHUNK)
+            if not chunk:
+                return extra
+            extra += len(chunk)
+        raise UnpackError(f"{self._what}: more than {limit} bytes follow the tar's end-of-archive "
+                          "marker (tar pads to 10 KiB records at most)")
+
     # ------------------------------------------------------------ headers
 
     def __iter__(self):

@@ -10,7 +10,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 from .digest import verify_file
 from .errors import CacheError, DigestMismatch
-from .ownership import make_own_dir
 
 DEFAULT_PARALLEL = min(4, os.cpu_count() or 1)
 

@@ -69,8 +69,10 @@ def layer_tar(layer):
 
 
 def _node(member, tar):
+    # overlayfs' own xattrs are the mount's business: a layer's are dropped.
     xattrs = {key[len("SCHILY.xattr."):]: value.encode("utf-8", "surrogateescape")
-              for key, value in member.pax_headers.items() if key.startswith("SCHILY.xattr.")}
+              for key, value in member.pax_headers.items() if key.startswith("SCHILY.xattr.")
+              and not key[len("SCHILY.xattr."):].startswith(("trusted.overlay.", "user.overlay."))}
     kind = _KINDS.get(member.type, REG)
     node = Node(kind, stat.S_IMODE(member.mode), member.uid, member.gid,
                 int(member.mtime * 1_000_000_000), xattrs=xattrs)

@@ -75,6 +75,25 @@ def exit_status_epilog(prog, failure, reads_plan=False):
         f"exit status: 0 success; 1 {failure}; 2 bad flags or input, or an unsafe workdir "
         f"({unsafe}: see FILES in {prog}(1)); 130 interrupted.", 79, break_on_hyphens=False,
         break_long_words=False) + "\n"
+def add_min_free_flag(parser, where):
+    """--min-free SIZE: the free space (and inodes) a stage leaves on `where` (tosi_tools.space)."""
+    import argparse
+
+    from ..errors import UsageError
+    from ..space import parse_size
+
+    def size(text):
+        try:
+            parse_size(text, "--min-free")
+        except UsageError as exc:
+            raise argparse.ArgumentTypeError(str(exc).split(": ", 1)[1]) from None
+        return text
+
+    parser.add_argument(
+        "--min-free", type=size, metavar="SIZE",
+        help=f"stop while {where} still has SIZE free, e.g. 64M, 2G or 1%%; 0: fill it "
+        "(default: $TOSI_MIN_FREE, else 1%% of the filesystem, at least 8M and at most 1G, "
+        "and 1%% of its inodes)")
 
 
 def add_credential_flags(parser):

@@ -4,8 +4,8 @@ import sys
 import threading
 
 from .common import (
-    add_credential_flags, add_workdir_flag, exit_status_epilog, new_parser, password_from_stdin,
-    plan_workdir, run, setup_logging,
+    add_credential_flags, add_min_free_flag, add_workdir_flag, exit_status_epilog, new_parser,
+    password_from_stdin, plan_workdir, run, setup_logging,
 )
 
 PROG = "tosi-fetch"
@@ -25,6 +25,8 @@ processes sharing a workdir wait for each other instead of downloading twice.
 EPILOG = """\
 With --password-stdin the first line of stdin is the password and the plan follows.
 Credentials otherwise come from TOSI_USERNAME/TOSI_PASSWORD or ~/.docker/config.json.
+A blob that would leave the cache's filesystem less free than the reserve
+(--min-free, TOSI_MIN_FREE, TOSI_MIN_FREE_INODES) is refused before or while it arrives.
 
 """
 
@@ -45,6 +47,7 @@ def build_parser():
                         help=f"retry each blob up to N times (default {DEFAULT_RETRIES})")
     parser.add_argument("--read-timeout", type=float, default=None, metavar="SECONDS",
                         help="give up on a silent connection after SECONDS (default 60), then retry")
+    add_min_free_flag(parser, "the cache's filesystem")
     add_credential_flags(parser)
     return parser
 
@@ -116,6 +119,7 @@ def body(argv):
     from ..auth import credentials_from_flags
     from ..fetch import Fetcher, client_factory, fetch_plan
     from ..plan import PlanReader, PlanWriter
+    from ..space import Reserve
 
     password = password_from_stdin(args)  # before the plan, which follows it on stdin
     reader = PlanReader(sys.stdin)
@@ -129,7 +133,8 @@ def body(argv):
     pool_size = args.parallel or max(len(layers) + 1, 1)
     fetcher = Fetcher(workdir, client_factory(credentials, pool_size, read_timeout=args.read_timeout),
                       parallel=args.parallel, retries=args.retries,
-                      validate_cache=args.validate_cache, progress=bars)
+                      validate_cache=args.validate_cache, progress=bars,
+                      reserve=Reserve.from_env(size_text=args.min_free))
     try:
         records = fetch_plan(fetcher, image, layers)
         PlanWriter(sys.stdout).write_plan(next(records), records)

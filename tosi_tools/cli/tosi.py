@@ -64,6 +64,9 @@ FLAGS = [
          "compatibility; logs go to stderr only)", metavar="DIR"),
     Flag("logtostderr", BOOL, "log to standard error instead of files (logs always go to "
          "stderr here; this also shows informational messages)", False),
+    Flag("min-free", STRING, "Stop a download or an extraction while its filesystem still has "
+         "SIZE free, e.g. 64M, 2G or 1%; 0 turns the guard off (default: $TOSI_MIN_FREE, else 1% "
+         "of the filesystem, at least 8M and at most 1G, and 1% of its inodes).", metavar="SIZE"),
     Flag("mount", STRING, "Create an overlayfs mount in this directory, with the image's layers "
          "as lowerdirs and <dir>.upper and <dir>.work beside it. The directory will be created "
          "if it does not exist. Mutually exclusive with -extractto <dir>.", metavar="DIR"),
@@ -203,6 +206,10 @@ def check_flags(values):
     for name in ("extractto", "mount", "saveconfig", "workdir", "overlaydir"):
         if values[name] == "":
             raise UsageError(f"-{name} needs a non-empty value")
+    if values["min-free"] is not None:
+        from ..space import parse_size
+
+        parse_size(values["min-free"], "-min-free")
 
 
 def body(argv):
@@ -247,6 +254,7 @@ def body(argv):
         insecure=values["insecure"],
         mount_options=values["mount-option"],
         keep_root_mode=values["keep-root-mode"],
+        min_free=values["min-free"],
     )
     show = values["progress"] if values["progress"] is not None else sys.stderr.isatty()
     pipeline.pull(options, progress_for=_progress_bars if show else None)

@@ -2,7 +2,10 @@
 
 import sys
 
-from .common import add_workdir_flag, exit_status_epilog, new_parser, plan_workdir, run, setup_logging
+from .common import (
+    add_min_free_flag, add_workdir_flag, exit_status_epilog, new_parser, plan_workdir, run,
+    setup_logging,
+)
 
 PROG = "tosi-unpack"
 
@@ -27,6 +30,8 @@ EPILOG = """\
 environment:
   TOSI_MAX_LAYER_BYTES    cap on the decompressed size of one layer (default 64 GiB)
   TOSI_MAX_LAYER_ENTRIES  cap on the entries of one layer (default 10000000)
+  TOSI_MIN_FREE           free space to keep on the target's filesystem (as --min-free)
+  TOSI_MIN_FREE_INODES    free inodes to keep: a count or N% (default: 1%, 512 to 65536)
 
 """ + exit_status_epilog(PROG, "a layer could not be extracted (missing blob, bad diffID, I/O)",
                                   reads_plan=True)
@@ -57,9 +62,11 @@ def body(argv):
                         "devices (by default DIR then stays 0700, with a warning)")
     parser.add_argument("--parallel", type=_positive, metavar="N",
                         help="layers extracted at once in per-layer mode (default: number of CPUs)")
+    add_min_free_flag(parser, "the target's filesystem")
     args = parser.parse_args(argv)
     setup_logging(PROG, args.verbose)
 
+    from ..layer import Limits
     from ..plan import PlanReader, PlanWriter
     from ..unpack import check_into_target, unpack_plan
 
@@ -73,6 +80,7 @@ def body(argv):
     image = reader.image
     records = unpack_plan(image, reader, workdir=plan_workdir(args.workdir, image, args.overlaydir),
                           into=args.into, parallel=args.parallel,
+                          limits=Limits.from_env(min_free=args.min_free),
                           keep_root_mode=args.keep_root_mode)
     PlanWriter(sys.stdout).write_plan(image, records)
     return 0
