@@ -62,6 +62,12 @@ class FollowingReader(io.RawIOBase):
     def readable(self):
         return True
 
+    def cached_path(self):
+        """The cache file the bytes came from when the blob was already cached (no
+        download ran), else None: a layer that fails from such bytes is worth a check
+        of the cached blob (unpack quarantines a corrupt one)."""
+        return self._download.final_path if self._download.reused else None
+
     def interrupt(self):
         """Make a read blocked on the download (now or later) give up with Cancelled;
         the consumer calls it when it gives up early (and `on_interrupt()` is told)."""

@@ -83,7 +83,14 @@ def _open_blob(workdir, record, stream, open_stream=None):
     if stream is None and open_stream is not None:
         stream = open_stream(record)
     if stream is not None:
-        yield stream
+        try:
+            yield stream
+        except (UnpackError, DigestMismatch) as exc:
+            # A stream of a blob that was already cached is the cached file's bytes.
+            cached = getattr(stream, "cached_path", lambda: None)()
+            if cached is not None and not isinstance(exc, UnsafeEntry):
+                _check_cached_blob(workdir, record, cached, exc)
+            raise
         return
     path = blob_path(workdir, record)
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
