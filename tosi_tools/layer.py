@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from . import filewriter, overlay, saferoot, tarstream
 from .compression import open_layer
 from .digest import Digest
-from .errors import DigestMismatch, UnpackError, UnsafeEntry
+from .errors import DigestMismatch, UnpackError, UnsafeEntry, quoted
 
 log = logging.getLogger("tosi.layer")
 
@@ -129,7 +129,7 @@ class _Applier:
     new_dirs: set = field(default_factory=set)
 
     def fail(self, name, reason, cls=UnpackError):
-        return cls(f"layer {self.layer_name}: entry {name!r}: {reason}")
+        return cls(f"layer {self.layer_name}: entry {quoted(name)}: {reason}")
 
     # ---------------------------------------------------------------- bookkeeping
 
@@ -257,7 +257,7 @@ class _Applier:
         xattrs = []
         for xname, value in member.xattrs:
             if xname.startswith(overlay.OVERLAY_XATTR_PREFIXES):
-                raise self.fail(name, f"carries the overlayfs xattr {xname!r}, which a layer "
+                raise self.fail(name, f"carries the overlayfs xattr {quoted(xname)}, which a layer "
                                 "must not set", UnsafeEntry)
             xattrs.append((xname, value))
         return xattrs
@@ -271,7 +271,7 @@ class _Applier:
                 else:
                     saferoot.setxattr_at(dir_fd, base, key, value)
             except OSError as exc:
-                raise self.fail(name, f"cannot set xattr {key!r}: {exc.strerror}") from None
+                raise self.fail(name, f"cannot set xattr {quoted(key)}: {exc.strerror}") from None
 
     def make_dir(self, dir_fd, base, canonical, member, xattrs, name):
         replaced = existed = False
@@ -320,7 +320,7 @@ class _Applier:
                 try:
                     os.removexattr(fd, key)
                 except OSError as exc:
-                    raise self.fail(name, f"cannot remove xattr {key!r}: {exc.strerror}") from None
+                    raise self.fail(name, f"cannot remove xattr {quoted(key)}: {exc.strerror}") from None
 
     def make_file(self, tar, dir_fd, base, canonical, member, xattrs, name):
         self.stats.bytes += member.data_size
@@ -455,14 +455,14 @@ class _Applier:
         try:
             src_fd, src_base, _ = self.root.parent(target, create=False)
         except (FileNotFoundError, NotADirectoryError):
-            raise self.fail(name, f"hardlink target {member.linkname!r} is not in {where}") from None
+            raise self.fail(name, f"hardlink target {quoted(member.linkname)} is not in {where}") from None
         except UnsafeEntry as exc:
             raise self.fail(name, str(exc), UnsafeEntry) from None
         st = saferoot.lstat_at(src_fd, src_base)
         if st is None:
-            raise self.fail(name, f"hardlink target {member.linkname!r} is not in {where}")
+            raise self.fail(name, f"hardlink target {quoted(member.linkname)} is not in {where}")
         if stat.S_ISDIR(st.st_mode):
-            raise self.fail(name, f"hardlink target {member.linkname!r} is a directory")
+            raise self.fail(name, f"hardlink target {quoted(member.linkname)} is a directory")
         return os.dup(src_fd), src_base, st
 
     def make_hardlink(self, dir_fd, base, canonical, source):
@@ -651,7 +651,7 @@ def os_error(layer_name, name, exc):
     """The UnpackError for an OSError while making entry `name` (None: not one entry's)."""
     if exc.errno == errno.ENOSPC:
         return UnpackError(f"layer {layer_name}: no space left on the target")
-    where = f"entry {name!r}: " if name is not None else ""
+    where = f"entry {quoted(name)}: " if name is not None else ""
     return UnpackError(f"layer {layer_name}: {where}{exc.strerror or exc}")
 
 

@@ -11,7 +11,7 @@ decompressed chunks to a file descriptor.
 
 import os
 
-from .errors import UnpackError
+from .errors import UnpackError, quoted
 
 BLOCK = 512
 CHUNK = 1 << 20
@@ -282,7 +282,7 @@ class TarReader:
             name = name.rstrip("/") or name
         if "\0" in name or "\0" in e.linkname or any("\0" in key for key, _ in e.xattrs):
             # Only PAX records can carry one; no system call takes such a name.
-            raise UnpackError(f"{self._what}: entry {name!r} has a NUL byte in a name")
+            raise UnpackError(f"{self._what}: entry {quoted(name)} has a NUL byte in a name")
         e.name = name
         e.size = real_size
         e.data_size = data_size
@@ -304,7 +304,7 @@ class TarReader:
                 try:
                     number = int(value)
                 except ValueError:
-                    raise UnpackError(f"{self._what}: bad PAX {key}={value!r}") from None
+                    raise UnpackError(f"{self._what}: bad PAX {key}={quoted(value)}") from None
                 if key == "size":
                     size = number
                 elif key == "uid":
@@ -315,7 +315,7 @@ class TarReader:
                 try:
                     e.mtime = float(value) if b"." in value else int(value)
                 except ValueError:
-                    raise UnpackError(f"{self._what}: bad PAX mtime={value!r}") from None
+                    raise UnpackError(f"{self._what}: bad PAX mtime={quoted(value)}") from None
             elif key.startswith("SCHILY.xattr."):
                 xattrs.append((key[13:], value))
             elif key in ("GNU.sparse.offset", "GNU.sparse.numbytes"):
