@@ -155,6 +155,13 @@ def test_parallel_must_be_positive(tool, workdir):
     one_error_line(tool("tosi-unpack", "--workdir", workdir, "--parallel", "0", input=""), 2)
 
 
+@pytest.mark.parametrize("value", ["65", "1e20", "1" + "0" * 20])
+def test_parallel_is_at_most_64(tool, workdir, value):
+    proc = tool("tosi-unpack", "--workdir", workdir, "--parallel", value, input="", timeout=20)
+    one_error_line(proc, 2)
+    assert "from 1 to 64" in proc.stderr
+
+
 def test_repeated_layer_is_extracted_once(stage, workdir):
     a, b = make_layer([file_entry("a")]), make_layer([file_entry("b")])
     proc = run_unpack(stage([a, b, a]), "--workdir", workdir)

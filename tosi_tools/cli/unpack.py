@@ -2,7 +2,7 @@
 
 import sys
 
-from .common import add_workdir_flag, new_parser, plan_workdir, run, setup_logging
+from .common import MAX_PARALLEL, add_workdir_flag, count_type, new_parser, plan_workdir, run, setup_logging
 
 PROG = "tosi-unpack"
 
@@ -27,18 +27,6 @@ environment:
 """
 
 
-def _positive(text):
-    import argparse
-
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
-    return value
-
-
 def body(argv):
     parser = new_parser(PROG, DESCRIPTION, EPILOG)
     add_workdir_flag(parser)
@@ -47,8 +35,9 @@ def body(argv):
                         help="where per-layer directories go (default: WORKDIR/overlays)")
     parser.add_argument("--into", metavar="DIR",
                         help="apply all layers into DIR (absent or empty) instead")
-    parser.add_argument("--parallel", type=_positive, metavar="N",
-                        help="layers extracted at once in per-layer mode (default: number of CPUs)")
+    parser.add_argument("--parallel", type=count_type(1), metavar="N",
+                        help=f"layers extracted at once in per-layer mode, at most {MAX_PARALLEL} "
+                        "(default: number of CPUs)")
     args = parser.parse_args(argv)
     setup_logging(PROG, args.verbose)
 
