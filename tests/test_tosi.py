@@ -264,6 +264,19 @@ def test_mount_on_a_mount_point_is_refused_before_any_request(tool, counter, tmp
     assert counter.count == 0
 
 
+@pytest.mark.parametrize("name", ["dir", "dir/", "file/config.json"])
+def test_saveconfig_naming_a_directory_is_refused_before_any_request(tool, counter, tmp_path, workdir, name):
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "file").write_text("a file")
+    target = tmp_path / "rootfs"
+    proc = tool("tosi", "-image", f"{counter.host}/test/app:1", "-saveconfig", f"{tmp_path}/{name}",
+                "-extractto", target, "-workdir", workdir, check=2)
+    assert proc.stderr.startswith(f"tosi: error: -saveconfig {tmp_path}/{name}: ")
+    assert len(proc.stderr.splitlines()) == 1 and "directory" in proc.stderr
+    assert counter.count == 0
+    assert not target.exists() and not os.path.exists(workdir)
+
+
 def test_unknown_repository_is_one_line_and_leaves_no_target(tool, registry, tmp_path, workdir):
     target = tmp_path / "rootfs"
     proc = tool("tosi", "-image", f"{registry.host}/test/no-such-repo:1", "-extractto", target,

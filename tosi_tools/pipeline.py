@@ -62,6 +62,8 @@ def preflight(options):
         mount.check_mountable(options.mount, read_only=options.read_only)
     elif options.read_only:
         raise UsageError("-read-only goes with -mount")
+    if options.save_config:
+        check_save_config(options.save_config)
     platform = parse_platform(options.platform) if options.platform else None
     return platform
 
@@ -75,6 +77,17 @@ def reference_and_endpoint(options):
         # A bare host:port is spoken to as Docker would: plain HTTP on loopback only.
         url = detect_endpoint(url.rstrip("/"), options.insecure)
     return reference_with_base_url(options.image, url)
+
+
+def check_save_config(path):
+    """Refuse a -saveconfig path the config could not be written to once pulled."""
+    if path.endswith("/") or (os.path.isdir(path) and not os.path.islink(path)):
+        raise UsageError(f"-saveconfig {path}: is a directory (name the file to write)")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UsageError(f"-saveconfig {path}: {parent} is not a directory")
 
 
 def save_config(image, path):
