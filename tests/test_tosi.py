@@ -454,6 +454,19 @@ def test_download_failure_during_extractto_says_what_the_target_holds(tool, push
     assert os.listdir(target) == ["a"]
 
 
+def test_a_layer_refused_during_extractto_says_what_the_target_holds(tool, pusher, registry, repo_name,
+                                                                    tmp_path, workdir):
+    layers = [make_layer([file_entry("a")]), make_layer([file_entry("b")]),
+              make_layer([file_entry("../escape")])]
+    pusher.push_image(repo_name, "1", layers)
+    target = tmp_path / "rootfs"
+    proc = tool("tosi", "-image", f"{registry.host}/{repo_name}:1", "-extractto", target,
+                "-workdir", workdir, check=1)
+    assert len(proc.stderr.splitlines()) == 1 and "'../escape'" in proc.stderr
+    assert proc.stderr.rstrip().endswith(f"{target} is partially extracted (layers 0-1 applied); remove it")
+    assert sorted(os.listdir(target)) == ["a", "b"]
+
+
 @pytest.mark.slow
 def test_image_too_long_for_one_mount_page_is_mounted_by_tosi(tool, pusher, registry, repo_name,
                                                               tmp_path, workdir, mounts):

@@ -189,10 +189,15 @@ def _fetch_and_unpack(options, workdir, credentials, tokens, image, layers, prog
             done.append(record)
     except TosiError as exc:
         failure = exc
-        if isinstance(exc, Cancelled):  # a read stopped because something else failed first
-            failure = fetcher.failure or streams.failure or exc
-        if options.extract_to and (failure in fetch_failures or failure is fetcher.failure
-                                   or failure is streams.failure):
+        if isinstance(exc.__cause__, TosiError):  # unpack said how far it got: the original
+            failure = exc.__cause__
+        if isinstance(failure, Cancelled):  # a read stopped because something else failed first
+            failure = fetcher.failure or streams.failure or failure
+        fetch_failed = (failure in fetch_failures or failure is fetcher.failure
+                        or failure is streams.failure)
+        if not fetch_failed:
+            failure = exc
+        if options.extract_to and fetch_failed:
             raise _with_extract_state(failure, options.extract_to, len(done), len(layers),
                                       created_target) from failure
         if failure is not exc:

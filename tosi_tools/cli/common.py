@@ -106,6 +106,9 @@ def run(prog, body, argv=None):
     try:
         return body(argv) or EXIT_OK
     except TosiError as exc:
+        if os.environ.get("TOSI_DEBUG") and exc.__cause__ is not None \
+                and not isinstance(exc.__cause__, (TosiError, OSError)):
+            raise  # a bug the library reported as an error: its traceback
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
