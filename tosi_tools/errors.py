@@ -11,13 +11,15 @@ QUOTE_LIMIT = 80
 
 
 def quoted(value, limit=QUOTE_LIMIT):
-    """repr() of bad input for an error message, cut to its first `limit`
-    characters (or bytes) and then saying how long it was."""
+    """repr() of bad input for an error message: a longer one as its first and
+    last `limit` / 2 characters (or bytes), the end of a path being as telling
+    as its start, and how long it was."""
     if isinstance(value, (str, bytes)):
         if len(value) <= limit:
             return repr(value)
         unit = "characters" if isinstance(value, str) else "bytes"
-        return f"{value[:limit]!r}... ({len(value)} {unit})"
+        head = limit // 2
+        return f"{value[:head]!r}...{value[head - limit:]!r} ({len(value)} {unit})"
     text = repr(value)
     return text if len(text) <= limit else f"{text[:limit]}..."
 
