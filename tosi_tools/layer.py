@@ -12,6 +12,13 @@ OCI semantics both modes keep: a whiteout hides entries of LOWER layers only;
 entries of the same layer stay whatever the order of the tar, so a whiteout or
 opaque marker that comes after the layer's own entries spares them.
 
+A character device 0/0 in a layer's tar is what overlayfs takes for a whiteout,
+and so does every runtime that stores layers as overlayfs lowerdirs (docker's
+overlay2, containerd's overlayfs snapshotter: they mknod it as it comes). Both
+modes make it that, with a warning: like any entry it replaces what the layer
+put at its name before, and it deletes (hides) what lower layers have there.
+No real device has that number, so nothing usable is lost.
+
 Every name goes through saferoot (resolved inside the root, never following a
 symlink it creates or meets at the last component). Directory modes and mtimes
 are set when the layer is done, so read-only directories still get their
@@ -79,6 +86,7 @@ class LayerStats:
     bytes: int = 0
     skipped_devices: int = 0
     whiteouts: int = 0
+    device_whiteouts: int = 0  # character devices 0/0, taken as whiteouts
     # The digest of the decompressed stream: the layer's real diffID (sha256 unless
     # the one to check is sha512).
     diff_id: str = None
@@ -217,6 +225,9 @@ class _Applier:
             if _is_aufs_metadata(parts):
                 return  # what AUFS kept for itself: docker and containerd leave it out too
             self.whiteout(name, parts)
+            return
+        if member.type == tarstream.CHR and member.devmajor == 0 and member.devminor == 0:
+            self.device_whiteout(name, parts)
             return
         self.stats.entries += 1
         xattrs = self.xattrs_of(name, member) if member.xattrs else ()
@@ -537,6 +548,29 @@ class _Applier:
         self.whiteout_devices.setdefault(canonical, set()).add(base)
         self.touch(here)
 
+    def device_whiteout(self, name, parts):
+        """A character device 0/0: the whiteout of its own name (see the module doc)."""
+        self.stats.whiteouts += 1
+        self.stats.device_whiteouts += 1
+        if not parts:
+            raise self.fail(name, "only a directory can stand for the root")
+        if self.mode == FLAT:
+            try:
+                dir_fd, base, canonical = self.root.parent(parts, create=False)
+            except (FileNotFoundError, NotADirectoryError):
+                return  # nothing there to delete
+            except UnsafeEntry as exc:
+                raise self.fail(name, str(exc), UnsafeEntry) from None
+            self.root.remove(dir_fd, base, canonical)
+            return
+        self.need_root(name, "an overlayfs whiteout device")
+        dir_fd, base, canonical = self.place(parts, name)
+        self.root.remove(dir_fd, base, canonical)  # what this layer put there before
+        if canonical in self.opaque_dirs:
+            return  # the directory hides all lower entries already
+        os.mknod(base, stat.S_IFCHR | 0o600, os.makedev(0, 0), dir_fd=dir_fd)
+        self.whiteout_devices.setdefault(canonical, set()).add(base)
+
     def renew_dir(self, dir_fd, base, name):
         """Give a directory the attributes of one made for an entry below it: 0755, ours, no xattrs."""
         fd = os.open(base, _DIR_FLAGS, dir_fd=dir_fd)
@@ -730,6 +764,9 @@ def apply_layer(root, stream, media_type, mode=FLAT, layer_name="layer", limits=
         data.close()
         if own_root:
             safe.close()
+    if applier.stats.device_whiteouts:
+        log.warning("layer %s: %d character device(s) 0/0 taken as whiteouts, as overlayfs takes them",
+                    layer_name, applier.stats.device_whiteouts)
     if applier.stats.skipped_devices:
         log.warning("layer %s: skipped %d device node(s): creating them needs root",
                     layer_name, applier.stats.skipped_devices)
