@@ -219,7 +219,8 @@ def test_a_malformed_plan_is_a_usage_error(tool, workdir):
     assert proc.stderr.startswith("tosi-fetch: error: ") and proc.stderr.count("\n") == 1
 
 
-@pytest.mark.parametrize("flags", [["--parallel", "-1"], ["--retries", "-1"], ["--read-timeout", "0"],
+@pytest.mark.parametrize("flags", [["--parallel", "-1"], ["--parallel", "1e20"], ["--parallel", "1" + "0" * 20],
+                                   ["--parallel", "65"], ["--retries", "-1"], ["--read-timeout", "0"],
                                    ["--progress", "sometimes"], ["--password", "x", "--password-stdin"]])
 def test_bad_flags_are_a_usage_error_in_one_line(tool, workdir, flags):
     proc = tool("tosi-fetch", "--workdir", workdir, *flags, input="")

@@ -154,3 +154,76 @@ def test_a_nul_byte_in_a_pax_name_is_an_unpack_error(pax):
     data = tar_bytes([file_entry("f", b"x", pax=pax)])
     with pytest.raises(UnpackError, match="NUL byte"):
         entries(data)
+
+
+def refusal(data):
+    with pytest.raises(UnpackError) as info:
+        entries(data)
+    return str(info.value)
+
+
+@pytest.mark.parametrize("key,value", [
+    ("uid", "-1"), ("uid", str(1 << 32)), ("gid", str(10**30)), ("uid", "4294967295"),
+])
+def test_a_pax_uid_or_gid_out_of_range_is_an_unpack_error(key, value):
+    assert "out of range" in refusal(tar_bytes([file_entry("f", b"x", pax={key: value})]))
+
+
+@pytest.mark.parametrize("value", [str(10**30), "-" + "9" * 20, "1" * 400 + ".5", "9223372037", "-9223372036.5"])
+def test_a_pax_mtime_out_of_range_is_an_unpack_error(value):
+    assert "out of range" in refusal(tar_bytes([file_entry("f", b"x", pax={"mtime": value})]))
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "1e5", "1_000", " 5"])
+def test_a_pax_mtime_that_is_no_decimal_is_an_unpack_error(value):
+    assert "bad PAX mtime" in refusal(tar_bytes([file_entry("f", b"x", pax={"mtime": value})]))
+
+
+@pytest.mark.parametrize("field,value", [("uid", 1 << 40), ("gid", -5), ("mtime", -(1 << 62))])
+def test_a_base_256_header_number_out_of_range_is_an_unpack_error(field, value):
+    info, body = file_entry("f", b"x")
+    setattr(info, field, value)
+    assert "out of range" in refusal(tar_bytes([(info, body)], format=tarfile.GNU_FORMAT))
+
+
+def test_a_device_number_out_of_range_is_an_unpack_error():
+    info, body = special_entry("dev", tarfile.CHRTYPE, 1 << 40, 1)
+    assert "out of range" in refusal(tar_bytes([(info, body)], format=tarfile.GNU_FORMAT))
+
+
+SPARSE_01 = {"GNU.sparse.major": "0", "GNU.sparse.minor": "1", "GNU.sparse.name": "s",
+             "GNU.sparse.realsize": "10", "GNU.sparse.map": "0,1"}
+
+
+@pytest.mark.parametrize("pax", [
+    {**SPARSE_01, "GNU.sparse.map": "a,b"},
+    {**SPARSE_01, "GNU.sparse.map": "0,-1"},
+    {**SPARSE_01, "GNU.sparse.realsize": "zz"},
+    {"GNU.sparse.offset": "x", "GNU.sparse.numbytes": "1"},
+], ids=["map-letters", "map-negative", "realsize", "sparse-0.0"])
+def test_a_non_numeric_pax_sparse_map_is_an_unpack_error(pax):
+    message = refusal(tar_bytes([file_entry("f", b"x", pax=pax)]))
+    assert "sparse" in message and ("decimal" in message or "out of range" in message)
+
+
+def test_a_non_numeric_sparse_1_0_map_is_an_unpack_error():
+    pax = {"GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.name": "s",
+           "GNU.sparse.realsize": "10"}
+    message = refusal(tar_bytes([file_entry("f", b"one\nx\n".ljust(512, b"\0") + b"x", pax=pax)]))
+    assert "bad GNU sparse 1.0 map count b'one'" in message
+
+
+def test_a_sparse_map_out_of_range_is_an_unpack_error():
+    pax = {**SPARSE_01, "GNU.sparse.map": f"{1 << 63},1"}
+    assert "out of range" in refusal(tar_bytes([file_entry("f", b"x", pax=pax)]))
+
+
+def test_a_sparse_map_of_an_odd_count_is_an_unpack_error():
+    pax = {**SPARSE_01, "GNU.sparse.map": "0,1,5"}
+    assert "not offset/size pairs" in refusal(tar_bytes([file_entry("f", b"x", pax=pax)]))
+
+
+def test_the_largest_ids_and_times_a_system_call_takes_are_read():
+    pax = {"uid": "4294967294", "gid": "0", "mtime": "-9223372036"}
+    [(e, _)] = entries(tar_bytes([file_entry("f", b"x", pax=pax)]))
+    assert (e.uid, e.gid, e.mtime) == (4294967294, 0, -9223372036)

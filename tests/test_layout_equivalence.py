@@ -182,7 +182,7 @@ class _StackMaker:
     it. Like the layers image builders write, a layer names the parents of its
     entries that lower layers have (with their attributes and xattrs), so no
     directory is only implicit where a lower layer defines it; and one layer's
-    deletions (whiteouts, opaque markers) never nest. The known bugs outside
+    deletions (whiteouts, character devices 0/0, opaque markers) never nest. The known bugs outside
     those rules have their own tests below.
     """
 
@@ -242,6 +242,11 @@ class _StackMaker:
         if op == "opaque":
             self._made(parts, layermodel.DIR, own)
             return opaque_entry("/".join(parts))
+        if self.rng.random() < 0.25:
+            # what overlayfs takes for a whiteout; as an entry it replaces the layer's own too
+            for key in [k for k in own if k[:len(parts)] == parts]:
+                del own[key]
+            return zero_device("/".join(parts))
         return whiteout_entry("/".join(parts))
 
     def layer(self):
@@ -451,6 +456,43 @@ def test_whiteout_inside_a_directory_made_opaque_in_the_same_layer_leaves_no_gho
 def test_whiteout_in_a_directory_no_lower_layer_has_leaves_no_ghost(layouts):
     layers = [L(file_entry("f", b"f")), L(dir_entry("fresh"), whiteout_entry("fresh/never"))]
     assert_all_agree(layouts, layers)
+
+
+def zero_device(name):
+    """A character device 0/0: what overlayfs takes for a whiteout."""
+    return special_entry(name, tarfile.CHRTYPE, 0, 0, mode=0o644)
+
+
+ZERO_DEVICE_STACKS = {
+    "over_a_lower_file": lambda: [L(dir_entry("d"), file_entry("d/f", b"f"), file_entry("d/g", b"g")),
+                                  L(zero_device("d/f"))],
+    "over_a_lower_directory": lambda: [L(dir_entry("d/sub"), file_entry("d/sub/x", b"x"), file_entry("d/g", b"g")),
+                                       L(zero_device("d/sub"))],
+    "over_nothing": lambda: [L(dir_entry("d"), file_entry("d/g", b"g")), L(zero_device("d/never"))],
+    "after_the_layers_own_file": lambda: [L(dir_entry("d"), file_entry("d/f", b"old")),
+                                          L(file_entry("d/f", b"new"), zero_device("d/f"))],
+    "before_the_layers_own_file": lambda: [L(dir_entry("d"), file_entry("d/f", b"old")),
+                                           L(zero_device("d/f"), file_entry("d/f", b"new"))],
+    "before_entries_below_it": lambda: [L(dir_entry("d/sub"), file_entry("d/sub/old", b"o")),
+                                        L(zero_device("d/sub"), file_entry("d/sub/new", b"n"))],
+    "in_a_directory_made_opaque": lambda: [L(dir_entry("d"), file_entry("d/f", b"f")),
+                                           L(dir_entry("d"), opaque_entry("d"), zero_device("d/f"),
+                                             file_entry("d/g", b"g"))],
+}
+
+
+@pytest.mark.parametrize("stack", sorted(ZERO_DEVICE_STACKS))
+def test_a_char_0_0_device_is_a_whiteout_in_both_layouts(stack, layouts):
+    assert_all_agree(layouts, ZERO_DEVICE_STACKS[stack]())
+
+
+def test_a_char_0_0_device_is_one_warning_and_no_device_in_the_flat_tree(layouts):
+    ref = layouts.push([L(dir_entry("d"), file_entry("d/f", b"f")), L(zero_device("d/f"), zero_device("d/x"))])
+    target = layouts.tmp_path / "flat-zero"
+    proc = layouts.tool("tosi", "-image", ref, "-extractto", target, "-workdir", layouts.workdir, check=0)
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith("tosi: layer 1 (") and "2 character device(s) 0/0 taken as whiteouts" in line
+    assert os.listdir(target / "d") == []
 
 
 def test_directory_entry_over_a_lower_directory_drops_the_xattrs_it_no_longer_has(layouts):

@@ -70,6 +70,9 @@ def test_docker_hub_endpoint_is_registry_1():
     ("https://host/img", "no scheme"),
     (HEX, "image ID"),
     ("host/" + "a" * 260, "longer than 255"),
+    ("localhost:65536/img", "not between 1 and 65535"),
+    ("[::1]:99999999999999999999/img", "not between 1 and 65535"),
+    ("host:0/img", "not between 1 and 65535"),
 ])
 def test_invalid_reference_is_usage_error_naming_the_problem(text, complaint):
     with pytest.raises(InvalidReference) as info:
@@ -98,3 +101,18 @@ def test_base_url_conflicting_with_image_registry_is_usage_error():
 def test_base_url_with_path_is_usage_error():
     with pytest.raises(UsageError, match="no path"):
         reference_with_base_url("img", "http://127.0.0.1:5000/some/path")
+
+
+def test_the_highest_port_is_a_port():
+    assert parse_reference("localhost:65535/img").registry == "localhost:65535"
+
+
+def test_base_url_with_a_port_above_65535_is_usage_error():
+    with pytest.raises(UsageError, match="port '70000' is not between 1 and 65535"):
+        reference_with_base_url("img", "http://127.0.0.1:70000")
+
+
+def test_a_huge_reference_is_quoted_in_80_characters():
+    with pytest.raises(InvalidReference) as info:
+        parse_reference("a" * 100_000 + "/Bad")
+    assert len(str(info.value)) < 400 and "(100004 characters)" in str(info.value)

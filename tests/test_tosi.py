@@ -264,6 +264,19 @@ def test_mount_on_a_mount_point_is_refused_before_any_request(tool, counter, tmp
     assert counter.count == 0
 
 
+@pytest.mark.parametrize("name", ["dir", "dir/", "file/config.json"])
+def test_saveconfig_naming_a_directory_is_refused_before_any_request(tool, counter, tmp_path, workdir, name):
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "file").write_text("a file")
+    target = tmp_path / "rootfs"
+    proc = tool("tosi", "-image", f"{counter.host}/test/app:1", "-saveconfig", f"{tmp_path}/{name}",
+                "-extractto", target, "-workdir", workdir, check=2)
+    assert proc.stderr.startswith(f"tosi: error: -saveconfig {tmp_path}/{name}: ")
+    assert len(proc.stderr.splitlines()) == 1 and "directory" in proc.stderr
+    assert counter.count == 0
+    assert not target.exists() and not os.path.exists(workdir)
+
+
 def test_unknown_repository_is_one_line_and_leaves_no_target(tool, registry, tmp_path, workdir):
     target = tmp_path / "rootfs"
     proc = tool("tosi", "-image", f"{registry.host}/test/no-such-repo:1", "-extractto", target,
@@ -439,6 +452,19 @@ def test_download_failure_during_extractto_says_what_the_target_holds(tool, push
     assert proc.stderr.rstrip().endswith(f"{target} is partially extracted (1 of 3 layers applied); "
                                          "remove it")
     assert os.listdir(target) == ["a"]
+
+
+def test_a_layer_refused_during_extractto_says_what_the_target_holds(tool, pusher, registry, repo_name,
+                                                                    tmp_path, workdir):
+    layers = [make_layer([file_entry("a")]), make_layer([file_entry("b")]),
+              make_layer([file_entry("../escape")])]
+    pusher.push_image(repo_name, "1", layers)
+    target = tmp_path / "rootfs"
+    proc = tool("tosi", "-image", f"{registry.host}/{repo_name}:1", "-extractto", target,
+                "-workdir", workdir, check=1)
+    assert len(proc.stderr.splitlines()) == 1 and "'../escape'" in proc.stderr
+    assert proc.stderr.rstrip().endswith(f"{target} is partially extracted (layers 0-1 applied); remove it")
+    assert sorted(os.listdir(target)) == ["a", "b"]
 
 
 @pytest.mark.slow

@@ -129,6 +129,9 @@ def test_help_lists_every_flag_on_stdout(tool, argv):
     (["-extractto", "/tmp/x"], "-image is required"),
     (["-image", "x", "-password", "p", "-password-stdin"], "mutually exclusive"),
     (["-image", "x", "-parallel-downloads", "-1"], "-parallel-downloads"),
+    (["-image", "x", "-parallel-downloads", "65"], "-parallel-downloads must be from 0 (one per layer) to 64"),
+    (["-image", "x", "-parallel-downloads", "1" + "0" * 20], "-parallel-downloads must be from 0"),
+    (["-image", "x", "-parallel-downloads", "1e20"], "not an integer"),
     (["-image", "x", "-extractto", ""], "-extractto needs a non-empty value"),
     (["---image", "x"], "bad flag syntax"),
 ])

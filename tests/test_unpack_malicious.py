@@ -284,3 +284,22 @@ def test_a_nul_byte_in_a_pax_path_is_refused_in_one_line(unpack, sentinel, mode)
     proc, _ = unpack([L(*many, file_entry("ok", b"x", pax={"path": "a\0b"}))], mode)
     assert_refused(proc, "layer 0", "NUL byte")
     sentinel.assert_unchanged()
+
+
+NUMBERS_NO_SYSTEM_CALL_TAKES = {
+    "uid": {"uid": str(1 << 40)},
+    "gid": {"gid": "-1"},
+    "mtime": {"mtime": str(10**30)},
+    "sparse-map": {"GNU.sparse.major": "0", "GNU.sparse.minor": "1", "GNU.sparse.name": "s",
+                   "GNU.sparse.realsize": "10", "GNU.sparse.map": "zero,one"},
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", sorted(NUMBERS_NO_SYSTEM_CALL_TAKES))
+def test_a_pax_number_out_of_range_or_not_a_number_is_one_unpack_error_line(unpack, sentinel, mode, case):
+    many = [file_entry(f"f{i}", b"x") for i in range(100)]  # past the file writer's start
+    proc, _ = unpack([L(*many, file_entry("bad", b"x", pax=NUMBERS_NO_SYSTEM_CALL_TAKES[case]))], mode)
+    assert_refused(proc, "layer 0")
+    assert "internal error" not in proc.stderr and ("out of range" in proc.stderr or "decimal" in proc.stderr)
+    sentinel.assert_unchanged()

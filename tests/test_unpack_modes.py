@@ -155,6 +155,13 @@ def test_parallel_must_be_positive(tool, workdir):
     one_error_line(tool("tosi-unpack", "--workdir", workdir, "--parallel", "0", input=""), 2)
 
 
+@pytest.mark.parametrize("value", ["65", "1e20", "1" + "0" * 20])
+def test_parallel_is_at_most_64(tool, workdir, value):
+    proc = tool("tosi-unpack", "--workdir", workdir, "--parallel", value, input="", timeout=20)
+    one_error_line(proc, 2)
+    assert "from 1 to 64" in proc.stderr
+
+
 def test_repeated_layer_is_extracted_once(stage, workdir):
     a, b = make_layer([file_entry("a")]), make_layer([file_entry("b")])
     proc = run_unpack(stage([a, b, a]), "--workdir", workdir)
@@ -214,6 +221,46 @@ def test_into_failure_midway_says_what_state_the_target_is_in(stage, workdir, tm
     line = one_error_line(run_unpack(stage(layers), "--workdir", workdir, "--into", target), 1)
     assert f"{target} is partially extracted (layers 0-1 applied); remove it" in line
     assert "layer 2" in line and "'../escape'" in line
+
+
+def _break_layer_2(records, how):
+    """Make layer record 2 (of 3) of a fetched plan fail the way `how` says."""
+    if how == "missing-blob":
+        os.unlink(records[3]["path"])
+    elif how == "plan-cut-short":
+        del records[3]
+    elif how == "bad-digest":
+        records[3]["digest"] = "sha256:" + "z" * 64
+        del records[3]["path"]
+    elif how == "unknown-media-type":
+        records[3]["mediaType"] = "application/x-unknown"
+    elif how == "bad-diff-id":
+        records[3]["diffID"] = "md5:0"
+    return records
+
+
+@pytest.mark.parametrize("how,status", [
+    ("missing-blob", 1), ("plan-cut-short", 2), ("bad-digest", 2), ("unknown-media-type", 1),
+    ("bad-diff-id", 2),
+])
+def test_into_every_error_in_a_later_layer_says_the_target_is_partial(stage, workdir, tmp_path, how, status):
+    target = str(tmp_path / "rootfs")
+    plan = stage([make_layer([file_entry(name)]) for name in "abc"])
+    records = _break_layer_2([json.loads(line) for line in plan.splitlines()], how)
+    proc = run_unpack("".join(json.dumps(r) + "\n" for r in records), "--workdir", workdir, "--into", target)
+    line = one_error_line(proc, status)
+    assert line.endswith(f"{target} is partially extracted (layers 0-1 applied); remove it"), line
+    assert "internal error" not in line and sorted(os.listdir(target)) == ["a", "b"]
+
+
+def test_into_an_error_before_anything_is_written_does_not_say_partial(stage, workdir, tmp_path):
+    target = tmp_path / "rootfs"
+    records = [json.loads(line) for line in stage([make_layer([file_entry("a")])]).splitlines()]
+    os.unlink(records[1]["path"])
+    proc = run_unpack("".join(json.dumps(r) + "\n" for r in records), "--workdir", workdir, "--into", target)
+    line = one_error_line(proc, 1)
+    assert "not in the cache" in line and "partially" not in line
+    assert list(target.iterdir()) == []
 
 
 # ---------------------------------------------------------------- bad blobs and plans

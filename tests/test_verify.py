@@ -116,6 +116,17 @@ def test_a_malformed_digest_list_is_a_usage_error(tool, workdir):
     assert proc.stderr.startswith("tosi-verify: error: stdin: line 1:")
 
 
+JUNK = "x" * (100 << 20)
+
+
+@pytest.mark.parametrize("line", [JUNK, '{"type": "%s"}' % JUNK], ids=["digest-list", "plan"])
+def test_a_100_mb_junk_line_is_quoted_in_80_characters(tool, workdir, line):
+    proc = tool("tosi-verify", "--workdir", workdir, input=line + "\n")
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and len(proc.stderr) < 300, proc.stderr[:300]
+    assert proc.stderr.count("x" * 40) == 2 and "x" * 41 not in proc.stderr and f"({len(JUNK)} characters)" in proc.stderr
+
+
 def test_empty_input_is_a_usage_error(tool, workdir):
     proc = tool("tosi-verify", "--workdir", workdir, input="")
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1

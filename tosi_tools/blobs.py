@@ -41,7 +41,7 @@ from .auth import parse_challenge
 from .cache import file_lock, fsync_dir, fsync_path, require_cached
 from .digest import CHUNK, DIGEST_RETRIES, Digest, VerifyingHasher, verify_file
 from .errors import (
-    CacheError, DigestMismatch, NotFound, RegistryError, TosiError, Unauthorized, Unreachable,
+    CacheError, DigestMismatch, NotFound, RegistryError, TosiError, Unauthorized, Unreachable, quoted,
 )
 from .registry import redirect_target
 
@@ -90,7 +90,7 @@ class BlobDownload:
     def __init__(self, digest, size, final_path, what=None, urls=()):
         self.digest = Digest(digest)
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise CacheError(f"{what or self.digest}: descriptor has no valid size ({size!r})")
+            raise CacheError(f"{what or self.digest}: descriptor has no valid size ({quoted(size)})")
         self.size = size
         self.final_path = final_path
         self.partial_path = final_path + ".partial"

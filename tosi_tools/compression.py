@@ -19,7 +19,7 @@ import threading
 
 import zstandard
 
-from .errors import UnpackError
+from .errors import UnpackError, quoted
 
 try:  # the isal gzip decoder is several times faster than zlib's
     from isal import igzip as _gzip_module
@@ -48,7 +48,7 @@ def compression_of(media_type):
         return ZSTD
     if mt.endswith((".tar", "layer.v1.tar")) or mt in ("application/x-tar",):
         return TAR
-    raise UnpackError(f"unsupported layer media type {media_type!r} "
+    raise UnpackError(f"unsupported layer media type {quoted(media_type)} "
                       "(known: gzip, zstd and uncompressed tar layers)")
 
 

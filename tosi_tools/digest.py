@@ -3,7 +3,7 @@
 import hashlib
 import re
 
-from .errors import DigestMismatch, UsageError
+from .errors import DigestMismatch, UsageError, quoted
 
 # Algorithms a registry may name; anything else cannot be verified, so it is refused.
 _HEX_LENGTH = {"sha256": 64, "sha512": 128}
@@ -20,16 +20,16 @@ class Digest(str):
         if isinstance(value, Digest):
             return value
         if not isinstance(value, str):
-            raise UsageError(f"invalid digest {value!r}: not a string")
+            raise UsageError(f"invalid digest {quoted(value)}: not a string")
         m = _DIGEST_RE.match(value)
         if not m:
-            raise UsageError(f"invalid digest {value!r}: expected algorithm:hex")
+            raise UsageError(f"invalid digest {quoted(value)}: expected algorithm:hex")
         algo, hexpart = m.groups()
         want = _HEX_LENGTH.get(algo)
         if want is None:
-            raise UsageError(f"invalid digest {value!r}: unsupported algorithm {algo!r}")
+            raise UsageError(f"invalid digest {quoted(value)}: unsupported algorithm {quoted(algo)}")
         if len(hexpart) != want or not re.fullmatch(r"[0-9a-f]+", hexpart):
-            raise UsageError(f"invalid digest {value!r}: {algo} needs {want} lower-case hex digits")
+            raise UsageError(f"invalid digest {quoted(value)}: {algo} needs {want} lower-case hex digits")
         return super().__new__(cls, value)
 
     @property

@@ -2,7 +2,26 @@
 
 Each error carries the exit status its executable uses, so every command maps
 failures the same way (documented in the man pages, EXIT STATUS).
+
+A message quotes bad input with `quoted()`: at most QUOTE_LIMIT characters of
+it, so a hostile plan line, digest list or tar entry name cannot flood stderr.
 """
+
+QUOTE_LIMIT = 80
+
+
+def quoted(value, limit=QUOTE_LIMIT):
+    """repr() of bad input for an error message: a longer one as its first and
+    last `limit` / 2 characters (or bytes), the end of a path being as telling
+    as its start, and how long it was."""
+    if isinstance(value, (str, bytes)):
+        if len(value) <= limit:
+            return repr(value)
+        unit = "characters" if isinstance(value, str) else "bytes"
+        head = limit // 2
+        return f"{value[:head]!r}...{value[head - limit:]!r} ({len(value)} {unit})"
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}..."
 
 
 class TosiError(Exception):

@@ -16,7 +16,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from .blobs import DIGEST_RETRIES, BlobDownload, Cancelled, Downloader
-from .errors import PlanError
+from .errors import PlanError, quoted
 
 DEFAULT_PARALLEL = 4
 DEFAULT_RETRIES = 5
@@ -185,7 +185,7 @@ def _config_download(workdir, image):
 def _require_size(size, what):
     # The size caps what is written to disk, so a blob without one is never fetched.
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-        raise PlanError(f"{what} has no valid size ({size!r})")
+        raise PlanError(f"{what} has no valid size ({quoted(size)})")
 
 
 def fetch_plan(fetcher, image, layers, early=None):

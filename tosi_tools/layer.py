@@ -12,6 +12,13 @@ OCI semantics both modes keep: a whiteout hides entries of LOWER layers only;
 entries of the same layer stay whatever the order of the tar, so a whiteout or
 opaque marker that comes after the layer's own entries spares them.
 
+A character device 0/0 in a layer's tar is what overlayfs takes for a whiteout,
+and so does every runtime that stores layers as overlayfs lowerdirs (docker's
+overlay2, containerd's overlayfs snapshotter: they mknod it as it comes). Both
+modes make it that, with a warning: like any entry it replaces what the layer
+put at its name before, and it deletes (hides) what lower layers have there.
+No real device has that number, so nothing usable is lost.
+
 Every name goes through saferoot (resolved inside the root, never following a
 symlink it creates or meets at the last component). Directory modes and mtimes
 are set when the layer is done, so read-only directories still get their
@@ -28,7 +35,7 @@ from dataclasses import dataclass, field
 from . import filewriter, overlay, saferoot, space, tarstream
 from .compression import open_layer
 from .digest import Digest
-from .errors import DigestMismatch, UnpackError, UnsafeEntry
+from .errors import DigestMismatch, UnpackError, UnsafeEntry, quoted
 
 log = logging.getLogger("tosi.layer")
 
@@ -92,6 +99,7 @@ class LayerStats:
     # the first as (entry name, xattr name).
     overlay_xattrs: int = 0
     first_overlay_xattr: tuple = None
+    device_whiteouts: int = 0  # character devices 0/0, taken as whiteouts
     # The digest of the decompressed stream: the layer's real diffID (sha256 unless
     # the one to check is sha512).
     diff_id: str = None
@@ -161,7 +169,7 @@ class _Applier:
             self.guard.check(upcoming=(nbytes, inodes))
 
     def fail(self, name, reason, cls=UnpackError):
-        return cls(f"layer {self.layer_name}: entry {name!r}: {reason}")
+        return cls(f"layer {self.layer_name}: entry {quoted(name)}: {reason}")
 
     # ---------------------------------------------------------------- bookkeeping
 
@@ -251,6 +259,9 @@ class _Applier:
                 return  # what AUFS kept for itself: docker and containerd leave it out too
             self.whiteout(name, parts)
             return
+        if member.type == tarstream.CHR and member.devmajor == 0 and member.devminor == 0:
+            self.device_whiteout(name, parts)
+            return
         self.stats.entries += 1
         xattrs = self.xattrs_of(name, member) if member.xattrs else ()
         if not parts:
@@ -314,7 +325,7 @@ class _Applier:
                 else:
                     saferoot.setxattr_at(dir_fd, base, key, value)
             except OSError as exc:
-                raise self.fail(name, f"cannot set xattr {key!r}: {exc.strerror}") from None
+                raise self.fail(name, f"cannot set xattr {quoted(key)}: {exc.strerror}") from None
 
     def make_dir(self, dir_fd, base, canonical, member, xattrs, name):
         replaced = existed = False
@@ -363,7 +374,7 @@ class _Applier:
                 try:
                     os.removexattr(fd, key)
                 except OSError as exc:
-                    raise self.fail(name, f"cannot remove xattr {key!r}: {exc.strerror}") from None
+                    raise self.fail(name, f"cannot remove xattr {quoted(key)}: {exc.strerror}") from None
 
     def make_file(self, tar, dir_fd, base, canonical, member, xattrs, name):
         self.stats.bytes += member.data_size
@@ -505,14 +516,14 @@ class _Applier:
         try:
             src_fd, src_base, _ = self.root.parent(target, create=False)
         except (FileNotFoundError, NotADirectoryError):
-            raise self.fail(name, f"hardlink target {member.linkname!r} is not in {where}") from None
+            raise self.fail(name, f"hardlink target {quoted(member.linkname)} is not in {where}") from None
         except UnsafeEntry as exc:
             raise self.fail(name, str(exc), UnsafeEntry) from None
         st = saferoot.lstat_at(src_fd, src_base)
         if st is None:
-            raise self.fail(name, f"hardlink target {member.linkname!r} is not in {where}")
+            raise self.fail(name, f"hardlink target {quoted(member.linkname)} is not in {where}")
         if stat.S_ISDIR(st.st_mode):
-            raise self.fail(name, f"hardlink target {member.linkname!r} is a directory")
+            raise self.fail(name, f"hardlink target {quoted(member.linkname)} is a directory")
         return os.dup(src_fd), src_base, st
 
     def make_hardlink(self, dir_fd, base, canonical, source):
@@ -586,6 +597,29 @@ class _Applier:
             pass  # already whited out by an earlier entry of this layer
         self.whiteout_devices.setdefault(canonical, set()).add(base)
         self.touch(here)
+
+    def device_whiteout(self, name, parts):
+        """A character device 0/0: the whiteout of its own name (see the module doc)."""
+        self.stats.whiteouts += 1
+        self.stats.device_whiteouts += 1
+        if not parts:
+            raise self.fail(name, "only a directory can stand for the root")
+        if self.mode == FLAT:
+            try:
+                dir_fd, base, canonical = self.root.parent(parts, create=False)
+            except (FileNotFoundError, NotADirectoryError):
+                return  # nothing there to delete
+            except UnsafeEntry as exc:
+                raise self.fail(name, str(exc), UnsafeEntry) from None
+            self.root.remove(dir_fd, base, canonical)
+            return
+        self.need_root(name, "an overlayfs whiteout device")
+        dir_fd, base, canonical = self.place(parts, name)
+        self.root.remove(dir_fd, base, canonical)  # what this layer put there before
+        if canonical in self.opaque_dirs:
+            return  # the directory hides all lower entries already
+        os.mknod(base, stat.S_IFCHR | 0o600, os.makedev(0, 0), dir_fd=dir_fd)
+        self.whiteout_devices.setdefault(canonical, set()).add(base)
 
     def renew_dir(self, dir_fd, base, name):
         """Give a directory the attributes of one made for an entry below it: 0755, ours, no xattrs."""
@@ -714,7 +748,7 @@ def os_error(layer_name, name, exc):
     """The UnpackError for an OSError while making entry `name` (None: not one entry's)."""
     if exc.errno == errno.ENOSPC:
         return UnpackError(f"layer {layer_name}: no space left on the target")
-    where = f"entry {name!r}: " if name is not None else ""
+    where = f"entry {quoted(name)}: " if name is not None else ""
     return UnpackError(f"layer {layer_name}: {where}{exc.strerror or exc}")
 
 
@@ -806,6 +840,9 @@ def apply_layer(root, stream, media_type, mode=FLAT, layer_name="layer", limits=
         name, key = applier.stats.first_overlay_xattr
         log.warning("layer %s: dropped %d overlayfs xattr(s) (%s on %r first): overlayfs metadata "
                     "is the mount's, not a layer's", layer_name, applier.stats.overlay_xattrs, key, name)
+    if applier.stats.device_whiteouts:
+        log.warning("layer %s: %d character device(s) 0/0 taken as whiteouts, as overlayfs takes them",
+                    layer_name, applier.stats.device_whiteouts)
     if applier.stats.skipped_devices:
         log.warning("layer %s: skipped %d device node(s): creating them needs root",
                     layer_name, applier.stats.skipped_devices)

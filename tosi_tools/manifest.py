@@ -11,7 +11,7 @@ import base64
 import json
 
 from .digest import Digest, digest_of
-from .errors import ManifestError, NoMatchingPlatform, UsageError
+from .errors import ManifestError, NoMatchingPlatform, UsageError, quoted
 from .platform import Platform, best_match
 
 MAX_MANIFEST_SIZE = 4 << 20
@@ -188,14 +188,14 @@ def parse_manifest(data, content_type=None, what="manifest"):
     media_type = media_type_of(body, content_type)
     if media_type in INDEX_TYPES:
         if body.get("schemaVersion") != 2:
-            _fail(what, f"schemaVersion {body.get('schemaVersion')!r}, expected 2")
+            _fail(what, f"schemaVersion {quoted(body.get('schemaVersion'))}, expected 2")
         manifests = body.get("manifests")
         if not isinstance(manifests, list):
             _fail(what, "index has no manifests list")
         return Index(media_type, [check_descriptor(m, what) for m in manifests])
     if media_type in IMAGE_TYPES:
         if body.get("schemaVersion") != 2:
-            _fail(what, f"schemaVersion {body.get('schemaVersion')!r}, expected 2")
+            _fail(what, f"schemaVersion {quoted(body.get('schemaVersion'))}, expected 2")
         config = check_descriptor(body.get("config"), f"{what} config")
         layers = body.get("layers")
         if not isinstance(layers, list):
@@ -203,7 +203,7 @@ def parse_manifest(data, content_type=None, what="manifest"):
         return ImageManifest(media_type, config, [check_descriptor(layer, what) for layer in layers])
     if media_type in SCHEMA1_TYPES:
         return _convert_schema1(body, what)
-    raise ManifestError(f"{what}: unsupported manifest type {media_type!r}")
+    raise ManifestError(f"{what}: unsupported manifest type {quoted(media_type)}")
 
 
 def _convert_schema1(body, what):

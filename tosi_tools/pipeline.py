@@ -94,8 +94,16 @@ def reference_and_endpoint(options):
 
 
 def check_save_config(path):
-    """UnsafePath when -saveconfig's directory is one where another user could swap
-    what tosi writes (writable by others and not sticky, or owned by another user)."""
+    """Refuse a -saveconfig path the config could not be written to once pulled, or
+    one whose directory another user could swap what tosi writes in (writable by
+    others and not sticky, or owned by another user): UsageError/UnsafePath."""
+    if path.endswith("/") or (os.path.isdir(path) and not os.path.islink(path)):
+        raise UsageError(f"-saveconfig {path}: is a directory (name the file to write)")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UsageError(f"-saveconfig {path}: {parent} is not a directory")
     ownership.require_safe_ancestors(os.path.abspath(path), "-saveconfig file")
 
 
@@ -265,10 +273,15 @@ def _fetch_and_unpack_once(options, workdir, credentials, tokens, image, layers,
                 raise
     except TosiError as exc:
         failure = exc
-        if isinstance(exc, Cancelled):  # a read stopped because something else failed first
-            failure = fetcher.failure or streams.failure or exc
-        if options.extract_to and (failure in fetch_failures or failure is fetcher.failure
-                                   or failure is streams.failure):
+        if isinstance(exc.__cause__, TosiError):  # unpack said how far it got: the original
+            failure = exc.__cause__
+        if isinstance(failure, Cancelled):  # a read stopped because something else failed first
+            failure = fetcher.failure or streams.failure or failure
+        fetch_failed = (failure in fetch_failures or failure is fetcher.failure
+                        or failure is streams.failure)
+        if not fetch_failed:
+            failure = exc
+        if options.extract_to and fetch_failed:
             raise _with_extract_state(failure, options.extract_to, len(done), len(layers),
                                       created_target) from failure
         if failure is not exc:

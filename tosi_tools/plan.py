@@ -9,7 +9,7 @@ Records are written and flushed one at a time so stages overlap across a pipe.
 
 import json
 
-from .errors import PlanError
+from .errors import PlanError, quoted
 
 PLAN_VERSION = 1
 IMAGE = "image"
@@ -44,7 +44,7 @@ class PlanReader:
         if first is None:
             raise PlanError(f"{source}: empty plan (did the stage before this one fail?)")
         if first.get("type") != IMAGE:
-            raise PlanError(f"{source}: a plan starts with an image record, not {first.get('type')!r}")
+            raise PlanError(f"{source}: a plan starts with an image record, not {quoted(first.get('type'))}")
         version = first.get("planVersion")
         if not isinstance(version, int) or version < 1:
             raise PlanError(f"{source}: image record has no valid planVersion")
@@ -76,7 +76,7 @@ class PlanReader:
                 continue
             if record.get("index") != seen:
                 raise PlanError(
-                    f"{self._source}: layer record {seen} has index {record.get('index')!r}"
+                    f"{self._source}: layer record {seen} has index {quoted(record.get('index'))}"
                 )
             if not isinstance(record.get("digest"), str):
                 raise PlanError(f"{self._source}: layer record {seen} has no digest")

@@ -9,7 +9,7 @@ amd64/v1 -> amd64), and a platform also runs older variants of its architecture
 import platform as _host
 import sys
 
-from .errors import UsageError
+from .errors import UsageError, quoted
 
 # uname -m (and a few aliases) -> (GOARCH, variant)
 _MACHINE = {
@@ -109,7 +109,7 @@ def parse_platform(text):
     """OS/ARCH[/VARIANT], as for docker --platform; raise UsageError if malformed."""
     parts = text.split("/") if isinstance(text, str) else []
     if len(parts) not in (2, 3) or not all(p and p.strip() == p for p in parts):
-        raise UsageError(f"invalid platform {text!r}: expected OS/ARCH[/VARIANT], e.g. linux/arm64")
+        raise UsageError(f"invalid platform {quoted(text)}: expected OS/ARCH[/VARIANT], e.g. linux/arm64")
     return Platform(*parts)
 
 

@@ -20,7 +20,7 @@ import re
 from urllib.parse import urlsplit
 
 from .digest import Digest
-from .errors import InvalidReference, UsageError
+from .errors import InvalidReference, UsageError, quoted
 
 DOCKER_HUB = "docker.io"
 DOCKER_HUB_ALIASES = ("index.docker.io", "registry-1.docker.io")
@@ -32,6 +32,7 @@ _DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
 _DOMAIN = re.compile(
     rf"(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|\[[0-9a-fA-F:.]+\])(?::[0-9]+)?"
 )
+MAX_PORT = 65535
 _TAG = re.compile(r"[\w][\w.-]{0,127}")
 _HEX64 = re.compile(r"[a-f0-9]{64}")
 
@@ -82,11 +83,11 @@ def _split_tag_and_digest(text, original):
     name, at, digest = text.partition("@")
     if at:
         if not digest:
-            raise InvalidReference(f"invalid reference {original!r}: empty digest after '@'")
+            raise InvalidReference(f"invalid reference {quoted(original)}: empty digest after '@'")
         try:
             digest = Digest(digest)
         except UsageError as exc:
-            raise InvalidReference(f"invalid reference {original!r}: {exc}") from None
+            raise InvalidReference(f"invalid reference {quoted(original)}: {exc}") from None
     else:
         digest = None
     # A tag follows the last ":" that comes after the last "/" (a ":" before it is a port).
@@ -96,10 +97,10 @@ def _split_tag_and_digest(text, original):
     if colon > slash:
         name, tag = name[:colon], name[colon + 1:]
         if not tag:
-            raise InvalidReference(f"invalid reference {original!r}: empty tag after ':'")
+            raise InvalidReference(f"invalid reference {quoted(original)}: empty tag after ':'")
         if not _TAG.fullmatch(tag):
             raise InvalidReference(
-                f"invalid reference {original!r}: invalid tag {tag!r} "
+                f"invalid reference {quoted(original)}: invalid tag {quoted(tag)} "
                 "(letters, digits, '_', '.', '-', at most 128, not starting with '.' or '-')"
             )
     return name, tag, digest
@@ -107,18 +108,28 @@ def _split_tag_and_digest(text, original):
 
 def _check_path(path, original):
     if not path:
-        raise InvalidReference(f"invalid reference {original!r}: empty repository name")
+        raise InvalidReference(f"invalid reference {quoted(original)}: empty repository name")
     for component in path.split("/"):
         if not component:
-            raise InvalidReference(f"invalid reference {original!r}: empty path component in {path!r}")
+            raise InvalidReference(f"invalid reference {quoted(original)}: empty path component in {quoted(path)}")
         if not _PATH_COMPONENT.fullmatch(component):
             if component.lower() != component and _PATH_COMPONENT.fullmatch(component.lower()):
                 raise InvalidReference(
-                    f"invalid reference {original!r}: repository name must be lower case ({component!r})"
+                    f"invalid reference {quoted(original)}: repository name must be lower case ({quoted(component)})"
                 )
             raise InvalidReference(
-                f"invalid reference {original!r}: invalid repository path component {component!r}"
+                f"invalid reference {quoted(original)}: invalid repository path component {quoted(component)}"
             )
+
+
+def _check_port(host, what, error):
+    """Refuse a HOST:PORT whose port is no TCP port (1 to 65535)."""
+    _, colon, port = host.rpartition("]")[2].rpartition(":")
+    if not colon:
+        return
+    digits = port.lstrip("0")
+    if not (port.isascii() and port.isdigit() and 0 < len(digits) <= 5 and int(digits) <= MAX_PORT):
+        raise error(f"{what}: port {quoted(port)} is not between 1 and {MAX_PORT}")
 
 
 def _canonical_registry(domain):
@@ -148,28 +159,29 @@ def parse_reference(text, default_registry=DOCKER_HUB):
         raise InvalidReference("invalid reference: empty image reference")
     original = text
     if text != text.strip() or any(c.isspace() for c in text):
-        raise InvalidReference(f"invalid reference {original!r}: contains white space")
+        raise InvalidReference(f"invalid reference {quoted(original)}: contains white space")
     if "://" in text:
         raise InvalidReference(
-            f"invalid reference {original!r}: a reference names no scheme (drop the '...://')"
+            f"invalid reference {quoted(original)}: a reference names no scheme (drop the '...://')"
         )
     name, tag, digest = _split_tag_and_digest(text, original)
     domain, path = _split_domain(name)
     if domain is not None:
         if not _DOMAIN.fullmatch(domain):
-            raise InvalidReference(f"invalid reference {original!r}: invalid registry host {domain!r}")
+            raise InvalidReference(f"invalid reference {quoted(original)}: invalid registry host {quoted(domain)}")
+        _check_port(domain, f"invalid reference {quoted(original)}", InvalidReference)
         registry = _canonical_registry(domain)
     else:
         registry = _canonical_registry(default_registry)
     _check_path(path, original)
     if domain is None and _HEX64.fullmatch(path):
         raise InvalidReference(
-            f"invalid reference {original!r}: a 64-hex-digit repository name looks like an image ID; "
+            f"invalid reference {quoted(original)}: a 64-hex-digit repository name looks like an image ID; "
             "use NAME@sha256:<hex> for a digest"
         )
     repository = _repository_for(registry, path)
     if len(f"{registry}/{repository}") > NAME_MAX:
-        raise InvalidReference(f"invalid reference {original!r}: name longer than {NAME_MAX} characters")
+        raise InvalidReference(f"invalid reference {quoted(original)}: name longer than {NAME_MAX} characters")
     if tag is None and digest is None:
         tag = DEFAULT_TAG
     return Reference(registry, repository, tag, digest)
@@ -183,15 +195,16 @@ def reference_with_base_url(image, url):
     """
     parts = urlsplit(url if "://" in url else f"https://{url}")
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise UsageError(f"invalid registry URL {url!r}: expected http(s)://HOST[:PORT]")
+        raise UsageError(f"invalid registry URL {quoted(url)}: expected http(s)://HOST[:PORT]")
     if parts.path.strip("/") not in ("", "v2") or parts.query or parts.fragment:
-        raise UsageError(f"invalid registry URL {url!r}: expected no path after the host")
+        raise UsageError(f"invalid registry URL {quoted(url)}: expected no path after the host")
     host = parts.netloc.rpartition("@")[2]
+    _check_port(host, f"invalid registry URL {quoted(url)}", UsageError)
     registry = _canonical_registry(host)
     ref = parse_reference(image, default_registry=registry)
     if ref.registry != registry:
         raise UsageError(
-            f"image {image!r} names registry {ref.registry}, but the URL names {host}"
+            f"image {quoted(image)} names registry {ref.registry}, but the URL names {host}"
         )
     endpoint = f"{parts.scheme}://{host}"
     return ref, endpoint

@@ -17,7 +17,7 @@ import time
 
 from .cache import Workdir, atomic_write
 from .digest import DIGEST_RETRIES, Digest, VerifyingHasher, digest_of, verify_file
-from .errors import DigestMismatch, ManifestError, NoMatchingPlatform, Unreachable, UsageError
+from .errors import DigestMismatch, ManifestError, NoMatchingPlatform, Unreachable, UsageError, quoted
 from .manifest import (
     ACCEPT, INDEX_TYPES, MAX_CONFIG_SIZE, MAX_MANIFEST_SIZE, SCHEMA1_TYPES, config_platform,
     content_digests, diff_ids, parse_config, parse_manifest,
@@ -218,7 +218,7 @@ class Resolver:
                 digest = Digest(header_digest)
             except UsageError:
                 raise ManifestError(
-                    f"{what}: registry sent a malformed Docker-Content-Digest {header_digest!r}"
+                    f"{what}: registry sent a malformed Docker-Content-Digest {quoted(header_digest)}"
                 ) from None
             if not _names(digest, data):
                 raise DigestMismatch(

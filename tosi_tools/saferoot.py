@@ -19,7 +19,7 @@ import os
 import stat
 from collections import OrderedDict
 
-from .errors import UnsafeEntry
+from .errors import UnsafeEntry, quoted
 
 MAX_SYMLINKS = 40
 DIR_CACHE_SIZE = 128
@@ -45,7 +45,7 @@ def clean_name(name):
             continue
         if part == "..":
             if not parts:
-                raise UnsafeEntry(f"{name!r} climbs out of the root with '..'")
+                raise UnsafeEntry(f"{quoted(name)} climbs out of the root with '..'")
             parts.pop()
             continue
         parts.append(part)
@@ -155,7 +155,7 @@ class SafeRoot:
                 links += 1
                 if links > MAX_SYMLINKS:
                     raise UnsafeEntry(
-                        f"{'/'.join(parts)!r}: too many levels of symbolic links"
+                        f"{quoted('/'.join(parts))}: too many levels of symbolic links"
                     ) from None
                 if target.startswith("/"):
                     resolved, fd = [], self.fd

@@ -10,8 +10,9 @@ decompressed chunks to a file descriptor.
 """
 
 import os
+import re
 
-from .errors import UnpackError
+from .errors import UnpackError, quoted
 
 BLOCK = 512
 CHUNK = 1 << 20
@@ -22,6 +23,15 @@ REG, LNK, SYM, CHR, BLK, DIR, FIFO = "0", "1", "2", "3", "4", "5", "6"
 _REG_TYPES = {"0": REG, "\0": REG, "7": REG}
 _NO_DATA_TYPES = {LNK, SYM, CHR, BLK, DIR, FIFO}
 _PAX_NUMBERS = {"size", "uid", "gid"}
+
+# What the system calls applying an entry take; a header (base-256) or PAX record
+# may say anything, and anything else is refused here, naming the entry.
+MAX_ID = (1 << 32) - 2          # uid_t; (uid_t)-1 tells chown "leave it"
+MAX_DEV = (1 << 31) - 1         # os.makedev() takes C ints
+MAX_OFFSET = (1 << 63) - 1      # off_t: sizes and sparse offsets
+MAX_TIME = ((1 << 63) - 1) // 10**9  # seconds whose nanoseconds fit in 64 bits (the file writer's)
+MIN_TIME = -MAX_TIME
+_PAX_TIME = re.compile(rb"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
 
 
 class Entry:
@@ -296,7 +306,8 @@ class TarReader:
             name = name.rstrip("/") or name
         if "\0" in name or "\0" in e.linkname or any("\0" in key for key, _ in e.xattrs):
             # Only PAX records can carry one; no system call takes such a name.
-            raise UnpackError(f"{self._what}: entry {name!r} has a NUL byte in a name")
+            raise UnpackError(f"{self._what}: entry {quoted(name)} has a NUL byte in a name")
+        self._check_ranges(e, name, real_size, data_size)
         e.name = name
         e.size = real_size
         e.data_size = data_size
@@ -315,10 +326,7 @@ class TarReader:
             elif key == "linkpath":
                 e.linkname = value.decode("utf-8", "surrogateescape")
             elif key in _PAX_NUMBERS:
-                try:
-                    number = int(value)
-                except ValueError:
-                    raise UnpackError(f"{self._what}: bad PAX {key}={value!r}") from None
+                number = self._decimal(value, f"PAX {key}")
                 if key == "size":
                     size = number
                 elif key == "uid":
@@ -326,32 +334,68 @@ class TarReader:
                 else:
                     e.gid = number
             elif key == "mtime":
-                try:
-                    e.mtime = float(value) if b"." in value else int(value)
-                except ValueError:
-                    raise UnpackError(f"{self._what}: bad PAX mtime={value!r}") from None
+                if not _PAX_TIME.fullmatch(value):
+                    raise UnpackError(f"{self._what}: bad PAX mtime={quoted(value)}")
+                if len(value.partition(b".")[0]) > 20:  # more than time_t has; else _check_ranges
+                    raise UnpackError(f"{self._what}: PAX mtime={quoted(value)} out of range")
+                e.mtime = float(value) if b"." in value else int(value)
             elif key.startswith("SCHILY.xattr."):
                 xattrs.append((key[13:], value))
             elif key in ("GNU.sparse.offset", "GNU.sparse.numbytes"):
-                sparse_00.append(int(value))
+                sparse_00.append(self._decimal(value, f"PAX {key}"))
             elif key.startswith("GNU.sparse."):
                 sparse_pax[key[11:]] = value
         e.xattrs = xattrs
         return name, size, sparse_pax, sparse_00
 
+    def _decimal(self, value, what):
+        """A decimal of PAX or a sparse map that fits in 63 bits, else UnpackError."""
+        if not value.isdigit():  # bytes: ASCII digits only, no sign, space or "_"
+            if value[:1] == b"-" and value[1:].isdigit():
+                raise UnpackError(f"{self._what}: {what} {quoted(value)} out of range")
+            raise UnpackError(f"{self._what}: bad {what} {quoted(value)}: expected a decimal number")
+        digits = value.lstrip(b"0")
+        if len(digits) > 19 or int(digits or b"0") > MAX_OFFSET:
+            raise UnpackError(f"{self._what}: {what} {quoted(value)} out of range")
+        return int(digits or b"0")
+
+    def _check_ranges(self, e, name, real_size, data_size):
+        """Refuse numbers no system call takes, before anything is made of the entry."""
+        if not (0 <= e.uid <= MAX_ID and 0 <= e.gid <= MAX_ID):
+            raise UnpackError(f"{self._what}: entry {quoted(name)}: uid/gid {e.uid}/{e.gid} "
+                              f"out of range (0 to {MAX_ID})")
+        if not MIN_TIME <= e.mtime <= MAX_TIME:
+            raise UnpackError(f"{self._what}: entry {quoted(name)}: mtime {e.mtime} out of range "
+                              f"({MIN_TIME} to {MAX_TIME})")
+        if not (0 <= real_size <= MAX_OFFSET and 0 <= data_size <= MAX_OFFSET):
+            raise UnpackError(f"{self._what}: entry {quoted(name)}: size {real_size} out of range")
+        if e.type in (CHR, BLK) and not (0 <= e.devmajor <= MAX_DEV and 0 <= e.devminor <= MAX_DEV):
+            raise UnpackError(f"{self._what}: entry {quoted(name)}: device {e.devmajor},{e.devminor} "
+                              f"out of range (0 to {MAX_DEV})")
+        if e.sparse:
+            for offset, size in e.sparse:
+                if not (0 <= offset <= MAX_OFFSET and 0 <= size <= MAX_OFFSET - offset):
+                    raise UnpackError(f"{self._what}: entry {quoted(name)}: sparse region "
+                                      f"{offset}+{size} out of range")
+
     def _pax_sparse(self, e, name, fields, flat_map, data_size):
         if "name" in fields:
             name = fields["name"].decode("utf-8", "surrogateescape")
         real = fields.get("realsize") or fields.get("size")
+        if real:
+            real = self._decimal(real, "GNU sparse real size")
         if fields.get("major") == b"1":
             # 1.0: the map is text at the start of the data: count, then offset/size lines.
             flat_map, used = self._sparse_map_text(data_size)
             data_size -= used
         elif "map" in fields:
-            flat_map = [int(x) for x in fields["map"].split(b",") if x]
+            flat_map = [self._decimal(x, "GNU sparse map number") for x in fields["map"].split(b",") if x]
+        if len(flat_map) % 2:
+            raise UnpackError(f"{self._what}: entry {quoted(name)}: a GNU sparse map of "
+                              f"{len(flat_map)} numbers, not offset/size pairs")
         e.sparse = list(zip(flat_map[0::2], flat_map[1::2]))
         e.type = REG
-        return name, int(real) if real else data_size, data_size
+        return name, real if real else data_size, data_size
 
     def _sparse_map_text(self, data_size):
         numbers = []
@@ -365,9 +409,9 @@ class TarReader:
             used += BLOCK
             for piece in (line + block).split(b"\n")[:-1]:
                 if count is None:
-                    count = int(piece)
+                    count = self._decimal(piece, "GNU sparse 1.0 map count")
                 else:
-                    numbers.append(int(piece))
+                    numbers.append(self._decimal(piece, "GNU sparse 1.0 map number"))
             line = (line + block).rsplit(b"\n", 1)[-1]
         return numbers[:2 * count], used
 

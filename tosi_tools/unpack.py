@@ -37,8 +37,8 @@ from . import overlay, ownership, saferoot
 from .cache import Workdir, file_lock, fsync_dir, require_cached, sync_filesystem, workdir_for
 from .digest import Digest
 from .errors import (
-    CacheError, DigestMismatch, PlanError, QuarantinedBlob, UnpackError, UnsafeEntry, UnsafePath,
-    UsageError,
+    CacheError, DigestMismatch, PlanError, QuarantinedBlob, TosiError, UnpackError, UnsafeEntry,
+    UnsafePath, UsageError,
 )
 
 log = logging.getLogger("tosi.unpack")
@@ -211,7 +211,9 @@ def apply_layers_into(target, layer_records, workdir=None, open_stream=None, lim
     """Apply layers bottom first into `target`; yields each record with "applied": true.
 
     `open_stream(record)` may give the blob stream of a layer (default: the
-    cache). On failure the error says how much of `target` was applied.
+    cache). Every failure once something was written says how much of `target`
+    was applied (the same error type, or UnpackError for an OSError or a bug);
+    one before anything was written is raised as it came.
     `target` is 0700 while the layers go in; at the end it gets the image's root mode,
     unless other users can reach it and it received setuid/setgid files or devices
     (see _finish_root) and `keep_root_mode` is false.
@@ -228,18 +230,14 @@ def apply_layers_into(target, layer_records, workdir=None, open_stream=None, lim
     records = iter(layer_records)
     with root:
         while True:
+            record = None
             try:
-                record = next(records)
-            except StopIteration:
-                _finish_root(root, target, root_mode, setuid_files, devices, keep_root_mode)
-                return
-            except UsageError as exc:
-                raise UnpackError(f"{_partial(target, applied)}: {exc}") from exc
-            try:
+                try:
+                    record = next(records)
+                except StopIteration:
+                    _finish_root(root, target, root_mode, setuid_files, devices, keep_root_mode)
+                    return
                 diff_id = diff_id_of(record)
-            except PlanError as exc:
-                raise PlanError(f"{exc}; {_partial(target, applied)}") from None
-            try:
                 started = time.monotonic()
                 with _open_blob(workdir, record, None, open_stream) as blob:
                     stats = layer_mod.apply_layer(root, blob, record.get("mediaType"), layer_mod.FLAT,
@@ -251,16 +249,45 @@ def apply_layers_into(target, layer_records, workdir=None, open_stream=None, lim
                 setuid_files += stats.setuid_files
                 devices += stats.devices
                 _log_stats("applied", record, stats, started)
-            except KeyboardInterrupt:
-                log.warning("%s", _partial(target, applied))
+            except BaseException as exc:
+                if applied == 0 and _untouched(root):
+                    raise
+                partial = _partial(target, applied)
+                if isinstance(exc, KeyboardInterrupt):
+                    log.warning("%s", partial)
+                    raise
+                if isinstance(exc, TosiError):
+                    raise _saying(exc, partial) from exc
+                what = f"layer {_layer_name(record)}: " if record is not None else ""
+                if isinstance(exc, OSError):
+                    raise UnpackError(f"{what}{_os_error(exc)}; {partial}") from exc
+                if isinstance(exc, Exception):
+                    raise UnpackError(f"{what}internal error: {type(exc).__name__}: {exc}; "
+                                      f"{partial}") from exc
                 raise
-            except (UnpackError, CacheError, DigestMismatch) as exc:
-                raise type(exc)(f"{exc}; {_partial(target, applied)}") from exc
-            except OSError as exc:
-                raise UnpackError(f"layer {_layer_name(record)}: {_os_error(exc)}; "
-                                  f"{_partial(target, applied)}") from exc
             applied += 1
             yield dict(record, applied=True)
+
+
+def _untouched(root):
+    """Whether a failed --into left `target` empty."""
+    try:
+        return not os.listdir(root.fd)
+    except OSError:
+        return False
+
+
+def _saying(exc, more):
+    """`exc` (same type and attributes) with "; <more>" added to its message."""
+    import copy
+
+    try:
+        said = copy.copy(exc)
+    except Exception:  # an error class copy cannot rebuild: keep its exit status
+        said = TosiError()
+        said.exit_code = exc.exit_code
+    said.args = (f"{exc}; {more}",)
+    return said
 
 
 def _log_stats(what, record, stats, started):

@@ -13,6 +13,11 @@ second path to the same Node object. Each layer is read with Python's tarfile
      anything else replaces the lower entry with all it holds; an implicit
      directory keeps the lower directory as it was).
 
+A character device 0/0 is what overlayfs takes for a whiteout: as an entry it
+replaces what the layer put at its name before, and as a whiteout it deletes the
+lower entries there (docker's overlay2 and containerd's overlayfs snapshotter
+show it so).
+
 Symlinks are never followed in entry names: the stacks given to the model keep
 every parent a real directory. `snapshot()` returns what
 tests.support.staging.snapshot() reads from a real tree, so the two compare
@@ -115,6 +120,10 @@ def _own_tree(tar_bytes, lower):
                     whiteouts.append(directory + (base[len(WHITEOUT):],))
                 continue
             parents(parts)
+            if member.type == tarfile.CHRTYPE and member.devmajor == member.devminor == 0:
+                _drop(own, parts)
+                whiteouts.append(parts)
+                continue
             if member.type == tarfile.LNKTYPE:
                 target = parts_of(member.linkname)
                 node = own.get(target) or lower.get(target)

@@ -12,12 +12,16 @@ import os
 import sys
 
 from .. import __version__
-from ..errors import TosiError, UsageError
+from ..errors import TosiError, UsageError, quoted
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+
+# Downloads or extractions at once: each is a thread (and a connection); more than
+# this only costs memory.
+MAX_PARALLEL = 64
 
 log = logging.getLogger("tosi")
 
@@ -45,6 +49,19 @@ def new_parser(prog, description, epilog=None):
         help="log more to stderr (repeat for more detail)",
     )
     return parser
+
+
+def count_type(low, high=MAX_PARALLEL):
+    """An argparse type: a decimal integer from `low` to `high`, else one line of usage error."""
+    def parse(text):
+        digits = text.lstrip("0") or "0"
+        if not (text.isascii() and text.isdigit() and len(digits) <= len(str(high))
+                and low <= int(digits) <= high):
+            raise argparse.ArgumentTypeError(f"expected an integer from {low} to {high}, "
+                                             f"not {quoted(text)}")
+        return int(digits)
+    parse.__name__ = "count"
+    return parse
 
 
 def add_workdir_flag(parser, from_plan=False):
@@ -131,6 +148,9 @@ def run(prog, body, argv=None):
     try:
         return body(argv) or EXIT_OK
     except TosiError as exc:
+        if os.environ.get("TOSI_DEBUG") and exc.__cause__ is not None \
+                and not isinstance(exc.__cause__, (TosiError, OSError)):
+            raise  # a bug the library reported as an error: its traceback
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:

@@ -4,8 +4,8 @@ import sys
 import threading
 
 from .common import (
-    add_credential_flags, add_min_free_flag, add_workdir_flag, exit_status_epilog, new_parser,
-    password_from_stdin, plan_workdir, run, setup_logging,
+    MAX_PARALLEL, add_credential_flags, add_min_free_flag, add_workdir_flag, count_type,
+    exit_status_epilog, new_parser, password_from_stdin, plan_workdir, run, setup_logging,
 )
 
 PROG = "tosi-fetch"
@@ -37,8 +37,9 @@ def build_parser():
     parser = new_parser(PROG, DESCRIPTION, EPILOG + "\n" + exit_status_epilog(
         PROG, "a download failed", reads_plan=True))
     add_workdir_flag(parser, from_plan=True)  # the plan's workdir unless the flag is given
-    parser.add_argument("--parallel", type=int, default=DEFAULT_PARALLEL, metavar="N",
-                        help=f"download N blobs at once (default {DEFAULT_PARALLEL}; 0: one per layer)")
+    parser.add_argument("--parallel", type=count_type(0), default=DEFAULT_PARALLEL, metavar="N",
+                        help=f"download N blobs at once, at most {MAX_PARALLEL} "
+                        f"(default {DEFAULT_PARALLEL}; 0: one per layer)")
     parser.add_argument("--validate-cache", action="store_true",
                         help="re-hash blobs already in the cache and replace bad ones")
     parser.add_argument("--progress", choices=("auto", "always", "never"), default="auto",
@@ -108,8 +109,6 @@ def total_bytes(image, layers):
 def body(argv):
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.parallel < 0:
-        parser.error("--parallel must be 0 or more")
     if args.retries < 0:
         parser.error("--retries must be 0 or more")
     if args.read_timeout is not None and args.read_timeout <= 0:

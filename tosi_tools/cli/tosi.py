@@ -13,8 +13,8 @@ from typing import NamedTuple
 
 from .. import __version__
 from ..cache import DEFAULT_WORKDIR
-from ..errors import UsageError
-from .common import EXIT_OK, exit_status_epilog, run, setup_logging
+from ..errors import UsageError, quoted
+from .common import EXIT_OK, MAX_PARALLEL, exit_status_epilog, run, setup_logging
 
 PROG = "tosi"
 
@@ -77,7 +77,7 @@ FLAGS = [
     Flag("overlaydir", STRING, "Working directory for extracting layers. By default, it will be "
          "<workdir>/overlays.", metavar="DIR"),
     Flag("parallel-downloads", INT, "Number of layers to download in parallel; 0 means one per "
-         "layer.", 4, metavar="N"),
+         f"layer; at most {MAX_PARALLEL}.", 4, metavar="N"),
     Flag("password", STRING, "Password for registry login.", metavar="PASSWORD"),
     Flag("password-stdin", BOOL, "Read the password for registry login from the first line of "
          "stdin.", False),
@@ -157,7 +157,7 @@ def parse_flags(argv):
             if not has_value:
                 value = "true"
             if value not in _TRUE | _FALSE:
-                raise UsageError(f"invalid boolean value {value!r} for -{name}")
+                raise UsageError(f"invalid boolean value {quoted(value)} for -{name}")
             values[name] = value in _TRUE
         else:
             if not has_value:
@@ -170,11 +170,11 @@ def parse_flags(argv):
                 try:
                     values[name] = int(value, 0)
                 except ValueError:
-                    raise UsageError(f"invalid value {value!r} for -{name}: not an integer") from None
+                    raise UsageError(f"invalid value {quoted(value)} for -{name}: not an integer") from None
             else:
                 values[name] = value
     if args:
-        raise UsageError(f"unexpected argument {args[0]!r}: tosi takes flags only (-image IMAGE)")
+        raise UsageError(f"unexpected argument {quoted(args[0])}: tosi takes flags only (-image IMAGE)")
     return values
 
 
@@ -184,7 +184,7 @@ def log_level(values):
     if threshold.isdigit() and int(threshold) < len(_THRESHOLDS):
         threshold = list(_THRESHOLDS)[int(threshold)]
     if threshold not in _THRESHOLDS:
-        raise UsageError(f"invalid value {values['stderrthreshold']!r} for -stderrthreshold: "
+        raise UsageError(f"invalid value {quoted(values['stderrthreshold'])} for -stderrthreshold: "
                          "expected INFO, WARNING, ERROR, FATAL or 0-3")
     level = logging.WARNING
     if values["v"] >= 2:
@@ -201,8 +201,8 @@ def check_flags(values):
         raise UsageError("-image is required")
     if values["password"] is not None and values["password-stdin"]:
         raise UsageError("-password and -password-stdin are mutually exclusive")
-    if values["parallel-downloads"] < 0:
-        raise UsageError("-parallel-downloads must be 0 (one per layer) or more")
+    if not 0 <= values["parallel-downloads"] <= MAX_PARALLEL:
+        raise UsageError(f"-parallel-downloads must be from 0 (one per layer) to {MAX_PARALLEL}")
     for name in ("extractto", "mount", "saveconfig", "workdir", "overlaydir"):
         if values[name] == "":
             raise UsageError(f"-{name} needs a non-empty value")

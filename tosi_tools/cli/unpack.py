@@ -3,8 +3,8 @@
 import sys
 
 from .common import (
-    add_min_free_flag, add_workdir_flag, exit_status_epilog, new_parser, plan_workdir, run,
-    setup_logging,
+    MAX_PARALLEL, add_min_free_flag, add_workdir_flag, count_type, exit_status_epilog, new_parser,
+    plan_workdir, run, setup_logging,
 )
 
 PROG = "tosi-unpack"
@@ -37,18 +37,6 @@ environment:
                                   reads_plan=True)
 
 
-def _positive(text):
-    import argparse
-
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
-    return value
-
-
 def body(argv):
     parser = new_parser(PROG, DESCRIPTION, EPILOG)
     add_workdir_flag(parser, from_plan=True)  # the plan's workdir unless the flag is given
@@ -60,8 +48,9 @@ def body(argv):
                         help="with --into: give DIR the image's root mode even when other "
                         "users can reach it and the image holds setuid/setgid files or "
                         "devices (by default DIR then stays 0700, with a warning)")
-    parser.add_argument("--parallel", type=_positive, metavar="N",
-                        help="layers extracted at once in per-layer mode (default: number of CPUs)")
+    parser.add_argument("--parallel", type=count_type(1), metavar="N",
+                        help=f"layers extracted at once in per-layer mode, at most {MAX_PARALLEL} "
+                        "(default: number of CPUs)")
     add_min_free_flag(parser, "the target's filesystem")
     args = parser.parse_args(argv)
     setup_logging(PROG, args.verbose)
