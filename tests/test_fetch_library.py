@@ -104,7 +104,7 @@ def test_a_watched_download_never_goes_back_when_the_server_refuses_to_resume(fa
 def test_a_watched_download_with_wrong_bytes_starts_a_new_generation_its_old_watchers_hear_of(
         fault_proxy, image, workdir):
     layer = image.layers[1]
-    fault_proxy.add(Rule("delay", path=layer.digest, seconds=0.5, times=1))  # the watcher comes first
+    fault_proxy.add(Rule("delay", path=layer.digest, seconds=3, times=1))  # the watcher comes first
     fault_proxy.add(Rule("corrupt", path=layer.digest, at=10, times=1))
     image_record, *layers = plan_records(fault_proxy.url, image, workdir)
     with fetcher_for(workdir).start(image_record, layers) as run:
