@@ -80,3 +80,30 @@ def summary_lines(areas, outcomes):
                      f"{c['killed']} processes killed, {c['corrupted']} bytes corrupted, "
                      f"{c['failures'] + o['failed']} failures")
     return lines
+
+
+def main(argv):
+    """`python -m tests.support.robustness REPORT`: the summary of a --robustness-report file,
+    a line per area, then `N passed, M failed` (scripts/robustness)."""
+    import json
+
+    try:
+        with open(argv[1]) as f:
+            report = json.load(f)
+    except (OSError, ValueError):
+        print("robustness: no report (pytest stopped before the end of the run)")
+        return 1
+    outcomes = report.get("outcomes", {})
+    print("robustness summary")
+    for line in summary_lines(report.get("areas", {}), outcomes):
+        print(f"  {line}")
+    passed = sum(o.get("passed", 0) for o in outcomes.values())
+    failed = sum(o.get("failed", 0) for o in outcomes.values())
+    print(f"{passed} passed, {failed} failed")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv))
