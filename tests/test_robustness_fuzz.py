@@ -60,15 +60,15 @@ class Sandbox:
 
     def _outside(self):
         parent, root = os.path.relpath(self.parent, self.base), os.path.relpath(self.root, self.base)
-        return {path: info for path, info in snapshot(self.base, with_dir_mtimes=True).items()
-                if path not in (parent, root) and not path.startswith(root + "/")}
+        tree = {path: info for path, info in snapshot(self.base, with_dir_mtimes=True).items()
+                if path != root and not path.startswith(root + "/")}
+        tree[parent].pop("mtime")  # moves with the root's removal and making; its mode, owner, xattrs stay
+        return tree
 
     def fresh_root(self):
         if os.path.lexists(self.root):
             shutil.rmtree(self.root)  # as root: modes of 000 are no obstacle
         os.mkdir(self.root)
-        # the parent's mtime moves with the root's removal and making: not the layer's doing
-        self.before = self._outside()
         return self.root
 
     def assert_unchanged(self):
