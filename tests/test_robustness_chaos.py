@@ -24,7 +24,6 @@ import random
 import re
 import subprocess
 import sys
-import time
 
 import pytest
 
