@@ -1,12 +1,15 @@
 """Shared fixtures: a real docker-registry, an image pusher, and a way to run the commands."""
 
+import collections
 import itertools
+import json
 import os
 import subprocess
 import sys
 
 import pytest
 
+from tests.support import robustness as robustness_support
 from tests.support.images import Pusher
 from tests.support.registry import Registry
 
@@ -16,10 +19,66 @@ BIN = os.path.join(ROOT, "bin")
 
 def pytest_addoption(parser):
     parser.addoption("--slow", action="store_true", help="also run the long variants")
+    parser.addoption("--robustness-report", metavar="FILE",
+                     help="write the robustness suite's counters and outcomes per area as JSON")
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long variant, runs only with --slow")
+    config.addinivalue_line("markers", "robustness(area): the robustness suite (properties, fuzz, "
+                            "chaos, stress; `pytest -m robustness`, or scripts/robustness)")
+    robustness_support.SLOW = bool(config.getoption("--slow"))
+    config._tosi_robustness = robustness_support.Counters()
+    config._tosi_robustness_outcomes = collections.defaultdict(collections.Counter)
+
+
+def _robustness_area(item):
+    marker = item.get_closest_marker("robustness")
+    if marker is None:
+        return None
+    return marker.args[0] if marker.args else "other"
+
+
+@pytest.fixture
+def robustness(request):
+    """Counters of the robustness suite, bound to the test's area (tests/support/robustness.py)."""
+    area = _robustness_area(request.node)
+    assert area is not None, "the robustness fixture is for tests marked robustness(area)"
+    return robustness_support.AreaCounters(request.config._tosi_robustness, area)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    area = _robustness_area(item)
+    if area is None:
+        return
+    outcomes = item.config._tosi_robustness_outcomes[area]
+    if report.when == "call" or (report.when == "setup" and not report.passed):
+        if hasattr(report, "wasxfail"):
+            outcomes["xfailed" if report.skipped else "failed"] += 1  # strict XPASS fails
+        elif report.skipped:
+            outcomes["skipped"] += 1
+        else:
+            outcomes[report.outcome] += 1
+    elif report.when == "teardown" and report.failed:
+        outcomes["failed"] += 1
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    counters = config._tosi_robustness
+    outcomes = config._tosi_robustness_outcomes
+    areas = {area: dict(c) for area, c in counters.areas.items()}
+    path = config.getoption("--robustness-report")
+    if path:
+        with open(path, "w") as f:
+            json.dump({"areas": areas, "outcomes": {a: dict(o) for a, o in outcomes.items()}}, f,
+                      indent=1, sort_keys=True)
+    if outcomes:
+        terminalreporter.section("robustness summary")
+        for line in robustness_support.summary_lines(areas, outcomes):
+            terminalreporter.write_line(line)
 
 
 def pytest_collection_modifyitems(config, items):

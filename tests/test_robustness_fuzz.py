@@ -1,0 +1,233 @@
+"""Robustness suite, fuzzing: the tar reader and the layer applier on raw bytes (hypothesis).
+
+Each example is a layer hypothesis builds (files, dirs, symlinks, hardlinks,
+devices, whiteouts, opaque markers, names with "..", absolute names and links
+out of the root, in ustar, GNU or PAX form), then damages at the byte level
+(flipped bytes, overwritten header fields, truncation, appended junk, in the tar
+or in its gzip/zstd stream), and applies in-process with layer.apply_layer, in
+flat mode over a lower layer of symlinks that point out of the root and in
+overlay mode into an empty directory. What must hold for every example:
+
+- nothing outside the root is created, changed or removed (the sandbox around
+  the root, three levels of parents with victims in each, is compared entry by
+  entry, directory mtimes included);
+- the only exceptions are the library's typed errors (TosiError subclasses).
+"""
+
+import gzip
+import io
+import os
+import shutil
+import tarfile
+
+import pytest
+import zstandard
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tests.support.images import (OCI_LAYER_GZIP, OCI_LAYER_TAR, OCI_LAYER_ZSTD, dir_entry, file_entry,
+                                  hardlink_entry, special_entry, symlink_entry, tar_bytes)
+from tests.support.robustness import hypothesis_settings
+from tests.support.staging import snapshot
+from tosi_tools import layer
+from tosi_tools.errors import TosiError
+
+pytestmark = [pytest.mark.robustness("fuzz"),
+              pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisWarning")]
+
+# The one untyped error known today (see test_a_corrupt_gzip_deflate_block_is_an_unpack_error):
+# tolerated by the fuzz tests only until that test passes; then drop it from here.
+KNOWN_UNTYPED = ("IsalError",)
+
+DEPTH = ("s1", "s2", "s3")  # the root is sandbox/s1/s2/s3/root: "../" climbs reach a victim
+MEDIA = {"tar": OCI_LAYER_TAR, "gzip": OCI_LAYER_GZIP, "zstd": OCI_LAYER_ZSTD}
+
+
+class Sandbox:
+    """sandbox/{victim, s1/{victim, s2/{victim, s3/{victim, root}}}}, and what it held before."""
+
+    def __init__(self, base):
+        self.base = str(base)
+        parts = [self.base, *DEPTH]
+        for i in range(len(parts)):
+            directory = os.path.join(*parts[:i + 1])
+            os.makedirs(directory, exist_ok=True)
+            with open(os.path.join(directory, "victim"), "wb") as f:
+                f.write(b"victim")
+        self.parent = os.path.join(*parts)
+        self.root = os.path.join(self.parent, "root")
+        self.before = self._outside()
+
+    def _outside(self):
+        parent, root = os.path.relpath(self.parent, self.base), os.path.relpath(self.root, self.base)
+        tree = {path: info for path, info in snapshot(self.base, with_dir_mtimes=True).items()
+                if path != root and not path.startswith(root + "/")}
+        tree[parent].pop("mtime")  # moves with the root's removal and making; its mode, owner, xattrs stay
+        return tree
+
+    def fresh_root(self):
+        if os.path.lexists(self.root):
+            shutil.rmtree(self.root)  # as root: modes of 000 are no obstacle
+        os.mkdir(self.root)
+        return self.root
+
+    def assert_unchanged(self):
+        after = self._outside()
+        changed = {p: (after.get(p), self.before.get(p)) for p in {*after, *self.before}
+                   if after.get(p) != self.before.get(p)}
+        assert changed == {}, f"outside the root: {changed}"
+
+
+@pytest.fixture(scope="module")
+def sandbox(tmp_path_factory):
+    return Sandbox(tmp_path_factory.mktemp("fuzz-sandbox"))
+
+
+# ---------------------------------------------------------------- layers, then damage
+
+segments = st.sampled_from(["a", "b", "esc", "up", "..", ".", "", ".wh.a", ".wh.esc", ".wh..wh..opq",
+                            "victim", "root", "s3"])
+names = st.one_of(st.lists(segments, min_size=1, max_size=5).map("/".join),
+                  st.lists(segments, min_size=1, max_size=4).map(lambda p: "/" + "/".join(p)),
+                  st.text(max_size=12))
+link_targets = st.one_of(names, st.sampled_from(["..", "../..", "../../..", "../../../victim", "/", "/tmp",
+                                                 "/etc/passwd"]))
+
+
+@st.composite
+def entries(draw):
+    kind = draw(st.sampled_from(["file", "file", "dir", "symlink", "hardlink", "chr", "blk", "fifo"]))
+    name = draw(names)
+    mode = draw(st.sampled_from([0o644, 0o755, 0o000, 0o4755, 0o1777, 0o7777]))
+    uid, gid = draw(st.sampled_from([0, 1000, 65534, 2**21 - 1])), draw(st.sampled_from([0, 100, 65534]))
+    if kind == "file":
+        pax = draw(st.one_of(st.none(), st.dictionaries(
+            st.sampled_from(["SCHILY.xattr.user.k", "SCHILY.xattr.trusted.overlay.opaque",
+                             "SCHILY.xattr.security.capability", "SCHILY.xattr.system.posix_acl_access",
+                             "size", "uid", "mtime", "path", "linkpath", "GNU.sparse.map",
+                             "GNU.sparse.size", "GNU.sparse.major", "GNU.sparse.minor"]),
+            st.text(string_chars, max_size=12), max_size=2)))
+        return file_entry(name, draw(st.binary(max_size=300)), mode=mode, uid=uid, gid=gid, pax=pax)
+    if kind == "dir":
+        return dir_entry(name, mode=mode, uid=uid, gid=gid)
+    if kind == "symlink":
+        return symlink_entry(name, draw(link_targets), uid=uid, gid=gid)
+    if kind == "hardlink":
+        return hardlink_entry(name, draw(link_targets))
+    types = {"chr": tarfile.CHRTYPE, "blk": tarfile.BLKTYPE, "fifo": tarfile.FIFOTYPE}
+    return special_entry(name, types[kind], draw(st.sampled_from([0, 1, 7])), draw(st.sampled_from([0, 3, 5])),
+                         mode=mode, uid=uid, gid=gid)
+
+
+string_chars = "0123456789,.-abcxyz/ "
+
+
+def _tar(entry_list, fmt):
+    try:
+        return tar_bytes(entry_list, format=fmt)
+    except (ValueError, UnicodeError, tarfile.TarError):  # a name this format cannot hold
+        return tar_bytes([], format=fmt)
+
+
+@st.composite
+def damaged_layers(draw):
+    """(blob bytes, media type, description of the damage)."""
+    fmt = draw(st.sampled_from([tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT]))
+    data = bytearray(_tar(draw(st.lists(entries(), max_size=8)), fmt))
+    damage = []
+    for _ in range(draw(st.integers(0, 4))):
+        how = draw(st.sampled_from(["flip", "field", "truncate", "append", "none"]))
+        if how == "flip" and data:
+            at = draw(st.integers(0, len(data) - 1))
+            data[at] ^= draw(st.integers(1, 255))
+            damage.append(f"flip@{at}")
+        elif how == "field" and len(data) >= 512:
+            # a header field (name, mode, uid, size, mtime, chksum, type, linkname, magic, prefix) of a block
+            block = draw(st.integers(0, len(data) // 512 - 1)) * 512
+            start, width = draw(st.sampled_from([(0, 100), (100, 8), (108, 8), (124, 12), (136, 12), (148, 8),
+                                                 (156, 1), (157, 100), (257, 8), (345, 155)]))
+            value = draw(st.one_of(st.binary(min_size=width, max_size=width),
+                                   st.sampled_from([b"7" * width, b"\x80" + b"\xff" * (width - 1),
+                                                    b"\xff" * width, b" " * width, b"0" * width])))
+            data[block + start:block + start + width] = value[:width]
+            damage.append(f"field@{block + start}")
+        elif how == "truncate" and data:
+            cut = draw(st.integers(0, len(data)))
+            del data[cut:]
+            damage.append(f"truncate@{cut}")
+        elif how == "append":
+            data += draw(st.binary(max_size=1100))
+            damage.append("append")
+    compression = draw(st.sampled_from(["tar", "tar", "gzip", "zstd"]))
+    blob = bytes(data)
+    if compression == "gzip":
+        blob = gzip.compress(blob, mtime=0)
+    elif compression == "zstd":
+        blob = zstandard.ZstdCompressor().compress(blob)
+    if compression != "tar" and blob and draw(st.booleans()):
+        at = draw(st.integers(0, len(blob) - 1))
+        blob = blob[:at] + bytes([blob[at] ^ 0x55]) + blob[at + 1:]
+        damage.append(f"{compression}-flip@{at}")
+    return blob, MEDIA[compression], damage
+
+
+LOWER = tar_bytes([symlink_entry("esc", "../../.."), symlink_entry("up", "/"), symlink_entry("victim", "../victim"),
+                   dir_entry("a"), file_entry("a/f", b"f")])
+
+
+def _apply(root, blob, media_type, mode):
+    try:
+        return layer.apply_layer(root, io.BytesIO(blob), media_type, mode=mode, layer_name="fuzzed",
+                                 limits=layer.Limits(max_bytes=64 << 20, max_entries=10_000))
+    except TosiError:
+        return None
+    except Exception as exc:
+        if type(exc).__name__ not in KNOWN_UNTYPED:
+            raise
+        return None
+
+
+@pytest.mark.parametrize("mode", [layer.FLAT, layer.OVERLAY])
+@hypothesis_settings(150, 3000)
+@given(case=damaged_layers())
+def test_damaged_layers_touch_nothing_outside_the_root_and_raise_only_typed_errors(robustness, sandbox, mode,
+                                                                                 case):
+    blob, media_type, damage = case
+    robustness.add(cases=1, faults=len(damage), corrupted=sum(d.split("@")[0].endswith("flip") for d in damage))
+    root = sandbox.fresh_root()
+    if mode == layer.FLAT:
+        layer.apply_layer(root, io.BytesIO(LOWER), OCI_LAYER_TAR, mode=layer.FLAT, layer_name="lower")
+    _apply(root, blob, media_type, mode)
+    sandbox.assert_unchanged()
+
+
+@hypothesis_settings(100, 2000)
+@given(data=st.binary(max_size=4096), media=st.sampled_from(sorted(MEDIA.values())))
+def test_random_bytes_touch_nothing_outside_the_root_and_raise_only_typed_errors(robustness, sandbox, data,
+                                                                                 media):
+    robustness.add(cases=1)
+    root = sandbox.fresh_root()
+    _apply(root, data, media, layer.FLAT)
+    sandbox.assert_unchanged()
+
+
+# Found by the fuzz test above: one flipped byte of a gzip stream, as hypothesis shrank it.
+CORRUPT_GZIP = (b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\x03\xb8\xc1\x01\r\x00\x00\x00\xc2\xa0\xf7Om\x0e7"
+                b"\xa0\x00\x00\x00\x00\x00\x00\x00\x00\x00\x807\x03\x9a\xde\x1d'\x00(\x00\x00")
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "with the isal decoder (the 'fast' extra), an invalid deflate block raises "
+    "isal.igzip_lib.IsalError, which is no OSError: compression.py's reader thread passes it "
+    "on as is, so apply_layer raises an untyped error and the executables print "
+    "'internal error: IsalError: Error -1 Invalid deflate block found'"))
+def test_a_corrupt_gzip_deflate_block_is_an_unpack_error(robustness, sandbox):
+    robustness.add(cases=1, faults=1, corrupted=1)
+    root = sandbox.fresh_root()
+    try:
+        layer.apply_layer(root, io.BytesIO(CORRUPT_GZIP), OCI_LAYER_GZIP, layer_name="corrupt")
+    except TosiError:
+        pass
+    except Exception as exc:
+        raise AssertionError(f"untyped {type(exc).__module__}.{type(exc).__name__}: {exc}") from exc
+    sandbox.assert_unchanged()
