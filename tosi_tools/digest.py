@@ -11,6 +11,11 @@ _DIGEST_RE = re.compile(r"^([a-z0-9]+(?:[.+_-][a-z0-9]+)*):([a-zA-Z0-9=_-]+)$")
 CHUNK = 1 << 20
 
 
+def _quote(value, limit=80):
+    # A digest may come from any line of input: quote a bounded part of it.
+    return repr(value[:limit]) + "..." if len(value) > limit else repr(value)
+
+
 class Digest(str):
     """A validated digest string; `.algorithm` and `.hex` give its parts."""
 
@@ -20,16 +25,16 @@ class Digest(str):
         if isinstance(value, Digest):
             return value
         if not isinstance(value, str):
-            raise UsageError(f"invalid digest {value!r}: not a string")
+            raise UsageError(f"invalid digest: {type(value).__name__}, not a string")
         m = _DIGEST_RE.match(value)
         if not m:
-            raise UsageError(f"invalid digest {value!r}: expected algorithm:hex")
+            raise UsageError(f"invalid digest {_quote(value)}: expected algorithm:hex")
         algo, hexpart = m.groups()
         want = _HEX_LENGTH.get(algo)
         if want is None:
-            raise UsageError(f"invalid digest {value!r}: unsupported algorithm {algo!r}")
+            raise UsageError(f"invalid digest {_quote(value)}: unsupported algorithm {_quote(algo, 20)}")
         if len(hexpart) != want or not re.fullmatch(r"[0-9a-f]+", hexpart):
-            raise UsageError(f"invalid digest {value!r}: {algo} needs {want} lower-case hex digits")
+            raise UsageError(f"invalid digest {_quote(value)}: {algo} needs {want} lower-case hex digits")
         return super().__new__(cls, value)
 
     @property

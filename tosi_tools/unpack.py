@@ -36,6 +36,7 @@ from . import overlay, saferoot
 from .cache import Workdir, file_lock
 from .digest import Digest
 from .errors import CacheError, DigestMismatch, PlanError, UnpackError, UsageError
+from .plan import check_cache_paths
 
 log = logging.getLogger("tosi.unpack")
 
@@ -66,8 +67,10 @@ def diff_id_of(record):
 
 
 def blob_path(workdir, record):
-    """Where the layer's blob is: the path tosi-fetch recorded, else the cache's place for it."""
-    path = record.get("path") or workdir.layer_path(record["digest"])
+    """Where the layer's blob is: the workdir's place for its digest. A plan that
+    names another "path" is refused: a stage never opens a file because a plan says so."""
+    check_cache_paths(record, workdir, f"layer {record.get('index', '?')}")
+    path = workdir.layer_path(record["digest"])
     if not os.path.isfile(path):
         raise CacheError(f"layer {_layer_name(record)} is not in the cache ({path}); "
                          "run tosi-fetch first")

@@ -26,8 +26,8 @@ def build_parser():
                         help="the cache the plan was unpacked in (default: the plan's "
                         "workdir, else $TOSI_WORKDIR or /tmp/tosi)")
     parser.add_argument("--overlaydir", metavar="DIR",
-                        help="where the layers' overlay dirs and short links are "
-                        "(default: from the plan, else <workdir>/overlays)")
+                        help="where the layers' overlay dirs and short links are, as given to "
+                        "tosi-unpack (default: <workdir>/overlays)")
     parser.add_argument("--read-only", action="store_true",
                         help="mount the lowerdirs only: no upper dir, writes fail")
     parser.add_argument("--keep-upper", action="store_true",
@@ -55,12 +55,15 @@ def body(argv):
     if args.unmount:
         mount.unmount_image(args.mountpoint, clean=args.clean)
         return 0
-    reader = PlanReader(sys.stdin)
+    from ..cache import Workdir
+
+    reader = PlanReader(sys.stdin, workdir=lambda image: Workdir(
+        plan_workdir(args.workdir, image).root, args.overlaydir))
     layers = reader.layers()
     image = dict(reader.image)
     image["mount"] = mount.mount_image(
         image, layers, args.mountpoint, overlaydir=args.overlaydir,
-        workdir=plan_workdir(args.workdir, image).root,
+        workdir=reader.workdir.root,
         read_only=args.read_only, keep_upper=args.keep_upper)
     PlanWriter(sys.stdout).write_plan(image, layers)
     return 0

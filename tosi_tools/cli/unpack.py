@@ -52,14 +52,20 @@ def body(argv):
     args = parser.parse_args(argv)
     setup_logging(PROG, args.verbose)
 
-    from ..plan import PlanReader, PlanWriter
+    from ..cache import Workdir
+    from ..plan import FdLines, PlanReader, PlanWriter
     from ..unpack import check_into_target, unpack_plan
 
     if args.into:
         check_into_target(args.into)  # before reading anything, so a mistake costs nothing
-    reader = PlanReader(sys.stdin)
+    # FdLines: every record already written is checked before the first layer is used.
+    reader = PlanReader(FdLines(sys.stdin.fileno()), workdir=lambda image: Workdir(
+        plan_workdir(args.workdir, image).root, args.overlaydir))
     image = reader.image
-    records = unpack_plan(image, reader, workdir=plan_workdir(args.workdir, image).root,
+    # A flat tree is the user's: the whole plan is read (and checked) before a layer
+    # goes into it. Per layer, each layer is extracted into the cache as its record comes.
+    layers = reader.layers() if args.into else reader
+    records = unpack_plan(image, layers, workdir=reader.workdir.root,
                           overlaydir=args.overlaydir,
                           into=args.into, parallel=args.parallel)
     PlanWriter(sys.stdout).write_plan(image, records)

@@ -39,10 +39,10 @@ def _verify_plan(lines, workdir_flag, report):
     from ..plan import PlanReader, PlanWriter
     from ..verify import config_check, layer_check, verify_blobs
 
-    reader = PlanReader(lines)
+    reader = PlanReader(lines, workdir=lambda image: plan_workdir(workdir_flag, image))
     image = reader.image
     layers = reader.layers()
-    workdir = plan_workdir(workdir_flag, image)
+    workdir = reader.workdir
     checks = [layer_check(workdir, record) for record in layers]
     # Each record goes out once its blob verified: the image record with its config.
     outputs = list(layers)
