@@ -25,6 +25,9 @@ processes sharing a workdir wait for each other instead of downloading twice.
 EPILOG = """\
 With --password-stdin the first line of stdin is the password and the plan follows.
 Credentials otherwise come from TOSI_USERNAME/TOSI_PASSWORD or ~/.docker/config.json.
+They are for the plan's "registry" and go only to that registry's own endpoint:
+a plan whose "endpoint" names another host gets no credentials. Over plain http
+(or unverified TLS) they go only to a loopback registry, unless --insecure is given.
 
 exit status: 0 every blob is cached; 1 a download failed; 2 bad flags or a malformed plan.
 """
@@ -48,6 +51,9 @@ def build_parser():
     parser.add_argument("--read-timeout", type=float, default=None, metavar="SECONDS",
                         help="give up on a silent connection after SECONDS (default 60), then retry")
     add_credential_flags(parser)
+    parser.add_argument("--insecure", action="store_true",
+                        help="let credentials go over plain http (or unverified TLS) to a registry "
+                        "that is not on loopback; the plan's \"insecure\" alone does not")
     return parser
 
 
@@ -117,16 +123,17 @@ def body(argv):
     from ..plan import PlanReader, PlanWriter
 
     password = password_from_stdin(args)  # before the plan, which follows it on stdin
-    reader = PlanReader(sys.stdin)
+    reader = PlanReader(sys.stdin, workdir=lambda image: plan_workdir(args.workdir, image))
     image = reader.image
     layers = reader.layers()
-    workdir = plan_workdir(args.workdir, image)
+    workdir = reader.workdir
     credentials = credentials_from_flags(args.username, args.password, password,
                                          registry=image.get("registry"))
     show = args.progress == "always" or (args.progress == "auto" and sys.stderr.isatty())
     bars = ProgressBars(total_bytes(image, layers), sys.stderr) if show else None
     pool_size = args.parallel or max(len(layers) + 1, 1)
-    fetcher = Fetcher(workdir, client_factory(credentials, pool_size, read_timeout=args.read_timeout),
+    fetcher = Fetcher(workdir, client_factory(credentials, pool_size, read_timeout=args.read_timeout,
+                                              insecure=args.insecure),
                       parallel=args.parallel, retries=args.retries,
                       validate_cache=args.validate_cache, progress=bars)
     try:
