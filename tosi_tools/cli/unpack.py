@@ -16,8 +16,11 @@ OVERLAYDIR/<hex>.link and a symlink OVERLAYDIR/<short> -> <hex>; layer records
 gain "overlay" and "link".
 
 With --into DIR, all layers are applied bottom first into DIR, which must be
-absent or empty; the image record gains "rootfs" and each layer record
-"applied": true.
+absent or empty, once the whole plan is read and checked; the image record
+gains "rootfs" and each layer record "applied": true.
+
+Blobs are read from WORKDIR/layers/<hex>, never from the plan's "path": a plan
+naming a path the workdir does not give that digest is refused (exit 2).
 """
 
 EPILOG = """\
