@@ -284,12 +284,53 @@ def test_a_cache_path_that_is_not_the_derived_one_is_refused_by_every_stage(stag
     refused_by_every_stage(staged, tmp_path, mutate)
 
 
-def test_the_message_says_where_the_workdir_keeps_the_blob(staged, tmp_path):
+def test_the_message_says_where_the_blob_belongs(staged, tmp_path):
     digest = staged.fetched[1]["digest"]
     for line in refused_by_every_stage(staged, tmp_path, layer_field("path", "/etc/shadow")):
-        assert line.endswith(f"stdin: layer record 0: path '/etc/shadow' is not where the workdir "
-                             f"{staged.workdir} keeps {digest}; plans name cache paths only inside "
+        assert line.endswith(f"stdin: layer record 0: path '/etc/shadow' is not where a workdir "
+                             f"keeps {digest}; plans name cache paths only inside their workdir"), line
+
+
+def in_another_workdir(field, other):
+    """Layer 0's `field` set to where the workdir `other` would keep it."""
+    def mutate(records):
+        hexname = Digest(records[1]["digest"]).hex
+        records[1][field] = os.path.join(other, "layers" if field == "path" else "overlays", hexname)
+        return records
+    return mutate
+
+
+def test_a_stage_reads_a_blob_only_from_its_own_workdir(staged, tmp_path):
+    other = str(tmp_path / "other")
+    records = records_text(in_another_workdir("path", other)(copy.deepcopy(staged.fetched)))
+    for cmd, args in (("tosi-verify", []), ("tosi-unpack", ["--into", tmp_path / "rootfs"]),
+                      ("tosi-unpack", ["--overlaydir", tmp_path / "fresh"])):
+        line = one_error_line(run(cmd, "--workdir", staged.workdir, *args, plan=records), cmd)
+        assert line.startswith(f"{cmd}: error: stdin: layer record 0: path '{other[:60]}")
+        assert line.endswith(f" is not where the workdir {staged.workdir} keeps "
+                             f"{staged.fetched[1]['digest']}; plans name cache paths only inside "
                              "their workdir"), line
+    assert not os.path.lexists(tmp_path / "rootfs") and not os.path.lexists(tmp_path / "fresh")
+
+
+def test_mount_uses_only_the_overlay_dirs_of_its_own_overlay_dir(staged, tmp_path):
+    records = in_another_workdir("overlay", str(tmp_path / "other"))(copy.deepcopy(staged.unpacked))
+    proc = run("tosi-mount", "--workdir", staged.workdir, tmp_path / "mnt", plan=records_text(records))
+    assert "is not where the overlay dir" in one_error_line(proc, "tosi-mount")
+    assert not os.path.lexists(tmp_path / "mnt")
+
+
+def test_a_plan_resolved_into_one_workdir_is_fetched_into_another(registry, pusher, repo_name, tmp_path):
+    """Fetch opens none of the plan's paths: those of the workdir resolve used pass."""
+    image = pusher.push_image(repo_name, "v1", [make_layer([file_entry("f", b"f\n")])])
+    first, second = str(tmp_path / "resolved"), str(tmp_path / "fetched")
+    resolved = run("tosi-resolve", "--workdir", first, f"{registry.host}/{image.repo}:v1", plan=None)
+    assert resolved.returncode == 0, resolved.stderr
+    fetched = run("tosi-fetch", "--workdir", second, "--progress", "never", plan=resolved.stdout)
+    assert fetched.returncode == 0, fetched.stderr
+    unpacked = run("tosi-unpack", "--workdir", second, "--into", tmp_path / "rootfs", plan=fetched.stdout)
+    assert unpacked.returncode == 0, unpacked.stderr
+    assert os.listdir(tmp_path / "rootfs") == ["f"]
 
 
 def test_the_same_path_spelled_differently_is_accepted(staged, tmp_path):
@@ -317,20 +358,22 @@ def host_tar(path):
         tar.addfile(info)
 
 
+@pytest.mark.parametrize("shaped", [False, True], ids=["any-file", "shaped-as-a-cache-path"])
 @pytest.mark.parametrize("into", [False, True], ids=["per-layer", "into"])
-def test_a_host_tar_named_by_path_is_never_read_nor_cached(staged, tmp_path, into):
+def test_a_host_tar_named_by_path_is_never_read_nor_cached(staged, tmp_path, into, shaped):
     workdir = str(tmp_path / "workdir")
     os.makedirs(os.path.join(workdir, "layers"))
-    tar = str(tmp_path / "host.tar")
-    host_tar(tar)
     records = rebased(staged, workdir)
+    hexname = Digest(records[1]["digest"]).hex
+    tar = str(tmp_path / "elsewhere" / "layers" / hexname) if shaped else str(tmp_path / "host.tar")
+    os.makedirs(os.path.dirname(tar), exist_ok=True)
+    host_tar(tar)
     records[1]["path"] = tar
     target = tmp_path / "rootfs"
     proc = run("tosi-unpack", "--workdir", workdir, *(["--into", target] if into else []),
                plan=records_text(records))
     assert "path" in one_error_line(proc, "tosi-unpack")
     assert not os.path.lexists(target)
-    hexname = Digest(records[1]["digest"]).hex
     assert not os.path.lexists(os.path.join(workdir, "overlays", hexname))
     assert os.listdir(os.path.join(workdir, "layers")) == []
 

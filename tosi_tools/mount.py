@@ -63,7 +63,7 @@ def lowerdirs(layers, overlaydir):
                 f"{where} ({quote(layer.get('digest'))}) has no overlay dir: "
                 "unpack the plan with tosi-unpack (without --into) first")
         check_layer_record(layer, where)
-        check_cache_paths(layer, workdir, where)
+        check_cache_paths(layer, workdir, where, ("overlay",))
         hexname = Digest(layer["digest"]).hex
         own = os.path.join(overlaydir, hexname)
         if not os.path.isdir(own) or os.path.islink(own):

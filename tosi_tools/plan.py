@@ -11,6 +11,7 @@ import collections
 import json
 import os
 
+from .cache import Workdir
 from .digest import Digest
 from .errors import PlanError, UsageError
 
@@ -200,15 +201,17 @@ LAYER_FIELDS = {
 
 
 def check_image_record(record, where="image record"):
-    """PlanError unless every known field of an image record has its type (and digests
-    their form); the record is not changed."""
+    """PlanError unless every known field of an image record has its type (digests
+    their form, cache paths the shape of one); the record is not changed."""
     _check_fields(where, record, IMAGE_FIELDS, ("planVersion", "layerCount"))
+    check_cache_path_shapes(record, where)
 
 
 def check_layer_record(record, where="layer record"):
-    """PlanError unless every known field of a layer record has its type (and digests
-    their form); the record is not changed."""
+    """PlanError unless every known field of a layer record has its type (digests
+    their form, cache paths the shape of one); the record is not changed."""
     _check_fields(where, record, LAYER_FIELDS, ("index", "digest"))
+    check_cache_path_shapes(dict(record, type=LAYER), where)
 
 
 # ---------------------------------------------------------------- cache paths
@@ -264,18 +267,39 @@ def layer_cache_paths(layer, workdir):
     return found
 
 
-def check_cache_paths(record, workdir, where=None):
-    """PlanError if a (checked) record names a cache path other than the one `workdir`
-    (a cache.Workdir, with its overlay dir) derives from the digest."""
+# Field names as the functions above give them.
+IMAGE_CACHE_PATHS = ("manifestPath", "index path", "config path", "config savedConfig")
+LAYER_CACHE_PATHS = ("path", "overlay")
+
+
+def _cache_paths(record, workdir, where):
     if record.get("type") == IMAGE:
-        paths, where = image_cache_paths(record, workdir), where or "image record"
-    else:
-        paths, where = layer_cache_paths(record, workdir), where or f"layer {record.get('index')}"
+        return image_cache_paths(record, workdir), where or "image record"
+    return layer_cache_paths(record, workdir), where or f"layer {record.get('index')}"
+
+
+def check_cache_paths(record, workdir, where=None, fields=None):
+    """PlanError if a (checked) record names, in `fields` (default: all of them), a
+    cache path other than the one `workdir` (a cache.Workdir, with its overlay dir)
+    derives from the digest: the fields a stage takes from its own workdir."""
+    paths, where = _cache_paths(record, workdir, where)
     for name, value, digest, derived in paths:
-        if not _same_path(value, derived):
+        if (fields is None or name in fields) and not _same_path(value, derived):
             place = f"the overlay dir {workdir.overlays}" if name == "overlay" else \
                 f"the workdir {workdir.root}"
             raise _outside(where, name, value, digest, place)
+
+
+def check_cache_path_shapes(record, where=None):
+    """PlanError unless every cache path a (checked) record names is where some workdir
+    keeps that digest (<workdir>/layers/<hex>, <overlaydir>/<hex>, ...): what a stage
+    passes on unused must still be a cache path, though maybe another workdir's (a plan
+    resolved into one workdir and fetched into another names both)."""
+    # A workdir (and overlay dir) at "/": its paths are the suffixes to find.
+    paths, where = _cache_paths(record, Workdir("/", "/"), where)
+    for name, value, digest, suffix in paths:
+        if not os.path.normpath(value).endswith(suffix):
+            raise _outside(where, name, value, digest, "a workdir")
 
 
 class FdLines:
@@ -338,10 +362,12 @@ class FdLines:
 class PlanReader:
     """Reads a plan from a stream of lines: `.image` at once, then the layers by iteration.
 
-    Every record is checked as it is read (check_image_record, check_layer_record);
-    with `workdir` (a cache.Workdir, or a function of the image record giving one,
-    then kept as `.workdir`) the cache paths the records name must be that
-    workdir's (check_cache_paths). Iterating stops with PlanError if the stream
+    Every record is checked as it is read (check_image_record, check_layer_record:
+    types, digests, cache paths shaped as a workdir keeps them); with `workdir` (a
+    cache.Workdir, or a function of the image record giving one, then kept as
+    `.workdir`) the cache paths named in `uses` (IMAGE_CACHE_PATHS,
+    LAYER_CACHE_PATHS; default: all), the ones the stage takes from its workdir,
+    must be that workdir's own (check_cache_paths). Iterating stops with PlanError if the stream
     ends before the number of layers the image record announces, which is how a
     stage notices that the stage before it failed half way. A second image record
     or a layer beyond that number is refused: before the first layer is given when
@@ -350,7 +376,7 @@ class PlanReader:
     for the end of the plan.
     """
 
-    def __init__(self, stream, source="stdin", workdir=None):
+    def __init__(self, stream, source="stdin", workdir=None, uses=None):
         self._stream = stream
         self._lines = iter(stream)
         self._source = source
@@ -373,8 +399,9 @@ class PlanReader:
             raise PlanError(f"{source}: image record has no layerCount")
         check_image_record(first, f"{source}: image record")
         self.workdir = workdir(first) if callable(workdir) else workdir
+        self._uses = uses
         if self.workdir is not None:
-            check_cache_paths(first, self.workdir, f"{source}: image record")
+            check_cache_paths(first, self.workdir, f"{source}: image record", uses)
         self.image = first
         self._expected = first["layerCount"]
         self._seen = 0
@@ -406,7 +433,7 @@ class PlanReader:
             raise PlanError(f"{where} has no digest")
         check_layer_record(record, where)
         if self.workdir is not None:
-            check_cache_paths(record, self.workdir, where)
+            check_cache_paths(record, self.workdir, where, self._uses)
         self._seen += 1
         return record
 

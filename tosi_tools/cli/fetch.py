@@ -123,7 +123,8 @@ def body(argv):
     from ..plan import PlanReader, PlanWriter
 
     password = password_from_stdin(args)  # before the plan, which follows it on stdin
-    reader = PlanReader(sys.stdin, workdir=lambda image: plan_workdir(args.workdir, image))
+    # Fetch opens no cache path of the plan: their shape is checked, not their workdir.
+    reader = PlanReader(sys.stdin, workdir=lambda image: plan_workdir(args.workdir, image), uses=())
     image = reader.image
     layers = reader.layers()
     workdir = reader.workdir

@@ -58,7 +58,7 @@ def body(argv):
     from ..cache import Workdir
 
     reader = PlanReader(sys.stdin, workdir=lambda image: Workdir(
-        plan_workdir(args.workdir, image).root, args.overlaydir))
+        plan_workdir(args.workdir, image).root, args.overlaydir), uses=("overlay",))
     layers = reader.layers()
     image = dict(reader.image)
     image["mount"] = mount.mount_image(
