@@ -9,8 +9,6 @@ import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import pytest
-
 from tests.support.plans import assert_cached, plan_text, random_layer, records_text
 from tosi_tools.auth import Credentials
 from tosi_tools.plan import new_image_record, new_layer_record

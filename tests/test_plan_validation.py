@@ -6,7 +6,6 @@ from the digest and its own workdir. A malformed plan is one line on stderr, exi
 and nothing written: no cache entry, no tree, no mount."""
 
 import copy
-import json
 import os
 import stat
 import subprocess
