@@ -643,7 +643,7 @@ def mount_with_implicit(tmp_path, layers, mounts, read_only=False):
         records.append(record)
     target = str(tmp_path / f"implicit-mnt-{len(mounts)}")
     mounts.append(target)
-    mount_stage.mount_image({}, records, target, read_only=read_only)
+    mount_stage.mount_image({}, records, target, workdir=str(workdir), read_only=read_only)
     try:
         return snapshot(target)
     finally:

@@ -160,7 +160,7 @@ def test_malformed_diff_id_is_a_plan_error(stage, unpack, workdir, tmp_path, mod
     line = one_error_line(proc, 2)
     assert "layer record 0: diffID: invalid digest" in line
     if mode == "into":
-        assert list((tmp_path / "rootfs").iterdir()) == []
+        assert not os.path.lexists(tmp_path / "rootfs")  # the plan is checked before it is made
     else:
         assert_nothing_published(workdir, layer)
 

@@ -138,8 +138,11 @@ def test_a_plan_cannot_point_verify_at_files_outside_the_cache(tool, fetched, tm
     victim.write_bytes(b"not a blob")
     records[1]["path"] = str(victim)
     text = records_text(records)
-    tool("tosi-verify", "--workdir", workdir, input=text, check=0)
+    # Refused as it is read (a plan names cache paths only inside its workdir); never touched.
+    proc = tool("tosi-verify", "--workdir", workdir, input=text, check=2)
+    assert proc.stderr.count("\n") == 1 and "is not where a workdir keeps" in proc.stderr
     assert victim.read_bytes() == b"not a blob"
+    assert not os.path.exists(os.path.join(workdir, "quarantine"))
 
 
 def test_a_corrupt_blob_named_twice_is_reported_once(tool, pusher, registry, repo_name, workdir):

@@ -2,6 +2,8 @@
 
 Credentials are never logged, never put into a plan or into the cache: they
 live in memory only, in a Credentials object whose repr hides the secret.
+Credentials belong to one registry (`registry`, as the reference names it):
+registry.RegistryClient sends them only to that registry's own endpoint.
 """
 
 import base64
@@ -20,14 +22,18 @@ EXPIRY_MARGIN = 5
 
 
 class Credentials:
-    __slots__ = ("username", "password")
+    """A user name and password for `registry` (host[:port] as a reference names it;
+    None: for whatever registry the client they are given to speaks to)."""
 
-    def __init__(self, username, password):
+    __slots__ = ("username", "password", "registry")
+
+    def __init__(self, username, password, registry=None):
         self.username = username
         self.password = password
+        self.registry = registry
 
     def __repr__(self):
-        return f"Credentials(username={self.username!r}, password=<hidden>)"
+        return f"Credentials(username={self.username!r}, password=<hidden>, registry={self.registry!r})"
 
     def basic_header(self):
         raw = f"{self.username}:{self.password}".encode()
@@ -135,19 +141,20 @@ def docker_config_credentials(registry, path=None):
         if key.rstrip("/") not in {n.rstrip("/") for n in names} or not isinstance(entry, dict):
             continue
         if entry.get("username") and entry.get("password"):
-            return Credentials(entry["username"], entry["password"])
+            return Credentials(entry["username"], entry["password"], registry)
         if entry.get("auth"):
             try:
                 user, _, password = base64.b64decode(entry["auth"]).decode().partition(":")
             except (ValueError, UnicodeDecodeError):
                 continue
-            return Credentials(user, password)
+            return Credentials(user, password, registry)
     return None
 
 
 def credentials_from_flags(username=None, password=None, password_stdin=None, registry=None):
-    """Credentials from --username/--password (or a password read from stdin), the
-    TOSI_USERNAME/TOSI_PASSWORD environment, or the docker config, in that order."""
+    """Credentials for `registry` from --username/--password (or a password read from
+    stdin), the TOSI_USERNAME/TOSI_PASSWORD environment, or the docker config, in that
+    order; they go to that registry's endpoint only (registry.RegistryClient)."""
     if password_stdin is not None:
         password = password_stdin
     if password and not username:
@@ -155,10 +162,10 @@ def credentials_from_flags(username=None, password=None, password_stdin=None, re
     if username:
         if password is None:
             raise UsageError("--username needs --password or --password-stdin")
-        return Credentials(username, password)
+        return Credentials(username, password, registry)
     env_user, env_pass = os.environ.get("TOSI_USERNAME"), os.environ.get("TOSI_PASSWORD")
     if env_user and env_pass is not None:
-        return Credentials(env_user, env_pass)
+        return Credentials(env_user, env_pass, registry)
     if registry:
         return docker_config_credentials(registry)
     return None

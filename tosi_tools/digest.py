@@ -21,7 +21,7 @@ class Digest(str):
             return value
         if not isinstance(value, str):
             raise UsageError(f"invalid digest {quoted(value)}: not a string")
-        m = _DIGEST_RE.match(value)
+        m = _DIGEST_RE.fullmatch(value)
         if not m:
             raise UsageError(f"invalid digest {quoted(value)}: expected algorithm:hex")
         algo, hexpart = m.groups()

@@ -156,17 +156,23 @@ class Fetcher:
         self._downloads = []
 
 
-def client_factory(credentials, pool_size, token_cache=None, read_timeout=None):
+def client_factory(credentials, pool_size, token_cache=None, read_timeout=None, insecure=False):
     """A `client_for_image(image)` for Fetcher: a RegistryClient reaching the plan's
-    registry the way resolve did (endpoint, insecure, caFile), with `credentials`."""
+    registry the way resolve did (endpoint, insecure, caFile), with `credentials`.
+
+    The plan decides the transport only: `credentials` (bound to their registry,
+    auth.Credentials) reach the plan's endpoint only if it is that registry's own,
+    and Basic ones go over plain http or unverified TLS to a host off loopback
+    only with `insecure` (the caller's own --insecure; the plan's is not enough)."""
     from .registry import DEFAULT_READ_TIMEOUT, RegistryClient, endpoint_for
 
     def client_for_image(image):
-        insecure = bool(image.get("insecure"))
-        endpoint = image.get("endpoint") or endpoint_for(image["registry"], insecure)
+        plan_insecure = bool(image.get("insecure"))
+        endpoint = image.get("endpoint") or endpoint_for(image["registry"], plan_insecure)
         return RegistryClient(endpoint, credentials=credentials, ca_file=image.get("caFile"),
-                              insecure=insecure, read_timeout=read_timeout or DEFAULT_READ_TIMEOUT,
-                              pool_size=pool_size, token_cache=token_cache)
+                              insecure=plan_insecure, read_timeout=read_timeout or DEFAULT_READ_TIMEOUT,
+                              pool_size=pool_size, token_cache=token_cache,
+                              credentials_insecure=insecure, endpoint_origin="the plan's endpoint")
 
     return client_for_image
 

@@ -13,7 +13,9 @@ import stat
 
 from . import overlay, ownership, saferoot
 from .cache import DEFAULT_WORKDIR, Workdir, require_cached, workdir_for
-from .errors import MountError, PlanError, UnsafePath, UsageError
+from .digest import Digest
+from .errors import MountError, PlanError, UnsafePath, UsageError, quoted
+from .plan import check_cache_paths, check_layer_record
 
 log = logging.getLogger("tosi.mount")
 
@@ -31,13 +33,12 @@ def side_dirs(target):
     return target, target + ".upper", target + ".work"
 
 
-def overlay_dir_for(image, layers, overlaydir=None, workdir=None):
-    """Where the layers' overlay dirs and short links are: flag, plan, or workdir."""
+def overlay_dir_for(image, layers=None, overlaydir=None, workdir=None):
+    """Where the layers' overlay dirs and short links are: the flag, else the workdir's.
+    Never where a plan says: its "overlay" and "link" fields are checked against
+    this directory (lowerdirs), not followed."""
     if overlaydir:
         return os.path.abspath(overlaydir)
-    for layer in layers:
-        if isinstance(layer.get("overlay"), str):
-            return os.path.dirname(os.path.abspath(layer["overlay"]))
     return Workdir(workdir or image.get("workdir") or DEFAULT_WORKDIR).overlays
 
 
@@ -47,29 +48,44 @@ def _not_unpacked(layer):
 
 
 def lowerdirs(layers, overlaydir):
-    """The layers' lowerdirs topmost first: short link names where they resolve,
-    else the overlay dir's absolute path.
+    """The layers' lowerdirs topmost first, as names inside `overlaydir`: the short
+    link where the plan names one, else the layer's own <hex> directory.
+
+    Each is derived from the layer's digest: a plan whose "overlay" is not
+    `overlaydir`/<hex>, or whose "link" is not a name there leading to <hex>, is
+    refused (PlanError).
 
     overlayfs refuses a directory twice; the lower copies of a repeated layer
     are left out, since its topmost copy shadows them and their whiteouts only
     hide what that copy's whiteouts hide already."""
+    workdir = Workdir(os.path.dirname(overlaydir), overlaydir)
     result = []
     for layer in reversed(layers):
+        where = f"layer {layer.get('index')}"
         link, path = layer.get("link"), layer.get("overlay")
         if link is None and path is None:
-            raise _not_unpacked(layer)
-        if isinstance(link, str) and link:
-            candidate = link if os.path.isabs(link) else os.path.join(overlaydir, link)
-            if os.path.isdir(candidate):
-                inside = os.path.dirname(os.path.abspath(candidate)) == overlaydir
-                result.append(os.path.basename(candidate) if inside else candidate)
-                continue
-        if isinstance(path, str) and os.path.isdir(path):
-            result.append(os.path.abspath(path))
-            continue
-        raise MountError(
-            f"layer {layer.get('index')} ({layer.get('digest')}): overlay dir "
-            f"{path or link} is missing; run tosi-unpack again")
+            raise PlanError(
+                f"{where} ({quoted(layer.get('digest'))}) has no overlay dir: "
+                "unpack the plan with tosi-unpack (without --into) first")
+        check_layer_record(layer, where)
+        check_cache_paths(layer, workdir, where, ("overlay",))
+        hexname = Digest(layer["digest"]).hex
+        own = os.path.join(overlaydir, hexname)
+        if not os.path.isdir(own) or os.path.islink(own):
+            raise MountError(f"{where} ({layer['digest']}): overlay dir {own} is missing; "
+                             "run tosi-unpack again")
+        name = hexname
+        if link is not None:
+            try:
+                target = os.readlink(os.path.join(overlaydir, link))
+            except OSError:
+                target = None  # gone: the layer's own name does as well
+            if target is not None and target != hexname:
+                raise PlanError(f"{where}: link {quoted(link)} in {overlaydir} does not lead to "
+                                f"{layer['digest']}'s overlay dir; run tosi-unpack again")
+            if target is not None:
+                name = link
+        result.append(name)
     return list(dict.fromkeys(result))
 
 

@@ -227,7 +227,8 @@ def _fetch_and_unpack_once(options, workdir, credentials, tokens, image, layers,
     progress = progress_for(image, layers) if progress_for else None
     parallel = fetch.DEFAULT_PARALLEL if options.parallel is None else options.parallel
     pool_size = parallel or max(len(layers) + 1, 1)
-    fetcher = fetch.Fetcher(workdir, fetch.client_factory(credentials, pool_size, token_cache=tokens),
+    clients = fetch.client_factory(credentials, pool_size, token_cache=tokens, insecure=options.insecure)
+    fetcher = fetch.Fetcher(workdir, clients,
                             parallel=parallel, validate_cache=options.validate_cache,
                             progress=progress, reserve=space.Reserve.from_env(size_text=options.min_free))
     streams = blobstream.DownloadStreams(fetcher.abort)  # a layer unpacks as its blob arrives

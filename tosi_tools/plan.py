@@ -7,13 +7,18 @@ untouched, so a later version can add fields without breaking earlier readers.
 Records are written and flushed one at a time so stages overlap across a pipe.
 """
 
+import collections
 import json
+import os
 
-from .errors import PlanError, quoted
+from .cache import Workdir
+from .digest import Digest
+from .errors import PlanError, UsageError, quoted
 
 PLAN_VERSION = 1
 IMAGE = "image"
 LAYER = "layer"
+# A bad value is quoted in an error message up to this many characters.
 
 
 def _decode(line, lineno, source):
@@ -28,63 +33,430 @@ def _decode(line, lineno, source):
     return record
 
 
-class PlanReader:
-    """Reads a plan from a text stream: `.image` at once, then the layers by iteration.
+# ---------------------------------------------------------------- the fields of a record
+#
+# Every field tosi-plan(5) names is checked here, once, when a record is read: its
+# JSON type, and for digests their algorithm, length and hex. A known field may be
+# absent or null unless said otherwise; unknown fields are kept as they are.
 
-    Iterating stops with PlanError if the stream ends before the number of layers
-    the image record announces, which is how a stage notices that the stage
-    before it failed half way.
+def _json_type(value):
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+def _wrong(where, name, value, wanted):
+    return PlanError(f"{where}: {name} is {_json_type(value)}, not {wanted}")
+
+
+def _string(where, name, value):
+    if not isinstance(value, str):
+        raise _wrong(where, name, value, "a string")
+    if "\0" in value:
+        raise PlanError(f"{where}: {name} {quoted(value)} holds a NUL character")
+
+
+def _boolean(where, name, value):
+    if not isinstance(value, bool):
+        raise _wrong(where, name, value, "true or false")
+
+
+def _count(where, name, value):
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _wrong(where, name, value, "an integer")
+    if value < 0:
+        raise PlanError(f"{where}: {name} is negative ({value})")
+
+
+def _digest(where, name, value):
+    if not isinstance(value, str):
+        raise PlanError(f"{where}: {name}: invalid digest: {_json_type(value)}, not a string")
+    try:
+        Digest(value)
+    except UsageError as exc:
+        raise PlanError(f"{where}: {name}: {exc}") from None
+
+
+def _absolute(where, name, value):
+    _string(where, name, value)
+    if not os.path.isabs(value):
+        raise PlanError(f"{where}: {name} {quoted(value)} is not an absolute path")
+
+
+def _registry(where, name, value):
+    from .reference import _DOMAIN
+
+    _string(where, name, value)
+    if not _DOMAIN.fullmatch(value) or not _port_ok(value.rpartition("]")[2]):
+        raise PlanError(f"{where}: {name} {quoted(value)} is not a registry host[:port]")
+
+
+def _port_ok(host_tail):
+    _, colon, port = host_tail.rpartition(":")
+    return not colon or (port.isdigit() and 0 < int(port) <= 65535)
+
+
+def _endpoint(where, name, value):
+    from urllib.parse import urlsplit
+
+    _string(where, name, value)
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a port out of range
+        good = parts.scheme in ("http", "https") and bool(parts.hostname) and not parts.query \
+            and not parts.fragment and "@" not in parts.netloc and parts.path.strip("/") == ""
+    except ValueError:
+        good = False
+    if not good:
+        raise PlanError(f"{where}: {name} {quoted(value)} is not an http(s)://HOST[:PORT] URL")
+
+
+def _repository(where, name, value):
+    from .reference import _PATH_COMPONENT
+
+    _string(where, name, value)
+    if not value or not all(_PATH_COMPONENT.fullmatch(part) for part in value.split("/")):
+        raise PlanError(f"{where}: {name} {quoted(value)} is not a repository name")
+
+
+def _link(where, name, value):
+    _string(where, name, value)
+    if not value or "/" in value or value in (".", ".."):
+        raise PlanError(f"{where}: {name} {quoted(value)} is not a plain name inside the overlay dir")
+
+
+def _strings(where, name, value):
+    if not isinstance(value, list):
+        raise _wrong(where, name, value, "an array of strings")
+    for item in value:
+        _string(where, f"{name} entry", item)
+
+
+def _string_map(where, name, value):
+    if not isinstance(value, dict):
+        raise _wrong(where, name, value, "an object")
+    for key, item in value.items():
+        _string(where, f"{name} {quoted(key)}", item)
+
+
+def _object(fields, required=()):
+    def check(where, name, value):
+        if not isinstance(value, dict):
+            raise _wrong(where, name, value, "an object")
+        _check_fields(f"{where}: {name}", value, fields, required)
+    return check
+
+
+def _check_fields(where, record, fields, required=()):
+    for name in required:
+        if record.get(name) is None:
+            raise PlanError(f"{where}: no {name}")
+    for name, check in fields.items():
+        value = record.get(name)
+        if value is not None:
+            check(where, name, value)
+
+
+_DESCRIPTOR = {"mediaType": _string, "digest": _digest, "size": _count}
+_INDEX_FIELDS = dict(_DESCRIPTOR, path=_absolute)
+_CONFIG_FIELDS = dict(_DESCRIPTOR, path=_absolute, savedConfig=_absolute)
+_PLATFORM_FIELDS = {"os": _string, "architecture": _string, "variant": _string}
+_MOUNT_FIELDS = {"target": _absolute, "upper": _absolute, "work": _absolute, "readOnly": _boolean,
+                 "overlaydir": _absolute}
+
+IMAGE_FIELDS = {
+    "planVersion": _count, "reference": _string, "registry": _registry, "endpoint": _endpoint,
+    "repository": _repository, "tag": _string, "digest": _digest, "mediaType": _string,
+    "size": _count, "manifestPath": _absolute, "index": _object(_INDEX_FIELDS, ("digest",)),
+    "platform": _object(_PLATFORM_FIELDS), "config": _object(_CONFIG_FIELDS, ("digest",)),
+    "workdir": _absolute, "layerCount": _count, "insecure": _boolean, "caFile": _string,
+    "rootfs": _absolute, "mount": _object(_MOUNT_FIELDS),
+}
+
+LAYER_FIELDS = {
+    "index": _count, "mediaType": _string, "digest": _digest, "size": _count, "urls": _strings,
+    "annotations": _string_map, "diffID": _digest, "path": _absolute, "overlay": _absolute,
+    "link": _link, "applied": _boolean,
+}
+
+
+def check_image_record(record, where="image record"):
+    """PlanError unless every known field of an image record has its type (digests
+    their form, cache paths the shape of one); the record is not changed."""
+    _check_fields(where, record, IMAGE_FIELDS, ("planVersion", "layerCount"))
+    check_cache_path_shapes(record, where)
+
+
+def check_layer_record(record, where="layer record"):
+    """PlanError unless every known field of a layer record has its type (digests
+    their form, cache paths the shape of one); the record is not changed."""
+    _check_fields(where, record, LAYER_FIELDS, ("index", "digest"))
+    check_cache_path_shapes(dict(record, type=LAYER), where)
+
+
+# ---------------------------------------------------------------- cache paths
+#
+# A stage never opens a file because a plan names it: it derives the path from the
+# digest and its own workdir. A plan naming another path is refused, so that a plan
+# cannot point a stage at a host file (or at another layer's cache entry).
+
+def _same_path(named, derived):
+    return os.path.normpath(named) == os.path.normpath(derived)
+
+
+def _outside(where, name, value, digest, place):
+    return PlanError(f"{where}: {name} {quoted(value)} is not where {place} keeps {digest}; "
+                     "plans name cache paths only inside their workdir")
+
+
+def image_cache_paths(image, workdir):
+    """[(field name, value, digest, derived path)] for the cache paths an image record names."""
+    found = []
+    registry, repository = image.get("registry"), image.get("repository")
+
+    def manifest(name, value, digest):
+        if registry is None or repository is None or digest is None:
+            raise PlanError(f"image record: {name} {quoted(value)} without the registry, repository "
+                            "and digest that place it in the cache")
+        found.append((name, value, digest, workdir.manifest_path(registry, repository, digest)))
+
+    if image.get("manifestPath") is not None:
+        manifest("manifestPath", image["manifestPath"], image.get("digest"))
+    index = image.get("index")
+    if isinstance(index, dict) and index.get("path") is not None:
+        manifest("index path", index["path"], index["digest"])
+    config = image.get("config")
+    if isinstance(config, dict):
+        digest = config["digest"]
+        if config.get("path") is not None:
+            found.append(("config path", config["path"], digest, workdir.config_path(digest)))
+        if config.get("savedConfig") is not None:
+            found.append(("config savedConfig", config["savedConfig"], digest,
+                          workdir.saved_config_path(digest)))
+    return found
+
+
+def layer_cache_paths(layer, workdir):
+    """[(field name, value, digest, derived path)] for the cache paths a layer record names."""
+    digest = layer["digest"]
+    found = []
+    if layer.get("path") is not None:
+        found.append(("path", layer["path"], digest, workdir.layer_path(digest)))
+    if layer.get("overlay") is not None:
+        found.append(("overlay", layer["overlay"], digest, workdir.overlay_path(digest)))
+    return found
+
+
+# Field names as the functions above give them.
+IMAGE_CACHE_PATHS = ("manifestPath", "index path", "config path", "config savedConfig")
+LAYER_CACHE_PATHS = ("path", "overlay")
+
+
+def _cache_paths(record, workdir, where):
+    if record.get("type") == IMAGE:
+        return image_cache_paths(record, workdir), where or "image record"
+    return layer_cache_paths(record, workdir), where or f"layer {record.get('index')}"
+
+
+def check_cache_paths(record, workdir, where=None, fields=None):
+    """PlanError if a (checked) record names, in `fields` (default: all of them), a
+    cache path other than the one `workdir` (a cache.Workdir, with its overlay dir)
+    derives from the digest: the fields a stage takes from its own workdir."""
+    paths, where = _cache_paths(record, workdir, where)
+    for name, value, digest, derived in paths:
+        if (fields is None or name in fields) and not _same_path(value, derived):
+            place = f"the overlay dir {workdir.overlays}" if name == "overlay" else \
+                f"the workdir {workdir.root}"
+            raise _outside(where, name, value, digest, place)
+
+
+def check_cache_path_shapes(record, where=None):
+    """PlanError unless every cache path a (checked) record names is where some workdir
+    keeps that digest (<workdir>/layers/<hex>, <overlaydir>/<hex>, ...): what a stage
+    passes on unused must still be a cache path, though maybe another workdir's (a plan
+    resolved into one workdir and fetched into another names both)."""
+    # A workdir (and overlay dir) at "/": its paths are the suffixes to find.
+    paths, where = _cache_paths(record, Workdir("/", "/"), where)
+    for name, value, digest, suffix in paths:
+        if not os.path.normpath(value).endswith(suffix):
+            raise _outside(where, name, value, digest, "a workdir")
+
+
+class FdLines:
+    """The lines (bytes) of a file descriptor, read without a buffer that would hide
+    from `ready()` which lines have arrived: a PlanReader over a pipe checks every
+    record already written before it gives the first layer, and the rest as they come."""
+
+    def __init__(self, fd):
+        self._fd = fd
+        self._buffer = bytearray()
+        self._scanned = 0  # no newline before this offset of the buffer
+        self._eof = False
+
+    def _fill(self):
+        data = os.read(self._fd, 1 << 16)
+        if data:
+            self._buffer += data
+        else:
+            self._eof = True
+
+    def _has_line(self):
+        found = self._buffer.find(b"\n", self._scanned)
+        self._scanned = len(self._buffer) if found < 0 else found
+        return found >= 0
+
+    def ready(self):
+        """True if the next line (or the end) is there already: reading it will not wait."""
+        import select
+
+        while not self._eof and not self._has_line():
+            try:
+                readable, _, _ = select.select([self._fd], [], [], 0)
+            except (OSError, ValueError):
+                return False
+            if not readable:
+                return False
+            self._fill()
+        return True
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        while not self._has_line():
+            if self._eof:
+                if not self._buffer:
+                    raise StopIteration
+                line = bytes(self._buffer)
+                self._buffer.clear()
+                self._scanned = 0
+                return line
+            self._fill()
+        end = self._scanned + 1
+        line = bytes(self._buffer[:end])
+        del self._buffer[:end]
+        self._scanned = 0
+        return line
+
+
+class PlanReader:
+    """Reads a plan from a stream of lines: `.image` at once, then the layers by iteration.
+
+    Every record is checked as it is read (check_image_record, check_layer_record:
+    types, digests, cache paths shaped as a workdir keeps them); with `workdir` (a
+    cache.Workdir, or a function of the image record giving one, then kept as
+    `.workdir`) the cache paths named in `uses` (IMAGE_CACHE_PATHS,
+    LAYER_CACHE_PATHS; default: all), the ones the stage takes from its workdir,
+    must be that workdir's own (check_cache_paths). Iterating stops with PlanError if the stream
+    ends before the number of layers the image record announces, which is how a
+    stage notices that the stage before it failed half way. A second image record
+    or a layer beyond that number is refused: before the first layer is given when
+    it was there already (a stream with `ready()`, FdLines; a stage that reads the
+    whole plan first), and in any case before the last layer is given, which waits
+    for the end of the plan.
     """
 
-    def __init__(self, stream, source="stdin"):
+    def __init__(self, stream, source="stdin", workdir=None, uses=None):
         self._stream = stream
+        self._lines = iter(stream)
         self._source = source
         self._lineno = 0
+        self._ended = False
+        self._pending = collections.deque()
         first = self._next_record()
         if first is None:
             raise PlanError(f"{source}: empty plan (did the stage before this one fail?)")
         if first.get("type") != IMAGE:
             raise PlanError(f"{source}: a plan starts with an image record, not {quoted(first.get('type'))}")
         version = first.get("planVersion")
-        if not isinstance(version, int) or version < 1:
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
             raise PlanError(f"{source}: image record has no valid planVersion")
         if version > PLAN_VERSION:
             raise PlanError(
                 f"{source}: plan version {version} is newer than this tool's {PLAN_VERSION}"
             )
-        if not isinstance(first.get("layerCount"), int):
+        if not isinstance(first.get("layerCount"), int) or isinstance(first.get("layerCount"), bool):
             raise PlanError(f"{source}: image record has no layerCount")
+        check_image_record(first, f"{source}: image record")
+        self.workdir = workdir(first) if callable(workdir) else workdir
+        self._uses = uses
+        if self.workdir is not None:
+            check_cache_paths(first, self.workdir, f"{source}: image record", uses)
         self.image = first
+        self._expected = first["layerCount"]
+        self._seen = 0
 
     def _next_record(self):
-        for line in self._stream:
+        for line in self._lines:
             self._lineno += 1
             if line.strip():
                 return _decode(line, self._lineno, self._source)
+        self._ended = True
         return None
 
-    def __iter__(self):
-        expected = self.image["layerCount"]
-        seen = 0
-        while True:
+    def _take(self, record):
+        """The layer record `record` is, checked; None for a record of another kind."""
+        kind = record.get("type")
+        if kind == IMAGE:
+            raise PlanError(f"{self._source}: line {self._lineno} is a second image record; "
+                            "a plan describes one image")
+        if kind != LAYER:
+            # Unknown record kinds from newer stages are passed over, not fatal.
+            return None
+        if self._seen >= self._expected:
+            raise PlanError(f"{self._source}: line {self._lineno} is a layer beyond the "
+                            f"{self._expected} the image record announces (layerCount)")
+        where = f"{self._source}: layer record {self._seen}"
+        if record.get("index") != self._seen:
+            raise PlanError(f"{where} has index {quoted(record.get('index'))}")
+        if not isinstance(record.get("digest"), str):
+            raise PlanError(f"{where} has no digest")
+        check_layer_record(record, where)
+        if self.workdir is not None:
+            check_cache_paths(record, self.workdir, where, self._uses)
+        self._seen += 1
+        return record
+
+    def _next_layer(self):
+        """The next layer record, checked, waiting for it; None at the end of the plan."""
+        while not self._ended:
             record = self._next_record()
+            if record is not None and (record := self._take(record)) is not None:
+                return record
+        return None
+
+    def _read_ready(self):
+        """Check (and keep) the records that have arrived already, without waiting."""
+        ready = getattr(self._stream, "ready", None)
+        while ready is not None and not self._ended and ready():
+            record = self._next_record()
+            if record is not None and (record := self._take(record)) is not None:
+                self._pending.append(record)
+
+    def __iter__(self):
+        while True:
+            record = self._pending.popleft() if self._pending else self._next_layer()
             if record is None:
                 break
-            kind = record.get("type")
-            if kind != LAYER:
-                # Unknown record kinds from newer stages are passed over, not fatal.
-                continue
-            if record.get("index") != seen:
-                raise PlanError(
-                    f"{self._source}: layer record {seen} has index {quoted(record.get('index'))}"
-                )
-            if not isinstance(record.get("digest"), str):
-                raise PlanError(f"{self._source}: layer record {seen} has no digest")
-            seen += 1
+            self._read_ready()
+            if record["index"] == self._expected - 1:
+                # The last one: see the end of the plan first (a layer more is refused).
+                while self._next_layer() is not None:
+                    pass
             yield record
-        if seen != expected:
+        if self._seen != self._expected:
             raise PlanError(
-                f"{self._source}: plan ended after {seen} of {expected} layers "
+                f"{self._source}: plan ended after {self._seen} of {self._expected} layers "
                 "(did the stage before this one fail?)"
             )
 

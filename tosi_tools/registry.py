@@ -3,7 +3,15 @@
 Everything that talks the distribution-spec HTTP API goes through
 RegistryClient.send(), which adds credentials for the registry's own host only,
 answers 401 challenges (Bearer token flow or Basic) once per request, and turns
-transport failures into typed errors. Retry policy for blobs lives in the fetch
+transport failures into typed errors.
+
+Credentials are bound to their registry (auth.Credentials.registry): a client
+whose endpoint is not that registry's own (`serves`) holds none, whatever a plan
+says. Basic credentials, to the registry or to a token server, travel only over
+verified TLS or to a loopback host, unless the caller itself allowed it
+(`credentials_insecure`, the stage's --insecure: `basic_refusal`). Redirects
+are followed by hand (send_following_redirects, the token request): credentials
+never go to the host a redirect names. Retry policy for blobs lives in the fetch
 stage; this layer makes one attempt per call.
 
 The exception is `quick_head`, one unauthenticated HEAD through http.client for
@@ -59,6 +67,35 @@ def endpoint_for(registry, insecure=False, scheme=None):
     if scheme is None:
         scheme = "http" if (is_loopback_host(registry) or insecure) else "https"
     return f"{scheme}://{registry}"
+
+
+def serves(endpoint, registry):
+    """True if `endpoint` (a base URL) is `registry`'s own endpoint: its host and port
+    (docker.io's is registry-1.docker.io:443); the scheme does not matter."""
+    try:
+        parts = urlsplit(endpoint)
+        own = urlsplit(endpoint_for(registry, scheme=parts.scheme or "https"))
+        default = 443 if parts.scheme == "https" else 80
+        return bool(parts.hostname) and parts.hostname == own.hostname \
+            and (parts.port or default) == (own.port or default)
+    except ValueError:
+        return False
+
+
+def basic_refusal(url, allow_insecure=False, tls_verified=True):
+    """Why Basic credentials may not go to `url`, or None if they may: they travel
+    over verified TLS, to a loopback host, or anywhere with `allow_insecure` (the
+    --insecure of the stage itself, never a plan's)."""
+    parts = urlsplit(url)
+    if allow_insecure or is_loopback_host(parts.netloc):
+        return None
+    if parts.scheme != "https":
+        return f"credentials are not sent over plain http to {parts.netloc}, which is not " \
+            "on loopback (use --insecure to allow it)"
+    if not tls_verified:
+        return f"credentials are not sent to {parts.netloc} over TLS that is not verified " \
+            "(use --insecure to allow it)"
+    return None
 
 
 def speaks_tls(registry, timeout=TLS_PROBE_TIMEOUT):
@@ -205,9 +242,18 @@ class RegistryClient:
 
     def __init__(self, endpoint, credentials=None, ca_file=None, insecure=False,
                  connect_timeout=DEFAULT_CONNECT_TIMEOUT, read_timeout=DEFAULT_READ_TIMEOUT,
-                 pool_size=16, token_cache=None):
+                 pool_size=16, token_cache=None, credentials_insecure=None, endpoint_origin=None):
+        """`insecure`: plain http and unverified TLS may be spoken. `credentials_insecure`
+        (default: `insecure`): Basic credentials may go over them to a host that is not
+        on loopback; a stage that takes `insecure` from a plan passes its own flag here.
+        `endpoint_origin` names where the endpoint came from in messages ("the plan's
+        endpoint")."""
         self.endpoint = endpoint.rstrip("/")
-        self.credentials = credentials
+        self.credentials, self.withheld = _bind(credentials, self.endpoint,
+                                                endpoint_origin or "the endpoint")
+        if self.withheld:
+            log.info("%s", self.withheld)
+        self.credentials_insecure = insecure if credentials_insecure is None else credentials_insecure
         self.timeout = (connect_timeout, read_timeout)
         import requests
         from requests.adapters import HTTPAdapter
@@ -257,15 +303,18 @@ class RegistryClient:
             return None
         scheme, params = challenge
         if scheme == "basic":
-            return self.credentials.basic_header() if self.credentials else None
+            if not self.credentials or self._basic_refusal(self.endpoint):
+                return None
+            return self.credentials.basic_header()
         if scheme == "bearer":
             token = self.tokens.get(self._token_key(params, repository))
             return f"Bearer {token}" if token else None
         return None
 
-    def _fetch_token(self, params, repository):
-        import requests
+    def _basic_refusal(self, url):
+        return basic_refusal(url, self.credentials_insecure, tls_verified=self.verify is not False)
 
+    def _fetch_token(self, params, repository):
         realm = params.get("realm")
         if not realm:
             raise Unauthorized(f"{self.endpoint}: Bearer challenge without a realm")
@@ -278,19 +327,12 @@ class RegistryClient:
             query["service"] = params["service"]
         if scope:
             query["scope"] = scope
-        headers = {}
-        if self.credentials:
-            headers["Authorization"] = self.credentials.basic_header()
         what = f"token server {realm}"
-        try:
-            r = self.session.get(realm, params=query, headers=headers, timeout=self.timeout,
-                                 verify=self.verify, stream=True)
-        except requests.exceptions.SSLError as exc:
-            raise TLSFailure(f"{what}: TLS failure: {_reason(exc)}") from None
-        except (requests.ConnectionError, requests.Timeout) as exc:
-            raise Unreachable(f"{what} unreachable: {_reason(exc)}") from None
-        except requests.RequestException as exc:
-            raise RegistryError(f"{what}: {_reason(exc)}") from None
+        if self.credentials:
+            refusal = self._basic_refusal(realm)
+            if refusal:
+                raise Unauthorized(f"{what}: {refusal}")
+        r = self._token_request(realm, query, what)
         if r.status_code in (401, 403):
             r.close()
             raise Unauthorized(f"{self._host}: token server refused the credentials ({r.status_code})",
@@ -315,6 +357,34 @@ class RegistryClient:
             raise Unauthorized(f"{what} answered with a malformed token")
         self.tokens.put(key, token, body.get("expires_in"))
         return token
+
+    def _token_request(self, realm, query, what):
+        """GET the token, following redirects by hand: the Basic credentials go to the
+        realm's own scheme, host and port only, never to where a redirect leads."""
+        import requests
+
+        url, params = realm, query
+        for _hop in range(MAX_REDIRECTS + 1):
+            headers = {}
+            if self.credentials and _same_origin(url, realm):
+                headers["Authorization"] = self.credentials.basic_header()
+            try:
+                r = self.session.get(url, params=params, headers=headers, timeout=self.timeout,
+                                     verify=self.verify, stream=True, allow_redirects=False)
+            except requests.exceptions.SSLError as exc:
+                raise TLSFailure(f"{what}: TLS failure: {_reason(exc)}") from None
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                raise Unreachable(f"{what} unreachable: {_reason(exc)}") from None
+            except (requests.RequestException, ValueError) as exc:
+                raise RegistryError(f"{what}: {_reason(exc)}") from None
+            if r.status_code not in (301, 302, 303, 307, 308) or "Location" not in r.headers:
+                return r
+            r.close()
+            target = redirect_target(r.url, r.headers["Location"])
+            if target is None:
+                raise RegistryError(f"{what}: redirects to {r.headers['Location'][:200]!r}, no http(s) URL")
+            url, params = target, None
+        raise RegistryError(f"{what}: more than {MAX_REDIRECTS} redirects")
 
     def send(self, method, path, repository=None, headers=None, stream=False,
              allow_redirects=False, timeout=None):
@@ -348,9 +418,15 @@ class RegistryClient:
                         self.tokens.drop(key)
                         self._fetch_token(params, repository)
             elif scheme == "basic":
+                if self.withheld:
+                    raise Unauthorized(f"{self._host}: authentication required; {self.withheld}",
+                                       status=401)
                 if not self.credentials:
                     raise Unauthorized(f"{self._host}: authentication required (use --username)",
                                        status=401)
+                refusal = self._basic_refusal(url)
+                if refusal:
+                    raise Unauthorized(f"{self._host}: authentication required; {refusal}", status=401)
                 self._challenge = (scheme, params)
             else:
                 return resp
@@ -383,7 +459,9 @@ class RegistryClient:
         if resp.status_code == 404 or code in ("NAME_UNKNOWN", "MANIFEST_UNKNOWN", "BLOB_UNKNOWN"):
             raise NotFound(text, status=resp.status_code, code=code)
         if resp.status_code in (401, 403) or code in ("UNAUTHORIZED", "DENIED"):
-            if not self.credentials:
+            if self.withheld:
+                text += f" ({self.withheld})"
+            elif not self.credentials:
                 text += " (no credentials were given: use --username)"
             raise Unauthorized(text, status=resp.status_code, code=code)
         raise RegistryError(text, status=resp.status_code, code=code)
@@ -440,6 +518,21 @@ class RegistryClient:
 
 def manifest_path(repository, reference):
     return f"/v2/{repository}/manifests/{reference}"
+
+
+def _bind(credentials, endpoint, origin):
+    """(credentials, None) if `credentials` may go to `endpoint`, else (None, why not)."""
+    registry = getattr(credentials, "registry", None)
+    if credentials is None or registry is None or serves(endpoint, registry):
+        return credentials, None
+    own = endpoint_for(registry)
+    return None, (f"the credentials for {registry} were not sent: {origin} {endpoint} is not "
+                  f"that registry's ({own})")
+
+
+def _same_origin(url, other):
+    a, b = urlsplit(url), urlsplit(other)
+    return (a.scheme, a.netloc) == (b.scheme, b.netloc)
 
 
 def _is_http_url(url):

@@ -40,6 +40,7 @@ from .errors import (
     CacheError, DigestMismatch, PlanError, QuarantinedBlob, TosiError, UnpackError, UnsafeEntry,
     UnsafePath, UsageError,
 )
+from .plan import check_cache_paths
 
 log = logging.getLogger("tosi.unpack")
 
@@ -70,8 +71,10 @@ def diff_id_of(record):
 
 
 def blob_path(workdir, record):
-    """Where the layer's blob is: the path tosi-fetch recorded, else the cache's place for it."""
-    path = record.get("path") or workdir.layer_path(record["digest"])
+    """Where the layer's blob is: the workdir's place for its digest. A plan that
+    names another "path" is refused: a stage never opens a file because a plan says so."""
+    check_cache_paths(record, workdir, f"layer {record.get('index', '?')}", ("path",))
+    path = workdir.layer_path(record["digest"])
     if not os.path.isfile(path):
         raise CacheError(f"layer {_layer_name(record)} is not in the cache ({path}); "
                          "run tosi-fetch first")

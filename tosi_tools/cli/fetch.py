@@ -27,6 +27,9 @@ With --password-stdin the first line of stdin is the password and the plan follo
 Credentials otherwise come from TOSI_USERNAME/TOSI_PASSWORD or ~/.docker/config.json.
 A blob that would leave the cache's filesystem less free than the reserve
 (--min-free, TOSI_MIN_FREE, TOSI_MIN_FREE_INODES) is refused before or while it arrives.
+They are for the plan's "registry" and go only to that registry's own endpoint:
+a plan whose "endpoint" names another host gets no credentials. Over plain http
+(or unverified TLS) they go only to a loopback registry, unless --insecure is given.
 
 """
 
@@ -50,6 +53,9 @@ def build_parser():
                         help="give up on a silent connection after SECONDS (default 60), then retry")
     add_min_free_flag(parser, "the cache's filesystem")
     add_credential_flags(parser)
+    parser.add_argument("--insecure", action="store_true",
+                        help="let credentials go over plain http (or unverified TLS) to a registry "
+                        "that is not on loopback; the plan's \"insecure\" alone does not")
     return parser
 
 
@@ -121,16 +127,18 @@ def body(argv):
     from ..space import Reserve
 
     password = password_from_stdin(args)  # before the plan, which follows it on stdin
-    reader = PlanReader(sys.stdin)
+    # Fetch opens no cache path of the plan: their shape is checked, not their workdir.
+    reader = PlanReader(sys.stdin, workdir=lambda image: plan_workdir(args.workdir, image), uses=())
     image = reader.image
     layers = reader.layers()
-    workdir = plan_workdir(args.workdir, image)
+    workdir = reader.workdir
     credentials = credentials_from_flags(args.username, args.password, password,
                                          registry=image.get("registry"))
     show = args.progress == "always" or (args.progress == "auto" and sys.stderr.isatty())
     bars = ProgressBars(total_bytes(image, layers), sys.stderr) if show else None
     pool_size = args.parallel or max(len(layers) + 1, 1)
-    fetcher = Fetcher(workdir, client_factory(credentials, pool_size, read_timeout=args.read_timeout),
+    fetcher = Fetcher(workdir, client_factory(credentials, pool_size, read_timeout=args.read_timeout,
+                                              insecure=args.insecure),
                       parallel=args.parallel, retries=args.retries,
                       validate_cache=args.validate_cache, progress=bars,
                       reserve=Reserve.from_env(size_text=args.min_free))

@@ -32,8 +32,8 @@ def build_parser():
                         "workdir, which must be a tosi workdir; if it names none, "
                         "$TOSI_WORKDIR or /tmp/tosi)")
     parser.add_argument("--overlaydir", metavar="DIR",
-                        help="where the layers' overlay dirs and short links are "
-                        "(default: from the plan, else <workdir>/overlays)")
+                        help="where the layers' overlay dirs and short links are, as given to "
+                        "tosi-unpack (default: <workdir>/overlays)")
     parser.add_argument("--read-only", action="store_true",
                         help="mount the lowerdirs only: no upper dir, writes fail")
     parser.add_argument("--keep-upper", action="store_true",
@@ -68,12 +68,13 @@ def body(argv):
     if args.unmount:
         mount.unmount_image(args.mountpoint, clean=args.clean)
         return 0
-    reader = PlanReader(sys.stdin)
+    reader = PlanReader(sys.stdin, workdir=lambda image: plan_workdir(
+        args.workdir, image, args.overlaydir), uses=("overlay",))
     layers = reader.layers()
     image = dict(reader.image)
     image["mount"] = mount.mount_image(
         image, layers, args.mountpoint, overlaydir=args.overlaydir,
-        workdir=plan_workdir(args.workdir, image),
+        workdir=reader.workdir,
         read_only=args.read_only, keep_upper=args.keep_upper,
         mount_options=args.mount_options)
     PlanWriter(sys.stdout).write_plan(image, layers)

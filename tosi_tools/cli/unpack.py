@@ -19,11 +19,14 @@ OVERLAYDIR/<hex>.link and a symlink OVERLAYDIR/<short> -> <hex>; layer records
 gain "overlay" and "link".
 
 With --into DIR, all layers are applied bottom first into DIR, which must be
-absent or an empty directory of yours (never a symlink); the image record gains
-"rootfs" and each layer record "applied": true. DIR is 0700 while the layers go
-in, then gets the image's root mode, unless other users can reach it and it
-received setuid/setgid files or devices: then it stays 0700 (a warning says so;
-see --keep-root-mode).
+absent or an empty directory of yours (never a symlink), once the whole plan is
+read and checked; the image record gains "rootfs" and each layer record
+"applied": true. DIR is 0700 while the layers go in, then gets the image's root
+mode, unless other users can reach it and it received setuid/setgid files or
+devices: then it stays 0700 (a warning says so; see --keep-root-mode).
+
+Blobs are read from WORKDIR/layers/<hex>, never from the plan's "path": a plan
+naming a path the workdir does not give that digest is refused (exit 2).
 """
 
 EPILOG = """\
@@ -56,7 +59,7 @@ def body(argv):
     setup_logging(PROG, args.verbose)
 
     from ..layer import Limits
-    from ..plan import PlanReader, PlanWriter
+    from ..plan import FdLines, PlanReader, PlanWriter
     from ..unpack import check_into_target, unpack_plan
 
     if args.keep_root_mode and not args.into:
@@ -65,9 +68,14 @@ def body(argv):
         raise UsageError("--keep-root-mode goes with --into")
     if args.into:
         check_into_target(args.into)  # before reading anything, so a mistake costs nothing
-    reader = PlanReader(sys.stdin)
+    # FdLines: every record already written is checked before the first layer is used.
+    reader = PlanReader(FdLines(sys.stdin.fileno()), workdir=lambda image: plan_workdir(
+        args.workdir, image, args.overlaydir), uses=("path",))
     image = reader.image
-    records = unpack_plan(image, reader, workdir=plan_workdir(args.workdir, image, args.overlaydir),
+    # A flat tree is the user's: the whole plan is read (and checked) before a layer
+    # goes into it. Per layer, each layer is extracted into the cache as its record comes.
+    layers = reader.layers() if args.into else reader
+    records = unpack_plan(image, layers, workdir=reader.workdir,
                           into=args.into, parallel=args.parallel,
                           limits=Limits.from_env(min_free=args.min_free),
                           keep_root_mode=args.keep_root_mode)

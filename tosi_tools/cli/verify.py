@@ -40,10 +40,11 @@ def _verify_plan(lines, workdir_flag, report):
     from ..plan import PlanReader, PlanWriter
     from ..verify import config_check, layer_check, verify_blobs
 
-    reader = PlanReader(lines)
+    reader = PlanReader(lines, workdir=lambda image: plan_workdir(workdir_flag, image),
+                        uses=("path", "config path"))
     image = reader.image
     layers = reader.layers()
-    workdir = plan_workdir(workdir_flag, image).check()
+    workdir = reader.workdir.check()
     checks = [layer_check(workdir, record) for record in layers]
     # Each record goes out once its blob verified: the image record with its config.
     outputs = list(layers)
