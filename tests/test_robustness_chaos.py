@@ -248,10 +248,6 @@ def test_chaos_pulls_without_flipped_bytes_succeed_at_least_90_percent_of_the_ti
 
 
 @pytestmark_chaos
-@pytest.mark.xfail(strict=True, reason=(
-    "a blob whose bytes do not match its digest is not downloaded again: one byte flipped in "
-    "transit fails the pull ('content hashes to ...'); issue 11 asks for a retry from byte 0, "
-    "which another branch is adding"))
 def test_chaos_flipped_bytes_are_retried(chaos_campaign):
     assert any(p.flipped for p in chaos_campaign), "no pull had a flipped byte: set TOSI_CHAOS_FAULTS"
     share, failed = _success_share(chaos_campaign)
@@ -334,8 +330,5 @@ def test_eight_processes_pulling_overlapping_images_download_every_layer_blob_on
 
 
 @pytestmark_stress
-@pytest.mark.xfail(strict=True, reason=(
-    "resolve.py fetches the image config without the per-blob lock tosi-fetch takes: two "
-    "processes pulling one image at once both GET its config blob"))
 def test_eight_processes_pulling_overlapping_images_download_every_config_blob_once(stress_run):
     assert {d: n for d, n in stress_run.config_gets.items() if n != 1} == {}

@@ -130,10 +130,6 @@ def test_any_text_is_a_reference_or_one_line_refusal(robustness, text):
     assert parse_reference(ref.normalized()) == ref
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "reference.py's tag pattern [\\w][\\w.-]{0,127} is a Python str regex, so \\w takes any "
-    "Unicode letter or digit: 'img:é' or 'img:x\\u0661' are accepted, where distribution's "
-    "grammar (Go's ASCII \\w) and docker refuse them"))
 @hypothesis_settings(300, 10000)
 @given(any_reference_text)
 @example("img:\u00e9")
@@ -259,10 +255,6 @@ def mistyped_plans(draw):
     return _text(records), record["type"], field, value
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "PlanReader checks only type, planVersion, layerCount (where a bool passes as an int), index "
-    "and digest: e.g. a layer whose mediaType is an int, path a list, or an image whose registry "
-    "is a list is read as valid (issue 11, bad input; plan.py is getting field validation)"))
 @hypothesis_settings(200, 5000)
 @given(mistyped_plans())
 def test_a_plan_with_a_mistyped_field_is_refused_in_one_line(robustness, case):
@@ -291,12 +283,6 @@ def assert_refused_as_bad_input(proc, prog):
     assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: ") and "internal error" not in lines[0]
 
 
-OUTSIDE_BLOB = ("a plan's layer path is opened as given: a path outside the workdir (any file the "
-                "caller can read) is applied as the layer (issue 11: plan.py is getting refusal of "
-                "out-of-workdir paths)")
-
-
-@pytest.mark.xfail(strict=True, reason=OUTSIDE_BLOB)
 @pytest.mark.parametrize("mode", ["into", "per-layer"])
 def test_unpack_refuses_a_layer_path_outside_the_workdir(robustness, staged, workdir, tmp_path, mode):
     records, outside = staged
@@ -311,10 +297,6 @@ def test_unpack_refuses_a_layer_path_outside_the_workdir(robustness, staged, wor
     assert_refused_as_bad_input(proc, "tosi-unpack")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "tosi-mount takes a layer's overlay dir from the plan as given: a directory outside the "
-    "workdir's overlays is mounted as a lowerdir (issue 11: plan.py is getting refusal of "
-    "out-of-workdir paths)"))
 @pytest.mark.parametrize("field", ["overlay", "link"])
 def test_mount_refuses_an_overlay_dir_outside_the_workdir(robustness, tool, staged, workdir, tmp_path, mounts,
                                                           field):

@@ -23,8 +23,10 @@ from .errors import UnpackError, quoted
 
 try:  # the isal gzip decoder is several times faster than zlib's
     from isal import igzip as _gzip_module
+    from isal.igzip_lib import IsalError as _IsalError
 except ImportError:  # pragma: no cover - depends on the "fast" extra
     _gzip_module = gzip
+    _IsalError = OSError  # caught already
 
 GZIP, ZSTD, TAR = "gzip", "zstd", "tar"
 CHUNK = 1 << 20
@@ -144,8 +146,9 @@ class DecompressedStream:
             self._put(None)
         except UnpackError as exc:
             self._put(exc)
-        except (OSError, EOFError, zstandard.ZstdError, ValueError) as exc:
-            # zlib/isal raise OSError subclasses or EOFError for corrupt or truncated data
+        except (OSError, EOFError, zstandard.ZstdError, ValueError, _IsalError) as exc:
+            # zlib/isal raise OSError subclasses or EOFError for corrupt or truncated data,
+            # isal also its own IsalError (an invalid deflate block)
             self._put(UnpackError(f"{self._what}: corrupt or truncated compressed data ({exc})"))
         except Exception as exc:  # delivered to the reader rather than lost in this thread
             self._put(exc)

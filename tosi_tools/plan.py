@@ -18,7 +18,6 @@ from .errors import PlanError, UsageError, quoted
 PLAN_VERSION = 1
 IMAGE = "image"
 LAYER = "layer"
-# A bad value is quoted in an error message up to this many characters.
 
 
 def _decode(line, lineno, source):

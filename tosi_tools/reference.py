@@ -33,7 +33,8 @@ _DOMAIN = re.compile(
     rf"(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|\[[0-9a-fA-F:.]+\])(?::[0-9]+)?"
 )
 MAX_PORT = 65535
-_TAG = re.compile(r"[\w][\w.-]{0,127}")
+# ASCII: distribution's grammar is Go's \w, which takes no other letters or digits.
+_TAG = re.compile(r"[\w][\w.-]{0,127}", re.ASCII)
 _HEX64 = re.compile(r"[a-f0-9]{64}")
 
 

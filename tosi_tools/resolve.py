@@ -15,7 +15,7 @@ import logging
 import os
 import time
 
-from .cache import Workdir, atomic_write
+from .cache import Workdir, atomic_write, file_lock
 from .digest import DIGEST_RETRIES, Digest, VerifyingHasher, digest_of, verify_file
 from .errors import DigestMismatch, ManifestError, NoMatchingPlatform, Unreachable, UsageError, quoted
 from .manifest import (
@@ -258,13 +258,9 @@ class Resolver:
         if size > MAX_CONFIG_SIZE:
             raise ManifestError(f"image config {digest}: {size} bytes, more than {MAX_CONFIG_SIZE >> 20} MiB")
         path = self.workdir.config_path(digest)
-        if os.path.exists(path):
-            try:
-                verify_file(path, digest, size, what="cached image config")
-                with open(path, "rb") as f:
-                    return f.read()
-            except (DigestMismatch, OSError) as exc:
-                log.warning("%s; fetching it again", exc)
+        data = _cached_config(path, digest, size)
+        if data is not None:
+            return data
         what = f"image config {ref.name}@{digest}"
         client = self._registry()
 
@@ -276,8 +272,12 @@ class Resolver:
             hasher.check()
             return data
 
-        data = _again_if_corrupt(fetch)
-        atomic_write(path, data)
+        # Processes resolving the same image at once fetch its config once.
+        with file_lock(path + ".lock"):
+            data = _cached_config(path, digest, size)
+            if data is None:
+                data = _again_if_corrupt(fetch)
+                atomic_write(path, data)
         return data
 
     def _store_saved_config(self, digest, config_body):
@@ -385,6 +385,19 @@ class Resolver:
         ]
         log.info("%s: %s for %s, %d layers", ref, digest, platform or "an unnamed platform", len(layers))
         return image, layers
+
+
+def _cached_config(path, digest, size):
+    """The cached config's bytes if they match `digest`, else None (a bad one is fetched again)."""
+    if not os.path.exists(path):
+        return None
+    try:
+        verify_file(path, digest, size, what="cached image config")
+        with open(path, "rb") as f:
+            return f.read()
+    except (DigestMismatch, OSError) as exc:
+        log.warning("%s; fetching it again", exc)
+        return None
 
 
 def _again_if_corrupt(fetch):
