@@ -61,11 +61,11 @@ def nobody_can_write_the_device(target):
 
 
 @pytest.mark.parametrize("api", ["mount", "fsmount"])
-def test_mount_reachable_by_others_is_nosuid_nodev(setuid_image, shared, mounts, api):
+def test_mount_reachable_by_others_is_nosuid_nodev(setuid_image, workdir, shared, mounts, api):
     target = os.path.join(shared, "m")
     mounts.append(target)
     records = PlanReader(io.StringIO(setuid_image)).layers()
-    record = mount_stage.mount_image({}, records, target, api=api)
+    record = mount_stage.mount_image({}, records, target, workdir=workdir, api=api)
     assert record["options"] == ["nosuid", "nodev"]
     assert {"nosuid", "nodev"} <= per_mount_options(target)
     assert euid_of_setuid_id(target) == NOBODY
@@ -73,11 +73,11 @@ def test_mount_reachable_by_others_is_nosuid_nodev(setuid_image, shared, mounts,
 
 
 @pytest.mark.parametrize("api", ["mount", "fsmount"])
-def test_mount_options_reach_the_kernel_with_either_api(setuid_image, tmp_path, mounts, api):
+def test_mount_options_reach_the_kernel_with_either_api(setuid_image, workdir, tmp_path, mounts, api):
     target = str(tmp_path / "m")
     mounts.append(target)
     records = PlanReader(io.StringIO(setuid_image)).layers()
-    record = mount_stage.mount_image({}, records, target, api=api,
+    record = mount_stage.mount_image({}, records, target, workdir=workdir, api=api,
                                      mount_options=["noexec,noatime", "nodiratime"])
     assert record["options"] == ["noexec", "noatime", "nodiratime"]
     assert {"noexec", "noatime", "nodiratime"} <= per_mount_options(target)

@@ -25,6 +25,7 @@ layer is applied: a run that only reuses extracted layers never needs it.
 
 import concurrent.futures
 import contextlib
+import itertools
 import fcntl
 import logging
 import os
@@ -486,6 +487,11 @@ def extract_layers_to_overlays(workdir, layer_records, parallel=None, limits=Non
     """Extract layers in parallel; yields the enriched records in plan order as they finish."""
     from . import layer as layer_mod
 
+    # The first record first: a plan refused on reading leaves the workdir untouched.
+    records = iter(layer_records)
+    first = next(records, None)
+    if first is None:
+        return
     workdir = _workdir(workdir).ensure()
     limits = limits or layer_mod.Limits.from_env()
     parallel = parallel or _default_parallel()
@@ -494,7 +500,7 @@ def extract_layers_to_overlays(workdir, layer_records, parallel=None, limits=Non
     by_digest = {}
     pool = concurrent.futures.ThreadPoolExecutor(parallel, thread_name_prefix="unpack")
     try:
-        for record in layer_records:
+        for record in itertools.chain([first], records):
             diff_id_of(record)  # a malformed plan stops before more work starts
             digest = record["digest"]
             future = by_digest.get(digest)
