@@ -180,7 +180,9 @@ def workdir_for(workdir=None, image=None, overlaydir=None, default=DEFAULT_WORKD
     if named is not None:
         if not isinstance(named, str) or not os.path.isabs(named):
             raise PlanError(f"image record: workdir must be an absolute path, not {named!r}")
-        return Workdir(named, overlaydir, named_by_plan=True, flag_prefix=flag_prefix)
+        chosen = Workdir(named, overlaydir, named_by_plan=True, flag_prefix=flag_prefix)
+        chosen._check_named_root()  # at once: nothing of the plan is worth reading against it
+        return chosen
     return Workdir(default, overlaydir, flag_prefix=flag_prefix)
 
 

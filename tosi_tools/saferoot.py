@@ -233,14 +233,9 @@ class SafeRoot:
         fd = os.dup(fd)
         try:
             for name in canonical[start:]:
-                try:
-                    child = os.open(name, _DIR_FLAGS, dir_fd=fd)
-                except FileNotFoundError:
+                child = open_dir_at(fd, name)
+                if child is None:
                     return None
-                except OSError as exc:
-                    if exc.errno in _NOT_A_DIR:
-                        return None
-                    raise
                 os.close(fd)
                 fd = child
             fd, found = -1, fd
