@@ -180,9 +180,7 @@ def workdir_for(workdir=None, image=None, overlaydir=None, default=DEFAULT_WORKD
     if named is not None:
         if not isinstance(named, str) or not os.path.isabs(named):
             raise PlanError(f"image record: workdir must be an absolute path, not {named!r}")
-        chosen = Workdir(named, overlaydir, named_by_plan=True, flag_prefix=flag_prefix)
-        chosen._check_named_root()  # at once: nothing of the plan is worth reading against it
-        return chosen
+        return Workdir(named, overlaydir, named_by_plan=True, flag_prefix=flag_prefix)
     return Workdir(default, overlaydir, flag_prefix=flag_prefix)
 
 
@@ -245,6 +243,13 @@ class Workdir:
             self._make_dir(self.overlays, "overlay directory", "overlaydir")
         self._write_marker()
         self._gate = "ensured"
+        return self
+
+    def check_if_named_by_plan(self):
+        """For a workdir a plan named: refuse it now unless it is a tosi workdir of ours (a
+        stage about to compare the plan's paths with it says so first). Returns self."""
+        if self.named_by_plan:
+            self._check_named_root()
         return self
 
     def check(self):

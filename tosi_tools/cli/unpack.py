@@ -70,7 +70,7 @@ def body(argv):
         check_into_target(args.into)  # before reading anything, so a mistake costs nothing
     # FdLines: every record already written is checked before the first layer is used.
     reader = PlanReader(FdLines(sys.stdin.fileno()), workdir=lambda image: plan_workdir(
-        args.workdir, image, args.overlaydir), uses=("path",))
+        args.workdir, image, args.overlaydir).check_if_named_by_plan(), uses=("path",))
     image = reader.image
     # A flat tree is the user's: the whole plan is read (and checked) before a layer
     # goes into it. Per layer, each layer is extracted into the cache as its record comes.

@@ -40,8 +40,9 @@ def _verify_plan(lines, workdir_flag, report):
     from ..plan import PlanReader, PlanWriter
     from ..verify import config_check, layer_check, verify_blobs
 
-    reader = PlanReader(lines, workdir=lambda image: plan_workdir(workdir_flag, image),
-                        uses=("path", "config path"))
+    reader = PlanReader(
+        lines, workdir=lambda image: plan_workdir(workdir_flag, image).check_if_named_by_plan(),
+        uses=("path", "config path"))
     image = reader.image
     layers = reader.layers()
     workdir = reader.workdir.check()
