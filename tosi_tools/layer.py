@@ -565,12 +565,10 @@ class _Applier:
             raise self.fail(name, "malformed whiteout", UnsafeEntry)
         target = directory + (hidden,)
         if self.mode == FLAT:
-            try:
-                dir_fd, base, canonical = self.root.parent(target, create=False)
-            except (FileNotFoundError, NotADirectoryError):
+            found = self.existing_parent(name, target)
+            if found is None:
                 return  # nothing there to delete
-            except UnsafeEntry as exc:
-                raise self.fail(name, str(exc), UnsafeEntry) from None
+            dir_fd, base, canonical = found
         else:
             dir_fd, base, canonical = self.place(target, name)
         here = canonical + (base,)
@@ -605,13 +603,9 @@ class _Applier:
         if not parts:
             raise self.fail(name, "only a directory can stand for the root")
         if self.mode == FLAT:
-            try:
-                dir_fd, base, canonical = self.root.parent(parts, create=False)
-            except (FileNotFoundError, NotADirectoryError):
-                return  # nothing there to delete
-            except UnsafeEntry as exc:
-                raise self.fail(name, str(exc), UnsafeEntry) from None
-            self.root.remove(dir_fd, base, canonical)
+            found = self.existing_parent(name, parts)
+            if found is not None:
+                self.root.remove(*found)
             return
         self.need_root(name, "an overlayfs whiteout device")
         dir_fd, base, canonical = self.place(parts, name)
@@ -620,6 +614,16 @@ class _Applier:
             return  # the directory hides all lower entries already
         os.mknod(base, stat.S_IFCHR | 0o600, os.makedev(0, 0), dir_fd=dir_fd)
         self.whiteout_devices.setdefault(canonical, set()).add(base)
+
+    def existing_parent(self, name, parts):
+        """(dir_fd, base, canonical parent) of what `parts` names in a flat tree, or None
+        when nothing is there (to delete)."""
+        try:
+            return self.root.parent(parts, create=False)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except UnsafeEntry as exc:
+            raise self.fail(name, str(exc), UnsafeEntry) from None
 
     def renew_dir(self, dir_fd, base, name):
         """Give a directory the attributes of one made for an entry below it: 0755, ours, no xattrs."""
