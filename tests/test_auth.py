@@ -11,7 +11,7 @@ from tests.support.images import file_entry, make_layer
 from tosi_tools.auth import Credentials, TokenCache
 from tosi_tools.errors import Unauthorized
 from tosi_tools.plan import PlanReader
-from tosi_tools.platform import parse_platform
+from tosi_tools.imageplatform import parse_platform
 from tosi_tools.registry import RegistryClient
 from tosi_tools.resolve import resolve_image
 

@@ -22,7 +22,7 @@ from tosi_tools.cache import Workdir
 from tosi_tools.errors import DigestMismatch, Unreachable
 from tosi_tools.manifest import MAX_INDEX_DEPTH, MAX_NESTED_INDEXES, schema1_payload
 from tosi_tools.plan import PlanReader
-from tosi_tools.platform import host_platform, parse_platform
+from tosi_tools.imageplatform import host_platform, parse_platform
 from tosi_tools.reference import reference_with_base_url
 from tosi_tools.registry import RegistryClient
 from tosi_tools.resolve import Resolver, resolve_image

@@ -8,7 +8,7 @@ from tosi_tools.errors import ManifestError
 from tosi_tools.manifest import (
     DOCKER_LAYER_GZIP, DOCKER_SCHEMA1, OCI_INDEX, OCI_MANIFEST, parse_config, parse_manifest,
 )
-from tosi_tools.platform import parse_platform
+from tosi_tools.imageplatform import parse_platform
 
 D = ["sha256:" + c * 64 for c in "0123456789abcdef"]
 

@@ -3,7 +3,7 @@
 import pytest
 
 from tosi_tools.errors import UsageError
-from tosi_tools.platform import Platform, best_match, host_platform, parse_platform
+from tosi_tools.imageplatform import Platform, best_match, host_platform, parse_platform
 
 
 @pytest.mark.parametrize("given, normalized", [

@@ -12,7 +12,7 @@ import json
 
 from .digest import Digest, digest_of
 from .errors import ManifestError, NoMatchingPlatform, UsageError, quoted
-from .platform import Platform, best_match
+from .imageplatform import Platform, best_match
 
 MAX_MANIFEST_SIZE = 4 << 20
 MAX_CONFIG_SIZE = 16 << 20

@@ -34,7 +34,7 @@ from . import mount, ownership, resolve, unpack
 from .auth import TokenCache, credentials_from_flags
 from .cache import DEFAULT_WORKDIR, Workdir, atomic_write
 from .errors import QuarantinedBlob, TosiError, UsageError
-from .platform import parse_platform
+from .imageplatform import parse_platform
 from .reference import parse_reference, reference_with_base_url
 from .registry import detect_endpoint
 

@@ -23,7 +23,7 @@ from .manifest import (
     content_digests, diff_ids, parse_config, parse_manifest,
 )
 from .plan import new_image_record, new_layer_record
-from .platform import host_platform
+from .imageplatform import host_platform
 from .reference import Reference, parse_reference
 
 log = logging.getLogger("tosi.resolve")

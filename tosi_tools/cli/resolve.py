@@ -59,7 +59,7 @@ def _body(argv):
     setup_logging(PROG, args.verbose)
 
     from ..plan import PlanWriter
-    from ..platform import parse_platform
+    from ..imageplatform import parse_platform
     from ..reference import parse_reference
     from ..resolve import resolve_image
 
