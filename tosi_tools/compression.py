@@ -19,6 +19,7 @@ import threading
 
 import zstandard
 
+from .digest import CHUNK
 from .errors import UnpackError, quoted
 
 try:  # the isal gzip decoder is several times faster than zlib's
@@ -29,7 +30,6 @@ except ImportError:  # pragma: no cover - depends on the "fast" extra
     _IsalError = OSError  # caught already
 
 GZIP, ZSTD, TAR = "gzip", "zstd", "tar"
-CHUNK = 1 << 20
 QUEUE_CHUNKS = 8
 _HEAD = 512
 

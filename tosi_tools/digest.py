@@ -8,7 +8,7 @@ from .errors import DigestMismatch, UsageError, quoted
 # Algorithms a registry may name; anything else cannot be verified, so it is refused.
 _HEX_LENGTH = {"sha256": 64, "sha512": 128}
 _DIGEST_RE = re.compile(r"^([a-z0-9]+(?:[.+_-][a-z0-9]+)*):([a-zA-Z0-9=_-]+)$")
-CHUNK = 1 << 20
+CHUNK = 1 << 20  # one read of a blob or a layer stream (hashing, decompressing, tar parsing)
 
 
 class Digest(str):

@@ -15,8 +15,11 @@ on the bottom layer while the others still download.
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from .blobs import DIGEST_RETRIES, BlobDownload, Cancelled, Downloader
+from .digest import DIGEST_RETRIES
 from .errors import PlanError, quoted
+
+# blobs (and with it requests) is imported where a download starts: tosi-fetch's
+# --help and --version take their defaults from here and load no HTTP library.
 
 DEFAULT_PARALLEL = 4
 DEFAULT_RETRIES = 5
@@ -88,6 +91,8 @@ class Fetcher:
 
     def start(self, image, layers):
         """Start downloading the config and every layer of `image`; returns a FetchRun."""
+        from .blobs import BlobDownload, Downloader
+
         if not isinstance(image.get("repository"), str) or not image["repository"]:
             raise PlanError("image record has no repository")
         if not (image.get("endpoint") or image.get("registry")):
@@ -141,6 +146,8 @@ class Fetcher:
             downloader.abort()
 
     def close(self, cancel=False):
+        from .blobs import Cancelled
+
         if cancel:
             self._abort()
         if self._pool is not None:
@@ -178,6 +185,8 @@ def client_factory(credentials, pool_size, token_cache=None, read_timeout=None, 
 
 
 def _config_download(workdir, image):
+    from .blobs import BlobDownload
+
     config = image.get("config")
     if config is None:
         return None
@@ -208,6 +217,8 @@ def fetch_plan(fetcher, image, layers, early=None):
     `handle.download.result()`; the iteration ends only once every blob is
     verified, and raises the first failure otherwise.
     """
+    from .blobs import Cancelled
+
     with fetcher.start(image, layers) as run:
         image = dict(image, workdir=fetcher.workdir.root)
         try:

@@ -28,7 +28,6 @@ DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
 DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 
 IMAGE_TYPES = (DOCKER_MANIFEST, OCI_MANIFEST)
 INDEX_TYPES = (DOCKER_LIST, OCI_INDEX)

@@ -12,10 +12,10 @@ decompressed chunks to a file descriptor.
 import os
 import re
 
+from .digest import CHUNK
 from .errors import UnpackError, quoted
 
 BLOCK = 512
-CHUNK = 1 << 20
 _ZERO_BLOCK = bytes(BLOCK)
 _MAX_META = 16 << 20  # PAX records, long names and sparse maps are metadata, not data
 

@@ -12,6 +12,7 @@ import os
 import sys
 
 from .. import __version__
+from ..cache import DEFAULT_WORKDIR
 from ..errors import TosiError, UsageError, quoted
 
 EXIT_OK = 0
@@ -64,21 +65,29 @@ def count_type(low, high=MAX_PARALLEL):
     return parse
 
 
-def add_workdir_flag(parser, from_plan=False):
-    """--workdir; `from_plan`: for a stage that reads a plan, whose workdir is the
-    default (resolved by plan_workdir, so the flag's own default is None)."""
+def default_workdir() -> str:
+    """The workdir when neither --workdir nor a plan names one: $TOSI_WORKDIR, else /tmp/tosi."""
+    return os.environ.get("TOSI_WORKDIR") or DEFAULT_WORKDIR
+
+
+def _workdir_default_help(from_plan: bool) -> str:
+    """--workdir's default as --help states it: the rule, and what it comes to right now."""
+    env = os.environ.get("TOSI_WORKDIR", "").replace("%", "%%")  # argparse %-formats help
+    fallback = f"$TOSI_WORKDIR, here {env}" if env else f"{DEFAULT_WORKDIR}, as $TOSI_WORKDIR is unset"
     if from_plan:
-        parser.add_argument(
-            "--workdir", default=None, metavar="DIR",
-            help="cache directory for manifests, configs, layers and overlays (default: the "
-            "plan's workdir, which must be a tosi workdir; if it names none, $TOSI_WORKDIR "
-            "or /tmp/tosi)",
-        )
-        return
+        return ("default: the plan's workdir, which must be a tosi workdir; if it names none, "
+                f"{fallback}")
+    return f"default: {fallback}"
+
+
+def add_workdir_flag(parser: argparse.ArgumentParser, from_plan: bool = False,
+                     what: str = "cache directory for manifests, configs, layers and overlays") -> None:
+    """--workdir; `from_plan`: for a stage that reads a plan, whose workdir is the
+    default (resolved by plan_workdir, so the flag's own default is None). --help
+    shows the default this run would use: $TOSI_WORKDIR's value when it is set."""
     parser.add_argument(
-        "--workdir", default=os.environ.get("TOSI_WORKDIR", "/tmp/tosi"), metavar="DIR",
-        help="cache directory for manifests, configs, layers and overlays "
-        "(default: $TOSI_WORKDIR or /tmp/tosi)",
+        "--workdir", default=None if from_plan else default_workdir(), metavar="DIR",
+        help=f"{what} ({_workdir_default_help(from_plan)})",
     )
 
 
@@ -127,9 +136,14 @@ def password_from_stdin(args):
     """The first line of stdin with --password-stdin, else None; an empty one is a usage error."""
     if not args.password_stdin:
         return None
+    return read_password_line("--password-stdin")
+
+
+def read_password_line(flag: str) -> str:
+    """The first line of stdin (without its line end), read for `flag`; empty: a usage error."""
     password = sys.stdin.readline().rstrip("\r\n")
     if not password:
-        raise UsageError("--password-stdin: no password on stdin")
+        raise UsageError(f"{flag}: no password on stdin")
     return password
 
 
@@ -180,20 +194,11 @@ def _silence_stdout():
         pass
 
 
-def not_yet_implemented(prog):
-    def body(argv):
-        parser = new_parser(prog, f"{prog}: not yet implemented")
-        parser.parse_args(argv)
-        print(f"{prog}: error: not yet implemented", file=sys.stderr)
-        return EXIT_FAILURE
-    return body
-
-
 def plan_workdir(flag, image=None, overlaydir=None):
     """The workdir a plan-reading stage uses: --workdir, else the one the plan names
     (where resolve cached manifests and configs; used only if it holds the marker
-    .tosi-workdir, see tosi_tools.cache), else $TOSI_WORKDIR or /tmp/tosi.
+    .tosi-workdir, see tosi_tools.cache), else default_workdir().
     Pair with add_workdir_flag(parser, from_plan=True)."""
-    from ..cache import DEFAULT_WORKDIR, workdir_for
+    from ..cache import workdir_for
 
-    return workdir_for(flag, image, overlaydir, default=os.environ.get("TOSI_WORKDIR") or DEFAULT_WORKDIR)
+    return workdir_for(flag, image, overlaydir, default=default_workdir())

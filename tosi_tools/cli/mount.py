@@ -3,7 +3,7 @@
 import sys
 
 from ..errors import UsageError
-from .common import exit_status_epilog, new_parser, plan_workdir, run, setup_logging
+from .common import add_workdir_flag, exit_status_epilog, new_parser, plan_workdir, run, setup_logging
 
 PROG = "tosi-mount"
 
@@ -27,10 +27,7 @@ examples:
 
 def build_parser():
     parser = new_parser(PROG, DESCRIPTION, EPILOG)
-    parser.add_argument("--workdir", metavar="DIR",
-                        help="the cache the plan was unpacked in (default: the plan's "
-                        "workdir, which must be a tosi workdir; if it names none, "
-                        "$TOSI_WORKDIR or /tmp/tosi)")
+    add_workdir_flag(parser, from_plan=True, what="the cache the plan was unpacked in")
     parser.add_argument("--overlaydir", metavar="DIR",
                         help="where the layers' overlay dirs and short links are, as given to "
                         "tosi-unpack (default: <workdir>/overlays)")

@@ -14,7 +14,7 @@ from typing import NamedTuple
 from .. import __version__
 from ..cache import DEFAULT_WORKDIR
 from ..errors import UsageError, quoted
-from .common import EXIT_OK, MAX_PARALLEL, exit_status_epilog, run, setup_logging
+from .common import EXIT_OK, MAX_PARALLEL, exit_status_epilog, read_password_line, run, setup_logging
 
 PROG = "tosi"
 
@@ -234,9 +234,7 @@ def body(argv):
 
     password = values["password"]
     if values["password-stdin"]:
-        password = sys.stdin.readline().rstrip("\r\n")
-        if not password:
-            raise UsageError("-password-stdin: no password on stdin")
+        password = read_password_line("-password-stdin")
     options = pipeline.PullOptions(
         image=values["image"],
         url=values["url"],
