@@ -16,7 +16,7 @@ class Digest(str):
 
     __slots__ = ()
 
-    def __new__(cls, value):
+    def __new__(cls, value: object) -> "Digest":
         if isinstance(value, Digest):
             return value
         if not isinstance(value, str):
@@ -33,18 +33,18 @@ class Digest(str):
         return super().__new__(cls, value)
 
     @property
-    def algorithm(self):
+    def algorithm(self) -> str:
         return self.split(":", 1)[0]
 
     @property
-    def hex(self):
+    def hex(self) -> str:
         return self.split(":", 1)[1]
 
-    def hasher(self):
+    def hasher(self) -> "hashlib._Hash":
         return hashlib.new(self.algorithm)
 
 
-def digest_of(data, algorithm="sha256"):
+def digest_of(data: bytes, algorithm: str = "sha256") -> Digest:
     """The digest of a bytes object."""
     return Digest(f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}")
 
@@ -58,14 +58,14 @@ DIGEST_RETRIES = 2
 class VerifyingHasher:
     """Hashes and counts bytes as they pass, then checks them against a descriptor."""
 
-    def __init__(self, digest, size=None, what="blob"):
+    def __init__(self, digest: str, size: int | None = None, what: str = "blob") -> None:
         self.digest = Digest(digest)
         self.size = size
         self.what = what
         self.count = 0
         self._hash = self.digest.hasher()
 
-    def update(self, chunk):
+    def update(self, chunk: bytes | bytearray | memoryview) -> None:
         self._hash.update(chunk)
         self.count += len(chunk)
         if self.size is not None and self.count > self.size:
@@ -73,17 +73,17 @@ class VerifyingHasher:
                 f"{self.what} {self.digest}: more than the {self.size} bytes its descriptor names"
             )
 
-    def copy(self):
+    def copy(self) -> "VerifyingHasher":
         twin = VerifyingHasher.__new__(VerifyingHasher)
         twin.digest, twin.size, twin.what, twin.count = self.digest, self.size, self.what, self.count
         twin._hash = self._hash.copy()
         return twin
 
-    def hashed(self):
+    def hashed(self) -> str:
         """The digest of the bytes seen so far ("sha256:...")."""
         return f"{self.digest.algorithm}:{self._hash.hexdigest()}"
 
-    def check(self):
+    def check(self) -> None:
         """Raise DigestMismatch unless the bytes seen match size and digest."""
         if self.size is not None and self.count != self.size:
             raise DigestMismatch(
@@ -94,7 +94,7 @@ class VerifyingHasher:
             raise DigestMismatch(f"{self.what} {self.digest}: content hashes to {got}")
 
 
-def verify_file(path, digest, size=None, what="blob"):
+def verify_file(path: str, digest: str, size: int | None = None, what: str = "blob") -> None:
     """Re-hash a file in constant memory; raise DigestMismatch if it is not `digest`."""
     hasher = VerifyingHasher(digest, size, what)
     with open(path, "rb") as f:

@@ -10,7 +10,7 @@ it, so a hostile plan line, digest list or tar entry name cannot flood stderr.
 QUOTE_LIMIT = 80
 
 
-def quoted(value, limit=QUOTE_LIMIT):
+def quoted(value: object, limit: int = QUOTE_LIMIT) -> str:
     """repr() of bad input for an error message: a longer one as its first and
     last `limit` / 2 characters (or bytes), the end of a path being as telling
     as its start, and how long it was."""
@@ -41,7 +41,7 @@ class UnsafePath(UsageError):
     a side directory of a mount, a path named by a plan) could be controlled by
     another local user or lies outside where it belongs (exit 2)."""
 
-    def __init__(self, message, path=None):
+    def __init__(self, message: str, path: str | None = None) -> None:
         super().__init__(message)
         self.path = path
 
@@ -57,7 +57,7 @@ class PlanError(UsageError):
 class RegistryError(TosiError):
     """The registry answered with an error (unknown repository, tag, blob, ...)."""
 
-    def __init__(self, message, status=None, code=None):
+    def __init__(self, message: str, status: int | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
@@ -112,8 +112,9 @@ class ReserveReached(UnpackError):
     """Writing a layer (or downloading a blob) stopped because its filesystem was down
     to the reserve of free space or inodes that tosi leaves (tosi_tools.space)."""
 
-    def __init__(self, message, filesystem=None, free_bytes=None, free_inodes=None,
-                 reserve_bytes=None, reserve_inodes=None):
+    def __init__(self, message: str, filesystem: str | None = None, free_bytes: int | None = None,
+                 free_inodes: int | None = None, reserve_bytes: int | None = None,
+                 reserve_inodes: int | None = None) -> None:
         super().__init__(message)
         self.filesystem = filesystem
         self.free_bytes = free_bytes

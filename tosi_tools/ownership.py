@@ -25,7 +25,7 @@ import stat
 from .errors import UnsafePath
 
 
-def _describe(st):
+def _describe(st: os.stat_result) -> str | None:
     if stat.S_ISLNK(st.st_mode):
         return "a symlink"
     if not stat.S_ISDIR(st.st_mode):
@@ -33,7 +33,8 @@ def _describe(st):
     return None
 
 
-def check_own_dir_stat(path, st, what="directory", fix=None):
+def check_own_dir_stat(path: str, st: os.stat_result, what: str = "directory",
+                       fix: str | None = None) -> None:
     """Raise UnsafePath unless `st` (an lstat of `path`) is a directory we own that
     only we can write."""
     euid = os.geteuid()
@@ -47,7 +48,7 @@ def check_own_dir_stat(path, st, what="directory", fix=None):
         raise UnsafePath(f"{what} {path} is {problem}; {hint}", path=path)
 
 
-def require_own_dir(path, what="directory", fix=None):
+def require_own_dir(path: str, what: str = "directory", fix: str | None = None) -> os.stat_result:
     """lstat `path` and check it as `check_own_dir_stat` does; returns the stat."""
     try:
         st = os.lstat(path)
@@ -57,7 +58,7 @@ def require_own_dir(path, what="directory", fix=None):
     return st
 
 
-def require_safe_ancestors(path, what="directory"):
+def require_safe_ancestors(path: str, what: str = "directory") -> None:
     """Every existing directory above `path` must be owned by root or us, and not
     writable by others unless sticky; a symlink on the way must be root's or ours."""
     path = os.path.abspath(path)
@@ -86,7 +87,7 @@ def require_safe_ancestors(path, what="directory"):
                 path=path)
 
 
-def make_own_dir(path, mode=0o700, what="directory", fix=None):
+def make_own_dir(path: str, mode: int = 0o700, what: str = "directory", fix: str | None = None) -> bool:
     """Create `path` (its parent must exist) with `mode`, or accept it if it already is
     a directory of ours that only we can write. Returns True when it was created."""
     try:
@@ -108,7 +109,7 @@ def make_own_dir(path, mode=0o700, what="directory", fix=None):
     return True
 
 
-def reachable_by_others(path):
+def reachable_by_others(path: str) -> bool:
     """True when a user other than the owner could reach `path`: every directory above
     it (and `path` itself, when it exists) grants search to others or to a group."""
     path = os.path.abspath(path)

@@ -17,6 +17,7 @@ decides what is pulled.
 """
 
 import re
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from .digest import Digest
@@ -43,17 +44,18 @@ class Reference:
 
     __slots__ = ("registry", "repository", "tag", "digest")
 
-    def __init__(self, registry, repository, tag=None, digest=None):
+    def __init__(self, registry: str, repository: str, tag: str | None = None,
+                 digest: str | None = None) -> None:
         self.registry = registry
         self.repository = repository
         self.tag = tag
         self.digest = Digest(digest) if digest else None
 
     @property
-    def name(self):
+    def name(self) -> str:
         return f"{self.registry}/{self.repository}"
 
-    def normalized(self):
+    def normalized(self) -> str:
         """Fully qualified text, e.g. docker.io/library/alpine:latest."""
         text = self.name
         if self.tag:
@@ -63,38 +65,37 @@ class Reference:
         return text
 
     @property
-    def manifest_reference(self):
+    def manifest_reference(self) -> str | None:
         """What goes after /manifests/ in the URL: the digest if there is one, else the tag."""
         return self.digest or self.tag
 
-    def __str__(self):
+    def __str__(self) -> str:
         return self.normalized()
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"Reference({self.normalized()!r})"
 
-    def __eq__(self, other):
+    def __eq__(self, other: object) -> bool:
         return isinstance(other, Reference) and self.normalized() == other.normalized()
 
-    def __hash__(self):
+    def __hash__(self) -> int:
         return hash(self.normalized())
 
 
-def _split_tag_and_digest(text, original):
-    name, at, digest = text.partition("@")
+def _split_tag_and_digest(text: str, original: str) -> tuple[str, str | None, Digest | None]:
+    name, at, digest_text = text.partition("@")
+    digest = None
     if at:
-        if not digest:
+        if not digest_text:
             raise InvalidReference(f"invalid reference {quoted(original)}: empty digest after '@'")
         try:
-            digest = Digest(digest)
+            digest = Digest(digest_text)
         except UsageError as exc:
             raise InvalidReference(f"invalid reference {quoted(original)}: {exc}") from None
-    else:
-        digest = None
     # A tag follows the last ":" that comes after the last "/" (a ":" before it is a port).
     slash = name.rfind("/")
     colon = name.rfind(":")
-    tag = None
+    tag: str | None = None
     if colon > slash:
         name, tag = name[:colon], name[colon + 1:]
         if not tag:
@@ -107,7 +108,7 @@ def _split_tag_and_digest(text, original):
     return name, tag, digest
 
 
-def _check_path(path, original):
+def _check_path(path: str, original: str) -> None:
     if not path:
         raise InvalidReference(f"invalid reference {quoted(original)}: empty repository name")
     for component in path.split("/"):
@@ -123,7 +124,7 @@ def _check_path(path, original):
             )
 
 
-def _check_port(host, what, error):
+def _check_port(host: str, what: str, error: Callable[[str], Exception]) -> None:
     """Refuse a HOST:PORT whose port is no TCP port (1 to 65535)."""
     _, colon, port = host.rpartition("]")[2].rpartition(":")
     if not colon:
@@ -133,24 +134,24 @@ def _check_port(host, what, error):
         raise error(f"{what}: port {quoted(port)} is not between 1 and {MAX_PORT}")
 
 
-def _canonical_registry(domain):
+def _canonical_registry(domain: str) -> str:
     return DOCKER_HUB if domain in (DOCKER_HUB, *DOCKER_HUB_ALIASES) else domain
 
 
-def _split_domain(name):
+def _split_domain(name: str) -> tuple[str | None, str]:
     first, slash, rest = name.partition("/")
     if slash and ("." in first or ":" in first or first == "localhost" or first.lower() != first):
         return first, rest
     return None, name
 
 
-def _repository_for(registry, path):
+def _repository_for(registry: str, path: str) -> str:
     if registry == DOCKER_HUB and "/" not in path:
         return f"library/{path}"
     return path
 
 
-def parse_reference(text, default_registry=DOCKER_HUB):
+def parse_reference(text: str, default_registry: str = DOCKER_HUB) -> Reference:
     """Parse `text` into a Reference; raise InvalidReference naming what is wrong.
 
     `default_registry` is the registry of a reference without one (docker.io
@@ -188,7 +189,7 @@ def parse_reference(text, default_registry=DOCKER_HUB):
     return Reference(registry, repository, tag, digest)
 
 
-def reference_with_base_url(image, url):
+def reference_with_base_url(image: str, url: str) -> tuple[Reference, str]:
     """For the original tool's deprecated `-url URL -image REPO[:TAG]`: (Reference, endpoint).
 
     The URL names the registry's scheme, host and port; the image names the

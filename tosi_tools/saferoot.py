@@ -18,6 +18,8 @@ import errno
 import os
 import stat
 from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from typing import Any, TypeVar
 
 from .errors import UnsafeEntry, quoted
 
@@ -26,9 +28,11 @@ DIR_CACHE_SIZE = 128
 # How a directory is opened here: never through a symlink (ELOOP), never a non-directory (ENOTDIR).
 DIR_FLAGS = _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NOT_A_DIR = (errno.ELOOP, errno.ENOTDIR)
+# Canonical (symlink-free) path components of a directory below the root.
+Parts = tuple[str, ...]
 
 
-def clean_name(name):
+def clean_name(name: str) -> Parts:
     """The components of an entry name, relative to the root.
 
     Leading slashes are dropped (absolute names are relative to the root, as
@@ -36,11 +40,11 @@ def clean_name(name):
     removes the component before it and raises UnsafeEntry when it would climb
     above the root.
     """
-    parts = name.split("/")
-    if "" not in parts and "." not in parts and ".." not in parts:
-        return tuple(parts)
-    parts = []
-    for part in name.split("/"):
+    given = name.split("/")
+    if "" not in given and "." not in given and ".." not in given:
+        return tuple(given)
+    parts: list[str] = []
+    for part in given:
         if part in ("", "."):
             continue
         if part == "..":
@@ -52,12 +56,12 @@ def clean_name(name):
     return tuple(parts)
 
 
-def _link_parts(target):
+def _link_parts(target: str) -> list[str]:
     # Inside a symlink target ".." is kept: the walk clamps it at the root, like chroot.
     return [p for p in target.split("/") if p not in ("", ".")]
 
 
-def proc_path(dir_fd, name):
+def proc_path(dir_fd: int, name: str) -> str:
     """A path that reaches `name` inside the already resolved directory `dir_fd`.
 
     For the calls that take no dir_fd (the xattr family): /proc resolves the
@@ -69,13 +73,13 @@ def proc_path(dir_fd, name):
 class SafeRoot:
     """An open target root; resolves entry names inside it and acts on entries safely."""
 
-    def __init__(self, path, cache_size=DIR_CACHE_SIZE):
+    def __init__(self, path: str, cache_size: int = DIR_CACHE_SIZE) -> None:
         self.path = os.path.abspath(path)
         self.fd = os.open(self.path, _DIR_FLAGS)
-        self._cache = OrderedDict()
+        self._cache: OrderedDict[Parts, int] = OrderedDict()
         self._cache_size = cache_size
 
-    def close(self):
+    def close(self) -> None:
         for fd in self._cache.values():
             os.close(fd)
         self._cache.clear()
@@ -83,27 +87,27 @@ class SafeRoot:
             os.close(self.fd)
             self.fd = -1
 
-    def __enter__(self):
+    def __enter__(self) -> "SafeRoot":
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # ------------------------------------------------------------ resolution
 
-    def _remember(self, key, fd):
+    def _remember(self, key: Parts, fd: int) -> None:
         self._cache[key] = fd
         if len(self._cache) > self._cache_size:
             _, old = self._cache.popitem(last=False)
             os.close(old)
 
-    def _cached(self, key):
+    def _cached(self, key: Parts) -> int | None:
         fd = self._cache.get(key)
         if fd is not None:
             self._cache.move_to_end(key)
         return fd
 
-    def directory(self, parts, create=False):
+    def directory(self, parts: Sequence[str], create: bool = False) -> tuple[int, Parts]:
         """(fd, canonical parts) of the directory `parts` names, symlinks resolved in the root.
 
         The fd belongs to the cache: use it at once, do not close it. Missing
@@ -112,9 +116,9 @@ class SafeRoot:
         NotADirectoryError.
         """
         parts = tuple(parts)
-        fd = self.fd if not parts else self._cached(parts)
-        if fd is not None:
-            return fd, parts
+        known = self.fd if not parts else self._cached(parts)
+        if known is not None:
+            return known, parts
         # Start from the longest prefix already open.
         start, fd = 0, self.fd
         for i in range(len(parts) - 1, 0, -1):
@@ -170,22 +174,22 @@ class SafeRoot:
             fd = child
         return fd, tuple(resolved)
 
-    def parent(self, parts, create=True):
+    def parent(self, parts: Sequence[str], create: bool = True) -> tuple[int, str, Parts]:
         """(parent fd, last component, canonical parent parts) for an entry; parts must not be empty."""
         fd, canonical = self.directory(parts[:-1], create=create)
         return fd, parts[-1], canonical
 
-    def forget(self, canonical):
+    def forget(self, canonical: Sequence[str]) -> None:
         """Drop cached handles at or below a canonical path that was removed or replaced."""
-        canonical = tuple(canonical)
-        n = len(canonical)
-        stale = [key for key in self._cache if key[:n] == canonical]
+        prefix = tuple(canonical)
+        n = len(prefix)
+        stale = [key for key in self._cache if key[:n] == prefix]
         for key in stale:
             os.close(self._cache.pop(key))
 
     # ------------------------------------------------------------ entries
 
-    def remove(self, dir_fd, name, canonical_parent):
+    def remove(self, dir_fd: int, name: str, canonical_parent: Sequence[str]) -> None:
         """Remove an entry of any type (a directory with all it holds); missing is fine."""
         try:
             st = os.lstat(name, dir_fd=dir_fd)
@@ -197,7 +201,7 @@ class SafeRoot:
         else:
             os.unlink(name, dir_fd=dir_fd)
 
-    def open_entry_dir(self, parts):
+    def open_entry_dir(self, parts: Sequence[str]) -> tuple[int, Parts] | tuple[None, None]:
         """(fd, canonical parts) of the directory `parts` itself, never through a symlink.
 
         The caller closes the fd. (None, None) when the entry is missing or not a directory.
@@ -214,7 +218,7 @@ class SafeRoot:
                 return None, None
             raise
 
-    def open_canonical_dir(self, canonical):
+    def open_canonical_dir(self, canonical: Sequence[str]) -> int | None:
         """A new fd of the directory at a canonical path, or None unless every component,
         the last included, is still a real directory (a symlink is never followed).
 
@@ -226,7 +230,7 @@ class SafeRoot:
         canonical = tuple(canonical)
         start, fd = 0, self.fd
         for i in range(len(canonical), 0, -1):
-            cached = self._cached(canonical[:i])
+            cached = self._cached(tuple(canonical[:i]))
             if cached is not None:
                 start, fd = i, cached
                 break
@@ -245,7 +249,7 @@ class SafeRoot:
                 os.close(fd)
 
 
-def open_dir_at(dir_fd, name):
+def open_dir_at(dir_fd: int, name: str) -> int | None:
     """A new fd of `name` in `dir_fd` if it is a real directory (never through a symlink), else None."""
     try:
         return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
@@ -257,12 +261,13 @@ def open_dir_at(dir_fd, name):
         raise
 
 
-def open_dir_at_node(dir_fd, node):
+def open_dir_at_node(dir_fd: int, node: "Node") -> int | None:
     """open_dir_at for walk_tree: a Node's directory in its parent's, if a real directory."""
+    assert node.name is not None  # only the root has none, and a walk never enters it
     return open_dir_at(dir_fd, node.name)
 
 
-def lstat_at(dir_fd, name):
+def lstat_at(dir_fd: int, name: str) -> os.stat_result | None:
     """os.lstat of `name` in `dir_fd`, or None when it does not exist."""
     try:
         return os.lstat(name, dir_fd=dir_fd)
@@ -270,11 +275,11 @@ def lstat_at(dir_fd, name):
         return None
 
 
-def chown_at(dir_fd, name, uid, gid):
+def chown_at(dir_fd: int, name: str, uid: int, gid: int) -> None:
     os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
 
 
-def chmod_at(dir_fd, name, mode):
+def chmod_at(dir_fd: int, name: str, mode: int) -> None:
     """chmod of a non-symlink entry; symlinks have no mode of their own on Linux."""
     try:
         os.chmod(name, mode, dir_fd=dir_fd, follow_symlinks=False)
@@ -282,11 +287,11 @@ def chmod_at(dir_fd, name, mode):
         raise OSError(errno.EOPNOTSUPP, "a symlink has no mode to change", name) from None
 
 
-def utime_at(dir_fd, name, mtime_ns):
+def utime_at(dir_fd: int, name: str, mtime_ns: int) -> None:
     os.utime(name, ns=(mtime_ns, mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
 
 
-def setxattr_at(dir_fd, name, key, value):
+def setxattr_at(dir_fd: int, name: str, key: str, value: bytes) -> None:
     os.setxattr(proc_path(dir_fd, name), key, value, follow_symlinks=False)
 
 
@@ -295,7 +300,7 @@ def setxattr_at(dir_fd, name, key, value):
 _KEEP_OPEN = 64  # directory handles held while descending; deeper ones are reopened via ".."
 
 
-def remove_tree_at(dir_fd, name):
+def remove_tree_at(dir_fd: int, name: str) -> None:
     """Remove `name` in `dir_fd` and everything under it, never following a symlink.
 
     Iterative, unlike shutil.rmtree before Python 3.12, so a layer nesting
@@ -319,7 +324,7 @@ def remove_tree_at(dir_fd, name):
     except FileNotFoundError:
         return
     # [fd or None, name in the parent, (st_dev, st_ino)] from the top down
-    stack = [[top, name, _identity(top)]]
+    stack: list[list[Any]] = [[top, name, _identity(top)]]
     try:
         while stack:
             here = stack[-1][0]
@@ -348,12 +353,12 @@ def remove_tree_at(dir_fd, name):
                 os.close(entry[0])
 
 
-def _identity(fd):
+def _identity(fd: int) -> tuple[int, int]:
     st = os.fstat(fd)
     return st.st_dev, st.st_ino
 
 
-def _first_subdir_emptying(dir_fd):
+def _first_subdir_emptying(dir_fd: int) -> str | None:
     """Unlink the non-directories in dir_fd; the name of one subdirectory, or None if none is left."""
     with os.scandir(dir_fd) as entries:
         for entry in entries:
@@ -366,7 +371,7 @@ def _first_subdir_emptying(dir_fd):
     return None
 
 
-def remove_tree(path):
+def remove_tree(path: str) -> None:
     """remove_tree_at for a path: its last component is never followed (a symlink goes, not its target)."""
     path = os.path.abspath(path)
     parent, name = os.path.split(path.rstrip("/") or "/")
@@ -387,13 +392,17 @@ class Node:
 
     __slots__ = ("name", "children", "data")
 
-    def __init__(self, name, data=None):
+    def __init__(self, name: str | None, data: Any = None) -> None:
         self.name = name
-        self.children = []
+        self.children: list[Node] = []
         self.data = data
 
 
-def tree_of(paths, root_key, split):
+_Path = TypeVar("_Path", bound=Hashable)
+
+
+def tree_of(paths: Iterable[_Path], root_key: _Path,
+            split: Callable[[_Path], tuple[_Path, str]]) -> tuple[Node, dict[_Path, Node]]:
     """(root Node, {path: Node}) for `paths` and every ancestor of theirs.
 
     `split(path)` gives (parent path, name); `root_key` is the root's path (the
@@ -410,15 +419,16 @@ def tree_of(paths, root_key, split):
             missing.append(path)
             path = split(path)[0]
         node = nodes[path]
-        for path in reversed(missing):
-            child = Node(split(path)[1])
+        for below in reversed(missing):
+            child = Node(split(below)[1])
             node.children.append(child)
-            nodes[path] = child
+            nodes[below] = child
             node = child
     return root, nodes
 
 
-def walk_tree(top_fd, root, enter, leave=None, keep_open=_KEEP_OPEN):
+def walk_tree(top_fd: int, root: Node, enter: Callable[[int, Node], int | None],
+              leave: Callable[[int, Node], object] | None = None, keep_open: int = _KEEP_OPEN) -> None:
     """Walk the directories of a tree of Nodes below `top_fd` (the root Node's directory),
     top-down, each through its parent's handle: a whole walk costs one open per directory,
     whatever the depth, and never resolves a path from the root again.
@@ -431,7 +441,7 @@ def walk_tree(top_fd, root, enter, leave=None, keep_open=_KEEP_OPEN):
     is not the one it left.
     """
     # [fd or None, node, children iterator, (st_dev, st_ino) once closed]
-    stack = [[os.dup(top_fd), root, iter(root.children), None]]
+    stack: list[list[Any]] = [[os.dup(top_fd), root, iter(root.children), None]]
     try:
         while stack:
             here = stack[-1]

@@ -25,6 +25,7 @@ filesystem are seen at the next check.
 
 import os
 import threading
+from collections.abc import Mapping
 from typing import NamedTuple, Optional
 
 from .errors import ReserveReached, UsageError
@@ -41,47 +42,50 @@ CHECK_INODES = 4096
 # each other writer on the filesystem may have that much charged and not yet written.
 STEP = 1 << 20
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+# An amount to keep free: a count (bytes, inodes) or ("%", percent of the filesystem).
+Amount = int | tuple[str, int]
 
 
 class Reserve(NamedTuple):
     """What must stay free: each of `size`, `inodes` is None (the default rule),
     an absolute count (bytes, inodes) or ("%", percent of the filesystem)."""
 
-    size: Optional[object] = None
-    inodes: Optional[object] = None
+    size: Optional[Amount] = None
+    inodes: Optional[Amount] = None
 
     @property
-    def off(self):
+    def off(self) -> bool:
         return self.size == 0 and self.inodes == 0
 
     @classmethod
-    def parse(cls, text, what="--min-free"):
+    def parse(cls, text: str, what: str = "--min-free") -> "Reserve":
         """A reserve from "SIZE" (e.g. 64M, 2G, 1%, 0): SIZE for bytes, the default rule
         for inodes; "0" turns the guard off. UsageError if malformed."""
         size = parse_size(text, what)
         return cls(size, 0 if size == 0 else None)
 
     @classmethod
-    def from_env(cls, environ=os.environ, size_text=None):
+    def from_env(cls, environ: Mapping[str, str] = os.environ, size_text: str | None = None) -> "Reserve":
         """TOSI_MIN_FREE and TOSI_MIN_FREE_INODES; `size_text` (a flag) overrides the former."""
         text = size_text if size_text is not None else environ.get("TOSI_MIN_FREE")
         size = parse_size(text, "--min-free" if size_text is not None else "TOSI_MIN_FREE") \
             if text else None
         inodes_text = environ.get("TOSI_MIN_FREE_INODES")
+        inodes: Amount | None
         if inodes_text:
             inodes = parse_size(inodes_text, "TOSI_MIN_FREE_INODES", units=False)
         else:
             inodes = 0 if size == 0 else None
         return cls(size, inodes)
 
-    def for_filesystem(self, st):
+    def for_filesystem(self, st: os.statvfs_result) -> tuple[int, int]:
         """(bytes, inodes) to keep free on the filesystem of statvfs result `st`."""
         total_bytes = st.f_blocks * st.f_frsize
         return (_amount(self.size, total_bytes, DEFAULT_MIN_BYTES, DEFAULT_MAX_BYTES),
                 _amount(self.inodes, st.f_files, DEFAULT_MIN_INODES, DEFAULT_MAX_INODES))
 
 
-def _amount(spec, total, low, high):
+def _amount(spec: Amount | None, total: int, low: int, high: int) -> int:
     if spec is None:
         return min(max(low, total * DEFAULT_PERCENT // 100), high)
     if isinstance(spec, tuple):
@@ -89,7 +93,7 @@ def _amount(spec, total, low, high):
     return spec
 
 
-def parse_size(text, what, units=True):
+def parse_size(text: object, what: str, units: bool = True) -> Amount:
     """An amount: N, N with a K/M/G/T suffix (powers of 1024; optionally "iB"/"B"), or N%."""
     raw = str(text).strip()
     t = raw.upper()
@@ -117,7 +121,7 @@ def parse_size(text, what, units=True):
     return value * _UNITS[unit]
 
 
-def human(n):
+def human(n: int) -> str:
     """A byte count as people read it: 7.9 MiB."""
     for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if abs(n) >= scale:
@@ -125,12 +129,12 @@ def human(n):
     return f"{n} bytes"
 
 
-def mount_point(path):
+def mount_point(path: str) -> str:
     """The mount point of the filesystem holding `path` (the path itself if unknown)."""
     try:
         dev = os.stat(path).st_dev
         wanted = f"{os.major(dev)}:{os.minor(dev)}"
-        found = None
+        found: str | None = None
         with open("/proc/self/mountinfo", "rb") as f:
             for line in f:
                 fields = line.split(b" ")
@@ -143,7 +147,7 @@ def mount_point(path):
         return path
 
 
-def _unescape(field):
+def _unescape(field: bytes) -> str:
     text = field.decode("utf-8", "surrogateescape")
     for code in ("\\040", "\\011", "\\012", "\\134"):
         text = text.replace(code, chr(int(code[1:], 8)))
@@ -153,7 +157,7 @@ def _unescape(field):
 class _Meter:
     """What the guards of this process charged to one filesystem since its last check."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.lock = threading.Lock()
         self.spent_bytes = 0
         self.spent_inodes = 0
@@ -162,11 +166,11 @@ class _Meter:
         self.writers = 0       # open guards
 
 
-_meters = {}
+_meters: dict[int, _Meter] = {}
 _meters_lock = threading.Lock()
 
 
-def _meter_for(dev):
+def _meter_for(dev: int) -> _Meter:
     with _meters_lock:
         meter = _meters.get(dev)
         if meter is None:
@@ -183,30 +187,35 @@ class Guard:
     The caller decides when it can check (after flushing what it has queued).
     """
 
-    def __init__(self, fd, reserve, what, path):
+    def __init__(self, fd: int, reserve: Reserve, what: str, path: str) -> None:
         self.fd = fd
         self.reserve = reserve
         self.what = what
         self.path = path
-        self._meter = _meter_for(os.fstat(fd).st_dev)
-        with self._meter.lock:
-            self._meter.writers += 1
+        meter = _meter_for(os.fstat(fd).st_dev)
+        self._meter: _Meter | None = meter
+        with meter.lock:
+            meter.writers += 1
 
-    def close(self):
+    def close(self) -> None:
         """This writer is done (what it wrote stays charged until the next check)."""
         m, self._meter = self._meter, None
         if m is not None:
             with m.lock:
                 m.writers -= 1
 
-    def __enter__(self):
+    def __enter__(self) -> "Guard":
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def charge(self, nbytes, inodes=0):
-        m = self._meter
+    def _open_meter(self) -> _Meter:
+        assert self._meter is not None, "the guard is closed"
+        return self._meter
+
+    def charge(self, nbytes: int, inodes: int = 0) -> bool:
+        m = self._open_meter()
         with m.lock:
             m.spent_bytes += nbytes
             m.spent_inodes += inodes
@@ -215,18 +224,19 @@ class Guard:
             m.spent_bytes = m.spent_inodes = 0
             return True
 
-    def spend(self, nbytes, inodes=0):
+    def spend(self, nbytes: int, inodes: int = 0) -> None:
         """charge() and, when due, check() that these are still free above the reserve."""
         if self.charge(nbytes, inodes):
             self.check(upcoming=(nbytes, inodes))
 
-    def check(self, needed=0, upcoming=(0, 0)):
+    def check(self, needed: int = 0, upcoming: tuple[int, int] = (0, 0)) -> None:
         """ReserveReached unless the filesystem has more than the reserve free, plus
         `needed` bytes (a whole blob: said so in the error) or `upcoming` (bytes, inodes)
         about to be written; sets when the next check is due."""
         st = os.fstatvfs(self.fd)
         keep_bytes, keep_inodes = self.reserve.for_filesystem(st)
-        others = max(self._meter.writers - 1, 0)  # their last step may not show yet
+        m = self._open_meter()
+        others = max(m.writers - 1, 0)  # their last step may not show yet
         upcoming = (upcoming[0] + others * STEP, upcoming[1])
         free_bytes = st.f_bavail * st.f_frsize
         free_inodes = st.f_favail
@@ -238,12 +248,12 @@ class Guard:
         allow_bytes = min((free_bytes - upcoming[0] - keep_bytes) // 2, CHECK_BYTES) \
             if check_bytes else CHECK_BYTES
         allow_inodes = min((free_inodes - keep_inodes) // 2, CHECK_INODES) if check_inodes else CHECK_INODES
-        m = self._meter
         with m.lock:
             m.allow_bytes = max(allow_bytes, 1)
             m.allow_inodes = max(allow_inodes, 1)
 
-    def _error(self, free_bytes, free_inodes, keep_bytes, keep_inodes, needed):
+    def _error(self, free_bytes: int, free_inodes: int, keep_bytes: int, keep_inodes: int,
+               needed: int) -> ReserveReached:
         fs = mount_point(self.path)
         if needed:
             left = f"needs {human(needed)} more, {fs} has {human(free_bytes)} free"
@@ -256,7 +266,7 @@ class Guard:
             reserve_bytes=keep_bytes, reserve_inodes=keep_inodes)
 
 
-def guard(fd, reserve, what, path):
+def guard(fd: int, reserve: Reserve | None, what: str, path: str) -> Guard | None:
     """A Guard, or None when `reserve` turns the guard off."""
     if reserve is None:
         reserve = Reserve()
