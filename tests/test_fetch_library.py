@@ -1,6 +1,5 @@
 """The fetch stage as a library (what a one-process pipeline builds on), against the real registry."""
 
-import os
 import threading
 import time
 

@@ -175,7 +175,8 @@ def test_as_non_root_per_layer_whiteouts_fail_clearly(nobody_dir):
 
 def test_filesystem_error_names_layer_and_entry(tmp_path):
     lay = make_layer([file_entry("n" * 300, b"x")])
-    with pytest.raises(UnpackError, match=r"layer L: entry 'n{40}'\.\.\.'n{40}' \(300 characters\): File name too long"):
+    with pytest.raises(UnpackError,
+                       match=r"layer L: entry 'n{40}'\.\.\.'n{40}' \(300 characters\): File name too long"):
         layer.apply_layer(str(tmp_path), io.BytesIO(lay.data), lay.media_type, layer_name="L")
 
 

@@ -83,7 +83,7 @@ def mount_tool(tool, *args, plan=None, cwd=None, check=None):
 
 def tree(root):
     found = {}
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, _dirnames, filenames in os.walk(root):
         for name in filenames:
             full = os.path.join(dirpath, name)
             with open(full) as f:

@@ -403,7 +403,7 @@ def test_unknown_repository_reports_the_registry_error(tool, registry, workdir):
 
 def test_unreachable_registry_is_one_line_exit_1(tool, workdir):
     proc = _resolve(tool, workdir, f"127.0.0.1:{free_port()}/img", check=1)
-    assert proc.stderr.startswith(f"tosi-resolve: error: 127.0.0.1:")
+    assert proc.stderr.startswith("tosi-resolve: error: 127.0.0.1:")
     assert "unreachable" in proc.stderr
     assert len(proc.stderr.splitlines()) == 1
 

@@ -8,9 +8,7 @@ import io
 import os
 import shutil
 import stat
-import subprocess
 import tarfile
-import tempfile
 
 import pytest
 
@@ -19,7 +17,6 @@ from tests.support.staging import run_unpack, stage_image
 from tests.test_mount import build_unpacked, mount_tool
 from tests.test_side_dirs import NOBODY, as_nobody, shared  # noqa: F401 (fixture)
 from tosi_tools import mount as mount_stage
-from tosi_tools import overlay
 from tosi_tools.plan import PlanReader
 
 

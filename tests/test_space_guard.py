@@ -15,7 +15,7 @@ import pytest
 
 from tests.support.faultproxy import Rule
 from tests.support.images import DOCKER_LAYER_GZIP, Layer, dir_entry, file_entry, make_layer, sha256, tar_bytes
-from tests.support.staging import fetched_plan, run_unpack, stage_image
+from tests.support.staging import run_unpack, stage_image
 from tosi_tools import space
 
 MIB = 1 << 20

@@ -15,7 +15,7 @@ import pytest
 import zstandard
 
 from tests.support.images import DOCKER_LAYER_GZIP, OCI_LAYER_TAR, Layer, file_entry, make_layer, sha256, tar_bytes
-from tests.support.plans import parse_plan, records_text
+from tests.support.plans import records_text
 from tests.support.staging import run_unpack, stage_image
 from tests.test_unpack_modes import one_error_line, records_of
 from tosi_tools.digest import Digest

@@ -14,7 +14,7 @@ import tarfile
 
 import pytest
 
-from tests.support.images import dir_entry, file_entry, hardlink_entry, make_layer, symlink_entry, tar_bytes
+from tests.support.images import dir_entry, file_entry, hardlink_entry, make_layer, symlink_entry
 from tests.support.staging import run_unpack, snapshot, stage_image
 from tosi_tools.plan import PlanReader
 

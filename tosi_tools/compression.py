@@ -16,15 +16,18 @@ as gzip(1) and Go's reader have it.
 import gzip
 import queue
 import threading
+import types
 
 import zstandard
 
 from .digest import CHUNK
 from .errors import UnpackError, quoted
 
+_gzip_module: types.ModuleType
+_IsalError: type[Exception]
 try:  # the isal gzip decoder is several times faster than zlib's
     from isal import igzip as _gzip_module
-    from isal.igzip_lib import IsalError as _IsalError
+    from isal.igzip_lib import IsalError as _IsalError  # type: ignore[assignment]  # isal's stub: an instance
 except ImportError:  # pragma: no cover - depends on the "fast" extra
     _gzip_module = gzip
     _IsalError = OSError  # caught already

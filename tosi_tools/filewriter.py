@@ -25,7 +25,7 @@ import os
 try:
     from . import _filewriter
 except ImportError:  # pragma: no cover - depends on a C compiler at install time
-    _filewriter = None
+    _filewriter = None  # type: ignore[assignment]  # available() says so
 
 CHOWN, CHMOD = 1, 2
 MAX_FILE = 64 << 10      # bigger files are written by the applier itself

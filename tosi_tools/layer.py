@@ -98,23 +98,23 @@ class LayerStats:
     # overlayfs' own xattrs (trusted.overlay.*, user.overlay.*) the layer carried, dropped;
     # the first as (entry name, xattr name).
     overlay_xattrs: int = 0
-    first_overlay_xattr: tuple = None
+    first_overlay_xattr: tuple | None = None
     device_whiteouts: int = 0  # character devices 0/0, taken as whiteouts
     # The digest of the decompressed stream: the layer's real diffID (sha256 unless
     # the one to check is sha512).
-    diff_id: str = None
+    diff_id: str | None = None
     # Overlay mode: directories of the layer that no entry names (its root without a
     # ./ entry, parents of entries, an opaque marker's directory), as canonical
     # tuples: the mount shows the lower layers' attributes for them.
-    implicit_dirs: list = None
+    implicit_dirs: list | None = None
     # What makes a tree dangerous to hand to other users, counted from the tar
     # headers: setuid/setgid regular files, and character/block devices made.
     setuid_files: int = 0
     devices: int = 0
     # With hold_root: the mode and mtime (ns) the layer's last "./" entry gives the
     # root, left for the caller to apply (None: the layer has no such entry).
-    root_mode: int = None
-    root_mtime_ns: int = None
+    root_mode: int | None = None
+    root_mtime_ns: int | None = None
 
 
 @dataclass
