@@ -52,6 +52,8 @@ import fcntl
 import os
 import secrets
 import stat
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 from .digest import Digest
 from .errors import CacheError, PlanError, UnsafePath
@@ -62,7 +64,7 @@ MARKER = ".tosi-workdir"
 _MARKER_TEXT = b"This directory is a tosi workdir (a cache of image blobs and layers); see tosi(1).\n"
 
 
-def atomic_write(path, data, mode=0o644):
+def atomic_write(path: str, data: bytes, mode: int = 0o644) -> None:
     """Write bytes to `path` so that readers see the old file or the whole new one,
     also after a power loss (fsync of the file before the rename, of its directory after)."""
     directory = os.path.dirname(path) or "."
@@ -84,7 +86,7 @@ def atomic_write(path, data, mode=0o644):
     fsync_dir(directory)
 
 
-def fsync_path(path):
+def fsync_path(path: str) -> None:
     """Flush a file's data and metadata to disk (before renaming it into place)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -93,7 +95,7 @@ def fsync_path(path):
         os.close(fd)
 
 
-def fsync_dir(path):
+def fsync_dir(path: str) -> None:
     """Make the renames and creations in directory `path` durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -102,10 +104,10 @@ def fsync_dir(path):
         os.close(fd)
 
 
-_syncfs = None
+_syncfs: Any = None  # libc's syncfs once looked up (False: libc has none)
 
 
-def sync_filesystem(path):
+def sync_filesystem(path: str) -> None:
     """Flush every dirty file of the filesystem holding `path` (syncfs(2)): one call for
     the thousands of files of an extracted layer, instead of one fsync each. Falls back
     to fsyncing `path` alone where libc has no syncfs."""
@@ -131,7 +133,7 @@ def sync_filesystem(path):
 
 
 @contextlib.contextmanager
-def file_lock(path):
+def file_lock(path: str) -> Iterator[None]:
     """Hold an exclusive fcntl lock on `path` (created if missing), waiting for it.
 
     The kernel drops the lock when its holder dies, so a SIGKILLed process never
@@ -145,14 +147,14 @@ def file_lock(path):
         os.close(fd)  # closing releases the lock
 
 
-def _safe_component(text):
+def _safe_component(text: str) -> str:
     # Registry hosts and repository paths come from the reference grammar, which
     # forbids "..", but the cache must not trust that far: keep every part a plain name.
     parts = [p for p in text.split("/") if p not in ("", ".", "..")]
     return os.path.join(*parts) if parts else "_"
 
 
-def require_cached(path, st, what):
+def require_cached(path: str, st: os.stat_result, what: str) -> None:
     """UnsafePath unless `st` (an lstat or fstat of `path`, something the cache
     holds and tosi is about to reuse) is owned by us and not a symlink."""
     euid = os.geteuid()
@@ -166,7 +168,9 @@ def require_cached(path, st, what):
                      "remove it (another user may have planted it)", path=path)
 
 
-def workdir_for(workdir=None, image=None, overlaydir=None, default=DEFAULT_WORKDIR, flag_prefix="--"):
+def workdir_for(workdir: "Workdir | str | None" = None, image: Mapping[str, Any] | None = None,
+                overlaydir: str | None = None, default: str = DEFAULT_WORKDIR,
+                flag_prefix: str = "--") -> "Workdir":
     """The Workdir a stage that reads a plan uses: `workdir` (a Workdir, or a path
     the user chose), else the one the plan's image record names (used only if it
     is a tosi workdir: see Workdir.named_by_plan), else `default`."""
@@ -193,7 +197,8 @@ class Workdir:
     flags ("--" for the stages, "-" for tosi), for the fixes errors suggest.
     """
 
-    def __init__(self, root=DEFAULT_WORKDIR, overlaydir=None, named_by_plan=False, flag_prefix="--"):
+    def __init__(self, root: str = DEFAULT_WORKDIR, overlaydir: str | None = None, named_by_plan: bool = False,
+                 flag_prefix: str = "--") -> None:
         self.root = os.path.abspath(root)
         self.layers = os.path.join(self.root, "layers")
         self.configs = os.path.join(self.root, "configs")
@@ -202,20 +207,20 @@ class Workdir:
         self.overlays = os.path.abspath(overlaydir) if overlaydir else os.path.join(self.root, "overlays")
         self.named_by_plan = named_by_plan
         self.flag_prefix = flag_prefix
-        self._gate = None  # "checked" or "ensured", once passed: the checks cost a few lstat calls
+        self._gate: str | None = None  # "checked" or "ensured", once passed: the checks cost a few lstat calls
 
     @property
-    def marker(self):
+    def marker(self) -> str:
         return os.path.join(self.root, MARKER)
 
-    def _separate_overlays(self):
+    def _separate_overlays(self) -> bool:
         return os.path.dirname(self.overlays) != self.root
 
-    def _subdirs(self):
+    def _subdirs(self) -> list[str]:
         subdirs = [self.layers, self.configs, self.manifests, self.quarantine]
         return subdirs if self._separate_overlays() else subdirs + [self.overlays]
 
-    def quarantine_blob(self, path):
+    def quarantine_blob(self, path: str) -> str:
         """Move a corrupt cached blob aside (so the next fetch downloads it again);
         returns where it went. A blob another process moved first is fine."""
         make_own_dir(self.quarantine, 0o700, "quarantine directory")
@@ -224,7 +229,7 @@ class Workdir:
             os.replace(path, target)
         return target
 
-    def ensure(self):
+    def ensure(self) -> "Workdir":
         """Create what is missing (0700) and check what exists, before a stage writes;
         raises UnsafePath. Also writes the marker. Returns self."""
         if self._gate == "ensured":
@@ -245,14 +250,14 @@ class Workdir:
         self._gate = "ensured"
         return self
 
-    def check_if_named_by_plan(self):
+    def check_if_named_by_plan(self) -> "Workdir":
         """For a workdir a plan named: refuse it now unless it is a tosi workdir of ours (a
         stage about to compare the plan's paths with it says so first). Returns self."""
         if self.named_by_plan:
             self._check_named_root()
         return self
 
-    def check(self):
+    def check(self) -> "Workdir":
         """Check the workdir without creating anything, before a stage only reads it:
         the root must exist, directories that exist must pass. Raises UnsafePath, or
         CacheError when there is no workdir at all. Returns self."""
@@ -278,21 +283,21 @@ class Workdir:
 
     # the gate's parts
 
-    def _what(self, path):
+    def _what(self, path: str) -> str:
         return "overlay directory" if path == self.overlays else "workdir directory"
 
-    def _fix(self, flag, ours=False):
+    def _fix(self, flag: str, ours: bool = False) -> str:
         choose = f"choose another {'workdir' if flag == 'workdir' else 'overlay directory'} " \
                  f"({self.flag_prefix}{flag} DIR)"
         if ours:
             return f"make it private (chmod go-w), or {choose}"
         return f"another user may have made it: remove it, or {choose}"
 
-    def _check_dir(self, path, st, what, flag):
+    def _check_dir(self, path: str, st: os.stat_result, what: str, flag: str) -> None:
         ours = stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid()
         check_own_dir_stat(path, st, what, self._fix(flag, ours))
 
-    def _make_dir(self, path, what, flag):
+    def _make_dir(self, path: str, what: str, flag: str) -> None:
         try:
             st = os.lstat(path)
         except FileNotFoundError:
@@ -301,21 +306,21 @@ class Workdir:
         else:
             self._check_dir(path, st, what, flag)
 
-    def _check_if_there(self, path, what, flag):
+    def _check_if_there(self, path: str, what: str, flag: str) -> None:
         try:
             st = os.lstat(path)
         except FileNotFoundError:
             return
         self._check_dir(path, st, what, flag)
 
-    def _safe_ancestors(self, path, what):
+    def _safe_ancestors(self, path: str, what: str) -> None:
         try:
             require_safe_ancestors(path, what)
         except UnsafePath as exc:
             flag = "workdir" if what == "workdir" else "overlaydir"
             raise UnsafePath(f"{exc} ({self.flag_prefix}{flag} DIR)", path=exc.path) from None
 
-    def _make_parents(self, path, what):
+    def _make_parents(self, path: str, what: str) -> None:
         # Like mkdir -p for the directories above; a directory someone else made
         # there meanwhile is caught by the second look at the ancestors.
         parent = os.path.dirname(path)
@@ -323,7 +328,7 @@ class Workdir:
             os.makedirs(parent, 0o755, exist_ok=True)
             self._safe_ancestors(path, what)
 
-    def _check_named_root(self):
+    def _check_named_root(self) -> None:
         fix = f"pass {self.flag_prefix}workdir DIR to choose the workdir yourself"
         try:
             st = os.lstat(self.root)
@@ -339,7 +344,7 @@ class Workdir:
             raise UnsafePath(f"the plan's workdir {self.root} is not a tosi workdir of yours "
                              f"(no {MARKER} of yours in it); {fix}", path=self.root)
 
-    def _write_marker(self):
+    def _write_marker(self) -> None:
         try:
             fd = os.open(self.marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                          0o600)
@@ -356,41 +361,41 @@ class Workdir:
             os.close(fd)
 
     # blobs
-    def layer_path(self, digest):
+    def layer_path(self, digest: str) -> str:
         return os.path.join(self.layers, Digest(digest).hex)
 
-    def partial_path(self, digest):
+    def partial_path(self, digest: str) -> str:
         return self.layer_path(digest) + ".partial"
 
-    def lock_path(self, digest):
+    def lock_path(self, digest: str) -> str:
         return self.layer_path(digest) + ".lock"
 
-    def config_path(self, digest):
+    def config_path(self, digest: str) -> str:
         return os.path.join(self.configs, str(Digest(digest)))
 
-    def saved_config_path(self, digest):
+    def saved_config_path(self, digest: str) -> str:
         return os.path.join(self.configs, "v2:" + str(Digest(digest)))
 
     # manifests
-    def manifest_dir(self, registry, repository):
+    def manifest_dir(self, registry: str, repository: str) -> str:
         return os.path.join(self.manifests, _safe_component(registry), _safe_component(repository))
 
-    def manifest_path(self, registry, repository, digest):
+    def manifest_path(self, registry: str, repository: str, digest: str) -> str:
         return os.path.join(self.manifest_dir(registry, repository), str(Digest(digest)))
 
-    def tag_path(self, registry, repository, tag):
+    def tag_path(self, registry: str, repository: str, tag: str) -> str:
         return os.path.join(self.manifest_dir(registry, repository), "tags", _safe_component(tag))
 
-    def scheme_path(self, registry):
+    def scheme_path(self, registry: str) -> str:
         # A leading dot: no repository path component can be named so.
         return os.path.join(self.manifests, _safe_component(registry), ".scheme")
 
-    def challenged_path(self, registry):
+    def challenged_path(self, registry: str) -> str:
         return os.path.join(self.manifests, _safe_component(registry), ".challenged")
 
     # overlays
-    def overlay_path(self, digest):
+    def overlay_path(self, digest: str) -> str:
         return os.path.join(self.overlays, Digest(digest).hex)
 
-    def overlay_link_file(self, digest):
+    def overlay_link_file(self, digest: str) -> str:
         return self.overlay_path(digest) + ".link"

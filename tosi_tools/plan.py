@@ -10,6 +10,8 @@ Records are written and flushed one at a time so stages overlap across a pipe.
 import collections
 import json
 import os
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import IO, Any
 
 from .cache import Workdir
 from .digest import Digest
@@ -18,9 +20,12 @@ from .errors import PlanError, UsageError, quoted
 PLAN_VERSION = 1
 IMAGE = "image"
 LAYER = "layer"
+# A plan record as read from JSON; a field checker: (where, field name, value) -> None or PlanError.
+Record = dict[str, Any]
+Checker = Callable[[str, str, Any], None]
 
 
-def _decode(line, lineno, source):
+def _decode(line: str | bytes, lineno: int, source: str) -> Record:
     try:
         record = json.loads(line)
     except ValueError as exc:
@@ -38,7 +43,7 @@ def _decode(line, lineno, source):
 # JSON type, and for digests their algorithm, length and hex. A known field may be
 # absent or null unless said otherwise; unknown fields are kept as they are.
 
-def _json_type(value):
+def _json_type(value: object) -> str:
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -54,30 +59,30 @@ def _json_type(value):
     return "an object"
 
 
-def _wrong(where, name, value, wanted):
+def _wrong(where: str, name: str, value: object, wanted: str) -> PlanError:
     return PlanError(f"{where}: {name} is {_json_type(value)}, not {wanted}")
 
 
-def _string(where, name, value):
+def _string(where: str, name: str, value: Any) -> None:
     if not isinstance(value, str):
         raise _wrong(where, name, value, "a string")
     if "\0" in value:
         raise PlanError(f"{where}: {name} {quoted(value)} holds a NUL character")
 
 
-def _boolean(where, name, value):
+def _boolean(where: str, name: str, value: Any) -> None:
     if not isinstance(value, bool):
         raise _wrong(where, name, value, "true or false")
 
 
-def _count(where, name, value):
+def _count(where: str, name: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool):
         raise _wrong(where, name, value, "an integer")
     if value < 0:
         raise PlanError(f"{where}: {name} is negative ({value})")
 
 
-def _digest(where, name, value):
+def _digest(where: str, name: str, value: Any) -> None:
     if not isinstance(value, str):
         raise PlanError(f"{where}: {name}: invalid digest: {_json_type(value)}, not a string")
     try:
@@ -86,13 +91,13 @@ def _digest(where, name, value):
         raise PlanError(f"{where}: {name}: {exc}") from None
 
 
-def _absolute(where, name, value):
+def _absolute(where: str, name: str, value: Any) -> None:
     _string(where, name, value)
     if not os.path.isabs(value):
         raise PlanError(f"{where}: {name} {quoted(value)} is not an absolute path")
 
 
-def _registry(where, name, value):
+def _registry(where: str, name: str, value: Any) -> None:
     from .reference import _DOMAIN
 
     _string(where, name, value)
@@ -100,12 +105,12 @@ def _registry(where, name, value):
         raise PlanError(f"{where}: {name} {quoted(value)} is not a registry host[:port]")
 
 
-def _port_ok(host_tail):
+def _port_ok(host_tail: str) -> bool:
     _, colon, port = host_tail.rpartition(":")
     return not colon or (port.isdigit() and 0 < int(port) <= 65535)
 
 
-def _endpoint(where, name, value):
+def _endpoint(where: str, name: str, value: Any) -> None:
     from urllib.parse import urlsplit
 
     _string(where, name, value)
@@ -120,7 +125,7 @@ def _endpoint(where, name, value):
         raise PlanError(f"{where}: {name} {quoted(value)} is not an http(s)://HOST[:PORT] URL")
 
 
-def _repository(where, name, value):
+def _repository(where: str, name: str, value: Any) -> None:
     from .reference import _PATH_COMPONENT
 
     _string(where, name, value)
@@ -128,35 +133,36 @@ def _repository(where, name, value):
         raise PlanError(f"{where}: {name} {quoted(value)} is not a repository name")
 
 
-def _link(where, name, value):
+def _link(where: str, name: str, value: Any) -> None:
     _string(where, name, value)
     if not value or "/" in value or value in (".", ".."):
         raise PlanError(f"{where}: {name} {quoted(value)} is not a plain name inside the overlay dir")
 
 
-def _strings(where, name, value):
+def _strings(where: str, name: str, value: Any) -> None:
     if not isinstance(value, list):
         raise _wrong(where, name, value, "an array of strings")
     for item in value:
         _string(where, f"{name} entry", item)
 
 
-def _string_map(where, name, value):
+def _string_map(where: str, name: str, value: Any) -> None:
     if not isinstance(value, dict):
         raise _wrong(where, name, value, "an object")
     for key, item in value.items():
         _string(where, f"{name} {quoted(key)}", item)
 
 
-def _object(fields, required=()):
-    def check(where, name, value):
+def _object(fields: Mapping[str, Checker], required: tuple[str, ...] = ()) -> Checker:
+    def check(where: str, name: str, value: Any) -> None:
         if not isinstance(value, dict):
             raise _wrong(where, name, value, "an object")
         _check_fields(f"{where}: {name}", value, fields, required)
     return check
 
 
-def _check_fields(where, record, fields, required=()):
+def _check_fields(where: str, record: Mapping[str, Any], fields: Mapping[str, Checker],
+                  required: tuple[str, ...] = ()) -> None:
     for name in required:
         if record.get(name) is None:
             raise PlanError(f"{where}: no {name}")
@@ -166,14 +172,14 @@ def _check_fields(where, record, fields, required=()):
             check(where, name, value)
 
 
-_DESCRIPTOR = {"mediaType": _string, "digest": _digest, "size": _count}
+_DESCRIPTOR: dict[str, Checker] = {"mediaType": _string, "digest": _digest, "size": _count}
 _INDEX_FIELDS = dict(_DESCRIPTOR, path=_absolute)
 _CONFIG_FIELDS = dict(_DESCRIPTOR, path=_absolute, savedConfig=_absolute)
-_PLATFORM_FIELDS = {"os": _string, "architecture": _string, "variant": _string}
-_MOUNT_FIELDS = {"target": _absolute, "upper": _absolute, "work": _absolute, "readOnly": _boolean,
+_PLATFORM_FIELDS: dict[str, Checker] = {"os": _string, "architecture": _string, "variant": _string}
+_MOUNT_FIELDS: dict[str, Checker] = {"target": _absolute, "upper": _absolute, "work": _absolute, "readOnly": _boolean,
                  "overlaydir": _absolute}
 
-IMAGE_FIELDS = {
+IMAGE_FIELDS: dict[str, Checker] = {
     "planVersion": _count, "reference": _string, "registry": _registry, "endpoint": _endpoint,
     "repository": _repository, "tag": _string, "digest": _digest, "mediaType": _string,
     "size": _count, "manifestPath": _absolute, "index": _object(_INDEX_FIELDS, ("digest",)),
@@ -182,21 +188,21 @@ IMAGE_FIELDS = {
     "rootfs": _absolute, "mount": _object(_MOUNT_FIELDS),
 }
 
-LAYER_FIELDS = {
+LAYER_FIELDS: dict[str, Checker] = {
     "index": _count, "mediaType": _string, "digest": _digest, "size": _count, "urls": _strings,
     "annotations": _string_map, "diffID": _digest, "path": _absolute, "overlay": _absolute,
     "link": _link, "applied": _boolean,
 }
 
 
-def check_image_record(record, where="image record"):
+def check_image_record(record: Record, where: str = "image record") -> None:
     """PlanError unless every known field of an image record has its type (digests
     their form, cache paths the shape of one); the record is not changed."""
     _check_fields(where, record, IMAGE_FIELDS, ("planVersion", "layerCount"))
     check_cache_path_shapes(record, where)
 
 
-def check_layer_record(record, where="layer record"):
+def check_layer_record(record: Record, where: str = "layer record") -> None:
     """PlanError unless every known field of a layer record has its type (digests
     their form, cache paths the shape of one); the record is not changed."""
     _check_fields(where, record, LAYER_FIELDS, ("index", "digest"))
@@ -209,21 +215,21 @@ def check_layer_record(record, where="layer record"):
 # digest and its own workdir. A plan naming another path is refused, so that a plan
 # cannot point a stage at a host file (or at another layer's cache entry).
 
-def _same_path(named, derived):
+def _same_path(named: str, derived: str) -> bool:
     return os.path.normpath(named) == os.path.normpath(derived)
 
 
-def _outside(where, name, value, digest, place):
+def _outside(where: str, name: str, value: str, digest: str, place: str) -> PlanError:
     return PlanError(f"{where}: {name} {quoted(value)} is not where {place} keeps {digest}; "
                      "plans name cache paths only inside their workdir")
 
 
-def image_cache_paths(image, workdir):
+def image_cache_paths(image: Record, workdir: Workdir) -> list[tuple[str, str, str, str]]:
     """[(field name, value, digest, derived path)] for the cache paths an image record names."""
-    found = []
+    found: list[tuple[str, str, str, str]] = []
     registry, repository = image.get("registry"), image.get("repository")
 
-    def manifest(name, value, digest):
+    def manifest(name: str, value: str, digest: str | None) -> None:
         if registry is None or repository is None or digest is None:
             raise PlanError(f"image record: {name} {quoted(value)} without the registry, repository "
                             "and digest that place it in the cache")
@@ -245,10 +251,10 @@ def image_cache_paths(image, workdir):
     return found
 
 
-def layer_cache_paths(layer, workdir):
+def layer_cache_paths(layer: Record, workdir: Workdir) -> list[tuple[str, str, str, str]]:
     """[(field name, value, digest, derived path)] for the cache paths a layer record names."""
     digest = layer["digest"]
-    found = []
+    found: list[tuple[str, str, str, str]] = []
     if layer.get("path") is not None:
         found.append(("path", layer["path"], digest, workdir.layer_path(digest)))
     if layer.get("overlay") is not None:
@@ -261,34 +267,36 @@ IMAGE_CACHE_PATHS = ("manifestPath", "index path", "config path", "config savedC
 LAYER_CACHE_PATHS = ("path", "overlay")
 
 
-def _cache_paths(record, workdir, where):
+def _cache_paths(record: Record, workdir: Workdir,
+                 where: str | None) -> tuple[list[tuple[str, str, str, str]], str]:
     if record.get("type") == IMAGE:
         return image_cache_paths(record, workdir), where or "image record"
     return layer_cache_paths(record, workdir), where or f"layer {record.get('index')}"
 
 
-def check_cache_paths(record, workdir, where=None, fields=None):
+def check_cache_paths(record: Record, workdir: Workdir, where: str | None = None,
+                      fields: Iterable[str] | None = None) -> None:
     """PlanError if a (checked) record names, in `fields` (default: all of them), a
     cache path other than the one `workdir` (a cache.Workdir, with its overlay dir)
     derives from the digest: the fields a stage takes from its own workdir."""
-    paths, where = _cache_paths(record, workdir, where)
+    paths, where_text = _cache_paths(record, workdir, where)
     for name, value, digest, derived in paths:
         if (fields is None or name in fields) and not _same_path(value, derived):
             place = f"the overlay dir {workdir.overlays}" if name == "overlay" else \
                 f"the workdir {workdir.root}"
-            raise _outside(where, name, value, digest, place)
+            raise _outside(where_text, name, value, digest, place)
 
 
-def check_cache_path_shapes(record, where=None):
+def check_cache_path_shapes(record: Record, where: str | None = None) -> None:
     """PlanError unless every cache path a (checked) record names is where some workdir
     keeps that digest (<workdir>/layers/<hex>, <overlaydir>/<hex>, ...): what a stage
     passes on unused must still be a cache path, though maybe another workdir's (a plan
     resolved into one workdir and fetched into another names both)."""
     # A workdir (and overlay dir) at "/": its paths are the suffixes to find.
-    paths, where = _cache_paths(record, Workdir("/", "/"), where)
+    paths, where_text = _cache_paths(record, Workdir("/", "/"), where)
     for name, value, digest, suffix in paths:
         if not os.path.normpath(value).endswith(suffix):
-            raise _outside(where, name, value, digest, "a workdir")
+            raise _outside(where_text, name, value, digest, "a workdir")
 
 
 class FdLines:
@@ -296,25 +304,25 @@ class FdLines:
     from `ready()` which lines have arrived: a PlanReader over a pipe checks every
     record already written before it gives the first layer, and the rest as they come."""
 
-    def __init__(self, fd):
+    def __init__(self, fd: int) -> None:
         self._fd = fd
         self._buffer = bytearray()
         self._scanned = 0  # no newline before this offset of the buffer
         self._eof = False
 
-    def _fill(self):
+    def _fill(self) -> None:
         data = os.read(self._fd, 1 << 16)
         if data:
             self._buffer += data
         else:
             self._eof = True
 
-    def _has_line(self):
+    def _has_line(self) -> bool:
         found = self._buffer.find(b"\n", self._scanned)
         self._scanned = len(self._buffer) if found < 0 else found
         return found >= 0
 
-    def ready(self):
+    def ready(self) -> bool:
         """True if the next line (or the end) is there already: reading it will not wait."""
         import select
 
@@ -328,10 +336,10 @@ class FdLines:
             self._fill()
         return True
 
-    def __iter__(self):
+    def __iter__(self) -> "FdLines":
         return self
 
-    def __next__(self):
+    def __next__(self) -> bytes:
         while not self._has_line():
             if self._eof:
                 if not self._buffer:
@@ -365,13 +373,15 @@ class PlanReader:
     for the end of the plan.
     """
 
-    def __init__(self, stream, source="stdin", workdir=None, uses=None):
+    def __init__(self, stream: Iterable[str] | Iterable[bytes], source: str = "stdin",
+                 workdir: Workdir | Callable[[Record], Workdir] | None = None,
+                 uses: Iterable[str] | None = None) -> None:
         self._stream = stream
-        self._lines = iter(stream)
+        self._lines: Iterator[str | bytes] = iter(stream)
         self._source = source
         self._lineno = 0
         self._ended = False
-        self._pending = collections.deque()
+        self._pending: collections.deque[Record] = collections.deque()
         first = self._next_record()
         if first is None:
             raise PlanError(f"{source}: empty plan (did the stage before this one fail?)")
@@ -395,7 +405,7 @@ class PlanReader:
         self._expected = first["layerCount"]
         self._seen = 0
 
-    def _next_record(self):
+    def _next_record(self) -> Record | None:
         for line in self._lines:
             self._lineno += 1
             if line.strip():
@@ -403,7 +413,7 @@ class PlanReader:
         self._ended = True
         return None
 
-    def _take(self, record):
+    def _take(self, record: Record) -> Record | None:
         """The layer record `record` is, checked; None for a record of another kind."""
         kind = record.get("type")
         if kind == IMAGE:
@@ -426,7 +436,7 @@ class PlanReader:
         self._seen += 1
         return record
 
-    def _next_layer(self):
+    def _next_layer(self) -> Record | None:
         """The next layer record, checked, waiting for it; None at the end of the plan."""
         while not self._ended:
             record = self._next_record()
@@ -434,7 +444,7 @@ class PlanReader:
                 return record
         return None
 
-    def _read_ready(self):
+    def _read_ready(self) -> None:
         """Check (and keep) the records that have arrived already, without waiting."""
         ready = getattr(self._stream, "ready", None)
         while ready is not None and not self._ended and ready():
@@ -442,7 +452,7 @@ class PlanReader:
             if record is not None and (record := self._take(record)) is not None:
                 self._pending.append(record)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Record]:
         while True:
             record = self._pending.popleft() if self._pending else self._next_layer()
             if record is None:
@@ -459,37 +469,37 @@ class PlanReader:
                 "(did the stage before this one fail?)"
             )
 
-    def layers(self):
+    def layers(self) -> list[Record]:
         return list(self)
 
 
 class PlanWriter:
     """Writes plan records to a text stream, one flushed line each."""
 
-    def __init__(self, stream):
+    def __init__(self, stream: IO[str]) -> None:
         self._stream = stream
 
-    def write(self, record):
+    def write(self, record: Mapping[str, Any]) -> None:
         self._stream.write(json.dumps(record, separators=(",", ":")) + "\n")
         self._stream.flush()
 
-    def write_plan(self, image, layers):
+    def write_plan(self, image: Mapping[str, Any], layers: Iterable[Mapping[str, Any]]) -> None:
         """The image record, then each layer record as the iterable yields it."""
         self.write(image)
         for layer in layers:
             self.write(layer)
 
 
-def new_image_record(**fields):
+def new_image_record(**fields: Any) -> Record:
     """An image record with the version and type set; callers add the rest."""
-    record = {"type": IMAGE, "planVersion": PLAN_VERSION}
+    record: Record = {"type": IMAGE, "planVersion": PLAN_VERSION}
     record.update(fields)
     return record
 
 
-def new_layer_record(index, descriptor, **fields):
+def new_layer_record(index: int, descriptor: Mapping[str, Any], **fields: Any) -> Record:
     """A layer record: the OCI descriptor's fields verbatim plus tosi's own."""
-    record = {"type": LAYER, "index": index}
+    record: Record = {"type": LAYER, "index": index}
     for key in ("mediaType", "digest", "size", "urls", "annotations"):
         if key in descriptor:
             record[key] = descriptor[key]
@@ -497,7 +507,7 @@ def new_layer_record(index, descriptor, **fields):
     return record
 
 
-def read_digest_list(lines, source="stdin"):
+def read_digest_list(lines: Iterable[str], source: str = "stdin") -> list[Digest]:
     """Digests from a plain list, one per line; blank lines and #comments are skipped."""
     from .digest import Digest
     from .errors import UsageError
