@@ -12,6 +12,7 @@ import os
 import re
 import threading
 import time
+from collections.abc import Callable, Hashable
 
 from .errors import UsageError
 
@@ -27,15 +28,15 @@ class Credentials:
 
     __slots__ = ("username", "password", "registry")
 
-    def __init__(self, username, password, registry=None):
+    def __init__(self, username: str, password: str, registry: str | None = None) -> None:
         self.username = username
         self.password = password
         self.registry = registry
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"Credentials(username={self.username!r}, password=<hidden>, registry={self.registry!r})"
 
-    def basic_header(self):
+    def basic_header(self) -> str:
         raw = f"{self.username}:{self.password}".encode()
         return "Basic " + base64.b64encode(raw).decode()
 
@@ -48,7 +49,7 @@ _TOKEN68_RE = re.compile(r"\s+[A-Za-z0-9._~+/-]+=*(?=\s*(?:,|$))")
 _PREFERRED_SCHEMES = ("bearer", "basic")
 
 
-def parse_challenges(header):
+def parse_challenges(header: str) -> list[tuple[str, dict[str, str]]]:
     """Every challenge of a WWW-Authenticate value (RFC 7235: several may share one header,
     and requests joins repeated headers with commas) as [(scheme, {param: value})],
     schemes and parameter names lower-cased."""
@@ -68,7 +69,7 @@ def parse_challenges(header):
     return challenges
 
 
-def parse_challenge(header):
+def parse_challenge(header: str) -> tuple[str | None, dict[str, str]]:
     """The challenge to answer in a WWW-Authenticate value: (scheme, {param: value}),
     Bearer before Basic before any other; (None, {}) for none."""
     challenges = parse_challenges(header)
@@ -84,13 +85,13 @@ class TokenCache:
     and the last challenge of each registry host, so that every client sharing the
     cache sends the right credentials with its first request; thread-safe."""
 
-    def __init__(self, clock=time.monotonic):
-        self._tokens = {}
-        self._challenges = {}
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._tokens: dict[Hashable, tuple[str, float]] = {}
+        self._challenges: dict[str, tuple[str, dict[str, str]]] = {}
         self._lock = threading.Lock()
         self._clock = clock
 
-    def get(self, key):
+    def get(self, key: Hashable) -> str | None:
         with self._lock:
             entry = self._tokens.get(key)
             if entry and entry[1] > self._clock():
@@ -98,26 +99,26 @@ class TokenCache:
             self._tokens.pop(key, None)
             return None
 
-    def put(self, key, token, expires_in=None):
+    def put(self, key: Hashable, token: str, expires_in: object = None) -> None:
         lifetime = expires_in if isinstance(expires_in, (int, float)) and expires_in > 0 else DEFAULT_TOKEN_LIFETIME
         with self._lock:
             self._tokens[key] = (token, self._clock() + max(lifetime - EXPIRY_MARGIN, 1))
 
-    def drop(self, key):
+    def drop(self, key: Hashable) -> None:
         with self._lock:
             self._tokens.pop(key, None)
 
-    def challenge(self, host):
+    def challenge(self, host: str) -> tuple[str, dict[str, str]] | None:
         """(scheme, params) of the last 401 challenge from `host`, or None."""
         with self._lock:
             return self._challenges.get(host)
 
-    def set_challenge(self, host, challenge):
+    def set_challenge(self, host: str, challenge: tuple[str, dict[str, str]]) -> None:
         with self._lock:
             self._challenges[host] = challenge
 
 
-def docker_config_credentials(registry, path=None):
+def docker_config_credentials(registry: str, path: str | None = None) -> "Credentials | None":
     """Username and password for `registry` from ~/.docker/config.json ("auths"), if any.
 
     Only inline `auth`/`username`+`password` entries are read; credential helpers are
@@ -151,7 +152,9 @@ def docker_config_credentials(registry, path=None):
     return None
 
 
-def credentials_from_flags(username=None, password=None, password_stdin=None, registry=None):
+def credentials_from_flags(username: str | None = None, password: str | None = None,
+                           password_stdin: str | None = None,
+                           registry: str | None = None) -> "Credentials | None":
     """Credentials for `registry` from --username/--password (or a password read from
     stdin), the TOSI_USERNAME/TOSI_PASSWORD environment, or the docker config, in that
     order; they go to that registry's endpoint only (registry.RegistryClient)."""

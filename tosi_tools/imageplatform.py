@@ -8,6 +8,8 @@ amd64/v1 -> amd64), and a platform also runs older variants of its architecture
 
 import platform as _host
 import sys
+from collections.abc import Sequence
+from typing import Any
 
 from .errors import UsageError, quoted
 
@@ -28,7 +30,7 @@ _MACHINE = {
 _OS = {"darwin": "darwin", "macos": "darwin", "linux": "linux", "windows": "windows",
        "win32": "windows", "freebsd": "freebsd"}
 # Variants an architecture can run, newest first.
-_COMPATIBLE = {
+_COMPATIBLE: dict[str, list[str | None]] = {
     "arm": ["v8", "v7", "v6", "v5"],
     "amd64": ["v4", "v3", "v2", None],
 }
@@ -37,12 +39,12 @@ _COMPATIBLE = {
 class Platform:
     __slots__ = ("os", "architecture", "variant")
 
-    def __init__(self, os, architecture, variant=None):
+    def __init__(self, os: str, architecture: str, variant: str | None = None) -> None:
         self.os = os
         self.architecture = architecture
         self.variant = variant or None
 
-    def normalized(self):
+    def normalized(self) -> "Platform":
         """The same platform under its canonical names (see module docstring)."""
         os_name = _OS.get(self.os.lower(), self.os.lower())
         arch = self.architecture.lower()
@@ -61,7 +63,7 @@ class Platform:
             variant = None
         return Platform(os_name, arch, variant)
 
-    def runs(self):
+    def runs(self) -> list["Platform"]:
         """The normalized platforms this one can run, best first."""
         mine = self.normalized()
         variants = _COMPATIBLE.get(mine.architecture)
@@ -70,34 +72,34 @@ class Platform:
             return [Platform(mine.os, mine.architecture, v) for v in variants[start:]]
         return [mine]
 
-    def to_dict(self):
+    def to_dict(self) -> dict[str, str]:
         d = {"os": self.os, "architecture": self.architecture}
         if self.variant:
             d["variant"] = self.variant
         return d
 
     @classmethod
-    def from_dict(cls, d):
+    def from_dict(cls, d: Any) -> "Platform | None":
         if not isinstance(d, dict) or not isinstance(d.get("os"), str) \
                 or not isinstance(d.get("architecture"), str):
             return None
         variant = d.get("variant")
         return cls(d["os"], d["architecture"], variant if isinstance(variant, str) else None)
 
-    def __str__(self):
+    def __str__(self) -> str:
         return "/".join(p for p in (self.os, self.architecture, self.variant) if p)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"Platform({str(self)!r})"
 
-    def __eq__(self, other):
+    def __eq__(self, other: object) -> bool:
         return isinstance(other, Platform) and str(self.normalized()) == str(other.normalized())
 
-    def __hash__(self):
+    def __hash__(self) -> int:
         return hash(str(self.normalized()))
 
 
-def host_platform():
+def host_platform() -> Platform:
     """The platform of this machine, e.g. linux/amd64 or linux/arm/v7."""
     os_name = _OS.get(sys.platform.rstrip("0123456789"), sys.platform)
     machine = _host.machine().lower()
@@ -105,7 +107,7 @@ def host_platform():
     return Platform(os_name, arch, variant)
 
 
-def parse_platform(text):
+def parse_platform(text: str) -> Platform:
     """OS/ARCH[/VARIANT], as for docker --platform; raise UsageError if malformed."""
     parts = text.split("/") if isinstance(text, str) else []
     if len(parts) not in (2, 3) or not all(p and p.strip() == p for p in parts):
@@ -113,7 +115,7 @@ def parse_platform(text):
     return Platform(*parts)
 
 
-def best_match(wanted, candidates):
+def best_match(wanted: Platform, candidates: Sequence[Platform | None]) -> int | None:
     """Index of the candidate platform `wanted` runs best, or None.
 
     `candidates` is a list of Platform or None (entries without a platform).

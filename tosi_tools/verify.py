@@ -5,11 +5,18 @@ order asked for. Paths always come from the workdir and the digest, never from
 the input, so a hostile plan cannot make verify move files outside the cache.
 """
 
+from __future__ import annotations
+
 import os
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
 
 from .digest import verify_file
 from .errors import CacheError, DigestMismatch
+
+if TYPE_CHECKING:
+    from .cache import Workdir
 
 DEFAULT_PARALLEL = min(4, os.cpu_count() or 1)
 
@@ -17,30 +24,30 @@ DEFAULT_PARALLEL = min(4, os.cpu_count() or 1)
 class BlobCheck:
     """One blob to verify: its digest, declared size (or None) and cache path."""
 
-    def __init__(self, digest, size, path, what):
+    def __init__(self, digest: str, size: int | None, path: str, what: str) -> None:
         self.digest = digest
         self.size = size
         self.path = path
         self.what = what
-        self.error = None
-        self.same_as = None  # the check of the same blob earlier in the input, if any
+        self.error: Exception | None = None
+        self.same_as: BlobCheck | None = None  # the check of the same blob earlier in the input, if any
 
     @property
-    def ok(self):
+    def ok(self) -> bool:
         return self.error is None
 
 
-def layer_check(workdir, record):
+def layer_check(workdir: Workdir, record: Mapping[str, Any]) -> BlobCheck:
     return BlobCheck(record["digest"], record.get("size"), workdir.layer_path(record["digest"]),
                      f"layer {record['index']} ({record['digest']})")
 
 
-def config_check(workdir, config):
+def config_check(workdir: Workdir, config: Mapping[str, Any]) -> BlobCheck:
     return BlobCheck(config["digest"], config.get("size"), workdir.config_path(config["digest"]),
                      f"config ({config['digest']})")
 
 
-def digest_check(workdir, digest):
+def digest_check(workdir: Workdir, digest: str) -> BlobCheck:
     """A blob named only by its digest: a layer, or else a config, of the cache."""
     path = workdir.layer_path(digest)
     if not os.path.exists(path) and os.path.exists(workdir.config_path(digest)):
@@ -48,15 +55,16 @@ def digest_check(workdir, digest):
     return BlobCheck(digest, None, path, f"blob {digest}")
 
 
-def verify_blobs(workdir, checks, parallel=DEFAULT_PARALLEL):
+def verify_blobs(workdir: Workdir, checks: Sequence[BlobCheck],
+                 parallel: int = DEFAULT_PARALLEL) -> Iterator[BlobCheck]:
     """Yield each BlobCheck, in order, once verified; failures carry `.error` (a
     CacheError), and a corrupt blob has been moved to the quarantine directory.
     A blob named twice is hashed once; the later check has `.same_as` set.
     The workdir is checked first (cache.Workdir.check): it must be private and ours."""
     workdir.check()
     with ThreadPoolExecutor(max_workers=max(parallel, 1), thread_name_prefix="tosi-verify") as pool:
-        first = {}
-        futures = []
+        first: dict[str, BlobCheck] = {}
+        futures: list[Future[None] | None] = []
         for check in checks:
             if check.path in first:
                 check.same_as = first[check.path]
@@ -66,6 +74,7 @@ def verify_blobs(workdir, checks, parallel=DEFAULT_PARALLEL):
                 futures.append(pool.submit(_verify, workdir, check))
         for check, future in zip(checks, futures):
             if future is None:
+                assert check.same_as is not None  # a blob named before: no future of its own
                 check.error = check.same_as.error
             else:
                 future.result()
