@@ -9,6 +9,8 @@ config blob, no layer sizes and no diff IDs).
 
 import base64
 import json
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 from .digest import Digest, digest_of
 from .errors import ManifestError, NoMatchingPlatform, UsageError, quoted
@@ -29,6 +31,9 @@ DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 
+# An OCI descriptor (or index entry) as parsed from JSON.
+Descriptor = dict[str, Any]
+
 IMAGE_TYPES = (DOCKER_MANIFEST, OCI_MANIFEST)
 INDEX_TYPES = (DOCKER_LIST, OCI_INDEX)
 SCHEMA1_TYPES = (DOCKER_SCHEMA1, DOCKER_SCHEMA1_SIGNED)
@@ -45,31 +50,32 @@ class ImageManifest:
     For schema1, `config_bytes` holds the synthesized config and `config` its descriptor.
     """
 
-    def __init__(self, media_type, config, layers, config_bytes=None):
+    def __init__(self, media_type: str, config: Descriptor, layers: list[Descriptor],
+                 config_bytes: bytes | None = None) -> None:
         self.media_type = media_type
         self.config = config
         self.layers = layers
         self.config_bytes = config_bytes
 
     @property
-    def is_index(self):
+    def is_index(self) -> bool:
         return False
 
 
 class Index:
     """A manifest list or image index: `manifests` are the entries' descriptors."""
 
-    def __init__(self, media_type, manifests):
+    def __init__(self, media_type: str, manifests: list[Descriptor]) -> None:
         self.media_type = media_type
         self.manifests = manifests
 
     @property
-    def is_index(self):
+    def is_index(self) -> bool:
         return True
 
-    def image_entries(self):
+    def image_entries(self) -> list[tuple[Descriptor, Platform | None]]:
         """Entries that are images for some platform: attestations and other kinds are skipped."""
-        entries = []
+        entries: list[tuple[Descriptor, Platform | None]] = []
         for entry in self.manifests:
             if entry["mediaType"] not in IMAGE_TYPES + SCHEMA1_TYPES:
                 continue
@@ -82,7 +88,8 @@ class Index:
             entries.append((entry, platform))
         return entries
 
-    def select(self, wanted, open_nested=None):
+    def select(self, wanted: Platform, open_nested: Callable[[Descriptor], "Index"] | None = None,
+               ) -> tuple[Descriptor, Platform | None]:
         """(descriptor, platform) of the image entry for `wanted` (a Platform).
 
         Without one, the indexes this one lists for `wanted` or for no platform (OCI lets
@@ -92,7 +99,7 @@ class Index:
         (no loop can hash, but a hostile registry can nest deep or wide) it is a
         ManifestError; NoMatchingPlatform lists the platforms of every index searched.
         """
-        platforms = set()
+        platforms: set[str] = set()
         found = self._find(wanted, open_nested, platforms, depth=1, budget=[MAX_NESTED_INDEXES])
         if found is None:
             listed = ", ".join(sorted(platforms)) or "none"
@@ -127,11 +134,11 @@ class Index:
         return nested
 
 
-def _fail(what, message):
+def _fail(what: str, message: str) -> NoReturn:
     raise ManifestError(f"malformed {what}: {message}")
 
 
-def check_descriptor(d, what):
+def check_descriptor(d: Any, what: str) -> Descriptor:
     """A descriptor dict with a valid mediaType, digest and size (returned as is)."""
     if not isinstance(d, dict):
         _fail(what, "descriptor is not an object")
@@ -162,7 +169,7 @@ def _decode_json(data, what):
     return body
 
 
-def media_type_of(body, content_type=None):
+def media_type_of(body: Any, content_type: str | None = None) -> str | None:
     """The manifest's kind: its own mediaType field, else the HTTP Content-Type, else its shape."""
     declared = body.get("mediaType")
     if isinstance(declared, str) and declared:
@@ -179,7 +186,8 @@ def media_type_of(body, content_type=None):
     return header or None
 
 
-def parse_manifest(data, content_type=None, what="manifest"):
+def parse_manifest(data: bytes, content_type: str | None = None,
+                   what: str = "manifest") -> "ImageManifest | Index":
     """Parse manifest or index bytes into an ImageManifest or an Index."""
     if len(data) > MAX_MANIFEST_SIZE:
         raise ManifestError(f"{what}: larger than {MAX_MANIFEST_SIZE >> 20} MiB, refused")
@@ -239,7 +247,7 @@ def _convert_schema1(body, what):
                          config, layers, config_bytes=config_bytes)
 
 
-def schema1_payload(data):
+def schema1_payload(data: bytes) -> bytes | None:
     """A signed schema1 manifest's bytes without signatures: what the registry's digest names.
 
     libtrust signs data[:formatLength] + base64url(formatTail); the registry keeps that.
@@ -257,7 +265,7 @@ def _b64url(text):
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-def content_digests(data, algorithm="sha256"):
+def content_digests(data: bytes, algorithm: str = "sha256") -> set[Digest]:
     """Digests by `algorithm` that may name these manifest bytes (a signed schema1 manifest:
     with and without its signatures, as registries differ in which they name)."""
     digests = {digest_of(data, algorithm)}
@@ -268,17 +276,17 @@ def content_digests(data, algorithm="sha256"):
     return digests
 
 
-def config_platform(config_body):
+def config_platform(config_body: Any) -> Platform | None:
     """Platform named by an image config object, or None."""
     return Platform.from_dict(config_body) if isinstance(config_body, dict) else None
 
 
-def parse_config(data, what="image config"):
+def parse_config(data: bytes, what: str = "image config") -> dict[str, Any]:
     """The config blob as a dict (checked to be a JSON object)."""
     return _decode_json(data, what)
 
 
-def diff_ids(config_body, layer_count, what="image config"):
+def diff_ids(config_body: Any, layer_count: int, what: str = "image config") -> list[str] | None:
     """rootfs.diff_ids from the config, one per layer (checked), or None for schema1."""
     rootfs = config_body.get("rootfs")
     if rootfs is None:
