@@ -17,6 +17,7 @@ import gzip
 import queue
 import threading
 import types
+from typing import Any
 
 import zstandard
 
@@ -44,7 +45,7 @@ _MAGIC = [
 ]
 
 
-def compression_of(media_type):
+def compression_of(media_type: str | None) -> str:
     """gzip, zstd or tar for a layer media type (OCI or Docker); UnpackError for others."""
     mt = (media_type or "").strip().lower()
     if mt.endswith(("+gzip", ".tar.gzip")):
@@ -57,7 +58,7 @@ def compression_of(media_type):
                       "(known: gzip, zstd and uncompressed tar layers)")
 
 
-def sniff(head):
+def sniff(head: bytes) -> str:
     """The compression the first bytes of a blob show ("tar" when none is recognised)."""
     for name, magic in _MAGIC:
         if head.startswith(magic):
@@ -106,13 +107,14 @@ class DecompressedStream:
     b"". Always `close()` it, which stops the thread.
     """
 
-    def __init__(self, decoder, what, max_bytes=None, hasher=None, source=None):
+    def __init__(self, decoder: Any, what: str, max_bytes: int | None = None, hasher: Any = None,
+                 source: Any = None) -> None:
         self._decoder = decoder
         self._source = source  # the blob stream, if it can be interrupted (a download in flight)
         self._what = what
         self._max_bytes = max_bytes
         self._hasher = hasher
-        self._queue = queue.Queue(QUEUE_CHUNKS)
+        self._queue: queue.Queue[Any] = queue.Queue(QUEUE_CHUNKS)
         self._stop = threading.Event()
         self._buf = b""
         self._pos = 0
@@ -156,9 +158,9 @@ class DecompressedStream:
         except Exception as exc:  # delivered to the reader rather than lost in this thread
             self._put(exc)
 
-    def read(self, n=-1):
+    def read(self, n: int | None = -1) -> bytes:
         if n is None or n < 0:
-            parts = []
+            parts: list[bytes] = []
             while True:
                 chunk = self.read(CHUNK)
                 if not chunk:
@@ -183,14 +185,14 @@ class DecompressedStream:
             return self._buf
         return self._buf[start:end]
 
-    def drain(self):
+    def drain(self) -> None:
         """Read to the end of the stream, discarding: what follows a tar's end marker
         still counts for the diffID, and a compressed stream is only checked whole."""
         self._buf, self._pos = b"", 0
         while self.read(CHUNK):
             pass
 
-    def close(self):
+    def close(self) -> None:
         self._stop.set()
         interrupt = getattr(self._source, "interrupt", None)
         if interrupt is not None and not self._done:
@@ -208,14 +210,15 @@ class DecompressedStream:
             except Exception:
                 pass
 
-    def __enter__(self):
+    def __enter__(self) -> "DecompressedStream":
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
-def open_layer(stream, media_type, what="layer", max_bytes=None, hasher=None):
+def open_layer(stream: Any, media_type: str | None, what: str = "layer", max_bytes: int | None = None,
+               hasher: Any = None) -> DecompressedStream:
     """A DecompressedStream over a layer blob read from `stream` (any binary reader).
 
     The media type names the compression; the magic bytes must agree with it.
@@ -231,6 +234,7 @@ def open_layer(stream, media_type, what="layer", max_bytes=None, hasher=None):
         shown = "not compressed" if found == TAR else f"{found}-compressed"
         raise UnpackError(f"{what}: media type {media_type} says {expected}, but the blob is {shown}")
     source = _Prefixed(head, stream)
+    decoder: Any
     if not head:
         decoder = source  # an empty blob: an empty layer whatever its type
     elif expected == GZIP:

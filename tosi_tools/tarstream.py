@@ -11,6 +11,7 @@ decompressed chunks to a file descriptor.
 
 import os
 import re
+from typing import Any, Protocol
 
 from .digest import CHUNK
 from .errors import UnpackError, quoted
@@ -34,16 +35,35 @@ MIN_TIME = -MAX_TIME
 _PAX_TIME = re.compile(rb"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
 
 
+class BinaryReader(Protocol):
+    """What a TarReader reads from: a binary stream's read(n)."""
+
+    def read(self, n: int, /) -> bytes: ...
+
+
 class Entry:
     """One member: what applying it needs, nothing more."""
 
     __slots__ = ("name", "type", "mode", "uid", "gid", "size", "mtime", "linkname",
                  "devmajor", "devminor", "xattrs", "sparse", "data_size")
+    name: str
+    type: str
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    mtime: int | float
+    linkname: str
+    devmajor: int
+    devminor: int
+    xattrs: Any  # () or [(name, value bytes)]
+    sparse: list[tuple[int, int]] | None
+    data_size: int
 
-    def isdir(self):
+    def isdir(self) -> bool:
         return self.type == DIR
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"<Entry {self.type} {self.name!r}>"
 
 
@@ -117,12 +137,12 @@ def _pax_records(data):
 class TarReader:
     """Iterate over the entries of a tar stream (anything with read(n))."""
 
-    def __init__(self, stream, what="layer"):
+    def __init__(self, stream: BinaryReader, what: str = "layer") -> None:
         self._read = stream.read
         self._buf = b""
         self._pos = 0
         self._what = what
-        self._globals = []
+        self._globals: list[tuple[str, bytes]] = []
         self.pending = 0  # data bytes of the current entry the caller has not consumed
         self._pad = 0     # and the padding after them
         self._checked = False
@@ -174,7 +194,7 @@ class TarReader:
 
     # ------------------------------------------------------------ data
 
-    def copy_to(self, fd, n):
+    def copy_to(self, fd: int, n: int) -> None:
         """Write the next n data bytes of the current entry to fd."""
         if n > self.pending:
             raise UnpackError(f"{self._what}: an entry's sparse map claims more data than it has")
@@ -188,13 +208,13 @@ class TarReader:
             self._pos += step
             n -= step
 
-    def read_data(self, n):
+    def read_data(self, n: int) -> bytes:
         if n > self.pending:
             raise UnpackError(f"{self._what}: an entry's sparse map claims more data than it has")
         self.pending -= n
         return self._take(n)
 
-    def finish(self, limit):
+    def finish(self, limit: int) -> int:
         """Read what follows the end of the archive (once iteration stopped): its padding,
         which still counts for a layer's diffID. UnpackError past `limit` bytes, since an
         endless stream of padding would otherwise be read for ever."""
@@ -210,10 +230,10 @@ class TarReader:
 
     # ------------------------------------------------------------ headers
 
-    def __iter__(self):
+    def __iter__(self) -> "TarReader":
         return self
 
-    def __next__(self):
+    def __next__(self) -> Entry:
         # Whatever the caller left of the previous entry's data, and its padding.
         if self.pending:
             self._skip(self.pending)
