@@ -22,6 +22,7 @@ import os
 import platform
 import re
 import stat
+from collections.abc import Iterable, Sequence
 
 from .errors import MountError
 
@@ -68,7 +69,7 @@ _libc = None
 
 
 
-def is_whiteout(st):
+def is_whiteout(st: os.stat_result) -> bool:
     """Whether an lstat result is an overlayfs whiteout (a 0/0 character device)."""
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
@@ -83,24 +84,25 @@ def _lib():
     return _libc
 
 
-def page_size():
+def page_size() -> int:
     return os.sysconf("SC_PAGE_SIZE")
 
 
-def escape(path):
+def escape(path: str) -> str:
     """A path as one item of overlayfs' option string (',' ':' '\\' are special there)."""
     return path.replace("\\", "\\\\").replace(",", "\\,").replace(":", "\\:")
 
 
-def option_string(lowerdirs, upperdir=None, workdir=None):
+def option_string(lowerdirs: Iterable[str], upperdir: str | None = None, workdir: str | None = None) -> str:
     """The mount(2) data string: lowerdirs topmost first, then upper and work dirs."""
     options = "lowerdir=" + ":".join(escape(d) for d in lowerdirs)
     if upperdir is not None:
+        assert workdir is not None, "an upperdir needs a workdir"
         options += f",upperdir={escape(upperdir)},workdir={escape(workdir)}"
     return options
 
 
-def fits_in_page(options):
+def fits_in_page(options: str) -> bool:
     # The kernel copies the data into one page, and the string needs its NUL.
     return len(os.fsencode(options)) < page_size()
 
@@ -129,7 +131,7 @@ def _oserror(what, target):
 CAP_SYS_ADMIN = 21
 
 
-def has_mount_privilege(status="/proc/self/status"):
+def has_mount_privilege(status: str = "/proc/self/status") -> bool:
     """True if this process holds CAP_SYS_ADMIN (root, or root of a user namespace)."""
     try:
         with open(status) as f:
@@ -147,7 +149,7 @@ def _permission_hint(code):
     return ""
 
 
-def vfs_flags(flags):
+def vfs_flags(flags: Iterable[str]) -> tuple[int, int]:
     """(MS_* bits for mount(2), MOUNT_ATTR_* bits for fsmount(2)) of VFS_FLAGS names."""
     ms = attrs = 0
     for name in flags:
@@ -160,8 +162,9 @@ def vfs_flags(flags):
     return ms, attrs
 
 
-def mount_overlay(target, lowerdirs, upperdir=None, workdir=None, relative_to=None,
-                  read_only=False, api="auto", flags=()):
+def mount_overlay(target: str, lowerdirs: Sequence[str], upperdir: str | None = None,
+                  workdir: str | None = None, relative_to: str | None = None,
+                  read_only: bool = False, api: str = "auto", flags: Sequence[str] = ()) -> str:
     """Mount overlayfs at `target` (absolute); returns the API used: "mount" or "fsmount".
 
     `lowerdirs` are topmost first; relative ones are looked up in `relative_to`.
@@ -205,7 +208,7 @@ def _mount_legacy(target, options, read_only, ms_flags=0):
         raise MountError(message + _permission_hint(code))
 
 
-def new_api_unavailable_reason():
+def new_api_unavailable_reason() -> str | None:
     """Why the new mount API cannot be used on this machine, or None if it can."""
     machine = platform.machine()
     if machine not in _UNIFIED_ARCHES:
@@ -319,7 +322,7 @@ def _mount_new_api_fds(target, lowerdirs, upperdir, workdir, read_only, option_b
         os.close(fs_fd)
 
 
-def unmount(target):
+def unmount(target: str) -> bool:
     """Unmount `target`; returns True if it was busy and had to be detached lazily."""
     lib = _lib()
     path = os.fsencode(target)
@@ -336,7 +339,7 @@ def _unescape_mountinfo(field):
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
-def mount_at(path, mountinfo="/proc/self/mountinfo"):
+def mount_at(path: str, mountinfo: str = "/proc/self/mountinfo") -> tuple[str, str] | None:
     """(fstype, super options) of the topmost mount whose mount point is `path`, or None."""
     found = None
     with open(mountinfo, encoding="utf-8", errors="surrogateescape") as f:
