@@ -10,9 +10,11 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NoReturn
 
 from .. import __version__
-from ..cache import DEFAULT_WORKDIR
+from ..cache import DEFAULT_WORKDIR, Workdir
 from ..errors import TosiError, UsageError, quoted
 
 EXIT_OK = 0
@@ -30,11 +32,11 @@ log = logging.getLogger("tosi")
 class OneLineParser(argparse.ArgumentParser):
     """argparse that reports a usage error as one line on stderr and exits 2."""
 
-    def error(self, message):
+    def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def new_parser(prog, description, epilog=None):
+def new_parser(prog: str, description: str, epilog: str | None = None) -> OneLineParser:
     parser = OneLineParser(
         prog=prog,
         description=description,
@@ -52,9 +54,9 @@ def new_parser(prog, description, epilog=None):
     return parser
 
 
-def count_type(low, high=MAX_PARALLEL):
+def count_type(low: int, high: int = MAX_PARALLEL) -> Callable[[str], int]:
     """An argparse type: a decimal integer from `low` to `high`, else one line of usage error."""
-    def parse(text):
+    def parse(text: str) -> int:
         digits = text.lstrip("0") or "0"
         if not (text.isascii() and text.isdigit() and len(digits) <= len(str(high))
                 and low <= int(digits) <= high):
@@ -91,7 +93,7 @@ def add_workdir_flag(parser: argparse.ArgumentParser, from_plan: bool = False,
     )
 
 
-def exit_status_epilog(prog, failure, reads_plan=False):
+def exit_status_epilog(prog: str, failure: str, reads_plan: bool = False) -> str:
     """The exit statuses, as the end of a --help epilog; `failure`: what exit 1 means."""
     import textwrap
 
@@ -101,14 +103,14 @@ def exit_status_epilog(prog, failure, reads_plan=False):
         f"exit status: 0 success; 1 {failure}; 2 bad flags or input, or an unsafe workdir "
         f"({unsafe}: see FILES in {prog}(1)); 130 interrupted.", 79, break_on_hyphens=False,
         break_long_words=False) + "\n"
-def add_min_free_flag(parser, where):
+def add_min_free_flag(parser: argparse.ArgumentParser, where: str) -> None:
     """--min-free SIZE: the free space (and inodes) a stage leaves on `where` (tosi_tools.space)."""
     import argparse
 
     from ..errors import UsageError
     from ..space import parse_size
 
-    def size(text):
+    def size(text: str) -> str:
         try:
             parse_size(text, "--min-free")
         except UsageError as exc:
@@ -122,7 +124,7 @@ def add_min_free_flag(parser, where):
         "and 1%% of its inodes)")
 
 
-def add_credential_flags(parser):
+def add_credential_flags(parser: argparse.ArgumentParser) -> None:
     """--username, --password, --password-stdin: the same for every command that logs in."""
     parser.add_argument("--username", metavar="U", help="registry user name")
     secret = parser.add_mutually_exclusive_group()
@@ -132,7 +134,7 @@ def add_credential_flags(parser):
                         help="read the password from the first line of stdin")
 
 
-def password_from_stdin(args):
+def password_from_stdin(args: argparse.Namespace) -> str | None:
     """The first line of stdin with --password-stdin, else None; an empty one is a usage error."""
     if not args.password_stdin:
         return None
@@ -147,7 +149,7 @@ def read_password_line(flag: str) -> str:
     return password
 
 
-def setup_logging(prog, verbosity):
+def setup_logging(prog: str, verbosity: int) -> None:
     level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(f"{prog}: %(message)s"))
@@ -157,7 +159,8 @@ def setup_logging(prog, verbosity):
     root.propagate = False
 
 
-def run(prog, body, argv=None):
+def run(prog: str, body: Callable[[Sequence[str] | None], int | None],
+        argv: Sequence[str] | None = None) -> int:
     """Call body(argv) and turn every failure into one line on stderr and an exit status."""
     try:
         return body(argv) or EXIT_OK
@@ -194,7 +197,8 @@ def _silence_stdout():
         pass
 
 
-def plan_workdir(flag, image=None, overlaydir=None):
+def plan_workdir(flag: str | None, image: Mapping[str, Any] | None = None,
+                 overlaydir: str | None = None) -> Workdir:
     """The workdir a plan-reading stage uses: --workdir, else the one the plan names
     (where resolve cached manifests and configs; used only if it holds the marker
     .tosi-workdir, see tosi_tools.cache), else default_workdir().

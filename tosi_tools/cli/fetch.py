@@ -1,7 +1,10 @@
 """tosi-fetch: make sure every blob of the plan on stdin is in the cache; the plan goes on."""
 
+import argparse
 import sys
 import threading
+from collections.abc import Iterable, Mapping, Sequence
+from typing import IO, Any
 
 from .common import (
     MAX_PARALLEL, add_credential_flags, add_min_free_flag, add_workdir_flag, count_type,
@@ -34,7 +37,7 @@ a plan whose "endpoint" names another host gets no credentials. Over plain http
 """
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     from ..fetch import DEFAULT_PARALLEL, DEFAULT_RETRIES
 
     parser = new_parser(PROG, DESCRIPTION, EPILOG + "\n" + exit_status_epilog(
@@ -62,18 +65,18 @@ def build_parser():
 class ProgressBars:
     """tqdm bars on stderr: total bytes, and one bar per blob while it downloads."""
 
-    def __init__(self, total, stream):
+    def __init__(self, total: int, stream: IO[str]) -> None:
         from tqdm import tqdm
 
         self._tqdm = tqdm
         self._stream = stream
         self._lock = threading.Lock()
-        self._bars = {}
-        self._free_rows = []
+        self._bars: dict[Any, tuple[int, Any]] = {}  # download -> (row, its bar)
+        self._free_rows: list[int] = []
         self.total = tqdm(total=total, desc="total", unit="B", unit_scale=True, unit_divisor=1024,
                           file=stream, position=0, dynamic_ncols=True)
 
-    def __call__(self, download, event, nbytes):
+    def __call__(self, download: Any, event: str, nbytes: int) -> None:
         with self._lock:
             if event == "reused":
                 self.total.update(nbytes)
@@ -95,7 +98,7 @@ class ProgressBars:
                 bar.close()
                 self._free_rows.append(row)
 
-    def close(self):
+    def close(self) -> None:
         with self._lock:
             for _row, bar in self._bars.values():
                 bar.close()
@@ -103,7 +106,7 @@ class ProgressBars:
             self.total.close()
 
 
-def total_bytes(image, layers):
+def total_bytes(image: Mapping[str, Any], layers: Iterable[Mapping[str, Any]]) -> int:
     """Bytes to download for a plan: each distinct blob once, the config included."""
     sizes = {layer["digest"]: layer.get("size") for layer in layers}
     config = image.get("config")
@@ -112,7 +115,7 @@ def total_bytes(image, layers):
     return sum(size for size in sizes.values() if isinstance(size, int))
 
 
-def body(argv):
+def body(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.retries < 0:
@@ -151,5 +154,5 @@ def body(argv):
     return 0
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     return run(PROG, body, argv)

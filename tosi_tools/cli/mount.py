@@ -1,6 +1,8 @@
 """tosi-mount: mount an unpacked image (plan on stdin) as overlayfs, or unmount it."""
 
+import argparse
 import sys
+from collections.abc import Sequence
 
 from ..errors import UsageError
 from .common import add_workdir_flag, exit_status_epilog, new_parser, plan_workdir, run, setup_logging
@@ -25,7 +27,7 @@ examples:
                                   reads_plan=True)
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     parser = new_parser(PROG, DESCRIPTION, EPILOG)
     add_workdir_flag(parser, from_plan=True, what="the cache the plan was unpacked in")
     parser.add_argument("--overlaydir", metavar="DIR",
@@ -51,7 +53,7 @@ def build_parser():
     return parser
 
 
-def body(argv):
+def body(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(PROG, args.verbose)
     if args.clean and not args.unmount:
@@ -78,5 +80,5 @@ def body(argv):
     return 0
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     return run(PROG, body, argv)

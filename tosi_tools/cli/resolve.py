@@ -1,12 +1,18 @@
 """tosi-resolve: resolve an image reference and write the plan (tosi-plan(5)) to stdout."""
 
+import argparse
 import os
 import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from .common import (
     add_credential_flags, add_workdir_flag, exit_status_epilog, new_parser, password_from_stdin, run,
     setup_logging,
 )
+
+if TYPE_CHECKING:
+    from ..auth import Credentials
 
 PROG = "tosi-resolve"
 
@@ -16,7 +22,7 @@ platform's image manifest, store manifest and config bytes in the workdir, and
 write the plan to stdout: one image record, then one record per layer."""
 
 
-def add_registry_flags(parser):
+def add_registry_flags(parser: argparse.ArgumentParser) -> None:
     """Credentials and transport flags shared by every command that talks to a registry."""
     add_credential_flags(parser)
     parser.add_argument("--insecure", action="store_true",
@@ -27,7 +33,8 @@ def add_registry_flags(parser):
                         "(default: system CAs, or $REQUESTS_CA_BUNDLE)")
 
 
-def credentials_and_transport(args, registry):
+def credentials_and_transport(args: argparse.Namespace,
+                              registry: str) -> "tuple[Credentials | None, str | None]":
     """(credentials or None, absolute ca_file or None) from parsed registry flags."""
     from ..auth import credentials_from_flags
     from ..errors import UsageError
@@ -72,5 +79,5 @@ def _body(argv):
     return 0
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     return run(PROG, _body, argv)

@@ -9,7 +9,8 @@ stops at the first non-flag argument or at `--`.
 import logging
 import sys
 import textwrap
-from typing import NamedTuple
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 from .. import __version__
 from ..cache import DEFAULT_WORKDIR
@@ -122,7 +123,7 @@ def _default_note(flag):
     return f' (default "{flag.default}")' if flag.kind == STRING else f" (default {flag.default})"
 
 
-def help_text():
+def help_text() -> str:
     lines = [SUMMARY, "", "flags:"]
     for flag in FLAGS:
         lines.append(f"  -{flag.name}" + (f" {flag.metavar}" if flag.metavar else ""))
@@ -133,9 +134,9 @@ def help_text():
     return "\n".join(lines)
 
 
-def parse_flags(argv):
+def parse_flags(argv: Sequence[str]) -> dict[str, Any]:
     """Go flag semantics over FLAGS; returns {name: value} with defaults filled in."""
-    values = {flag.name: flag.default for flag in FLAGS}
+    values: dict[str, Any] = {flag.name: flag.default for flag in FLAGS}
     args = list(argv)
     while args:
         arg = args.pop(0)
@@ -178,7 +179,7 @@ def parse_flags(argv):
     return values
 
 
-def log_level(values):
+def log_level(values: dict[str, Any]) -> int:
     """The stderr log level the glog-style flags ask for."""
     threshold = str(values["stderrthreshold"]).upper()
     if threshold.isdigit() and int(threshold) < len(_THRESHOLDS):
@@ -195,7 +196,7 @@ def log_level(values):
     return level
 
 
-def check_flags(values):
+def check_flags(values: dict[str, Any]) -> None:
     """The flag combinations the original refused, and the new flags' own rules."""
     if not values["image"]:
         raise UsageError("-image is required")
@@ -212,7 +213,7 @@ def check_flags(values):
         parse_size(values["min-free"], "-min-free")
 
 
-def body(argv):
+def body(argv: Sequence[str] | None) -> int:
     if argv is None:
         argv = sys.argv[1:]
     try:
@@ -265,5 +266,5 @@ def _progress_bars(image, layers):
     return ProgressBars(total_bytes(image, layers), sys.stderr)
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     return run(PROG, body, argv)

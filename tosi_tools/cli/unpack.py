@@ -1,6 +1,7 @@
 """tosi-unpack: extract the layers of a fetched plan, per layer for overlayfs or flat into a directory."""
 
 import sys
+from collections.abc import Sequence
 
 from .common import (
     MAX_PARALLEL, add_min_free_flag, add_workdir_flag, count_type, exit_status_epilog, new_parser,
@@ -40,7 +41,7 @@ environment:
                                   reads_plan=True)
 
 
-def body(argv):
+def body(argv: Sequence[str] | None) -> int:
     parser = new_parser(PROG, DESCRIPTION, EPILOG)
     add_workdir_flag(parser, from_plan=True)  # the plan's workdir unless the flag is given
     parser.add_argument("--overlaydir", metavar="DIR",
@@ -83,5 +84,5 @@ def body(argv):
     return 0
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     return run(PROG, body, argv)

@@ -1,7 +1,9 @@
 """tosi-verify: re-hash the cached blobs a plan (or a digest list) names."""
 
+import argparse
 import itertools
 import sys
+from collections.abc import Sequence
 
 from .common import (
     EXIT_FAILURE, add_workdir_flag, exit_status_epilog, new_parser, plan_workdir, run, setup_logging,
@@ -23,7 +25,7 @@ EPILOG = exit_status_epilog(PROG, "a blob is missing or corrupt, or there is no 
                             reads_plan=True)
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     parser = new_parser(PROG, DESCRIPTION, EPILOG)
     add_workdir_flag(parser, from_plan=True)  # the plan's workdir unless the flag is given
     return parser
@@ -85,7 +87,7 @@ def _verify_digests(lines, workdir_flag, report):
     return good
 
 
-def body(argv):
+def body(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(PROG, args.verbose)
 
@@ -101,5 +103,5 @@ def body(argv):
     return 0 if verify(lines, args.workdir, report) else EXIT_FAILURE
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     return run(PROG, body, argv)
