@@ -3,7 +3,7 @@
     <workdir>/layers/<hex>            layer blobs exactly as the registry served them
     <workdir>/layers/<hex>.partial    a download in progress (resumed by the next run)
     <workdir>/layers/<hex>.lock       per-blob lock shared by concurrent processes
-    <workdir>/configs/<algo>:<hex>    raw image config blobs
+    <workdir>/configs/<algo>:<hex>    raw image config blobs (.partial, .lock beside them too)
     <workdir>/configs/v2:<algo>:<hex> the config's "config" object (what -saveconfig writes)
     <workdir>/manifests/<registry>/<repository>/<algo>:<hex>  raw manifest and index bytes
     <workdir>/manifests/<registry>/<repository>/tags/<tag>    digest the tag last resolved to
@@ -12,8 +12,18 @@
     <workdir>/overlays/<hex>/         a layer extracted as an overlayfs lowerdir
     <workdir>/overlays/<hex>.link     short name of that layer; overlays/<short> -> <hex>
     <workdir>/overlays/<hex>.diffid   digest of that layer's uncompressed tar, as extracted
+    <workdir>/overlays/<hex>.implicit the directories of that layer no entry names (NUL-separated,
+                                      "." the root), to be put right by the attributes lowerdir
+    <workdir>/overlays/<hex>.lock     per-layer extraction lock
+    <workdir>/overlays/.tmp-<hex>-<random>/   an extraction in progress (removed by the next
+                                      run that finds its lock free)
+    <workdir>/overlays/.tosi-attrs-<key>/     an image's attributes lowerdir (see tosi_tools.mount)
+    <workdir>/overlays/.tosi-empty/   the empty lowerdir below a one-layer read-only mount
     <workdir>/quarantine/             corrupt blobs moved aside (tosi-verify, unpack)
     <workdir>/.tosi-workdir           marker: this directory is a tosi workdir
+
+`Workdir` gives every one of these paths (with --overlaydir, the overlays/ ones
+are in that directory); no other module spells them.
 
 The workdir is private, and nothing in it is trusted because it exists: tosi
 runs as root, with a default workdir in world-writable /tmp, where another
@@ -44,7 +54,11 @@ Whatever is published under a final name (a blob, a config, a manifest, an
 extracted layer) has its data on disk before the rename that publishes it, and
 the rename itself is made durable by an fsync of the directory after it: after
 a power loss the cache may lack a file, never hold a truncated one under a name
-it trusts.
+it trusts. `atomic_write` does so for small files (its temporary name is
+`.tmp-<name>-<random>` beside the file); an extracted layer's `.diffid` and
+`.implicit` skip its fsyncs (`durable=False`) because one syncfs of the overlay
+dir's filesystem precedes the layer's rename, and `.link` because a lost short
+name is drawn again.
 """
 
 import contextlib
@@ -52,6 +66,8 @@ import fcntl
 import os
 import secrets
 import stat
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 from .digest import Digest
 from .errors import CacheError, PlanError, UnsafePath
@@ -62,9 +78,16 @@ MARKER = ".tosi-workdir"
 _MARKER_TEXT = b"This directory is a tosi workdir (a cache of image blobs and layers); see tosi(1).\n"
 
 
-def atomic_write(path, data, mode=0o644):
-    """Write bytes to `path` so that readers see the old file or the whole new one,
-    also after a power loss (fsync of the file before the rename, of its directory after)."""
+def atomic_write(path: str, data: bytes | str, mode: int = 0o644, durable: bool = True) -> None:
+    """Write bytes (or text, as UTF-8) to `path` so that readers see the old file or
+    the whole new one, also after a power loss (fsync of the file before the rename,
+    of its directory after). The new file is made beside `path` with O_EXCL|O_NOFOLLOW
+    and `mode`, and renamed over whatever is there (a symlink is replaced, not followed).
+
+    `durable=False` skips both fsyncs, for a caller that flushes the whole filesystem
+    before it publishes what the file belongs to (unpack: syncfs before the layer's rename)."""
+    if isinstance(data, str):
+        data = data.encode()
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, f".tmp-{os.path.basename(path)}-{secrets.token_hex(4)}")
@@ -75,16 +98,18 @@ def atomic_write(path, data, mode=0o644):
             f.write(data)
             f.flush()
             os.fchmod(f.fileno(), mode)
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    fsync_dir(directory)
+    if durable:
+        fsync_dir(directory)
 
 
-def fsync_path(path):
+def fsync_path(path: str) -> None:
     """Flush a file's data and metadata to disk (before renaming it into place)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -93,7 +118,7 @@ def fsync_path(path):
         os.close(fd)
 
 
-def fsync_dir(path):
+def fsync_dir(path: str) -> None:
     """Make the renames and creations in directory `path` durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -102,10 +127,10 @@ def fsync_dir(path):
         os.close(fd)
 
 
-_syncfs = None
+_syncfs: Any = None  # libc's syncfs, or False where there is none; looked up once
 
 
-def sync_filesystem(path):
+def sync_filesystem(path: str) -> None:
     """Flush every dirty file of the filesystem holding `path` (syncfs(2)): one call for
     the thousands of files of an extracted layer, instead of one fsync each. Falls back
     to fsyncing `path` alone where libc has no syncfs."""
@@ -131,7 +156,7 @@ def sync_filesystem(path):
 
 
 @contextlib.contextmanager
-def file_lock(path):
+def file_lock(path: str) -> Iterator[None]:
     """Hold an exclusive fcntl lock on `path` (created if missing), waiting for it.
 
     The kernel drops the lock when its holder dies, so a SIGKILLed process never
@@ -145,14 +170,14 @@ def file_lock(path):
         os.close(fd)  # closing releases the lock
 
 
-def _safe_component(text):
+def _safe_component(text: str) -> str:
     # Registry hosts and repository paths come from the reference grammar, which
     # forbids "..", but the cache must not trust that far: keep every part a plain name.
     parts = [p for p in text.split("/") if p not in ("", ".", "..")]
     return os.path.join(*parts) if parts else "_"
 
 
-def require_cached(path, st, what):
+def require_cached(path: str, st: os.stat_result, what: str) -> None:
     """UnsafePath unless `st` (an lstat or fstat of `path`, something the cache
     holds and tosi is about to reuse) is owned by us and not a symlink."""
     euid = os.geteuid()
@@ -166,7 +191,9 @@ def require_cached(path, st, what):
                      "remove it (another user may have planted it)", path=path)
 
 
-def workdir_for(workdir=None, image=None, overlaydir=None, default=DEFAULT_WORKDIR, flag_prefix="--"):
+def workdir_for(workdir: "Workdir | str | None" = None, image: Mapping[str, Any] | None = None,
+                overlaydir: str | None = None, default: str = DEFAULT_WORKDIR,
+                flag_prefix: str = "--") -> "Workdir":
     """The Workdir a stage that reads a plan uses: `workdir` (a Workdir, or a path
     the user chose), else the one the plan's image record names (used only if it
     is a tosi workdir: see Workdir.named_by_plan), else `default`."""
@@ -193,7 +220,13 @@ class Workdir:
     flags ("--" for the stages, "-" for tosi), for the fixes errors suggest.
     """
 
-    def __init__(self, root=DEFAULT_WORKDIR, overlaydir=None, named_by_plan=False, flag_prefix="--"):
+    # Names in the overlay dir beside the layers' <hex> dirs (see the module's docstring).
+    TEMP_PREFIX = ".tmp-"
+    EMPTY_LOWER = ".tosi-empty"
+    ATTRIBUTES_PREFIX = ".tosi-attrs-"
+
+    def __init__(self, root: str = DEFAULT_WORKDIR, overlaydir: str | None = None,
+                 named_by_plan: bool = False, flag_prefix: str = "--") -> None:
         self.root = os.path.abspath(root)
         self.layers = os.path.join(self.root, "layers")
         self.configs = os.path.join(self.root, "configs")
@@ -202,20 +235,20 @@ class Workdir:
         self.overlays = os.path.abspath(overlaydir) if overlaydir else os.path.join(self.root, "overlays")
         self.named_by_plan = named_by_plan
         self.flag_prefix = flag_prefix
-        self._gate = None  # "checked" or "ensured", once passed: the checks cost a few lstat calls
+        self._gate: str | None = None  # "checked" or "ensured", once passed: a few lstat calls
 
     @property
-    def marker(self):
+    def marker(self) -> str:
         return os.path.join(self.root, MARKER)
 
-    def _separate_overlays(self):
+    def _separate_overlays(self) -> bool:
         return os.path.dirname(self.overlays) != self.root
 
-    def _subdirs(self):
+    def _subdirs(self) -> list[str]:
         subdirs = [self.layers, self.configs, self.manifests, self.quarantine]
         return subdirs if self._separate_overlays() else subdirs + [self.overlays]
 
-    def quarantine_blob(self, path):
+    def quarantine_blob(self, path: str) -> str:
         """Move a corrupt cached blob aside (so the next fetch downloads it again);
         returns where it went. A blob another process moved first is fine."""
         make_own_dir(self.quarantine, 0o700, "quarantine directory")
@@ -224,7 +257,7 @@ class Workdir:
             os.replace(path, target)
         return target
 
-    def ensure(self):
+    def ensure(self) -> "Workdir":
         """Create what is missing (0700) and check what exists, before a stage writes;
         raises UnsafePath. Also writes the marker. Returns self."""
         if self._gate == "ensured":
@@ -245,14 +278,14 @@ class Workdir:
         self._gate = "ensured"
         return self
 
-    def check_if_named_by_plan(self):
+    def check_if_named_by_plan(self) -> "Workdir":
         """For a workdir a plan named: refuse it now unless it is a tosi workdir of ours (a
         stage about to compare the plan's paths with it says so first). Returns self."""
         if self.named_by_plan:
             self._check_named_root()
         return self
 
-    def check(self):
+    def check(self) -> "Workdir":
         """Check the workdir without creating anything, before a stage only reads it:
         the root must exist, directories that exist must pass. Raises UnsafePath, or
         CacheError when there is no workdir at all. Returns self."""
@@ -278,21 +311,21 @@ class Workdir:
 
     # the gate's parts
 
-    def _what(self, path):
+    def _what(self, path: str) -> str:
         return "overlay directory" if path == self.overlays else "workdir directory"
 
-    def _fix(self, flag, ours=False):
+    def _fix(self, flag: str, ours: bool = False) -> str:
         choose = f"choose another {'workdir' if flag == 'workdir' else 'overlay directory'} " \
                  f"({self.flag_prefix}{flag} DIR)"
         if ours:
             return f"make it private (chmod go-w), or {choose}"
         return f"another user may have made it: remove it, or {choose}"
 
-    def _check_dir(self, path, st, what, flag):
+    def _check_dir(self, path: str, st: os.stat_result, what: str, flag: str) -> None:
         ours = stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid()
         check_own_dir_stat(path, st, what, self._fix(flag, ours))
 
-    def _make_dir(self, path, what, flag):
+    def _make_dir(self, path: str, what: str, flag: str) -> None:
         try:
             st = os.lstat(path)
         except FileNotFoundError:
@@ -301,21 +334,21 @@ class Workdir:
         else:
             self._check_dir(path, st, what, flag)
 
-    def _check_if_there(self, path, what, flag):
+    def _check_if_there(self, path: str, what: str, flag: str) -> None:
         try:
             st = os.lstat(path)
         except FileNotFoundError:
             return
         self._check_dir(path, st, what, flag)
 
-    def _safe_ancestors(self, path, what):
+    def _safe_ancestors(self, path: str, what: str) -> None:
         try:
             require_safe_ancestors(path, what)
         except UnsafePath as exc:
             flag = "workdir" if what == "workdir" else "overlaydir"
             raise UnsafePath(f"{exc} ({self.flag_prefix}{flag} DIR)", path=exc.path) from None
 
-    def _make_parents(self, path, what):
+    def _make_parents(self, path: str, what: str) -> None:
         # Like mkdir -p for the directories above; a directory someone else made
         # there meanwhile is caught by the second look at the ancestors.
         parent = os.path.dirname(path)
@@ -323,7 +356,7 @@ class Workdir:
             os.makedirs(parent, 0o755, exist_ok=True)
             self._safe_ancestors(path, what)
 
-    def _check_named_root(self):
+    def _check_named_root(self) -> None:
         fix = f"pass {self.flag_prefix}workdir DIR to choose the workdir yourself"
         try:
             st = os.lstat(self.root)
@@ -339,7 +372,7 @@ class Workdir:
             raise UnsafePath(f"the plan's workdir {self.root} is not a tosi workdir of yours "
                              f"(no {MARKER} of yours in it); {fix}", path=self.root)
 
-    def _write_marker(self):
+    def _write_marker(self) -> None:
         try:
             fd = os.open(self.marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                          0o600)
@@ -356,41 +389,115 @@ class Workdir:
             os.close(fd)
 
     # blobs
-    def layer_path(self, digest):
+    def layer_path(self, digest: str) -> str:
         return os.path.join(self.layers, Digest(digest).hex)
 
-    def partial_path(self, digest):
-        return self.layer_path(digest) + ".partial"
+    def partial_path(self, digest: str) -> str:
+        return self.partial_of(self.layer_path(digest))
 
-    def lock_path(self, digest):
-        return self.layer_path(digest) + ".lock"
+    def lock_path(self, digest: str) -> str:
+        return self.lock_of(self.layer_path(digest))
 
-    def config_path(self, digest):
+    @staticmethod
+    def partial_of(blob_path: str) -> str:
+        """Where a blob (a layer's or a config's cache path) is received before its rename."""
+        return blob_path + ".partial"
+
+    @staticmethod
+    def lock_of(blob_path: str) -> str:
+        """The lock of a blob (a layer's or a config's cache path), shared by processes."""
+        return blob_path + ".lock"
+
+    def config_path(self, digest: str) -> str:
         return os.path.join(self.configs, str(Digest(digest)))
 
-    def saved_config_path(self, digest):
+    def saved_config_path(self, digest: str) -> str:
         return os.path.join(self.configs, "v2:" + str(Digest(digest)))
 
     # manifests
-    def manifest_dir(self, registry, repository):
+    def manifest_dir(self, registry: str, repository: str) -> str:
         return os.path.join(self.manifests, _safe_component(registry), _safe_component(repository))
 
-    def manifest_path(self, registry, repository, digest):
+    def manifest_path(self, registry: str, repository: str, digest: str) -> str:
         return os.path.join(self.manifest_dir(registry, repository), str(Digest(digest)))
 
-    def tag_path(self, registry, repository, tag):
+    def tag_path(self, registry: str, repository: str, tag: str) -> str:
         return os.path.join(self.manifest_dir(registry, repository), "tags", _safe_component(tag))
 
-    def scheme_path(self, registry):
+    def scheme_path(self, registry: str) -> str:
         # A leading dot: no repository path component can be named so.
         return os.path.join(self.manifests, _safe_component(registry), ".scheme")
 
-    def challenged_path(self, registry):
+    def challenged_path(self, registry: str) -> str:
         return os.path.join(self.manifests, _safe_component(registry), ".challenged")
 
     # overlays
-    def overlay_path(self, digest):
+    def overlay_path(self, digest: str) -> str:
         return os.path.join(self.overlays, Digest(digest).hex)
 
-    def overlay_link_file(self, digest):
+    def overlay_link_file(self, digest: str) -> str:
         return self.overlay_path(digest) + ".link"
+
+    def overlay_lock_path(self, digest: str) -> str:
+        """The lock held while the layer is extracted (or its extraction reused)."""
+        return self._overlay_lock(Digest(digest).hex)
+
+    def _overlay_lock(self, hexname: str) -> str:
+        return os.path.join(self.overlays, hexname + ".lock")
+
+    def diffid_path(self, digest: str) -> str:
+        """The digest the layer's content had when extracted (sha256 or sha512)."""
+        return self.overlay_path(digest) + ".diffid"
+
+    def implicit_path(self, digest: str) -> str:
+        return self.implicit_of(self.overlay_path(digest))
+
+    @staticmethod
+    def implicit_of(layer_dir: str) -> str:
+        """The list of the directories of the layer extracted in `layer_dir` that no
+        entry names (NUL-separated, "." the root)."""
+        return layer_dir + ".implicit"
+
+    def overlay_temp_path(self, digest: str) -> str:
+        """A new name for the temporary directory the layer is extracted in."""
+        return os.path.join(self.overlays, f"{self.TEMP_PREFIX}{Digest(digest).hex}-{secrets.token_hex(4)}")
+
+    def overlay_temps(self, digest: str | None = None) -> list[tuple[str, str]]:
+        """[(lock path of its layer, path)] of the temporary extraction directories in
+        the overlay dir (of the layer `digest`, else of every layer); [] when there is
+        no overlay dir. Only the names overlay_temp_path gives: other ".tmp-" names
+        (atomic_write's) are not a layer's."""
+        try:
+            names = os.listdir(self.overlays)
+        except FileNotFoundError:
+            return []
+        only = None if digest is None else Digest(digest).hex
+        found = []
+        for name in names:
+            if not name.startswith(self.TEMP_PREFIX):
+                continue
+            hexname, dash, _ = name[len(self.TEMP_PREFIX):].partition("-")
+            if not dash or not _is_hex(hexname) or (only is not None and hexname != only):
+                continue
+            found.append((self._overlay_lock(hexname), os.path.join(self.overlays, name)))
+        return found
+
+    def empty_lower_path(self) -> str:
+        """The empty lowerdir (named EMPTY_LOWER in the overlay dir)."""
+        return os.path.join(self.overlays, self.EMPTY_LOWER)
+
+    def attributes_lower_name(self, key: str) -> str:
+        """The name, in the overlay dir, of the attributes lowerdir of the layer list `key`."""
+        return self.ATTRIBUTES_PREFIX + key
+
+    def attributes_lower_path(self, key: str) -> str:
+        return os.path.join(self.overlays, self.attributes_lower_name(key))
+
+    def attributes_lower_temp_path(self, key: str) -> str:
+        """A new name to make that lowerdir in before its rename (not a TEMP_PREFIX
+        name: unpack removes those as a dead extraction's)."""
+        return f"{self.attributes_lower_path(key)}.{secrets.token_hex(4)}"
+
+
+def _is_hex(text: str) -> bool:
+    return len(text) in (64, 128) and all(c in "0123456789abcdef" for c in text)

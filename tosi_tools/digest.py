@@ -16,7 +16,7 @@ class Digest(str):
 
     __slots__ = ()
 
-    def __new__(cls, value):
+    def __new__(cls, value: object) -> "Digest":
         if isinstance(value, Digest):
             return value
         if not isinstance(value, str):
@@ -33,11 +33,11 @@ class Digest(str):
         return super().__new__(cls, value)
 
     @property
-    def algorithm(self):
+    def algorithm(self) -> str:
         return self.split(":", 1)[0]
 
     @property
-    def hex(self):
+    def hex(self) -> str:
         return self.split(":", 1)[1]
 
     def hasher(self):

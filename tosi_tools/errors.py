@@ -10,7 +10,7 @@ it, so a hostile plan line, digest list or tar entry name cannot flood stderr.
 QUOTE_LIMIT = 80
 
 
-def quoted(value, limit=QUOTE_LIMIT):
+def quoted(value: object, limit: int = QUOTE_LIMIT) -> str:
     """repr() of bad input for an error message: a longer one as its first and
     last `limit` / 2 characters (or bytes), the end of a path being as telling
     as its start, and how long it was."""
@@ -41,7 +41,7 @@ class UnsafePath(UsageError):
     a side directory of a mount, a path named by a plan) could be controlled by
     another local user or lies outside where it belongs (exit 2)."""
 
-    def __init__(self, message, path=None):
+    def __init__(self, message: str, path: str | None = None) -> None:
         super().__init__(message)
         self.path = path
 

@@ -33,7 +33,8 @@ def _describe(st):
     return None
 
 
-def check_own_dir_stat(path, st, what="directory", fix=None):
+def check_own_dir_stat(path: str, st: os.stat_result, what: str = "directory",
+                       fix: str | None = None) -> None:
     """Raise UnsafePath unless `st` (an lstat of `path`) is a directory we own that
     only we can write."""
     euid = os.geteuid()
@@ -57,7 +58,7 @@ def require_own_dir(path, what="directory", fix=None):
     return st
 
 
-def require_safe_ancestors(path, what="directory"):
+def require_safe_ancestors(path: str, what: str = "directory") -> None:
     """Every existing directory above `path` must be owned by root or us, and not
     writable by others unless sticky; a symlink on the way must be root's or ours."""
     path = os.path.abspath(path)
@@ -86,7 +87,7 @@ def require_safe_ancestors(path, what="directory"):
                 path=path)
 
 
-def make_own_dir(path, mode=0o700, what="directory", fix=None):
+def make_own_dir(path: str, mode: int = 0o700, what: str = "directory", fix: str | None = None) -> bool:
     """Create `path` (its parent must exist) with `mode`, or accept it if it already is
     a directory of ours that only we can write. Returns True when it was created."""
     try:
