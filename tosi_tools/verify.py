@@ -6,10 +6,14 @@ the input, so a hostile plan cannot make verify move files outside the cache.
 """
 
 import os
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Optional
 
-from .digest import verify_file
+from .cache import Workdir
+from .digest import Digest, verify_file
 from .errors import CacheError, DigestMismatch
+from .plan import LayerRecord
 
 DEFAULT_PARALLEL = min(4, os.cpu_count() or 1)
 
@@ -17,30 +21,31 @@ DEFAULT_PARALLEL = min(4, os.cpu_count() or 1)
 class BlobCheck:
     """One blob to verify: its digest, declared size (or None) and cache path."""
 
-    def __init__(self, digest, size, path, what):
+    def __init__(self, digest: str, size: Optional[int], path: str, what: str) -> None:
         self.digest = digest
         self.size = size
         self.path = path
         self.what = what
-        self.error = None
-        self.same_as = None  # the check of the same blob earlier in the input, if any
+        self.error: Optional[CacheError] = None
+        self.same_as: Optional[BlobCheck] = None  # the check of the same blob earlier in the input, if any
 
     @property
-    def ok(self):
+    def ok(self) -> bool:
         return self.error is None
 
 
-def layer_check(workdir, record):
-    return BlobCheck(record["digest"], record.get("size"), workdir.layer_path(record["digest"]),
-                     f"layer {record['index']} ({record['digest']})")
+def layer_check(workdir: Workdir, record: Mapping[str, Any]) -> BlobCheck:
+    record = LayerRecord.of(record)
+    return BlobCheck(record.digest, record.size, workdir.layer_path(record.digest), f"layer {record.name}")
 
 
-def config_check(workdir, config):
+def config_check(workdir: Workdir, config: Mapping[str, Any]) -> BlobCheck:
+    """The check of an image record's (checked) config descriptor."""
     return BlobCheck(config["digest"], config.get("size"), workdir.config_path(config["digest"]),
                      f"config ({config['digest']})")
 
 
-def digest_check(workdir, digest):
+def digest_check(workdir: Workdir, digest: Digest) -> BlobCheck:
     """A blob named only by its digest: a layer, or else a config, of the cache."""
     path = workdir.layer_path(digest)
     if not os.path.exists(path) and os.path.exists(workdir.config_path(digest)):
@@ -48,7 +53,8 @@ def digest_check(workdir, digest):
     return BlobCheck(digest, None, path, f"blob {digest}")
 
 
-def verify_blobs(workdir, checks, parallel=DEFAULT_PARALLEL):
+def verify_blobs(workdir: Workdir, checks: Sequence[BlobCheck], parallel: int = DEFAULT_PARALLEL,
+                 ) -> Iterator[BlobCheck]:
     """Yield each BlobCheck, in order, once verified; failures carry `.error` (a
     CacheError), and a corrupt blob has been moved to the quarantine directory.
     A blob named twice is hashed once; the later check has `.same_as` set.

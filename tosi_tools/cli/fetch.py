@@ -104,12 +104,12 @@ class ProgressBars:
 
 
 def total_bytes(image, layers):
-    """Bytes to download for a plan: each distinct blob once, the config included."""
-    sizes = {layer["digest"]: layer.get("size") for layer in layers}
-    config = image.get("config")
-    if isinstance(config, dict) and config.get("digest"):
-        sizes[config["digest"]] = config.get("size")
-    return sum(size for size in sizes.values() if isinstance(size, int))
+    """Bytes to download for a plan (an ImageRecord, LayerRecords): each distinct blob
+    once, the config included."""
+    sizes = {layer.digest: layer.size for layer in layers}
+    if image.config_digest is not None:
+        sizes[image.config_digest] = image.config_size
+    return sum(size for size in sizes.values() if size is not None)
 
 
 def body(argv):
@@ -133,7 +133,7 @@ def body(argv):
     layers = reader.layers()
     workdir = reader.workdir
     credentials = credentials_from_flags(args.username, args.password, password,
-                                         registry=image.get("registry"))
+                                         registry=image.registry)
     show = args.progress == "always" or (args.progress == "auto" and sys.stderr.isatty())
     bars = ProgressBars(total_bytes(image, layers), sys.stderr) if show else None
     pool_size = args.parallel or max(len(layers) + 1, 1)
