@@ -38,7 +38,7 @@ import urllib3
 
 from . import space
 from .auth import parse_challenge
-from .cache import file_lock, fsync_dir, fsync_path, require_cached
+from .cache import Workdir, file_lock, fsync_dir, fsync_path, require_cached
 from .digest import CHUNK, DIGEST_RETRIES, Digest, VerifyingHasher, verify_file
 from .errors import (
     CacheError, DigestMismatch, NotFound, RegistryError, TosiError, Unauthorized, Unreachable, quoted,
@@ -93,8 +93,8 @@ class BlobDownload:
             raise CacheError(f"{what or self.digest}: descriptor has no valid size ({quoted(size)})")
         self.size = size
         self.final_path = final_path
-        self.partial_path = final_path + ".partial"
-        self.lock_path = final_path + ".lock"
+        self.partial_path = Workdir.partial_of(final_path)
+        self.lock_path = Workdir.lock_of(final_path)
         self.what = what or f"blob {self.digest}"
         self.urls = [u for u in urls or () if isinstance(u, str) and urlsplit(u).scheme in ("http", "https")]
         self.reused = False

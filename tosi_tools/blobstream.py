@@ -28,10 +28,16 @@ import io
 import os
 import sys
 import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Optional
 
-from .blobs import Cancelled, Restarted
+from .blobs import BlobDownload, Cancelled, Restarted
 from .digest import CHUNK
 from .errors import CacheError, TosiError
+
+if TYPE_CHECKING:
+    from .fetch import LayerHandle
+    from .plan import LayerRecord
 
 POLL_SECONDS = 0.05  # how quickly a blocked read notices interrupt()
 MIN_READ = 64 << 10  # read(n) waits for this much (or n, or the end), then takes what is there
@@ -49,36 +55,36 @@ class FollowingReader(io.RawIOBase):
     (from any thread) while they would have to wait.
     """
 
-    def __init__(self, download, on_interrupt=None):
+    def __init__(self, download: BlobDownload, on_interrupt: Optional[Callable[[], None]] = None) -> None:
         super().__init__()
         self._download = download
         self._on_interrupt = on_interrupt
         self._pos = 0
-        self._file = None
+        self._file: Optional[Any] = None
         self._interrupted = threading.Event()
         self._generation = None  # of the download, fixed by the first byte read
         self.ended = False  # the whole blob was read and verified
 
-    def readable(self):
+    def readable(self) -> bool:
         return True
 
-    def cached_path(self):
+    def cached_path(self) -> Optional[str]:
         """The cache file the bytes came from when the blob was already cached (no
         download ran), else None: a layer that fails from such bytes is worth a check
         of the cached blob (unpack quarantines a corrupt one)."""
         return self._download.final_path if self._download.reused else None
 
-    def interrupt(self):
+    def interrupt(self) -> None:
         """Make a read blocked on the download (now or later) give up with Cancelled;
         the consumer calls it when it gives up early (and `on_interrupt()` is told)."""
         self._interrupted.set()
         if self._on_interrupt is not None:
             self._on_interrupt()
 
-    def read(self, n=-1):
+    def read(self, n: Optional[int] = -1) -> bytes:
         if n is None or n < 0:
             return self.readall()
-        parts = []
+        parts: list[bytes] = []
         floor = min(n, MIN_READ)
         # Short only at the end of the blob, whose verdict the next read waits for.
         while floor > 0 and not (parts and self._pos >= self._download.size):
@@ -91,7 +97,7 @@ class FollowingReader(io.RawIOBase):
             floor -= got
         return b"".join(parts)
 
-    def readinto(self, buffer):
+    def readinto(self, buffer: Any) -> int:
         want = len(buffer)
         if want == 0:
             return 0
@@ -106,6 +112,7 @@ class FollowingReader(io.RawIOBase):
             if self._file is None:
                 if not self._open():
                     continue
+            assert self._file is not None
             view = memoryview(buffer)[:min(want, written - self._pos)]
             count = os.preadv(self._file.fileno(), [view], self._pos)
             if count:
@@ -120,7 +127,7 @@ class FollowingReader(io.RawIOBase):
             # then holds them.
             self._close_file()
 
-    def _wait(self, offset):
+    def _wait(self, offset: int) -> int:
         """Block until `offset` bytes are in the partial file or the download ended."""
         download = self._download
         while True:
@@ -138,7 +145,7 @@ class FollowingReader(io.RawIOBase):
             if written >= offset or download.done:
                 return written
 
-    def bad_bytes(self):
+    def bad_bytes(self) -> bool:
         """After the consumer failed: wait for the download's verdict on the bytes this
         reader gave; True if they were wrong (the blob is downloading again from byte 0,
         and the consumer should start over with a new reader), False if they were
@@ -148,7 +155,7 @@ class FollowingReader(io.RawIOBase):
             return False
         return self._download.settled(self._generation)
 
-    def _open(self):
+    def _open(self) -> bool:
         """Open the file holding the bytes; False if there is none yet."""
         self._close_file()
         download = self._download
@@ -165,17 +172,18 @@ class FollowingReader(io.RawIOBase):
             return False
         return True
 
-    def _close_file(self):
+    def _close_file(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
 
-    def close(self):
+    def close(self) -> None:
         self._close_file()
         super().close()
 
 
-def following(download, on_interrupt=None):
+def following(download: BlobDownload, on_interrupt: Optional[Callable[[], None]] = None,
+              ) -> Optional[FollowingReader]:
     """A FollowingReader of `download`, or None if its blob is already verified in the
     cache (then read the cached file itself)."""
     if download.done:
@@ -197,26 +205,26 @@ class DownloadStreams:
     `bad_bytes_read()` tells the caller to unpack that layer again.
     """
 
-    def __init__(self, cancel=None):
-        self._downloads = {}
+    def __init__(self, cancel: Optional[Callable[[], None]] = None) -> None:
+        self._downloads: dict[int, BlobDownload] = {}
         self._cancel = cancel
         self._lock = threading.Lock()
-        self._readers = []
-        self.failure = None
+        self._readers: list[FollowingReader] = []
+        self.failure: Optional[BaseException] = None
 
-    def add(self, handle):
-        self._downloads[handle.record["index"]] = handle.download
+    def add(self, handle: "LayerHandle") -> None:
+        self._downloads[handle.record.index] = handle.download
 
-    def open(self, record):
-        opened = []
-        reader = following(self._downloads[record["index"]], on_interrupt=lambda: self._gave_up(opened[0]))
+    def open(self, record: "LayerRecord") -> Optional[FollowingReader]:
+        opened: list[FollowingReader] = []
+        reader = following(self._downloads[record.index], on_interrupt=lambda: self._gave_up(opened[0]))
         if reader is not None:
             opened.append(reader)
             with self._lock:
                 self._readers.append(reader)
         return reader
 
-    def bad_bytes_read(self):
+    def bad_bytes_read(self) -> bool:
         """After a failed unpack: True if a reader not read to its verified end gave
         bytes that turned out wrong (the consumer's failure is then no verdict on the
         layer: unpack it again, from new readers). Waits for those verdicts, and
@@ -231,7 +239,7 @@ class DownloadStreams:
                 pass  # the download failed: that failure is reported, not redone
         return bad
 
-    def _gave_up(self, reader):
+    def _gave_up(self, reader: FollowingReader) -> None:
         # Called while the consumer's error propagates (from its cleanup): that is the cause.
         error = sys.exc_info()[1]
         if isinstance(error, Exception) and not isinstance(error, Cancelled):

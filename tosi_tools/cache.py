@@ -3,7 +3,7 @@
     <workdir>/layers/<hex>            layer blobs exactly as the registry served them
     <workdir>/layers/<hex>.partial    a download in progress (resumed by the next run)
     <workdir>/layers/<hex>.lock       per-blob lock shared by concurrent processes
-    <workdir>/configs/<algo>:<hex>    raw image config blobs
+    <workdir>/configs/<algo>:<hex>    raw image config blobs (.partial, .lock beside them too)
     <workdir>/configs/v2:<algo>:<hex> the config's "config" object (what -saveconfig writes)
     <workdir>/manifests/<registry>/<repository>/<algo>:<hex>  raw manifest and index bytes
     <workdir>/manifests/<registry>/<repository>/tags/<tag>    digest the tag last resolved to
@@ -12,8 +12,18 @@
     <workdir>/overlays/<hex>/         a layer extracted as an overlayfs lowerdir
     <workdir>/overlays/<hex>.link     short name of that layer; overlays/<short> -> <hex>
     <workdir>/overlays/<hex>.diffid   digest of that layer's uncompressed tar, as extracted
+    <workdir>/overlays/<hex>.implicit the directories of that layer no entry names (NUL-separated,
+                                      "." the root), to be put right by the attributes lowerdir
+    <workdir>/overlays/<hex>.lock     per-layer extraction lock
+    <workdir>/overlays/.tmp-<hex>-<random>/   an extraction in progress (removed by the next
+                                      run that finds its lock free)
+    <workdir>/overlays/.tosi-attrs-<key>/     an image's attributes lowerdir (see tosi_tools.mount)
+    <workdir>/overlays/.tosi-empty/   the empty lowerdir below a one-layer read-only mount
     <workdir>/quarantine/             corrupt blobs moved aside (tosi-verify, unpack)
     <workdir>/.tosi-workdir           marker: this directory is a tosi workdir
+
+`Workdir` gives every one of these paths (with --overlaydir, the overlays/ ones
+are in that directory); no other module spells them.
 
 The workdir is private, and nothing in it is trusted because it exists: tosi
 runs as root, with a default workdir in world-writable /tmp, where another
@@ -44,7 +54,11 @@ Whatever is published under a final name (a blob, a config, a manifest, an
 extracted layer) has its data on disk before the rename that publishes it, and
 the rename itself is made durable by an fsync of the directory after it: after
 a power loss the cache may lack a file, never hold a truncated one under a name
-it trusts.
+it trusts. `atomic_write` does so for small files (its temporary name is
+`.tmp-<name>-<random>` beside the file); an extracted layer's `.diffid` and
+`.implicit` skip its fsyncs (`durable=False`) because one syncfs of the overlay
+dir's filesystem precedes the layer's rename, and `.link` because a lost short
+name is drawn again.
 """
 
 import contextlib
@@ -64,9 +78,16 @@ MARKER = ".tosi-workdir"
 _MARKER_TEXT = b"This directory is a tosi workdir (a cache of image blobs and layers); see tosi(1).\n"
 
 
-def atomic_write(path: str, data: bytes, mode: int = 0o644) -> None:
-    """Write bytes to `path` so that readers see the old file or the whole new one,
-    also after a power loss (fsync of the file before the rename, of its directory after)."""
+def atomic_write(path: str, data: bytes | str, mode: int = 0o644, durable: bool = True) -> None:
+    """Write bytes (or text, as UTF-8) to `path` so that readers see the old file or
+    the whole new one, also after a power loss (fsync of the file before the rename,
+    of its directory after). The new file is made beside `path` with O_EXCL|O_NOFOLLOW
+    and `mode`, and renamed over whatever is there (a symlink is replaced, not followed).
+
+    `durable=False` skips both fsyncs, for a caller that flushes the whole filesystem
+    before it publishes what the file belongs to (unpack: syncfs before the layer's rename)."""
+    if isinstance(data, str):
+        data = data.encode()
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, f".tmp-{os.path.basename(path)}-{secrets.token_hex(4)}")
@@ -77,13 +98,15 @@ def atomic_write(path: str, data: bytes, mode: int = 0o644) -> None:
             f.write(data)
             f.flush()
             os.fchmod(f.fileno(), mode)
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    fsync_dir(directory)
+    if durable:
+        fsync_dir(directory)
 
 
 def fsync_path(path: str) -> None:
@@ -104,7 +127,7 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-_syncfs: Any = None  # libc's syncfs once looked up (False: libc has none)
+_syncfs: Any = None  # libc's syncfs, or False where there is none; looked up once
 
 
 def sync_filesystem(path: str) -> None:
@@ -197,8 +220,13 @@ class Workdir:
     flags ("--" for the stages, "-" for tosi), for the fixes errors suggest.
     """
 
-    def __init__(self, root: str = DEFAULT_WORKDIR, overlaydir: str | None = None, named_by_plan: bool = False,
-                 flag_prefix: str = "--") -> None:
+    # Names in the overlay dir beside the layers' <hex> dirs (see the module's docstring).
+    TEMP_PREFIX = ".tmp-"
+    EMPTY_LOWER = ".tosi-empty"
+    ATTRIBUTES_PREFIX = ".tosi-attrs-"
+
+    def __init__(self, root: str = DEFAULT_WORKDIR, overlaydir: str | None = None,
+                 named_by_plan: bool = False, flag_prefix: str = "--") -> None:
         self.root = os.path.abspath(root)
         self.layers = os.path.join(self.root, "layers")
         self.configs = os.path.join(self.root, "configs")
@@ -207,7 +235,7 @@ class Workdir:
         self.overlays = os.path.abspath(overlaydir) if overlaydir else os.path.join(self.root, "overlays")
         self.named_by_plan = named_by_plan
         self.flag_prefix = flag_prefix
-        self._gate: str | None = None  # "checked" or "ensured", once passed: the checks cost a few lstat calls
+        self._gate: str | None = None  # "checked" or "ensured", once passed: a few lstat calls
 
     @property
     def marker(self) -> str:
@@ -365,10 +393,20 @@ class Workdir:
         return os.path.join(self.layers, Digest(digest).hex)
 
     def partial_path(self, digest: str) -> str:
-        return self.layer_path(digest) + ".partial"
+        return self.partial_of(self.layer_path(digest))
 
     def lock_path(self, digest: str) -> str:
-        return self.layer_path(digest) + ".lock"
+        return self.lock_of(self.layer_path(digest))
+
+    @staticmethod
+    def partial_of(blob_path: str) -> str:
+        """Where a blob (a layer's or a config's cache path) is received before its rename."""
+        return blob_path + ".partial"
+
+    @staticmethod
+    def lock_of(blob_path: str) -> str:
+        """The lock of a blob (a layer's or a config's cache path), shared by processes."""
+        return blob_path + ".lock"
 
     def config_path(self, digest: str) -> str:
         return os.path.join(self.configs, str(Digest(digest)))
@@ -399,3 +437,67 @@ class Workdir:
 
     def overlay_link_file(self, digest: str) -> str:
         return self.overlay_path(digest) + ".link"
+
+    def overlay_lock_path(self, digest: str) -> str:
+        """The lock held while the layer is extracted (or its extraction reused)."""
+        return self._overlay_lock(Digest(digest).hex)
+
+    def _overlay_lock(self, hexname: str) -> str:
+        return os.path.join(self.overlays, hexname + ".lock")
+
+    def diffid_path(self, digest: str) -> str:
+        """The digest the layer's content had when extracted (sha256 or sha512)."""
+        return self.overlay_path(digest) + ".diffid"
+
+    def implicit_path(self, digest: str) -> str:
+        return self.implicit_of(self.overlay_path(digest))
+
+    @staticmethod
+    def implicit_of(layer_dir: str) -> str:
+        """The list of the directories of the layer extracted in `layer_dir` that no
+        entry names (NUL-separated, "." the root)."""
+        return layer_dir + ".implicit"
+
+    def overlay_temp_path(self, digest: str) -> str:
+        """A new name for the temporary directory the layer is extracted in."""
+        return os.path.join(self.overlays, f"{self.TEMP_PREFIX}{Digest(digest).hex}-{secrets.token_hex(4)}")
+
+    def overlay_temps(self, digest: str | None = None) -> list[tuple[str, str]]:
+        """[(lock path of its layer, path)] of the temporary extraction directories in
+        the overlay dir (of the layer `digest`, else of every layer); [] when there is
+        no overlay dir. Only the names overlay_temp_path gives: other ".tmp-" names
+        (atomic_write's) are not a layer's."""
+        try:
+            names = os.listdir(self.overlays)
+        except FileNotFoundError:
+            return []
+        only = None if digest is None else Digest(digest).hex
+        found = []
+        for name in names:
+            if not name.startswith(self.TEMP_PREFIX):
+                continue
+            hexname, dash, _ = name[len(self.TEMP_PREFIX):].partition("-")
+            if not dash or not _is_hex(hexname) or (only is not None and hexname != only):
+                continue
+            found.append((self._overlay_lock(hexname), os.path.join(self.overlays, name)))
+        return found
+
+    def empty_lower_path(self) -> str:
+        """The empty lowerdir (named EMPTY_LOWER in the overlay dir)."""
+        return os.path.join(self.overlays, self.EMPTY_LOWER)
+
+    def attributes_lower_name(self, key: str) -> str:
+        """The name, in the overlay dir, of the attributes lowerdir of the layer list `key`."""
+        return self.ATTRIBUTES_PREFIX + key
+
+    def attributes_lower_path(self, key: str) -> str:
+        return os.path.join(self.overlays, self.attributes_lower_name(key))
+
+    def attributes_lower_temp_path(self, key: str) -> str:
+        """A new name to make that lowerdir in before its rename (not a TEMP_PREFIX
+        name: unpack removes those as a dead extraction's)."""
+        return f"{self.attributes_lower_path(key)}.{secrets.token_hex(4)}"
+
+
+def _is_hex(text: str) -> bool:
+    return len(text) in (64, 128) and all(c in "0123456789abcdef" for c in text)

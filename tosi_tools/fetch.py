@@ -10,13 +10,27 @@ on the bottom layer while the others still download.
         for handle in run.layers:        # plan order
             handle.download.wait_for(n)  # watch the bytes arrive (optional)
             record = handle.result()     # the record with "path", or raises
+
+Records in and out are plan.ImageRecord/LayerRecord (a mapping of the fields is
+taken too, and checked).
 """
 
 import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Optional
 
 from .digest import DIGEST_RETRIES
-from .errors import PlanError, quoted
+from .cache import Workdir
+from .errors import PlanError, TosiError, quoted
+from .plan import ImageRecord, LayerRecord
+
+if TYPE_CHECKING:
+    from .auth import Credentials, TokenCache
+    from .blobs import BlobDownload, Downloader
+    from .registry import RegistryClient
+    from .space import Reserve
 
 # blobs (and with it requests) is imported where a download starts: tosi-fetch's
 # --help and --version take their defaults from here and load no HTTP library.
@@ -24,36 +38,41 @@ from .errors import PlanError, quoted
 DEFAULT_PARALLEL = 4
 DEFAULT_RETRIES = 5
 
+# progress(download, event, nbytes): see blobs.Downloader.
+Progress = Callable[["BlobDownload", str, int], None]
+ClientForImage = Callable[[ImageRecord], "RegistryClient"]
+
 
 class LayerHandle:
     """One layer record of the plan and the download that brings its blob."""
 
-    def __init__(self, record, download):
+    def __init__(self, record: LayerRecord, download: BlobDownload) -> None:
         self.record = record
         self.download = download
 
-    def result(self, timeout=None):
+    def result(self, timeout: Optional[float] = None) -> LayerRecord:
         """The layer record with its cache "path" once the blob is verified."""
         path = self.download.result(timeout)
-        return dict(self.record, path=path)
+        return self.record.with_path(path)
 
 
 class FetchRun:
     """The downloads of one image: `.config` and `.layers` (LayerHandles in plan order)."""
 
-    def __init__(self, fetcher, config, layers):
+    def __init__(self, fetcher: "Fetcher", config: Optional[BlobDownload], layers: list[LayerHandle]) -> None:
         self._fetcher = fetcher
         self.config = config
         self.layers = layers
 
-    def cancel(self):
+    def cancel(self) -> None:
         """Stop the downloads (their partial files stay for a resume) and wait for them."""
         self._fetcher.close(cancel=True)
 
-    def __enter__(self):
+    def __enter__(self) -> "FetchRun":
         return self
 
-    def __exit__(self, exc_type, exc, tb):
+    def __exit__(self, exc_type: Optional[type[BaseException]], exc: Optional[BaseException],
+                 tb: Optional[TracebackType]) -> None:
         self._fetcher.close(cancel=exc_type is not None)
 
 
@@ -68,9 +87,11 @@ class Fetcher:
     after one whose bytes did not match (digest.DIGEST_RETRIES).
     """
 
-    def __init__(self, workdir, client_for_image, parallel=DEFAULT_PARALLEL, retries=DEFAULT_RETRIES,
-                 validate_cache=False, progress=None, read_timeout=None, digest_retries=DIGEST_RETRIES,
-                 reserve=None):
+    def __init__(self, workdir: Workdir, client_for_image: ClientForImage,
+                 parallel: int = DEFAULT_PARALLEL, retries: int = DEFAULT_RETRIES,
+                 validate_cache: bool = False, progress: Optional[Progress] = None,
+                 read_timeout: Optional[float] = None, digest_retries: int = DIGEST_RETRIES,
+                 reserve: Optional["Reserve"] = None) -> None:
         if parallel < 0:
             raise ValueError("parallel must be >= 0")
         self.workdir = workdir
@@ -83,39 +104,39 @@ class Fetcher:
         self.read_timeout = read_timeout
         self.reserve = reserve  # space.Reserve the cache's filesystem keeps (None: TOSI_MIN_FREE)
         self.cancelled = threading.Event()
-        self.failure = None  # the first error; it cancels the other downloads
-        self._pool = None
-        self._clients = []
-        self._downloaders = []
-        self._downloads = []
+        self.failure: Optional[TosiError] = None  # the first error; it cancels the other downloads
+        self._pool: Optional[ThreadPoolExecutor] = None
+        self._clients: list[Any] = []
+        self._downloaders: list[Downloader] = []
+        self._downloads: list[BlobDownload] = []
 
-    def start(self, image, layers):
+    def start(self, image: Mapping[str, Any], layers: Iterable[Mapping[str, Any]]) -> FetchRun:
         """Start downloading the config and every layer of `image`; returns a FetchRun."""
         from .blobs import BlobDownload, Downloader
 
-        if not isinstance(image.get("repository"), str) or not image["repository"]:
+        image = ImageRecord.of(image)
+        if not image.repository:
             raise PlanError("image record has no repository")
-        if not (image.get("endpoint") or image.get("registry")):
+        if not (image.endpoint or image.registry):
             raise PlanError("image record names neither an endpoint nor a registry")
-        records = list(layers)
+        records = [LayerRecord.of(record) for record in layers]
         self.workdir.ensure()  # private and ours, before a cached blob is looked at
         config = _config_download(self.workdir, image)
         unique = {config.final_path: config} if config else {}  # one download per cache file
         handles = []
         for record in records:
-            digest = record["digest"]
-            _require_size(record.get("size"), f"layer {record['index']}")
+            digest = record.digest
+            _require_size(record.size, f"layer {record.index}")
             path = self.workdir.layer_path(digest)
             if path not in unique:
                 unique[path] = BlobDownload(
-                    digest, record.get("size"), path,
-                    what=f"layer {record['index']} ({digest})", urls=record.get("urls") or (),
+                    digest, record.size, path, what=f"layer {record.name}", urls=record.urls,
                 )
             handles.append(LayerHandle(record, unique[path]))
         client = self.client_for_image(image)
         self._clients.append(client)
         downloader = Downloader(
-            client, image.get("repository"), retries=self.retries,
+            client, image.repository, retries=self.retries,
             validate_cache=self.validate_cache, progress=self.progress,
             cancel_event=self.cancelled, read_timeout=self.read_timeout, on_failure=self._failed,
             digest_retries=self.digest_retries,
@@ -131,21 +152,21 @@ class Fetcher:
             self._pool.submit(downloader.run, download)
         return FetchRun(self, config, handles)
 
-    def abort(self):
+    def abort(self) -> None:
         """Stop every download now, from any thread (their partial files stay);
         close() still waits for them."""
         self._abort()
 
-    def _failed(self, download, error):
+    def _failed(self, download: BlobDownload, error: TosiError) -> None:
         if self.failure is None:
             self.failure = error
         self._abort()
 
-    def _abort(self):
+    def _abort(self) -> None:
         for downloader in list(self._downloaders):
             downloader.abort()
 
-    def close(self, cancel=False):
+    def close(self, cancel: bool = False) -> None:
         from .blobs import Cancelled
 
         if cancel:
@@ -163,7 +184,9 @@ class Fetcher:
         self._downloads = []
 
 
-def client_factory(credentials, pool_size, token_cache=None, read_timeout=None, insecure=False):
+def client_factory(credentials: Optional["Credentials"], pool_size: int,
+                   token_cache: Optional["TokenCache"] = None, read_timeout: Optional[float] = None,
+                   insecure: bool = False) -> ClientForImage:
     """A `client_for_image(image)` for Fetcher: a RegistryClient reaching the plan's
     registry the way resolve did (endpoint, insecure, caFile), with `credentials`.
 
@@ -173,10 +196,10 @@ def client_factory(credentials, pool_size, token_cache=None, read_timeout=None, 
     only with `insecure` (the caller's own --insecure; the plan's is not enough)."""
     from .registry import DEFAULT_READ_TIMEOUT, RegistryClient, endpoint_for
 
-    def client_for_image(image):
-        plan_insecure = bool(image.get("insecure"))
-        endpoint = image.get("endpoint") or endpoint_for(image["registry"], plan_insecure)
-        return RegistryClient(endpoint, credentials=credentials, ca_file=image.get("caFile"),
+    def client_for_image(image: ImageRecord) -> "RegistryClient":
+        plan_insecure = image.insecure
+        endpoint = image.endpoint or endpoint_for(image.registry, plan_insecure)
+        return RegistryClient(endpoint, credentials=credentials, ca_file=image.ca_file,
                               insecure=plan_insecure, read_timeout=read_timeout or DEFAULT_READ_TIMEOUT,
                               pool_size=pool_size, token_cache=token_cache,
                               credentials_insecure=insecure, endpoint_origin="the plan's endpoint")
@@ -184,26 +207,26 @@ def client_factory(credentials, pool_size, token_cache=None, read_timeout=None, 
     return client_for_image
 
 
-def _config_download(workdir, image):
+def _config_download(workdir: Workdir, image: ImageRecord) -> Optional[BlobDownload]:
     from .blobs import BlobDownload
 
-    config = image.get("config")
-    if config is None:
+    digest = image.config_digest
+    if digest is None:
         return None
-    if not isinstance(config, dict) or not isinstance(config.get("digest"), str):
-        raise PlanError("image record has no valid config descriptor")
-    _require_size(config.get("size"), "config")
-    return BlobDownload(config["digest"], config.get("size"), workdir.config_path(config["digest"]),
-                        what=f"config ({config['digest']})")
+    _require_size(image.config_size, "config")
+    return BlobDownload(digest, image.config_size, workdir.config_path(digest),
+                        what=f"config ({digest})")
 
 
-def _require_size(size, what):
+def _require_size(size: Optional[int], what: str) -> None:
     # The size caps what is written to disk, so a blob without one is never fetched.
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise PlanError(f"{what} has no valid size ({quoted(size)})")
 
 
-def fetch_plan(fetcher, image, layers, early=None):
+def fetch_plan(fetcher: Fetcher, image: Mapping[str, Any], layers: Iterable[Mapping[str, Any]],
+               early: Optional[Callable[[LayerHandle], None]] = None,
+               ) -> Iterator[ImageRecord | LayerRecord]:
     """Yield the plan's records as they become true: the image record once its config
     is cached (with the config "path"), then each layer record, in plan order, once its
     blob is verified (with "path").
@@ -219,18 +242,19 @@ def fetch_plan(fetcher, image, layers, early=None):
     """
     from .blobs import Cancelled
 
+    image = ImageRecord.of(image)
     with fetcher.start(image, layers) as run:
-        image = dict(image, workdir=fetcher.workdir.root)
+        image = image.with_workdir(fetcher.workdir.root)
         try:
             if run.config is not None:
-                image["config"] = dict(image["config"], path=run.config.result())
+                image = image.with_config_path(run.config.result())
             yield image
             for handle in run.layers:
                 if early is None:
                     yield handle.result()
                 else:
                     early(handle)
-                    yield dict(handle.record, path=handle.download.final_path)
+                    yield handle.record.with_path(handle.download.final_path)
             if early is not None:
                 for handle in run.layers:  # verified too when nobody read it (its overlay was there)
                     handle.result()

@@ -13,16 +13,14 @@ import stat
 
 from . import overlay, ownership, saferoot
 from .cache import DEFAULT_WORKDIR, Workdir, require_cached, workdir_for
-from .digest import Digest
 from .errors import MountError, PlanError, UnsafePath, UsageError, quoted
-from .plan import check_cache_paths, check_layer_record
+from .plan import LayerRecord, check_cache_paths
 
 log = logging.getLogger("tosi.mount")
 
 # overlayfs wants two lowerdirs when there is no upperdir; a one-layer image
 # mounted read-only gets this empty one below it.
-EMPTY_LOWER = ".tosi-empty"
-ATTRS_PREFIX = ".tosi-attrs-"
+EMPTY_LOWER = Workdir.EMPTY_LOWER
 
 
 def side_dirs(target):
@@ -67,9 +65,9 @@ def lowerdirs(layers, overlaydir):
             raise PlanError(
                 f"{where} ({quoted(layer.get('digest'))}) has no overlay dir: "
                 "unpack the plan with tosi-unpack (without --into) first")
-        check_layer_record(layer, where)
+        layer = LayerRecord.of(layer, where)
         check_cache_paths(layer, workdir, where, ("overlay",))
-        hexname = Digest(layer["digest"]).hex
+        hexname = layer.digest.hex
         own = os.path.join(overlaydir, hexname)
         if not os.path.isdir(own) or os.path.islink(own):
             raise MountError(f"{where} ({layer['digest']}): overlay dir {own} is missing; "
@@ -101,7 +99,7 @@ def lowerdirs(layers, overlaydir):
 def _implicit_dirs(layer_dir):
     """The layer's implicit directories, as "/"-joined names ("" for its root)."""
     try:
-        with open(layer_dir + overlay.IMPLICIT_SUFFIX, "rb") as f:
+        with open(Workdir.implicit_of(layer_dir), "rb") as f:
             names = f.read().split(b"\0")
     except FileNotFoundError:
         return frozenset()
@@ -266,19 +264,19 @@ def _attribute_fixes(dirs, implicit):
     return fixes
 
 
-def _attributes_lower(ovdir, lowers):
-    """The name (in ovdir) of the image's lowerdir that puts implicit directories right,
-    made if missing; None when no layer needs it."""
+def _attributes_lower(wd, lowers):
+    """The name (in the overlay dir of `wd`, a Workdir) of the image's lowerdir that puts
+    implicit directories right, made if missing; None when no layer needs it."""
+    ovdir = wd.overlays
     dirs = [os.path.realpath(os.path.join(ovdir, lower)) for lower in lowers]
     implicit = [_implicit_dirs(d) for d in dirs]
     if not any(implicit):
         return None
     import hashlib  # off the warm path of images that need no such lowerdir
-    import secrets
 
     key = hashlib.sha256("\0".join(dirs).encode()).hexdigest()[:32]
-    name = ATTRS_PREFIX + key
-    final = os.path.join(ovdir, name)
+    name = wd.attributes_lower_name(key)
+    final = wd.attributes_lower_path(key)
     try:
         made = os.lstat(final)
     except FileNotFoundError:
@@ -290,8 +288,7 @@ def _attributes_lower(ovdir, lowers):
     fixes = _attribute_fixes(dirs, implicit)
     if not fixes:
         return None
-    # Not ".tmp-<hex>-": unpack removes those as temporaries of dead extractions.
-    tmp = os.path.join(ovdir, f"{name}.{secrets.token_hex(4)}")
+    tmp = wd.attributes_lower_temp_path(key)
     try:
         os.mkdir(tmp)
         _make_tree(tmp, fixes)
@@ -584,17 +581,17 @@ def mount_image(image, layers, target, overlaydir=None, workdir=None, read_only=
             raise _not_unpacked(layer)
     wd = workdir_for(workdir, image, default=DEFAULT_WORKDIR)
     ovdir = overlay_dir_for(image, layers, overlaydir, wd.root)
-    workdir_for(wd, overlaydir=ovdir).check()
+    wd = workdir_for(wd, overlaydir=ovdir).check()
     lowers = lowerdirs(layers, ovdir)
     if not lowers:
         raise MountError("the image has no layers to mount")
     check_mountable(target, read_only, keep_upper, mount_options)
-    attributes = _attributes_lower(ovdir, lowers)
+    attributes = _attributes_lower(wd, lowers)
     if attributes is not None:
         lowers.insert(0, attributes)
     if read_only and len(lowers) == 1:
-        ownership.make_own_dir(os.path.join(ovdir, EMPTY_LOWER), 0o755, "empty lowerdir")
-        lowers.append(EMPTY_LOWER)
+        ownership.make_own_dir(wd.empty_lower_path(), 0o755, "empty lowerdir")
+        lowers.append(wd.EMPTY_LOWER)
     created = []
     upper_fd = None
     try:

@@ -32,9 +32,6 @@ OVERLAY = "overlay"
 # these prefixes are overlayfs' own, never a layer's.
 OPAQUE_XATTR = "trusted.overlay.opaque"
 OVERLAY_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.")
-# <overlaydir>/<hex>.implicit, beside a layer dir: the directories in it that no entry of
-# the layer named, NUL-separated, "." for the root (so their attributes are the lower layers')
-IMPLICIT_SUFFIX = ".implicit"
 MAX_LAYERS = 500  # OVL_MAX_STACK in the kernel
 
 MS_RDONLY = 1

@@ -28,14 +28,16 @@ import contextlib
 import itertools
 import logging
 import os
-from typing import NamedTuple, Optional
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, Optional
 
 from . import mount, ownership, resolve, unpack
 from .auth import TokenCache, credentials_from_flags
 from .cache import DEFAULT_WORKDIR, Workdir, atomic_write
 from .errors import QuarantinedBlob, TosiError, UsageError
-from .imageplatform import parse_platform
-from .reference import parse_reference, reference_with_base_url
+from .plan import ImageRecord, LayerRecord
+from .imageplatform import Platform, parse_platform
+from .reference import Reference, parse_reference, reference_with_base_url
 from .registry import detect_endpoint
 
 log = logging.getLogger("tosi.pipeline")
@@ -63,7 +65,7 @@ class PullOptions(NamedTuple):  # not a dataclass: importing dataclasses costs a
     min_free: Optional[str] = None  # -min-free: space.Reserve text (None: TOSI_MIN_FREE or the default)
 
 
-def preflight(options):
+def preflight(options: PullOptions) -> Optional[Platform]:
     """Refuse, before any network access, what would fail only after the download."""
     if options.extract_to and options.mount:
         raise UsageError("-extractto and -mount are mutually exclusive")
@@ -82,7 +84,7 @@ def preflight(options):
     return platform
 
 
-def reference_and_endpoint(options):
+def reference_and_endpoint(options: PullOptions) -> tuple[Reference, Optional[str]]:
     """The Reference to pull and the endpoint to use (None: the registry's usual one)."""
     if not options.url:
         return parse_reference(options.image), None
@@ -93,7 +95,7 @@ def reference_and_endpoint(options):
     return reference_with_base_url(options.image, url)
 
 
-def check_save_config(path):
+def check_save_config(path: str) -> None:
     """Refuse a -saveconfig path the config could not be written to once pulled, or
     one whose directory another user could swap what tosi writes in (writable by
     others and not sticky, or owned by another user): UsageError/UnsafePath."""
@@ -107,7 +109,7 @@ def check_save_config(path):
     ownership.require_safe_ancestors(os.path.abspath(path), "-saveconfig file")
 
 
-def save_config(image, path):
+def save_config(image: ImageRecord, path: str) -> None:
     """Write the image config's "config" object (as cached by resolve) to `path`, atomically.
 
     A new file is written beside `path` (O_CREAT|O_EXCL, so never through a symlink)
@@ -115,7 +117,9 @@ def save_config(image, path):
     replaced, never followed, and readers see the old file or the whole new one."""
     path = os.path.abspath(path)
     check_save_config(path)
-    with open(image["config"]["savedConfig"], "rb") as f:
+    if image.saved_config is None:
+        raise TosiError("-saveconfig: the plan names no saved config")
+    with open(image.saved_config, "rb") as f:
         data = f.read()
     atomic_write(path, data)
 
@@ -140,7 +144,9 @@ def _with_extract_state(exc, target, applied, total, created_target):
                      "applied); remove it")
 
 
-def pull(options, progress_for=None):
+def pull(options: PullOptions,
+         progress_for: Optional[Callable[[ImageRecord, Sequence[LayerRecord]], Any]] = None,
+         ) -> tuple[ImageRecord, list[LayerRecord]]:
     """Pull and lay out one image; returns the final plan: (image record, layer records).
 
     `progress_for(image, layers)` may return a download progress callback (see
@@ -156,7 +162,7 @@ def pull(options, progress_for=None):
     image, layers = resolve.resolve_image(
         ref, workdir, platform=platform, credentials=credentials,
         insecure=options.insecure, endpoint=endpoint, token_cache=tokens)
-    log.info("%s: %d layers", image["reference"], len(layers))
+    log.info("%s: %d layers", image.reference, len(layers))
 
     cached = None
     if options.mount and not options.validate_cache:
@@ -167,10 +173,10 @@ def pull(options, progress_for=None):
         image, layers = _fetch_and_unpack(options, workdir, credentials, tokens, image, layers,
                                           progress_for)
     if options.mount:
-        image["mount"] = mount.mount_image(image, layers, options.mount,
-                                           overlaydir=options.overlaydir, workdir=workdir,
-                                           read_only=options.read_only,
-                                           mount_options=options.mount_options)
+        image = image.with_mount(mount.mount_image(image, layers, options.mount,
+                                                   overlaydir=options.overlaydir, workdir=workdir,
+                                                   read_only=options.read_only,
+                                                   mount_options=options.mount_options))
     if options.save_config:
         save_config(image, options.save_config)
     return image, layers
@@ -181,13 +187,13 @@ def _extracted_from_cache(workdir, image, layers):
     the cache and every layer extracted (each still checked against its diffID);
     None when anything is missing."""
     for record in layers:
-        if not (os.path.exists(workdir.layer_path(record["digest"]))
-                and os.path.isdir(workdir.overlay_path(record["digest"]))):
+        if not (os.path.exists(workdir.layer_path(record.digest))
+                and os.path.isdir(workdir.overlay_path(record.digest))):
             return None
-    done = [unpack.extract_layer_to_overlay(workdir, dict(record, path=workdir.layer_path(record["digest"])))
+    done = [unpack.extract_layer_to_overlay(workdir, record.with_path(workdir.layer_path(record.digest)))
             for record in layers]
-    log.info("%s: every layer cached and extracted", image["reference"])
-    return dict(image, workdir=workdir.root), done
+    log.info("%s: every layer cached and extracted", image.reference)
+    return image.with_workdir(workdir.root), done
 
 
 def _fetch_and_unpack(options, workdir, credentials, tokens, image, layers, progress_for):
@@ -249,17 +255,18 @@ def _fetch_and_unpack_once(options, workdir, credentials, tokens, image, layers,
     redos = 0
     done = []
     try:
-        image = next(fetched)
+        fetched_image = next(fetched)
         while True:
             done = []
             try:
-                unpacked = unpack.unpack_plan(image, layer_records(),
-                                              workdir=workdir, overlaydir=options.overlaydir,
-                                              into=options.extract_to, open_stream=streams.open,
-                                              keep_root_mode=options.keep_root_mode,
-                                              limits=layer.Limits.from_env(min_free=options.min_free))
+                unpacked_image, unpacked = unpack.unpack_image(
+                    fetched_image, layer_records(), workdir=workdir, overlaydir=options.overlaydir,
+                    into=options.extract_to, open_stream=streams.open,
+                    keep_root_mode=options.keep_root_mode,
+                    limits=layer.Limits.from_env(min_free=options.min_free))
                 for record in unpacked:
                     done.append(record)
+                image = unpacked_image
                 break
             except TosiError as exc:
                 # Wrong bytes read from a download that then started over: unpack again.

@@ -5,13 +5,21 @@ Every record is a JSON object on its own line with a "type" field. Stages read
 the records they understand, add their own fields and pass every other field on
 untouched, so a later version can add fields without breaking earlier readers.
 Records are written and flushed one at a time so stages overlap across a pipe.
+
+A record read is an `ImageRecord` or a `LayerRecord`: every known field checked
+once, when it is made (types, digests, cache paths shaped as a workdir keeps
+them), then read through typed attributes. A record is a read-only Mapping of its
+JSON fields (unknown ones kept, in their order); a stage adds what it owns with
+the `with_*` methods, which return a changed copy, so the record another stage
+holds never changes under it, and one a stage did not touch is written back as
+it was read.
 """
 
 import collections
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import IO, Any
+from typing import IO, Any, ClassVar, Self
 
 from .cache import Workdir
 from .digest import Digest
@@ -20,12 +28,11 @@ from .errors import PlanError, UsageError, quoted
 PLAN_VERSION = 1
 IMAGE = "image"
 LAYER = "layer"
-# A plan record as read from JSON; a field checker: (where, field name, value) -> None or PlanError.
-Record = dict[str, Any]
+
 Checker = Callable[[str, str, Any], None]
 
 
-def _decode(line: str | bytes, lineno: int, source: str) -> Record:
+def _decode(line: str | bytes, lineno: int, source: str) -> dict[str, Any]:
     try:
         record = json.loads(line)
     except ValueError as exc:
@@ -162,7 +169,7 @@ def _object(fields: Mapping[str, Checker], required: tuple[str, ...] = ()) -> Ch
 
 
 def _check_fields(where: str, record: Mapping[str, Any], fields: Mapping[str, Checker],
-                  required: tuple[str, ...] = ()) -> None:
+                  required: Iterable[str] = ()) -> None:
     for name in required:
         if record.get(name) is None:
             raise PlanError(f"{where}: no {name}")
@@ -176,8 +183,8 @@ _DESCRIPTOR: dict[str, Checker] = {"mediaType": _string, "digest": _digest, "siz
 _INDEX_FIELDS = dict(_DESCRIPTOR, path=_absolute)
 _CONFIG_FIELDS = dict(_DESCRIPTOR, path=_absolute, savedConfig=_absolute)
 _PLATFORM_FIELDS: dict[str, Checker] = {"os": _string, "architecture": _string, "variant": _string}
-_MOUNT_FIELDS: dict[str, Checker] = {"target": _absolute, "upper": _absolute, "work": _absolute, "readOnly": _boolean,
-                 "overlaydir": _absolute}
+_MOUNT_FIELDS: dict[str, Checker] = {"target": _absolute, "upper": _absolute, "work": _absolute,
+                                     "readOnly": _boolean, "overlaydir": _absolute}
 
 IMAGE_FIELDS: dict[str, Checker] = {
     "planVersion": _count, "reference": _string, "registry": _registry, "endpoint": _endpoint,
@@ -195,18 +202,315 @@ LAYER_FIELDS: dict[str, Checker] = {
 }
 
 
-def check_image_record(record: Record, where: str = "image record") -> None:
+def check_image_record(record: Mapping[str, Any], where: str = "image record") -> None:
     """PlanError unless every known field of an image record has its type (digests
     their form, cache paths the shape of one); the record is not changed."""
     _check_fields(where, record, IMAGE_FIELDS, ("planVersion", "layerCount"))
-    check_cache_path_shapes(record, where)
+    check_cache_path_shapes(record, where, kind=IMAGE)
 
 
-def check_layer_record(record: Record, where: str = "layer record") -> None:
+def check_layer_record(record: Mapping[str, Any], where: str = "layer record") -> None:
     """PlanError unless every known field of a layer record has its type (digests
     their form, cache paths the shape of one); the record is not changed."""
     _check_fields(where, record, LAYER_FIELDS, ("index", "digest"))
-    check_cache_path_shapes(dict(record, type=LAYER), where)
+    check_cache_path_shapes(record, where, kind=LAYER)
+
+
+# ---------------------------------------------------------------- the records
+
+class _Record(Mapping[str, Any]):
+    """A plan record's JSON object, checked when made, read-only: a Mapping of its
+    fields (unknown ones included, in their order). `with_fields` gives a copy with
+    some fields set (in place when there already, else at the end), as dict(record,
+    **fields) would, so an untouched record is written back byte for byte."""
+
+    __slots__ = ("_fields",)
+    KIND: ClassVar[str]
+    FIELDS: ClassVar[Mapping[str, Checker]]
+    _fields: dict[str, Any]
+
+    def __init__(self, fields: Mapping[str, Any], where: str | None = None) -> None:
+        """Check every known field of `fields` (a record's JSON object; kept as a copy).
+        PlanError names `where` (default: the kind of record)."""
+        kind = fields.get("type", self.KIND)
+        if kind != self.KIND:
+            raise PlanError(f"{where or f'{self.KIND} record'}: a {quoted(kind)} record, "
+                            f"not a{'n' if self.KIND == IMAGE else ''} {self.KIND} record")
+        self._check(fields, where)
+        self._fields = dict(fields)
+
+    def _check(self, fields: Mapping[str, Any], where: str | None) -> None:
+        raise NotImplementedError
+
+    def _where(self) -> str:
+        raise NotImplementedError
+
+    @classmethod
+    def of(cls, record: Mapping[str, Any], where: str | None = None) -> Self:
+        """`record` itself if it is one of these, else the record its fields make
+        (checked): what a library function given a plain dict works on."""
+        return record if isinstance(record, cls) else cls(record, where)
+
+    def __getitem__(self, name: str) -> Any:
+        return self._fields[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._fields)
+
+    def __len__(self) -> int:
+        return len(self._fields)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._fields!r})"
+
+    def as_json(self) -> dict[str, Any]:
+        """The record's JSON object (a copy), as PlanWriter writes it."""
+        return dict(self._fields)
+
+    def with_fields(self, **fields: Any) -> Self:
+        """A copy with `fields` set, each checked (a field another stage owns is set
+        through that stage's with_* method)."""
+        where = self._where()
+        for name, value in fields.items():
+            check = self.FIELDS.get(name)
+            if check is not None and value is not None:
+                check(where, name, value)
+        changed = dict(self._fields, **fields)
+        check_cache_path_shapes(changed, where, kind=self.KIND)
+        copy = object.__new__(type(self))
+        copy._fields = changed
+        return copy
+
+    def _text(self, name: str) -> str | None:
+        value: str | None = self._fields.get(name)
+        return value
+
+    def _object(self, name: str) -> Mapping[str, Any] | None:
+        value: Mapping[str, Any] | None = self._fields.get(name)
+        return value
+
+
+class ImageRecord(_Record):
+    """The image record of a plan (tosi-plan(5)); planVersion and layerCount required.
+
+    Typed attributes for the known fields (None where absent or null); nested
+    objects (index, platform, config, mount) as read-only Mappings of theirs."""
+
+    __slots__ = ()
+    KIND = IMAGE
+    FIELDS = IMAGE_FIELDS
+
+    def _check(self, fields: Mapping[str, Any], where: str | None) -> None:
+        check_image_record(fields, where or "image record")
+
+    def _where(self) -> str:
+        return "image record"
+
+    @property
+    def plan_version(self) -> int:
+        value: int = self._fields["planVersion"]
+        return value
+
+    @property
+    def layer_count(self) -> int:
+        value: int = self._fields["layerCount"]
+        return value
+
+    @property
+    def reference(self) -> str | None:
+        return self._text("reference")
+
+    @property
+    def registry(self) -> str | None:
+        return self._text("registry")
+
+    @property
+    def endpoint(self) -> str | None:
+        return self._text("endpoint")
+
+    @property
+    def repository(self) -> str | None:
+        return self._text("repository")
+
+    @property
+    def tag(self) -> str | None:
+        return self._text("tag")
+
+    @property
+    def digest(self) -> Digest | None:
+        value = self._text("digest")
+        return None if value is None else Digest(value)
+
+    @property
+    def media_type(self) -> str | None:
+        return self._text("mediaType")
+
+    @property
+    def size(self) -> int | None:
+        value: int | None = self._fields.get("size")
+        return value
+
+    @property
+    def manifest_path(self) -> str | None:
+        return self._text("manifestPath")
+
+    @property
+    def index(self) -> Mapping[str, Any] | None:
+        return self._object("index")
+
+    @property
+    def platform(self) -> Mapping[str, Any] | None:
+        return self._object("platform")
+
+    @property
+    def config(self) -> Mapping[str, Any] | None:
+        return self._object("config")
+
+    @property
+    def config_digest(self) -> Digest | None:
+        config = self.config
+        return None if config is None else Digest(config["digest"])
+
+    @property
+    def config_size(self) -> int | None:
+        config = self.config
+        value: int | None = None if config is None else config.get("size")
+        return value
+
+    @property
+    def config_path(self) -> str | None:
+        config = self.config
+        value: str | None = None if config is None else config.get("path")
+        return value
+
+    @property
+    def saved_config(self) -> str | None:
+        config = self.config
+        value: str | None = None if config is None else config.get("savedConfig")
+        return value
+
+    @property
+    def workdir(self) -> str | None:
+        return self._text("workdir")
+
+    @property
+    def insecure(self) -> bool:
+        return bool(self._fields.get("insecure"))
+
+    @property
+    def ca_file(self) -> str | None:
+        return self._text("caFile")
+
+    @property
+    def rootfs(self) -> str | None:
+        return self._text("rootfs")
+
+    @property
+    def mount(self) -> Mapping[str, Any] | None:
+        return self._object("mount")
+
+    # What the stages add.
+
+    def with_workdir(self, root: str) -> Self:
+        """fetch: the workdir the blobs are cached in."""
+        return self.with_fields(workdir=root)
+
+    def with_config_path(self, path: str) -> Self:
+        """fetch: the cache path of the config blob (the record names a config)."""
+        if self.config is None:
+            raise PlanError("image record: no config to give a path")
+        return self.with_fields(config=dict(self.config, path=path))
+
+    def with_rootfs(self, target: str) -> Self:
+        """unpack --into: the directory the layers were applied into."""
+        return self.with_fields(rootfs=target)
+
+    def with_mount(self, mount: Mapping[str, Any]) -> Self:
+        """mount: the "mount" object (target, upper, work, readOnly, overlaydir, ...)."""
+        return self.with_fields(mount=dict(mount))
+
+
+class LayerRecord(_Record):
+    """A layer record of a plan (tosi-plan(5)); index and digest required.
+
+    Typed attributes for the known fields (None where absent or null)."""
+
+    __slots__ = ()
+    KIND = LAYER
+    FIELDS = LAYER_FIELDS
+
+    def _check(self, fields: Mapping[str, Any], where: str | None) -> None:
+        check_layer_record(fields, where or f"layer record {quoted(fields.get('index'))}")
+
+    def _where(self) -> str:
+        return f"layer record {self.index}"
+
+    @property
+    def index(self) -> int:
+        value: int = self._fields["index"]
+        return value
+
+    @property
+    def digest(self) -> Digest:
+        return Digest(self._fields["digest"])
+
+    @property
+    def media_type(self) -> str | None:
+        return self._text("mediaType")
+
+    @property
+    def size(self) -> int | None:
+        value: int | None = self._fields.get("size")
+        return value
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        return tuple(self._fields.get("urls") or ())
+
+    @property
+    def annotations(self) -> Mapping[str, str] | None:
+        return self._object("annotations")
+
+    @property
+    def diff_id(self) -> Digest | None:
+        """The digest of the uncompressed layer; None when the plan names none (schema1)."""
+        value = self._text("diffID")
+        return None if value is None else Digest(value)
+
+    @property
+    def path(self) -> str | None:
+        return self._text("path")
+
+    @property
+    def overlay(self) -> str | None:
+        return self._text("overlay")
+
+    @property
+    def link(self) -> str | None:
+        return self._text("link")
+
+    @property
+    def applied(self) -> bool:
+        return bool(self._fields.get("applied"))
+
+    @property
+    def name(self) -> str:
+        """How messages name the layer: "<index> (<digest>)"."""
+        return f"{self.index} ({self.digest})"
+
+    # What the stages add.
+
+    def with_path(self, path: str) -> Self:
+        """fetch: the blob's cache path."""
+        return self.with_fields(path=path)
+
+    def with_overlay(self, overlay: str, link: str) -> Self:
+        """unpack (per layer): the layer's overlay dir and its short name there."""
+        return self.with_fields(overlay=overlay, link=link)
+
+    def with_applied(self) -> Self:
+        """unpack --into: the layer is in the target."""
+        return self.with_fields(applied=True)
 
 
 # ---------------------------------------------------------------- cache paths
@@ -214,6 +518,9 @@ def check_layer_record(record: Record, where: str = "layer record") -> None:
 # A stage never opens a file because a plan names it: it derives the path from the
 # digest and its own workdir. A plan naming another path is refused, so that a plan
 # cannot point a stage at a host file (or at another layer's cache entry).
+
+CachePath = tuple[str, str, str, str]  # (field name, value, digest, derived path)
+
 
 def _same_path(named: str, derived: str) -> bool:
     return os.path.normpath(named) == os.path.normpath(derived)
@@ -224,9 +531,9 @@ def _outside(where: str, name: str, value: str, digest: str, place: str) -> Plan
                      "plans name cache paths only inside their workdir")
 
 
-def image_cache_paths(image: Record, workdir: Workdir) -> list[tuple[str, str, str, str]]:
+def image_cache_paths(image: Mapping[str, Any], workdir: Workdir) -> list[CachePath]:
     """[(field name, value, digest, derived path)] for the cache paths an image record names."""
-    found: list[tuple[str, str, str, str]] = []
+    found: list[CachePath] = []
     registry, repository = image.get("registry"), image.get("repository")
 
     def manifest(name: str, value: str, digest: str | None) -> None:
@@ -251,10 +558,10 @@ def image_cache_paths(image: Record, workdir: Workdir) -> list[tuple[str, str, s
     return found
 
 
-def layer_cache_paths(layer: Record, workdir: Workdir) -> list[tuple[str, str, str, str]]:
+def layer_cache_paths(layer: Mapping[str, Any], workdir: Workdir) -> list[CachePath]:
     """[(field name, value, digest, derived path)] for the cache paths a layer record names."""
     digest = layer["digest"]
-    found: list[tuple[str, str, str, str]] = []
+    found: list[CachePath] = []
     if layer.get("path") is not None:
         found.append(("path", layer["path"], digest, workdir.layer_path(digest)))
     if layer.get("overlay") is not None:
@@ -267,36 +574,41 @@ IMAGE_CACHE_PATHS = ("manifestPath", "index path", "config path", "config savedC
 LAYER_CACHE_PATHS = ("path", "overlay")
 
 
-def _cache_paths(record: Record, workdir: Workdir,
-                 where: str | None) -> tuple[list[tuple[str, str, str, str]], str]:
-    if record.get("type") == IMAGE:
+def _cache_paths(record: Mapping[str, Any], workdir: Workdir, where: str | None,
+                 kind: str | None) -> tuple[list[CachePath], str]:
+    kind = kind or (IMAGE if isinstance(record, ImageRecord) else
+                    LAYER if isinstance(record, LayerRecord) else record.get("type"))
+    if kind == IMAGE:
         return image_cache_paths(record, workdir), where or "image record"
     return layer_cache_paths(record, workdir), where or f"layer {record.get('index')}"
 
 
-def check_cache_paths(record: Record, workdir: Workdir, where: str | None = None,
+def check_cache_paths(record: Mapping[str, Any], workdir: Workdir, where: str | None = None,
                       fields: Iterable[str] | None = None) -> None:
     """PlanError if a (checked) record names, in `fields` (default: all of them), a
     cache path other than the one `workdir` (a cache.Workdir, with its overlay dir)
     derives from the digest: the fields a stage takes from its own workdir."""
-    paths, where_text = _cache_paths(record, workdir, where)
+    paths, where = _cache_paths(record, workdir, where, None)
+    wanted = None if fields is None else set(fields)
     for name, value, digest, derived in paths:
-        if (fields is None or name in fields) and not _same_path(value, derived):
+        if (wanted is None or name in wanted) and not _same_path(value, derived):
             place = f"the overlay dir {workdir.overlays}" if name == "overlay" else \
                 f"the workdir {workdir.root}"
-            raise _outside(where_text, name, value, digest, place)
+            raise _outside(where, name, value, digest, place)
 
 
-def check_cache_path_shapes(record: Record, where: str | None = None) -> None:
+def check_cache_path_shapes(record: Mapping[str, Any], where: str | None = None,
+                            kind: str | None = None) -> None:
     """PlanError unless every cache path a (checked) record names is where some workdir
     keeps that digest (<workdir>/layers/<hex>, <overlaydir>/<hex>, ...): what a stage
     passes on unused must still be a cache path, though maybe another workdir's (a plan
-    resolved into one workdir and fetched into another names both)."""
+    resolved into one workdir and fetched into another names both). `kind`: IMAGE or
+    LAYER (default: the record's own "type")."""
     # A workdir (and overlay dir) at "/": its paths are the suffixes to find.
-    paths, where_text = _cache_paths(record, Workdir("/", "/"), where)
+    paths, where = _cache_paths(record, Workdir("/", "/"), where, kind)
     for name, value, digest, suffix in paths:
         if not os.path.normpath(value).endswith(suffix):
-            raise _outside(where_text, name, value, digest, "a workdir")
+            raise _outside(where, name, value, digest, "a workdir")
 
 
 class FdLines:
@@ -336,7 +648,7 @@ class FdLines:
             self._fill()
         return True
 
-    def __iter__(self) -> "FdLines":
+    def __iter__(self) -> Iterator[bytes]:
         return self
 
     def __next__(self) -> bytes:
@@ -373,15 +685,15 @@ class PlanReader:
     for the end of the plan.
     """
 
-    def __init__(self, stream: Iterable[str] | Iterable[bytes], source: str = "stdin",
-                 workdir: Workdir | Callable[[Record], Workdir] | None = None,
+    def __init__(self, stream: Iterable[str | bytes], source: str = "stdin",
+                 workdir: Workdir | Callable[[ImageRecord], Workdir] | None = None,
                  uses: Iterable[str] | None = None) -> None:
         self._stream = stream
-        self._lines: Iterator[str | bytes] = iter(stream)
+        self._lines = iter(stream)
         self._source = source
         self._lineno = 0
         self._ended = False
-        self._pending: collections.deque[Record] = collections.deque()
+        self._pending: collections.deque[LayerRecord] = collections.deque()
         first = self._next_record()
         if first is None:
             raise PlanError(f"{source}: empty plan (did the stage before this one fail?)")
@@ -396,16 +708,15 @@ class PlanReader:
             )
         if not isinstance(first.get("layerCount"), int) or isinstance(first.get("layerCount"), bool):
             raise PlanError(f"{source}: image record has no layerCount")
-        check_image_record(first, f"{source}: image record")
-        self.workdir = workdir(first) if callable(workdir) else workdir
-        self._uses = uses
+        self.image = ImageRecord(first, f"{source}: image record")
+        self.workdir = workdir(self.image) if callable(workdir) else workdir
+        self._uses = None if uses is None else tuple(uses)
         if self.workdir is not None:
-            check_cache_paths(first, self.workdir, f"{source}: image record", uses)
-        self.image = first
-        self._expected = first["layerCount"]
+            check_cache_paths(self.image, self.workdir, f"{source}: image record", self._uses)
+        self._expected = self.image.layer_count
         self._seen = 0
 
-    def _next_record(self) -> Record | None:
+    def _next_record(self) -> dict[str, Any] | None:
         for line in self._lines:
             self._lineno += 1
             if line.strip():
@@ -413,7 +724,7 @@ class PlanReader:
         self._ended = True
         return None
 
-    def _take(self, record: Record) -> Record | None:
+    def _take(self, record: dict[str, Any]) -> LayerRecord | None:
         """The layer record `record` is, checked; None for a record of another kind."""
         kind = record.get("type")
         if kind == IMAGE:
@@ -430,18 +741,18 @@ class PlanReader:
             raise PlanError(f"{where} has index {quoted(record.get('index'))}")
         if not isinstance(record.get("digest"), str):
             raise PlanError(f"{where} has no digest")
-        check_layer_record(record, where)
+        layer = LayerRecord(record, where)
         if self.workdir is not None:
-            check_cache_paths(record, self.workdir, where, self._uses)
+            check_cache_paths(layer, self.workdir, where, self._uses)
         self._seen += 1
-        return record
+        return layer
 
-    def _next_layer(self) -> Record | None:
+    def _next_layer(self) -> LayerRecord | None:
         """The next layer record, checked, waiting for it; None at the end of the plan."""
         while not self._ended:
             record = self._next_record()
-            if record is not None and (record := self._take(record)) is not None:
-                return record
+            if record is not None and (layer := self._take(record)) is not None:
+                return layer
         return None
 
     def _read_ready(self) -> None:
@@ -449,16 +760,16 @@ class PlanReader:
         ready = getattr(self._stream, "ready", None)
         while ready is not None and not self._ended and ready():
             record = self._next_record()
-            if record is not None and (record := self._take(record)) is not None:
-                self._pending.append(record)
+            if record is not None and (layer := self._take(record)) is not None:
+                self._pending.append(layer)
 
-    def __iter__(self) -> Iterator[Record]:
+    def __iter__(self) -> Iterator[LayerRecord]:
         while True:
             record = self._pending.popleft() if self._pending else self._next_layer()
             if record is None:
                 break
             self._read_ready()
-            if record["index"] == self._expected - 1:
+            if record.index == self._expected - 1:
                 # The last one: see the end of the plan first (a layer more is refused).
                 while self._next_layer() is not None:
                     pass
@@ -469,7 +780,7 @@ class PlanReader:
                 "(did the stage before this one fail?)"
             )
 
-    def layers(self) -> list[Record]:
+    def layers(self) -> list[LayerRecord]:
         return list(self)
 
 
@@ -480,7 +791,9 @@ class PlanWriter:
         self._stream = stream
 
     def write(self, record: Mapping[str, Any]) -> None:
-        self._stream.write(json.dumps(record, separators=(",", ":")) + "\n")
+        """One record (an ImageRecord, a LayerRecord or a plain dict) as one line."""
+        fields = record.as_json() if isinstance(record, _Record) else record
+        self._stream.write(json.dumps(fields, separators=(",", ":")) + "\n")
         self._stream.flush()
 
     def write_plan(self, image: Mapping[str, Any], layers: Iterable[Mapping[str, Any]]) -> None:
@@ -490,16 +803,18 @@ class PlanWriter:
             self.write(layer)
 
 
-def new_image_record(**fields: Any) -> Record:
-    """An image record with the version and type set; callers add the rest."""
-    record: Record = {"type": IMAGE, "planVersion": PLAN_VERSION}
+def new_image_record(**fields: Any) -> dict[str, Any]:
+    """An image record's JSON object with the version and type set; callers add the
+    rest, then make it an ImageRecord."""
+    record: dict[str, Any] = {"type": IMAGE, "planVersion": PLAN_VERSION}
     record.update(fields)
     return record
 
 
-def new_layer_record(index: int, descriptor: Mapping[str, Any], **fields: Any) -> Record:
-    """A layer record: the OCI descriptor's fields verbatim plus tosi's own."""
-    record: Record = {"type": LAYER, "index": index}
+def new_layer_record(index: int, descriptor: Mapping[str, Any], **fields: Any) -> dict[str, Any]:
+    """A layer record's JSON object: the OCI descriptor's fields verbatim plus tosi's own
+    (make it a LayerRecord to use it)."""
+    record: dict[str, Any] = {"type": LAYER, "index": index}
     for key in ("mediaType", "digest", "size", "urls", "annotations"):
         if key in descriptor:
             record[key] = descriptor[key]
@@ -509,9 +824,6 @@ def new_layer_record(index: int, descriptor: Mapping[str, Any], **fields: Any) -
 
 def read_digest_list(lines: Iterable[str], source: str = "stdin") -> list[Digest]:
     """Digests from a plain list, one per line; blank lines and #comments are skipped."""
-    from .digest import Digest
-    from .errors import UsageError
-
     digests = []
     for lineno, line in enumerate(lines, 1):
         text = line.strip()

@@ -22,7 +22,7 @@ from .manifest import (
     ACCEPT, INDEX_TYPES, MAX_CONFIG_SIZE, MAX_MANIFEST_SIZE, SCHEMA1_TYPES, config_platform,
     content_digests, diff_ids, parse_config, parse_manifest,
 )
-from .plan import new_image_record, new_layer_record
+from .plan import ImageRecord, LayerRecord, new_image_record, new_layer_record
 from .imageplatform import host_platform
 from .reference import Reference, parse_reference
 
@@ -273,7 +273,7 @@ class Resolver:
             return data
 
         # Processes resolving the same image at once fetch its config once.
-        with file_lock(path + ".lock"):
+        with file_lock(Workdir.lock_of(path)):
             data = _cached_config(path, digest, size)
             if data is None:
                 data = _again_if_corrupt(fetch)
@@ -355,7 +355,7 @@ class Resolver:
 
         if self._endpoint is None:
             self._endpoint = (self._detect_endpoint(probe=False) or self._detect_endpoint()).rstrip("/")
-        image = new_image_record(
+        image = ImageRecord(new_image_record(
             reference=ref.normalized(),
             registry=ref.registry,
             endpoint=self._endpoint,
@@ -378,9 +378,9 @@ class Resolver:
             layerCount=len(manifest.layers),
             insecure=bool(self.insecure),
             caFile=self.ca_file,
-        )
+        ))
         layers = [
-            new_layer_record(i, descriptor, diffID=ids[i] if ids else None)
+            LayerRecord(new_layer_record(i, descriptor, diffID=ids[i] if ids else None))
             for i, descriptor in enumerate(manifest.layers)
         ]
         log.info("%s: %s for %s, %d layers", ref, digest, platform or "an unnamed platform", len(layers))

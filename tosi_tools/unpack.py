@@ -15,9 +15,9 @@ layer that a later run would trust; its temporary directory is removed by the
 next run that extracts the same layer.
 
 Each layer's diffID is checked as it is extracted. <overlaydir>/<hex>.diffid
-records the digest its content had (sha256, or sha512 when the plan's diffID
-was one), so a plan that reuses the layer later, or names it twice, is checked
-against it too.
+(Workdir.diffid_path) records the digest its content had (sha256, or sha512
+when the plan's diffID was one), so a plan that reuses the layer later, or
+names it twice, is checked against it too.
 
 The layer mechanism (and the decompressors under it) is imported only where a
 layer is applied: a run that only reuses extracted layers never needs it.
@@ -34,18 +34,19 @@ import stat
 import time
 from collections import deque
 
-from . import overlay, ownership, saferoot
-from .cache import Workdir, file_lock, fsync_dir, require_cached, sync_filesystem, workdir_for
+from . import ownership, saferoot
+from .cache import (
+    Workdir, atomic_write, file_lock, fsync_dir, require_cached, sync_filesystem, workdir_for,
+)
 from .digest import Digest
 from .errors import (
-    CacheError, DigestMismatch, PlanError, QuarantinedBlob, TosiError, UnpackError, UnsafeEntry,
-    UnsafePath, UsageError,
+    CacheError, DigestMismatch, QuarantinedBlob, TosiError, UnpackError, UnsafeEntry, UnsafePath,
+    UsageError,
 )
-from .plan import check_cache_paths
+from .plan import ImageRecord, LayerRecord, check_cache_paths
 
 log = logging.getLogger("tosi.unpack")
 
-_TMP_PREFIX = ".tmp-"
 _BASE36 = "0123456789abcdefghijklmnopqrstuvwxyz"
 
 
@@ -55,29 +56,19 @@ def _workdir(workdir):
     return Workdir(workdir) if workdir else Workdir()
 
 
-def _layer_name(record):
-    return f"{record.get('index', '?')} ({record.get('digest')})"
-
-
-def diff_id_of(record):
-    """The layer's diffID (the digest of its uncompressed tar), or None when the plan
-    names none (a schema1 image); PlanError if it is not a sha256 or sha512 digest."""
-    value = record.get("diffID")
-    if value is None:
-        return None
-    try:
-        return Digest(value)
-    except UsageError as exc:
-        raise PlanError(f"layer record {record.get('index', '?')}: diffID: {exc}") from None
+def _layer_record(record):
+    """A LayerRecord of what a library caller passes (a plain dict is checked)."""
+    return LayerRecord.of(record, f"layer record {record.get('index', '?')}")
 
 
 def blob_path(workdir, record):
     """Where the layer's blob is: the workdir's place for its digest. A plan that
     names another "path" is refused: a stage never opens a file because a plan says so."""
-    check_cache_paths(record, workdir, f"layer {record.get('index', '?')}", ("path",))
-    path = workdir.layer_path(record["digest"])
+    record = _layer_record(record)
+    check_cache_paths(record, workdir, f"layer {record.index}", ("path",))
+    path = workdir.layer_path(record.digest)
     if not os.path.isfile(path):
-        raise CacheError(f"layer {_layer_name(record)} is not in the cache ({path}); "
+        raise CacheError(f"layer {record.name} is not in the cache ({path}); "
                          "run tosi-fetch first")
     return path
 
@@ -114,16 +105,14 @@ def _check_cached_blob(workdir, record, path, error):
     QuarantinedBlob, so that fetching it again may fix it. Else the layer is bad as published."""
     from .digest import verify_file
 
-    size = record.get("size")
-    size = size if isinstance(size, int) and not isinstance(size, bool) else None
-    what = f"cached blob of layer {_layer_name(record)}"
+    what = f"cached blob of layer {record.name}"
     try:
-        digest = Digest(record["digest"])
+        digest = record.digest
         in_cache = path == workdir.layer_path(digest)
         # A fetch replacing the blob holds its lock.
-        with file_lock(path + ".lock") if in_cache else contextlib.nullcontext():
+        with file_lock(workdir.lock_path(digest)) if in_cache else contextlib.nullcontext():
             try:
-                verify_file(path, digest, size, what)
+                verify_file(path, digest, record.size, what)
             except DigestMismatch as mismatch:
                 if not in_cache:
                     raise QuarantinedBlob(f"{error}; {mismatch}") from error
@@ -132,7 +121,7 @@ def _check_cached_blob(workdir, record, path, error):
                                       "to be fetched again") from error
     except (OSError, UsageError):
         return
-    log.info("layer %s: the cached blob matches its digest: the layer itself is bad", _layer_name(record))
+    log.info("layer %s: the cached blob matches its digest: the layer itself is bad", record.name)
 
 
 # ---------------------------------------------------------------- --into
@@ -212,7 +201,7 @@ def _finish_root(root, target, mode, setuid_files, devices, keep_root_mode):
 
 def apply_layers_into(target, layer_records, workdir=None, open_stream=None, limits=None,
                       keep_root_mode=False):
-    """Apply layers bottom first into `target`; yields each record with "applied": true.
+    """Apply layers bottom first into `target`; yields each LayerRecord with "applied": true.
 
     `open_stream(record)` may give the blob stream of a layer (default: the
     cache). Every failure once something was written says how much of `target`
@@ -237,15 +226,14 @@ def apply_layers_into(target, layer_records, workdir=None, open_stream=None, lim
             record = None
             try:
                 try:
-                    record = next(records)
+                    record = _layer_record(next(records))
                 except StopIteration:
                     _finish_root(root, target, root_mode, setuid_files, devices, keep_root_mode)
                     return
-                diff_id = diff_id_of(record)
                 started = time.monotonic()
                 with _open_blob(workdir, record, None, open_stream) as blob:
-                    stats = layer_mod.apply_layer(root, blob, record.get("mediaType"), layer_mod.FLAT,
-                                                  _layer_name(record), limits, diff_id,
+                    stats = layer_mod.apply_layer(root, blob, record.media_type, layer_mod.FLAT,
+                                                  record.name, limits, record.diff_id,
                                                   hold_root=True)
                 if stats.root_mode is not None:
                     root_mode = stats.root_mode
@@ -262,7 +250,7 @@ def apply_layers_into(target, layer_records, workdir=None, open_stream=None, lim
                     raise
                 if isinstance(exc, TosiError):
                     raise _saying(exc, partial) from exc
-                what = f"layer {_layer_name(record)}: " if record is not None else ""
+                what = f"layer {record.name}: " if record is not None else ""
                 if isinstance(exc, OSError):
                     raise UnpackError(f"{what}{_os_error(exc)}; {partial}") from exc
                 if isinstance(exc, Exception):
@@ -270,7 +258,7 @@ def apply_layers_into(target, layer_records, workdir=None, open_stream=None, lim
                                       f"{partial}") from exc
                 raise
             applied += 1
-            yield dict(record, applied=True)
+            yield record.with_applied()
 
 
 def _untouched(root):
@@ -295,7 +283,7 @@ def _saying(exc, more):
 
 
 def _log_stats(what, record, stats, started):
-    log.info("layer %s: %s %d entries, %d bytes of data in %.2fs", _layer_name(record), what,
+    log.info("layer %s: %s %d entries, %d bytes of data in %.2fs", record.name, what,
              stats.entries, stats.bytes, time.monotonic() - started)
 
 
@@ -340,33 +328,31 @@ def _ensure_link(workdir, digest):
             break
         except FileExistsError:
             continue  # another layer's name: draw again
-    _write_small_file(link_file, short)
+    # Not synced: a short name lost in a power loss is drawn again.
+    atomic_write(link_file, short, durable=False)
     return short
 
 
-def _write_small_file(path, text):
-    tmp = f"{path}.{secrets.token_hex(4)}"
-    with open(tmp, "wb" if isinstance(text, bytes) else "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _write_implicit(final, implicit_dirs):
-    """<hex>.implicit: the directories of the layer no entry named (see tosi_tools.mount)."""
-    path = final + overlay.IMPLICIT_SUFFIX
+    """<hex>.implicit: the directories of the layer no entry named (see tosi_tools.mount).
+    Synced with the layer (sync_filesystem before its rename), not on its own."""
+    path = Workdir.implicit_of(final)
     if implicit_dirs:
-        _write_small_file(path, b"\0".join(os.fsencode("/".join(parts) or ".") for parts in implicit_dirs))
+        atomic_write(path, b"\0".join(os.fsencode("/".join(parts) or ".") for parts in implicit_dirs),
+                     durable=False)
     else:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)  # a stale one, left by a layer dir removed by hand
 
 
-def _check_extracted(final, record, diff_id):
+def _check_extracted(workdir, record):
     """A layer extracted before (by this run or an earlier one) against the diffID
     `record` states, through the digest recorded when it was extracted."""
+    diff_id = record.diff_id
     if diff_id is None:
         return
-    path = final + ".diffid"
+    final = workdir.overlay_path(record.digest)
+    path = workdir.diffid_path(record.digest)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -377,12 +363,12 @@ def _check_extracted(final, record, diff_id):
             recorded = f.read().strip()
     if not recorded.startswith(f"{diff_id.algorithm}:"):
         log.info("layer %s: no %s digest of %s recorded; its diffID is not checked",
-                 _layer_name(record), diff_id.algorithm, final)
+                 record.name, diff_id.algorithm, final)
         return
     if recorded != diff_id:
         from . import layer as layer_mod
 
-        raise layer_mod.diff_id_mismatch(_layer_name(record), recorded, diff_id)
+        raise layer_mod.diff_id_mismatch(record.name, recorded, diff_id)
 
 
 def _discard_tree(path):
@@ -393,13 +379,11 @@ def _discard_tree(path):
         log.warning("could not remove %s: %s", path, exc.strerror or exc)
 
 
-def _remove_stale_temps(workdir, hexname):
+def _remove_stale_temps(paths):
     # Called with the layer's lock held: any temp dir of this layer is a dead run's.
-    prefix = f"{_TMP_PREFIX}{hexname}-"
-    for name in os.listdir(workdir.overlays):
-        if name.startswith(prefix):
-            log.info("removing %s left by an interrupted run", name)
-            _discard_tree(os.path.join(workdir.overlays, name))
+    for path in paths:
+        log.info("removing %s left by an interrupted run", os.path.basename(path))
+        _discard_tree(path)
 
 
 def remove_abandoned_temps(workdir):
@@ -408,47 +392,47 @@ def remove_abandoned_temps(workdir):
     A temporary directory whose layer lock nobody holds belongs to no live run.
     """
     workdir = _workdir(workdir)
-    try:
-        names = os.listdir(workdir.overlays)
-    except FileNotFoundError:
-        return
-    for hexname in {n[len(_TMP_PREFIX):].split("-", 1)[0] for n in names if n.startswith(_TMP_PREFIX)}:
-        fd = os.open(os.path.join(workdir.overlays, f"{hexname}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    by_lock = {}
+    for lock, path in workdir.overlay_temps():
+        by_lock.setdefault(lock, []).append(path)
+    for lock, paths in by_lock.items():
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 continue  # a live run is extracting that layer
-            _remove_stale_temps(workdir, hexname)
+            _remove_stale_temps(paths)
         finally:
             os.close(fd)
 
 
 def extract_layer_to_overlay(workdir, layer_record, stream=None, limits=None, open_stream=None):
-    """Extract one layer as an overlayfs lowerdir (or reuse it); returns the enriched record.
+    """Extract one layer as an overlayfs lowerdir (or reuse it); returns the LayerRecord
+    with "overlay" and "link".
 
     `stream` (any binary reader), or else what `open_stream(record)` returns,
     replaces the cached blob; neither is used when the layer is already extracted.
     A layer whose content does not hash to its diffID is not published.
     """
+    layer_record = _layer_record(layer_record)
     workdir = _workdir(workdir).ensure()
-    diff_id = diff_id_of(layer_record)
-    digest = Digest(layer_record["digest"])
+    digest = layer_record.digest
     final = workdir.overlay_path(digest)
-    with file_lock(final + ".lock"):
+    with file_lock(workdir.overlay_lock_path(digest)):
         if not _extracted(final, layer_record):
             from . import layer as layer_mod
 
-            _remove_stale_temps(workdir, digest.hex)
-            tmp = os.path.join(workdir.overlays, f"{_TMP_PREFIX}{digest.hex}-{secrets.token_hex(4)}")
+            _remove_stale_temps(path for _, path in workdir.overlay_temps(digest))
+            tmp = workdir.overlay_temp_path(digest)
             os.mkdir(tmp)
             os.chmod(tmp, 0o755)  # whatever the umask: the layer's "./" entry, if any, decides
             try:
                 started = time.monotonic()
                 with _open_blob(workdir, layer_record, stream, open_stream) as blob:
-                    stats = layer_mod.apply_layer(tmp, blob, layer_record.get("mediaType"), layer_mod.OVERLAY,
-                                                  _layer_name(layer_record), limits, diff_id)
-                _write_small_file(final + ".diffid", stats.diff_id)
+                    stats = layer_mod.apply_layer(tmp, blob, layer_record.media_type, layer_mod.OVERLAY,
+                                                  layer_record.name, limits, layer_record.diff_id)
+                atomic_write(workdir.diffid_path(digest), stats.diff_id, durable=False)
                 _write_implicit(final, stats.implicit_dirs)
                 # The layer's files (and .diffid, .implicit) on disk before the name says
                 # the layer is whole, as one syncfs of their filesystem; the rename after.
@@ -460,10 +444,10 @@ def extract_layer_to_overlay(workdir, layer_record, stream=None, limits=None, op
                 _discard_tree(tmp)
                 raise
         else:
-            log.info("layer %s: already extracted in %s", _layer_name(layer_record), final)
-            _check_extracted(final, layer_record, diff_id)
+            log.info("layer %s: already extracted in %s", layer_record.name, final)
+            _check_extracted(workdir, layer_record)
         short = _ensure_link(workdir, digest)
-    return dict(layer_record, overlay=final, link=short)
+    return layer_record.with_overlay(final, short)
 
 
 def _extracted(final, record):
@@ -474,7 +458,7 @@ def _extracted(final, record):
         return False
     require_cached(final, st, "overlay dir")
     if not os.path.isdir(final):
-        raise CacheError(f"overlay dir of layer {_layer_name(record)}: {final} is not a "
+        raise CacheError(f"overlay dir of layer {record.name}: {final} is not a "
                          "directory; remove it")
     return True
 
@@ -484,7 +468,8 @@ def _default_parallel():
 
 
 def extract_layers_to_overlays(workdir, layer_records, parallel=None, limits=None, open_stream=None):
-    """Extract layers in parallel; yields the enriched records in plan order as they finish."""
+    """Extract layers in parallel; yields the LayerRecords with "overlay" and "link" in
+    plan order as they finish."""
     from . import layer as layer_mod
 
     # The first record first: a plan refused on reading leaves the workdir untouched.
@@ -501,49 +486,64 @@ def extract_layers_to_overlays(workdir, layer_records, parallel=None, limits=Non
     pool = concurrent.futures.ThreadPoolExecutor(parallel, thread_name_prefix="unpack")
     try:
         for record in itertools.chain([first], records):
-            diff_id_of(record)  # a malformed plan stops before more work starts
-            digest = record["digest"]
+            record = _layer_record(record)  # a malformed plan stops before more work starts
+            digest = record.digest
             future = by_digest.get(digest)
             if future is None:  # a layer the image repeats is extracted once
                 future = by_digest[digest] = pool.submit(
                     extract_layer_to_overlay, workdir, record, None, limits, open_stream)
             pending.append((record, future))
             while pending and pending[0][1].done():
-                yield _merged(*pending.popleft())
+                yield _merged(workdir, *pending.popleft())
         while pending:
-            yield _merged(*pending.popleft())
+            yield _merged(workdir, *pending.popleft())
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _merged(record, future):
+def _merged(workdir, record, future):
     done = future.result()
-    if record.get("diffID") != done.get("diffID"):  # a repeated layer, said to be other content
-        _check_extracted(done["overlay"], record, diff_id_of(record))
-    return dict(record, overlay=done["overlay"], link=done["link"])
+    if record.diff_id != done.diff_id:  # a repeated layer, said to be other content
+        _check_extracted(workdir, record)
+    return record.with_overlay(done.overlay, done.link)
 
 
 # ---------------------------------------------------------------- the stage
 
-def unpack_plan(image, layer_records, workdir=None, overlaydir=None, into=None, parallel=None,
-                limits=None, open_stream=None, keep_root_mode=False):
-    """Unpack the layers of a plan; yields the enriched layer records in plan order.
+def unpack_image(image, layer_records, workdir=None, overlaydir=None, into=None, parallel=None,
+                 limits=None, open_stream=None, keep_root_mode=False):
+    """Unpack the layers of a plan: (the image record, an iterator of the layer records
+    unpacked, in plan order).
 
-    With `into`, sets image["rootfs"] (call before writing the image record;
-    the target is checked at once) and applies the layers into it; otherwise
-    extracts each layer under the overlay directory. `workdir` is a Workdir or a
-    path; without it, the plan's workdir is used if it is a tosi workdir
-    (cache.workdir_for). `open_stream(record)`, if
-    given, returns the layer blob as a binary stream (a download in flight, say)
-    instead of the cached file. `keep_root_mode`: see apply_layers_into.
+    With `into`, the target is checked at once, the image record returned has
+    "rootfs" (ImageRecord.with_rootfs) and the layers are applied into it, each
+    record with "applied"; otherwise each layer is extracted under the overlay
+    directory, its record given "overlay" and "link". `image` is an ImageRecord
+    (or a mapping of its fields, then checked). `workdir` is a Workdir or a path;
+    without it, the plan's workdir is used if it is a tosi workdir
+    (cache.workdir_for). `open_stream(record)`, if given, returns the layer blob as
+    a binary stream (a download in flight, say) instead of the cached file.
+    `keep_root_mode`: see apply_layers_into.
     """
+    image = ImageRecord.of(image)
     wd = workdir_for(workdir, image, overlaydir)
     if into:
         if open_stream is None:
             wd.check()  # at once: the blobs come from the cache
         check_into_target(into)
-        image["rootfs"] = os.path.abspath(into)
-        return apply_layers_into(image["rootfs"], layer_records, wd, open_stream, limits,
-                                 keep_root_mode)
-    return extract_layers_to_overlays(wd, layer_records, parallel, limits, open_stream)
+        image = image.with_rootfs(os.path.abspath(into))
+        return image, apply_layers_into(image.rootfs, layer_records, wd, open_stream, limits,
+                                        keep_root_mode)
+    return image, extract_layers_to_overlays(wd, layer_records, parallel, limits, open_stream)
 
+
+def unpack_plan(image, layer_records, workdir=None, overlaydir=None, into=None, parallel=None,
+                limits=None, open_stream=None, keep_root_mode=False):
+    """unpack_image for a caller holding the image record as its own dict: yields the
+    layer records, and with `into` sets image["rootfs"] in that dict (before the first
+    layer; the target is checked at once). Stages use unpack_image."""
+    unpacked, records = unpack_image(image, layer_records, workdir, overlaydir, into, parallel,
+                                     limits, open_stream, keep_root_mode)
+    if into:
+        image["rootfs"] = unpacked.rootfs
+    return records

@@ -5,18 +5,15 @@ order asked for. Paths always come from the workdir and the digest, never from
 the input, so a hostile plan cannot make verify move files outside the cache.
 """
 
-from __future__ import annotations
-
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import Any, Optional
 
-from .digest import verify_file
+from .cache import Workdir
+from .digest import Digest, verify_file
 from .errors import CacheError, DigestMismatch
-
-if TYPE_CHECKING:
-    from .cache import Workdir
+from .plan import LayerRecord
 
 DEFAULT_PARALLEL = min(4, os.cpu_count() or 1)
 
@@ -24,13 +21,13 @@ DEFAULT_PARALLEL = min(4, os.cpu_count() or 1)
 class BlobCheck:
     """One blob to verify: its digest, declared size (or None) and cache path."""
 
-    def __init__(self, digest: str, size: int | None, path: str, what: str) -> None:
+    def __init__(self, digest: str, size: Optional[int], path: str, what: str) -> None:
         self.digest = digest
         self.size = size
         self.path = path
         self.what = what
-        self.error: Exception | None = None
-        self.same_as: BlobCheck | None = None  # the check of the same blob earlier in the input, if any
+        self.error: Optional[CacheError] = None
+        self.same_as: Optional[BlobCheck] = None  # the check of the same blob earlier in the input, if any
 
     @property
     def ok(self) -> bool:
@@ -38,16 +35,17 @@ class BlobCheck:
 
 
 def layer_check(workdir: Workdir, record: Mapping[str, Any]) -> BlobCheck:
-    return BlobCheck(record["digest"], record.get("size"), workdir.layer_path(record["digest"]),
-                     f"layer {record['index']} ({record['digest']})")
+    record = LayerRecord.of(record)
+    return BlobCheck(record.digest, record.size, workdir.layer_path(record.digest), f"layer {record.name}")
 
 
 def config_check(workdir: Workdir, config: Mapping[str, Any]) -> BlobCheck:
+    """The check of an image record's (checked) config descriptor."""
     return BlobCheck(config["digest"], config.get("size"), workdir.config_path(config["digest"]),
                      f"config ({config['digest']})")
 
 
-def digest_check(workdir: Workdir, digest: str) -> BlobCheck:
+def digest_check(workdir: Workdir, digest: Digest) -> BlobCheck:
     """A blob named only by its digest: a layer, or else a config, of the cache."""
     path = workdir.layer_path(digest)
     if not os.path.exists(path) and os.path.exists(workdir.config_path(digest)):
@@ -55,8 +53,8 @@ def digest_check(workdir: Workdir, digest: str) -> BlobCheck:
     return BlobCheck(digest, None, path, f"blob {digest}")
 
 
-def verify_blobs(workdir: Workdir, checks: Sequence[BlobCheck],
-                 parallel: int = DEFAULT_PARALLEL) -> Iterator[BlobCheck]:
+def verify_blobs(workdir: Workdir, checks: Sequence[BlobCheck], parallel: int = DEFAULT_PARALLEL,
+                 ) -> Iterator[BlobCheck]:
     """Yield each BlobCheck, in order, once verified; failures carry `.error` (a
     CacheError), and a corrupt blob has been moved to the quarantine directory.
     A blob named twice is hashed once; the later check has `.same_as` set.
@@ -64,7 +62,7 @@ def verify_blobs(workdir: Workdir, checks: Sequence[BlobCheck],
     workdir.check()
     with ThreadPoolExecutor(max_workers=max(parallel, 1), thread_name_prefix="tosi-verify") as pool:
         first: dict[str, BlobCheck] = {}
-        futures: list[Future[None] | None] = []
+        futures: list[Optional[Future[None]]] = []
         for check in checks:
             if check.path in first:
                 check.same_as = first[check.path]

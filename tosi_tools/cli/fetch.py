@@ -3,8 +3,11 @@
 import argparse
 import sys
 import threading
-from collections.abc import Iterable, Mapping, Sequence
-from typing import IO, Any
+from collections.abc import Iterable, Sequence
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..plan import ImageRecord, LayerRecord
 
 from .common import (
     MAX_PARALLEL, add_credential_flags, add_min_free_flag, add_workdir_flag, count_type,
@@ -106,13 +109,13 @@ class ProgressBars:
             self.total.close()
 
 
-def total_bytes(image: Mapping[str, Any], layers: Iterable[Mapping[str, Any]]) -> int:
-    """Bytes to download for a plan: each distinct blob once, the config included."""
-    sizes = {layer["digest"]: layer.get("size") for layer in layers}
-    config = image.get("config")
-    if isinstance(config, dict) and config.get("digest"):
-        sizes[config["digest"]] = config.get("size")
-    return sum(size for size in sizes.values() if isinstance(size, int))
+def total_bytes(image: "ImageRecord", layers: "Iterable[LayerRecord]") -> int:
+    """Bytes to download for a plan (an ImageRecord, LayerRecords): each distinct blob
+    once, the config included."""
+    sizes = {layer.digest: layer.size for layer in layers}
+    if image.config_digest is not None:
+        sizes[image.config_digest] = image.config_size
+    return sum(size for size in sizes.values() if size is not None)
 
 
 def body(argv: Sequence[str] | None) -> int:
@@ -135,8 +138,9 @@ def body(argv: Sequence[str] | None) -> int:
     image = reader.image
     layers = reader.layers()
     workdir = reader.workdir
+    assert workdir is not None  # PlanReader was given a workdir callable
     credentials = credentials_from_flags(args.username, args.password, password,
-                                         registry=image.get("registry"))
+                                         registry=image.registry)
     show = args.progress == "always" or (args.progress == "auto" and sys.stderr.isatty())
     bars = ProgressBars(total_bytes(image, layers), sys.stderr) if show else None
     pool_size = args.parallel or max(len(layers) + 1, 1)

@@ -70,12 +70,11 @@ def body(argv: Sequence[str] | None) -> int:
     reader = PlanReader(sys.stdin, workdir=lambda image: plan_workdir(
         args.workdir, image, args.overlaydir), uses=("overlay",))
     layers = reader.layers()
-    image = dict(reader.image)
-    image["mount"] = mount.mount_image(
-        image, layers, args.mountpoint, overlaydir=args.overlaydir,
+    image = reader.image.with_mount(mount.mount_image(
+        reader.image, layers, args.mountpoint, overlaydir=args.overlaydir,
         workdir=reader.workdir,
         read_only=args.read_only, keep_upper=args.keep_upper,
-        mount_options=args.mount_options)
+        mount_options=args.mount_options))
     PlanWriter(sys.stdout).write_plan(image, layers)
     return 0
 

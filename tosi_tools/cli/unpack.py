@@ -61,7 +61,7 @@ def body(argv: Sequence[str] | None) -> int:
 
     from ..layer import Limits
     from ..plan import FdLines, PlanReader, PlanWriter
-    from ..unpack import check_into_target, unpack_plan
+    from ..unpack import check_into_target, unpack_image
 
     if args.keep_root_mode and not args.into:
         from ..errors import UsageError
@@ -76,10 +76,10 @@ def body(argv: Sequence[str] | None) -> int:
     # A flat tree is the user's: the whole plan is read (and checked) before a layer
     # goes into it. Per layer, each layer is extracted into the cache as its record comes.
     layers = reader.layers() if args.into else reader
-    records = unpack_plan(image, layers, workdir=reader.workdir,
-                          into=args.into, parallel=args.parallel,
-                          limits=Limits.from_env(min_free=args.min_free),
-                          keep_root_mode=args.keep_root_mode)
+    image, records = unpack_image(image, layers, workdir=reader.workdir,
+                                  into=args.into, parallel=args.parallel,
+                                  limits=Limits.from_env(min_free=args.min_free),
+                                  keep_root_mode=args.keep_root_mode)
     PlanWriter(sys.stdout).write_plan(image, records)
     return 0
 

@@ -52,9 +52,8 @@ def _verify_plan(lines, workdir_flag, report):
     # Each record goes out once its blob verified: the image record with its config.
     outputs = list(layers)
     writer = PlanWriter(sys.stdout)
-    config = image.get("config")
-    if isinstance(config, dict) and isinstance(config.get("digest"), str):
-        checks.insert(0, config_check(workdir, config))
+    if image.config is not None:
+        checks.insert(0, config_check(workdir, image.config))
         outputs.insert(0, image)
     else:
         writer.write(image)
