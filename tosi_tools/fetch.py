@@ -15,8 +15,8 @@ on the bottom layer while the others still download.
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from .blobs import DIGEST_RETRIES, BlobDownload, Cancelled, Downloader
-from .errors import PlanError, quoted
+from .blobs import DIGEST_RETRIES, BlobDownload, Downloader
+from .errors import Cancelled, PlanError, quoted
 
 DEFAULT_PARALLEL = 4
 DEFAULT_RETRIES = 5
@@ -156,21 +156,32 @@ class Fetcher:
         self._downloads = []
 
 
-def client_factory(credentials, pool_size, token_cache=None, read_timeout=None, insecure=False):
+def client_factory(credentials, pool_size, token_cache=None, read_timeout=None, insecure=False,
+                   keychain=None):
     """A `client_for_image(image)` for Fetcher: a RegistryClient reaching the plan's
-    registry the way resolve did (endpoint, insecure, caFile), with `credentials`.
+    registry the way resolve did (endpoint, insecure, caFile), with the credentials
+    `keychain` (keychain.Keychain; else the fixed `credentials`) gives for it.
 
-    The plan decides the transport only: `credentials` (bound to their registry,
+    The plan decides the transport only: credentials (bound to their registry,
     auth.Credentials) reach the plan's endpoint only if it is that registry's own,
     and Basic ones go over plain http or unverified TLS to a host off loopback
-    only with `insecure` (the caller's own --insecure; the plan's is not enough)."""
-    from .registry import DEFAULT_READ_TIMEOUT, RegistryClient, endpoint_for
+    only with `insecure` (the caller's own --insecure; the plan's is not enough).
+    A client certificate comes from the keychain (`tls_for`), never from a plan."""
+    from .keychain import Keychain, TLSConfig
+    from .registry import RegistryClient
+    from .transport import DEFAULT_READ_TIMEOUT, endpoint_for
+
+    if keychain is None:
+        keychain = Keychain.of(credentials)
 
     def client_for_image(image):
         plan_insecure = bool(image.get("insecure"))
-        endpoint = image.get("endpoint") or endpoint_for(image["registry"], plan_insecure)
-        return RegistryClient(endpoint, credentials=credentials, ca_file=image.get("caFile"),
-                              insecure=plan_insecure, read_timeout=read_timeout or DEFAULT_READ_TIMEOUT,
+        registry = image.get("registry")
+        endpoint = image.get("endpoint") or endpoint_for(registry, plan_insecure)
+        tls = TLSConfig(image.get("caFile"), keychain.tls_for(registry).client_cert, plan_insecure)
+        return RegistryClient(endpoint, keychain=keychain, registry=registry,
+                              repository=image.get("repository"), tls=tls,
+                              read_timeout=read_timeout or DEFAULT_READ_TIMEOUT,
                               pool_size=pool_size, token_cache=token_cache,
                               credentials_insecure=insecure, endpoint_origin="the plan's endpoint")
 
