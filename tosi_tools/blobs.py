@@ -27,6 +27,7 @@ import contextlib
 import logging
 import os
 import threading
+from typing import Iterable, Optional
 from urllib.parse import urlsplit
 
 from . import space
@@ -64,7 +65,8 @@ class BlobDownload:
     generation=g)` of an older generation then raises `Restarted`.
     """
 
-    def __init__(self, digest, size, final_path, what=None, urls=()):
+    def __init__(self, digest: str, size: int, final_path: str, what: Optional[str] = None,
+                 urls: Iterable[str] = ()) -> None:
         self.digest = Digest(digest)
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise CacheError(f"{what or self.digest}: descriptor has no valid size ({quoted(size)})")
@@ -88,22 +90,22 @@ class BlobDownload:
         return f"BlobDownload({self.digest}, {self.written}/{self.size}, done={self._done})"
 
     @property
-    def written(self):
+    def written(self) -> int:
         with self._cond:
             return self._written
 
     @property
-    def generation(self):
+    def generation(self) -> int:
         """Counts the restarts from byte 0 (bytes of an older generation were wrong)."""
         with self._cond:
             return self._generation
 
     @property
-    def done(self):
+    def done(self) -> bool:
         with self._cond:
             return self._done
 
-    def wait_for(self, offset, timeout=None, generation=None):
+    def wait_for(self, offset: int, timeout: Optional[float] = None, generation: Optional[int] = None) -> int:
         """Block until `offset` bytes are in the partial file, or the download ended;
         return how many are there. Raises the download's error if it failed, and
         `Restarted` if `generation` is given and the blob started over since. Waiting
@@ -117,7 +119,7 @@ class BlobDownload:
                 raise self._error
             return self._written
 
-    def settled(self, generation, timeout=None):
+    def settled(self, generation: int, timeout: Optional[float] = None) -> bool:
         """Block until the bytes of `generation` are judged: True if they were wrong and
         the blob is downloading again, False once verified; raises the download's error
         (its last verdict, or Cancelled)."""
@@ -131,7 +133,7 @@ class BlobDownload:
                 raise self._error
             return False
 
-    def result(self, timeout=None):
+    def result(self, timeout: Optional[float] = None) -> str:
         """The final cache path once the blob is verified; raises the download's error."""
         with self._cond:
             if not self._cond.wait_for(lambda: self._done, timeout):
@@ -198,14 +200,14 @@ class Downloader:
         self._receiving = set()
         self._receiving_lock = threading.Lock()
 
-    def abort(self):
+    def abort(self) -> None:
         """Cancel every download of this downloader, also those blocked on a silent socket."""
         self.cancelled.set()
         with self._receiving_lock:
             for stream in self._receiving:
                 stream.shutdown()
 
-    def run(self, download):
+    def run(self, download: BlobDownload) -> BlobDownload:
         """Bring `download` into the cache; never raises, the outcome is in the download."""
         try:
             self._run(download)

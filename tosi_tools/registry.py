@@ -56,7 +56,7 @@ def manifest_url(repository: str, reference: str) -> str:
     return f"/v2/{repository}/manifests/{reference}"
 
 
-def serves(endpoint, registry):
+def serves(endpoint: str, registry: str) -> bool:
     """True if `endpoint` (a base URL) is `registry`'s own endpoint: its host and port
     (docker.io's is registry-1.docker.io:443); the scheme does not matter."""
     try:
@@ -69,7 +69,7 @@ def serves(endpoint, registry):
         return False
 
 
-def basic_refusal(url, allow_insecure=False, tls_verified=True):
+def basic_refusal(url: str, allow_insecure: bool = False, tls_verified: bool = True) -> Optional[str]:
     """Why Basic credentials may not go to `url`, or None if they may: they travel
     over verified TLS, to a loopback host, or anywhere with `allow_insecure` (the
     --insecure of the stage itself, never a plan's)."""
@@ -341,7 +341,8 @@ class RegistryClient:
 
         return self.retry.run(attempt)
 
-    def read_limited(self, resp: Any, limit: int, what: str, too_large: Optional[type[TosiError]] = None) -> bytes:
+    def read_limited(self, resp: Any, limit: int, what: str,
+                     too_large: Optional[type[TosiError]] = None) -> bytes:
         """The body of a streamed response, refused (`too_large`, default ManifestError)
         if longer than `limit`."""
         if too_large is None:
