@@ -203,7 +203,7 @@ def test_clients_sharing_a_token_cache_authenticate_their_first_request(token_re
         before = len(proxy.seen())
         client = RegistryClient(proxy.url, token_cache=tokens)
         try:
-            resp = client.send("GET", client.blob_path(public_repo, image.layers[0].digest),
+            resp = client.send("GET", client.blob_url(public_repo, image.layers[0].digest),
                                repository=public_repo)
             assert resp.status_code == 200
         finally:
@@ -216,11 +216,11 @@ def test_refused_cached_token_is_replaced(token_registry, token_server, token_pu
     token_pusher.push_image(public_repo, "v1", _layers())
     client = RegistryClient(token_registry.url)
     try:
-        client.check(client.send("HEAD", client.manifest_path(public_repo, "v1"), repository=public_repo), "m")
+        client.check(client.send("HEAD", client.manifest_url(public_repo, "v1"), repository=public_repo), "m")
         key = next(iter(client.tokens._tokens))
         client.tokens.put(key, "not-a-valid-token", expires_in=300)
         before = len(token_server.token_requests())
-        resp = client.send("HEAD", client.manifest_path(public_repo, "v1"), repository=public_repo)
+        resp = client.send("HEAD", client.manifest_url(public_repo, "v1"), repository=public_repo)
         assert resp.status_code == 200
         assert len(token_server.token_requests()) == before + 1
     finally:

@@ -105,6 +105,8 @@ def test_a_watched_download_with_wrong_bytes_starts_a_new_generation_its_old_wat
     layer = image.layers[1]
     fault_proxy.add(Rule("delay", path=layer.digest, seconds=3, times=1))  # the watcher comes first
     fault_proxy.add(Rule("corrupt", path=layer.digest, at=10, times=1))
+    # Slow enough that the watcher sees the first bytes before the verdict on them.
+    fault_proxy.add(Rule("throttle", path=layer.digest, rate=1_000_000, times=1))
     image_record, *layers = plan_records(fault_proxy.url, image, workdir)
     with fetcher_for(workdir).start(image_record, layers) as run:
         download = run.layers[1].download

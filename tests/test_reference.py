@@ -4,7 +4,7 @@ import pytest
 
 from tosi_tools.errors import InvalidReference, UsageError
 from tosi_tools.reference import parse_reference, reference_with_base_url
-from tosi_tools.registry import endpoint_for
+from tosi_tools.transport import endpoint_for
 
 HEX = "a" * 64
 DIGEST = f"sha256:{HEX}"

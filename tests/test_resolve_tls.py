@@ -4,7 +4,7 @@ import io
 
 from tests.support.images import file_entry, make_layer
 from tosi_tools.plan import PlanReader
-from tosi_tools.registry import detect_endpoint, endpoint_for
+from tosi_tools.transport import detect_endpoint, endpoint_for
 
 
 def _push(pusher, repo):

@@ -14,6 +14,7 @@ from tests.conftest import BIN
 from tests.support.faultproxy import FaultProxy, Rule
 from tests.support.images import file_entry, make_layer
 from tosi_tools import registry as registry_mod
+from tosi_tools import transport
 from tosi_tools.cache import Workdir
 from tosi_tools.resolve import resolve_image
 
@@ -166,7 +167,7 @@ def test_warm_resolve_of_a_tag_takes_the_remembered_scheme_without_a_tls_probe(
     reference = f"{registry.host}/{repo_name}:1"
     resolve_image(reference, workdir)
     probes = []
-    monkeypatch.setattr(registry_mod, "speaks_tls", lambda *a, **k: probes.append(a) or False)
+    monkeypatch.setattr(transport, "speaks_tls", lambda *a, **k: probes.append(a) or False)
     record, _ = resolve_image(reference, workdir)
     assert probes == []
     assert (record["endpoint"], record["digest"]) == (registry.url, image.digest)
@@ -191,7 +192,7 @@ def test_a_remembered_scheme_is_not_taken_for_a_registry_that_must_speak_https(w
     os.makedirs(os.path.dirname(scheme_file))
     with open(scheme_file, "w") as f:
         f.write("http\n")
-    assert registry_mod.detect_endpoint("registry.example.com", scheme_file=scheme_file,
+    assert transport.detect_endpoint("registry.example.com", scheme_file=scheme_file,
                                         probe=False) == "https://registry.example.com"
 
 
@@ -214,16 +215,16 @@ def test_warm_resolve_over_tls_verifies_with_the_ca_file_without_requests(
 
 def test_warm_head_over_tls_refuses_a_server_it_cannot_verify(tls_registry, tls_pusher):
     tls_pusher.push_image("warm/untrusted", "1", layers())
-    path = registry_mod.manifest_path("warm/untrusted", "1")
-    assert registry_mod.quick_head(tls_registry.url, path, {}) is None
-    status, headers = registry_mod.quick_head(tls_registry.url, path, {}, insecure=True)
+    path = registry_mod.manifest_url("warm/untrusted", "1")
+    assert transport.quick_head(tls_registry.url, path, {}) is None
+    status, headers = transport.quick_head(tls_registry.url, path, {}, insecure=True)
     assert status == 200 and headers["docker-content-digest"].startswith("sha256:")
 
 
 def test_warm_head_is_left_to_the_client_when_the_environment_names_a_proxy(
         pusher, registry, repo_name, monkeypatch):
     pusher.push_image(repo_name, "1", layers())
-    path = registry_mod.manifest_path(repo_name, "1")
-    assert registry_mod.quick_head(registry.url, path, {})[0] == 200
+    path = registry_mod.manifest_url(repo_name, "1")
+    assert transport.quick_head(registry.url, path, {})[0] == 200
     monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
-    assert registry_mod.quick_head(registry.url, path, {}) is None
+    assert transport.quick_head(registry.url, path, {}) is None

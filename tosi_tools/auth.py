@@ -3,18 +3,16 @@
 Credentials are never logged, never put into a plan or into the cache: they
 live in memory only, in a Credentials object whose repr hides the secret.
 Credentials belong to one registry (`registry`, as the reference names it):
-registry.RegistryClient sends them only to that registry's own endpoint.
+registry.RegistryClient sends them only to that registry's own endpoint. Where
+they come from (flags, environment, docker config) is keychain.py's business.
 """
 
 import base64
-import json
-import os
 import re
 import threading
 import time
 from collections.abc import Callable, Hashable
 
-from .errors import UsageError
 
 # A token without expires_in is good for 60 s (distribution's token spec).
 DEFAULT_TOKEN_LIFETIME = 60
@@ -116,59 +114,3 @@ class TokenCache:
     def set_challenge(self, host: str, challenge: tuple[str, dict[str, str]]) -> None:
         with self._lock:
             self._challenges[host] = challenge
-
-
-def docker_config_credentials(registry: str, path: str | None = None) -> "Credentials | None":
-    """Username and password for `registry` from ~/.docker/config.json ("auths"), if any.
-
-    Only inline `auth`/`username`+`password` entries are read; credential helpers are
-    external programs and are not run.
-    """
-    if path is None:
-        base = os.environ.get("DOCKER_CONFIG") or os.path.join(os.path.expanduser("~"), ".docker")
-        path = os.path.join(base, "config.json")
-    try:
-        with open(path) as f:
-            config = json.load(f)
-    except (OSError, ValueError, RecursionError):
-        return None
-    auths = config.get("auths") if isinstance(config, dict) else None
-    if not isinstance(auths, dict):
-        return None
-    names = {registry, f"https://{registry}", f"http://{registry}"}
-    if registry == "docker.io":
-        names |= {"https://index.docker.io/v1/", "index.docker.io", "registry-1.docker.io"}
-    for key, entry in auths.items():
-        if key.rstrip("/") not in {n.rstrip("/") for n in names} or not isinstance(entry, dict):
-            continue
-        if entry.get("username") and entry.get("password"):
-            return Credentials(entry["username"], entry["password"], registry)
-        if entry.get("auth"):
-            try:
-                user, _, password = base64.b64decode(entry["auth"]).decode().partition(":")
-            except (ValueError, UnicodeDecodeError):
-                continue
-            return Credentials(user, password, registry)
-    return None
-
-
-def credentials_from_flags(username: str | None = None, password: str | None = None,
-                           password_stdin: str | None = None,
-                           registry: str | None = None) -> "Credentials | None":
-    """Credentials for `registry` from --username/--password (or a password read from
-    stdin), the TOSI_USERNAME/TOSI_PASSWORD environment, or the docker config, in that
-    order; they go to that registry's endpoint only (registry.RegistryClient)."""
-    if password_stdin is not None:
-        password = password_stdin
-    if password and not username:
-        raise UsageError("a password needs --username")
-    if username:
-        if password is None:
-            raise UsageError("--username needs --password or --password-stdin")
-        return Credentials(username, password, registry)
-    env_user, env_pass = os.environ.get("TOSI_USERNAME"), os.environ.get("TOSI_PASSWORD")
-    if env_user and env_pass is not None:
-        return Credentials(env_user, env_pass, registry)
-    if registry:
-        return docker_config_credentials(registry)
-    return None

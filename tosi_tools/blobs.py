@@ -24,55 +24,33 @@ an older one gets `Restarted` (it read bad bytes and must start over).
 """
 
 import contextlib
-import email.utils
 import logging
 import os
-import random
-import socket
 import threading
-import time
+from typing import Any, Iterable, Optional
 from urllib.parse import urlsplit
 
-import requests
-import urllib3
-
 from . import space
-from .auth import parse_challenge
 from .cache import Workdir, file_lock, fsync_dir, fsync_path, require_cached
 from .digest import CHUNK, DIGEST_RETRIES, Digest, VerifyingHasher, verify_file
-from .errors import (
-    CacheError, DigestMismatch, NotFound, RegistryError, TosiError, Unauthorized, Unreachable, quoted,
+from .errors import (  # Cancelled: its home was here, callers still import it from here
+    CacheError, Cancelled, DigestMismatch, NotFound, RegistryError, TosiError, Unreachable, quoted,
 )
-from .registry import redirect_target
+from .registry import BlobSource, RangeRefused, RegistryBlobSource, URLBlobSource
+from .transport import BACKOFF_BASE, RetryPolicy, Temporary, rewrap
 
 log = logging.getLogger("tosi.blobs")
 
-MAX_REDIRECTS = 10
-BACKOFF_BASE = 0.5
-BACKOFF_CAP = 30.0
-RETRY_AFTER_CAP = 120.0
-REDIRECT_STATUSES = (301, 302, 303, 307, 308)
-RETRYABLE_STATUSES = (408, 429)
-
-
-class Cancelled(TosiError):
-    """The download was stopped because the fetch it belongs to gave up."""
+__all__ = ["BlobDownload", "Cancelled", "DIGEST_RETRIES", "Downloader", "Restarted"]
 
 
 class Restarted(DigestMismatch):
     """The bytes a watcher read turned out wrong; the blob is downloading again from 0."""
 
 
-class _Retryable(Exception):
-    """One attempt failed in a way that another attempt may fix."""
-
-    def __init__(self, error, retry_after=None, without_range=False):
-        super().__init__(str(error))
-        self.error = error
-        self.retry_after = retry_after
-        # The server will not continue the partial file: ask for the whole blob and
-        # pass over the bytes we have, so what was written stays (and is verified).
-        self.without_range = without_range
+class _WholeBlob(Temporary):
+    """The server will not continue the partial file: ask for the whole blob and
+    pass over the bytes we have, so what was written stays (and is verified)."""
 
 
 class BlobDownload:
@@ -87,7 +65,8 @@ class BlobDownload:
     generation=g)` of an older generation then raises `Restarted`.
     """
 
-    def __init__(self, digest, size, final_path, what=None, urls=()):
+    def __init__(self, digest: str, size: int, final_path: str, what: Optional[str] = None,
+                 urls: Iterable[str] = ()) -> None:
         self.digest = Digest(digest)
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise CacheError(f"{what or self.digest}: descriptor has no valid size ({quoted(size)})")
@@ -99,7 +78,6 @@ class BlobDownload:
         self.urls = [u for u in urls or () if isinstance(u, str) and urlsplit(u).scheme in ("http", "https")]
         self.reused = False
         self.restarts = 0
-        self._auth_retried = False
         self._whole = False  # ask without Range (the server did not honour one)
         self._cond = threading.Condition()
         self._written = 0
@@ -112,22 +90,22 @@ class BlobDownload:
         return f"BlobDownload({self.digest}, {self.written}/{self.size}, done={self._done})"
 
     @property
-    def written(self):
+    def written(self) -> int:
         with self._cond:
             return self._written
 
     @property
-    def generation(self):
+    def generation(self) -> int:
         """Counts the restarts from byte 0 (bytes of an older generation were wrong)."""
         with self._cond:
             return self._generation
 
     @property
-    def done(self):
+    def done(self) -> bool:
         with self._cond:
             return self._done
 
-    def wait_for(self, offset, timeout=None, generation=None):
+    def wait_for(self, offset: int, timeout: Optional[float] = None, generation: Optional[int] = None) -> int:
         """Block until `offset` bytes are in the partial file, or the download ended;
         return how many are there. Raises the download's error if it failed, and
         `Restarted` if `generation` is given and the blob started over since. Waiting
@@ -141,7 +119,7 @@ class BlobDownload:
                 raise self._error
             return self._written
 
-    def settled(self, generation, timeout=None):
+    def settled(self, generation: int, timeout: Optional[float] = None) -> bool:
         """Block until the bytes of `generation` are judged: True if they were wrong and
         the blob is downloading again, False once verified; raises the download's error
         (its last verdict, or Cancelled)."""
@@ -155,7 +133,7 @@ class BlobDownload:
                 raise self._error
             return False
 
-    def result(self, timeout=None):
+    def result(self, timeout: Optional[float] = None) -> str:
         """The final cache path once the blob is verified; raises the download's error."""
         with self._cond:
             if not self._cond.wait_for(lambda: self._done, timeout):
@@ -191,7 +169,10 @@ class BlobDownload:
 
 
 class Downloader:
-    """Runs BlobDownloads against one registry client with a shared retry policy.
+    """Runs BlobDownloads from one BlobSource (default: `repository` of the registry
+    `client` speaks to) under the transport's retry policy (`retries` attempts after
+    the first, `backoff_base`); a descriptor's foreign URLs are asked when the
+    source does not have the blob.
 
     `progress(download, event, nbytes)` is called from the downloading thread with
     event "start" (nbytes: bytes already present), "advance" (nbytes: new bytes),
@@ -201,8 +182,9 @@ class Downloader:
 
     def __init__(self, client, repository, retries=5, validate_cache=False, progress=None,
                  cancel_event=None, backoff_base=BACKOFF_BASE, read_timeout=None, on_failure=None,
-                 digest_retries=DIGEST_RETRIES, reserve=None):
+                 digest_retries=DIGEST_RETRIES, reserve=None, source: BlobSource | None = None):
         self.client = client
+        self.source = source or RegistryBlobSource(client, repository)
         # The free space the cache's filesystem keeps (space.Reserve; None: TOSI_MIN_FREE or the default).
         self.reserve = reserve if reserve is not None else space.Reserve.from_env()
         self.repository = repository
@@ -213,18 +195,19 @@ class Downloader:
         self.cancelled = cancel_event or threading.Event()
         self.on_failure = on_failure or (lambda download, error: None)
         self.backoff_base = backoff_base
+        self.retry = RetryPolicy(retries, backoff_base=backoff_base)
         self.timeout = (client.timeout[0], read_timeout) if read_timeout else None
-        self._receiving = set()
+        self._receiving: set[Any] = set()
         self._receiving_lock = threading.Lock()
 
-    def abort(self):
+    def abort(self) -> None:
         """Cancel every download of this downloader, also those blocked on a silent socket."""
         self.cancelled.set()
         with self._receiving_lock:
-            for resp in self._receiving:
-                _shut_down(resp)
+            for stream in self._receiving:
+                stream.shutdown()
 
-    def run(self, download):
+    def run(self, download: BlobDownload) -> BlobDownload:
         """Bring `download` into the cache; never raises, the outcome is in the download."""
         try:
             self._run(download)
@@ -321,134 +304,58 @@ class Downloader:
         self.progress(download, "done", download.size)
 
     def _attempts(self, download, hasher):
-        attempt = 0
-        while True:
-            if self.cancelled.is_set():
-                raise Cancelled(f"{download.what}: cancelled")
+        def attempt():
             try:
                 self._attempt(download, hasher)
-                return hasher
-            except _Retryable as failure:
-                if failure.without_range:
-                    download._whole = True
-                if attempt >= self.retries:
-                    raise _exhausted(download, failure.error, attempt + 1) from None
-                delay = self._delay(attempt, failure.retry_after)
-                attempt += 1
-                log.info("%s: %s; retry %d of %d in %.1fs", download.what, failure.error,
-                         attempt, self.retries, delay)
-                if self.cancelled.wait(delay):
-                    raise Cancelled(f"{download.what}: cancelled") from None
+            except _WholeBlob:
+                download._whole = True
+                raise
+            except Unreachable as exc:
+                if str(exc).startswith(download.what):
+                    raise
+                raise rewrap(exc, f"{download.what}: {exc}") from None  # named after the blob
+            return hasher
 
-    def _delay(self, attempt, retry_after):
-        if retry_after is not None:
-            return min(retry_after, RETRY_AFTER_CAP)
-        ceiling = min(BACKOFF_CAP, self.backoff_base * (2 ** attempt))
-        return random.uniform(ceiling / 2, ceiling)
+        return self.retry.run(attempt, self.cancelled, download.what)
 
     # ------------------------------------------------------------ one attempt
 
     def _attempt(self, download, hasher):
         if hasher.count == download.size:
             return
-        sources = [None] + download.urls
+        sources = [self.source] + [URLBlobSource(self.client, url) for url in download.urls]
+        offset = 0 if download._whole else hasher.count
         for source in sources:
             try:
-                resp = self._open(download, hasher.count, source)
+                stream = source.open(download.digest, offset, what=download.what, timeout=self.timeout)
             except NotFound:
-                if source == sources[-1]:
+                if source is sources[-1]:
                     raise
                 continue
-            with resp, self._watching(resp):
-                self._receive(download, hasher, resp)
+            except RangeRefused as exc:
+                raise _WholeBlob(exc) from None
+            with stream, self._watching(stream):
+                self._receive(download, hasher, stream)
             return
 
     @contextlib.contextmanager
-    def _watching(self, resp):
+    def _watching(self, stream):
         with self._receiving_lock:
-            self._receiving.add(resp)
+            self._receiving.add(stream)
         try:
             yield
         finally:
             with self._receiving_lock:
-                self._receiving.discard(resp)
+                self._receiving.discard(stream)
 
-    def _open(self, download, offset, source):
-        """GET the blob (from the registry, or the foreign URL `source`), following redirects."""
-        headers = {"Accept-Encoding": "identity"}
-        if offset and not download._whole:
-            headers["Range"] = f"bytes={offset}-"
-        if source is None:
-            url = self.client.url(self.client.blob_path(self.repository, download.digest))
-        else:
-            url = source
-        for _hop in range(MAX_REDIRECTS + 1):
-            resp = self._get(url, headers, registry=source is None, what=download.what)
-            if resp.status_code not in REDIRECT_STATUSES:
-                break
-            location = resp.headers.get("Location")
-            resp.close()
-            if not location:
-                raise RegistryError(f"{download.what}: redirect without a Location", status=resp.status_code)
-            target = redirect_target(url, location)
-            if target is None:
-                raise RegistryError(f"{download.what}: redirect to {location[:200]!r}, no http(s) URL")
-            url = target
-        else:
-            resp.close()
-            raise RegistryError(f"{download.what}: more than {MAX_REDIRECTS} redirects")
-        status = resp.status_code
-        if status in (200, 206):
-            return resp
-        retry_after = _retry_after(resp.headers.get("Retry-After"))
-        if status == 416 and offset:
-            resp.close()
-            # The partial is no prefix the server recognizes: start over.
-            raise _Retryable(RegistryError(f"range {offset}- refused (416)", status=status),
-                             without_range=True)
-        if status == 401:
-            # send() already renewed the token once; one more try covers a token that
-            # expired in between. Basic credentials do not expire: that refusal is final.
-            if _bearer_challenge(resp) and not download._auth_retried:
-                download._auth_retried = True
-                resp.close()
-                raise _Retryable(Unauthorized(f"{download.what}: token refused (401)", status=401), 0)
-            with resp:
-                self.client.check(resp, f"{download.what}: GET {_redact(url)}")
-        if status >= 500 or status in RETRYABLE_STATUSES:
-            resp.close()
-            error = RegistryError(f"{status} {resp.reason or ''}".strip(), status=status)
-            raise _Retryable(error, retry_after)
-        with resp:
-            self.client.check(resp, f"{download.what}: GET {_redact(url)}")
-        raise RegistryError(f"{download.what}: GET {_redact(url)}: unexpected status {status}", status=status)
-
-    def _get(self, url, headers, registry, what):
-        try:
-            if registry:
-                # send() adds credentials for the registry's own host only.
-                return self.client.send("GET", url, repository=self.repository, headers=headers,
-                                        stream=True, allow_redirects=False, timeout=self.timeout)
-            # Foreign layer URLs never see the registry's credentials, whatever their host.
-            return self.client.session.get(url, headers=headers, stream=True, allow_redirects=False,
-                                           timeout=self.timeout or self.client.timeout,
-                                           verify=getattr(self.client, "verify", None))
-        except Unreachable as exc:
-            raise _Retryable(exc) from None
-        except (requests.ConnectionError, requests.Timeout) as exc:
-            raise _Retryable(Unreachable(f"{urlsplit(url).netloc} unreachable: {exc}")) from None
-        except (requests.RequestException, ValueError) as exc:
-            # A malformed header or Location (requests parses it even when not following).
-            raise RegistryError(f"{what}: GET {_redact(url)}: {_short(exc)}") from None
-
-    def _receive(self, download, hasher, resp):
+    def _receive(self, download, hasher, stream):
         offset = hasher.count
         skip = 0
-        if resp.status_code == 206:
-            start = _content_range_start(resp.headers.get("Content-Range"))
+        if stream.status == 206:
+            start = _content_range_start(stream.headers.get("Content-Range"))
             if start != offset:
-                raise _Retryable(RegistryError(f"asked for bytes {offset}-, got a range starting at {start}"),
-                                 without_range=True)
+                raise _WholeBlob(RegistryError(
+                    f"{download.what}: asked for bytes {offset}-, got a range starting at {start}"))
         elif offset:
             # The server ignored Range and sends the whole blob: pass over what we have.
             log.info("%s: server ignored the Range request, reading %d bytes again", download.what, offset)
@@ -458,16 +365,14 @@ class Downloader:
             out.truncate()
             with space.guard(out.fileno(), self.reserve, download.what, download.partial_path) \
                     or contextlib.nullcontext() as guard:
-                stream = resp.raw
                 while True:
                     if self.cancelled.is_set():
                         raise Cancelled(f"{download.what}: cancelled")
                     try:
                         # read1: whatever has arrived, so watchers see bytes as they come.
-                        chunk = stream.read1(CHUNK, decode_content=False)
-                    except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:
-                        broke = Unreachable(f"connection broke after {hasher.count} bytes: {_short(exc)}")
-                        raise _Retryable(broke) from None
+                        chunk = stream.read1(CHUNK)
+                    except Unreachable as exc:
+                        raise Unreachable(f"connection broke after {hasher.count} bytes: {exc}") from None
                     if not chunk:
                         break
                     if skip:
@@ -483,17 +388,7 @@ class Downloader:
                     download._set_written(hasher.count)
                     self.progress(download, "advance", len(chunk))
         if hasher.count < download.size:
-            raise _Retryable(Unreachable(f"connection closed after {hasher.count} of {download.size} bytes"))
-
-
-def _shut_down(resp):
-    # shutdown(), unlike close(), wakes a thread blocked in recv() on the socket.
-    sock = getattr(getattr(resp.raw, "connection", None), "sock", None)
-    if sock is not None:
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+            raise Unreachable(f"connection closed after {hasher.count} of {download.size} bytes")
 
 
 def _cached(download):
@@ -548,30 +443,6 @@ def _mismatches(download, error, seen):
     return DigestMismatch(f"{error}; giving up after {attempts} downloads ({counts})")
 
 
-def _exhausted(download, error, attempts):
-    message = f"{download.what}: giving up after {attempts} attempts: {error}"
-    if isinstance(error, RegistryError):
-        return type(error)(message, status=error.status, code=error.code)
-    return type(error)(message)
-
-
-def _bearer_challenge(resp):
-    return parse_challenge(resp.headers.get("WWW-Authenticate", ""))[0] == "bearer"
-
-
-def _retry_after(value):
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
 def _content_range_start(value):
     # "bytes 100-199/200"
     try:
@@ -579,21 +450,3 @@ def _content_range_start(value):
         return int(rest.split("-", 1)[0]) if unit == "bytes" else None
     except (AttributeError, ValueError):
         return None
-
-
-def _redact(url):
-    # Blob storage URLs carry signatures in the query; keep them out of messages.
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}{parts.path}"
-
-
-def _short(exc):
-    # urllib3 nests the cause (IncompleteRead, a socket error) in its own exception's args.
-    if isinstance(exc, urllib3.exceptions.ReadTimeoutError):
-        return "read timed out"
-    if isinstance(exc, urllib3.exceptions.ProtocolError):
-        cause = exc.args[-1] if len(exc.args) > 1 else None
-        if isinstance(cause, OSError) and cause.strerror:
-            return cause.strerror
-        return "the server closed the connection early"
-    return str(exc)[:200]

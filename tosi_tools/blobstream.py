@@ -62,7 +62,7 @@ class FollowingReader(io.RawIOBase):
         self._pos = 0
         self._file: Optional[Any] = None
         self._interrupted = threading.Event()
-        self._generation = None  # of the download, fixed by the first byte read
+        self._generation: Optional[int] = None  # of the download, fixed by the first byte read
         self.ended = False  # the whole blob was read and verified
 
     def readable(self) -> bool:

@@ -75,6 +75,21 @@ class Unreachable(TosiError):
     """The registry could not be reached (DNS, refused connection, timeout)."""
 
 
+class Unavailable(RegistryError, Unreachable):
+    """A server answered that it is busy or down for a moment (408, 429, 5xx; a token
+    server's too): worth another try, after `retry_after` seconds if it said so."""
+
+    def __init__(self, message: str, status: int | None = None, code: str | None = None,
+                 retry_after: float | None = None) -> None:
+        super().__init__(message, status=status, code=code)
+        self.retry_after = retry_after
+
+
+class Cancelled(TosiError):
+    """Work was stopped because something it belongs to gave up (a fetch whose other
+    download failed first, a reader that was interrupted)."""
+
+
 class TLSFailure(TosiError):
     """TLS handshake or certificate verification failed."""
 

@@ -15,6 +15,8 @@ Records in and out are plan.ImageRecord/LayerRecord (a mapping of the fields is
 taken too, and checked).
 """
 
+from __future__ import annotations
+
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -23,11 +25,12 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from .digest import DIGEST_RETRIES
 from .cache import Workdir
-from .errors import PlanError, TosiError, quoted
+from .errors import Cancelled, PlanError, TosiError, quoted
 from .plan import ImageRecord, LayerRecord
 
 if TYPE_CHECKING:
     from .auth import Credentials, TokenCache
+    from .keychain import Keychain
     from .blobs import BlobDownload, Downloader
     from .registry import RegistryClient
     from .space import Reserve
@@ -126,11 +129,11 @@ class Fetcher:
         handles = []
         for record in records:
             digest = record.digest
-            _require_size(record.size, f"layer {record.index}")
+            size = _require_size(record.size, f"layer {record.index}")
             path = self.workdir.layer_path(digest)
             if path not in unique:
                 unique[path] = BlobDownload(
-                    digest, record.size, path, what=f"layer {record.name}", urls=record.urls,
+                    digest, size, path, what=f"layer {record.name}", urls=record.urls,
                 )
             handles.append(LayerHandle(record, unique[path]))
         client = self.client_for_image(image)
@@ -167,8 +170,6 @@ class Fetcher:
             downloader.abort()
 
     def close(self, cancel: bool = False) -> None:
-        from .blobs import Cancelled
-
         if cancel:
             self._abort()
         if self._pool is not None:
@@ -186,21 +187,33 @@ class Fetcher:
 
 def client_factory(credentials: Optional["Credentials"], pool_size: int,
                    token_cache: Optional["TokenCache"] = None, read_timeout: Optional[float] = None,
-                   insecure: bool = False) -> ClientForImage:
+                   insecure: bool = False,
+                   keychain: Optional["Keychain"] = None) -> ClientForImage:
     """A `client_for_image(image)` for Fetcher: a RegistryClient reaching the plan's
-    registry the way resolve did (endpoint, insecure, caFile), with `credentials`.
+    registry the way resolve did (endpoint, insecure, caFile), with the credentials
+    `keychain` (keychain.Keychain; else the fixed `credentials`) gives for it.
 
-    The plan decides the transport only: `credentials` (bound to their registry,
+    The plan decides the transport only: credentials (bound to their registry,
     auth.Credentials) reach the plan's endpoint only if it is that registry's own,
     and Basic ones go over plain http or unverified TLS to a host off loopback
-    only with `insecure` (the caller's own --insecure; the plan's is not enough)."""
-    from .registry import DEFAULT_READ_TIMEOUT, RegistryClient, endpoint_for
+    only with `insecure` (the caller's own --insecure; the plan's is not enough).
+    A client certificate comes from the keychain (`tls_for`), never from a plan."""
+    from .keychain import Keychain, TLSConfig
+    from .registry import RegistryClient
+    from .transport import DEFAULT_READ_TIMEOUT, endpoint_for
+
+    if keychain is None:
+        keychain = Keychain.of(credentials)
 
     def client_for_image(image: ImageRecord) -> "RegistryClient":
         plan_insecure = image.insecure
-        endpoint = image.endpoint or endpoint_for(image.registry, plan_insecure)
-        return RegistryClient(endpoint, credentials=credentials, ca_file=image.ca_file,
-                              insecure=plan_insecure, read_timeout=read_timeout or DEFAULT_READ_TIMEOUT,
+        registry = image.registry
+        # Fetcher.start refused a plan naming neither an endpoint nor a registry.
+        endpoint = image.endpoint or endpoint_for(registry or "", plan_insecure)
+        tls = TLSConfig(image.ca_file, keychain.tls_for(registry).client_cert, plan_insecure)
+        return RegistryClient(endpoint, keychain=keychain, registry=registry,
+                              repository=image.repository, tls=tls,
+                              read_timeout=read_timeout or DEFAULT_READ_TIMEOUT,
                               pool_size=pool_size, token_cache=token_cache,
                               credentials_insecure=insecure, endpoint_origin="the plan's endpoint")
 
@@ -213,15 +226,16 @@ def _config_download(workdir: Workdir, image: ImageRecord) -> Optional[BlobDownl
     digest = image.config_digest
     if digest is None:
         return None
-    _require_size(image.config_size, "config")
-    return BlobDownload(digest, image.config_size, workdir.config_path(digest),
+    size = _require_size(image.config_size, "config")
+    return BlobDownload(digest, size, workdir.config_path(digest),
                         what=f"config ({digest})")
 
 
-def _require_size(size: Optional[int], what: str) -> None:
+def _require_size(size: Optional[int], what: str) -> int:
     # The size caps what is written to disk, so a blob without one is never fetched.
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise PlanError(f"{what} has no valid size ({quoted(size)})")
+    return size
 
 
 def fetch_plan(fetcher: Fetcher, image: Mapping[str, Any], layers: Iterable[Mapping[str, Any]],
@@ -240,8 +254,6 @@ def fetch_plan(fetcher: Fetcher, image: Mapping[str, Any], layers: Iterable[Mapp
     `handle.download.result()`; the iteration ends only once every blob is
     verified, and raises the first failure otherwise.
     """
-    from .blobs import Cancelled
-
     image = ImageRecord.of(image)
     with fetcher.start(image, layers) as run:
         image = image.with_workdir(fetcher.workdir.root)

@@ -32,13 +32,14 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Optional
 
 from . import mount, ownership, resolve, unpack
-from .auth import TokenCache, credentials_from_flags
+from .auth import TokenCache
 from .cache import DEFAULT_WORKDIR, Workdir, atomic_write
-from .errors import QuarantinedBlob, TosiError, UsageError
+from .errors import Cancelled, QuarantinedBlob, TosiError, UsageError
+from .keychain import from_flags as keychain_from_flags
 from .plan import ImageRecord, LayerRecord
 from .imageplatform import Platform, parse_platform
 from .reference import Reference, parse_reference, reference_with_base_url
-from .registry import detect_endpoint
+from .transport import detect_endpoint
 
 log = logging.getLogger("tosi.pipeline")
 
@@ -91,7 +92,9 @@ def reference_and_endpoint(options: PullOptions) -> tuple[Reference, Optional[st
     url = options.url
     if "://" not in url:
         # A bare host:port is spoken to as Docker would: plain HTTP on loopback only.
-        url = detect_endpoint(url.rstrip("/"), options.insecure)
+        detected = detect_endpoint(url.rstrip("/"), options.insecure)
+        assert detected is not None  # it probes, so it always answers
+        url = detected
     return reference_with_base_url(options.image, url)
 
 
@@ -154,14 +157,12 @@ def pull(options: PullOptions,
     """
     platform = preflight(options)
     ref, endpoint = reference_and_endpoint(options)
-    credentials = credentials_from_flags(options.username, options.password,
-                                         registry=ref.registry)
+    keychain = keychain_from_flags(options.username, options.password, insecure=options.insecure)
     # Private and ours (made 0700 if missing), before anything in it is read or written.
     workdir = Workdir(options.workdir, options.overlaydir, flag_prefix="-").ensure()
     tokens = TokenCache()
     image, layers = resolve.resolve_image(
-        ref, workdir, platform=platform, credentials=credentials,
-        insecure=options.insecure, endpoint=endpoint, token_cache=tokens)
+        ref, workdir, platform=platform, keychain=keychain, endpoint=endpoint, token_cache=tokens)
     log.info("%s: %d layers", image.reference, len(layers))
 
     cached = None
@@ -170,7 +171,7 @@ def pull(options: PullOptions,
     if cached is not None:
         image, layers = cached
     else:
-        image, layers = _fetch_and_unpack(options, workdir, credentials, tokens, image, layers,
+        image, layers = _fetch_and_unpack(options, workdir, keychain, tokens, image, layers,
                                           progress_for)
     if options.mount:
         image = image.with_mount(mount.mount_image(image, layers, options.mount,
@@ -196,12 +197,12 @@ def _extracted_from_cache(workdir, image, layers):
     return image.with_workdir(workdir.root), done
 
 
-def _fetch_and_unpack(options, workdir, credentials, tokens, image, layers, progress_for):
+def _fetch_and_unpack(options, workdir, keychain, tokens, image, layers, progress_for):
     created_target = bool(options.extract_to) and not os.path.lexists(options.extract_to)
     refetches = 0
     while True:
         try:
-            return _fetch_and_unpack_once(options, workdir, credentials, tokens, image, layers,
+            return _fetch_and_unpack_once(options, workdir, keychain, tokens, image, layers,
                                           progress_for, created_target)
         except QuarantinedBlob as exc:
             if refetches >= MAX_REFETCHES:
@@ -224,16 +225,16 @@ def _empty_target(target):
         os.close(fd)
 
 
-def _fetch_and_unpack_once(options, workdir, credentials, tokens, image, layers, progress_for,
+def _fetch_and_unpack_once(options, workdir, keychain, tokens, image, layers, progress_for,
                            created_target):
     from . import blobstream, fetch, layer, space
-    from .blobs import Cancelled
     from .digest import DIGEST_RETRIES
 
     progress = progress_for(image, layers) if progress_for else None
     parallel = fetch.DEFAULT_PARALLEL if options.parallel is None else options.parallel
     pool_size = parallel or max(len(layers) + 1, 1)
-    clients = fetch.client_factory(credentials, pool_size, token_cache=tokens, insecure=options.insecure)
+    clients = fetch.client_factory(None, pool_size, token_cache=tokens, insecure=options.insecure,
+                                   keychain=keychain)
     fetcher = fetch.Fetcher(workdir, clients,
                             parallel=parallel, validate_cache=options.validate_cache,
                             progress=progress, reserve=space.Reserve.from_env(size_text=options.min_free))

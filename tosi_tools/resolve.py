@@ -13,58 +13,69 @@ registry names no digest or the bytes are not cached).
 import json
 import logging
 import os
-import time
+from typing import Any, Callable, Optional
 
+from .auth import Credentials, TokenCache
 from .cache import Workdir, atomic_write, file_lock
 from .digest import DIGEST_RETRIES, Digest, VerifyingHasher, digest_of, verify_file
-from .errors import DigestMismatch, ManifestError, NoMatchingPlatform, Unreachable, UsageError, quoted
+from .errors import DigestMismatch, ManifestError, NoMatchingPlatform, UsageError, quoted
+from .keychain import Keychain
 from .manifest import (
     ACCEPT, INDEX_TYPES, MAX_CONFIG_SIZE, MAX_MANIFEST_SIZE, SCHEMA1_TYPES, config_platform,
     content_digests, diff_ids, parse_config, parse_manifest,
 )
 from .plan import ImageRecord, LayerRecord, new_image_record, new_layer_record
-from .imageplatform import host_platform
+from .imageplatform import Platform, host_platform
 from .reference import Reference, parse_reference
 
 log = logging.getLogger("tosi.resolve")
-
-# Manifests and configs are small: a transient failure is tried again soon, a few times.
-ATTEMPTS = 3
-BACKOFF = 0.5
-TRANSIENT_STATUSES = (429, 502, 503, 504)
 
 
 class Resolver:
     """Resolves references against one workdir; `.client` is the RegistryClient it used.
 
-    `client_factory(endpoint)` makes the client (default: a RegistryClient with the
-    given credentials and transport settings); it is called only when a request is
-    really needed, so a fully cached digest reference never opens a connection.
+    Credentials and TLS come from `keychain` (keychain.Keychain), else from
+    `credentials`, `ca_file` and `insecure`. `client_factory(endpoint)` makes the
+    client (default: a RegistryClient with those settings, the transport's retry
+    policy); it is called only when a request is really needed, so a fully
+    cached digest reference never opens a connection.
     """
 
-    def __init__(self, workdir, platform=None, credentials=None, insecure=False, ca_file=None,
-                 client_factory=None, token_cache=None):
+    def __init__(self, workdir: Workdir | str, platform: Optional[Platform] = None,
+                 credentials: Optional[Credentials] = None, insecure: bool = False,
+                 ca_file: Optional[str] = None, client_factory: Optional[Callable[[str], Any]] = None,
+                 token_cache: Optional[TokenCache] = None, keychain: Optional[Keychain] = None) -> None:
         self.workdir = workdir if isinstance(workdir, Workdir) else Workdir(workdir)
         self.platform = platform
-        self.credentials = credentials
-        self.insecure = insecure
-        self.ca_file = os.path.abspath(ca_file) if ca_file else None
+        if keychain is None:
+            keychain = Keychain.of(credentials, os.path.abspath(ca_file) if ca_file else None, insecure)
+        self.keychain = keychain
+        self.tls = keychain.tls  # the registry's own once resolve() knows it
         self.token_cache = token_cache
         self._quick_heads = client_factory is None  # a caller's factory decides all transport
         self._client_factory = client_factory or self._default_client
         self.client = None
-        self._endpoint = None
+        self._endpoint: Optional[str] = None
         self._endpoint_guessed = False  # remembered, not probed: dropped before a client uses it
-        self._registry_host = None
+        self._registry_host: Optional[str] = None
+        self._repository: Optional[str] = None
+
+    @property
+    def insecure(self) -> bool:
+        return self.tls.insecure
+
+    @property
+    def ca_file(self) -> Optional[str]:
+        return self.tls.ca_file
 
     def _default_client(self, endpoint):
         from .registry import RegistryClient
 
-        return RegistryClient(endpoint, credentials=self.credentials, ca_file=self.ca_file,
-                              insecure=self.insecure, token_cache=self.token_cache)
+        return RegistryClient(endpoint, keychain=self.keychain, registry=self._registry_host,
+                              repository=self._repository, tls=self.tls, token_cache=self.token_cache)
 
     def _detect_endpoint(self, probe=True):
-        from .registry import detect_endpoint
+        from .transport import detect_endpoint
 
         return detect_endpoint(self._registry_host, self.insecure, probe=probe,
                                scheme_file=self.workdir.scheme_path(self._registry_host))
@@ -99,24 +110,9 @@ class Resolver:
         return path
 
     def _send(self, method, ref, path, headers=None, stream=False):
-        """One request, tried again after a transient failure (no connection, 429, 502-504)."""
-        client = self._registry()
-        for attempt in range(1, ATTEMPTS + 1):
-            try:
-                resp = client.send_following_redirects(method, path, repository=ref.repository,
-                                                       headers=headers, stream=stream)
-            except Unreachable as exc:
-                if attempt == ATTEMPTS:
-                    raise Unreachable(f"{exc} ({ATTEMPTS} attempts)") from None
-                problem = str(exc)
-            else:
-                if resp.status_code not in TRANSIENT_STATUSES or attempt == ATTEMPTS:
-                    return resp
-                resp.close()
-                problem = f"HTTP {resp.status_code}"
-            delay = BACKOFF * 2 ** (attempt - 1)
-            log.info("%s %s: %s; trying again in %.1fs", method, path, problem, delay)
-            time.sleep(delay)
+        """One request under the transport's retry policy (RegistryClient.request)."""
+        return self._registry().request(method, path, repository=ref.repository, headers=headers,
+                                        stream=stream)
 
     def _get(self, ref, path, what, headers=None):
         """A streamed 200 response for `path`, or the typed error for what the registry said."""
@@ -131,7 +127,7 @@ class Resolver:
     def _get_manifest(self, ref, reference, what):
         """(bytes, Content-Type, Docker-Content-Digest) of a manifest by tag or digest."""
         client = self._registry()
-        resp = self._get(ref, client.manifest_path(ref.repository, reference), what,
+        resp = self._get(ref, client.manifest_url(ref.repository, reference), what,
                          headers={"Accept": ACCEPT})
         content_type = resp.headers.get("Content-Type")
         header_digest = resp.headers.get("Docker-Content-Digest")
@@ -157,9 +153,10 @@ class Resolver:
 
     def _quick_head_digest(self, ref):
         """(answered, digest) from one HEAD of the tag without requests
-        (registry.quick_head): answered is False when the client must ask instead,
+        (transport.quick_head): answered is False when the client must ask instead,
         as if this had not been tried; digest is None when a 200 named none."""
-        from .registry import manifest_path, quick_head
+        from .registry import manifest_url
+        from .transport import quick_head
 
         challenged = self.workdir.challenged_path(self._registry_host)
         if not self._quick_heads or os.path.exists(challenged):
@@ -168,8 +165,8 @@ class Resolver:
             remembered = self._detect_endpoint(probe=False)
             self._endpoint = (remembered or self._detect_endpoint()).rstrip("/")
             self._endpoint_guessed = remembered is not None
-        answer = quick_head(self._endpoint, manifest_path(ref.repository, ref.tag),
-                            {"Accept": ACCEPT}, ca_file=self.ca_file, insecure=self.insecure)
+        answer = quick_head(self._endpoint, manifest_url(ref.repository, ref.tag),
+                            {"Accept": ACCEPT}, tls=self.tls)
         status, headers = answer or (None, None)
         if status == 401:  # later runs go straight to the client, which has the token flow
             atomic_write(challenged, b"")
@@ -186,7 +183,7 @@ class Resolver:
         if answered:
             return digest
         client = self._registry()
-        resp = self._send("HEAD", ref, client.manifest_path(ref.repository, ref.tag),
+        resp = self._send("HEAD", ref, client.manifest_url(ref.repository, ref.tag),
                           headers={"Accept": ACCEPT})
         resp.close()
         if resp.status_code != 200:
@@ -265,7 +262,7 @@ class Resolver:
         client = self._registry()
 
         def fetch():
-            resp = self._get(ref, client.blob_path(ref.repository, digest), what)
+            resp = self._get(ref, client.blob_url(ref.repository, digest), what)
             data = client.read_limited(resp, MAX_CONFIG_SIZE, what)
             hasher = VerifyingHasher(digest, size, what="image config")
             hasher.update(data)
@@ -292,7 +289,7 @@ class Resolver:
         for descriptor in descriptors:
             digest = descriptor["digest"]
             if digest not in sizes:
-                path = client.blob_path(ref.repository, digest)
+                path = client.blob_url(ref.repository, digest)
                 resp = self._send("HEAD", ref, path)
                 resp.close()
                 if resp.status_code != 200:  # some registries refuse HEAD (404, 405) where GET works
@@ -306,11 +303,17 @@ class Resolver:
 
     # ------------------------------------------------------------ the stage
 
-    def resolve(self, reference, endpoint=None):
+    def resolve(self, reference: Reference | str,
+                endpoint: Optional[str] = None) -> tuple[ImageRecord, list[LayerRecord]]:
         """(image record, [layer records]) for a reference (text or Reference)."""
         ref = reference if isinstance(reference, Reference) else parse_reference(reference)
         self.workdir.ensure()  # private and ours, before anything in it is read or written
+        if ref.registry != self._registry_host and self.client is not None:
+            self.client.close()  # its credentials and TLS were the other registry's
+            self.client = None
         self._registry_host = ref.registry
+        self._repository = ref.repository
+        self.tls = self.keychain.tls_for(ref.registry)
         # Without a given endpoint it is found when first needed: a cached digest
         # reference needs none, a warm tag takes the remembered scheme for its HEAD.
         self._endpoint = endpoint.rstrip("/") if endpoint else None
@@ -431,11 +434,17 @@ def _runs(wanted, have):
     return any(have.normalized() == candidate for candidate in wanted.runs())
 
 
-def resolve_image(reference_text, workdir, platform=None, credentials=None, insecure=False,
-                  ca_file=None, client_factory=None, endpoint=None, token_cache=None):
-    """Resolve one reference: (image record, [layer records]); see Resolver for the client."""
+def resolve_image(reference_text: Reference | str, workdir: Workdir | str,
+                  platform: Optional[Platform] = None, credentials: Optional[Credentials] = None,
+                  insecure: bool = False, ca_file: Optional[str] = None,
+                  client_factory: Optional[Callable[[str], Any]] = None, endpoint: Optional[str] = None,
+                  token_cache: Optional[TokenCache] = None,
+                  keychain: Optional[Keychain] = None) -> tuple[ImageRecord, list[LayerRecord]]:
+    """Resolve one reference: (image record, [layer records]); see Resolver for the
+    client and where credentials and TLS come from."""
     resolver = Resolver(workdir, platform=platform, credentials=credentials, insecure=insecure,
-                        ca_file=ca_file, client_factory=client_factory, token_cache=token_cache)
+                        ca_file=ca_file, client_factory=client_factory, token_cache=token_cache,
+                        keychain=keychain)
     try:
         return resolver.resolve(reference_text, endpoint=endpoint)
     finally:

@@ -127,8 +127,8 @@ def body(argv: Sequence[str] | None) -> int:
         parser.error("--read-timeout must be positive")
     setup_logging(PROG, args.verbose)
 
-    from ..auth import credentials_from_flags
     from ..fetch import Fetcher, client_factory, fetch_plan
+    from ..keychain import from_flags
     from ..plan import PlanReader, PlanWriter
     from ..space import Reserve
 
@@ -139,13 +139,12 @@ def body(argv: Sequence[str] | None) -> int:
     layers = reader.layers()
     workdir = reader.workdir
     assert workdir is not None  # PlanReader was given a workdir callable
-    credentials = credentials_from_flags(args.username, args.password, password,
-                                         registry=image.registry)
+    keychain = from_flags(args.username, args.password, password, insecure=args.insecure)
     show = args.progress == "always" or (args.progress == "auto" and sys.stderr.isatty())
     bars = ProgressBars(total_bytes(image, layers), sys.stderr) if show else None
     pool_size = args.parallel or max(len(layers) + 1, 1)
-    fetcher = Fetcher(workdir, client_factory(credentials, pool_size, read_timeout=args.read_timeout,
-                                              insecure=args.insecure),
+    fetcher = Fetcher(workdir, client_factory(None, pool_size, read_timeout=args.read_timeout,
+                                              insecure=args.insecure, keychain=keychain),
                       parallel=args.parallel, retries=args.retries,
                       validate_cache=args.validate_cache, progress=bars,
                       reserve=Reserve.from_env(size_text=args.min_free))

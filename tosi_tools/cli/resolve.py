@@ -12,7 +12,7 @@ from .common import (
 )
 
 if TYPE_CHECKING:
-    from ..auth import Credentials
+    from ..keychain import Keychain
 
 PROG = "tosi-resolve"
 
@@ -33,20 +33,18 @@ def add_registry_flags(parser: argparse.ArgumentParser) -> None:
                         "(default: system CAs, or $REQUESTS_CA_BUNDLE)")
 
 
-def credentials_and_transport(args: argparse.Namespace,
-                              registry: str) -> "tuple[Credentials | None, str | None]":
-    """(credentials or None, absolute ca_file or None) from parsed registry flags."""
-    from ..auth import credentials_from_flags
+def keychain_from_args(args: argparse.Namespace) -> "Keychain":
+    """The keychain (credentials and TLS per registry) of parsed registry flags."""
     from ..errors import UsageError
+    from ..keychain import from_flags
 
-    credentials = credentials_from_flags(args.username, args.password, password_from_stdin(args),
-                                         registry=registry)
     ca_file = None
     if args.ca_file:
         if not os.path.isfile(args.ca_file):
             raise UsageError(f"--ca-file {args.ca_file}: no such file")
         ca_file = os.path.abspath(args.ca_file)
-    return credentials, ca_file
+    return from_flags(args.username, args.password, password_from_stdin(args), ca_file=ca_file,
+                      insecure=args.insecure)
 
 
 def _parser():
@@ -72,9 +70,7 @@ def _body(argv):
 
     ref = parse_reference(args.image)
     platform = parse_platform(args.platform) if args.platform else None
-    credentials, ca_file = credentials_and_transport(args, ref.registry)
-    image, layers = resolve_image(ref, args.workdir, platform=platform, credentials=credentials,
-                                  insecure=args.insecure, ca_file=ca_file)
+    image, layers = resolve_image(ref, args.workdir, platform=platform, keychain=keychain_from_args(args))
     PlanWriter(sys.stdout).write_plan(image, layers)
     return 0
 
