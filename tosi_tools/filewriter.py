@@ -8,7 +8,7 @@ and takes batches of files, so it can. Without the extension (it is built when
 a C compiler is there, and is optional) `available()` is False and appliers
 write every file themselves.
 
-Safety stays with the applier: the thread gets directory handles the applier
+Safety stays with the applier (layer.FileQueue drives this): the thread gets directory handles the applier
 resolved inside the root (duplicated per batch, so they remain the same open
 directories whatever the applier's cache closes), single-component names, and
 creates each file with O_CREAT|O_EXCL|O_NOFOLLOW as the applier would. Order
@@ -20,7 +20,10 @@ it for the applier to redo, in order, through its own code path and error
 handling. So the thread never has to know what a failure means.
 """
 
+from __future__ import annotations
+
 import os
+from typing import Any
 
 try:
     from . import _filewriter
@@ -38,7 +41,7 @@ _BACKLOG_FILES = 4096
 _BACKLOG_BYTES = 8 << 20
 
 
-def available():
+def available() -> bool:
     """Whether files can go to the C thread (TOSI_FILE_WRITER=0 turns it off)."""
     return _filewriter is not None and os.environ.get("TOSI_FILE_WRITER", "1") != "0"
 
@@ -46,7 +49,7 @@ def available():
 class FileWriter:
     """The applier's side: `add()` files, `sync()` to learn which ones it must redo."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._writer = _filewriter.Writer()
         self._tasks = []      # the caller's task objects since the last sync, in order
         self._batch = []
@@ -55,7 +58,8 @@ class FileWriter:
         self._limit = _FIRST_BATCH_FILES
         self._backlog_bytes = 0
 
-    def add(self, dir_fd, base, data, mode, flags, uid, gid, mtime_ns, task):
+    def add(self, dir_fd: int, base: str, data: bytes, mode: int, flags: int, uid: int, gid: int,
+            mtime_ns: int, task: Any) -> None:
         """Queue one file; `task` is what sync() hands back if it must be redone."""
         dup = self._dups.get(dir_fd)
         if dup is None:
@@ -81,11 +85,11 @@ class FileWriter:
             raise
 
     @property
-    def full(self):
+    def full(self) -> bool:
         """Whether the caller should sync now: enough is held for redoing."""
         return len(self._tasks) >= _BACKLOG_FILES or self._backlog_bytes >= _BACKLOG_BYTES
 
-    def sync(self):
+    def sync(self) -> list:
         """Wait until the thread has done everything queued; the tasks it did not do."""
         self._submit()
         failed = self._writer.wait()
@@ -94,7 +98,7 @@ class FileWriter:
         self._backlog_bytes = 0
         return tasks[failed[0]:] if failed is not None else []
 
-    def close(self):
+    def close(self) -> None:
         """Let the thread finish what is queued, then stop it (what failed is not redone)."""
         try:
             self._submit()

@@ -1,10 +1,10 @@
 """Apply one layer (an OCI changeset tar) to a root directory.
 
-Two modes:
-  flat     the layer is applied on top of what the root holds (bottom layer
+Two modes, each a Layout (chosen once per layer by layout_for):
+  flat     (FlatLayout) the layer is applied on top of what the root holds (bottom layer
            first): whiteouts delete, opaque markers empty directories of what
            lower layers put there.
-  overlay  the root is an empty directory that becomes one overlayfs lowerdir:
+  overlay  (OverlayLayout) the root is an empty directory that becomes one overlayfs lowerdir:
            a whiteout becomes a 0/0 character device and an opaque marker the
            trusted.overlay.opaque=y xattr; the kernel does the rest at mount time.
 
@@ -23,14 +23,26 @@ Every name goes through saferoot (resolved inside the root, never following a
 symlink it creates or meets at the last component). Directory modes and mtimes
 are set when the layer is done, so read-only directories still get their
 contents and directory mtimes are not disturbed by them.
+
+The pieces: `_Applier` makes one layer's entries (files, directories, links,
+nodes) through `_Applier.place`; its Layout decides what whiteouts, opaque
+markers and devices 0/0 do and keeps the bookkeeping that needs; its
+FileQueue hands small files to filewriter's C thread and has the applier
+redo what the thread could not make. All state is per layer: nothing is kept
+between layers but the once-per-process "not running as root" warning.
 """
 
+from __future__ import annotations
+
 import errno
+import functools
 import hashlib
 import logging
 import os
 import stat
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any, BinaryIO
 
 from . import filewriter, overlay, saferoot, space, tarstream
 from .compression import open_layer
@@ -56,7 +68,6 @@ _COPY_STEP = 1 << 20  # a file's data is charged to the free-space guard in step
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _DIR_FLAGS = saferoot.DIR_FLAGS
 _NODE_TYPES = {tarstream.CHR: stat.S_IFCHR, tarstream.BLK: stat.S_IFBLK, tarstream.FIFO: stat.S_IFIFO}
-_said_not_root = False
 WRITER_AFTER_FILES = 64  # below this a layer's files are not worth the writer thread
 
 
@@ -70,7 +81,7 @@ class Limits:
     reserve: object = None
 
     @classmethod
-    def from_env(cls, environ=os.environ, min_free=None):
+    def from_env(cls, environ: Mapping[str, str] = os.environ, min_free: str | None = None) -> Limits:
         """From TOSI_MAX_LAYER_BYTES, TOSI_MAX_LAYER_ENTRIES, TOSI_MIN_FREE(_INODES);
         `min_free` (a --min-free flag's text) overrides TOSI_MIN_FREE."""
         def number(key, default):
@@ -124,63 +135,460 @@ class _DirFixup:
     mtime_ns: int
 
 
+class Layout:
+    """How a layer's deletions are written into the root: the part of applying a
+    layer that FlatLayout and OverlayLayout do differently, one chosen per layer
+    (as umoci's DirRootfs and OverlayfsRootfs).
+
+    This base holds the rules both keep: which entries delete (the `.wh.<name>`
+    whiteout, the `.wh..wh..opq` opaque marker, a character device 0/0; AUFS's
+    own `.wh..wh.*` files ignored) and the dropping of overlayfs' own xattrs.
+    Subclasses say what a deletion does. Every name is resolved by the applier
+    (`_Applier.place` and the SafeRoot it holds), never by a layout.
+    """
+
+    name: str
+    # Where a hardlink's target must already be, for the error that says it is not.
+    hardlink_scope: str
+    # Hooks of the applier's hot path, None when the layout has nothing to note:
+    # called with the canonical parent of every entry placed, and with the path of
+    # every entry made.
+    note_parent: Callable[[tuple], None] | None = None
+    note_made: Callable[[tuple], None] | None = None
+
+    def whiteout(self, applier: _Applier, name: str, parts: tuple) -> None:
+        """Apply an entry whose last component starts with `.wh.`."""
+        marker = parts[-1]
+        if marker in AUFS_METADATA:
+            return  # what AUFS kept for itself: docker and containerd leave it out too
+        applier.stats.whiteouts += 1
+        directory = parts[:-1]
+        if marker == OPAQUE_MARKER:
+            self.opaque(applier, name, directory)
+            return
+        hidden = marker[len(WHITEOUT_PREFIX):]
+        if hidden in ("", ".", "..") or hidden.startswith(WHITEOUT_PREFIX):
+            raise applier.fail(name, "malformed whiteout", UnsafeEntry)
+        self.delete(applier, name, directory + (hidden,))
+
+    def device_whiteout(self, applier: _Applier, name: str, parts: tuple) -> None:
+        """A character device 0/0: the whiteout of its own name (see the module doc)."""
+        applier.stats.whiteouts += 1
+        applier.stats.device_whiteouts += 1
+        if not parts:
+            raise applier.fail(name, "only a directory can stand for the root")
+        self.delete_device(applier, name, parts)
+
+    def kept_xattrs(self, stats: LayerStats, name: str, member: tarstream.Entry) -> list:
+        """The entry's xattrs but overlayfs' own: copied from an overlay upper directory by
+        some image builders, they would make the mount hide or redirect lower entries."""
+        xattrs = []
+        for xname, value in member.xattrs:
+            if xname.startswith(overlay.OVERLAY_XATTR_PREFIXES):
+                stats.overlay_xattrs += 1
+                stats.first_overlay_xattr = stats.first_overlay_xattr or (name, xname)
+                continue
+            xattrs.append((xname, value))
+        return xattrs
+
+    def warn(self, layer_name: str, stats: LayerStats) -> None:
+        """One warning per layer for the overlayfs xattrs dropped, one for the devices 0/0 taken."""
+        if stats.overlay_xattrs:
+            name, key = stats.first_overlay_xattr
+            log.warning("layer %s: dropped %d overlayfs xattr(s) (%s on %r first): overlayfs metadata "
+                        "is the mount's, not a layer's", layer_name, stats.overlay_xattrs, key, name)
+        if stats.device_whiteouts:
+            log.warning("layer %s: %d character device(s) 0/0 taken as whiteouts, as overlayfs takes them",
+                        layer_name, stats.device_whiteouts)
+
+    # What each layout does.
+
+    def delete(self, applier: _Applier, name: str, target: tuple) -> None:
+        """The whiteout `name` of `target`."""
+        raise NotImplementedError
+
+    def delete_device(self, applier: _Applier, name: str, parts: tuple) -> None:
+        """The device 0/0 `name` at `parts` (not the root)."""
+        raise NotImplementedError
+
+    def opaque(self, applier: _Applier, name: str, directory: tuple) -> None:
+        """The opaque marker `name` of `directory`."""
+        raise NotImplementedError
+
+    def replaced_dir(self, applier: _Applier, fd: int, name: str, path: tuple) -> None:
+        """A directory entry at `path` (open as `fd`) took the place of a non-directory."""
+
+    def reopen_whited_out(self, applier: _Applier, canonical: tuple, name: str) -> bool:
+        """Whether the non-directory at `canonical` was made a directory for entry `name` to go under."""
+        return False
+
+    def implicit_dirs(self, named_dirs: set) -> list | None:
+        """LayerStats.implicit_dirs, once the layer is applied."""
+        return None
+
+
+class FlatLayout(Layout):
+    """The layer applied on top of what the root holds (bottom layer first):
+    whiteouts delete, opaque markers empty directories of what lower layers put there."""
+
+    name = FLAT
+    hardlink_scope = "the root"
+
+    def __init__(self, has_lower: bool) -> None:
+        # Only a root that held something before this layer has lower entries a
+        # whiteout may delete; elsewhere whatever exists is this layer's own.
+        self.has_lower = has_lower
+        # With has_lower: every path this layer made, plus all their ancestors, which
+        # its whiteouts and opaque markers must spare.
+        self.touched: set[tuple] = set()
+        if has_lower:
+            self.note_made = self.touch
+
+    def touch(self, parts: tuple) -> None:
+        if not self.has_lower:
+            return
+        touched = self.touched
+        for i in range(len(parts), 0, -1):
+            key = parts[:i]
+            if key in touched:
+                return
+            touched.add(key)
+
+    def is_own(self, dir_fd: int, base: str, here: tuple) -> bool:
+        """Whether the entry at `here` was made by this layer (not by a lower one)."""
+        if self.has_lower:
+            return here in self.touched
+        return saferoot.lstat_at(dir_fd, base) is not None
+
+    def delete(self, applier: _Applier, name: str, target: tuple) -> None:
+        found = self.existing_parent(applier, name, target)
+        if found is None:
+            return  # nothing there to delete
+        dir_fd, base, canonical = found
+        here = canonical + (base,)
+        if self.is_own(dir_fd, base, here):
+            # The same layer made this entry; the whiteout only removes what lower
+            # layers had there, which for a directory means emptying it of them.
+            st = saferoot.lstat_at(dir_fd, base)
+            if st is not None and stat.S_ISDIR(st.st_mode):
+                if here not in applier.named_dirs:
+                    # The lower directory is deleted; the one its entries need is a new one.
+                    self.renew_dir(applier, dir_fd, base, name)
+                self.opaque(applier, name, here)
+            return
+        applier.root.remove(dir_fd, base, canonical)
+
+    def delete_device(self, applier: _Applier, name: str, parts: tuple) -> None:
+        found = self.existing_parent(applier, name, parts)
+        if found is not None:
+            applier.root.remove(*found)
+
+    def existing_parent(self, applier: _Applier, name: str, parts: tuple) -> tuple | None:
+        """(dir_fd, base, canonical parent) of what `parts` names in a flat tree, or None
+        when nothing is there (to delete)."""
+        try:
+            return applier.root.parent(parts, create=False)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except UnsafeEntry as exc:
+            raise applier.fail(name, str(exc), UnsafeEntry) from None
+
+    def renew_dir(self, applier: _Applier, dir_fd: int, base: str, name: str) -> None:
+        """Give a directory the attributes of one made for an entry below it: 0755, ours, no xattrs."""
+        fd = os.open(base, _DIR_FLAGS, dir_fd=dir_fd)
+        try:
+            os.fchmod(fd, 0o755)
+            if applier.as_root:
+                os.fchown(fd, *applier.ids)
+            applier.drop_other_xattrs(fd, (), name)
+        finally:
+            os.close(fd)
+
+    def opaque(self, applier: _Applier, name: str, directory: tuple) -> None:
+        fd, canonical = applier.opaque_dir(name, directory)
+        try:
+            if self.has_lower:
+                self.remove_lower(applier.root, fd, canonical)
+            self.touch(canonical)
+        finally:
+            os.close(fd)
+
+    def remove_lower(self, root: saferoot.SafeRoot, fd: int, directory: tuple) -> None:
+        """Delete what lower layers left in a directory, keeping this layer's own entries."""
+        # Iterative: a layer may nest its directories deeper than Python's stack.
+        below = self.remove_lower_in(root, fd, directory)
+        while below:
+            sub, canonical = root.open_entry_dir(below.pop())
+            if sub is None:
+                continue
+            try:
+                below += self.remove_lower_in(root, sub, canonical)
+            finally:
+                os.close(sub)
+
+    def remove_lower_in(self, root: saferoot.SafeRoot, fd: int, directory: tuple) -> list:
+        """remove_lower for one directory's entries; the subdirectories of this layer's to visit."""
+        visit = []
+        for child in os.listdir(fd):
+            parts = directory + (child,)
+            if parts not in self.touched:
+                root.remove(fd, child, directory)
+                continue
+            st = saferoot.lstat_at(fd, child)
+            if st is not None and stat.S_ISDIR(st.st_mode):
+                visit.append(parts)
+        return visit
+
+
+class OverlayLayout(Layout):
+    """The root is an empty directory that becomes one overlayfs lowerdir: a
+    whiteout becomes a 0/0 character device and an opaque marker the
+    trusted.overlay.opaque=y xattr; the kernel does the rest at mount time.
+    Both need root. Everything in the root is this layer's own."""
+
+    name = OVERLAY
+    hardlink_scope = "this layer"
+
+    def __init__(self) -> None:
+        # Directories this layer made opaque, and the whiteout devices it made, by directory.
+        self.opaque_dirs: set[tuple] = set()
+        self.whiteout_devices: dict[tuple, set[str]] = {}
+        # For LayerStats.implicit_dirs: parents entries were placed in, and directories
+        # that replace a lower entry (new, not implicit).
+        self.parents: set[tuple] = set()
+        self.new_dirs: set[tuple] = set()
+        self.note_parent = self.parents.add
+
+    def delete(self, applier: _Applier, name: str, target: tuple) -> None:
+        dir_fd, base, canonical = applier.place(target, name)
+        st = saferoot.lstat_at(dir_fd, base)
+        if st is not None:
+            # The same layer made this entry; the whiteout only hides what lower
+            # layers had there, which for a directory means making it opaque.
+            if stat.S_ISDIR(st.st_mode):
+                here = canonical + (base,)
+                self.new_dirs.add(here)
+                self.opaque(applier, name, here)
+            return
+        applier.need_root(name, "an overlayfs whiteout device")
+        if canonical in self.opaque_dirs:
+            return  # the directory hides all lower entries already
+        try:
+            os.mknod(base, stat.S_IFCHR | 0o600, os.makedev(0, 0), dir_fd=dir_fd)
+        except FileExistsError:
+            pass  # already whited out by an earlier entry of this layer
+        self.whiteout_devices.setdefault(canonical, set()).add(base)
+
+    def delete_device(self, applier: _Applier, name: str, parts: tuple) -> None:
+        applier.need_root(name, "an overlayfs whiteout device")
+        dir_fd, base, canonical = applier.place(parts, name)
+        applier.root.remove(dir_fd, base, canonical)  # what this layer put there before
+        if canonical in self.opaque_dirs:
+            return  # the directory hides all lower entries already
+        os.mknod(base, stat.S_IFCHR | 0o600, os.makedev(0, 0), dir_fd=dir_fd)
+        self.whiteout_devices.setdefault(canonical, set()).add(base)
+
+    def opaque(self, applier: _Applier, name: str, directory: tuple) -> None:
+        applier.need_root(name, "the trusted.overlay.opaque xattr")
+        fd, canonical = applier.opaque_dir(name, directory)
+        try:
+            self.parents.add(canonical)
+            self.set_opaque(applier, fd, name, canonical)
+        finally:
+            os.close(fd)
+
+    def set_opaque(self, applier: _Applier, fd: int, name: str, canonical: tuple) -> None:
+        try:
+            os.setxattr(fd, OPAQUE_XATTR, b"y")
+        except OSError as exc:
+            raise applier.fail(name, f"cannot set {OPAQUE_XATTR}: {exc.strerror}") from None
+        # Lower entries are hidden whole now: whiteouts in it would only show, since
+        # overlayfs lists an opaque directory as it is, devices included.
+        self.opaque_dirs.add(canonical)
+        for base in self.whiteout_devices.pop(canonical, ()):
+            st = saferoot.lstat_at(fd, base)
+            if st is not None and overlay.is_whiteout(st):
+                os.unlink(base, dir_fd=fd)
+
+    def replaced_dir(self, applier: _Applier, fd: int, name: str, path: tuple) -> None:
+        # The lower entry is gone: for overlayfs the new directory is opaque.
+        self.new_dirs.add(path)
+        self.set_opaque(applier, fd, name, path)
+
+    def reopen_whited_out(self, applier: _Applier, canonical: tuple, name: str) -> bool:
+        """Turn this layer's whiteout device at `canonical` into an opaque directory.
+
+        For a layer that deletes a directory and then puts entries under the same
+        name without a directory entry of its own; False if it is something else.
+        """
+        dir_fd, base, parent = applier.root.parent(canonical, create=False)
+        st = saferoot.lstat_at(dir_fd, base)
+        if st is None or not overlay.is_whiteout(st):
+            return False
+        os.unlink(base, dir_fd=dir_fd)
+        os.mkdir(base, 0o755, dir_fd=dir_fd)
+        self.new_dirs.add(tuple(canonical))
+        fd, _ = applier.root.open_entry_dir(canonical)
+        try:
+            self.set_opaque(applier, fd, name, canonical)
+        finally:
+            os.close(fd)
+        return True
+
+    def implicit_dirs(self, named_dirs: set) -> list:
+        """Every ancestor of a placed entry, the root too, that no entry named."""
+        found = {()}
+        for parent in self.parents:
+            while parent not in found:  # up to the first ancestor met already: linear in depth
+                found.add(parent)
+                parent = parent[:-1]
+        return sorted(found - named_dirs - self.new_dirs)
+
+
+def layout_for(mode: str, root: saferoot.SafeRoot) -> Layout:
+    """The Layout for `mode` (FLAT or OVERLAY), for a layer about to be applied to `root`."""
+    if mode == FLAT:
+        return FlatLayout(has_lower=bool(os.listdir(root.fd)))
+    if mode == OVERLAY:
+        return OverlayLayout()
+    raise ValueError(f"mode must be {FLAT!r} or {OVERLAY!r}, not {mode!r}")
+
+
+class FileQueue:
+    """A layer's small regular files on their way to filewriter's C thread.
+
+    The thread is started once the layer has shown it has many small files
+    (WRITER_AFTER_FILES). The applier asks `spares()` before each entry and
+    `sync()`s when the entry could see or change a queued file; `sync()` has
+    `redo` (the applier's own code path) make, in order, the files the thread
+    could not.
+    """
+
+    def __init__(self, root: saferoot.SafeRoot, layer_name: str,
+                 redo: Callable[[tuple, str, tarstream.Entry, bytes, str], None]) -> None:
+        self.root = root
+        self.layer_name = layer_name
+        self.redo = redo
+        # None: not started yet, False: not to be used, else a filewriter.FileWriter.
+        self.writer: Any = None
+        self.small_files = 0
+        self.queued: set[tuple] = set()  # (canonical parent, name) of files not synced yet
+
+    def takes(self, member: tarstream.Entry) -> bool:
+        """Whether this file goes to the writer: a small plain one, once the layer had many."""
+        if not _queueable(member):
+            return False
+        if self.writer is None:
+            self.small_files += 1
+            if self.small_files < WRITER_AFTER_FILES:
+                return False
+            self.writer = False
+            if filewriter.available():
+                try:
+                    self.writer = filewriter.FileWriter()
+                except OSError as exc:  # no thread to be had: write here
+                    log.debug("layer %s: no file writer (%s)", self.layer_name, exc)
+        return bool(self.writer)
+
+    def add(self, dir_fd: int, base: str, canonical: tuple, member: tarstream.Entry, data: bytes,
+            name: str, chown: bool, chmod: bool) -> None:
+        """Queue a file `takes()` accepted; `chown`, `chmod`: what file_fixes asks."""
+        writer = self.writer
+        writer.add(dir_fd, base, data, member.mode & 0o7777,
+                   (filewriter.CHOWN if chown else 0) | (filewriter.CHMOD if chmod else 0),
+                   member.uid, member.gid, _ns(member.mtime), (canonical, base, member, data, name))
+        self.queued.add((canonical, base))
+        if writer.full:
+            self.sync()
+
+    def spares(self, member: tarstream.Entry, parts: tuple, whiteout: bool) -> bool:
+        """Whether this entry may be applied while queued files are still being made.
+
+        A queued file goes on; a new directory or symlink may too, as long as it
+        is not where a queued file goes and needs no parent made. Everything else
+        (whiteouts, hardlinks, nodes, big files, names that exist) waits for them.
+        """
+        if whiteout:
+            return False
+        if member.type == tarstream.REG:
+            return _queueable(member)
+        if member.type not in (tarstream.DIR, tarstream.SYM) or not parts:
+            return False
+        try:
+            dir_fd, base, canonical = self.root.parent(parts, create=False)
+        except (OSError, UnsafeEntry):
+            return False
+        if (canonical, base) in self.queued:
+            return False
+        # A symlink replaces whatever is there, a directory with queued files in it too.
+        return member.type == tarstream.DIR or saferoot.lstat_at(dir_fd, base) is None
+
+    def sync(self) -> None:
+        """Wait for the queued files; redo, in order, those the writer could not make."""
+        if not self.writer:
+            return
+        self.queued.clear()
+        for canonical, base, member, data, name in self.writer.sync():
+            try:
+                self.redo(canonical, base, member, data, name)
+            except OSError as exc:
+                raise os_error(self.layer_name, name, exc) from None
+
+    def close(self) -> None:
+        """Stop the writer: before anyone cleans up after a failure, it must have stopped writing."""
+        if self.writer:
+            self.writer.close()
+        self.writer = False
+
+
+def _queueable(member):
+    return member.sparse is None and not member.xattrs and member.data_size <= filewriter.MAX_FILE
+
+
 @dataclass
 class _Applier:
+    """Makes one layer's entries in the root, through `place` and the SafeRoot; its
+    `layout` says what deletions do, its `files` queue takes small files."""
+
     root: saferoot.SafeRoot
-    mode: str
+    layout: Layout
     layer_name: str
     limits: Limits
     as_root: bool
     umask: int = 0o777
-    # Only a flat root that held something before this layer has lower entries a
-    # whiteout may delete; elsewhere whatever exists is this layer's own.
-    has_lower: bool = False
     stats: LayerStats = field(default_factory=LayerStats)
-    # With has_lower: every path this layer made, plus all their ancestors, which
-    # its whiteouts and opaque markers must spare.
-    touched: set = field(default_factory=set)
     fixups: list = field(default_factory=list)
     # Whether a parent directory hands its group to new files (setgid), by canonical path.
     setgid_dirs: dict = field(default_factory=dict)
+    # The directories entries named (their attributes are the layer's).
+    named_dirs: set = field(default_factory=set)
     ids: tuple = ()  # our euid and egid: a new file's owner unless told otherwise
     # Leave the root's mode and mtime to the caller (LayerStats.root_mode), who keeps
     # the root private until the whole image is in it.
     hold_root: bool = False
-    # Small files go to the C writer thread once a layer has shown it has many
-    # (see filewriter); None: not started yet, False: not to be used.
-    writer: object = None
-    small_files: int = 0
-    queued: set = field(default_factory=set)  # (canonical parent, name) of files not synced yet
-    # Overlay mode: directories this layer made opaque, and the whiteout devices it made, by directory.
-    opaque_dirs: set = field(default_factory=set)
-    whiteout_devices: dict = field(default_factory=dict)
-    # Overlay mode, for LayerStats.implicit_dirs: parents entries were placed in, the
-    # directories entries named, and those that replace a lower entry (new, not implicit).
-    parents: set = field(default_factory=set)
-    named_dirs: set = field(default_factory=set)
-    new_dirs: set = field(default_factory=set)
     guard: object = None  # space.Guard of the target's filesystem, None: no reserve kept
+
+    def __post_init__(self):
+        self.files = FileQueue(self.root, self.layer_name, self.redo_file)
+        # The layout's hooks, looked up once: they are called for every entry.
+        self.note_parent = self.layout.note_parent
+        self.note_made = self.layout.note_made
 
     def spend(self, nbytes, inodes=0):
         """Charge what is about to be written to the free-space guard; when a check is
         due, the queued files are written first so that the filesystem shows them."""
         if self.guard is not None and self.guard.charge(nbytes, inodes):
-            self.sync_writer()
+            self.files.sync()
             self.guard.check(upcoming=(nbytes, inodes))
 
     def fail(self, name, reason, cls=UnpackError):
         return cls(f"layer {self.layer_name}: entry {quoted(name)}: {reason}")
 
-    # ---------------------------------------------------------------- bookkeeping
+    def need_root(self, name, what):
+        if not self.as_root:
+            raise self.fail(name, f"making {what} needs root; as another user unpack with --into")
 
-    def touch(self, parts):
-        if not self.has_lower:
-            return
-        for i in range(len(parts), 0, -1):
-            key = parts[:i]
-            if key in self.touched:
-                return
-            self.touched.add(key)
+    # ---------------------------------------------------------------- bookkeeping
 
     def place(self, parts, name):
         """(dir_fd, basename, canonical parent) for a new entry, parents made as needed."""
@@ -188,38 +596,28 @@ class _Applier:
         while True:
             try:
                 placed = self.root.parent(parts, create=True)
-                if self.mode == OVERLAY:
-                    self.parents.add(placed[2])
+                if self.note_parent is not None:
+                    self.note_parent(placed[2])
                 return placed
             except NotADirectoryError as exc:
-                if not retried and self.reopen_whited_out(tuple(exc.filename.split("/")), name):
+                if not retried and self.layout.reopen_whited_out(self, tuple(exc.filename.split("/")), name):
                     retried = True
                     continue
                 raise self.fail(name, f"a parent is not a directory ({exc.filename})") from None
             except UnsafeEntry as exc:
                 raise self.fail(name, str(exc), UnsafeEntry) from None
 
-    def reopen_whited_out(self, canonical, name):
-        """Turn this layer's whiteout device at `canonical` into an opaque directory.
-
-        For a layer that deletes a directory and then puts entries under the same
-        name without a directory entry of its own; False if it is something else.
-        """
-        if self.mode != OVERLAY:
-            return False
-        dir_fd, base, parent = self.root.parent(canonical, create=False)
-        st = saferoot.lstat_at(dir_fd, base)
-        if st is None or not overlay.is_whiteout(st):
-            return False
-        os.unlink(base, dir_fd=dir_fd)
-        os.mkdir(base, 0o755, dir_fd=dir_fd)
-        self.new_dirs.add(tuple(canonical))
-        fd, _ = self.root.open_entry_dir(canonical)
-        try:
-            self.set_opaque(fd, name, canonical)
-        finally:
-            os.close(fd)
-        return True
+    def opaque_dir(self, name, directory):
+        """(fd the caller closes, canonical path) of the directory an opaque marker names,
+        made (replacing what is there) unless it is one already."""
+        if directory:
+            # An opaque directory exists in this layer even when nothing else names it.
+            dir_fd, base, canonical = self.place(directory, name)
+            st = saferoot.lstat_at(dir_fd, base)
+            if st is None or not stat.S_ISDIR(st.st_mode):
+                self.root.remove(dir_fd, base, canonical)
+                os.mkdir(base, 0o755, dir_fd=dir_fd)
+        return self.root.open_entry_dir(directory)
 
     def setgid(self, dir_fd, canonical):
         """Whether new files in this directory take its group instead of ours."""
@@ -230,12 +628,6 @@ class _Applier:
             known = self.setgid_dirs[canonical] = bool(os.fstat(dir_fd).st_mode & stat.S_ISGID)
         return known
 
-    def is_own(self, dir_fd, base, here):
-        """Whether the entry at `here` was made by this layer (not by a lower one)."""
-        if self.has_lower:
-            return here in self.touched
-        return saferoot.lstat_at(dir_fd, base) is not None
-
     # ---------------------------------------------------------------- entries
 
     def apply(self, tar, member):
@@ -245,25 +637,26 @@ class _Applier:
             parts = saferoot.clean_name(name)
         except UnsafeEntry as exc:
             raise self.fail(name, str(exc), UnsafeEntry) from None
-        if self.stats.entries + self.stats.whiteouts >= self.limits.max_entries:
+        stats = self.stats
+        if stats.entries + stats.whiteouts >= self.limits.max_entries:
             raise UnpackError(f"layer {self.layer_name}: more than {self.limits.max_entries} "
                               "entries (the cap for one layer; see TOSI_MAX_LAYER_ENTRIES)")
-        if len(parts) > 1 and _is_aufs_metadata(parts[:1]):
+        if len(parts) > 1 and parts[0] in AUFS_METADATA:
             return  # inside AUFS's .wh..wh.plnk or .wh..wh.orph
         self.spend(0, 1)
+        # Deletions are the layout's: whiteouts, opaque markers, devices 0/0.
         whiteout = bool(parts) and parts[-1].startswith(WHITEOUT_PREFIX)
-        if self.writer and not self.spares_queued(member, parts, whiteout):
-            self.sync_writer()
+        files = self.files
+        if files.writer and not files.spares(member, parts, whiteout):
+            files.sync()
         if whiteout:
-            if _is_aufs_metadata(parts):
-                return  # what AUFS kept for itself: docker and containerd leave it out too
-            self.whiteout(name, parts)
+            self.layout.whiteout(self, name, parts)
             return
         if member.type == tarstream.CHR and member.devmajor == 0 and member.devminor == 0:
-            self.device_whiteout(name, parts)
+            self.layout.device_whiteout(self, name, parts)
             return
-        self.stats.entries += 1
-        xattrs = self.xattrs_of(name, member) if member.xattrs else ()
+        stats.entries += 1
+        xattrs = self.layout.kept_xattrs(stats, name, member) if member.xattrs else ()
         if not parts:
             if not member.isdir():
                 raise self.fail(name, "only a directory can stand for the root")
@@ -271,28 +664,29 @@ class _Applier:
             self.fix_dir(os.dup(self.root.fd), (), member, xattrs, name, existed=False)
             if self.hold_root:
                 fix = self.fixups.pop()
-                self.stats.root_mode, self.stats.root_mtime_ns = fix.mode, fix.mtime_ns
+                stats.root_mode, stats.root_mtime_ns = fix.mode, fix.mtime_ns
             return
         if member.type == tarstream.LNK:
             # Resolved before placing the new name, whose lookup may evict the target's handle.
             source = self.link_source(name, member)
             try:
                 dir_fd, base, canonical = self.place(parts, name)
-                self.touch(canonical + (base,))
+                if self.note_made is not None:
+                    self.note_made(canonical + (base,))
                 self.make_hardlink(dir_fd, base, canonical, source)
             finally:
                 os.close(source[0])
             return
         if member.type in _NODE_TYPES and _NODE_TYPES[member.type] != stat.S_IFIFO:
             if not self.as_root:
-                self.stats.skipped_devices += 1
+                stats.skipped_devices += 1
                 return
-            self.stats.devices += 1
+            stats.devices += 1
         elif member.type == tarstream.REG and member.mode & 0o6000:
-            self.stats.setuid_files += 1
+            stats.setuid_files += 1
         dir_fd, base, canonical = self.place(parts, name)
-        if self.has_lower:
-            self.touch(canonical + (base,))
+        if self.note_made is not None:
+            self.note_made(canonical + (base,))
         if member.isdir():
             self.make_dir(dir_fd, base, canonical, member, xattrs, name)
         elif member.type == tarstream.REG:
@@ -303,18 +697,6 @@ class _Applier:
             self.make_node(dir_fd, base, canonical, member, xattrs, name)
         else:
             raise self.fail(name, f"unsupported tar entry type {member.type!r}")
-
-    def xattrs_of(self, name, member):
-        """The entry's xattrs but overlayfs' own: copied from an overlay upper directory by
-        some image builders, they would make the mount hide or redirect lower entries."""
-        xattrs = []
-        for xname, value in member.xattrs:
-            if xname.startswith(overlay.OVERLAY_XATTR_PREFIXES):
-                self.stats.overlay_xattrs += 1
-                self.stats.first_overlay_xattr = self.stats.first_overlay_xattr or (name, xname)
-                continue
-            xattrs.append((xname, value))
-        return xattrs
 
     def set_xattrs(self, xattrs, name, fd=None, dir_fd=None, base=None):
         """xattrs on an open entry (`fd`) or on `base` inside `dir_fd`, never through a symlink."""
@@ -336,14 +718,13 @@ class _Applier:
             existed = st is not None and stat.S_ISDIR(st.st_mode)
             if st is None or not stat.S_ISDIR(st.st_mode):
                 # A whiteout, or a non-directory of this layer: either way the lower
-                # entry is gone, and for overlayfs the new directory is opaque.
+                # entry is gone (the layout may have to say so).
                 replaced = st is not None
                 self.root.remove(dir_fd, base, canonical)
                 os.mkdir(base, 0o700, dir_fd=dir_fd)
         fd = os.open(base, _DIR_FLAGS, dir_fd=dir_fd)
-        if replaced and self.mode == OVERLAY:
-            self.new_dirs.add(canonical + (base,))
-            self.set_opaque(fd, name, canonical + (base,))
+        if replaced:
+            self.layout.replaced_dir(self, fd, name, canonical + (base,))
         self.fix_dir(fd, canonical + (base,), member, xattrs, name, existed)
 
     def fix_dir(self, fd, parts, member, xattrs, name, existed=True):
@@ -378,18 +759,12 @@ class _Applier:
 
     def make_file(self, tar, dir_fd, base, canonical, member, xattrs, name):
         self.stats.bytes += member.data_size
-        if self.queueable(member) and self.start_writer():
+        files = self.files
+        if files.takes(member):
             self.spend(-(-member.size // 4096) * 4096)  # in blocks: a small file takes a whole one
             data = tar.read_data(member.size)
-            mode = member.mode & 0o7777
             chown, chmod = self.file_fixes(dir_fd, canonical, member)
-            t = _ns(member.mtime)
-            self.writer.add(dir_fd, base, data, mode,
-                            (filewriter.CHOWN if chown else 0) | (filewriter.CHMOD if chmod else 0),
-                            member.uid, member.gid, t, (canonical, base, member, data, name))
-            self.queued.add((canonical, base))
-            if self.writer.full:
-                self.sync_writer()
+            files.add(dir_fd, base, canonical, member, data, name, chown, chmod)
             return
         def copy(fd, n):
             while n > 0:
@@ -436,63 +811,10 @@ class _Applier:
         # the umask trimmed it, or fchown cleared setuid/setgid
         return chown, bool(mode & self.umask or mode & 0o7000)
 
-    # ---------------------------------------------------------------- the file writer
-
-    def queueable(self, member):
-        return member.sparse is None and not member.xattrs and member.data_size <= filewriter.MAX_FILE
-
-    def start_writer(self):
-        """Whether the writer takes this file: only once the layer had many small ones."""
-        if self.writer is None:
-            self.small_files += 1
-            if self.small_files < WRITER_AFTER_FILES:
-                return False
-            self.writer = False
-            if filewriter.available():
-                try:
-                    self.writer = filewriter.FileWriter()
-                except OSError as exc:  # no thread to be had: write here
-                    log.debug("layer %s: no file writer (%s)", self.layer_name, exc)
-        return bool(self.writer)
-
-    def spares_queued(self, member, parts, whiteout):
-        """Whether this entry may be applied while queued files are still being made.
-
-        A queued file goes on; a new directory or symlink may too, as long as it
-        is not where a queued file goes and needs no parent made. Everything else
-        (whiteouts, hardlinks, nodes, big files, names that exist) waits for them.
-        """
-        if whiteout:
-            return False
-        if member.type == tarstream.REG:
-            return self.queueable(member)
-        if member.type not in (tarstream.DIR, tarstream.SYM) or not parts:
-            return False
-        try:
-            dir_fd, base, canonical = self.root.parent(parts, create=False)
-        except (OSError, UnsafeEntry):
-            return False
-        if (canonical, base) in self.queued:
-            return False
-        # A symlink replaces whatever is there, a directory with queued files in it too.
-        return member.type == tarstream.DIR or saferoot.lstat_at(dir_fd, base) is None
-
-    def sync_writer(self):
-        """Wait for the queued files; redo here, in order, those the writer could not make."""
-        if not self.writer:
-            return
-        self.queued.clear()
-        for canonical, base, member, data, name in self.writer.sync():
-            try:
-                dir_fd, base, canonical = self.place(canonical + (base,), name)
-                self.write_file(dir_fd, base, canonical, member, (), lambda fd: _write_all(fd, data))
-            except OSError as exc:
-                raise os_error(self.layer_name, name, exc) from None
-
-    def close_writer(self):
-        if self.writer:
-            self.writer.close()
-        self.writer = False
+    def redo_file(self, canonical, base, member, data, name):
+        """Make a small file the writer thread could not, through the applier's own code."""
+        dir_fd, base, canonical = self.place(canonical + (base,), name)
+        self.write_file(dir_fd, base, canonical, member, (), lambda fd: _write_all(fd, data))
 
     def make_symlink(self, dir_fd, base, canonical, member):
         try:
@@ -512,7 +834,7 @@ class _Applier:
             raise self.fail(name, f"hardlink target {exc}", UnsafeEntry) from None
         if not target:
             raise self.fail(name, "hardlink to the root directory")
-        where = "this layer" if self.mode == OVERLAY else "the root"
+        where = self.layout.hardlink_scope
         try:
             src_fd, src_base, _ = self.root.parent(target, create=False)
         except (FileNotFoundError, NotADirectoryError):
@@ -551,167 +873,7 @@ class _Applier:
         self.set_xattrs(xattrs, name, dir_fd=dir_fd, base=base)
         saferoot.utime_at(dir_fd, base, _ns(member.mtime))
 
-    # ---------------------------------------------------------------- whiteouts
-
-    def whiteout(self, name, parts):
-        self.stats.whiteouts += 1
-        marker = parts[-1]
-        directory = parts[:-1]
-        if marker == OPAQUE_MARKER:
-            self.opaque(name, directory)
-            return
-        hidden = marker[len(WHITEOUT_PREFIX):]
-        if hidden in ("", ".", "..") or hidden.startswith(WHITEOUT_PREFIX):
-            raise self.fail(name, "malformed whiteout", UnsafeEntry)
-        target = directory + (hidden,)
-        if self.mode == FLAT:
-            found = self.existing_parent(name, target)
-            if found is None:
-                return  # nothing there to delete
-            dir_fd, base, canonical = found
-        else:
-            dir_fd, base, canonical = self.place(target, name)
-        here = canonical + (base,)
-        if self.is_own(dir_fd, base, here):
-            # The same layer made this entry; the whiteout only removes what lower
-            # layers had there, which for a directory means emptying it of them.
-            st = saferoot.lstat_at(dir_fd, base)
-            if st is not None and stat.S_ISDIR(st.st_mode):
-                self.new_dirs.add(here)
-                if self.mode == FLAT and here not in self.named_dirs:
-                    # The lower directory is deleted; the one its entries need is a new one.
-                    self.renew_dir(dir_fd, base, name)
-                self.opaque(name, here)
-            return
-        if self.mode == FLAT:
-            self.root.remove(dir_fd, base, canonical)
-            return
-        self.need_root(name, "an overlayfs whiteout device")
-        if canonical in self.opaque_dirs:
-            return  # the directory hides all lower entries already
-        try:
-            os.mknod(base, stat.S_IFCHR | 0o600, os.makedev(0, 0), dir_fd=dir_fd)
-        except FileExistsError:
-            pass  # already whited out by an earlier entry of this layer
-        self.whiteout_devices.setdefault(canonical, set()).add(base)
-        self.touch(here)
-
-    def device_whiteout(self, name, parts):
-        """A character device 0/0: the whiteout of its own name (see the module doc)."""
-        self.stats.whiteouts += 1
-        self.stats.device_whiteouts += 1
-        if not parts:
-            raise self.fail(name, "only a directory can stand for the root")
-        if self.mode == FLAT:
-            found = self.existing_parent(name, parts)
-            if found is not None:
-                self.root.remove(*found)
-            return
-        self.need_root(name, "an overlayfs whiteout device")
-        dir_fd, base, canonical = self.place(parts, name)
-        self.root.remove(dir_fd, base, canonical)  # what this layer put there before
-        if canonical in self.opaque_dirs:
-            return  # the directory hides all lower entries already
-        os.mknod(base, stat.S_IFCHR | 0o600, os.makedev(0, 0), dir_fd=dir_fd)
-        self.whiteout_devices.setdefault(canonical, set()).add(base)
-
-    def existing_parent(self, name, parts):
-        """(dir_fd, base, canonical parent) of what `parts` names in a flat tree, or None
-        when nothing is there (to delete)."""
-        try:
-            return self.root.parent(parts, create=False)
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        except UnsafeEntry as exc:
-            raise self.fail(name, str(exc), UnsafeEntry) from None
-
-    def renew_dir(self, dir_fd, base, name):
-        """Give a directory the attributes of one made for an entry below it: 0755, ours, no xattrs."""
-        fd = os.open(base, _DIR_FLAGS, dir_fd=dir_fd)
-        try:
-            os.fchmod(fd, 0o755)
-            if self.as_root:
-                os.fchown(fd, *self.ids)
-            self.drop_other_xattrs(fd, (), name)
-        finally:
-            os.close(fd)
-
-    def opaque(self, name, directory):
-        if self.mode == OVERLAY:
-            self.need_root(name, "the trusted.overlay.opaque xattr")
-        if directory:
-            # An opaque directory exists in this layer even when nothing else names it.
-            dir_fd, base, canonical = self.place(directory, name)
-            st = saferoot.lstat_at(dir_fd, base)
-            if st is None or not stat.S_ISDIR(st.st_mode):
-                self.root.remove(dir_fd, base, canonical)
-                os.mkdir(base, 0o755, dir_fd=dir_fd)
-        fd, canonical = self.root.open_entry_dir(directory)
-        try:
-            if self.mode == OVERLAY:
-                self.parents.add(canonical)
-                self.set_opaque(fd, name, canonical)
-            elif self.has_lower:
-                self.remove_lower(fd, canonical)
-            self.touch(canonical)
-        finally:
-            os.close(fd)
-
-    def set_opaque(self, fd, name, canonical):
-        if self.mode != OVERLAY:
-            return
-        try:
-            os.setxattr(fd, OPAQUE_XATTR, b"y")
-        except OSError as exc:
-            raise self.fail(name, f"cannot set {OPAQUE_XATTR}: {exc.strerror}") from None
-        # Lower entries are hidden whole now: whiteouts in it would only show, since
-        # overlayfs lists an opaque directory as it is, devices included.
-        self.opaque_dirs.add(canonical)
-        for base in self.whiteout_devices.pop(canonical, ()):
-            st = saferoot.lstat_at(fd, base)
-            if st is not None and overlay.is_whiteout(st):
-                os.unlink(base, dir_fd=fd)
-
-    def remove_lower(self, fd, directory):
-        """Delete what lower layers left in a directory, keeping this layer's own entries."""
-        # Iterative: a layer may nest its directories deeper than Python's stack.
-        below = self.remove_lower_in(fd, directory)
-        while below:
-            sub, canonical = self.root.open_entry_dir(below.pop())
-            if sub is None:
-                continue
-            try:
-                below += self.remove_lower_in(sub, canonical)
-            finally:
-                os.close(sub)
-
-    def remove_lower_in(self, fd, directory):
-        """remove_lower for one directory's entries; the subdirectories of this layer's to visit."""
-        visit = []
-        for child in os.listdir(fd):
-            parts = directory + (child,)
-            if parts not in self.touched:
-                self.root.remove(fd, child, directory)
-                continue
-            st = saferoot.lstat_at(fd, child)
-            if st is not None and stat.S_ISDIR(st.st_mode):
-                visit.append(parts)
-        return visit
-
-    def need_root(self, name, what):
-        if not self.as_root:
-            raise self.fail(name, f"making {what} needs root; as another user unpack with --into")
-
     # ---------------------------------------------------------------- finish
-
-    def implicit_dirs(self):
-        """LayerStats.implicit_dirs: every ancestor of a placed entry, the root too, that no entry named."""
-        found = {()}
-        for parent in self.parents:
-            while parent not in found:  # up to the first ancestor met already: linear in depth
-                found.add(parent)
-                parent = parent[:-1]
-        return sorted(found - self.named_dirs - self.new_dirs)
 
     def finish(self):
         """Directory modes and mtimes: of a directory named twice, the last entry's.
@@ -748,7 +910,7 @@ def _write_all(fd, data):
         view = view[os.write(fd, view):]
 
 
-def os_error(layer_name, name, exc):
+def os_error(layer_name: str, name: str | None, exc: OSError) -> UnpackError:
     """The UnpackError for an OSError while making entry `name` (None: not one entry's)."""
     if exc.errno == errno.ENOSPC:
         return UnpackError(f"layer {layer_name}: no space left on the target")
@@ -756,16 +918,11 @@ def os_error(layer_name, name, exc):
     return UnpackError(f"layer {layer_name}: {where}{exc.strerror or exc}")
 
 
-def _is_aufs_metadata(parts):
-    """`.wh..wh.aufs`, `.wh..wh.plnk`, `.wh..wh.orph`: old Docker layers made on AUFS carry them."""
-    return parts[-1] in AUFS_METADATA
-
-
 def _ns(mtime):
     return int(mtime * 1_000_000_000) if isinstance(mtime, float) else int(mtime) * 1_000_000_000
 
 
-def current_umask():
+def current_umask() -> int:
     """The process umask, read without changing it (0o777, forcing chmods, if unknown)."""
     try:
         with open("/proc/self/status") as f:
@@ -777,17 +934,24 @@ def current_umask():
     return 0o777
 
 
-def running_as_root():
+def running_as_root() -> bool:
     return os.geteuid() == 0
 
 
-def diff_id_mismatch(layer_name, actual, stated):
+def diff_id_mismatch(layer_name: str, actual: str, stated: str) -> DigestMismatch:
     return DigestMismatch(f"layer {layer_name}: uncompressed content hashes to {actual}, "
                           f"config says diffID {stated}")
 
 
-def apply_layer(root, stream, media_type, mode=FLAT, layer_name="layer", limits=None, diff_id=None,
-                hold_root=False):
+@functools.cache
+def _warn_not_root() -> None:
+    """Once per process (the cache is the memory of it): the owners tar headers name are not kept."""
+    log.warning("not running as root: extracted files belong to you, not to the owners the layers name")
+
+
+def apply_layer(root: saferoot.SafeRoot | str | os.PathLike, stream: BinaryIO, media_type: str | None,
+                mode: str = FLAT, layer_name: str = "layer", limits: Limits | None = None,
+                diff_id: str | None = None, hold_root: bool = False) -> LayerStats:
     """Apply the layer blob read from `stream` (any binary reader) to `root`.
 
     `root` is a SafeRoot or a directory path. Returns LayerStats. Raises
@@ -797,20 +961,19 @@ def apply_layer(root, stream, media_type, mode=FLAT, layer_name="layer", limits=
     MAX_TRAILING_BYTES after the tar's end marker included), and DigestMismatch
     when the whole decompressed stream (what follows the end marker included)
     does not hash to `diff_id` (None: not checked), in which case the root
-    holds the layer's entries all the same. overlayfs' own xattrs in the layer
-    are dropped, with one warning.
+    holds the layer's entries all the same. `mode` (FLAT or OVERLAY) chooses the
+    Layout (layout_for). overlayfs' own xattrs in the layer are dropped, with
+    one warning.
     With `hold_root`, a "./" entry's mode and mtime are not applied to the root but
     reported (LayerStats.root_mode, root_mtime_ns); its owner and xattrs are.
     """
-    global _said_not_root
     if mode not in (FLAT, OVERLAY):
         raise ValueError(f"mode must be {FLAT!r} or {OVERLAY!r}, not {mode!r}")
     limits = limits or Limits.from_env()
-    own_root = not isinstance(root, saferoot.SafeRoot)
-    safe = saferoot.SafeRoot(root) if own_root else root
+    safe = root if isinstance(root, saferoot.SafeRoot) else saferoot.SafeRoot(root)
+    own_root = safe is not root
     as_root = running_as_root()
-    has_lower = mode == FLAT and bool(os.listdir(safe.fd))
-    applier = _Applier(safe, mode, layer_name, limits, as_root, current_umask(), has_lower,
+    applier = _Applier(safe, layout_for(mode, safe), layer_name, limits, as_root, current_umask(),
                        ids=(os.geteuid(), os.getegid()), hold_root=hold_root,
                        guard=space.guard(safe.fd, limits.reserve, f"layer {layer_name}", safe.path))
     algorithm = Digest(diff_id).algorithm if diff_id is not None else "sha256"
@@ -822,35 +985,27 @@ def apply_layer(root, stream, media_type, mode=FLAT, layer_name="layer", limits=
         for entry in tar:
             applier.apply(tar, entry)
         entry = None
-        applier.sync_writer()
+        applier.files.sync()
         tar.finish(MAX_TRAILING_BYTES)
         applier.stats.diff_id = f"{algorithm}:{hasher.hexdigest()}"
         if diff_id is not None and applier.stats.diff_id != diff_id:
             raise diff_id_mismatch(layer_name, applier.stats.diff_id, diff_id)
         applier.finish()
-        if mode == OVERLAY:
-            applier.stats.implicit_dirs = applier.implicit_dirs()
+        applier.stats.implicit_dirs = applier.layout.implicit_dirs(applier.named_dirs)
     except OSError as exc:
         raise os_error(layer_name, entry.name if entry is not None else None, exc) from exc
     finally:
         # Before anyone cleans up after a failure, the writer must have stopped writing.
-        applier.close_writer()
+        applier.files.close()
         if applier.guard is not None:
             applier.guard.close()
         data.close()
         if own_root:
             safe.close()
-    if applier.stats.overlay_xattrs:
-        name, key = applier.stats.first_overlay_xattr
-        log.warning("layer %s: dropped %d overlayfs xattr(s) (%s on %r first): overlayfs metadata "
-                    "is the mount's, not a layer's", layer_name, applier.stats.overlay_xattrs, key, name)
-    if applier.stats.device_whiteouts:
-        log.warning("layer %s: %d character device(s) 0/0 taken as whiteouts, as overlayfs takes them",
-                    layer_name, applier.stats.device_whiteouts)
+    applier.layout.warn(layer_name, applier.stats)
     if applier.stats.skipped_devices:
         log.warning("layer %s: skipped %d device node(s): creating them needs root",
                     layer_name, applier.stats.skipped_devices)
-    if not as_root and not _said_not_root:
-        _said_not_root = True
-        log.warning("not running as root: extracted files belong to you, not to the owners the layers name")
+    if not as_root:
+        _warn_not_root()
     return applier.stats
