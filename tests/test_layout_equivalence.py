@@ -450,9 +450,6 @@ def test_whiteout_inside_a_directory_made_opaque_in_the_same_layer_leaves_no_gho
     assert_all_agree(layouts, layers)
 
 
-@pytest.mark.xfail(strict=True, raises=FileNotFoundError, reason=(
-    "a whiteout whose directory no lower layer has is kept as a device in a directory only this "
-    "layer holds, which overlayfs lists unfiltered (needs the lower layers to know: see report)"))
 def test_whiteout_in_a_directory_no_lower_layer_has_leaves_no_ghost(layouts):
     layers = [L(file_entry("f", b"f")), L(dir_entry("fresh"), whiteout_entry("fresh/never"))]
     assert_all_agree(layouts, layers)

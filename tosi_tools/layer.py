@@ -107,6 +107,9 @@ class LayerStats:
     # ./ entry, parents of entries, an opaque marker's directory), as canonical
     # tuples: the mount shows the lower layers' attributes for them.
     implicit_dirs: list = None
+    # Overlay mode: directories holding whiteout devices, as canonical tuples: the mount
+    # merges those no lower layer has, since overlayfs lists a lone directory's devices.
+    whiteout_dirs: list = None
     # What makes a tree dangerous to hand to other users, counted from the tar
     # headers: setuid/setgid regular files, and character/block devices made.
     setuid_files: int = 0
@@ -830,6 +833,7 @@ def apply_layer(root, stream, media_type, mode=FLAT, layer_name="layer", limits=
         applier.finish()
         if mode == OVERLAY:
             applier.stats.implicit_dirs = applier.implicit_dirs()
+            applier.stats.whiteout_dirs = sorted(k for k, v in applier.whiteout_devices.items() if v)
     except OSError as exc:
         raise os_error(layer_name, entry.name if entry is not None else None, exc) from exc
     finally:

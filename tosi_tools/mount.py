@@ -100,8 +100,18 @@ def lowerdirs(layers, overlaydir):
 
 def _implicit_dirs(layer_dir):
     """The layer's implicit directories, as "/"-joined names ("" for its root)."""
+    return _dirs_record(layer_dir, overlay.IMPLICIT_SUFFIX)
+
+
+def _whiteout_dirs(layer_dir):
+    """The layer's directories that hold whiteout devices, as _implicit_dirs gives them."""
+    return _dirs_record(layer_dir, overlay.WHITEOUTS_SUFFIX)
+
+
+def _dirs_record(layer_dir, suffix):
+    """The directories unpack recorded in `layer_dir` + `suffix`, as "/"-joined names."""
     try:
-        with open(layer_dir + overlay.IMPLICIT_SUFFIX, "rb") as f:
+        with open(layer_dir + suffix, "rb") as f:
             names = f.read().split(b"\0")
     except FileNotFoundError:
         return frozenset()
@@ -215,16 +225,40 @@ def _context_below(path, states, context):
     return below
 
 
-def _attribute_fixes(dirs, implicit):
-    """{path: (layer index, state)} for the implicit directories whose view is wrong, and
-    for their parents (the image's lowerdir holds them too, so it must say what the view
-    says), their own attributes where they are right.
+def _lone_dir(states, context):
+    """The index of the one layer that makes the directory the view shows at a path, or
+    None when the path is no directory in the view or more than one layer make it up
+    (overlayfs merges it then, and hides the whiteout devices its layers hold)."""
+    found = None
+    for index, (state, (blocked, opaque_above)) in enumerate(zip(states, context)):
+        if blocked is not None:
+            break
+        if state is not None:
+            if not stat.S_ISDIR(state[0].st_mode):
+                break
+            if found is not None:
+                return None
+            found = index
+            if state[1]:
+                break
+        if opaque_above:
+            break
+    return found
 
-    Each layer is walked once, top-down, over the implicit directories and their
-    parents only; then one pass down that tree decides each of them from what the
-    layers hold there and above. Linear in their number times the layers, whatever
-    the depth."""
-    named = set().union(*implicit)
+
+def _attribute_fixes(dirs, implicit, whiteouts=None):
+    """{path: (layer index, state)} for the implicit directories whose view is wrong, for
+    the directories holding whiteout devices that only one layer makes up in the view
+    (overlayfs lists such a directory as it is, devices included; one more lowerdir
+    having it merges it), and for their parents (the image's lowerdir holds them too, so
+    it must say what the view says), their own attributes where they are right.
+
+    Each layer is walked once, top-down, over those directories and their parents
+    only; then one pass down that tree decides each of them from what the layers hold
+    there and above. Linear in their number times the layers, whatever the depth."""
+    whiteouts = whiteouts or [frozenset()] * len(dirs)
+    lone = set().union(*whiteouts) - {""}  # the root is merged: there are two lowerdirs at least
+    named = set().union(*implicit) | lone
     tree, nodes = saferoot.tree_of(named, "", _split_path)
     for path, node in nodes.items():
         node.data = (path, [None] * len(dirs))
@@ -235,7 +269,12 @@ def _attribute_fixes(dirs, implicit):
     while stack:
         node, context = stack.pop()
         path, states = node.data
-        decided[path] = _attributes_from(path, states, context, implicit)
+        found, shadowed = _attributes_from(path, states, context, implicit)
+        if found is None and path in lone:
+            index = _lone_dir(states, context)
+            if index is not None and path in whiteouts[index]:
+                found = index, states[index]
+        decided[path] = found, shadowed
         if node.children:
             below = _context_below(path, states, context)
             stack.extend((child, below) for child in node.children)
@@ -271,12 +310,14 @@ def _attributes_lower(ovdir, lowers):
     made if missing; None when no layer needs it."""
     dirs = [os.path.realpath(os.path.join(ovdir, lower)) for lower in lowers]
     implicit = [_implicit_dirs(d) for d in dirs]
-    if not any(implicit):
+    whiteouts = [_whiteout_dirs(d) for d in dirs]
+    if not any(implicit) and not any(whiteouts):
         return None
     import hashlib  # off the warm path of images that need no such lowerdir
     import secrets
 
-    key = hashlib.sha256("\0".join(dirs).encode()).hexdigest()[:32]
+    # The version: one made before whiteout directories were merged lacks them.
+    key = hashlib.sha256("\0".join(["v2", *dirs]).encode()).hexdigest()[:32]
     name = ATTRS_PREFIX + key
     final = os.path.join(ovdir, name)
     try:
@@ -287,7 +328,7 @@ def _attributes_lower(ovdir, lowers):
         require_cached(final, made, "attributes lowerdir")
         if stat.S_ISDIR(made.st_mode):
             return name  # made by an earlier mount of these layers: no walk over them again
-    fixes = _attribute_fixes(dirs, implicit)
+    fixes = _attribute_fixes(dirs, implicit, whiteouts)
     if not fixes:
         return None
     # Not ".tmp-<hex>-": unpack removes those as temporaries of dead extractions.

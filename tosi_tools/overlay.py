@@ -34,6 +34,8 @@ OVERLAY_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.")
 # <overlaydir>/<hex>.implicit, beside a layer dir: the directories in it that no entry of
 # the layer named, NUL-separated, "." for the root (so their attributes are the lower layers')
 IMPLICIT_SUFFIX = ".implicit"
+# <overlaydir>/<hex>.whiteouts, the same way: the directories in it holding whiteout devices
+WHITEOUTS_SUFFIX = ".whiteouts"
 MAX_LAYERS = 500  # OVL_MAX_STACK in the kernel
 
 MS_RDONLY = 1

@@ -353,9 +353,18 @@ def _write_small_file(path, text):
 
 def _write_implicit(final, implicit_dirs):
     """<hex>.implicit: the directories of the layer no entry named (see tosi_tools.mount)."""
-    path = final + overlay.IMPLICIT_SUFFIX
-    if implicit_dirs:
-        _write_small_file(path, b"\0".join(os.fsencode("/".join(parts) or ".") for parts in implicit_dirs))
+    _write_dirs_record(final + overlay.IMPLICIT_SUFFIX, implicit_dirs)
+
+
+def _write_whiteout_dirs(final, whiteout_dirs):
+    """<hex>.whiteouts: the directories of the layer that hold whiteout devices (see tosi_tools.mount)."""
+    _write_dirs_record(final + overlay.WHITEOUTS_SUFFIX, whiteout_dirs)
+
+
+def _write_dirs_record(path, dirs):
+    """Canonical tuples as NUL-separated names, "." for the root; no file for none."""
+    if dirs:
+        _write_small_file(path, b"\0".join(os.fsencode("/".join(parts) or ".") for parts in dirs))
     else:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)  # a stale one, left by a layer dir removed by hand
@@ -450,7 +459,8 @@ def extract_layer_to_overlay(workdir, layer_record, stream=None, limits=None, op
                                                   _layer_name(layer_record), limits, diff_id)
                 _write_small_file(final + ".diffid", stats.diff_id)
                 _write_implicit(final, stats.implicit_dirs)
-                # The layer's files (and .diffid, .implicit) on disk before the name says
+                _write_whiteout_dirs(final, stats.whiteout_dirs)
+                # The layer's files (and .diffid, .implicit, .whiteouts) on disk before the name says
                 # the layer is whole, as one syncfs of their filesystem; the rename after.
                 sync_filesystem(tmp)
                 os.rename(tmp, final)
