@@ -429,10 +429,6 @@ def test_opaque_marker_of_a_directory_the_layer_does_not_name_keeps_its_attribut
     assert_all_agree(layouts, layers)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a layer extracted alone cannot follow a lower layer's symlink: its entries below the "
-    "symlink's name make a directory that overlayfs shows instead of the symlink (with "
-    "LayerStats.implicit_dirs the mount warns; only -extractto lands them in the target)"))
 def test_entry_below_a_symlink_to_a_directory_lands_in_the_directory(layouts):
     layers = [L(dir_entry("real"), file_entry("real/old", b"o"), symlink_entry("abs", "/real"),
                 symlink_entry("rel", "real")),

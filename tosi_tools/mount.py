@@ -11,7 +11,7 @@ import logging
 import os
 import stat
 
-from . import overlay, ownership, saferoot
+from . import chain, overlay, ownership, saferoot
 from .cache import DEFAULT_WORKDIR, Workdir, require_cached, workdir_for
 from .digest import Digest
 from .errors import MountError, PlanError, UnsafePath, UsageError, quoted
@@ -100,35 +100,12 @@ def lowerdirs(layers, overlaydir):
 
 def _implicit_dirs(layer_dir):
     """The layer's implicit directories, as "/"-joined names ("" for its root)."""
-    return _dirs_record(layer_dir, overlay.IMPLICIT_SUFFIX)
+    return chain.dirs_record(layer_dir, overlay.IMPLICIT_SUFFIX)
 
 
 def _whiteout_dirs(layer_dir):
     """The layer's directories that hold whiteout devices, as _implicit_dirs gives them."""
-    return _dirs_record(layer_dir, overlay.WHITEOUTS_SUFFIX)
-
-
-def _dirs_record(layer_dir, suffix):
-    """The directories unpack recorded in `layer_dir` + `suffix`, as "/"-joined names."""
-    try:
-        with open(layer_dir + suffix, "rb") as f:
-            names = f.read().split(b"\0")
-    except FileNotFoundError:
-        return frozenset()
-    found = set()
-    for name in names:
-        if name == b".":
-            found.add("")
-        elif name and _canonical(name):
-            found.add(os.fsdecode(name))  # unpack wrote them canonical; others are no directory
-    return frozenset(found)
-
-
-def _canonical(name):
-    """Whether a relative name has no empty, "." or ".." component (without splitting it)."""
-    return not (name in (b".", b"..") or name.startswith((b"/", b"./", b"../"))
-                or name.endswith((b"/", b"/.", b"/..")) or b"//" in name or b"/./" in name
-                or b"/../" in name)
+    return chain.dirs_record(layer_dir, overlay.WHITEOUTS_SUFFIX)
 
 
 def _split_path(path):
@@ -630,6 +607,7 @@ def mount_image(image, layers, target, overlaydir=None, workdir=None, read_only=
     if not lowers:
         raise MountError("the image has no layers to mount")
     check_mountable(target, read_only, keep_upper, mount_options)
+    lowers = chain.chain_lowers(ovdir, lowers)
     attributes = _attributes_lower(ovdir, lowers)
     if attributes is not None:
         lowers.insert(0, attributes)
