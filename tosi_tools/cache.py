@@ -12,6 +12,12 @@
     <workdir>/overlays/<hex>/         a layer extracted as an overlayfs lowerdir
     <workdir>/overlays/<hex>.link     short name of that layer; overlays/<short> -> <hex>
     <workdir>/overlays/<hex>.diffid   digest of that layer's uncompressed tar, as extracted
+    <workdir>/overlays/<hex>.implicit   that layer's directories no entry named (NUL-separated)
+    <workdir>/overlays/<hex>.whiteouts  that layer's directories holding whiteout devices
+    <workdir>/overlays/.tosi-attrs-<key>/  an image's lowerdir of directory attributes (mount)
+    <workdir>/overlays/.tosi-chain-<chainID hex>/  a layer dir copied for the stack below it,
+                                      its entries below lower symlinks moved (mount; tosi_tools.chain),
+                                      with its own .implicit and .whiteouts beside it
     <workdir>/quarantine/             corrupt blobs moved aside (tosi-verify, unpack)
     <workdir>/.tosi-workdir           marker: this directory is a tosi workdir
 

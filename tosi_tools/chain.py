@@ -473,9 +473,10 @@ def _merge(root_fd, source, dest, implicit, whiteouts):
     pending = [(source, dest)]
     while pending:
         src, dst = pending.pop()
-        src_parent, dst_parent = open_path(root_fd, src[:-1]), open_path(root_fd, dst[:-1])
+        src_parent, dst_parent = open_path(root_fd, src[:-1]), open_path(root_fd, dst[:-1] or ())
         try:
-            there = saferoot.lstat_at(dst_parent, dst[-1])
+            # (a symlink to "." or above leads to the root itself)
+            there = saferoot.lstat_at(dst_parent, dst[-1]) if dst else os.fstat(root_fd)
             st = os.lstat(src[-1], dir_fd=src_parent)
             if there is None or (overlay.is_whiteout(there) and not overlay.is_whiteout(st)):
                 if there is not None:
@@ -491,7 +492,7 @@ def _merge(root_fd, source, dest, implicit, whiteouts):
                 continue
             if not (stat.S_ISDIR(there.st_mode) and stat.S_ISDIR(st.st_mode)):
                 continue  # the entry there stays; the source goes with its directory
-            if dst in implicit and src not in implicit:
+            if dst and dst in implicit and src not in implicit:
                 _copy_dir_attributes_at(src_parent, src[-1], dst_parent, dst[-1])
                 implicit.discard(dst)
             if src in whiteouts:
