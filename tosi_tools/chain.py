@@ -38,6 +38,7 @@ from collections import OrderedDict
 from . import overlay, saferoot
 from .cache import fsync_dir, require_cached, sync_filesystem
 from .digest import digest_of
+from .errors import CacheError
 
 log = logging.getLogger("tosi.chain")
 
@@ -111,7 +112,9 @@ def chain_lowers(ovdir, lowers):
             made = None
         if made is not None:
             require_cached(final, made, "chain overlay dir")
-        if made is None or not stat.S_ISDIR(made.st_mode):
+            if not stat.S_ISDIR(made.st_mode):
+                raise CacheError(f"chain overlay dir {final} is not a directory; remove it")
+        else:
             if not _make_chain_dir(ovdir, name, dirs[index], effective[index + 1:]):
                 continue
         result[index], effective[index] = name, final
@@ -279,22 +282,22 @@ class _Stack:
         return chain
 
     def resolve(self, parts):
-        """(canonical path, how many of its components exist) of `parts` resolved as
-        the flat extraction resolves an entry's parent (every component followed);
-        components from that count on are made by it. _Unresolvable where it fails."""
-        cur, chain, exists = [], list(range(len(self.fds))), None
+        """The canonical path of `parts` resolved as the flat extraction resolves an
+        entry's parent (every component followed; what is missing it makes as it goes).
+        _Unresolvable where it fails."""
+        cur, chain, missing_from = [], list(range(len(self.fds))), None
         pending, links = list(reversed(parts)), 0
         while pending:
             name = pending.pop()
             if name == "..":
                 if cur:
                     cur.pop()
-                if exists is not None and len(cur) <= exists:
-                    exists = None
-                if exists is None:
+                if missing_from is not None and len(cur) <= missing_from:
+                    missing_from = None
+                if missing_from is None:
                     chain = self.chain_of(tuple(cur))
                 continue
-            if exists is not None:
+            if missing_from is not None:
                 cur.append(name)
                 continue
             kind, found = self.child(chain, tuple(cur) + (name,))
@@ -309,11 +312,11 @@ class _Stack:
                     cur, chain = [], list(range(len(self.fds)))
                 pending.extend(reversed([p for p in found.split("/") if p not in ("", ".")]))
             elif kind == "missing":
-                exists = len(cur)
+                missing_from = len(cur)
                 cur.append(name)
             else:
                 raise _Unresolvable(f"/{'/'.join(cur + [name])} is not a directory")
-        return tuple(cur), len(cur) if exists is None else exists
+        return tuple(cur)
 
 
 def open_path(root_fd, parts):
@@ -402,7 +405,7 @@ def _relocate(top, implicit, whiteouts, below):
                 chain = stack.chain_of(parts[:-1])
                 if stack.child(chain, parts)[0] != "link":
                     continue
-                dest, exists = stack.resolve(parts)
+                dest = stack.resolve(parts)
             except _Unresolvable as exc:
                 log.warning("/%s: %s: left where the layer has it", "/".join(original), exc)
                 continue
