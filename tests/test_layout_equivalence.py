@@ -429,10 +429,6 @@ def test_opaque_marker_of_a_directory_the_layer_does_not_name_keeps_its_attribut
     assert_all_agree(layouts, layers)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a layer extracted alone cannot follow a lower layer's symlink: its entries below the "
-    "symlink's name make a directory that overlayfs shows instead of the symlink (with "
-    "LayerStats.implicit_dirs the mount warns; only -extractto lands them in the target)"))
 def test_entry_below_a_symlink_to_a_directory_lands_in_the_directory(layouts):
     layers = [L(dir_entry("real"), file_entry("real/old", b"o"), symlink_entry("abs", "/real"),
                 symlink_entry("rel", "real")),
@@ -440,6 +436,123 @@ def test_entry_below_a_symlink_to_a_directory_lands_in_the_directory(layouts):
     flat, mounted = layouts.both(layers)
     assert flat["abs"]["type"] == stat.S_IFLNK and flat["real/f"]["size"] == 1 and "real/g" in flat
     assert without_root(mounted) == without_root(flat)
+
+
+# Symlinks a layer's entries go through: the flat tree follows them inside the root (the
+# model does not), and the mount, from a copy of the layer made for the stack, must agree.
+SYMLINK_STACKS = {
+    "merged_usr": lambda: [
+        L(dir_entry("usr/lib", mode=0o755, uid=0), file_entry("usr/lib/old", b"o"),
+          file_entry("usr/lib/kept", b"k"), symlink_entry("lib", "usr/lib")),
+        L(file_entry("lib/x86_64/libz.so", b"z", mode=0o755), dir_entry("lib/named", mode=0o700),
+          file_entry("lib/named/f", b"f"), whiteout_entry("lib/old"), dir_entry("etc"),
+          file_entry("etc/conf", b"c"))],
+    "the_layer_names_the_target_too": lambda: [
+        L(dir_entry("real"), file_entry("real/old", b"o"), symlink_entry("link", "real")),
+        L(dir_entry("real", mode=0o750, uid=4), file_entry("real/own", b"own"), file_entry("link/moved", b"m"))],
+    "symlink_through_symlink": lambda: [
+        L(dir_entry("d"), symlink_entry("a", "b"), dir_entry("b"), symlink_entry("b/c", "/d"),
+          file_entry("d/old", b"o")),
+        L(file_entry("a/c/f", b"f"), file_entry("a/c/deeper/g", b"g"))],
+    "dangling_symlink": lambda: [
+        L(symlink_entry("lnk", "/made/here"), file_entry("other", b"o")),
+        L(file_entry("lnk/f", b"f"))],
+    "symlink_to_the_root": lambda: [
+        L(symlink_entry("self", "."), symlink_entry("up", "../../..")),
+        L(file_entry("self/f", b"f"), file_entry("up/g", b"g"))],
+    "in_a_lower_relocated_layer": lambda: [
+        L(dir_entry("real"), symlink_entry("lnk", "real")),
+        L(file_entry("lnk/f", b"f"), symlink_entry("lnk/inner", "/target"), dir_entry("target")),
+        L(file_entry("real/inner/g", b"g"), file_entry("lnk/h", b"h"))],
+}
+
+
+@pytest.mark.parametrize("stack", sorted(SYMLINK_STACKS))
+def test_entries_below_a_lower_symlink_land_where_it_leads_in_both_layouts(stack, layouts):
+    flat, mounted = layouts.both(SYMLINK_STACKS[stack]())
+    assert _differences(without_root(mounted), without_root(flat)) == {}
+
+
+def test_entries_below_a_lower_symlink_in_a_read_only_mount(layouts):
+    layers = SYMLINK_STACKS["merged_usr"]()
+    mounted = layouts.mounted(layers, read_only=True)
+    assert _differences(without_root(mounted), without_root(layouts.flat(layers))) == {}
+    assert mounted["lib"]["type"] == stat.S_IFLNK and "usr/lib/x86_64/libz.so" in mounted
+    assert "usr/lib/old" not in mounted and "usr/lib/kept" in mounted
+
+
+def _layer_dir_state(path):
+    """What a layer dir holds and is, down to its inodes: a shared one must not change."""
+    found = {}
+    for where, dirs, files in os.walk(path):
+        for name in [""] + dirs + files:
+            full = os.path.join(where, name) if name else where
+            st = os.lstat(full)
+            found[os.path.relpath(full, path)] = (st.st_ino, st.st_mode, st.st_uid, st.st_mtime_ns,
+                                                  sorted(os.listxattr(full, follow_symlinks=False)))
+    return found, snapshot(path)
+
+
+def test_a_layer_shared_with_a_symlink_stack_keeps_its_own_dir_and_both_trees(layouts):
+    top = L(file_entry("lib/x.so", b"x"), file_entry("lib/sub/y", b"y"))
+    plain = [L(dir_entry("lib", mode=0o700), file_entry("lib/base", b"b")), top]
+    linked = [L(dir_entry("usr/lib"), file_entry("usr/lib/base", b"b"), symlink_entry("lib", "usr/lib")), top]
+    flat, mounted = layouts.both(plain)
+    assert _differences(without_root(mounted), without_root(flat)) == {}
+    shared = os.path.join(layouts.workdir, "overlays", top.digest.split(":")[1])
+    before = _layer_dir_state(shared)
+    flat, mounted = layouts.both(linked)
+    assert _differences(without_root(mounted), without_root(flat)) == {}
+    assert mounted["lib"]["type"] == stat.S_IFLNK and "usr/lib/sub/y" in mounted
+    assert _layer_dir_state(shared) == before
+    # and the first stack still mounts from the shared dir, with its own tree
+    flat, mounted = layouts.both(plain)
+    assert _differences(without_root(mounted), without_root(flat)) == {}
+    assert mounted["lib"]["type"] == stat.S_IFDIR and "lib/x.so" in mounted
+    overlays = os.path.join(layouts.workdir, "overlays")
+    [chain] = [n for n in os.listdir(overlays) if n.startswith(".tosi-chain-")
+               and not n.endswith((".implicit", ".whiteouts"))]
+    made = os.lstat(os.path.join(overlays, chain)).st_ino
+    # made once for the stack: mounting it again reuses the copy
+    assert without_root(layouts.mounted(linked)) == without_root(layouts.flat(linked))
+    assert [n for n in os.listdir(overlays) if n.startswith(".tosi-chain-")
+            and not n.endswith((".implicit", ".whiteouts"))] == [chain]
+    assert os.lstat(os.path.join(overlays, chain)).st_ino == made
+
+
+def test_mount_of_a_symlink_stack_is_undone_by_unmount_clean(layouts, tool):
+    ref = layouts.push(SYMLINK_STACKS["merged_usr"]())
+    before = sorted(os.listdir(layouts.tmp_path))
+    target = layouts.tmp_path / "mnt-clean"
+    layouts.mounts.append(str(target))
+    tool("tosi", "-image", ref, "-mount", target, "-workdir", layouts.workdir, check=0)
+    assert os.path.islink(target / "lib") and (target / "usr/lib/x86_64/libz.so").read_bytes() == b"z"
+    (target / "written").write_bytes(b"w")
+    overlays = os.path.join(layouts.workdir, "overlays")
+    cached = sorted(os.listdir(overlays))
+    tool("tosi-mount", "--unmount", "--clean", target, check=0)
+    assert sorted(os.listdir(layouts.tmp_path)) == sorted({*before, "workdir"})
+    assert sorted(os.listdir(overlays)) == cached  # the cache stays, chain dir included
+    assert any(n.startswith(".tosi-chain-") for n in cached)
+
+
+@pytest.mark.parametrize("link", ["absolute", "climbing"])
+def test_entries_below_a_symlink_to_a_host_directory_stay_in_the_image(link, layouts, tmp_path):
+    host = tmp_path / "host"
+    host.mkdir()
+    (host / "victim").write_text("keep")
+    target = str(host) if link == "absolute" else "../" * 12 + str(host).lstrip("/")
+    layers = [L(symlink_entry("esc", target), symlink_entry("esc2", "esc/../esc")),
+              L(file_entry("esc/planted", b"p"), file_entry("esc/victim", b"replaced"),
+                file_entry("esc2/deeper/planted2", b"p2"))]
+    flat, mounted = layouts.both(layers)
+    assert sorted(os.listdir(host)) == ["victim"] and (host / "victim").read_text() == "keep"
+    inside = str(host).lstrip("/")
+    assert flat[f"{inside}/planted"]["size"] == 1 and flat[f"{inside}/victim"]["size"] == 8
+    assert _differences(without_root(mounted), without_root(flat)) == {}
+    for name in os.listdir(os.path.join(layouts.workdir, "overlays")):
+        assert not os.path.islink(os.path.join(layouts.workdir, "overlays", name)) or \
+            "/" not in os.readlink(os.path.join(layouts.workdir, "overlays", name))
 
 
 @pytest.mark.parametrize("order", ["opaque_first", "whiteout_first"])
@@ -450,12 +563,41 @@ def test_whiteout_inside_a_directory_made_opaque_in_the_same_layer_leaves_no_gho
     assert_all_agree(layouts, layers)
 
 
-@pytest.mark.xfail(strict=True, raises=FileNotFoundError, reason=(
-    "a whiteout whose directory no lower layer has is kept as a device in a directory only this "
-    "layer holds, which overlayfs lists unfiltered (needs the lower layers to know: see report)"))
 def test_whiteout_in_a_directory_no_lower_layer_has_leaves_no_ghost(layouts):
     layers = [L(file_entry("f", b"f")), L(dir_entry("fresh"), whiteout_entry("fresh/never"))]
     assert_all_agree(layouts, layers)
+
+
+# overlayfs hides the whiteout devices of a directory only when it merges it from two
+# lowerdirs or more; the mount merges the others through its attributes lowerdir.
+LONE_WHITEOUT_STACKS = {
+    "in_the_only_layer": lambda: [L(dir_entry("d", mode=0o750, uid=3), file_entry("d/f", b"f"),
+                                    whiteout_entry("d/never"), zero_device("d/nor"))],
+    "over_a_directory_deleted_below": lambda: [
+        L(dir_entry("d"), file_entry("d/old", b"o")), L(whiteout_entry("d")),
+        L(dir_entry("d", mode=0o711), whiteout_entry("d/old"), file_entry("d/new", b"n"))],
+    "over_a_lower_file": lambda: [L(file_entry("d", b"a file")),
+                                  L(dir_entry("d"), whiteout_entry("d/never"))],
+    "in_an_implicit_directory": lambda: [L(dir_entry("d"), file_entry("d/f", b"f")),
+                                         L(dir_entry("d"), dir_entry("d/e", uid=7),
+                                           whiteout_entry("d/e/never"), file_entry("d/e/sub/g", b"g"))],
+    "below_a_directory_made_opaque": lambda: [
+        L(dir_entry("d"), file_entry("d/old", b"o"), dir_entry("d/sub"), file_entry("d/sub/old", b"o")),
+        L(dir_entry("d"), opaque_entry("d"), file_entry("d/new", b"n"), dir_entry("d/fresh"),
+          whiteout_entry("d/fresh/never"))],
+}
+
+
+@pytest.mark.parametrize("stack", sorted(LONE_WHITEOUT_STACKS))
+def test_whiteout_in_a_directory_only_its_layer_makes_up_leaves_no_ghost(stack, layouts):
+    assert_all_agree(layouts, LONE_WHITEOUT_STACKS[stack]())
+
+
+def test_whiteout_in_a_directory_no_lower_layer_has_leaves_no_ghost_read_only(layouts):
+    layers = [L(file_entry("f", b"f")), L(dir_entry("fresh"), whiteout_entry("fresh/never"))]
+    mounted = layouts.mounted(layers, read_only=True)
+    assert without_root(mounted) == without_root(layouts.flat(layers))
+    assert "fresh/never" not in mounted and "fresh" in mounted
 
 
 def zero_device(name):
@@ -683,12 +825,25 @@ def test_mount_shows_lower_attributes_of_directories_a_layer_does_not_name(stack
     assert {k: root[k] for k in ("mode", "uid", "gid")} == {k: expected_root[k] for k in ("mode", "uid", "gid")}
 
 
-def test_mount_warns_when_a_layer_puts_a_directory_over_a_lower_symlink(tmp_path, mounts, caplog):
+def test_mount_puts_entries_below_a_lower_symlink_where_it_leads(tmp_path, mounts, caplog):
     layers = [L(dir_entry("real"), symlink_entry("link", "real")), L(file_entry("link/f", b"f"))]
-    with caplog.at_level("WARNING", logger="tosi.mount"):
+    with caplog.at_level("WARNING"):
+        mounted = mount_with_implicit(tmp_path, layers, mounts, read_only=True)
+    assert mounted["link"]["type"] == stat.S_IFLNK and mounted["real/f"]["size"] == 1
+    assert "link" not in caplog.text
+
+
+@pytest.mark.parametrize("lower", ["file", "symlink_to_a_file", "symlink_loop"])
+def test_mount_warns_when_a_layer_puts_a_directory_over_a_lower_non_directory(lower, tmp_path, mounts, caplog):
+    # -extractto refuses these layers ("a parent is not a directory", "too many levels").
+    below = {"file": [file_entry("link", b"file")],
+             "symlink_to_a_file": [file_entry("plain", b"p"), symlink_entry("link", "plain")],
+             "symlink_loop": [symlink_entry("link", "loop"), symlink_entry("loop", "link")]}[lower]
+    layers = [L(*below), L(file_entry("link/f", b"f"))]
+    with caplog.at_level("WARNING"):
         mounted = mount_with_implicit(tmp_path, layers, mounts, read_only=True)
     assert mounted["link"]["type"] == stat.S_IFDIR
-    assert "/link is a symlink in a lower layer" in caplog.text
+    assert f"/link is a {'file' if lower == 'file' else 'symlink'} in a lower layer" in caplog.text
 
 
 @pytest.mark.parametrize("seed", range(4))

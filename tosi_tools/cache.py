@@ -14,11 +14,15 @@
     <workdir>/overlays/<hex>.diffid   digest of that layer's uncompressed tar, as extracted
     <workdir>/overlays/<hex>.implicit the directories of that layer no entry names (NUL-separated,
                                       "." the root), to be put right by the attributes lowerdir
+    <workdir>/overlays/<hex>.whiteouts that layer's directories holding whiteout devices
     <workdir>/overlays/<hex>.lock     per-layer extraction lock
     <workdir>/overlays/.tmp-<hex>-<random>/   an extraction in progress (removed by the next
                                       run that finds its lock free)
     <workdir>/overlays/.tosi-attrs-<key>/     an image's attributes lowerdir (see tosi_tools.mount)
     <workdir>/overlays/.tosi-empty/   the empty lowerdir below a one-layer read-only mount
+    <workdir>/overlays/.tosi-chain-<chainID hex>/  a layer dir copied for the stack below it,
+                                      its entries below lower symlinks moved (mount; tosi_tools.chain),
+                                      with its own .implicit and .whiteouts beside it
     <workdir>/quarantine/             corrupt blobs moved aside (tosi-verify, unpack)
     <workdir>/.tosi-workdir           marker: this directory is a tosi workdir
 
@@ -224,6 +228,10 @@ class Workdir:
     TEMP_PREFIX = ".tmp-"
     EMPTY_LOWER = ".tosi-empty"
     ATTRIBUTES_PREFIX = ".tosi-attrs-"
+    CHAIN_PREFIX = ".tosi-chain-"
+    # Beside a layer dir <hex> (and a chain copy): its records of directories.
+    IMPLICIT_SUFFIX = ".implicit"
+    WHITEOUTS_SUFFIX = ".whiteouts"
 
     def __init__(self, root: str = DEFAULT_WORKDIR, overlaydir: str | None = None,
                  named_by_plan: bool = False, flag_prefix: str = "--") -> None:
@@ -456,7 +464,16 @@ class Workdir:
     def implicit_of(layer_dir: str) -> str:
         """The list of the directories of the layer extracted in `layer_dir` that no
         entry names (NUL-separated, "." the root)."""
-        return layer_dir + ".implicit"
+        return layer_dir + Workdir.IMPLICIT_SUFFIX
+
+    def whiteouts_path(self, digest: str) -> str:
+        return self.whiteouts_of(self.overlay_path(digest))
+
+    @staticmethod
+    def whiteouts_of(layer_dir: str) -> str:
+        """The list of the directories of the layer extracted in `layer_dir` that hold
+        whiteout devices (NUL-separated, "." the root)."""
+        return layer_dir + Workdir.WHITEOUTS_SUFFIX
 
     def overlay_temp_path(self, digest: str) -> str:
         """A new name for the temporary directory the layer is extracted in."""

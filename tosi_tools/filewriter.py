@@ -51,10 +51,10 @@ class FileWriter:
 
     def __init__(self) -> None:
         self._writer = _filewriter.Writer()
-        self._tasks = []      # the caller's task objects since the last sync, in order
-        self._batch = []
+        self._tasks: list[Any] = []  # the caller's task objects since the last sync, in order
+        self._batch: list[Any] = []
         self._bytes = 0
-        self._dups = {}       # caller's dir fd -> our duplicate, for the batch being built
+        self._dups: dict[int, int] = {}  # caller's dir fd -> our duplicate, for the batch being built
         self._limit = _FIRST_BATCH_FILES
         self._backlog_bytes = 0
 

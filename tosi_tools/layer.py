@@ -78,7 +78,7 @@ class Limits:
 
     max_bytes: int = DEFAULT_MAX_LAYER_BYTES
     max_entries: int = DEFAULT_MAX_LAYER_ENTRIES
-    reserve: object = None
+    reserve: space.Reserve | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ, min_free: str | None = None) -> Limits:
@@ -109,7 +109,7 @@ class LayerStats:
     # overlayfs' own xattrs (trusted.overlay.*, user.overlay.*) the layer carried, dropped;
     # the first as (entry name, xattr name).
     overlay_xattrs: int = 0
-    first_overlay_xattr: tuple | None = None
+    first_overlay_xattr: tuple[str, str] | None = None
     device_whiteouts: int = 0  # character devices 0/0, taken as whiteouts
     # The digest of the decompressed stream: the layer's real diffID (sha256 unless
     # the one to check is sha512).
@@ -118,6 +118,9 @@ class LayerStats:
     # ./ entry, parents of entries, an opaque marker's directory), as canonical
     # tuples: the mount shows the lower layers' attributes for them.
     implicit_dirs: list | None = None
+    # Overlay mode: directories holding whiteout devices, as canonical tuples: the mount
+    # merges those no lower layer has, since overlayfs lists a lone directory's devices.
+    whiteout_dirs: list | None = None
     # What makes a tree dangerous to hand to other users, counted from the tar
     # headers: setuid/setgid regular files, and character/block devices made.
     setuid_files: int = 0
@@ -193,7 +196,7 @@ class Layout:
 
     def warn(self, layer_name: str, stats: LayerStats) -> None:
         """One warning per layer for the overlayfs xattrs dropped, one for the devices 0/0 taken."""
-        if stats.overlay_xattrs:
+        if stats.overlay_xattrs and stats.first_overlay_xattr is not None:
             name, key = stats.first_overlay_xattr
             log.warning("layer %s: dropped %d overlayfs xattr(s) (%s on %r first): overlayfs metadata "
                         "is the mount's, not a layer's", layer_name, stats.overlay_xattrs, key, name)
@@ -224,6 +227,10 @@ class Layout:
 
     def implicit_dirs(self, named_dirs: set) -> list | None:
         """LayerStats.implicit_dirs, once the layer is applied."""
+        return None
+
+    def whiteout_dirs(self) -> list | None:
+        """LayerStats.whiteout_dirs, once the layer is applied."""
         return None
 
 
@@ -321,6 +328,7 @@ class FlatLayout(Layout):
             sub, canonical = root.open_entry_dir(below.pop())
             if sub is None:
                 continue
+            assert canonical is not None  # given with the directory's fd
             try:
                 below += self.remove_lower_in(root, sub, canonical)
             finally:
@@ -429,6 +437,7 @@ class OverlayLayout(Layout):
         os.mkdir(base, 0o755, dir_fd=dir_fd)
         self.new_dirs.add(tuple(canonical))
         fd, _ = applier.root.open_entry_dir(canonical)
+        assert fd is not None  # the directory just made
         try:
             self.set_opaque(applier, fd, name, canonical)
         finally:
@@ -443,6 +452,10 @@ class OverlayLayout(Layout):
                 found.add(parent)
                 parent = parent[:-1]
         return sorted(found - named_dirs - self.new_dirs)
+
+    def whiteout_dirs(self) -> list:
+        """Every directory still holding a whiteout device this layer made."""
+        return sorted(directory for directory, names in self.whiteout_devices.items() if names)
 
 
 def layout_for(mode: str, root: saferoot.SafeRoot) -> Layout:
@@ -566,7 +579,7 @@ class _Applier:
     # Leave the root's mode and mtime to the caller (LayerStats.root_mode), who keeps
     # the root private until the whole image is in it.
     hold_root: bool = False
-    guard: object = None  # space.Guard of the target's filesystem, None: no reserve kept
+    guard: space.Guard | None = None  # space.Guard of the target's filesystem, None: no reserve kept
 
     def __post_init__(self):
         self.files = FileQueue(self.root, self.layer_name, self.redo_file)
@@ -970,7 +983,7 @@ def apply_layer(root: saferoot.SafeRoot | str | os.PathLike, stream: BinaryIO, m
     if mode not in (FLAT, OVERLAY):
         raise ValueError(f"mode must be {FLAT!r} or {OVERLAY!r}, not {mode!r}")
     limits = limits or Limits.from_env()
-    safe = root if isinstance(root, saferoot.SafeRoot) else saferoot.SafeRoot(root)
+    safe = root if isinstance(root, saferoot.SafeRoot) else saferoot.SafeRoot(os.fspath(root))
     own_root = safe is not root
     as_root = running_as_root()
     applier = _Applier(safe, layout_for(mode, safe), layer_name, limits, as_root, current_umask(),
@@ -992,6 +1005,7 @@ def apply_layer(root: saferoot.SafeRoot | str | os.PathLike, stream: BinaryIO, m
             raise diff_id_mismatch(layer_name, applier.stats.diff_id, diff_id)
         applier.finish()
         applier.stats.implicit_dirs = applier.layout.implicit_dirs(applier.named_dirs)
+        applier.stats.whiteout_dirs = applier.layout.whiteout_dirs()
     except OSError as exc:
         raise os_error(layer_name, entry.name if entry is not None else None, exc) from exc
     finally:

@@ -11,7 +11,7 @@ import logging
 import os
 import stat
 
-from . import overlay, ownership, saferoot
+from . import chain, overlay, ownership, saferoot
 from .cache import DEFAULT_WORKDIR, Workdir, require_cached, workdir_for
 from .errors import MountError, PlanError, UnsafePath, UsageError, quoted
 from .plan import LayerRecord, check_cache_paths
@@ -98,25 +98,12 @@ def lowerdirs(layers, overlaydir):
 
 def _implicit_dirs(layer_dir):
     """The layer's implicit directories, as "/"-joined names ("" for its root)."""
-    try:
-        with open(Workdir.implicit_of(layer_dir), "rb") as f:
-            names = f.read().split(b"\0")
-    except FileNotFoundError:
-        return frozenset()
-    found = set()
-    for name in names:
-        if name == b".":
-            found.add("")
-        elif name and _canonical(name):
-            found.add(os.fsdecode(name))  # unpack wrote them canonical; others are no directory
-    return frozenset(found)
+    return chain.dirs_record(layer_dir, Workdir.IMPLICIT_SUFFIX)
 
 
-def _canonical(name):
-    """Whether a relative name has no empty, "." or ".." component (without splitting it)."""
-    return not (name in (b".", b"..") or name.startswith((b"/", b"./", b"../"))
-                or name.endswith((b"/", b"/.", b"/..")) or b"//" in name or b"/./" in name
-                or b"/../" in name)
+def _whiteout_dirs(layer_dir):
+    """The layer's directories that hold whiteout devices, as _implicit_dirs gives them."""
+    return chain.dirs_record(layer_dir, Workdir.WHITEOUTS_SUFFIX)
 
 
 def _split_path(path):
@@ -213,16 +200,40 @@ def _context_below(path, states, context):
     return below
 
 
-def _attribute_fixes(dirs, implicit):
-    """{path: (layer index, state)} for the implicit directories whose view is wrong, and
-    for their parents (the image's lowerdir holds them too, so it must say what the view
-    says), their own attributes where they are right.
+def _lone_dir(states, context):
+    """The index of the one layer that makes the directory the view shows at a path, or
+    None when the path is no directory in the view or more than one layer make it up
+    (overlayfs merges it then, and hides the whiteout devices its layers hold)."""
+    found = None
+    for index, (state, (blocked, opaque_above)) in enumerate(zip(states, context)):
+        if blocked is not None:
+            break
+        if state is not None:
+            if not stat.S_ISDIR(state[0].st_mode):
+                break
+            if found is not None:
+                return None
+            found = index
+            if state[1]:
+                break
+        if opaque_above:
+            break
+    return found
 
-    Each layer is walked once, top-down, over the implicit directories and their
-    parents only; then one pass down that tree decides each of them from what the
-    layers hold there and above. Linear in their number times the layers, whatever
-    the depth."""
-    named = set().union(*implicit)
+
+def _attribute_fixes(dirs, implicit, whiteouts=None):
+    """{path: (layer index, state)} for the implicit directories whose view is wrong, for
+    the directories holding whiteout devices that only one layer makes up in the view
+    (overlayfs lists such a directory as it is, devices included; one more lowerdir
+    having it merges it), and for their parents (the image's lowerdir holds them too, so
+    it must say what the view says), their own attributes where they are right.
+
+    Each layer is walked once, top-down, over those directories and their parents
+    only; then one pass down that tree decides each of them from what the layers hold
+    there and above. Linear in their number times the layers, whatever the depth."""
+    whiteouts = whiteouts or [frozenset()] * len(dirs)
+    lone = set().union(*whiteouts) - {""}  # the root is merged: there are two lowerdirs at least
+    named = set().union(*implicit) | lone
     tree, nodes = saferoot.tree_of(named, "", _split_path)
     for path, node in nodes.items():
         node.data = (path, [None] * len(dirs))
@@ -233,7 +244,12 @@ def _attribute_fixes(dirs, implicit):
     while stack:
         node, context = stack.pop()
         path, states = node.data
-        decided[path] = _attributes_from(path, states, context, implicit)
+        found, shadowed = _attributes_from(path, states, context, implicit)
+        if found is None and path in lone:
+            index = _lone_dir(states, context)
+            if index is not None and path in whiteouts[index]:
+                found = index, states[index]
+        decided[path] = found, shadowed
         if node.children:
             below = _context_below(path, states, context)
             stack.extend((child, below) for child in node.children)
@@ -270,11 +286,13 @@ def _attributes_lower(wd, lowers):
     ovdir = wd.overlays
     dirs = [os.path.realpath(os.path.join(ovdir, lower)) for lower in lowers]
     implicit = [_implicit_dirs(d) for d in dirs]
-    if not any(implicit):
+    whiteouts = [_whiteout_dirs(d) for d in dirs]
+    if not any(implicit) and not any(whiteouts):
         return None
     import hashlib  # off the warm path of images that need no such lowerdir
 
-    key = hashlib.sha256("\0".join(dirs).encode()).hexdigest()[:32]
+    # The version: one made before whiteout directories were merged lacks them.
+    key = hashlib.sha256("\0".join(["v2", *dirs]).encode()).hexdigest()[:32]
     name = wd.attributes_lower_name(key)
     final = wd.attributes_lower_path(key)
     try:
@@ -285,7 +303,7 @@ def _attributes_lower(wd, lowers):
         require_cached(final, made, "attributes lowerdir")
         if stat.S_ISDIR(made.st_mode):
             return name  # made by an earlier mount of these layers: no walk over them again
-    fixes = _attribute_fixes(dirs, implicit)
+    fixes = _attribute_fixes(dirs, implicit, whiteouts)
     if not fixes:
         return None
     tmp = wd.attributes_lower_temp_path(key)
@@ -586,6 +604,7 @@ def mount_image(image, layers, target, overlaydir=None, workdir=None, read_only=
     if not lowers:
         raise MountError("the image has no layers to mount")
     check_mountable(target, read_only, keep_upper, mount_options)
+    lowers = chain.chain_lowers(wd.overlays, lowers)
     attributes = _attributes_lower(wd, lowers)
     if attributes is not None:
         lowers.insert(0, attributes)

@@ -334,12 +334,20 @@ def _ensure_link(workdir, digest):
 
 
 def _write_implicit(final, implicit_dirs):
-    """<hex>.implicit: the directories of the layer no entry named (see tosi_tools.mount).
+    """<hex>.implicit: the directories of the layer no entry named (see tosi_tools.mount)."""
+    _write_dirs_record(Workdir.implicit_of(final), implicit_dirs)
+
+
+def _write_whiteout_dirs(final, whiteout_dirs):
+    """<hex>.whiteouts: the directories of the layer that hold whiteout devices (see tosi_tools.mount)."""
+    _write_dirs_record(Workdir.whiteouts_of(final), whiteout_dirs)
+
+
+def _write_dirs_record(path, dirs):
+    """Canonical tuples as NUL-separated names, "." for the root; no file for none.
     Synced with the layer (sync_filesystem before its rename), not on its own."""
-    path = Workdir.implicit_of(final)
-    if implicit_dirs:
-        atomic_write(path, b"\0".join(os.fsencode("/".join(parts) or ".") for parts in implicit_dirs),
-                     durable=False)
+    if dirs:
+        atomic_write(path, b"\0".join(os.fsencode("/".join(parts) or ".") for parts in dirs), durable=False)
     else:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)  # a stale one, left by a layer dir removed by hand
@@ -434,7 +442,8 @@ def extract_layer_to_overlay(workdir, layer_record, stream=None, limits=None, op
                                                   layer_record.name, limits, layer_record.diff_id)
                 atomic_write(workdir.diffid_path(digest), stats.diff_id, durable=False)
                 _write_implicit(final, stats.implicit_dirs)
-                # The layer's files (and .diffid, .implicit) on disk before the name says
+                _write_whiteout_dirs(final, stats.whiteout_dirs)
+                # The layer's files (and .diffid, .implicit, .whiteouts) on disk before the name says
                 # the layer is whole, as one syncfs of their filesystem; the rename after.
                 sync_filesystem(tmp)
                 os.rename(tmp, final)
