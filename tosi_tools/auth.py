@@ -23,21 +23,46 @@ EXPIRY_MARGIN = 5
 
 class Credentials:
     """A user name and password for `registry` (host[:port] as a reference names it;
-    None: for whatever registry the client they are given to speaks to)."""
+    None: for whatever registry the client they are given to speaks to).
 
-    __slots__ = ("username", "password", "registry")
+    `identity_token` is an OAuth2 refresh token (docker config's `identitytoken`, or
+    a credential helper's answer with the user name "<token>"): it is exchanged at
+    the token endpoint (`refresh_token_form`), and `password` is then None."""
 
-    def __init__(self, username, password, registry=None):
+    __slots__ = ("username", "password", "registry", "identity_token")
+
+    def __init__(self, username, password, registry=None, identity_token=None):
         self.username = username
         self.password = password
         self.registry = registry
+        self.identity_token = identity_token
 
     def __repr__(self):
-        return f"Credentials(username={self.username!r}, password=<hidden>, registry={self.registry!r})"
+        token = ", identity_token=<hidden>" if self.identity_token is not None else ""
+        return (f"Credentials(username={self.username!r}, password=<hidden>, "
+                f"registry={self.registry!r}{token})")
 
     def basic_header(self):
         raw = f"{self.username}:{self.password}".encode()
         return "Basic " + base64.b64encode(raw).decode()
+
+
+def refresh_token_form(credentials: Credentials, service: str | None, scope, client_id: str = "tosi") -> dict:
+    """The form body of a token request that trades `credentials.identity_token` for a
+    bearer token (distribution's OAuth2 token spec: POST to the realm, grant_type
+    refresh_token). `scope` is one scope text, a sequence of them (a repeated form
+    field: requests encodes a list value so) or None/empty for none."""
+    if not credentials.identity_token:
+        raise ValueError("these credentials hold no identity token")
+    form = {"grant_type": "refresh_token", "refresh_token": credentials.identity_token,
+            "client_id": client_id}
+    if service:
+        form["service"] = service
+    scopes = [scope] if isinstance(scope, str) else list(scope or ())
+    scopes = [s for s in scopes if s]
+    if scopes:
+        form["scope"] = scopes[0] if len(scopes) == 1 else scopes
+    return form
 
 
 _TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
@@ -151,10 +176,11 @@ def docker_config_credentials(registry, path=None):
     return None
 
 
-def credentials_from_flags(username=None, password=None, password_stdin=None, registry=None):
+def credentials_from_flags(username=None, password=None, password_stdin=None, registry=None, stored=None):
     """Credentials for `registry` from --username/--password (or a password read from
-    stdin), the TOSI_USERNAME/TOSI_PASSWORD environment, or the docker config, in that
-    order; they go to that registry's endpoint only (registry.RegistryClient)."""
+    stdin), the TOSI_USERNAME/TOSI_PASSWORD environment, or `stored(registry)` (default:
+    the docker config's inline `auths`), in that order; they go to that registry's
+    endpoint only (registry.RegistryClient)."""
     if password_stdin is not None:
         password = password_stdin
     if password and not username:
@@ -167,5 +193,5 @@ def credentials_from_flags(username=None, password=None, password_stdin=None, re
     if env_user and env_pass is not None:
         return Credentials(env_user, env_pass, registry)
     if registry:
-        return docker_config_credentials(registry)
+        return (stored or docker_config_credentials)(registry)
     return None

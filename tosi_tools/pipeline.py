@@ -32,6 +32,7 @@ from typing import NamedTuple, Optional
 
 from . import mount, ownership, resolve, unpack
 from .auth import TokenCache, credentials_from_flags
+from .credstore import password_lookup
 from .cache import DEFAULT_WORKDIR, Workdir, atomic_write
 from .errors import QuarantinedBlob, TosiError, UsageError
 from .platform import parse_platform
@@ -61,6 +62,7 @@ class PullOptions(NamedTuple):  # not a dataclass: importing dataclasses costs a
     mount_options: tuple = ()  # -mount-option values (comma lists): see mount.mount_flags
     keep_root_mode: bool = False  # -extractto: see unpack.apply_layers_into
     min_free: Optional[str] = None  # -min-free: space.Reserve text (None: TOSI_MIN_FREE or the default)
+    authfile: Optional[str] = None  # -authfile: containers auth.json read first (credstore)
 
 
 def preflight(options):
@@ -148,8 +150,8 @@ def pull(options, progress_for=None):
     """
     platform = preflight(options)
     ref, endpoint = reference_and_endpoint(options)
-    credentials = credentials_from_flags(options.username, options.password,
-                                         registry=ref.registry)
+    credentials = credentials_from_flags(options.username, options.password, registry=ref.registry,
+                                         stored=password_lookup(ref.repository, options.authfile))
     # Private and ours (made 0700 if missing), before anything in it is read or written.
     workdir = Workdir(options.workdir, options.overlaydir, flag_prefix="-").ensure()
     tokens = TokenCache()

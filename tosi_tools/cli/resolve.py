@@ -4,8 +4,8 @@ import os
 import sys
 
 from .common import (
-    add_credential_flags, add_workdir_flag, exit_status_epilog, new_parser, password_from_stdin, run,
-    setup_logging,
+    add_credential_flags, add_workdir_flag, check_authfile, exit_status_epilog, new_parser,
+    password_from_stdin, run, setup_logging,
 )
 
 PROG = "tosi-resolve"
@@ -27,13 +27,17 @@ def add_registry_flags(parser):
                         "(default: system CAs, or $REQUESTS_CA_BUNDLE)")
 
 
-def credentials_and_transport(args, registry):
-    """(credentials or None, absolute ca_file or None) from parsed registry flags."""
+def credentials_and_transport(args, registry, repository=None):
+    """(credentials or None, absolute ca_file or None) from parsed registry flags;
+    without credential flags, from the stored ones (credstore) for `repository`."""
     from ..auth import credentials_from_flags
+    from ..credstore import password_lookup
     from ..errors import UsageError
 
+    check_authfile(args.authfile)
     credentials = credentials_from_flags(args.username, args.password, password_from_stdin(args),
-                                         registry=registry)
+                                         registry=registry,
+                                         stored=password_lookup(repository, authfile=args.authfile))
     ca_file = None
     if args.ca_file:
         if not os.path.isfile(args.ca_file):
@@ -65,7 +69,7 @@ def _body(argv):
 
     ref = parse_reference(args.image)
     platform = parse_platform(args.platform) if args.platform else None
-    credentials, ca_file = credentials_and_transport(args, ref.registry)
+    credentials, ca_file = credentials_and_transport(args, ref.registry, ref.repository)
     image, layers = resolve_image(ref, args.workdir, platform=platform, credentials=credentials,
                                   insecure=args.insecure, ca_file=ca_file)
     PlanWriter(sys.stdout).write_plan(image, layers)

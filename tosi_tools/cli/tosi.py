@@ -14,7 +14,7 @@ from typing import NamedTuple
 from .. import __version__
 from ..cache import DEFAULT_WORKDIR
 from ..errors import UsageError, quoted
-from .common import EXIT_OK, MAX_PARALLEL, exit_status_epilog, run, setup_logging
+from .common import EXIT_OK, MAX_PARALLEL, check_authfile, exit_status_epilog, run, setup_logging
 
 PROG = "tosi"
 
@@ -49,6 +49,9 @@ class Flag(NamedTuple):
 FLAGS = [
     Flag("alsologtostderr", BOOL, "log to standard error as well as files (logs always go to "
          "stderr here; this also shows informational messages)", False),
+    Flag("authfile", STRING, "containers auth.json to read registry credentials from before the "
+         "other stored ones (default: $REGISTRY_AUTH_FILE, else "
+         "$XDG_RUNTIME_DIR/containers/auth.json).", metavar="FILE"),
     Flag("extractto", STRING, "Extract and combine all layers of an image directly into this "
          "directory. Mutually exclusive with -mount <dir>.", metavar="DIR"),
     Flag("image", STRING, "Image repository to pull, e.g. alpine, alpine:3.20, "
@@ -210,6 +213,7 @@ def check_flags(values):
         from ..space import parse_size
 
         parse_size(values["min-free"], "-min-free")
+    check_authfile(values["authfile"], "-authfile")
 
 
 def body(argv):
@@ -255,6 +259,7 @@ def body(argv):
         mount_options=values["mount-option"],
         keep_root_mode=values["keep-root-mode"],
         min_free=values["min-free"],
+        authfile=values["authfile"],
     )
     show = values["progress"] if values["progress"] is not None else sys.stderr.isatty()
     pipeline.pull(options, progress_for=_progress_bars if show else None)
