@@ -14,9 +14,7 @@ import pytest
 from tests.support.plans import random_layer
 from tosi_tools import credstore
 from tosi_tools.auth import Credentials, refresh_token_form
-from tosi_tools.credstore import (
-    HUB_KEY, AuthsSource, HelperSource, default_sources, file_sources, find_credentials, matching_keys,
-)
+from tosi_tools.credstore import HUB_KEY, default_sources, file_sources, find_credentials, matching_keys
 
 REGISTRY = "registry.example.com:5000"
 SECRET = "s3cret-never-shown"
@@ -172,7 +170,8 @@ def test_a_missing_helper_gives_no_credentials_and_a_warning_naming_it(helpers, 
 
 def test_a_helper_name_that_is_a_path_is_not_run(helpers, tmp_path):
     helpers.answering("test", "alice", SECRET)
-    sources = docker_sources(helpers, tmp_path, {"credsStore": f"../{helpers.bin.name}/docker-credential-test"})
+    escape = f"../{helpers.bin.name}/docker-credential-test"
+    sources = docker_sources(helpers, tmp_path, {"credsStore": escape})
     assert found(sources) is None
     assert helpers.calls() == [] and "not a plain program name" in credstore.source_warnings(sources)[0]
 

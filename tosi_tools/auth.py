@@ -47,7 +47,8 @@ class Credentials:
         return "Basic " + base64.b64encode(raw).decode()
 
 
-def refresh_token_form(credentials: Credentials, service: str | None, scope, client_id: str = "tosi") -> dict:
+def refresh_token_form(credentials: Credentials, service: str | None, scope,
+                       client_id: str = "tosi") -> dict:
     """The form body of a token request that trades `credentials.identity_token` for a
     bearer token (distribution's OAuth2 token spec: POST to the realm, grant_type
     refresh_token). `scope` is one scope text, a sequence of them (a repeated form

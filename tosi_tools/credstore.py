@@ -208,9 +208,14 @@ def _run_helper(argv: list[str], stdin: bytes, env: dict, timeout: float):
     try:
         try:
             proc.stdin.write(stdin)  # a few bytes: fits the pipe even if never read
-            proc.stdin.close()
+            proc.stdin.flush()
         except BrokenPipeError:
             pass
+        finally:
+            try:
+                proc.stdin.close()
+            except BrokenPipeError:
+                pass
         with selectors.DefaultSelector() as selector:
             selector.register(proc.stdout, selectors.EVENT_READ, (out, MAX_HELPER_ANSWER))
             selector.register(proc.stderr, selectors.EVENT_READ, (err, MAX_HELPER_STDERR))

@@ -137,7 +137,7 @@ def body(argv):
     workdir = reader.workdir
     credentials = credentials_from_flags(args.username, args.password, password,
                                          registry=image.get("registry"),
-                                         stored=password_lookup(image.get("repository"), authfile=args.authfile))
+                                         stored=password_lookup(image.get("repository"), args.authfile))
     show = args.progress == "always" or (args.progress == "auto" and sys.stderr.isatty())
     bars = ProgressBars(total_bytes(image, layers), sys.stderr) if show else None
     pool_size = args.parallel or max(len(layers) + 1, 1)
