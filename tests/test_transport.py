@@ -15,7 +15,7 @@ from tosi_tools.auth import Credentials
 from tosi_tools.cache import Workdir
 from tosi_tools.errors import NotFound, RegistryError, Unavailable, Unreachable
 from tosi_tools.fetch import Fetcher
-from tosi_tools.keychain import DockerConfigSource, EnvironmentSource, FlagSource, Keychain, from_flags
+from tosi_tools.keychain import EnvironmentSource, FlagSource, Keychain, StoredSources, from_flags
 from tosi_tools.registry import RegistryClient
 from tosi_tools.resolve import resolve_image
 from tosi_tools.transport import RetryPolicy, Temporary, rewrap
@@ -178,11 +178,11 @@ def test_flag_credentials_are_bound_to_the_registry_they_are_asked_for(monkeypat
     assert (found.username, found.registry) == ("alice", "r.example:5000")
 
 
-def test_without_flags_the_environment_comes_before_the_docker_config(monkeypatch):
+def test_without_flags_the_environment_comes_before_the_stored_credentials(monkeypatch):
     monkeypatch.setenv("TOSI_USERNAME", "env-user")
     monkeypatch.setenv("TOSI_PASSWORD", "env-secret")
     keychain = from_flags(ca_file="/ca.pem", insecure=True)
-    assert [type(s) for s in keychain.sources] == [EnvironmentSource, DockerConfigSource]
+    assert [type(s) for s in keychain.sources] == [EnvironmentSource, StoredSources]
     assert keychain.credentials("r.example").username == "env-user"
     assert keychain.answered("r.example") == "TOSI_USERNAME"
     tls = keychain.tls_for("r.example")

@@ -8,6 +8,7 @@ they come from (flags, environment, docker config) is keychain.py's business.
 """
 
 import base64
+from typing import Any
 import re
 import threading
 import time
@@ -22,21 +23,48 @@ EXPIRY_MARGIN = 5
 
 class Credentials:
     """A user name and password for `registry` (host[:port] as a reference names it;
-    None: for whatever registry the client they are given to speaks to)."""
+    None: for whatever registry the client they are given to speaks to).
 
-    __slots__ = ("username", "password", "registry")
+    `identity_token` is an OAuth2 refresh token (docker config's `identitytoken`, or
+    a credential helper's answer with the user name "<token>"): it is exchanged at
+    the token endpoint (`refresh_token_form`), and `password` is then None."""
 
-    def __init__(self, username: str, password: str, registry: str | None = None) -> None:
+    __slots__ = ("username", "password", "registry", "identity_token")
+
+    def __init__(self, username: str | None, password: str | None, registry: str | None = None,
+                 identity_token: str | None = None) -> None:
         self.username = username
         self.password = password
         self.registry = registry
+        self.identity_token = identity_token
 
     def __repr__(self) -> str:
-        return f"Credentials(username={self.username!r}, password=<hidden>, registry={self.registry!r})"
+        token = ", identity_token=<hidden>" if self.identity_token is not None else ""
+        return (f"Credentials(username={self.username!r}, password=<hidden>, "
+                f"registry={self.registry!r}{token})")
 
     def basic_header(self) -> str:
         raw = f"{self.username}:{self.password}".encode()
         return "Basic " + base64.b64encode(raw).decode()
+
+
+def refresh_token_form(credentials: Credentials, service: str | None, scope: Any,
+                       client_id: str = "tosi") -> dict[str, Any]:
+    """The form body of a token request that trades `credentials.identity_token` for a
+    bearer token (distribution's OAuth2 token spec: POST to the realm, grant_type
+    refresh_token). `scope` is one scope text, a sequence of them (a repeated form
+    field: requests encodes a list value so) or None/empty for none."""
+    if not credentials.identity_token:
+        raise ValueError("these credentials hold no identity token")
+    form: dict[str, Any] = {"grant_type": "refresh_token", "refresh_token": credentials.identity_token,
+            "client_id": client_id}
+    if service:
+        form["service"] = service
+    scopes = [scope] if isinstance(scope, str) else list(scope or ())
+    scopes = [s for s in scopes if s]
+    if scopes:
+        form["scope"] = scopes[0] if len(scopes) == 1 else scopes
+    return form
 
 
 _TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"

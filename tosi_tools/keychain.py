@@ -15,8 +15,6 @@ today they come from --ca-file and --insecure, the same for every host.
 Secrets are never logged: only the registry and the source's name are.
 """
 
-import base64
-import json
 import logging
 import os
 from typing import NamedTuple, Optional, Protocol, Sequence
@@ -88,49 +86,41 @@ class EnvironmentSource:
         return None
 
 
-def docker_config_path() -> str:
-    """$DOCKER_CONFIG/config.json, else ~/.docker/config.json."""
-    base = os.environ.get("DOCKER_CONFIG") or os.path.join(os.path.expanduser("~"), ".docker")
-    return os.path.join(base, "config.json")
+class StoredSources:
+    """The credentials people keep in files (credstore: containers' auth.json, Docker's
+    config.json with its credential helpers), read when first asked, in credstore's
+    precedence. Its `name` is the name of the file (or helper) that answered last.
+    Identity tokens are passed over until the token endpoint trades them."""
 
+    def __init__(self, authfile: Optional[str] = None) -> None:
+        self.authfile = authfile
+        self.name = "stored credentials"
+        self._sources: Optional[list] = None
+        self._warned: set[str] = set()
 
-class DockerConfigSource:
-    """The inline `auths` entries of a docker config.json (`auth`, or `username` and
-    `password`), looked up by the registry's name with or without a scheme; docker.io
-    also under its historical names. Credential helpers are not run here."""
+    @property
+    def warnings(self) -> list[str]:
+        """What failed so far (a missing or failing helper, a malformed file)."""
+        from .credstore import source_warnings
 
-    def __init__(self, path: Optional[str] = None) -> None:
-        self.path = path
-        self.name = f"docker config {path}" if path else "docker config"
+        return source_warnings(self._sources or [])
 
     def lookup(self, registry: Optional[str], repository: Optional[str]) -> Optional[Credentials]:
+        from .credstore import default_sources, find_credentials
+
         if not registry:
             return None
-        path = self.path or docker_config_path()
-        try:
-            with open(path) as f:
-                config = json.load(f)
-        except (OSError, ValueError, RecursionError):
-            return None
-        auths = config.get("auths") if isinstance(config, dict) else None
-        if not isinstance(auths, dict):
-            return None
-        names = {registry, f"https://{registry}", f"http://{registry}"}
-        if registry == "docker.io":
-            names |= {"https://index.docker.io/v1/", "index.docker.io", "registry-1.docker.io"}
-        names = {n.rstrip("/") for n in names}
-        for key, entry in auths.items():
-            if not isinstance(key, str) or key.rstrip("/") not in names or not isinstance(entry, dict):
-                continue
-            if entry.get("username") and entry.get("password"):
-                return Credentials(entry["username"], entry["password"], registry)
-            if entry.get("auth"):
-                try:
-                    user, _, password = base64.b64decode(entry["auth"]).decode().partition(":")
-                except (ValueError, UnicodeDecodeError, TypeError):
-                    continue
-                return Credentials(user, password, registry)
-        return None
+        if self._sources is None:
+            self._sources = default_sources(authfile=self.authfile)
+        found, source = find_credentials(self._sources, registry, repository,
+                                         accept=lambda credentials: credentials.identity_token is None)
+        for text in self.warnings:
+            if text not in self._warned:
+                self._warned.add(text)
+                log.warning("%s", text)
+        if source is not None:
+            self.name = source.name
+        return found
 
 
 class Keychain:
@@ -173,9 +163,10 @@ class Keychain:
 
 def from_flags(username: Optional[str] = None, password: Optional[str] = None,
                password_stdin: Optional[str] = None, ca_file: Optional[str] = None,
-               insecure: bool = False) -> Keychain:
+               insecure: bool = False, authfile: Optional[str] = None) -> Keychain:
     """The keychain of a stage's flags: --username with --password (or the password
-    read from stdin), else TOSI_USERNAME/TOSI_PASSWORD, else the docker config; TLS
+    read from stdin), else TOSI_USERNAME/TOSI_PASSWORD, else the files people keep
+    credentials in (StoredSources, --authfile first among them); TLS
     from --ca-file and --insecure. A password without a user (or the reverse) is a
     usage error, raised here, before any request."""
     if password_stdin is not None:
@@ -188,5 +179,5 @@ def from_flags(username: Optional[str] = None, password: Optional[str] = None,
         # Given on the command line: nothing else is asked.
         sources: list[CredentialSource] = [FlagSource(username, password)]
     else:
-        sources = [EnvironmentSource(), DockerConfigSource()]
+        sources = [EnvironmentSource(), StoredSources(authfile)]
     return Keychain(sources, TLSConfig(ca_file, None, bool(insecure)))

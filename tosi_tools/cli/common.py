@@ -132,6 +132,15 @@ def add_credential_flags(parser: argparse.ArgumentParser) -> None:
                         "prefer --password-stdin)")
     secret.add_argument("--password-stdin", action="store_true",
                         help="read the password from the first line of stdin")
+    parser.add_argument("--authfile", metavar="FILE",
+                        help="containers auth.json to read credentials from first (default: "
+                        "$REGISTRY_AUTH_FILE, else $XDG_RUNTIME_DIR/containers/auth.json)")
+
+
+def check_authfile(path, flag="--authfile"):
+    """Refuse an --authfile that names no file (podman refuses it too)."""
+    if path is not None and not os.path.isfile(path):
+        raise UsageError(f"{flag} {quoted(path)}: no such file")
 
 
 def password_from_stdin(args: argparse.Namespace) -> str | None:

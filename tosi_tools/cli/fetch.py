@@ -10,7 +10,7 @@ if TYPE_CHECKING:
     from ..plan import ImageRecord, LayerRecord
 
 from .common import (
-    MAX_PARALLEL, add_credential_flags, add_min_free_flag, add_workdir_flag, count_type,
+    MAX_PARALLEL, add_credential_flags, add_min_free_flag, add_workdir_flag, check_authfile, count_type,
     exit_status_epilog, new_parser, password_from_stdin, plan_workdir, run, setup_logging,
 )
 
@@ -30,7 +30,8 @@ processes sharing a workdir wait for each other instead of downloading twice.
 
 EPILOG = """\
 With --password-stdin the first line of stdin is the password and the plan follows.
-Credentials otherwise come from TOSI_USERNAME/TOSI_PASSWORD or ~/.docker/config.json.
+Credentials otherwise come from TOSI_USERNAME/TOSI_PASSWORD, --authfile, containers'
+auth.json or the docker config (~/.docker/config.json: inline or a credential helper).
 A blob that would leave the cache's filesystem less free than the reserve
 (--min-free, TOSI_MIN_FREE, TOSI_MIN_FREE_INODES) is refused before or while it arrives.
 They are for the plan's "registry" and go only to that registry's own endpoint:
@@ -132,6 +133,7 @@ def body(argv: Sequence[str] | None) -> int:
     from ..plan import PlanReader, PlanWriter
     from ..space import Reserve
 
+    check_authfile(args.authfile)
     password = password_from_stdin(args)  # before the plan, which follows it on stdin
     # Fetch opens no cache path of the plan: their shape is checked, not their workdir.
     reader = PlanReader(sys.stdin, workdir=lambda image: plan_workdir(args.workdir, image), uses=())
@@ -139,7 +141,8 @@ def body(argv: Sequence[str] | None) -> int:
     layers = reader.layers()
     workdir = reader.workdir
     assert workdir is not None  # PlanReader was given a workdir callable
-    keychain = from_flags(args.username, args.password, password, insecure=args.insecure)
+    keychain = from_flags(args.username, args.password, password, insecure=args.insecure,
+                          authfile=args.authfile)
     show = args.progress == "always" or (args.progress == "auto" and sys.stderr.isatty())
     bars = ProgressBars(total_bytes(image, layers), sys.stderr) if show else None
     pool_size = args.parallel or max(len(layers) + 1, 1)

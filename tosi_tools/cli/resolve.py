@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from .common import (
-    add_credential_flags, add_workdir_flag, exit_status_epilog, new_parser, password_from_stdin, run,
-    setup_logging,
+    add_credential_flags, add_workdir_flag, check_authfile, exit_status_epilog, new_parser,
+    password_from_stdin, run, setup_logging,
 )
 
 if TYPE_CHECKING:
@@ -38,13 +38,14 @@ def keychain_from_args(args: argparse.Namespace) -> "Keychain":
     from ..errors import UsageError
     from ..keychain import from_flags
 
+    check_authfile(args.authfile)
     ca_file = None
     if args.ca_file:
         if not os.path.isfile(args.ca_file):
             raise UsageError(f"--ca-file {args.ca_file}: no such file")
         ca_file = os.path.abspath(args.ca_file)
     return from_flags(args.username, args.password, password_from_stdin(args), ca_file=ca_file,
-                      insecure=args.insecure)
+                      insecure=args.insecure, authfile=args.authfile)
 
 
 def _parser():

@@ -15,7 +15,9 @@ from typing import Any, NamedTuple
 from .. import __version__
 from ..cache import DEFAULT_WORKDIR
 from ..errors import UsageError, quoted
-from .common import EXIT_OK, MAX_PARALLEL, exit_status_epilog, read_password_line, run, setup_logging
+from .common import (
+    EXIT_OK, MAX_PARALLEL, check_authfile, exit_status_epilog, read_password_line, run, setup_logging,
+)
 
 PROG = "tosi"
 
@@ -50,6 +52,9 @@ class Flag(NamedTuple):
 FLAGS = [
     Flag("alsologtostderr", BOOL, "log to standard error as well as files (logs always go to "
          "stderr here; this also shows informational messages)", False),
+    Flag("authfile", STRING, "containers auth.json to read registry credentials from before the "
+         "other stored ones (default: $REGISTRY_AUTH_FILE, else "
+         "$XDG_RUNTIME_DIR/containers/auth.json).", metavar="FILE"),
     Flag("extractto", STRING, "Extract and combine all layers of an image directly into this "
          "directory. Mutually exclusive with -mount <dir>.", metavar="DIR"),
     Flag("image", STRING, "Image repository to pull, e.g. alpine, alpine:3.20, "
@@ -211,6 +216,7 @@ def check_flags(values: dict[str, Any]) -> None:
         from ..space import parse_size
 
         parse_size(values["min-free"], "-min-free")
+    check_authfile(values["authfile"], "-authfile")
 
 
 def body(argv: Sequence[str] | None) -> int:
@@ -254,6 +260,7 @@ def body(argv: Sequence[str] | None) -> int:
         mount_options=values["mount-option"],
         keep_root_mode=values["keep-root-mode"],
         min_free=values["min-free"],
+        authfile=values["authfile"],
     )
     show = values["progress"] if values["progress"] is not None else sys.stderr.isatty()
     pipeline.pull(options, progress_for=_progress_bars if show else None)
