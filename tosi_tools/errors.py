@@ -54,6 +54,32 @@ class PlanError(UsageError):
     """The plan on stdin is not a valid tosi plan."""
 
 
+class AmbiguousShortName(InvalidReference):
+    """A short name (no registry host) has no alias, and registries.conf's
+    short-name-mode "enforcing" forbids guessing among several
+    unqualified-search-registries (exit 2)."""
+
+
+class ConfigError(UsageError):
+    """A configuration file tosi reads (containers' registries.conf and its
+    drop-ins, short-name-aliases.conf, Docker's daemon.json) is malformed or asks
+    for something tosi does not do; the message names the file (exit 2)."""
+
+    def __init__(self, message: str, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class BlockedReference(UsageError):
+    """registries.conf blocks pulls of the reference: the [[registry]] whose
+    prefix matches it says blocked = true (exit 2)."""
+
+    def __init__(self, message: str, prefix: str | None = None, path: str | None = None) -> None:
+        super().__init__(message)
+        self.prefix = prefix
+        self.path = path
+
+
 class RegistryError(TosiError):
     """The registry answered with an error (unknown repository, tag, blob, ...)."""
 

@@ -210,3 +210,23 @@ def reference_with_base_url(image: str, url: str) -> tuple[Reference, str]:
         )
     endpoint = f"{parts.scheme}://{host}"
     return ref, endpoint
+
+
+def is_registry_host(text: str) -> bool:
+    """Whether `text` is a HOST[:PORT] the reference grammar takes as a registry
+    (any host, e.g. "mirror:5000" or "cache": for where a URL names it)."""
+    if not isinstance(text, str) or not _DOMAIN.fullmatch(text):
+        return False
+    try:
+        _check_port(text, "", InvalidReference)
+    except InvalidReference:
+        return False
+    return True
+
+
+def names_registry(text: str) -> bool:
+    """Whether the reference `text` starts with a registry host by Docker's rule
+    (its first component has a "." or ":" or is "localhost"); else it is a short
+    name, which Docker pulls from docker.io."""
+    domain, _ = _split_domain(text.partition("@")[0])
+    return domain is not None
