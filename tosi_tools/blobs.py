@@ -15,7 +15,8 @@ downloaded again from byte 0, never resumed: at most DIGEST_RETRIES more times
 partial file does not count). Then the download fails naming the blob and what
 each attempt hashed to. The verified file is fsynced before it is renamed into
 place and its directory after, so after a power loss a blob under its final
-name is whole.
+name is whole; the disk is started on it every WRITEBACK_STEP bytes as they
+arrive, so that fsync finds little left to write.
 
 A BlobDownload can be watched while it runs (`wait_for`), so a consumer may
 read the partial file behind the writer; bytes it reads are not verified until
@@ -38,7 +39,7 @@ import urllib3
 
 from . import space
 from .auth import parse_challenge
-from .cache import file_lock, fsync_dir, fsync_path, require_cached
+from .cache import file_lock, fsync_dir, fsync_path, require_cached, start_writeback
 from .digest import CHUNK, DIGEST_RETRIES, Digest, VerifyingHasher, verify_file
 from .errors import (
     CacheError, DigestMismatch, NotFound, RegistryError, TosiError, Unauthorized, Unreachable, quoted,
@@ -53,6 +54,8 @@ BACKOFF_CAP = 30.0
 RETRY_AFTER_CAP = 120.0
 REDIRECT_STATUSES = (301, 302, 303, 307, 308)
 RETRYABLE_STATUSES = (408, 429)
+# The disk is started on each this many bytes of a blob as they arrive (cache.start_writeback).
+WRITEBACK_STEP = 8 << 20
 
 
 class Cancelled(TosiError):
@@ -459,6 +462,7 @@ class Downloader:
             with space.guard(out.fileno(), self.reserve, download.what, download.partial_path) \
                     or contextlib.nullcontext() as guard:
                 stream = resp.raw
+                unflushed = 0  # written since the last start_writeback
                 while True:
                     if self.cancelled.is_set():
                         raise Cancelled(f"{download.what}: cancelled")
@@ -480,6 +484,10 @@ class Downloader:
                     if guard is not None:
                         guard.spend(len(chunk))
                     out.write(chunk)
+                    unflushed += len(chunk)
+                    if unflushed >= WRITEBACK_STEP:  # the file ends at hasher.count
+                        start_writeback(out.fileno(), hasher.count - unflushed, unflushed)
+                        unflushed = 0
                     download._set_written(hasher.count)
                     self.progress(download, "advance", len(chunk))
         if hasher.count < download.size:

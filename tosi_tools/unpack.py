@@ -35,7 +35,7 @@ import time
 from collections import deque
 
 from . import overlay, ownership, saferoot
-from .cache import Workdir, file_lock, fsync_dir, require_cached, sync_filesystem, workdir_for
+from .cache import Workdir, file_lock, fsync_dir, require_cached, sync_filesystem, workdir_for, writing_ahead
 from .digest import Digest
 from .errors import (
     CacheError, DigestMismatch, PlanError, QuarantinedBlob, TosiError, UnpackError, UnsafeEntry,
@@ -445,7 +445,7 @@ def extract_layer_to_overlay(workdir, layer_record, stream=None, limits=None, op
             os.chmod(tmp, 0o755)  # whatever the umask: the layer's "./" entry, if any, decides
             try:
                 started = time.monotonic()
-                with _open_blob(workdir, layer_record, stream, open_stream) as blob:
+                with writing_ahead(tmp), _open_blob(workdir, layer_record, stream, open_stream) as blob:
                     stats = layer_mod.apply_layer(tmp, blob, layer_record.get("mediaType"), layer_mod.OVERLAY,
                                                   _layer_name(layer_record), limits, diff_id)
                 _write_small_file(final + ".diffid", stats.diff_id)
