@@ -331,6 +331,23 @@ def test_a_blob_goes_to_disk_while_it_arrives_not_all_at_its_fsync(tool, pusher,
     assert calls.index(started[-1]) < index_of(calls, rf"^fsync\(\d+<[^>]*/layers/{layer_hex}\.partial>")
 
 
+def test_a_big_file_of_an_overlay_layer_goes_to_disk_while_it_is_extracted(pusher, repo_name, registry,
+                                                                          workdir, tmp_path):
+    step = blobs.WRITEBACK_STEP
+    layer = make_layer([file_entry("big", os.urandom(2 * step + 100_000))], compression=None)
+    image = pusher.push_image(repo_name, "v1", [layer])
+    plan = subprocess.run([sys.executable, os.path.join(BIN, "tosi-fetch"), "--workdir", workdir],
+                          input=plan_text(registry.url, image, workdir), text=True, check=True,
+                          capture_output=True).stdout
+    layer_hex = layer.digest.split(":")[1]
+    calls = traced([sys.executable, os.path.join(BIN, "tosi-unpack"), "--workdir", workdir], plan, tmp_path)
+    started = [call for call in calls
+               if re.search(rf"^sync_file_range\(\d+<[^>]*/overlays/\.tmp-{layer_hex}-[^/>]*/big>", call)]
+    assert len(started) == 2
+    synced = index_of(calls, r"^syncfs\(")
+    assert calls.index(started[-1]) < synced
+
+
 # ---------------------------------------------------------------- how syncs are shared
 
 def test_a_sync_asked_for_while_one_runs_waits_for_the_next_and_shares_it(monkeypatch, tmp_path):

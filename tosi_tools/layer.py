@@ -33,6 +33,7 @@ import stat
 from dataclasses import dataclass, field
 
 from . import filewriter, overlay, saferoot, space, tarstream
+from .cache import start_writeback
 from .compression import open_layer
 from .digest import Digest
 from .errors import DigestMismatch, UnpackError, UnsafeEntry, quoted
@@ -53,6 +54,8 @@ DEFAULT_MAX_LAYER_ENTRIES = 10_000_000
 # writes 1 KiB. The diffID covers it all, so it must be read; past this it is refused.
 MAX_TRAILING_BYTES = 1 << 20
 _COPY_STEP = 1 << 20  # a file's data is charged to the free-space guard in steps of this
+# Overlay mode: the disk is started on a big file's data every this many bytes (cache.start_writeback).
+_WRITEBACK_STEP = 8 << 20
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NODE_TYPES = {tarstream.CHR: stat.S_IFCHR, tarstream.BLK: stat.S_IFBLK, tarstream.FIFO: stat.S_IFIFO}
@@ -160,6 +163,7 @@ class _Applier:
     named_dirs: set = field(default_factory=set)
     new_dirs: set = field(default_factory=set)
     guard: object = None  # space.Guard of the target's filesystem, None: no reserve kept
+    unflushed: int = 0  # overlay mode: bytes written since write_behind last started writeback
 
     def spend(self, nbytes, inodes=0):
         """Charge what is about to be written to the free-space guard; when a check is
@@ -397,6 +401,7 @@ class _Applier:
                 self.spend(step)
                 tar.copy_to(fd, step)
                 n -= step
+                self.write_behind(fd, step)
         if member.sparse is not None:
             def write(fd):
                 for offset, size in member.sparse:
@@ -428,6 +433,18 @@ class _Applier:
             os.utime(fd, ns=(t, t))
         finally:
             os.close(fd)
+
+    def write_behind(self, fd, written):
+        """Overlay mode: start the disk on a big file's data every _WRITEBACK_STEP bytes
+        as they are written, so that the syncfs before the layer is published finds
+        little left (the many small files: cache.writing_ahead). A flat target is not
+        synced: its writeback is left to the kernel."""
+        if self.mode != OVERLAY:
+            return
+        self.unflushed += written
+        if self.unflushed >= _WRITEBACK_STEP:
+            self.unflushed = 0
+            start_writeback(fd)
 
     def file_fixes(self, dir_fd, canonical, member):
         """(fchown?, fchmod?) for a new file in `dir_fd`."""
