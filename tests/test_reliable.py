@@ -9,10 +9,13 @@ Faults come from tests/support/faultproxy.py in front of the real registry;
 """
 
 import io
+import itertools
 import os
 import re
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
@@ -21,7 +24,7 @@ from tests.support.faultproxy import Rule
 from tests.support.images import DOCKER_LAYER_GZIP, Layer, file_entry, make_layer, sha256
 from tests.support.plans import assert_cached, plan_text, random_layer
 from tests.support.staging import snapshot
-from tosi_tools import pipeline
+from tosi_tools import blobs, cache, pipeline
 from tosi_tools.cache import Workdir
 from tosi_tools.errors import DigestMismatch
 
@@ -236,20 +239,36 @@ def test_a_bad_layer_whose_blob_matches_its_digest_stays_in_the_cache(tool, push
 
 # ---------------------------------------------------------------- durability
 
-def traced(argv, input_text, tmp_path):
-    """Run a tool under strace; its fsync/syncfs/rename calls, in order, with paths."""
+TRACED = "trace=fsync,fdatasync,syncfs,rename,renameat,renameat2,sync_file_range"
+
+
+def traced_spans(argv, input_text, tmp_path):
+    """Run a tool under strace; its successful fsync/syncfs/rename/sync_file_range calls
+    with paths, in the order they started, as (call, start, end): where the call started
+    and returned in the order of all the calls' starts and ends."""
     log = tmp_path / "strace.log"
-    subprocess.run(["strace", "-f", "-y", "-qq", "-e", "trace=fsync,fdatasync,syncfs,rename,renameat,"
-                    "renameat2", "-o", str(log), *argv], input=input_text, text=True, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+    subprocess.run(["strace", "-f", "-y", "-qq", "-e", TRACED, "-o", str(log), *argv], input=input_text,
+                   text=True, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
     # With -f, a call another thread interrupts is logged as "<unfinished ...>" with its
-    # arguments, then "<... resumed>": keep where each call starts (with its arguments).
-    calls = []
-    for line in log.read_text().splitlines():
-        call = line.split(None, 1)[1]
-        if call.endswith("<unfinished ...>") or (re.search(r"= 0$", call) and not call.startswith("<...")):
-            calls.append(call)
-    return calls
+    # arguments, then "<... resumed>" with its result.
+    spans, pending = [], {}
+    for event, line in enumerate(log.read_text().splitlines()):
+        pid, call = line.split(None, 1)
+        if call.endswith("<unfinished ...>"):
+            pending[pid] = (call, event)
+        elif call.startswith("<..."):
+            started = pending.pop(pid, None)
+            if started is not None and re.search(r"= 0$", call):
+                spans.append((started[0], started[1], event))
+        elif re.search(r"= 0$", call):
+            spans.append((call, event, event))
+    return sorted(spans, key=lambda span: span[1])
+
+
+def traced(argv, input_text, tmp_path):
+    """Run a tool under strace; its fsync/syncfs/rename/sync_file_range calls, in the
+    order they started, with paths."""
+    return [call for call, _, _ in traced_spans(argv, input_text, tmp_path)]
 
 
 def index_of(calls, pattern):
@@ -275,8 +294,119 @@ def test_an_overlay_dir_is_synced_before_its_rename_and_its_parent_after(fault_p
                           input=plan_text(fault_proxy.url, image, workdir), text=True, check=True,
                           capture_output=True).stdout
     layer_hex = image.layers[1].digest.split(":")[1]
-    calls = traced([sys.executable, os.path.join(BIN, "tosi-unpack"), "--workdir", workdir], plan, tmp_path)
-    synced = index_of(calls, rf"^syncfs\(\d+<[^>]*/overlays/\.tmp-{layer_hex}-")
+    spans = traced_spans([sys.executable, os.path.join(BIN, "tosi-unpack"), "--workdir", workdir], plan, tmp_path)
+    # Its last own writes: the records beside it, made after its files.
+    written = max(end for call, _, end in spans
+                  if re.search(rf"^rename(at2?)?\(.*/overlays/{layer_hex}\.(diffid|implicit)\"", call))
+    published = next(start for call, start, _ in spans
+                     if re.search(rf"^rename(at2?)?\(.*\.tmp-{layer_hex}-.*/overlays/{layer_hex}\"", call))
+    # A syncfs of the overlays' filesystem, in whichever thread (layers that finish
+    # together share one), that started after those writes and returned before the rename.
+    assert any(re.search(r"^syncfs\(\d+<[^>]*/overlays[/>]", call) and written < start and end < published
+               for call, start, end in spans), spans
+    calls = [call for call, _, _ in spans]
     rename = index_of(calls, rf"^rename(at2?)?\(.*\.tmp-{layer_hex}-.*/overlays/{layer_hex}\"")
-    parent = index_of(calls[rename:], r"^fsync\(\d+<[^>]*/overlays>[) ]") + rename
-    assert synced < rename < parent
+    index_of(calls[rename:], r"^fsync\(\d+<[^>]*/overlays>[) ]")
+
+
+def test_a_blob_goes_to_disk_while_it_arrives_not_all_at_its_fsync(tool, pusher, repo_name, registry, workdir,
+                                                                   tmp_path):
+    # The fsync before the rename must not find the whole blob still to write: the disk
+    # is started on every WRITEBACK_STEP bytes as they arrive (a cold pull's durability
+    # cost, issue 11).
+    step = blobs.WRITEBACK_STEP
+    layer = make_layer([file_entry("big", os.urandom(3 * step))], compression=None)
+    image = pusher.push_image(repo_name, "v1", [layer])
+    layer_hex = layer.digest.split(":")[1]
+    calls = traced([sys.executable, os.path.join(BIN, "tosi-fetch"), "--workdir", workdir],
+                   plan_text(registry.url, image, workdir), tmp_path)
+    started = [call for call in calls
+               if re.search(rf"^sync_file_range\(\d+<[^>]*/layers/{layer_hex}\.partial>", call)]
+    ranges = [tuple(map(int, re.search(r">, (\d+), (\d+), SYNC_FILE_RANGE_WRITE\)", call).groups()))
+              for call in started]
+    # Each step of the blob as it was written, in order; the fsync is left the last one.
+    assert [offset for offset, _ in ranges] == [0, *itertools.accumulate(n for _, n in ranges[:-1])]
+    assert all(n >= step for _, n in ranges)
+    assert 0 <= len(layer.data) - sum(n for _, n in ranges) < step
+    assert calls.index(started[-1]) < index_of(calls, rf"^fsync\(\d+<[^>]*/layers/{layer_hex}\.partial>")
+
+
+def test_a_big_file_of_an_overlay_layer_goes_to_disk_while_it_is_extracted(pusher, repo_name, registry,
+                                                                          workdir, tmp_path):
+    step = blobs.WRITEBACK_STEP
+    layer = make_layer([file_entry("big", os.urandom(2 * step + 100_000))], compression=None)
+    image = pusher.push_image(repo_name, "v1", [layer])
+    plan = subprocess.run([sys.executable, os.path.join(BIN, "tosi-fetch"), "--workdir", workdir],
+                          input=plan_text(registry.url, image, workdir), text=True, check=True,
+                          capture_output=True).stdout
+    layer_hex = layer.digest.split(":")[1]
+    calls = traced([sys.executable, os.path.join(BIN, "tosi-unpack"), "--workdir", workdir], plan, tmp_path)
+    started = [call for call in calls
+               if re.search(rf"^sync_file_range\(\d+<[^>]*/overlays/\.tmp-{layer_hex}-[^/>]*/big>", call)]
+    assert len(started) == 2
+    synced = index_of(calls, r"^syncfs\(")
+    assert calls.index(started[-1]) < synced
+
+
+# ---------------------------------------------------------------- how syncs are shared
+
+def test_a_sync_asked_for_while_one_runs_waits_for_the_next_and_shares_it(monkeypatch, tmp_path):
+    # Layers finishing together pay for one syncfs, but none is satisfied by a syncfs
+    # that started before it asked: that one may have missed its last writes.
+    gate, started = threading.Event(), []
+
+    def slow_syncfs(fd, path):
+        started.append(threading.current_thread().name)
+        if len(started) == 1:
+            gate.wait(10)
+
+    monkeypatch.setattr(cache, "_syncfs_fd", slow_syncfs)
+    first = threading.Thread(target=cache.sync_filesystem, args=(str(tmp_path),), name="first")
+    first.start()
+    deadline = time.monotonic() + 10
+    while not started and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert started == ["first"]
+    later = [threading.Thread(target=cache.sync_filesystem, args=(str(tmp_path),), name=f"later{i}")
+             for i in range(3)]
+    for thread in later:
+        thread.start()
+    time.sleep(0.1)
+    assert started == ["first"] and all(thread.is_alive() for thread in later)
+    gate.set()
+    for thread in [first, *later]:
+        thread.join(10)
+    assert not any(thread.is_alive() for thread in [first, *later])
+    assert len(started) == 2 and started[1].startswith("later")
+
+
+def test_a_failed_sync_is_not_taken_for_done_by_those_waiting_for_it(monkeypatch, tmp_path):
+    calls = []
+
+    def failing_once(fd, path):
+        calls.append(path)
+        if len(calls) == 1:
+            raise OSError(5, "Input/output error", path)
+
+    monkeypatch.setattr(cache, "_syncfs_fd", failing_once)
+    with pytest.raises(OSError):
+        cache.sync_filesystem(str(tmp_path))
+    cache.sync_filesystem(str(tmp_path))
+    assert len(calls) == 2
+
+
+def test_writing_ahead_flushes_the_filesystem_while_held_and_stops_with_its_last_holder(monkeypatch, tmp_path):
+    synced = []
+    monkeypatch.setattr(cache, "WRITE_AHEAD_INTERVAL", 0.01)
+    monkeypatch.setattr(cache, "_syncfs_fd", lambda fd, path: synced.append(os.fstat(fd).st_dev))
+    with cache.writing_ahead(str(tmp_path)):
+        with cache.writing_ahead(str(tmp_path)):  # a second layer: the same thread
+            deadline = time.monotonic() + 10
+            while len(synced) < 3 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert [t.name for t in threading.enumerate()].count(cache.WRITE_AHEAD_THREAD) == 1
+        assert len(synced) >= 3 and set(synced) == {os.stat(tmp_path).st_dev}
+    count = len(synced)
+    assert cache.WRITE_AHEAD_THREAD not in [t.name for t in threading.enumerate()]
+    time.sleep(0.05)
+    assert len(synced) == count

@@ -15,7 +15,8 @@ downloaded again from byte 0, never resumed: at most DIGEST_RETRIES more times
 partial file does not count). Then the download fails naming the blob and what
 each attempt hashed to. The verified file is fsynced before it is renamed into
 place and its directory after, so after a power loss a blob under its final
-name is whole.
+name is whole; the disk is started on it every WRITEBACK_STEP bytes as they
+arrive, so that fsync finds little left to write.
 
 A BlobDownload can be watched while it runs (`wait_for`), so a consumer may
 read the partial file behind the writer; bytes it reads are not verified until
@@ -31,7 +32,7 @@ from typing import Any, Iterable, Optional
 from urllib.parse import urlsplit
 
 from . import space
-from .cache import Workdir, file_lock, fsync_dir, fsync_path, require_cached
+from .cache import Workdir, file_lock, fsync_dir, fsync_path, require_cached, start_writeback
 from .digest import CHUNK, DIGEST_RETRIES, Digest, VerifyingHasher, verify_file
 from .errors import (  # Cancelled: its home was here, callers still import it from here
     CacheError, Cancelled, DigestMismatch, NotFound, RegistryError, TosiError, Unreachable, quoted,
@@ -42,6 +43,8 @@ from .transport import BACKOFF_BASE, RetryPolicy, Temporary, rewrap
 log = logging.getLogger("tosi.blobs")
 
 __all__ = ["BlobDownload", "Cancelled", "DIGEST_RETRIES", "Downloader", "Restarted"]
+# The disk is started on each this many bytes of a blob as they arrive (cache.start_writeback).
+WRITEBACK_STEP = 8 << 20
 
 
 class Restarted(DigestMismatch):
@@ -365,6 +368,7 @@ class Downloader:
             out.truncate()
             with space.guard(out.fileno(), self.reserve, download.what, download.partial_path) \
                     or contextlib.nullcontext() as guard:
+                unflushed = 0  # written since the last start_writeback
                 while True:
                     if self.cancelled.is_set():
                         raise Cancelled(f"{download.what}: cancelled")
@@ -385,6 +389,10 @@ class Downloader:
                     if guard is not None:
                         guard.spend(len(chunk))
                     out.write(chunk)
+                    unflushed += len(chunk)
+                    if unflushed >= WRITEBACK_STEP:  # the file ends at hasher.count
+                        start_writeback(out.fileno(), hasher.count - unflushed, unflushed)
+                        unflushed = 0
                     download._set_written(hasher.count)
                     self.progress(download, "advance", len(chunk))
         if hasher.count < download.size:

@@ -63,6 +63,10 @@ it trusts. `atomic_write` does so for small files (its temporary name is
 `.implicit` skip its fsyncs (`durable=False`) because one syncfs of the overlay
 dir's filesystem precedes the layer's rename, and `.link` because a lost short
 name is drawn again.
+So that this costs a cold pull little (bench/sync-cost), the disk
+is put to work while the data is still being written (start_writeback for a
+blob as it arrives, writing_ahead for a layer being extracted), and layers
+that finish together share one syncfs (sync_filesystem).
 """
 
 import contextlib
@@ -70,8 +74,9 @@ import fcntl
 import os
 import secrets
 import stat
+import threading
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 from .digest import Digest
 from .errors import CacheError, PlanError, UnsafePath
@@ -131,32 +136,194 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-_syncfs: Any = None  # libc's syncfs, or False where there is none; looked up once
+_libc: Any = None
+
+
+def _libc_function(name: str, *argtypes: Any) -> Any:
+    """A libc function through ctypes (None where libc lacks it); the GIL is let go during calls."""
+    global _libc
+    if _libc is None:
+        import ctypes  # not on the warm path: only what writes to the cache syncs
+
+        _libc = ctypes.CDLL(None, use_errno=True)
+    function = getattr(_libc, name, None)
+    if function is not None:
+        function.argtypes = list(argtypes)
+    return function
+
+
+def _raise_errno(path: str) -> NoReturn:
+    import ctypes
+
+    err = ctypes.get_errno()
+    raise OSError(err, os.strerror(err), path)
+
+
+_SYNC_FILE_RANGE_WRITE = 2  # <fcntl.h>: start writeback of the range's dirty pages, do not wait
+_sync_file_range: Any = None
+
+
+def start_writeback(fd: int, offset: int = 0, length: int = 0) -> None:
+    """Start writing the dirty pages of file `fd` in [offset, offset + length) (length 0:
+    to the end) to disk, without waiting for them (sync_file_range(2), SYNC_FILE_RANGE_WRITE).
+
+    It makes nothing durable by itself: it lets the disk work while the file is still
+    being written, so that the fsync or syncfs that must come before the file is
+    published finds little left to wait for. Where libc or the filesystem cannot do
+    it, nothing happens.
+    """
+    global _sync_file_range
+    if _sync_file_range is None:
+        import ctypes
+
+        _sync_file_range = _libc_function("sync_file_range", ctypes.c_int, ctypes.c_int64,
+                                          ctypes.c_int64, ctypes.c_uint) or False
+    if _sync_file_range:
+        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)  # a failure only loses the head start
+
+
+class _FilesystemSyncs:
+    """syncfs(2) calls shared between threads: a thread that asks while a syncfs of the
+    same filesystem is running waits for it to end, then for the next one, which it
+    shares with every thread that asked meanwhile. A syncfs flushes what was written
+    before it started, so each caller gets one that started after it asked; layers
+    that finish together pay for one flush, not one each."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._running: set[int] = set()  # st_dev of the filesystems being synced
+        self._started: dict[int, int] = {}  # st_dev -> how many syncfs calls were started
+        self._done: dict[int, int] = {}  # st_dev -> the number of the last one that succeeded
+
+    def sync(self, path: str) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            dev = os.fstat(fd).st_dev
+            with self._cond:
+                needed = self._started.get(dev, 0) + 1  # the first to start after this call
+                while dev in self._running:
+                    self._cond.wait()
+                if self._done.get(dev, 0) >= needed:
+                    return
+                self._running.add(dev)
+                number = self._started[dev] = self._started.get(dev, 0) + 1
+            ok = False
+            try:
+                _syncfs_fd(fd, path)
+                ok = True
+            finally:
+                with self._cond:
+                    self._running.discard(dev)
+                    if ok:
+                        self._done[dev] = number
+                    self._cond.notify_all()
+        finally:
+            os.close(fd)
+
+
+_syncfs: Any = None
+
+
+def _syncfs_fd(fd: int, path: str) -> None:
+    global _syncfs
+    if _syncfs is None:
+        import ctypes
+
+        _syncfs = _libc_function("syncfs", ctypes.c_int) or False
+    if not _syncfs:
+        os.fsync(fd)
+    elif _syncfs(fd) != 0:
+        _raise_errno(path)
+
+
+_filesystem_syncs = _FilesystemSyncs()
 
 
 def sync_filesystem(path: str) -> None:
     """Flush every dirty file of the filesystem holding `path` (syncfs(2)): one call for
-    the thousands of files of an extracted layer, instead of one fsync each. Falls back
-    to fsyncing `path` alone where libc has no syncfs."""
-    global _syncfs
-    if _syncfs is None:
-        import ctypes  # not on the warm path: only an extraction syncs
+    the thousands of files of an extracted layer, instead of one fsync each, and one
+    for the layers of a pull that finish together (_FilesystemSyncs). Falls back to
+    fsyncing `path` alone where libc has no syncfs."""
+    _filesystem_syncs.sync(path)
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        _syncfs = getattr(libc, "syncfs", False)
-        if _syncfs:
-            _syncfs.argtypes = [ctypes.c_int]
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+WRITE_AHEAD_INTERVAL = 0.25  # seconds between two syncfs of writing_ahead
+
+
+WRITE_AHEAD_THREAD = "tosi-writeahead"  # also its name for the kernel (top -H, bench/sync-cost)
+
+
+class _WriteAhead:
+    """The thread of writing_ahead for one filesystem (it owns `fd`, a directory there),
+    and how many callers hold it."""
+
+    def __init__(self, fd: int, path: str) -> None:
+        self.fd, self.path, self.holders = fd, path, 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=WRITE_AHEAD_THREAD, daemon=True)
+
+    def _run(self) -> None:
+        _name_thread(WRITE_AHEAD_THREAD.encode())
+        try:
+            # Not through _FilesystemSyncs: nobody waits for these, and a sync before a
+            # publish must not wait for one that started before it was asked for.
+            while not self.stop.wait(WRITE_AHEAD_INTERVAL):
+                _syncfs_fd(self.fd, self.path)
+        except OSError:
+            pass  # only a head start is lost: the sync before publishing reports the error
+        finally:
+            os.close(self.fd)
+
+
+def _name_thread(name: bytes) -> None:
+    """Give the calling thread a name the kernel shows (prctl PR_SET_NAME, 15 bytes)."""
+    import ctypes
+
+    prctl = _libc_function("prctl", ctypes.c_int, ctypes.c_char_p)
+    if prctl is not None:
+        prctl(15, name[:15])
+
+
+_write_aheads: dict[int, _WriteAhead] = {}  # st_dev -> _WriteAhead
+_write_aheads_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def writing_ahead(path: str) -> Iterator[None]:
+    """While held, a thread flushes the filesystem holding directory `path` every
+    WRITE_AHEAD_INTERVAL (syncfs), so that what is being written there (the thousands of
+    files of a layer being extracted) goes to disk while more is written, and the syncfs
+    before it is published waits for the last fraction of a second's writes only. The
+    kernel writes a batch of files at a time in one go, much cheaper than a start per
+    file. Callers in other threads share one thread per filesystem."""
+    fd: int | None = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    assert fd is not None
     try:
-        if not _syncfs:
-            os.fsync(fd)
-        elif _syncfs(fd) != 0:
-            import ctypes
-
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), path)
+        dev = os.fstat(fd).st_dev
+        with _write_aheads_lock:
+            ahead = _write_aheads.get(dev)
+            if ahead is None:
+                ahead = _WriteAhead(fd, path)
+                ahead.thread.start()
+                fd = None  # the thread's now
+                _write_aheads[dev] = ahead
+            ahead.holders += 1
     finally:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
+    try:
+        yield
+    finally:
+        with _write_aheads_lock:
+            ahead.holders -= 1
+            last = ahead.holders == 0
+            if last:
+                del _write_aheads[dev]
+                ahead.stop.set()
+        if last:
+            # A syncfs under way makes progress on what the caller syncs next anyway; once
+            # joined, the thread holds nothing open on the filesystem (it can be unmounted).
+            ahead.thread.join()
 
 
 @contextlib.contextmanager

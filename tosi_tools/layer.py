@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from . import filewriter, overlay, saferoot, space, tarstream
+from .cache import start_writeback
 from .compression import open_layer
 from .digest import Digest
 from .errors import DigestMismatch, UnpackError, UnsafeEntry, quoted
@@ -65,6 +66,8 @@ DEFAULT_MAX_LAYER_ENTRIES = 10_000_000
 # writes 1 KiB. The diffID covers it all, so it must be read; past this it is refused.
 MAX_TRAILING_BYTES = 1 << 20
 _COPY_STEP = 1 << 20  # a file's data is charged to the free-space guard in steps of this
+# Overlay mode: the disk is started on a big file's data every this many bytes (cache.start_writeback).
+_WRITEBACK_STEP = 8 << 20
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _DIR_FLAGS = saferoot.DIR_FLAGS
 _NODE_TYPES = {tarstream.CHR: stat.S_IFCHR, tarstream.BLK: stat.S_IFBLK, tarstream.FIFO: stat.S_IFIFO}
@@ -233,6 +236,10 @@ class Layout:
         """LayerStats.whiteout_dirs, once the layer is applied."""
         return None
 
+    def write_behind(self, fd: int, written: int) -> None:
+        """`written` more bytes of a big file's data went to `fd`. A flat target is not
+        synced: its writeback is left to the kernel."""
+
 
 class FlatLayout(Layout):
     """The layer applied on top of what the root holds (bottom layer first):
@@ -366,6 +373,16 @@ class OverlayLayout(Layout):
         self.parents: set[tuple] = set()
         self.new_dirs: set[tuple] = set()
         self.note_parent = self.parents.add
+        self.unflushed = 0  # bytes written since write_behind last started writeback
+
+    def write_behind(self, fd: int, written: int) -> None:
+        """Start the disk on a big file's data every _WRITEBACK_STEP bytes as they are
+        written, so that the syncfs before the layer is published finds little left
+        (the many small files: cache.writing_ahead)."""
+        self.unflushed += written
+        if self.unflushed >= _WRITEBACK_STEP:
+            self.unflushed = 0
+            start_writeback(fd)
 
     def delete(self, applier: _Applier, name: str, target: tuple) -> None:
         dir_fd, base, canonical = applier.place(target, name)
@@ -785,6 +802,7 @@ class _Applier:
                 self.spend(step)
                 tar.copy_to(fd, step)
                 n -= step
+                self.write_behind(fd, step)
         if member.sparse is not None:
             def write(fd):
                 for offset, size in member.sparse:
@@ -816,6 +834,9 @@ class _Applier:
             os.utime(fd, ns=(t, t))
         finally:
             os.close(fd)
+
+    def write_behind(self, fd: int, written: int) -> None:
+        self.layout.write_behind(fd, written)
 
     def file_fixes(self, dir_fd, canonical, member):
         """(fchown?, fchmod?) for a new file in `dir_fd`."""

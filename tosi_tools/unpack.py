@@ -36,7 +36,7 @@ from collections import deque
 
 from . import ownership, saferoot
 from .cache import (
-    Workdir, atomic_write, file_lock, fsync_dir, require_cached, sync_filesystem, workdir_for,
+    Workdir, atomic_write, file_lock, fsync_dir, require_cached, sync_filesystem, workdir_for, writing_ahead,
 )
 from .digest import Digest
 from .errors import (
@@ -437,7 +437,7 @@ def extract_layer_to_overlay(workdir, layer_record, stream=None, limits=None, op
             os.chmod(tmp, 0o755)  # whatever the umask: the layer's "./" entry, if any, decides
             try:
                 started = time.monotonic()
-                with _open_blob(workdir, layer_record, stream, open_stream) as blob:
+                with writing_ahead(tmp), _open_blob(workdir, layer_record, stream, open_stream) as blob:
                     stats = layer_mod.apply_layer(tmp, blob, layer_record.media_type, layer_mod.OVERLAY,
                                                   layer_record.name, limits, layer_record.diff_id)
                 atomic_write(workdir.diffid_path(digest), stats.diff_id, durable=False)
