@@ -67,8 +67,9 @@ def assert_measured_if_installed(rows, tools, images):
 
 # ---------------------------------------------------------------- bench/run
 
-def test_bench_run_quick_takes_under_a_minute(bench_run):
-    assert bench_run.seconds < 60
+def test_bench_run_quick_stays_a_quick_variant(bench_run):
+    # About 40 s on a quiet machine, 60-100 s under a loaded CI; a full run takes many minutes.
+    assert bench_run.seconds < 300
 
 
 def test_bench_run_quick_builds_the_three_images(bench_run):

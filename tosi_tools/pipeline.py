@@ -144,8 +144,11 @@ def _with_extract_state(exc, target, applied, total, created_target):
             os.rmdir(target)  # only if still empty: nothing of the image is in it
         if not os.path.lexists(target):
             return type(exc)(str(exc))
-    return type(exc)(f"{exc}; {target} is partially extracted ({applied} of {total} layers "
-                     "applied); remove it")
+    # Worded as unpack words its own failures: which of them reports it is a race.
+    if applied == 0:
+        return type(exc)(f"{exc}; {target} is partially extracted (no layer applied completely); remove it")
+    last = f"0-{applied - 1}" if applied > 1 else "0"
+    return type(exc)(f"{exc}; {target} is partially extracted (layers {last} applied); remove it")
 
 
 def pull(options: PullOptions,
