@@ -13,7 +13,7 @@ import stat
 
 from . import chain, overlay, ownership, saferoot
 from .cache import DEFAULT_WORKDIR, Workdir, require_cached, workdir_for
-from .errors import MountError, PlanError, UnsafePath, UsageError, quoted
+from .errors import MountError, PlanError, UnsafePath, UsageError, flag, for_command, quoted
 from .plan import LayerRecord, check_cache_paths
 
 log = logging.getLogger("tosi.mount")
@@ -509,8 +509,9 @@ def _check_mount_point(target):
 
 def _require_privilege():
     if not overlay.has_mount_privilege():
-        raise MountError("mounting overlayfs needs root (CAP_SYS_ADMIN); run tosi-mount "
-                         "as root, or unpack a flat tree with tosi-unpack --into instead")
+        raise MountError("mounting overlayfs needs root (CAP_SYS_ADMIN); " + for_command(
+            "run tosi-mount as root, or unpack a flat tree with tosi-unpack --into instead",
+            "run tosi as root, or extract a flat tree with -extractto instead"))
 
 
 # ---------------------------------------------------------------- mount options
@@ -535,7 +536,7 @@ def parse_mount_options(texts):
             if not name:
                 continue
             if name in ("ro", "rw"):
-                raise UsageError(f"mount option {name!r}: use --read-only (tosi: -read-only) "
+                raise UsageError(f"mount option {name!r}: use {flag('read-only')} "
                                  "for a read-only mount")
             if name not in _OPTIONS:
                 raise UsageError(f"unknown mount option {name!r}; known: {', '.join(_OPTIONS)}")
@@ -580,8 +581,12 @@ def check_mountable(target, read_only=False, keep_upper=False, mount_options=())
     _check_side_dirs(target, upper, work)
     if os.path.lexists(upper) and not _is_empty_dir(upper) and not keep_upper:
         raise MountError(
-            f"{upper} holds the changes of an earlier mount; mount with them with "
-            f"tosi-mount --keep-upper, or discard them with tosi-mount --unmount --clean {target}")
+            f"{upper} holds the changes of an earlier mount; " + for_command(
+                f"mount with them with tosi-mount --keep-upper, or discard them with "
+                f"tosi-mount --unmount --clean {target}",
+                f"tosi does not mount over them: mount with -read-only, or choose another "
+                f"mount point, or discard them with tosi-mount --unmount --clean {target} "
+                "(tosi-mount --keep-upper mounts with them)"))
 
 
 def mount_image(image, layers, target, overlaydir=None, workdir=None, read_only=False,

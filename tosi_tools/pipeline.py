@@ -72,7 +72,7 @@ def preflight(options: PullOptions) -> Optional[Platform]:
     if options.extract_to and options.mount:
         raise UsageError("-extractto and -mount are mutually exclusive")
     if options.extract_to:
-        unpack.check_into_target(options.extract_to, flag="-extractto")
+        unpack.check_into_target(options.extract_to, "-extractto")
     elif options.keep_root_mode:
         raise UsageError("-keep-root-mode goes with -extractto")
     if options.mount:

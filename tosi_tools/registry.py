@@ -29,7 +29,7 @@ from typing import Any, Mapping, Optional, Protocol
 from urllib.parse import urljoin, urlsplit
 
 from .auth import Credentials, TokenCache, parse_challenge
-from .errors import NotFound, RegistryError, TosiError, Unauthorized
+from .errors import NotFound, RegistryError, TosiError, Unauthorized, flag
 from .keychain import Keychain, TLSConfig
 from .transport import (
     DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT, BodyStream, RetryPolicy, Temporary, Transport,
@@ -78,10 +78,10 @@ def basic_refusal(url: str, allow_insecure: bool = False, tls_verified: bool = T
         return None
     if parts.scheme != "https":
         return f"credentials are not sent over plain http to {parts.netloc}, which is not " \
-            "on loopback (use --insecure to allow it)"
+            f"on loopback (use {flag('insecure')} to allow it)"
     if not tls_verified:
         return f"credentials are not sent to {parts.netloc} over TLS that is not verified " \
-            "(use --insecure to allow it)"
+            f"(use {flag('insecure')} to allow it)"
     return None
 
 class RangeRefused(RegistryError):
@@ -288,7 +288,7 @@ class RegistryClient:
                     raise Unauthorized(f"{self._host}: authentication required; {self.withheld}",
                                        status=401)
                 if not self.credentials:
-                    raise Unauthorized(f"{self._host}: authentication required (use --username)",
+                    raise Unauthorized(f"{self._host}: authentication required (use {flag('username')})",
                                        status=401)
                 refusal = self._basic_refusal(url)
                 if refusal:
@@ -311,7 +311,7 @@ class RegistryClient:
             if self.withheld:
                 text += f" ({self.withheld})"
             elif not self.credentials:
-                text += " (no credentials were given: use --username)"
+                text += f" (no credentials were given: use {flag('username')})"
             raise Unauthorized(text, status=resp.status_code, code=code)
         raise RegistryError(text, status=resp.status_code, code=code)
 

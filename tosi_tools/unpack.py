@@ -41,7 +41,7 @@ from .cache import (
 from .digest import Digest
 from .errors import (
     CacheError, DigestMismatch, QuarantinedBlob, TosiError, UnpackError, UnsafeEntry, UnsafePath,
-    UsageError,
+    UsageError, flag,
 )
 from .plan import ImageRecord, LayerRecord, check_cache_paths
 
@@ -126,27 +126,28 @@ def _check_cached_blob(workdir, record, path, error):
 
 # ---------------------------------------------------------------- --into
 
-def check_into_target(target, flag="--into"):
+def check_into_target(target, flag_name=None):
     """UsageError unless `target` is absent or an empty directory of ours, below
     directories nobody else can swap it in (nothing is touched); UnsafePath for a
     symlink, a directory of another user's, or a parent others can write."""
-    ownership.require_safe_ancestors(target, f"{flag} target")
+    flag_name = flag_name or flag("into")
+    ownership.require_safe_ancestors(target, f"{flag_name} target")
     try:
         st = os.lstat(target)
     except FileNotFoundError:
         return
     if stat.S_ISLNK(st.st_mode):
-        raise UnsafePath(f"{flag} {target}: is a symlink; tosi does not follow it (another "
+        raise UnsafePath(f"{flag_name} {target}: is a symlink; tosi does not follow it (another "
                          "user may have made it): remove it, or name a real directory",
                          path=target)
     if not stat.S_ISDIR(st.st_mode):
-        raise UsageError(f"{flag} {target}: exists and is not a directory")
+        raise UsageError(f"{flag_name} {target}: exists and is not a directory")
     if st.st_uid != os.geteuid():
-        raise UnsafePath(f"{flag} {target}: is owned by uid {st.st_uid}, not by uid "
+        raise UnsafePath(f"{flag_name} {target}: is owned by uid {st.st_uid}, not by uid "
                          f"{os.geteuid()} (another user may have made it): remove it, or "
                          "choose another directory", path=target)
     if os.listdir(target):
-        raise UsageError(f"{flag} {target}: directory is not empty")
+        raise UsageError(f"{flag_name} {target}: directory is not empty")
 
 
 def _open_into_target(target, umask):
@@ -164,14 +165,14 @@ def _open_into_target(target, umask):
     try:
         st = os.fstat(root.fd)
         if st.st_uid != os.geteuid():
-            raise UnsafePath(f"--into {target}: is owned by uid {st.st_uid}, not by uid "
+            raise UnsafePath(f"{flag('into')} {target}: is owned by uid {st.st_uid}, not by uid "
                              f"{os.geteuid()}; remove it, or choose another directory",
                              path=target)
         os.fchmod(root.fd, 0o700)
         if default is None:
             default = stat.S_IMODE(st.st_mode)
             if os.listdir(root.fd):  # filled between the check and the chmod
-                raise UsageError(f"--into {target}: directory is not empty")
+                raise UsageError(f"{flag('into')} {target}: directory is not empty")
     except BaseException:
         root.close()
         raise
@@ -193,8 +194,8 @@ def _finish_root(root, target, mode, setuid_files, devices, keep_root_mode):
     if (not keep_root_mode and (setuid_files or devices) and mode & 0o011
             and ownership.reachable_by_others(os.path.dirname(target))):
         log.warning("%s is reachable by other users and received %s: it stays 0700 instead "
-                    "of the image's %04o; --keep-root-mode (tosi: -keep-root-mode) gives it "
-                    "the image's mode", target, _dangerous(setuid_files, devices), mode)
+                    "of the image's %04o; %s gives it the image's mode", target,
+                    _dangerous(setuid_files, devices), mode, flag("keep-root-mode"))
         return
     os.fchmod(root.fd, mode)
 
