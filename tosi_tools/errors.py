@@ -57,6 +57,11 @@ def for_command(stage: str, tosi: str) -> str:
     return tosi if umbrella() else stage
 
 
+def counted(count: int, word: str, plural: str | None = None) -> str:
+    """"1 layer", "2 layers": a count and its noun, for messages and logs."""
+    return f"{count} {word if count == 1 else plural or word + 's'}"
+
+
 class TosiError(Exception):
     """Base of every error the library raises on purpose."""
 

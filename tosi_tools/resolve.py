@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional
 from .auth import Credentials, TokenCache
 from .cache import Workdir, atomic_write, file_lock
 from .digest import DIGEST_RETRIES, Digest, VerifyingHasher, digest_of, verify_file
-from .errors import DigestMismatch, ManifestError, NoMatchingPlatform, UsageError, quoted
+from .errors import DigestMismatch, ManifestError, NoMatchingPlatform, UsageError, counted, quoted
 from .keychain import Keychain
 from .manifest import (
     ACCEPT, INDEX_TYPES, MAX_CONFIG_SIZE, MAX_MANIFEST_SIZE, SCHEMA1_TYPES, config_platform,
@@ -386,7 +386,8 @@ class Resolver:
             LayerRecord(new_layer_record(i, descriptor, diffID=ids[i] if ids else None))
             for i, descriptor in enumerate(manifest.layers)
         ]
-        log.info("%s: %s for %s, %d layers", ref, digest, platform or "an unnamed platform", len(layers))
+        log.info("%s: %s for %s, %s", ref, digest, platform or "an unnamed platform",
+                 counted(len(layers), "layer"))
         return image, layers
 
 

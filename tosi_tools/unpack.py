@@ -40,8 +40,8 @@ from .cache import (
 )
 from .digest import Digest
 from .errors import (
-    CacheError, DigestMismatch, QuarantinedBlob, TosiError, UnpackError, UnsafeEntry, UnsafePath,
-    UsageError, flag,
+    CacheError, DigestMismatch, QuarantinedBlob, TosiError, UnpackError, UnsafeEntry, UnsafePath, counted,
+    ReserveReached, UsageError, flag, for_command,
 )
 from .plan import ImageRecord, LayerRecord, check_cache_paths
 
@@ -83,7 +83,7 @@ def _open_blob(workdir, record, stream, open_stream=None):
         except (UnpackError, DigestMismatch) as exc:
             # A stream of a blob that was already cached is the cached file's bytes.
             cached = getattr(stream, "cached_path", lambda: None)()
-            if cached is not None and not isinstance(exc, UnsafeEntry):
+            if cached is not None and not isinstance(exc, (UnsafeEntry, ReserveReached)):
                 _check_cached_blob(workdir, record, cached, exc)
             raise
         return
@@ -94,7 +94,7 @@ def _open_blob(workdir, record, stream, open_stream=None):
         try:
             yield f
         except (UnpackError, DigestMismatch) as exc:
-            if not isinstance(exc, UnsafeEntry):
+            if not isinstance(exc, (UnsafeEntry, ReserveReached)):
                 _check_cached_blob(workdir, record, path, exc)
             raise
 
@@ -102,7 +102,8 @@ def _open_blob(workdir, record, stream, open_stream=None):
 def _check_cached_blob(workdir, record, path, error):
     """A cached blob failed to decompress or to match its diffID: if it does not match its
     own digest either (bit rot, a crash before fsync), move it to the quarantine and raise
-    QuarantinedBlob, so that fetching it again may fix it. Else the layer is bad as published."""
+    QuarantinedBlob, so that fetching it again may fix it, saying how. Else the layer is bad
+    as published: `error` says so."""
     from .digest import verify_file
 
     what = f"cached blob of layer {record.name}"
@@ -115,13 +116,19 @@ def _check_cached_blob(workdir, record, path, error):
                 verify_file(path, digest, record.size, what)
             except DigestMismatch as mismatch:
                 if not in_cache:
-                    raise QuarantinedBlob(f"{error}; {mismatch}") from error
+                    raise QuarantinedBlob(f"{error}; {mismatch} (not a blob of the workdir's "
+                                          "cache: fetch the plan again)") from error
                 moved = workdir.quarantine_blob(path)
-                raise QuarantinedBlob(f"{error}; {mismatch}: moved to {moved}, "
-                                      "to be fetched again") from error
+                raise QuarantinedBlob(f"{error}; {mismatch}: moved to {moved}, to be fetched again "
+                                      + for_command("(run tosi-fetch on the plan again; tosi-verify "
+                                                    "checks its other cached blobs)",
+                                                    "(-validate-cache checks every cached blob "
+                                                    "before use)")) from error
     except (OSError, UsageError):
         return
-    log.info("layer %s: the cached blob matches its digest: the layer itself is bad", record.name)
+    # The bytes are the ones the registry serves: fetching them again cannot help.
+    error.args = (f"{error} (the cached blob matches its digest: the layer is bad as the "
+                  "registry serves it)",)
 
 
 # ---------------------------------------------------------------- --into
@@ -284,8 +291,9 @@ def _saying(exc, more):
 
 
 def _log_stats(what, record, stats, started):
-    log.info("layer %s: %s %d entries, %d bytes of data in %.2fs", record.name, what,
-             stats.entries, stats.bytes, time.monotonic() - started)
+    log.info("layer %s: %s %s, %s of data in %.2fs", record.name, what,
+             counted(stats.entries, "entry", "entries"), counted(stats.bytes, "byte"),
+             time.monotonic() - started)
 
 
 def _os_error(exc):
