@@ -57,6 +57,7 @@ class Resolver:
         self.client = None
         self._endpoint: Optional[str] = None
         self._endpoint_guessed = False  # remembered, not probed: dropped before a client uses it
+        self._probed: Optional[str] = None  # the endpoint a probe found, not yet remembered
         self._registry_host: Optional[str] = None
         self._repository: Optional[str] = None
 
@@ -77,8 +78,21 @@ class Resolver:
     def _detect_endpoint(self, probe=True):
         from .transport import detect_endpoint
 
-        return detect_endpoint(self._registry_host, self.insecure, probe=probe,
-                               scheme_file=self.workdir.scheme_path(self._registry_host))
+        endpoint = detect_endpoint(self._registry_host, self.insecure, probe=probe, remember=False,
+                                   scheme_file=self.workdir.scheme_path(self._registry_host))
+        if probe:
+            self._probed = endpoint  # remembered once the registry answered (resolve)
+        return endpoint
+
+    def _remember_probed_scheme(self):
+        """Keep the scheme a probe found in the workdir (transport.remember_scheme), now
+        that the registry answered on it: a failed lookup leaves nothing behind."""
+        if self._probed is not None and self._probed.rstrip("/") == self._endpoint:
+            from .transport import remember_scheme
+
+            remember_scheme(self.workdir.scheme_path(self._registry_host), self._registry_host,
+                            self._probed, self.insecure)
+        self._probed = None
 
     def _registry(self):
         if self._endpoint is None or self._endpoint_guessed:
@@ -111,8 +125,10 @@ class Resolver:
 
     def _send(self, method, ref, path, headers=None, stream=False):
         """One request under the transport's retry policy (RegistryClient.request)."""
-        return self._registry().request(method, path, repository=ref.repository, headers=headers,
+        resp = self._registry().request(method, path, repository=ref.repository, headers=headers,
                                         stream=stream)
+        self._remember_probed_scheme()  # the registry answered on it
+        return resp
 
     def _get(self, ref, path, what, headers=None):
         """A streamed 200 response for `path`, or the typed error for what the registry said."""
@@ -168,6 +184,8 @@ class Resolver:
         answer = quick_head(self._endpoint, manifest_url(ref.repository, ref.tag),
                             {"Accept": ACCEPT}, tls=self.tls)
         status, headers = answer or (None, None)
+        if answer is not None:
+            self._remember_probed_scheme()
         if status == 401:  # later runs go straight to the client, which has the token flow
             atomic_write(challenged, b"")
         if status != 200:
@@ -318,6 +336,7 @@ class Resolver:
         # reference needs none, a warm tag takes the remembered scheme for its HEAD.
         self._endpoint = endpoint.rstrip("/") if endpoint else None
         self._endpoint_guessed = False
+        self._probed = None
         wanted = self.platform or host_platform()
 
         top_data, top, top_digest = self._top_manifest(ref)

@@ -26,7 +26,6 @@ layer is applied: a run that only reuses extracted layers never needs it.
 import concurrent.futures
 import contextlib
 import itertools
-import fcntl
 import logging
 import os
 import secrets
@@ -413,15 +412,11 @@ def remove_abandoned_temps(workdir):
     for lock, path in workdir.overlay_temps():
         by_lock.setdefault(lock, []).append(path)
     for lock, paths in by_lock.items():
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # a live run is extracting that layer
-            _remove_stale_temps(paths)
-        finally:
-            os.close(fd)
+            with file_lock(lock, wait=False):
+                _remove_stale_temps(paths)
+        except BlockingIOError:
+            continue  # a live run is extracting that layer
 
 
 def extract_layer_to_overlay(workdir, layer_record, stream=None, limits=None, open_stream=None):
