@@ -25,6 +25,7 @@ import json
 import logging
 import re
 import threading
+from collections.abc import Iterator
 from typing import Any, Mapping, Optional, Protocol
 from urllib.parse import urljoin, urlsplit
 
@@ -54,6 +55,16 @@ def blob_url(repository: str, digest: str) -> str:
 def manifest_url(repository: str, reference: str) -> str:
     """The URL of a manifest (by tag or digest), relative to the registry's endpoint."""
     return f"/v2/{repository}/manifests/{reference}"
+
+
+def tags_url(repository: str, page_size: Optional[int] = None) -> str:
+    """The URL of a repository's tag list (its first page of `page_size` tags, else of
+    the registry's own size), relative to the registry's endpoint."""
+    return f"/v2/{repository}/tags/list" + (f"?n={page_size}" if page_size else "")
+
+
+MAX_TAGS_PAGE = 4 << 20  # bytes of one tags/list answer
+MAX_TAGS_PAGES = 10_000  # pages followed, so a registry whose "next" never ends cannot hold us
 
 
 def serves(endpoint: str, registry: str) -> bool:
@@ -399,6 +410,37 @@ class RegistryClient:
 
     def manifest_url(self, repository: str, reference: str) -> str:
         return manifest_url(repository, reference)
+
+    def list_tags(self, repository: str, page_size: Optional[int] = None) -> Iterator[str]:
+        """Yield the repository's tags, page after page: the distribution API's
+        /v2/<name>/tags/list (?n= for the page size), following each answer's Link
+        header (rel="next") while it stays on the registry's own origin."""
+        what = f"{self._host}: tags of {repository}"
+        path: Optional[str] = tags_url(repository, page_size)
+        seen: set[str] = set()
+        while path is not None and len(seen) < MAX_TAGS_PAGES:
+            seen.add(path)
+            resp = self.request("GET", path, repository=repository, stream=True)
+            with resp:
+                self.check(resp, what)
+                body = self.read_limited(resp, MAX_TAGS_PAGE, what, too_large=RegistryError)
+                following = resp.links.get("next", {}).get("url")
+            try:
+                tags = json.loads(body).get("tags") or []
+            except (ValueError, AttributeError):
+                raise RegistryError(f"{what}: the answer is not a tag list") from None
+            if not isinstance(tags, list) or not all(isinstance(tag, str) for tag in tags):
+                raise RegistryError(f"{what}: the answer is not a tag list")
+            yield from tags
+            path = None
+            if following:
+                url = self.url(following)
+                if not self.same_host(url):
+                    raise RegistryError(f"{what}: the next page is on another host ({urlsplit(url).netloc})")
+                parts = urlsplit(url)
+                path = parts.path + (f"?{parts.query}" if parts.query else "")
+                if path in seen:
+                    path = None  # a "next" page already read: the list is over
 
     def close(self) -> None:
         self.transport.close()
