@@ -2,7 +2,7 @@
 
     <workdir>/layers/<hex>            layer blobs exactly as the registry served them
     <workdir>/layers/<hex>.partial    a download in progress (resumed by the next run)
-    <workdir>/layers/<hex>.lock       per-blob lock shared by concurrent processes
+    <workdir>/layers/<hex>.lock       per-blob lock shared by processes, there while held
     <workdir>/configs/<algo>:<hex>    raw image config blobs (.partial, .lock beside them too)
     <workdir>/configs/v2:<algo>:<hex> the config's "config" object (what -saveconfig writes)
     <workdir>/manifests/<registry>/<repository>/<algo>:<hex>  raw manifest and index bytes
@@ -15,7 +15,7 @@
     <workdir>/overlays/<hex>.implicit the directories of that layer no entry names (NUL-separated,
                                       "." the root), to be put right by the attributes lowerdir
     <workdir>/overlays/<hex>.whiteouts that layer's directories holding whiteout devices
-    <workdir>/overlays/<hex>.lock     per-layer extraction lock
+    <workdir>/overlays/<hex>.lock     per-layer extraction lock, there while held
     <workdir>/overlays/.tmp-<hex>-<random>/   an extraction in progress (removed by the next
                                       run that finds its lock free)
     <workdir>/overlays/.tosi-attrs-<key>/     an image's attributes lowerdir (see tosi_tools.mount)
