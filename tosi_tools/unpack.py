@@ -126,8 +126,7 @@ def _check_cached_blob(workdir, record, path, error):
     except (OSError, UsageError):
         return
     # The bytes are the ones the registry serves: fetching them again cannot help.
-    error.args = (f"{error} (the cached blob matches its digest: the layer is bad as the "
-                  "registry serves it)",)
+    error.args = (f"the registry serves a bad layer (its cached blob matches its digest): {error}",)
 
 
 # ---------------------------------------------------------------- --into
