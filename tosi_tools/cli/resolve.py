@@ -60,7 +60,8 @@ def _parser():
     parser.add_argument("--no-cache", action="store_true",
                         help="read and write no workdir (none is even made): every manifest "
                         "and the config come from the registry, and the plan names no cache "
-                        "paths (tosi-fetch then fetches into its own workdir)")
+                        "paths (tosi-fetch then fetches into its own workdir); --workdir is "
+                        "not used")
     parser.add_argument("--list-tags", action="store_true",
                         help="print the tags of IMAGE's repository, one per line, instead of "
                         "a plan (IMAGE's tag or digest is ignored); writes no workdir")
