@@ -121,3 +121,41 @@ def test_plan_page_documents_every_field_of_real_plans(tool, pusher, registry, r
     assert {"index", "mount", "rootfs", "overlay", "applied", "path"} <= fields
     text = render("tosi-plan.5").stdout
     assert {field for field in fields if not re.search(rf"\b{re.escape(field)}\b", text)} == set()
+
+
+# ---------------------------------------------------------------- where man finds them
+
+def man_where(args, venv_bin, manpath=None):
+    """`man -w ARGS` as a user with `venv_bin` first on PATH (and MANPATH if given)."""
+    env = {k: v for k, v in os.environ.items() if k != "MANPATH"}
+    env["PATH"] = f"{venv_bin}:/usr/local/bin:/usr/bin:/bin"
+    if manpath is not None:
+        env["MANPATH"] = manpath
+    return subprocess.run(["man", "-w", *args], capture_output=True, text=True, env=env, timeout=60)
+
+
+@pytest.mark.parametrize("args, page", [(["tosi"], "tosi.1"), (["tosi-fetch"], "tosi-fetch.1"),
+                                        (["5", "tosi-plan"], "tosi-plan.5")])
+def test_man_finds_the_pages_of_the_set_up_venv_on_path(args, page):
+    proc = man_where(args, os.path.join(ROOT, ".venv", "bin"))
+    assert proc.returncode == 0, proc.stderr
+    assert os.path.realpath(proc.stdout.strip()) == os.path.join(MAN, page)
+
+
+def test_man_finds_the_pages_through_the_readmes_manpath_line():
+    proc = man_where(["tosi"], "/nonexistent", manpath=os.path.join(ROOT, ".venv", "share", "man") + ":")
+    assert proc.returncode == 0, proc.stderr
+    assert os.path.realpath(proc.stdout.strip()) == os.path.join(MAN, "tosi.1")
+
+
+@pytest.mark.slow
+def test_man_tosi_works_after_the_readmes_set_up_in_a_fresh_clone(tmp_path):
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", ROOT, str(clone)], check=True, timeout=120)
+    setup = subprocess.run([str(clone / "scripts" / "setup-env")], capture_output=True, text=True,
+                           timeout=900)
+    assert setup.returncode == 0, setup.stderr
+    assert "Editable install" not in setup.stderr  # setuptools' warning is quieted
+    proc = man_where(["tosi"], str(clone / ".venv" / "bin"))
+    assert proc.returncode == 0, proc.stderr
+    assert os.path.realpath(proc.stdout.strip()) == str(clone / "man" / "tosi.1")

@@ -184,7 +184,7 @@ def test_non_empty_mount_point_is_refused(tool, unpacked, tmp_path):
     target = tmp_path / "rootfs"
     target.mkdir()
     (target / "keep").write_text("mine")
-    proc = mount_tool(tool, str(target), plan=unpacked, check=1)
+    proc = mount_tool(tool, str(target), plan=unpacked, check=2)
     assert proc.stderr.strip() == f"tosi-mount: error: mount point {target} is not empty"
     assert proc.stdout == ""
     assert not os.path.exists(str(target) + ".upper")
@@ -194,7 +194,7 @@ def test_mount_point_holding_a_mount_is_refused(tool, unpacked, tmp_path, mounts
     target = str(tmp_path / "rootfs")
     mounts.append(target)
     mount_tool(tool, target, plan=unpacked, check=0)
-    proc = mount_tool(tool, target, plan=unpacked, check=1)
+    proc = mount_tool(tool, target, plan=unpacked, check=2)
     assert "is already a mount point" in proc.stderr
     assert len(proc.stderr.splitlines()) == 1
 
@@ -205,7 +205,7 @@ def test_leftover_upperdir_is_refused_with_a_hint_about_clean(tool, unpacked, tm
     mount_tool(tool, target, plan=unpacked, check=0)
     open(os.path.join(target, "note"), "w").close()
     mount_tool(tool, "--unmount", target, check=0)
-    proc = mount_tool(tool, target, plan=unpacked, check=1)
+    proc = mount_tool(tool, target, plan=unpacked, check=2)
     assert "--keep-upper" in proc.stderr and "--unmount --clean" in proc.stderr
     assert not overlay.mount_at(target)
 

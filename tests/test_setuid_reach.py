@@ -180,7 +180,7 @@ def test_reachable_into_target_with_setuid_or_devices_stays_private(stage, share
     assert mode_of(target) == 0o700
     assert one_warning(proc) == (
         f"tosi-unpack: {target} is reachable by other users and received {said}: it stays "
-        "0700 instead of the image's 0751; --keep-root-mode (tosi: -keep-root-mode) gives it "
+        "0700 instead of the image's 0751; --keep-root-mode gives it "
         "the image's mode")
 
 

@@ -259,7 +259,7 @@ def test_mount_on_a_mount_point_is_refused_before_any_request(tool, counter, tmp
     target.mkdir()
     mounts.append(str(target))
     subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(target)], check=True)
-    proc = tool("tosi", "-image", f"{counter.host}/test/app:1", "-mount", target, check=1)
+    proc = tool("tosi", "-image", f"{counter.host}/test/app:1", "-mount", target, check=2)
     assert "is already a mount point" in proc.stderr
     assert counter.count == 0
 
@@ -434,7 +434,7 @@ def test_leftover_upperdir_is_refused_before_any_request(tool, counter, tmp_path
     upper = tmp_path / "rootfs.upper"
     upper.mkdir()
     (upper / "changed").write_text("earlier")
-    proc = tool("tosi", "-image", f"{counter.host}/test/app:1", "-mount", tmp_path / "rootfs", check=1)
+    proc = tool("tosi", "-image", f"{counter.host}/test/app:1", "-mount", tmp_path / "rootfs", check=2)
     assert "tosi-mount --keep-upper" in proc.stderr and "--unmount --clean" in proc.stderr
     assert counter.count == 0
     assert not (tmp_path / "rootfs").exists()

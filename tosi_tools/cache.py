@@ -2,7 +2,7 @@
 
     <workdir>/layers/<hex>            layer blobs exactly as the registry served them
     <workdir>/layers/<hex>.partial    a download in progress (resumed by the next run)
-    <workdir>/layers/<hex>.lock       per-blob lock shared by concurrent processes
+    <workdir>/layers/<hex>.lock       per-blob lock shared by processes, there while held
     <workdir>/configs/<algo>:<hex>    raw image config blobs (.partial, .lock beside them too)
     <workdir>/configs/v2:<algo>:<hex> the config's "config" object (what -saveconfig writes)
     <workdir>/manifests/<registry>/<repository>/<algo>:<hex>  raw manifest and index bytes
@@ -15,7 +15,7 @@
     <workdir>/overlays/<hex>.implicit the directories of that layer no entry names (NUL-separated,
                                       "." the root), to be put right by the attributes lowerdir
     <workdir>/overlays/<hex>.whiteouts that layer's directories holding whiteout devices
-    <workdir>/overlays/<hex>.lock     per-layer extraction lock
+    <workdir>/overlays/<hex>.lock     per-layer extraction lock, there while held
     <workdir>/overlays/.tmp-<hex>-<random>/   an extraction in progress (removed by the next
                                       run that finds its lock free)
     <workdir>/overlays/.tosi-attrs-<key>/     an image's attributes lowerdir (see tosi_tools.mount)
@@ -327,17 +327,39 @@ def writing_ahead(path: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def file_lock(path: str) -> Iterator[None]:
-    """Hold an exclusive fcntl lock on `path` (created if missing), waiting for it.
+def file_lock(path: str, wait: bool = True) -> Iterator[None]:
+    """Hold an exclusive fcntl lock on `path` (created if missing), waiting for it
+    (`wait=False`: raise BlockingIOError if another holds it).
 
     The kernel drops the lock when its holder dies, so a SIGKILLed process never
-    leaves a lock that blocks the next run.
+    leaves a lock that blocks the next run. The holder removes the file when done,
+    while still holding it, so lock files do not pile up: a locker that got the
+    lock on a file no longer at `path` (removed by its last holder meanwhile) locks
+    the one there now instead, so all holders lock the same file. A holder
+    killed before its removal leaves the file, which the next one removes.
     """
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held = os.fstat(fd)
+            try:
+                now = os.lstat(path)
+            except FileNotFoundError:
+                now = None
+        except BaseException:
+            os.close(fd)
+            raise
+        if now is not None and (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+            break
+        os.close(fd)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
+        try:
+            os.unlink(path)  # still held: a waiter on this file finds it gone and tries again
+        except OSError:
+            pass
         os.close(fd)  # closing releases the lock
 
 

@@ -38,6 +38,7 @@ import time
 from typing import Any
 
 from .auth import Credentials
+from .errors import flag
 from .reference import DOCKER_HUB, DOCKER_HUB_ALIASES
 
 log = logging.getLogger("tosi.credstore")
@@ -412,7 +413,7 @@ def auth_json_paths(authfile: str | None = None, environ=os.environ) -> list[tup
     then $XDG_CONFIG_HOME/containers/auth.json (~/.config/containers/auth.json)."""
     primary: tuple[str, str | None]
     if authfile:
-        primary = (authfile, "--authfile")
+        primary = (authfile, flag("authfile"))
     elif environ.get("REGISTRY_AUTH_FILE"):
         primary = (environ["REGISTRY_AUTH_FILE"], "REGISTRY_AUTH_FILE")
     elif environ.get("XDG_RUNTIME_DIR"):

@@ -62,6 +62,8 @@ class VerifyingHasher:
         self.digest = Digest(digest)
         self.size = size
         self.what = what
+        # "layer 0 (sha256:...)" names its digest already: say it once.
+        self._named = what if str(self.digest) in what else f"{what} {self.digest}"
         self.count = 0
         self._hash = self.digest.hasher()
 
@@ -70,12 +72,13 @@ class VerifyingHasher:
         self.count += len(chunk)
         if self.size is not None and self.count > self.size:
             raise DigestMismatch(
-                f"{self.what} {self.digest}: more than the {self.size} bytes its descriptor names"
+                f"{self._named}: more than the {self.size} bytes its descriptor names"
             )
 
     def copy(self) -> "VerifyingHasher":
         twin = VerifyingHasher.__new__(VerifyingHasher)
         twin.digest, twin.size, twin.what, twin.count = self.digest, self.size, self.what, self.count
+        twin._named = self._named
         twin._hash = self._hash.copy()
         return twin
 
@@ -87,11 +90,11 @@ class VerifyingHasher:
         """Raise DigestMismatch unless the bytes seen match size and digest."""
         if self.size is not None and self.count != self.size:
             raise DigestMismatch(
-                f"{self.what} {self.digest}: size is {self.count} bytes, descriptor says {self.size}"
+                f"{self._named}: size is {self.count} bytes, descriptor says {self.size}"
             )
         got = self.hashed()
         if got != self.digest:
-            raise DigestMismatch(f"{self.what} {self.digest}: content hashes to {got}")
+            raise DigestMismatch(f"{self._named}: content hashes to {got}")
 
 
 def verify_file(path: str, digest: str, size: int | None = None, what: str = "blob") -> None:

@@ -20,7 +20,7 @@ import os
 from typing import NamedTuple, Optional, Protocol, Sequence
 
 from .auth import Credentials
-from .errors import UsageError
+from .errors import UsageError, flag
 
 log = logging.getLogger("tosi.keychain")
 
@@ -64,9 +64,8 @@ class FlagSource:
     """--username with --password or --password-stdin: for the registry being asked
     about (the one the reference or the plan names)."""
 
-    name = "--username"
-
     def __init__(self, username: str, password: str) -> None:
+        self.name = flag("username")
         self._username = username
         self._password = password
 
@@ -172,10 +171,10 @@ def from_flags(username: Optional[str] = None, password: Optional[str] = None,
     if password_stdin is not None:
         password = password_stdin
     if password and not username:
-        raise UsageError("a password needs --username")
+        raise UsageError(f"a password needs {flag('username')}")
     if username:
         if password is None:
-            raise UsageError("--username needs --password or --password-stdin")
+            raise UsageError(f"{flag('username')} needs {flag('password')} or {flag('password-stdin')}")
         # Given on the command line: nothing else is asked.
         sources: list[CredentialSource] = [FlagSource(username, password)]
     else:

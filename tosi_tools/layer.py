@@ -48,7 +48,7 @@ from . import filewriter, overlay, saferoot, space, tarstream
 from .cache import start_writeback
 from .compression import open_layer
 from .digest import Digest
-from .errors import DigestMismatch, UnpackError, UnsafeEntry, quoted
+from .errors import DigestMismatch, UnpackError, UnsafeEntry, for_command, quoted
 
 log = logging.getLogger("tosi.layer")
 
@@ -616,7 +616,8 @@ class _Applier:
 
     def need_root(self, name, what):
         if not self.as_root:
-            raise self.fail(name, f"making {what} needs root; as another user unpack with --into")
+            raise self.fail(name, f"making {what} needs root; as another user "
+                            + for_command("unpack with --into", "use -extractto"))
 
     # ---------------------------------------------------------------- bookkeeping
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from .digest import Digest, digest_of
-from .errors import ManifestError, NoMatchingPlatform, UsageError, quoted
+from .errors import ManifestError, NoMatchingPlatform, UsageError, flag, quoted
 from .imageplatform import Platform, best_match
 
 MAX_MANIFEST_SIZE = 4 << 20
@@ -104,7 +104,7 @@ class Index:
         if found is None:
             listed = ", ".join(sorted(platforms)) or "none"
             raise NoMatchingPlatform(
-                f"no image for platform {wanted} in the index (it has: {listed}; choose one with --platform)"
+                f"no image for platform {wanted} in the index (it has: {listed}; choose one with {flag('platform')})"
             )
         return found
 

@@ -13,7 +13,7 @@ import stat
 
 from . import chain, overlay, ownership, saferoot
 from .cache import DEFAULT_WORKDIR, Workdir, require_cached, workdir_for
-from .errors import MountError, PlanError, UnsafePath, UsageError, quoted
+from .errors import MountError, PlanError, UnsafePath, UsageError, counted, flag, for_command, quoted
 from .plan import LayerRecord, check_cache_paths
 
 log = logging.getLogger("tosi.mount")
@@ -495,22 +495,23 @@ def _check_mount_point(target):
     if st is not None and stat.S_ISLNK(st.st_mode):
         _refuse_kind(target, st, "mount point")
     if os.path.ismount(target) or overlay.mount_at(target):
-        raise MountError(f"{target} is already a mount point; "
+        raise UsageError(f"{target} is already a mount point; "
                          f"unmount it first (tosi-mount --unmount {target})")
     if st is not None:
         if not stat.S_ISDIR(st.st_mode):
-            raise MountError(f"mount point {target} exists and is not a directory")
+            raise UsageError(f"mount point {target} exists and is not a directory")
         if st.st_uid != os.geteuid():
             raise UnsafePath(f"mount point {target} is owned by uid {st.st_uid}, not by uid "
                              f"{os.geteuid()}; {_SIDE_FIX}", path=target)
         if not _is_empty_dir(target):
-            raise MountError(f"mount point {target} is not empty")
+            raise UsageError(f"mount point {target} is not empty")
 
 
 def _require_privilege():
     if not overlay.has_mount_privilege():
-        raise MountError("mounting overlayfs needs root (CAP_SYS_ADMIN); run tosi-mount "
-                         "as root, or unpack a flat tree with tosi-unpack --into instead")
+        raise MountError("mounting overlayfs needs root (CAP_SYS_ADMIN); " + for_command(
+            "run tosi-mount as root, or unpack a flat tree with tosi-unpack --into instead",
+            "run tosi as root, or extract a flat tree with -extractto instead"))
 
 
 # ---------------------------------------------------------------- mount options
@@ -535,7 +536,7 @@ def parse_mount_options(texts):
             if not name:
                 continue
             if name in ("ro", "rw"):
-                raise UsageError(f"mount option {name!r}: use --read-only (tosi: -read-only) "
+                raise UsageError(f"mount option {name!r}: use {flag('read-only')} "
                                  "for a read-only mount")
             if name not in _OPTIONS:
                 raise UsageError(f"unknown mount option {name!r}; known: {', '.join(_OPTIONS)}")
@@ -569,7 +570,8 @@ def mount_flags(target, options=()):
 def check_mountable(target, read_only=False, keep_upper=False, mount_options=()):
     """Everything that can be refused before any work: privilege, bad mount options, a
     mount point in a place others can swap, one that holds a mount or is not an empty
-    directory of ours, an upper or work dir that is not ours, a leftover upperdir."""
+    directory of ours, an upper or work dir that is not ours, a leftover upperdir: UsageError
+    (exit 2) or UnsafePath, as for a non-empty --into target; MountError without the privilege."""
     target, upper, work = side_dirs(target)
     parse_mount_options(mount_options)
     _require_privilege()
@@ -579,9 +581,13 @@ def check_mountable(target, read_only=False, keep_upper=False, mount_options=())
         return
     _check_side_dirs(target, upper, work)
     if os.path.lexists(upper) and not _is_empty_dir(upper) and not keep_upper:
-        raise MountError(
-            f"{upper} holds the changes of an earlier mount; mount with them with "
-            f"tosi-mount --keep-upper, or discard them with tosi-mount --unmount --clean {target}")
+        raise UsageError(
+            f"{upper} holds the changes of an earlier mount; " + for_command(
+                f"mount with them with tosi-mount --keep-upper, or discard them with "
+                f"tosi-mount --unmount --clean {target}",
+                f"tosi does not mount over them: mount with -read-only, or choose another "
+                f"mount point, or discard them with tosi-mount --unmount --clean {target} "
+                "(tosi-mount --keep-upper mounts with them)"))
 
 
 def mount_image(image, layers, target, overlaydir=None, workdir=None, read_only=False,
@@ -637,7 +643,7 @@ def mount_image(image, layers, target, overlaydir=None, workdir=None, read_only=
     finally:
         if upper_fd is not None:
             os.close(upper_fd)
-    log.info("mounted %d layers at %s with %s%s", len(layers), target,
+    log.info("mounted %s at %s with %s%s", counted(len(layers), "layer"), target,
              "mount(2)" if used == "mount" else "the new mount API",
              f" ({','.join(flags)})" if flags else "")
     if warning:

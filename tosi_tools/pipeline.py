@@ -72,7 +72,7 @@ def preflight(options: PullOptions) -> Optional[Platform]:
     if options.extract_to and options.mount:
         raise UsageError("-extractto and -mount are mutually exclusive")
     if options.extract_to:
-        unpack.check_into_target(options.extract_to, flag="-extractto")
+        unpack.check_into_target(options.extract_to, "-extractto")
     elif options.keep_root_mode:
         raise UsageError("-keep-root-mode goes with -extractto")
     if options.mount:
@@ -168,7 +168,6 @@ def pull(options: PullOptions,
     tokens = TokenCache()
     image, layers = resolve.resolve_image(
         ref, workdir, platform=platform, keychain=keychain, endpoint=endpoint, token_cache=tokens)
-    log.info("%s: %d layers", image.reference, len(layers))
 
     cached = None
     if options.mount and not options.validate_cache:
@@ -213,7 +212,7 @@ def _fetch_and_unpack(options, workdir, keychain, tokens, image, layers, progres
             if refetches >= MAX_REFETCHES:
                 raise
             refetches += 1
-            log.warning("%s; fetching it again", exc)
+            log.warning("%s", exc)  # it says it is fetched again
             if options.extract_to:
                 _empty_target(options.extract_to)
 

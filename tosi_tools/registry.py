@@ -25,11 +25,12 @@ import json
 import logging
 import re
 import threading
+from collections.abc import Iterator
 from typing import Any, Mapping, Optional, Protocol
 from urllib.parse import urljoin, urlsplit
 
 from .auth import Credentials, TokenCache, parse_challenge
-from .errors import NotFound, RegistryError, TosiError, Unauthorized
+from .errors import NotFound, RegistryError, TosiError, Unauthorized, flag
 from .keychain import Keychain, TLSConfig
 from .transport import (
     DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT, BodyStream, RetryPolicy, Temporary, Transport,
@@ -56,6 +57,16 @@ def manifest_url(repository: str, reference: str) -> str:
     return f"/v2/{repository}/manifests/{reference}"
 
 
+def tags_url(repository: str, page_size: Optional[int] = None) -> str:
+    """The URL of a repository's tag list (its first page of `page_size` tags, else of
+    the registry's own size), relative to the registry's endpoint."""
+    return f"/v2/{repository}/tags/list" + (f"?n={page_size}" if page_size else "")
+
+
+MAX_TAGS_PAGE = 4 << 20  # bytes of one tags/list answer
+MAX_TAGS_PAGES = 10_000  # pages followed, so a registry whose "next" never ends cannot hold us
+
+
 def serves(endpoint: str, registry: str) -> bool:
     """True if `endpoint` (a base URL) is `registry`'s own endpoint: its host and port
     (docker.io's is registry-1.docker.io:443); the scheme does not matter."""
@@ -78,10 +89,10 @@ def basic_refusal(url: str, allow_insecure: bool = False, tls_verified: bool = T
         return None
     if parts.scheme != "https":
         return f"credentials are not sent over plain http to {parts.netloc}, which is not " \
-            "on loopback (use --insecure to allow it)"
+            f"on loopback (use {flag('insecure')} to allow it)"
     if not tls_verified:
         return f"credentials are not sent to {parts.netloc} over TLS that is not verified " \
-            "(use --insecure to allow it)"
+            f"(use {flag('insecure')} to allow it)"
     return None
 
 class RangeRefused(RegistryError):
@@ -288,7 +299,7 @@ class RegistryClient:
                     raise Unauthorized(f"{self._host}: authentication required; {self.withheld}",
                                        status=401)
                 if not self.credentials:
-                    raise Unauthorized(f"{self._host}: authentication required (use --username)",
+                    raise Unauthorized(f"{self._host}: authentication required (use {flag('username')})",
                                        status=401)
                 refusal = self._basic_refusal(url)
                 if refusal:
@@ -311,7 +322,7 @@ class RegistryClient:
             if self.withheld:
                 text += f" ({self.withheld})"
             elif not self.credentials:
-                text += " (no credentials were given: use --username)"
+                text += f" (no credentials were given: use {flag('username')})"
             raise Unauthorized(text, status=resp.status_code, code=code)
         raise RegistryError(text, status=resp.status_code, code=code)
 
@@ -399,6 +410,37 @@ class RegistryClient:
 
     def manifest_url(self, repository: str, reference: str) -> str:
         return manifest_url(repository, reference)
+
+    def list_tags(self, repository: str, page_size: Optional[int] = None) -> Iterator[str]:
+        """Yield the repository's tags, page after page: the distribution API's
+        /v2/<name>/tags/list (?n= for the page size), following each answer's Link
+        header (rel="next") while it stays on the registry's own origin."""
+        what = f"{self._host}: tags of {repository}"
+        path: Optional[str] = tags_url(repository, page_size)
+        seen: set[str] = set()
+        while path is not None and len(seen) < MAX_TAGS_PAGES:
+            seen.add(path)
+            resp = self.request("GET", path, repository=repository, stream=True)
+            with resp:
+                self.check(resp, what)
+                body = self.read_limited(resp, MAX_TAGS_PAGE, what, too_large=RegistryError)
+                following = resp.links.get("next", {}).get("url")
+            try:
+                tags = json.loads(body).get("tags") or []
+            except (ValueError, AttributeError):
+                raise RegistryError(f"{what}: the answer is not a tag list") from None
+            if not isinstance(tags, list) or not all(isinstance(tag, str) for tag in tags):
+                raise RegistryError(f"{what}: the answer is not a tag list")
+            yield from tags
+            path = None
+            if following:
+                url = self.url(following)
+                if not self.same_host(url):
+                    raise RegistryError(f"{what}: the next page is on another host ({urlsplit(url).netloc})")
+                parts = urlsplit(url)
+                path = parts.path + (f"?{parts.query}" if parts.query else "")
+                if path in seen:
+                    path = None  # a "next" page already read: the list is over
 
     def close(self) -> None:
         self.transport.close()

@@ -13,12 +13,13 @@ registry names no digest or the bytes are not cached).
 import json
 import logging
 import os
+from collections.abc import Iterator
 from typing import Any, Callable, Optional
 
 from .auth import Credentials, TokenCache
 from .cache import Workdir, atomic_write, file_lock
 from .digest import DIGEST_RETRIES, Digest, VerifyingHasher, digest_of, verify_file
-from .errors import DigestMismatch, ManifestError, NoMatchingPlatform, UsageError, quoted
+from .errors import DigestMismatch, ManifestError, NoMatchingPlatform, UsageError, counted, quoted
 from .keychain import Keychain
 from .manifest import (
     ACCEPT, INDEX_TYPES, MAX_CONFIG_SIZE, MAX_MANIFEST_SIZE, SCHEMA1_TYPES, config_platform,
@@ -39,13 +40,19 @@ class Resolver:
     client (default: a RegistryClient with those settings, the transport's retry
     policy); it is called only when a request is really needed, so a fully
     cached digest reference never opens a connection.
+
+    With `workdir=None` nothing is read from or written to any cache (tosi-resolve
+    --no-cache): every manifest and the config come from the registry, and the
+    plan's cache paths (manifestPath, index.path, config.path and savedConfig,
+    workdir) are null.
     """
 
-    def __init__(self, workdir: Workdir | str, platform: Optional[Platform] = None,
+    def __init__(self, workdir: Workdir | str | None, platform: Optional[Platform] = None,
                  credentials: Optional[Credentials] = None, insecure: bool = False,
                  ca_file: Optional[str] = None, client_factory: Optional[Callable[[str], Any]] = None,
                  token_cache: Optional[TokenCache] = None, keychain: Optional[Keychain] = None) -> None:
-        self.workdir = workdir if isinstance(workdir, Workdir) else Workdir(workdir)
+        self.workdir: Optional[Workdir] = (workdir if isinstance(workdir, Workdir) or workdir is None
+                                           else Workdir(workdir))
         self.platform = platform
         if keychain is None:
             keychain = Keychain.of(credentials, os.path.abspath(ca_file) if ca_file else None, insecure)
@@ -57,6 +64,7 @@ class Resolver:
         self.client = None
         self._endpoint: Optional[str] = None
         self._endpoint_guessed = False  # remembered, not probed: dropped before a client uses it
+        self._probed: Optional[str] = None  # the endpoint a probe found, not yet remembered
         self._registry_host: Optional[str] = None
         self._repository: Optional[str] = None
 
@@ -77,8 +85,22 @@ class Resolver:
     def _detect_endpoint(self, probe=True):
         from .transport import detect_endpoint
 
-        return detect_endpoint(self._registry_host, self.insecure, probe=probe,
-                               scheme_file=self.workdir.scheme_path(self._registry_host))
+        scheme_file = self.workdir.scheme_path(self._registry_host) if self.workdir else None
+        endpoint = detect_endpoint(self._registry_host, self.insecure, probe=probe, remember=False,
+                                   scheme_file=scheme_file)
+        if probe:
+            self._probed = endpoint  # remembered once the registry answered (resolve)
+        return endpoint
+
+    def _remember_probed_scheme(self):
+        """Keep the scheme a probe found in the workdir (transport.remember_scheme), now
+        that the registry answered on it: a failed lookup leaves nothing behind."""
+        if self.workdir and self._probed is not None and self._probed.rstrip("/") == self._endpoint:
+            from .transport import remember_scheme
+
+            remember_scheme(self.workdir.scheme_path(self._registry_host), self._registry_host,
+                            self._probed, self.insecure)
+        self._probed = None
 
     def _registry(self):
         if self._endpoint is None or self._endpoint_guessed:
@@ -93,6 +115,8 @@ class Resolver:
     # ------------------------------------------------------------ manifests
 
     def _cached_manifest(self, ref, digest):
+        if self.workdir is None:
+            return None
         path = self.workdir.manifest_path(ref.registry, ref.repository, digest)
         try:
             with open(path, "rb") as f:
@@ -105,14 +129,18 @@ class Resolver:
         return data
 
     def _store_manifest(self, ref, digest, data):
+        if self.workdir is None:
+            return None
         path = self.workdir.manifest_path(ref.registry, ref.repository, digest)
         atomic_write(path, data)
         return path
 
     def _send(self, method, ref, path, headers=None, stream=False):
         """One request under the transport's retry policy (RegistryClient.request)."""
-        return self._registry().request(method, path, repository=ref.repository, headers=headers,
+        resp = self._registry().request(method, path, repository=ref.repository, headers=headers,
                                         stream=stream)
+        self._remember_probed_scheme()  # the registry answered on it
+        return resp
 
     def _get(self, ref, path, what, headers=None):
         """A streamed 200 response for `path`, or the typed error for what the registry said."""
@@ -158,8 +186,8 @@ class Resolver:
         from .registry import manifest_url
         from .transport import quick_head
 
-        challenged = self.workdir.challenged_path(self._registry_host)
-        if not self._quick_heads or os.path.exists(challenged):
+        challenged = self.workdir.challenged_path(self._registry_host) if self.workdir else None
+        if not self._quick_heads or challenged is None or os.path.exists(challenged):
             return False, None
         if self._endpoint is None:
             remembered = self._detect_endpoint(probe=False)
@@ -168,6 +196,8 @@ class Resolver:
         answer = quick_head(self._endpoint, manifest_url(ref.repository, ref.tag),
                             {"Accept": ACCEPT}, tls=self.tls)
         status, headers = answer or (None, None)
+        if answer is not None:
+            self._remember_probed_scheme()
         if status == 401:  # later runs go straight to the client, which has the token flow
             atomic_write(challenged, b"")
         if status != 200:
@@ -199,8 +229,8 @@ class Resolver:
         if ref.digest:
             data, manifest = self._manifest_by_digest(ref, ref.digest, what)
             return data, manifest, ref.digest
-        tag_file = self.workdir.tag_path(ref.registry, ref.repository, ref.tag)
-        if os.path.isdir(self.workdir.manifest_dir(ref.registry, ref.repository)):
+        tag_file = self.workdir.tag_path(ref.registry, ref.repository, ref.tag) if self.workdir else None
+        if tag_file and os.path.isdir(self.workdir.manifest_dir(ref.registry, ref.repository)):
             digest = self._head_digest(ref)
             data = self._cached_manifest(ref, digest) if digest else None
             if data is not None:
@@ -227,7 +257,8 @@ class Resolver:
         # Parsed before it is stored: a captive portal's page is no manifest to keep.
         manifest = parse_manifest(data, content_type, what=what)
         self._store_manifest(ref, digest, data)
-        _write_if_changed(tag_file, f"{digest}\n".encode())
+        if tag_file:
+            _write_if_changed(tag_file, f"{digest}\n".encode())
         return data, manifest, digest
 
     def _child_manifest(self, ref, entry):
@@ -254,8 +285,8 @@ class Resolver:
         size = descriptor["size"]
         if size > MAX_CONFIG_SIZE:
             raise ManifestError(f"image config {digest}: {size} bytes, more than {MAX_CONFIG_SIZE >> 20} MiB")
-        path = self.workdir.config_path(digest)
-        data = _cached_config(path, digest, size)
+        path = self.workdir.config_path(digest) if self.workdir else None
+        data = _cached_config(path, digest, size) if path else None
         if data is not None:
             return data
         what = f"image config {ref.name}@{digest}"
@@ -269,6 +300,8 @@ class Resolver:
             hasher.check()
             return data
 
+        if path is None:
+            return _again_if_corrupt(fetch)
         # Processes resolving the same image at once fetch its config once.
         with file_lock(Workdir.lock_of(path)):
             data = _cached_config(path, digest, size)
@@ -278,6 +311,8 @@ class Resolver:
         return data
 
     def _store_saved_config(self, digest, config_body):
+        if self.workdir is None:
+            return None
         path = self.workdir.saved_config_path(digest)
         _write_if_changed(path, json.dumps(config_body.get("config") or {}).encode())
         return path
@@ -301,13 +336,8 @@ class Resolver:
             if sizes[digest] is not None:
                 descriptor["size"] = sizes[digest]
 
-    # ------------------------------------------------------------ the stage
-
-    def resolve(self, reference: Reference | str,
-                endpoint: Optional[str] = None) -> tuple[ImageRecord, list[LayerRecord]]:
-        """(image record, [layer records]) for a reference (text or Reference)."""
-        ref = reference if isinstance(reference, Reference) else parse_reference(reference)
-        self.workdir.ensure()  # private and ours, before anything in it is read or written
+    def _start(self, ref, endpoint):
+        """Speak to the registry of `ref` from now on (at `endpoint` if given)."""
         if ref.registry != self._registry_host and self.client is not None:
             self.client.close()  # its credentials and TLS were the other registry's
             self.client = None
@@ -318,6 +348,30 @@ class Resolver:
         # reference needs none, a warm tag takes the remembered scheme for its HEAD.
         self._endpoint = endpoint.rstrip("/") if endpoint else None
         self._endpoint_guessed = False
+        self._probed = None
+
+    def list_tags(self, reference: Reference | str, page_size: Optional[int] = None,
+                  endpoint: Optional[str] = None) -> Iterator[str]:
+        """Yield the tags of the reference's repository, as the registry lists them
+        (RegistryClient.list_tags, `page_size` a page); its tag or digest is ignored."""
+        ref = reference if isinstance(reference, Reference) else parse_reference(reference)
+        self._start(ref, endpoint)
+        yield from self._registry().list_tags(ref.repository, page_size)
+        self._remember_probed_scheme()
+
+    def _cache_path(self, kind, *args):
+        """Workdir.<kind>(*args), or None without a cache."""
+        return None if self.workdir is None else getattr(self.workdir, kind)(*args)
+
+    # ------------------------------------------------------------ the stage
+
+    def resolve(self, reference: Reference | str,
+                endpoint: Optional[str] = None) -> tuple[ImageRecord, list[LayerRecord]]:
+        """(image record, [layer records]) for a reference (text or Reference)."""
+        ref = reference if isinstance(reference, Reference) else parse_reference(reference)
+        if self.workdir is not None:
+            self.workdir.ensure()  # private and ours, before anything in it is read or written
+        self._start(ref, endpoint)
         wanted = self.platform or host_platform()
 
         top_data, top, top_digest = self._top_manifest(ref)
@@ -328,7 +382,7 @@ class Resolver:
                                          open_nested=lambda nested: self._child_manifest(ref, nested)[1])
             index_record = {
                 "mediaType": top.media_type, "digest": top_digest, "size": len(top_data),
-                "path": self.workdir.manifest_path(ref.registry, ref.repository, top_digest),
+                "path": self._cache_path("manifest_path", ref.registry, ref.repository, top_digest),
             }
             manifest_data, manifest = self._child_manifest(ref, entry)
             digest = Digest(entry["digest"])
@@ -339,7 +393,8 @@ class Resolver:
         if manifest.config_bytes is not None:
             self._blob_sizes(ref, manifest.layers)
             config_bytes = manifest.config_bytes
-            atomic_write(self.workdir.config_path(manifest.config["digest"]), config_bytes)
+            if self.workdir is not None:
+                atomic_write(self.workdir.config_path(manifest.config["digest"]), config_bytes)
         else:
             config_bytes = self._config(ref, manifest.config)
         config_body = parse_config(config_bytes, what=f"image config {manifest.config['digest']}")
@@ -367,17 +422,17 @@ class Resolver:
             digest=digest,
             mediaType=manifest.media_type,
             size=len(manifest_data),
-            manifestPath=self.workdir.manifest_path(ref.registry, ref.repository, digest),
+            manifestPath=self._cache_path("manifest_path", ref.registry, ref.repository, digest),
             index=index_record,
             platform=platform.to_dict() if platform else None,
             config={
                 "mediaType": manifest.config["mediaType"],
                 "digest": manifest.config["digest"],
                 "size": manifest.config["size"],
-                "path": self.workdir.config_path(manifest.config["digest"]),
+                "path": self._cache_path("config_path", manifest.config["digest"]),
                 "savedConfig": saved,
             },
-            workdir=self.workdir.root,
+            workdir=self.workdir.root if self.workdir else None,
             layerCount=len(manifest.layers),
             insecure=bool(self.insecure),
             caFile=self.ca_file,
@@ -386,7 +441,8 @@ class Resolver:
             LayerRecord(new_layer_record(i, descriptor, diffID=ids[i] if ids else None))
             for i, descriptor in enumerate(manifest.layers)
         ]
-        log.info("%s: %s for %s, %d layers", ref, digest, platform or "an unnamed platform", len(layers))
+        log.info("%s: %s for %s, %s", ref, digest, platform or "an unnamed platform",
+                 counted(len(layers), "layer"))
         return image, layers
 
 
@@ -434,7 +490,7 @@ def _runs(wanted, have):
     return any(have.normalized() == candidate for candidate in wanted.runs())
 
 
-def resolve_image(reference_text: Reference | str, workdir: Workdir | str,
+def resolve_image(reference_text: Reference | str, workdir: Workdir | str | None,
                   platform: Optional[Platform] = None, credentials: Optional[Credentials] = None,
                   insecure: bool = False, ca_file: Optional[str] = None,
                   client_factory: Optional[Callable[[str], Any]] = None, endpoint: Optional[str] = None,

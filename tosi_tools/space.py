@@ -28,7 +28,7 @@ import threading
 from collections.abc import Mapping
 from typing import NamedTuple, Optional
 
-from .errors import ReserveReached, UsageError
+from .errors import ReserveReached, UsageError, flag
 
 MIB = 1 << 20
 DEFAULT_MIN_BYTES = 8 * MIB
@@ -58,17 +58,17 @@ class Reserve(NamedTuple):
         return self.size == 0 and self.inodes == 0
 
     @classmethod
-    def parse(cls, text: str, what: str = "--min-free") -> "Reserve":
+    def parse(cls, text: str, what: str | None = None) -> "Reserve":
         """A reserve from "SIZE" (e.g. 64M, 2G, 1%, 0): SIZE for bytes, the default rule
         for inodes; "0" turns the guard off. UsageError if malformed."""
-        size = parse_size(text, what)
+        size = parse_size(text, what or flag("min-free"))
         return cls(size, 0 if size == 0 else None)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ, size_text: str | None = None) -> "Reserve":
         """TOSI_MIN_FREE and TOSI_MIN_FREE_INODES; `size_text` (a flag) overrides the former."""
         text = size_text if size_text is not None else environ.get("TOSI_MIN_FREE")
-        size = parse_size(text, "--min-free" if size_text is not None else "TOSI_MIN_FREE") \
+        size = parse_size(text, flag("min-free") if size_text is not None else "TOSI_MIN_FREE") \
             if text else None
         inodes_text = environ.get("TOSI_MIN_FREE_INODES")
         inodes: Amount | None
@@ -261,7 +261,7 @@ class Guard:
             left = f"stopped with {human(free_bytes)} and {free_inodes} inodes free on {fs}"
         return ReserveReached(
             f"{self.what}: {left}; the reserve is {human(keep_bytes)} and {keep_inodes} inodes "
-            "(--min-free, TOSI_MIN_FREE, TOSI_MIN_FREE_INODES)",
+            f"({flag('min-free')}, TOSI_MIN_FREE, TOSI_MIN_FREE_INODES)",
             filesystem=fs, free_bytes=free_bytes, free_inodes=free_inodes,
             reserve_bytes=keep_bytes, reserve_inodes=keep_inodes)
 

@@ -101,7 +101,8 @@ def speaks_tls(registry: str, timeout: float = TLS_PROBE_TIMEOUT) -> bool:
 
 
 def detect_endpoint(registry: str, insecure: bool = False, timeout: float = TLS_PROBE_TIMEOUT,
-                    scheme_file: Optional[str] = None, probe: bool = True) -> Optional[str]:
+                    scheme_file: Optional[str] = None, probe: bool = True,
+                    remember: bool = True) -> Optional[str]:
     """The endpoint to use for `registry`, as Docker chooses it.
 
     https with verification for every registry, except that a loopback registry
@@ -110,7 +111,8 @@ def detect_endpoint(registry: str, insecure: bool = False, timeout: float = TLS_
 
     `scheme_file` remembers the probe's answer: with `probe=False` the scheme it
     holds is taken without a handshake (None if it holds none), and a probe
-    rewrites it. A remembered scheme is a guess the caller must be ready to drop.
+    rewrites it (`remember=False`: the caller does, with remember_scheme, once the
+    registry answered). A remembered scheme is a guess the caller must be ready to drop.
     """
     if registry == "docker.io" or not (insecure or is_loopback_host(registry)):
         return endpoint_for(registry, insecure=False, scheme="https")
@@ -118,12 +120,23 @@ def detect_endpoint(registry: str, insecure: bool = False, timeout: float = TLS_
         scheme = _read_scheme(scheme_file) if scheme_file else None
         return endpoint_for(registry, insecure, scheme=scheme) if scheme else None
     scheme = "https" if speaks_tls(registry, timeout) else "http"
-    if scheme_file and _read_scheme(scheme_file) != scheme:
+    endpoint = endpoint_for(registry, insecure, scheme=scheme)
+    if scheme_file and remember:
+        remember_scheme(scheme_file, registry, endpoint, insecure)
+    return endpoint
+
+
+def remember_scheme(scheme_file: str, registry: str, endpoint: str, insecure: bool = False) -> None:
+    """Keep the scheme of `endpoint` (what detect_endpoint probed) in `scheme_file`, for
+    detect_endpoint(probe=False); nothing for a registry that is never probed."""
+    if registry == "docker.io" or not (insecure or is_loopback_host(registry)):
+        return
+    scheme = endpoint.partition("://")[0]
+    if _read_scheme(scheme_file) != scheme:
         try:
             atomic_write(scheme_file, f"{scheme}\n".encode())
         except OSError as exc:  # only a cache: the next run probes again
             log.debug("cannot remember the scheme of %s in %s: %s", registry, scheme_file, exc)
-    return endpoint_for(registry, insecure, scheme=scheme)
 
 
 def _read_scheme(path: str) -> Optional[str]:

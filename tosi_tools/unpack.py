@@ -26,7 +26,6 @@ layer is applied: a run that only reuses extracted layers never needs it.
 import concurrent.futures
 import contextlib
 import itertools
-import fcntl
 import logging
 import os
 import secrets
@@ -40,8 +39,8 @@ from .cache import (
 )
 from .digest import Digest
 from .errors import (
-    CacheError, DigestMismatch, QuarantinedBlob, TosiError, UnpackError, UnsafeEntry, UnsafePath,
-    UsageError,
+    CacheError, DigestMismatch, QuarantinedBlob, TosiError, UnpackError, UnsafeEntry, UnsafePath, counted,
+    ReserveReached, UsageError, flag, for_command,
 )
 from .plan import ImageRecord, LayerRecord, check_cache_paths
 
@@ -83,7 +82,7 @@ def _open_blob(workdir, record, stream, open_stream=None):
         except (UnpackError, DigestMismatch) as exc:
             # A stream of a blob that was already cached is the cached file's bytes.
             cached = getattr(stream, "cached_path", lambda: None)()
-            if cached is not None and not isinstance(exc, UnsafeEntry):
+            if cached is not None and not isinstance(exc, (UnsafeEntry, ReserveReached)):
                 _check_cached_blob(workdir, record, cached, exc)
             raise
         return
@@ -94,7 +93,7 @@ def _open_blob(workdir, record, stream, open_stream=None):
         try:
             yield f
         except (UnpackError, DigestMismatch) as exc:
-            if not isinstance(exc, UnsafeEntry):
+            if not isinstance(exc, (UnsafeEntry, ReserveReached)):
                 _check_cached_blob(workdir, record, path, exc)
             raise
 
@@ -102,7 +101,8 @@ def _open_blob(workdir, record, stream, open_stream=None):
 def _check_cached_blob(workdir, record, path, error):
     """A cached blob failed to decompress or to match its diffID: if it does not match its
     own digest either (bit rot, a crash before fsync), move it to the quarantine and raise
-    QuarantinedBlob, so that fetching it again may fix it. Else the layer is bad as published."""
+    QuarantinedBlob, so that fetching it again may fix it, saying how. Else the layer is bad
+    as published: `error` says so."""
     from .digest import verify_file
 
     what = f"cached blob of layer {record.name}"
@@ -115,38 +115,44 @@ def _check_cached_blob(workdir, record, path, error):
                 verify_file(path, digest, record.size, what)
             except DigestMismatch as mismatch:
                 if not in_cache:
-                    raise QuarantinedBlob(f"{error}; {mismatch}") from error
+                    raise QuarantinedBlob(f"{error}; {mismatch} (not a blob of the workdir's "
+                                          "cache: fetch the plan again)") from error
                 moved = workdir.quarantine_blob(path)
-                raise QuarantinedBlob(f"{error}; {mismatch}: moved to {moved}, "
-                                      "to be fetched again") from error
+                raise QuarantinedBlob(f"{error}; {mismatch}: moved to {moved}, to be fetched again "
+                                      + for_command("(run tosi-fetch on the plan again; tosi-verify "
+                                                    "checks its other cached blobs)",
+                                                    "(-validate-cache checks every cached blob "
+                                                    "before use)")) from error
     except (OSError, UsageError):
         return
-    log.info("layer %s: the cached blob matches its digest: the layer itself is bad", record.name)
+    # The bytes are the ones the registry serves: fetching them again cannot help.
+    error.args = (f"the registry serves a bad layer (its cached blob matches its digest): {error}",)
 
 
 # ---------------------------------------------------------------- --into
 
-def check_into_target(target, flag="--into"):
+def check_into_target(target, flag_name=None):
     """UsageError unless `target` is absent or an empty directory of ours, below
     directories nobody else can swap it in (nothing is touched); UnsafePath for a
     symlink, a directory of another user's, or a parent others can write."""
-    ownership.require_safe_ancestors(target, f"{flag} target")
+    flag_name = flag_name or flag("into")
+    ownership.require_safe_ancestors(target, f"{flag_name} target")
     try:
         st = os.lstat(target)
     except FileNotFoundError:
         return
     if stat.S_ISLNK(st.st_mode):
-        raise UnsafePath(f"{flag} {target}: is a symlink; tosi does not follow it (another "
+        raise UnsafePath(f"{flag_name} {target}: is a symlink; tosi does not follow it (another "
                          "user may have made it): remove it, or name a real directory",
                          path=target)
     if not stat.S_ISDIR(st.st_mode):
-        raise UsageError(f"{flag} {target}: exists and is not a directory")
+        raise UsageError(f"{flag_name} {target}: exists and is not a directory")
     if st.st_uid != os.geteuid():
-        raise UnsafePath(f"{flag} {target}: is owned by uid {st.st_uid}, not by uid "
+        raise UnsafePath(f"{flag_name} {target}: is owned by uid {st.st_uid}, not by uid "
                          f"{os.geteuid()} (another user may have made it): remove it, or "
                          "choose another directory", path=target)
     if os.listdir(target):
-        raise UsageError(f"{flag} {target}: directory is not empty")
+        raise UsageError(f"{flag_name} {target}: directory is not empty")
 
 
 def _open_into_target(target, umask):
@@ -164,14 +170,14 @@ def _open_into_target(target, umask):
     try:
         st = os.fstat(root.fd)
         if st.st_uid != os.geteuid():
-            raise UnsafePath(f"--into {target}: is owned by uid {st.st_uid}, not by uid "
+            raise UnsafePath(f"{flag('into')} {target}: is owned by uid {st.st_uid}, not by uid "
                              f"{os.geteuid()}; remove it, or choose another directory",
                              path=target)
         os.fchmod(root.fd, 0o700)
         if default is None:
             default = stat.S_IMODE(st.st_mode)
             if os.listdir(root.fd):  # filled between the check and the chmod
-                raise UsageError(f"--into {target}: directory is not empty")
+                raise UsageError(f"{flag('into')} {target}: directory is not empty")
     except BaseException:
         root.close()
         raise
@@ -193,8 +199,8 @@ def _finish_root(root, target, mode, setuid_files, devices, keep_root_mode):
     if (not keep_root_mode and (setuid_files or devices) and mode & 0o011
             and ownership.reachable_by_others(os.path.dirname(target))):
         log.warning("%s is reachable by other users and received %s: it stays 0700 instead "
-                    "of the image's %04o; --keep-root-mode (tosi: -keep-root-mode) gives it "
-                    "the image's mode", target, _dangerous(setuid_files, devices), mode)
+                    "of the image's %04o; %s gives it the image's mode", target,
+                    _dangerous(setuid_files, devices), mode, flag("keep-root-mode"))
         return
     os.fchmod(root.fd, mode)
 
@@ -283,8 +289,9 @@ def _saying(exc, more):
 
 
 def _log_stats(what, record, stats, started):
-    log.info("layer %s: %s %d entries, %d bytes of data in %.2fs", record.name, what,
-             stats.entries, stats.bytes, time.monotonic() - started)
+    log.info("layer %s: %s %s, %s of data in %.2fs", record.name, what,
+             counted(stats.entries, "entry", "entries"), counted(stats.bytes, "byte"),
+             time.monotonic() - started)
 
 
 def _os_error(exc):
@@ -404,15 +411,11 @@ def remove_abandoned_temps(workdir):
     for lock, path in workdir.overlay_temps():
         by_lock.setdefault(lock, []).append(path)
     for lock, paths in by_lock.items():
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # a live run is extracting that layer
-            _remove_stale_temps(paths)
-        finally:
-            os.close(fd)
+            with file_lock(lock, wait=False):
+                _remove_stale_temps(paths)
+        except BlockingIOError:
+            continue  # a live run is extracting that layer
 
 
 def extract_layer_to_overlay(workdir, layer_record, stream=None, limits=None, open_stream=None):

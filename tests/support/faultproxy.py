@@ -3,8 +3,9 @@
 It forwards every request to the upstream registry and passes the answer back,
 unless a rule matches: then it drops the connection after N body bytes, answers
 an error status (e.g. 429 with Retry-After), stalls, flips one byte, strips the
-Range header, delays, or redirects to another URL. Every request is recorded so
-tests can count what reached the network.
+Range header, delays, or redirects to another URL; or it pages a tag list as
+the distribution spec says (docker-registry 2.8 ignores ?n=). Every request is
+recorded so tests can count what reached the network.
 
     with FaultProxy(registry.url) as proxy:
         proxy.add(Rule("drop", path="/blobs/", after=1000, times=1))
@@ -17,6 +18,7 @@ own requests upstream then use `upstream_auth`.
 """
 
 import contextlib
+import json
 import random
 import re
 import socket
@@ -30,7 +32,8 @@ import requests
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
               "proxy-authorization", "proxy-authenticate", "host", "content-length"}
 CHUNK = 64 << 10
-ACTIONS = {"drop", "status", "stall", "corrupt", "ignore_range", "delay", "redirect", "throttle"}
+ACTIONS = {"drop", "status", "stall", "corrupt", "ignore_range", "delay", "redirect", "throttle",
+           "paginate"}
 
 
 class Rule:
@@ -43,7 +46,9 @@ class Rule:
     corrupt at=<body offset> (None: a random one below the declared length; the proxy
     counts the bytes it flipped in `corrupted`); delay seconds=<before forwarding>; throttle rate=<body bytes
     per second>; redirect to=<base URL>
-    (the request path is appended). `times`: how many matching requests it applies to
+    (the request path is appended); paginate (for /tags/list): the upstream's whole
+    list, sorted, answered n= tags after last= at a time with a Link rel="next" header
+    while more follow, as the distribution spec pages it. `times`: how many matching requests it applies to
     (None: all); with `per_path`, that many requests of each distinct path (e.g. flip a
     byte in the first two answers for every blob). `header`: only requests carrying that
     header match (e.g. "Authorization", to let a registry's 401 challenge through first).
@@ -134,6 +139,9 @@ class _Handler(BaseHTTPRequestHandler):
             if rule.action == "redirect":
                 self._answer(307, b"", {"Location": rule.params["to"].rstrip("/") + self.path})
                 return
+            if rule.action == "paginate":
+                self._paginate(proxy, headers)
+                return
             if rule.action == "delay":
                 proxy.stopping.wait(rule.params.get("seconds", 1))
             if rule.action == "ignore_range":
@@ -151,6 +159,28 @@ class _Handler(BaseHTTPRequestHandler):
             return
         with resp:
             self._relay(resp, [r for r in rules if r.action in ("drop", "stall", "corrupt", "throttle")])
+
+    def _paginate(self, proxy, headers):
+        from urllib.parse import parse_qs, urlencode, urlsplit
+
+        parts = urlsplit(self.path)
+        query = parse_qs(parts.query)
+        upstream_headers = {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP}
+        resp = proxy.session.get(proxy.upstream + parts.path, headers=upstream_headers, timeout=30,
+                                 auth=proxy.upstream_auth)
+        if resp.status_code != 200:
+            self._answer(resp.status_code, resp.content, {"Content-Type": resp.headers.get("Content-Type", "")})
+            return
+        listing = resp.json()
+        tags = sorted(listing.get("tags") or [])
+        if "last" in query:
+            tags = [tag for tag in tags if tag > query["last"][0]]
+        size = int(query["n"][0]) if "n" in query else len(tags)
+        page = tags[:size]
+        extra = {"Content-Type": "application/json"}
+        if len(tags) > size and page:
+            extra["Link"] = f'<{parts.path}?{urlencode({"n": size, "last": page[-1]})}>; rel="next"'
+        self._answer(200, json.dumps({"name": listing.get("name"), "tags": page}).encode(), extra)
 
     def _relay(self, resp, faults):
         declared = resp.headers.get("Content-Length")

@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 
 from .. import __version__
 from ..cache import DEFAULT_WORKDIR, Workdir
-from ..errors import TosiError, UsageError, quoted
+from ..errors import TosiError, UsageError, quoted, set_flag_style
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -33,7 +33,24 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse that reports a usage error as one line on stderr and exits 2."""
 
     def error(self, message: str) -> NoReturn:
+        prefix = "unrecognized arguments: "
+        if message.startswith(prefix):
+            options = [name for action in self._actions for name in action.option_strings]
+            for word in message[len(prefix):].split():
+                hint = nearest_flag(word.partition("=")[0], options) if word.startswith("-") else None
+                if hint:
+                    message += f"; did you mean {hint}?"
+                    break
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def nearest_flag(given: str, known: Sequence[str]) -> str | None:
+    """The flag of `known` closest to the unknown `given` (a typo, or tosi's -flag
+    given to a stage), or None when none is close."""
+    import difflib
+
+    close = difflib.get_close_matches(given, known, n=1, cutoff=0.75)
+    return close[0] if close else None
 
 
 def new_parser(prog: str, description: str, epilog: str | None = None) -> OneLineParser:
@@ -93,14 +110,16 @@ def add_workdir_flag(parser: argparse.ArgumentParser, from_plan: bool = False,
     )
 
 
-def exit_status_epilog(prog: str, failure: str, reads_plan: bool = False) -> str:
-    """The exit statuses, as the end of a --help epilog; `failure`: what exit 1 means."""
+def exit_status_epilog(prog: str, failure: str, reads_plan: bool = False, targets: str = "") -> str:
+    """The exit statuses, as the end of a --help epilog (as EXIT STATUS in the man
+    pages); `failure`: what exit 1 means; `targets`: the directories that must be empty."""
     import textwrap
 
     unsafe = "not private or not yours" + (
         ", or named by the plan and not a tosi workdir" if reads_plan else "")
     return textwrap.fill(
-        f"exit status: 0 success; 1 {failure}; 2 bad flags or input, or an unsafe workdir "
+        f"exit status: 0 success; 1 {failure}; 2 bad flags or input, "
+        + (f"{targets} that is not empty, " if targets else "") + "or an unsafe workdir "
         f"({unsafe}: see FILES in {prog}(1)); 130 interrupted.", 79, break_on_hyphens=False,
         break_long_words=False) + "\n"
 def add_min_free_flag(parser: argparse.ArgumentParser, where: str) -> None:
@@ -170,7 +189,9 @@ def setup_logging(prog: str, verbosity: int) -> None:
 
 def run(prog: str, body: Callable[[Sequence[str] | None], int | None],
         argv: Sequence[str] | None = None) -> int:
-    """Call body(argv) and turn every failure into one line on stderr and an exit status."""
+    """Call body(argv) and turn every failure into one line on stderr and an exit status.
+    Messages name flags as `prog` spells them (errors.flag)."""
+    old_style = set_flag_style("-" if prog == "tosi" else "--")
     try:
         return body(argv) or EXIT_OK
     except TosiError as exc:
@@ -196,6 +217,8 @@ def run(prog: str, body: Callable[[Sequence[str] | None], int | None],
         print(f"{prog}: error: internal error: {type(exc).__name__}: {exc} "
               "(set TOSI_DEBUG=1 for a traceback)", file=sys.stderr)
         return EXIT_FAILURE
+    finally:
+        set_flag_style(old_style)
 
 
 def _silence_stdout():

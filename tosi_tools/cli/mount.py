@@ -23,8 +23,8 @@ examples:
   tosi-resolve alpine | tosi-fetch | tosi-unpack | tosi-mount /run/rootfs
   tosi-mount --unmount --clean /run/rootfs
 
-""" + exit_status_epilog(PROG, "the mount failed (privilege, mount point, missing layers)",
-                                  reads_plan=True)
+""" + exit_status_epilog(PROG, "the mount failed (privilege, missing layers)",
+                                  reads_plan=True, targets="a mount point or upper dir")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from .common import (
-    add_credential_flags, add_workdir_flag, check_authfile, exit_status_epilog, new_parser,
+    add_credential_flags, add_workdir_flag, check_authfile, count_type, exit_status_epilog, new_parser,
     password_from_stdin, run, setup_logging,
 )
 
@@ -19,7 +19,9 @@ PROG = "tosi-resolve"
 DESCRIPTION = """\
 Resolve IMAGE (e.g. alpine, user/img:tag, host:port/img@sha256:...) to one
 platform's image manifest, store manifest and config bytes in the workdir, and
-write the plan to stdout: one image record, then one record per layer."""
+write the plan to stdout: one image record, then one record per layer.
+With --no-cache, write nothing anywhere (an inspection, as skopeo inspect);
+with --list-tags, print the tags of IMAGE's repository instead."""
 
 
 def add_registry_flags(parser: argparse.ArgumentParser) -> None:
@@ -55,23 +57,49 @@ def _parser():
     add_workdir_flag(parser)
     parser.add_argument("--platform", metavar="OS/ARCH[/VARIANT]",
                         help="platform to pick from an index (default: this machine's)")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="read and write no workdir (none is even made): every manifest "
+                        "and the config come from the registry, and the plan names no cache "
+                        "paths (tosi-fetch then fetches into its own workdir); --workdir is "
+                        "not used")
+    parser.add_argument("--list-tags", action="store_true",
+                        help="print the tags of IMAGE's repository, one per line, instead of "
+                        "a plan (IMAGE's tag or digest is ignored); writes no workdir")
+    parser.add_argument("--page-size", type=count_type(1, 10_000), metavar="N",
+                        help="with --list-tags: ask for N tags a page (the registry's n=; "
+                        "default: the registry's own page)")
     add_registry_flags(parser)
-    parser.add_argument("image", metavar="IMAGE", help="image reference")
+    parser.add_argument("image", metavar="IMAGE", help="image reference (a repository with --list-tags)")
     return parser
 
 
 def _body(argv):
     args = _parser().parse_args(argv)
     setup_logging(PROG, args.verbose)
+    if args.page_size and not args.list_tags:
+        from ..errors import UsageError
+
+        raise UsageError("--page-size goes with --list-tags")
 
     from ..plan import PlanWriter
     from ..imageplatform import parse_platform
     from ..reference import parse_reference
-    from ..resolve import resolve_image
+    from ..resolve import Resolver, resolve_image
 
     ref = parse_reference(args.image)
+    if args.list_tags:
+        resolver = Resolver(None, keychain=keychain_from_args(args))
+        try:
+            for tag in resolver.list_tags(ref, page_size=args.page_size):
+                sys.stdout.write(tag + "\n")
+        finally:
+            if resolver.client is not None:
+                resolver.client.close()
+        sys.stdout.flush()
+        return 0
     platform = parse_platform(args.platform) if args.platform else None
-    image, layers = resolve_image(ref, args.workdir, platform=platform, keychain=keychain_from_args(args))
+    image, layers = resolve_image(ref, None if args.no_cache else args.workdir, platform=platform,
+                                  keychain=keychain_from_args(args))
     PlanWriter(sys.stdout).write_plan(image, layers)
     return 0
 

@@ -16,7 +16,8 @@ from .. import __version__
 from ..cache import DEFAULT_WORKDIR
 from ..errors import UsageError, quoted
 from .common import (
-    EXIT_OK, MAX_PARALLEL, check_authfile, exit_status_epilog, read_password_line, run, setup_logging,
+    EXIT_OK, MAX_PARALLEL, check_authfile, exit_status_epilog, nearest_flag, read_password_line, run,
+    setup_logging,
 )
 
 PROG = "tosi"
@@ -135,7 +136,8 @@ def help_text() -> str:
         lines.append(textwrap.fill(flag.help + _default_note(flag), 79, initial_indent=" " * 8,
                                    subsequent_indent=" " * 8))
     lines += ["  -h, -help", "        Print this help and exit.", "", EXAMPLES, "",
-              exit_status_epilog(PROG, "the registry, network, cache, unpack or mount failed")]
+              exit_status_epilog(PROG, "the registry, network, cache, unpack or mount failed",
+                                 targets="an -extractto or -mount directory")]
     return "\n".join(lines)
 
 
@@ -158,7 +160,9 @@ def parse_flags(argv: Sequence[str]) -> dict[str, Any]:
             raise HelpRequested()
         flag = FLAG_BY_NAME.get(name)
         if flag is None:
-            raise UsageError(f"flag provided but not defined: -{name}")
+            hint = nearest_flag(name, list(FLAG_BY_NAME))
+            raise UsageError(f"flag provided but not defined: -{name}"
+                             + (f"; did you mean -{hint}?" if hint else ""))
         if flag.kind == BOOL:
             if not has_value:
                 value = "true"

@@ -38,7 +38,7 @@ environment:
   TOSI_MIN_FREE_INODES    free inodes to keep: a count or N% (default: 1%, 512 to 65536)
 
 """ + exit_status_epilog(PROG, "a layer could not be extracted (missing blob, bad diffID, I/O)",
-                                  reads_plan=True)
+                                  reads_plan=True, targets="an --into directory")
 
 
 def body(argv: Sequence[str] | None) -> int:
