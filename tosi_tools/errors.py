@@ -24,6 +24,39 @@ def quoted(value: object, limit: int = QUOTE_LIMIT) -> str:
     return text if len(text) <= limit else f"{text[:limit]}..."
 
 
+# How the command that runs spells the flags a message names: the stages take
+# "--name", tosi takes "-name" and calls the stages' --into -extractto. Set once
+# per command by cli.common.run (set_flag_style); library callers get the stages'.
+_flag_prefix = "--"
+_UMBRELLA_NAMES = {"into": "extractto"}
+
+
+def set_flag_style(prefix: str) -> str:
+    """Name flags with `prefix` ("--": a stage, "-": tosi) from now on; returns the old one."""
+    global _flag_prefix
+    old, _flag_prefix = _flag_prefix, prefix
+    return old
+
+
+def umbrella() -> bool:
+    """Whether the command that runs is tosi (one dash), which has no stage-only flags."""
+    return _flag_prefix == "-"
+
+
+def flag(name: str) -> str:
+    """The stage flag `name` (without dashes) as the command that runs spells it:
+    flag("username") is "--username" in a stage and "-username" in tosi."""
+    if umbrella():
+        return "-" + _UMBRELLA_NAMES.get(name, name)
+    return "--" + name
+
+
+def for_command(stage: str, tosi: str) -> str:
+    """The advice that fits the command that runs: `stage`'s for a stage, else `tosi`'s
+    (for advice naming a stage-only flag, such as tosi-mount --keep-upper)."""
+    return tosi if umbrella() else stage
+
+
 class TosiError(Exception):
     """Base of every error the library raises on purpose."""
 

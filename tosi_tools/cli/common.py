@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 
 from .. import __version__
 from ..cache import DEFAULT_WORKDIR, Workdir
-from ..errors import TosiError, UsageError, quoted
+from ..errors import TosiError, UsageError, quoted, set_flag_style
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -170,7 +170,9 @@ def setup_logging(prog: str, verbosity: int) -> None:
 
 def run(prog: str, body: Callable[[Sequence[str] | None], int | None],
         argv: Sequence[str] | None = None) -> int:
-    """Call body(argv) and turn every failure into one line on stderr and an exit status."""
+    """Call body(argv) and turn every failure into one line on stderr and an exit status.
+    Messages name flags as `prog` spells them (errors.flag)."""
+    old_style = set_flag_style("-" if prog == "tosi" else "--")
     try:
         return body(argv) or EXIT_OK
     except TosiError as exc:
@@ -196,6 +198,8 @@ def run(prog: str, body: Callable[[Sequence[str] | None], int | None],
         print(f"{prog}: error: internal error: {type(exc).__name__}: {exc} "
               "(set TOSI_DEBUG=1 for a traceback)", file=sys.stderr)
         return EXIT_FAILURE
+    finally:
+        set_flag_style(old_style)
 
 
 def _silence_stdout():
