@@ -142,6 +142,20 @@ def test_no_credentials_at_all_says_how_to_give_some(tool, basic, home, workdir)
                            "with docker or podman\n")
 
 
+def test_a_token_server_refusing_anonymous_requests_says_how_to_give_credentials(
+        tool, token_registry, token_server, token_pusher, home, workdir, repo_name):
+    token_pusher.push_image(f"public/{repo_name}", "v1", [random_layer(1000)])
+    token_server.anonymous = False
+    try:
+        proc = resolve(tool, workdir, f"{token_registry.host}/public/{repo_name}:v1", home.env(), check=1)
+    finally:
+        token_server.anonymous = True
+    assert proc.stderr.splitlines()[-1] == (
+        f"tosi-resolve: error: {token_registry.host}: token server refused anonymous access (401); no "
+        f"credentials for {token_registry.host}: give --username (or TOSI_USERNAME), --authfile, or log in "
+        "with docker or podman")
+
+
 def test_tosi_names_its_own_flags_when_no_credentials_are_found(tool, basic, home, tmp_path):
     registry, reference, _user, _password = basic
     proc = tool("tosi", "-workdir", tmp_path / "w", "-image", reference, "-extractto", tmp_path / "root",

@@ -260,7 +260,7 @@ class RegistryClient:
         if r.status_code in (401, 403):
             r.close()
             raise Unauthorized(f"{self._host}: token server refused anonymous access ({r.status_code}); "
-                               + self._no_credentials(), status=r.status_code)
+                               + (self.withheld or self._no_credentials()), status=r.status_code)
         if is_temporary(r.status_code):
             # Unavailable (an Unreachable): the request it was for is tried again.
             r.close()

@@ -10,7 +10,8 @@ It also speaks OAuth2's token POST as distribution's token spec describes it
 (grant_type=refresh_token with a refresh token from `.refresh_tokens`, whose
 account it stands for; an unknown one gets 400 invalid_grant), unless
 `.oauth` is False: then a POST gets 405, as from a server that does not trade
-identity tokens.
+identity tokens. With `.anonymous` False it refuses token requests without
+credentials (401), as some private registries' token servers do.
 """
 
 import base64
@@ -51,7 +52,7 @@ class _Handler(BaseHTTPRequestHandler):
         if parts.path != "/token":
             return self._answer(404, {"error": "not found"})
         account = server.authenticate(self.headers.get("Authorization"))
-        if account is False:
+        if account is False or (account is None and not server.anonymous):
             return self._answer(401, {"errors": [{"code": "UNAUTHORIZED", "message": "bad credentials"}]},
                                 {"WWW-Authenticate": f'Basic realm="{ISSUER}"'})
         access = [server.grant(account, scope) for scope in query.get("scope", [])]
@@ -99,6 +100,7 @@ class TokenServer:
         self.token_fields = ("token", "access_token")  # what a response carries; tests may narrow it
         self.refresh_tokens = {}  # identity token -> account, for the OAuth2 POST
         self.oauth = True
+        self.anonymous = True  # False: a token request without credentials gets 401
         self.requests = []
         self.ca = CertificateAuthority("tosi-tools token CA")
         self.signer = self.ca.issue("tosi-tools token signer", server=False)
