@@ -167,7 +167,8 @@ def _entry_credentials(entry, registry: str) -> Credentials | None:
     if token:
         if not isinstance(token, str):
             raise _BadEntry('has an "identitytoken" that is not a string')
-        return Credentials(username or None, None, registry, identity_token=token)
+        # A password beside it answers a registry that only does HTTP Basic.
+        return Credentials(username or None, password or None, registry, identity_token=token)
     if username and password:
         return Credentials(username, password, registry)
     return None

@@ -197,7 +197,8 @@ def client_factory(credentials: Optional["Credentials"], pool_size: int,
     auth.Credentials) reach the plan's endpoint only if it is that registry's own,
     and Basic ones go over plain http or unverified TLS to a host off loopback
     only with `insecure` (the caller's own --insecure; the plan's is not enough).
-    A client certificate comes from the keychain (`tls_for`), never from a plan."""
+    A client certificate and the CAs of the host's certs.d directory come from the
+    keychain (`tls_for`), never from a plan."""
     from .keychain import Keychain, TLSConfig
     from .registry import RegistryClient
     from .transport import DEFAULT_READ_TIMEOUT, endpoint_for
@@ -210,7 +211,10 @@ def client_factory(credentials: Optional["Credentials"], pool_size: int,
         registry = image.registry
         # Fetcher.start refused a plan naming neither an endpoint nor a registry.
         endpoint = image.endpoint or endpoint_for(registry or "", plan_insecure)
-        tls = TLSConfig(image.ca_file, keychain.tls_for(registry).client_cert, plan_insecure)
+        own = keychain.tls_for(registry)
+        # The host's certs.d CAs are this machine's: added unless the plan names a CA file.
+        tls = TLSConfig(image.ca_file, own.client_cert, plan_insecure,
+                        () if image.ca_file or plan_insecure else own.added_cas)
         return RegistryClient(endpoint, keychain=keychain, registry=registry,
                               repository=image.repository, tls=tls,
                               read_timeout=read_timeout or DEFAULT_READ_TIMEOUT,

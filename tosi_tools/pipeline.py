@@ -65,6 +65,7 @@ class PullOptions(NamedTuple):  # not a dataclass: importing dataclasses costs a
     keep_root_mode: bool = False  # -extractto: see unpack.apply_layers_into
     min_free: Optional[str] = None  # -min-free: space.Reserve text (None: TOSI_MIN_FREE or the default)
     authfile: Optional[str] = None  # -authfile: containers auth.json read first (credstore)
+    ca_file: Optional[str] = None  # -ca-file: the CA bundle verifying the registry (else certs.d, system)
 
 
 def preflight(options: PullOptions) -> Optional[Platform]:
@@ -162,7 +163,7 @@ def pull(options: PullOptions,
     platform = preflight(options)
     ref, endpoint = reference_and_endpoint(options)
     keychain = keychain_from_flags(options.username, options.password, insecure=options.insecure,
-                                   authfile=options.authfile)
+                                   authfile=options.authfile, ca_file=options.ca_file)
     # Private and ours (made 0700 if missing), before anything in it is read or written.
     workdir = Workdir(options.workdir, options.overlaydir, flag_prefix="-").ensure()
     tokens = TokenCache()

@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from typing import Any, Mapping, Optional, Protocol
 from urllib.parse import urljoin, urlsplit
 
-from .auth import Credentials, TokenCache, parse_challenge
+from .auth import Credentials, TokenCache, parse_challenge, refresh_token_form
 from .errors import NotFound, RegistryError, TosiError, Unauthorized, flag
 from .keychain import Keychain, TLSConfig
 from .transport import (
@@ -193,7 +193,7 @@ class RegistryClient:
             return None
         scheme, params = challenge
         if scheme == "basic":
-            if not self.credentials or self._basic_refusal(self.endpoint):
+            if not _has_password(self.credentials) or self._basic_refusal(self.endpoint):
                 return None
             return self.credentials.basic_header()
         if scheme == "bearer":
@@ -203,6 +203,33 @@ class RegistryClient:
 
     def _basic_refusal(self, url):
         return basic_refusal(url, self.credentials_insecure, tls_verified=self.transport.tls_verified)
+
+    # ------------------------------------------------------------ messages
+
+    @property
+    def _registry_name(self) -> str:
+        return self.registry or self._host
+
+    def _source(self) -> str:
+        """Where the credentials came from (a flag, a variable, a file, a helper), for messages."""
+        return self.keychain.answered(self.registry, self.repository) or "the caller"
+
+    def _rejected(self, detail: str) -> str:
+        """The words for credentials the registry (or its token server) refused."""
+        kind = "identity token" if not _has_password(self.credentials) else "credentials"
+        return f"{kind} rejected by {self._registry_name} ({detail}; from {self._source()})" \
+            + self._lookup_problems()
+
+    def _no_credentials(self) -> str:
+        """The words for a refusal when no credentials were found, with how to give some."""
+        return (f"no credentials for {self._registry_name}: give {flag('username')} "
+                f"(or TOSI_USERNAME), {flag('authfile')}, or log in with docker or podman") \
+            + self._lookup_problems()
+
+    def _lookup_problems(self) -> str:
+        """What failed while credentials were looked up (a credential helper's failure)."""
+        problems = self.keychain.warnings
+        return "; " + "; ".join(problems) if problems else ""
 
     def _fetch_token(self, params, repository):
         realm = params.get("realm")
@@ -218,15 +245,33 @@ class RegistryClient:
         if scope:
             query["scope"] = scope
         what = f"token server {realm}"
-        if self.credentials:
+        credentials = self.credentials
+        if credentials:
             refusal = self._basic_refusal(realm)
             if refusal:
                 raise Unauthorized(f"{what}: {refusal}")
-        r = self._token_request(realm, query, what)
+        if credentials is not None and credentials.identity_token:
+            r = self._refresh_token_request(realm, params.get("service"), scope, what)
+            if r.status_code in (404, 405):
+                # A token server without OAuth2's POST (docker's fallback too): a GET,
+                # with the password if there is one, else anonymous.
+                r.close()
+                log.info("%s does not trade identity tokens (%d); asking it %s", what, r.status_code,
+                         "with the password" if _has_password(credentials) else "anonymously")
+                r = self._token_request(realm, query, what)
+        else:
+            r = self._token_request(realm, query, what)
+        # OAuth2 answers a refresh token it does not know with 400 invalid_grant.
+        refused = (400, 401, 403) if credentials is not None and credentials.identity_token else (401, 403)
+        if r.status_code in refused and credentials is not None:
+            r.close()
+            netloc = urlsplit(realm).netloc
+            raise Unauthorized(self._rejected(f"its token server {netloc} answered {r.status_code}"),
+                               status=r.status_code)
         if r.status_code in (401, 403):
             r.close()
-            raise Unauthorized(f"{self._host}: token server refused the credentials ({r.status_code})",
-                               status=r.status_code)
+            raise Unauthorized(f"{self._host}: token server refused anonymous access ({r.status_code}); "
+                               + (self.withheld or self._no_credentials()), status=r.status_code)
         if is_temporary(r.status_code):
             # Unavailable (an Unreachable): the request it was for is tried again.
             r.close()
@@ -249,12 +294,19 @@ class RegistryClient:
         self.tokens.put(key, token, body.get("expires_in"))
         return token
 
+    def _refresh_token_request(self, realm, service, scope, what):
+        """POST the identity token to the realm for a bearer token (OAuth2's refresh_token
+        grant, as docker does). No redirect is followed: the token is in the body."""
+        form = refresh_token_form(self.credentials, service, scope)
+        return self.transport.send("POST", realm, {"Content-Type": "application/x-www-form-urlencoded"},
+                                   stream=True, what=what, data=form)
+
     def _token_request(self, realm, query, what):
         """GET the token, following redirects by hand: the Basic credentials go to the
         realm's own scheme, host and port only, never to where a redirect leads."""
         def send_one(url):
             headers = {}
-            if self.credentials and same_origin(url, realm):
+            if _has_password(self.credentials) and same_origin(url, realm):
                 headers["Authorization"] = self.credentials.basic_header()
             # The query goes with the realm; a redirect's Location carries its own.
             return self.transport.send("GET", url, headers, stream=True, what=what,
@@ -299,8 +351,12 @@ class RegistryClient:
                     raise Unauthorized(f"{self._host}: authentication required; {self.withheld}",
                                        status=401)
                 if not self.credentials:
-                    raise Unauthorized(f"{self._host}: authentication required (use {flag('username')})",
+                    raise Unauthorized(f"{self._host}: authentication required; {self._no_credentials()}",
                                        status=401)
+                if not _has_password(self.credentials):
+                    raise Unauthorized(f"{self._host}: authentication required: it asks for a password "
+                                       f"(HTTP Basic), and the credentials from {self._source()} hold "
+                                       "only an identity token", status=401)
                 refusal = self._basic_refusal(url)
                 if refusal:
                     raise Unauthorized(f"{self._host}: authentication required; {refusal}", status=401)
@@ -322,7 +378,13 @@ class RegistryClient:
             if self.withheld:
                 text += f" ({self.withheld})"
             elif not self.credentials:
-                text += f" (no credentials were given: use {flag('username')})"
+                text += f" ({self._no_credentials()})"
+            elif resp.status_code == 401 and self._challenge is not None and self._challenge[0] == "basic":
+                # Basic credentials go with every request: the registry refused them.
+                text = f"{what}: {self._rejected(f'{resp.status_code} {detail}'.rstrip())}"
+            else:
+                text += (f" (the credentials from {self._source()} were accepted but give no access "
+                         f"to {self.repository or 'it'}, or there is no such repository)")
             raise Unauthorized(text, status=resp.status_code, code=code)
         raise RegistryError(text, status=resp.status_code, code=code)
 
@@ -481,6 +543,11 @@ class URLBlobSource:
     def open(self, digest: str, offset: int = 0, what: Optional[str] = None,
              timeout: Any = None) -> BodyStream:
         return self.client.open_blob(None, digest, offset, url=self.url, timeout=timeout, what=what)
+
+
+def _has_password(credentials: Optional[Credentials]) -> bool:
+    """Whether `credentials` can answer HTTP Basic (an identity token alone cannot)."""
+    return credentials is not None and credentials.password is not None
 
 
 def _bind(credentials, endpoint, origin):

@@ -33,7 +33,7 @@ from urllib.parse import urljoin, urlsplit
 
 from .cache import atomic_write
 from .errors import (
-    Cancelled, ManifestError, RegistryError, TLSFailure, TosiError, Unavailable, Unreachable,
+    Cancelled, ManifestError, RegistryError, TLSFailure, TosiError, Unavailable, Unreachable, flag,
 )
 from .keychain import DEFAULT_TLS, TLSConfig
 
@@ -165,7 +165,8 @@ def _unverified_context() -> Any:
 
 def ssl_context(tls: TLSConfig) -> Any:
     """An ssl.SSLContext verifying as `Transport` does: `tls.ca_file`, else the bundle
-    the environment names, else certifi's (requests' own default); none with `insecure`."""
+    the environment names, else certifi's (requests' own default), and `tls.added_cas`
+    besides; none with `insecure`."""
     import ssl
 
     if tls.insecure:
@@ -181,6 +182,8 @@ def ssl_context(tls: TLSConfig) -> Any:
             context = ssl.create_default_context(capath=bundle)
         else:
             context = ssl.create_default_context(cafile=bundle)
+        for ca_file in tls.added_cas:
+            context.load_verify_locations(cafile=ca_file)
     if tls.client_cert:
         context.load_cert_chain(*tls.client_cert)
     return context
@@ -447,14 +450,47 @@ def rewrap(error: TosiError, message: str) -> TosiError:
     return new
 
 
-def _request_error(exc: Exception, url: str, method: str, what: Optional[str]) -> TosiError:
-    """The typed error for an exception of requests (or urllib3, ssl) sending to `url`."""
+# What OpenSSL says when the answer to its ClientHello is no TLS record (e.g. "HTTP/1.1 400").
+_NO_TLS_RECORD = re.compile(r"wrong.version.number|record.layer.failure|packet.length.too.long|"
+                            r"unknown.protocol", re.IGNORECASE)
+
+
+def speaks_plain_http(netloc: str, timeout: float = TLS_PROBE_TIMEOUT) -> bool:
+    """True if `netloc` (host[:port], default port 443) answers a plain HTTP request
+    with an HTTP status line."""
+    parts = urlsplit(f"//{netloc}")
+    try:
+        with socket.create_connection((parts.hostname, parts.port or 443), timeout=timeout) as sock:
+            sock.settimeout(timeout)
+            sock.sendall(f"HEAD /v2/ HTTP/1.0\r\nHost: {netloc}\r\n\r\n".encode("latin-1"))
+            answer = b""
+            while len(answer) < 5:
+                chunk = sock.recv(5 - len(answer))
+                if not chunk:
+                    break
+                answer += chunk
+            return answer == b"HTTP/"
+    except (OSError, ValueError, UnicodeError):
+        return False
+
+
+def _request_error(exc: Exception, url: str, method: str, what: Optional[str],
+                   insecure: bool = False) -> TosiError:
+    """The typed error for an exception of requests (or urllib3, ssl) sending to `url`;
+    `insecure`: the transport already allows plain http (for the advice given)."""
     import requests
 
     parts = urlsplit(url)  # the path only: storage URLs carry signatures in the query
     where = what or parts.netloc
     if isinstance(exc, requests.exceptions.SSLError):
-        return TLSFailure(f"{where}: TLS failure: {reason(exc)}")
+        why = reason(exc)
+        if _NO_TLS_RECORD.search(why) and speaks_plain_http(parts.netloc):
+            # --insecure lets resolve choose http for the host; with it, the https
+            # endpoint was given (a plan's, -url): only another endpoint helps.
+            advice = f"reach it as http://{parts.netloc}" if insecure else f"use {flag('insecure')}"
+            prefix = "" if where == parts.netloc else f"{where}: "
+            return TLSFailure(f"{prefix}{parts.netloc} speaks plain HTTP; {advice}")
+        return TLSFailure(f"{where}: TLS failure: {why}")
     if isinstance(exc, (requests.ConnectionError, requests.Timeout)):
         return Unreachable(f"{where} unreachable: {reason(exc)}")
     # A malformed URL, header or Location (requests parses it even when not following).
@@ -541,6 +577,27 @@ def _is_transport_exception(exc: BaseException) -> bool:
     return isinstance(exc, (urllib3.exceptions.HTTPError, requests.RequestException, OSError))
 
 
+_adapter_classes: dict[str, Any] = {}
+
+
+def _context_adapter(context: Any, **options: Any) -> Any:
+    """A requests HTTPAdapter whose connections use `context` (an ssl.SSLContext) as is."""
+    if "context" not in _adapter_classes:
+        from requests.adapters import HTTPAdapter
+
+        class ContextAdapter(HTTPAdapter):
+            def __init__(self, context: Any, **options: Any) -> None:
+                self._ssl_context = context
+                super().__init__(**options)
+
+            def init_poolmanager(self, *args: Any, **options: Any) -> None:
+                options["ssl_context"] = self._ssl_context
+                super().init_poolmanager(*args, **options)
+
+        _adapter_classes["context"] = ContextAdapter
+    return _adapter_classes["context"](context, **options)
+
+
 class Transport:
     """A pooled HTTP session speaking TLS as `tls` says; one attempt per call.
 
@@ -559,8 +616,13 @@ class Transport:
         self.session.trust_env = True
         self.session.auth = _no_auth
         adapter = HTTPAdapter(pool_connections=4, pool_maxsize=max(pool_size, 4), max_retries=0)
-        self.session.mount("https://", adapter)
         self.session.mount("http://", adapter)
+        if tls.added_cas and not tls.insecure:
+            # requests takes one CA bundle path; CAs added to the default store (a
+            # certs.d directory's) need a context of our own, which urllib3 uses as is.
+            adapter = _context_adapter(ssl_context(tls), pool_connections=4,
+                                       pool_maxsize=max(pool_size, 4), max_retries=0)
+        self.session.mount("https://", adapter)
         # Passed per request: requests lets REQUESTS_CA_BUNDLE override a session's
         # verify, which would silently replace --ca-file and undo --insecure.
         self.verify: Any = False if tls.insecure else (tls.ca_file or None)
@@ -574,19 +636,20 @@ class Transport:
 
     def send(self, method: str, url: str, headers: Optional[Mapping[str, str]] = None,
              stream: bool = False, timeout: Any = None, params: Optional[Mapping[str, str]] = None,
-             what: Optional[str] = None) -> Any:
+             what: Optional[str] = None, data: Optional[Mapping[str, Any]] = None) -> Any:
         """One request, redirects not followed; the requests.Response whatever its
-        status. Failures to get an answer are TLSFailure, Unreachable or (a malformed
-        URL or answer) RegistryError, named `what` (default: the host)."""
+        status. `data`: a form to send as the body. Failures to get an answer are
+        TLSFailure, Unreachable or (a malformed URL or answer) RegistryError, named
+        `what` (default: the host)."""
         try:
             return self.session.request(method, url, headers=dict(headers or {}), params=params,
-                                        stream=stream, allow_redirects=False,
+                                        data=data, stream=stream, allow_redirects=False,
                                         timeout=timeout or self.timeout, verify=self.verify,
                                         cert=self.cert)
         except Exception as exc:
             if not _is_transport_exception(exc) and not isinstance(exc, ValueError):
                 raise
-            raise _request_error(exc, url, method, what) from None
+            raise _request_error(exc, url, method, what, self.tls.insecure) from None
 
     def read_limited(self, resp: Any, limit: int, what: str,
                      too_large: type[TosiError] = ManifestError) -> bytes:

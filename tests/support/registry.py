@@ -29,12 +29,13 @@ def _yaml(value, indent=0):
 
 
 class Registry:
-    def __init__(self, workdir, extra_config=None, scheme="http", ca_file=None):
+    def __init__(self, workdir, extra_config=None, scheme="http", ca_file=None, client_cert=None):
         self.workdir = workdir
         self.storage = os.path.join(workdir, "storage")
         self.extra_config = extra_config or {}
         self.scheme = scheme
         self.ca_file = ca_file  # CA bundle a client needs to trust this registry's TLS
+        self.client_cert = client_cert  # (cert, key) it asks clients for (http.tls.clientcas), if any
         self.process = None
         self.port = None
         self.log_path = os.path.join(workdir, "registry.log")
@@ -90,7 +91,7 @@ class Registry:
             if self.process.poll() is not None:
                 return False
             try:
-                r = requests.get(f"{self.url}/v2/", timeout=2, verify=verify)
+                r = requests.get(f"{self.url}/v2/", timeout=2, verify=verify, cert=self.client_cert)
                 if r.status_code in (200, 401):
                     return True
             except requests.RequestException:

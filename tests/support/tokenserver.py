@@ -5,6 +5,13 @@ RS256 by a leaf certificate whose chain (x5c) ends in a test CA; the registry
 trusts that CA through `rootcertbundle`. Anyone may pull repositories under the
 public prefixes; users (HTTP Basic on the token request) may pull and push
 everything; wrong credentials get 401. Every token request is recorded.
+
+It also speaks OAuth2's token POST as distribution's token spec describes it
+(grant_type=refresh_token with a refresh token from `.refresh_tokens`, whose
+account it stands for; an unknown one gets 400 invalid_grant), unless
+`.oauth` is False: then a POST gets 405, as from a server that does not trade
+identity tokens. With `.anonymous` False it refuses token requests without
+credentials (401), as some private registries' token servers do.
 """
 
 import base64
@@ -45,7 +52,7 @@ class _Handler(BaseHTTPRequestHandler):
         if parts.path != "/token":
             return self._answer(404, {"error": "not found"})
         account = server.authenticate(self.headers.get("Authorization"))
-        if account is False:
+        if account is False or (account is None and not server.anonymous):
             return self._answer(401, {"errors": [{"code": "UNAUTHORIZED", "message": "bad credentials"}]},
                                 {"WWW-Authenticate": f'Basic realm="{ISSUER}"'})
         access = [server.grant(account, scope) for scope in query.get("scope", [])]
@@ -54,6 +61,26 @@ class _Handler(BaseHTTPRequestHandler):
         for field in server.token_fields:
             body[field] = token
         self._answer(200, body)
+
+    def do_POST(self):
+        server = self.server.token_server
+        parts = urlsplit(self.path)
+        length = int(self.headers.get("Content-Length") or 0)
+        form = parse_qs(self.rfile.read(length).decode()) if length else {}
+        server.requests.append((parts.path, form, "Authorization" in self.headers))
+        if parts.path != "/token":
+            return self._answer(404, {"error": "not found"})
+        if not server.oauth:
+            return self._answer(405, {"error": "method not allowed"})
+        if form.get("grant_type") != ["refresh_token"] or "refresh_token" not in form:
+            return self._answer(400, {"error": "unsupported_grant_type"})
+        account = server.refresh_tokens.get(form["refresh_token"][0])
+        if account is None:
+            return self._answer(400, {"error": "invalid_grant"})
+        access = [server.grant(account, scope) for scope in form.get("scope", [])]
+        token = server.mint([a for a in access if a], subject=account)
+        self._answer(200, {"access_token": token, "expires_in": TOKEN_LIFETIME, "scope": " ".join(
+            form.get("scope", []))})
 
     def _answer(self, status, body, headers=None):
         data = json.dumps(body).encode()
@@ -71,6 +98,9 @@ class TokenServer:
         self.users = dict(users or {})
         self.public_prefixes = tuple(public_prefixes)
         self.token_fields = ("token", "access_token")  # what a response carries; tests may narrow it
+        self.refresh_tokens = {}  # identity token -> account, for the OAuth2 POST
+        self.oauth = True
+        self.anonymous = True  # False: a token request without credentials gets 401
         self.requests = []
         self.ca = CertificateAuthority("tosi-tools token CA")
         self.signer = self.ca.issue("tosi-tools token signer", server=False)

@@ -31,8 +31,8 @@ def add_registry_flags(parser: argparse.ArgumentParser) -> None:
                         help="use plain http (or skip certificate verification for https) "
                         "for a registry that is not on loopback")
     parser.add_argument("--ca-file", metavar="FILE",
-                        help="CA bundle to verify the registry's certificate "
-                        "(default: system CAs, or $REQUESTS_CA_BUNDLE)")
+                        help="CA bundle to verify the registry's certificate (default: the "
+                        "host's certs.d directory and the system CAs, or $REQUESTS_CA_BUNDLE)")
 
 
 def keychain_from_args(args: argparse.Namespace) -> "Keychain":

@@ -7,6 +7,7 @@ stops at the first non-flag argument or at `--`.
 """
 
 import logging
+import os
 import sys
 import textwrap
 from collections.abc import Sequence
@@ -56,6 +57,8 @@ FLAGS = [
     Flag("authfile", STRING, "containers auth.json to read registry credentials from before the "
          "other stored ones (default: $REGISTRY_AUTH_FILE, else "
          "$XDG_RUNTIME_DIR/containers/auth.json).", metavar="FILE"),
+    Flag("ca-file", STRING, "CA bundle to verify the registry's certificate with (default: the "
+         "host's certs.d directory and the system CAs, or $REQUESTS_CA_BUNDLE).", metavar="FILE"),
     Flag("extractto", STRING, "Extract and combine all layers of an image directly into this "
          "directory. Mutually exclusive with -mount <dir>.", metavar="DIR"),
     Flag("image", STRING, "Image repository to pull, e.g. alpine, alpine:3.20, "
@@ -221,6 +224,8 @@ def check_flags(values: dict[str, Any]) -> None:
 
         parse_size(values["min-free"], "-min-free")
     check_authfile(values["authfile"], "-authfile")
+    if values["ca-file"] is not None and not os.path.isfile(values["ca-file"]):
+        raise UsageError(f"-ca-file {quoted(values['ca-file'])}: no such file")
 
 
 def body(argv: Sequence[str] | None) -> int:
@@ -265,6 +270,7 @@ def body(argv: Sequence[str] | None) -> int:
         keep_root_mode=values["keep-root-mode"],
         min_free=values["min-free"],
         authfile=values["authfile"],
+        ca_file=os.path.abspath(values["ca-file"]) if values["ca-file"] else None,
     )
     show = values["progress"] if values["progress"] is not None else sys.stderr.isatty()
     pipeline.pull(options, progress_for=_progress_bars if show else None)
