@@ -3,11 +3,16 @@
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..plan import ImageRecord, LayerRecord
 
 from .common import (
     MAX_PARALLEL, add_credential_flags, add_min_free_flag, add_workdir_flag, check_authfile, count_type,
     exit_status_epilog, new_parser, password_from_stdin, plan_workdir, run, setup_logging,
 )
+from .terminal import PlanOutput, count, human_size, image_name, next_stage, refuse_terminal_stdin
 
 PROG = "tosi-fetch"
 
@@ -69,10 +74,12 @@ def body(argv: Sequence[str] | None) -> int:
     if args.read_timeout is not None and args.read_timeout <= 0:
         parser.error("--read-timeout must be positive")
     setup_logging(PROG, args.verbose)
+    refuse_terminal_stdin(PROG, "the plan tosi-resolve writes",
+                          "tosi-resolve alpine | tosi-fetch | tosi-unpack --into /tmp/rootfs")
 
     from ..fetch import Fetcher, client_factory, fetch_plan
     from ..keychain import from_flags
-    from ..plan import PlanReader, PlanWriter
+    from ..plan import PlanReader
     from ..space import Reserve
     from .progress import ProgressBars
 
@@ -96,7 +103,8 @@ def body(argv: Sequence[str] | None) -> int:
                       reserve=Reserve.from_env(size_text=args.min_free))
     try:
         records = fetch_plan(fetcher, image, layers)
-        PlanWriter(sys.stdout).write_plan(next(records), records)
+        out = PlanOutput(sys.stdout, _describe)
+        out.write_plan(next(records), records)
     except BaseException:
         if bars:
             bars.clear()  # before the error line
@@ -104,7 +112,17 @@ def body(argv: Sequence[str] | None) -> int:
     finally:
         if bars:
             bars.close()
+    out.finish()  # after the bars
     return 0
+
+
+def _describe(image: "ImageRecord", layers: "list[LayerRecord]") -> str:
+    """What a terminal gets instead of the plan."""
+    from .progress import total_bytes
+
+    return (f"fetched {image_name(image)}: {count(len(layers), 'layer')}, "
+            f"{human_size(total_bytes(image, layers))}, in {image.workdir}"
+            + next_stage("tosi-unpack"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
