@@ -213,6 +213,7 @@ class ProgressBars:
             bar.close()  # clears its line
         self._rows.clear()
         self._logging.close()
-        # At the start of the top row: the final lines, or the error line, go there.
-        self._stream.write("\r" + "".join(line + "\n" for line in lines))
-        self._stream.flush()
+        if bars:
+            # At the start of the top row: the final lines, or the error line, go there.
+            self._stream.write("\r" + "".join(line + "\n" for line in lines))
+            self._stream.flush()
