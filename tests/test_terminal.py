@@ -76,7 +76,7 @@ def test_fetch_on_a_terminal_counts_only_what_it_downloads(workdir, registry, pu
     plan = tool("tosi-resolve", "--workdir", workdir, f"{registry.host}/{repo_name}:1", check=0).stdout
     first = run_on_pty(tool_argv("tosi-fetch"), stdin=plan.encode(), stdout=PIPE, stderr=PTY)
     assert first.returncode == 0, first.terminal
-    assert [line.split("|")[0] for line in screen_lines(first.terminal)] == ["download: 100%"]
+    assert [line.split("|")[0] for line in screen_lines(first.terminal)] == ["total: 100%"]
     again = run_on_pty(tool_argv("tosi-fetch"), stdin=plan.encode(), stdout=PIPE, stderr=PTY)
     assert (again.returncode, again.terminal) == (0, "")
     assert again.stdout == first.stdout

@@ -1,10 +1,10 @@
 """Progress bars on stderr (tqdm) for tosi and tosi-fetch, showing what really happens.
 
-A "download" bar counts the bytes that come over the wire, against the bytes of
-the blobs the cache did not hold (a blob found cached, or the part of one an
-earlier run left, is taken off its total): it appears with the first download,
-so a run that finds every blob cached shows none. tosi-fetch adds one row per
-blob while it downloads. tosi adds an "extract" bar: layers applied (or
+A download bar ("download" in tosi, "total" in tosi-fetch, above one row per
+blob while it downloads) counts the bytes that come over the wire, against the
+bytes of the blobs the cache did not hold (a blob found cached, or the part of
+one an earlier run left, is taken off its total): it appears with the first
+download, so a run that finds every blob cached shows none. tosi adds an "extract" bar: layers applied (or
 extracted) out of the plan's, with the entries and bytes applied so far.
 
 On success the bars are replaced by their final lines; on failure or Ctrl-C
@@ -42,7 +42,7 @@ class ProgressBars:
     Thread-safe; once cleared or closed, later events are ignored."""
 
     def __init__(self, image: "ImageRecord", layers: "Iterable[LayerRecord]", stream: IO[str],
-                 blob_rows: bool = True, extraction: bool = False) -> None:
+                 blob_rows: bool = True, extraction: bool = False, download_label: str = "total") -> None:
         import logging
 
         from tqdm import tqdm
@@ -54,6 +54,7 @@ class ProgressBars:
         self._lock = threading.Lock()
         self._closed = False
         self._blob_rows = blob_rows
+        self._download_label = download_label
         self._extraction = extraction
         self._layer_count = len(layers)
         # Bytes of the plan's blobs not known yet to be in the cache: the download bar's total.
@@ -87,7 +88,7 @@ class ProgressBars:
                 self._uncount(nbytes)
                 self._counted[download] = 0
                 if self._download is None:
-                    self._download = self._bar(total=self._to_download, desc="download", unit="B",
+                    self._download = self._bar(total=self._to_download, desc=self._download_label, unit="B",
                                                unit_scale=True, unit_divisor=1024)
                 if self._blob_rows:
                     row = self._free_rows.pop() if self._free_rows else len(self._rows) + 1

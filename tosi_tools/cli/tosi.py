@@ -271,7 +271,8 @@ def body(argv: Sequence[str] | None) -> int:
 def _progress_bars(image, layers):
     from .progress import ProgressBars
 
-    return ProgressBars(image, layers, sys.stderr, blob_rows=False, extraction=True)
+    return ProgressBars(image, layers, sys.stderr, blob_rows=False, extraction=True,
+                        download_label="download")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
