@@ -102,6 +102,48 @@ def test_interrupted_tosi_clears_its_bars_before_the_error_line(workdir, fault_p
     assert not [line for line in shown if "%|" in line]
 
 
+def test_a_failing_tosi_clears_its_bars_before_the_error_line(workdir, fault_proxy, pusher, repo_name,
+                                                               tmp_path):
+    [layer] = small_layers(count=1, files=1, size=1 << 20)
+    pusher.push_image(repo_name, "1", [layer])
+    # The download bar is drawn at the blob's request; a 404 is final (not retried).
+    fault_proxy.add(Rule("delay", path=f"/blobs/{layer.digest}", seconds=0.5))
+    fault_proxy.add(Rule("status", path=f"/blobs/{layer.digest}", status=404))
+    host = fault_proxy.url.split("://", 1)[1]
+    run = tosi_on_terminal(workdir, f"{host}/{repo_name}:1", "-extractto", tmp_path / "rootfs")
+    assert run.returncode == 1
+    assert "download:" in run.terminal
+    [line] = screen_lines(run.terminal)
+    assert line.startswith("tosi: error: ")
+
+
+def test_interrupted_fetch_clears_its_bars_before_the_error_line(workdir, fault_proxy, pusher, repo_name, tool):
+    pusher.push_image(repo_name, "1", small_layers(count=1, files=1, size=4 << 20))
+    fault_proxy.add(Rule("throttle", path="/blobs/sha256:", rate=256 << 10))
+    host = fault_proxy.url.split("://", 1)[1]
+    plan = tool("tosi-resolve", "--workdir", workdir, f"{host}/{repo_name}:1", check=0).stdout
+    interrupted = []
+
+    def interrupt_once_downloading(terminal, proc):
+        if not interrupted and re.search(r"total: +\d+%", terminal):
+            interrupted.append(True)
+            os.killpg(proc.pid, signal.SIGINT)
+
+    run = run_on_pty(tool_argv("tosi-fetch"), stdin=plan.encode(), stdout=PIPE, stderr=PTY,
+                     when=interrupt_once_downloading, timeout=60)
+    assert interrupted and run.returncode == 130
+    assert screen_lines(run.terminal) == ["tosi-fetch: error: interrupted"]
+
+
+def test_logs_go_above_the_bars(workdir, pushed, tmp_path):
+    run = tosi_on_terminal(workdir, pushed, "-extractto", tmp_path / "rootfs", "-v", "1")
+    assert run.returncode == 0, run.terminal
+    shown = screen_lines(run.terminal)
+    assert [line.split(":")[0] for line in shown[-2:]] == ["download", "extract"]
+    assert all(line.startswith("tosi: ") and "%|" not in line for line in shown[:-2])
+    assert len([line for line in shown if " applied " in line]) == 3
+
+
 # ---------------------------------------------------------------- stages and their stdin
 
 
