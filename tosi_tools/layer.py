@@ -986,7 +986,8 @@ def _warn_not_root() -> None:
 
 def apply_layer(root: saferoot.SafeRoot | str | os.PathLike, stream: BinaryIO, media_type: str | None,
                 mode: str = FLAT, layer_name: str = "layer", limits: Limits | None = None,
-                diff_id: str | None = None, hold_root: bool = False) -> LayerStats:
+                diff_id: str | None = None, hold_root: bool = False,
+                progress: Callable[[LayerStats], None] | None = None) -> LayerStats:
     """Apply the layer blob read from `stream` (any binary reader) to `root`.
 
     `root` is a SafeRoot or a directory path. Returns LayerStats. Raises
@@ -1001,6 +1002,9 @@ def apply_layer(root: saferoot.SafeRoot | str | os.PathLike, stream: BinaryIO, m
     one warning.
     With `hold_root`, a "./" entry's mode and mtime are not applied to the root but
     reported (LayerStats.root_mode, root_mtime_ns); its owner and xattrs are.
+    `progress(stats)`, if given, is called on this thread after each tar entry with
+    the LayerStats so far (entries and data bytes applied): it must be quick, and
+    whatever it raises stops the layer like any failure.
     """
     if mode not in (FLAT, OVERLAY):
         raise ValueError(f"mode must be {FLAT!r} or {OVERLAY!r}, not {mode!r}")
@@ -1019,6 +1023,8 @@ def apply_layer(root: saferoot.SafeRoot | str | os.PathLike, stream: BinaryIO, m
         entry = None
         for entry in tar:
             applier.apply(tar, entry)
+            if progress is not None:
+                progress(applier.stats)
         entry = None
         applier.files.sync()
         tar.finish(MAX_TRAILING_BYTES)

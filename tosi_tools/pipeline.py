@@ -158,7 +158,11 @@ def pull(options: PullOptions,
     """Pull and lay out one image; returns the final plan: (image record, layer records).
 
     `progress_for(image, layers)` may return a download progress callback (see
-    fetch.Fetcher) with a close() method, called once the downloads are over.
+    fetch.Fetcher) with a close() method, called once the downloads are over. If it
+    has a `layer` method, that is unpack's progress callback (see tosi_tools.unpack:
+    layers applied or extracted, entries and bytes); if it has a `clear` method, that
+    is called before close() when the pull fails (or is interrupted), so that what it
+    shows can be taken away before the error is reported.
     """
     platform = preflight(options)
     ref, endpoint = reference_and_endpoint(options)
@@ -260,6 +264,7 @@ def _fetch_and_unpack_once(options, workdir, keychain, tokens, image, layers, pr
 
     redos = 0
     done = []
+    failed = True  # until the layers are all laid out
     try:
         fetched_image = next(fetched)
         while True:
@@ -269,10 +274,12 @@ def _fetch_and_unpack_once(options, workdir, keychain, tokens, image, layers, pr
                     fetched_image, layer_records(), workdir=workdir, overlaydir=options.overlaydir,
                     into=options.extract_to, open_stream=streams.open,
                     keep_root_mode=options.keep_root_mode,
-                    limits=layer.Limits.from_env(min_free=options.min_free))
+                    limits=layer.Limits.from_env(min_free=options.min_free),
+                    progress=getattr(progress, "layer", None))
                 for record in unpacked:
                     done.append(record)
                 image = unpacked_image
+                failed = False
                 break
             except TosiError as exc:
                 # Wrong bytes read from a download that then started over: unpack again.
@@ -304,5 +311,7 @@ def _fetch_and_unpack_once(options, workdir, keychain, tokens, image, layers, pr
     finally:
         fetched.close()
         if progress is not None:
+            if failed and hasattr(progress, "clear"):
+                progress.clear()
             progress.close()
     return image, done

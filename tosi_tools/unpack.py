@@ -21,6 +21,14 @@ names it twice, is checked against it too.
 
 The layer mechanism (and the decompressors under it) is imported only where a
 layer is applied: a run that only reuses extracted layers never needs it.
+
+Every function that lays layers out takes `progress(record, event, stats)`, called
+on the thread doing the work (several at once in per-layer mode): "start" (stats
+None) when a layer begins, "advance" after each of its tar entries (stats: the
+layer.LayerStats so far, entries and data bytes applied), "done" (the final
+LayerStats) once it is applied or extracted and published, and "reused" (stats
+None) for a layer already extracted, or named again by the plan. It must be quick
+and must not print; what it raises stops the work like any failure.
 """
 
 import concurrent.futures
@@ -206,7 +214,7 @@ def _finish_root(root, target, mode, setuid_files, devices, keep_root_mode):
 
 
 def apply_layers_into(target, layer_records, workdir=None, open_stream=None, limits=None,
-                      keep_root_mode=False):
+                      keep_root_mode=False, progress=None):
     """Apply layers bottom first into `target`; yields each LayerRecord with "applied": true.
 
     `open_stream(record)` may give the blob stream of a layer (default: the
@@ -215,7 +223,7 @@ def apply_layers_into(target, layer_records, workdir=None, open_stream=None, lim
     one before anything was written is raised as it came.
     `target` is 0700 while the layers go in; at the end it gets the image's root mode,
     unless other users can reach it and it received setuid/setgid files or devices
-    (see _finish_root) and `keep_root_mode` is false.
+    (see _finish_root) and `keep_root_mode` is false. `progress`: see the module's doc.
     """
     from . import layer as layer_mod
 
@@ -240,13 +248,16 @@ def apply_layers_into(target, layer_records, workdir=None, open_stream=None, lim
                 with _open_blob(workdir, record, None, open_stream) as blob:
                     stats = layer_mod.apply_layer(root, blob, record.media_type, layer_mod.FLAT,
                                                   record.name, limits, record.diff_id,
-                                                  hold_root=True)
+                                                  hold_root=True,
+                                                  progress=_layer_progress(progress, record))
                 if stats.root_mode is not None:
                     root_mode = stats.root_mode
                     os.utime(root.fd, ns=(stats.root_mtime_ns, stats.root_mtime_ns))
                 setuid_files += stats.setuid_files
                 devices += stats.devices
                 _log_stats("applied", record, stats, started)
+                if progress is not None:
+                    progress(record, "done", stats)
             except BaseException as exc:
                 if applied == 0 and _untouched(root):
                     raise
@@ -265,6 +276,14 @@ def apply_layers_into(target, layer_records, workdir=None, open_stream=None, lim
                 raise
             applied += 1
             yield record.with_applied()
+
+
+def _layer_progress(progress, record):
+    """apply_layer's progress(stats) for `record`, after telling `progress` the layer starts."""
+    if progress is None:
+        return None
+    progress(record, "start", None)
+    return lambda stats: progress(record, "advance", stats)
 
 
 def _untouched(root):
@@ -418,13 +437,15 @@ def remove_abandoned_temps(workdir):
             continue  # a live run is extracting that layer
 
 
-def extract_layer_to_overlay(workdir, layer_record, stream=None, limits=None, open_stream=None):
+def extract_layer_to_overlay(workdir, layer_record, stream=None, limits=None, open_stream=None,
+                             progress=None):
     """Extract one layer as an overlayfs lowerdir (or reuse it); returns the LayerRecord
     with "overlay" and "link".
 
     `stream` (any binary reader), or else what `open_stream(record)` returns,
     replaces the cached blob; neither is used when the layer is already extracted.
     A layer whose content does not hash to its diffID is not published.
+    `progress`: see the module's doc.
     """
     layer_record = _layer_record(layer_record)
     workdir = _workdir(workdir).ensure()
@@ -442,7 +463,8 @@ def extract_layer_to_overlay(workdir, layer_record, stream=None, limits=None, op
                 started = time.monotonic()
                 with writing_ahead(tmp), _open_blob(workdir, layer_record, stream, open_stream) as blob:
                     stats = layer_mod.apply_layer(tmp, blob, layer_record.media_type, layer_mod.OVERLAY,
-                                                  layer_record.name, limits, layer_record.diff_id)
+                                                  layer_record.name, limits, layer_record.diff_id,
+                                                  progress=_layer_progress(progress, layer_record))
                 atomic_write(workdir.diffid_path(digest), stats.diff_id, durable=False)
                 _write_implicit(final, stats.implicit_dirs)
                 _write_whiteout_dirs(final, stats.whiteout_dirs)
@@ -455,9 +477,13 @@ def extract_layer_to_overlay(workdir, layer_record, stream=None, limits=None, op
             except BaseException:
                 _discard_tree(tmp)
                 raise
+            if progress is not None:
+                progress(layer_record, "done", stats)
         else:
             log.info("layer %s: already extracted in %s", layer_record.name, final)
             _check_extracted(workdir, layer_record)
+            if progress is not None:
+                progress(layer_record, "reused", None)
         short = _ensure_link(workdir, digest)
     return layer_record.with_overlay(final, short)
 
@@ -479,9 +505,10 @@ def _default_parallel():
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
-def extract_layers_to_overlays(workdir, layer_records, parallel=None, limits=None, open_stream=None):
+def extract_layers_to_overlays(workdir, layer_records, parallel=None, limits=None, open_stream=None,
+                               progress=None):
     """Extract layers in parallel; yields the LayerRecords with "overlay" and "link" in
-    plan order as they finish."""
+    plan order as they finish. `progress`: see the module's doc."""
     from . import layer as layer_mod
 
     # The first record first: a plan refused on reading leaves the workdir untouched.
@@ -501,10 +528,11 @@ def extract_layers_to_overlays(workdir, layer_records, parallel=None, limits=Non
             record = _layer_record(record)  # a malformed plan stops before more work starts
             digest = record.digest
             future = by_digest.get(digest)
+            repeated = future is not None
             if future is None:  # a layer the image repeats is extracted once
                 future = by_digest[digest] = pool.submit(
-                    extract_layer_to_overlay, workdir, record, None, limits, open_stream)
-            pending.append((record, future))
+                    extract_layer_to_overlay, workdir, record, None, limits, open_stream, progress)
+            pending.append((record, future, progress if repeated else None))
             while pending and pending[0][1].done():
                 yield _merged(workdir, *pending.popleft())
         while pending:
@@ -513,17 +541,21 @@ def extract_layers_to_overlays(workdir, layer_records, parallel=None, limits=Non
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _merged(workdir, record, future):
+def _merged(workdir, record, future, repeat_progress=None):
+    """The record with what its layer's extraction gave; `repeat_progress`: the progress
+    callback, for a record whose layer the plan named before."""
     done = future.result()
     if record.diff_id != done.diff_id:  # a repeated layer, said to be other content
         _check_extracted(workdir, record)
+    if repeat_progress is not None:
+        repeat_progress(record, "reused", None)
     return record.with_overlay(done.overlay, done.link)
 
 
 # ---------------------------------------------------------------- the stage
 
 def unpack_image(image, layer_records, workdir=None, overlaydir=None, into=None, parallel=None,
-                 limits=None, open_stream=None, keep_root_mode=False):
+                 limits=None, open_stream=None, keep_root_mode=False, progress=None):
     """Unpack the layers of a plan: (the image record, an iterator of the layer records
     unpacked, in plan order).
 
@@ -535,7 +567,7 @@ def unpack_image(image, layer_records, workdir=None, overlaydir=None, into=None,
     without it, the plan's workdir is used if it is a tosi workdir
     (cache.workdir_for). `open_stream(record)`, if given, returns the layer blob as
     a binary stream (a download in flight, say) instead of the cached file.
-    `keep_root_mode`: see apply_layers_into.
+    `keep_root_mode`: see apply_layers_into. `progress`: see the module's doc.
     """
     image = ImageRecord.of(image)
     wd = workdir_for(workdir, image, overlaydir)
@@ -545,8 +577,9 @@ def unpack_image(image, layer_records, workdir=None, overlaydir=None, into=None,
         check_into_target(into)
         image = image.with_rootfs(os.path.abspath(into))
         return image, apply_layers_into(image.rootfs, layer_records, wd, open_stream, limits,
-                                        keep_root_mode)
-    return image, extract_layers_to_overlays(wd, layer_records, parallel, limits, open_stream)
+                                        keep_root_mode, progress)
+    return image, extract_layers_to_overlays(wd, layer_records, parallel, limits, open_stream,
+                                             progress)
 
 
 def unpack_plan(image, layer_records, workdir=None, overlaydir=None, into=None, parallel=None,

@@ -2,9 +2,8 @@
 
 import argparse
 import sys
-import threading
-from collections.abc import Iterable, Sequence
-from typing import IO, TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from ..plan import ImageRecord, LayerRecord
@@ -13,6 +12,7 @@ from .common import (
     MAX_PARALLEL, add_credential_flags, add_min_free_flag, add_workdir_flag, check_authfile, count_type,
     exit_status_epilog, new_parser, password_from_stdin, plan_workdir, run, setup_logging,
 )
+from .terminal import PlanOutput, count, human_size, image_name, next_stage, refuse_terminal_stdin
 
 PROG = "tosi-fetch"
 
@@ -66,59 +66,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class ProgressBars:
-    """tqdm bars on stderr: total bytes, and one bar per blob while it downloads."""
-
-    def __init__(self, total: int, stream: IO[str]) -> None:
-        from tqdm import tqdm
-
-        self._tqdm = tqdm
-        self._stream = stream
-        self._lock = threading.Lock()
-        self._bars: dict[Any, tuple[int, Any]] = {}  # download -> (row, its bar)
-        self._free_rows: list[int] = []
-        self.total = tqdm(total=total, desc="total", unit="B", unit_scale=True, unit_divisor=1024,
-                          file=stream, position=0, dynamic_ncols=True)
-
-    def __call__(self, download: Any, event: str, nbytes: int) -> None:
-        with self._lock:
-            if event == "reused":
-                self.total.update(nbytes)
-            elif event == "start":
-                row = self._free_rows.pop() if self._free_rows else len(self._bars) + 1
-                self._bars[download] = (row, self._tqdm(
-                    total=download.size, initial=nbytes, desc=download.digest.hex[:12], unit="B",
-                    unit_scale=True, unit_divisor=1024, file=self._stream, position=row, leave=False,
-                    dynamic_ncols=True))
-                self.total.update(nbytes)
-            elif event == "restart" and download in self._bars:
-                self._bars[download][1].reset(total=download.size)
-                self.total.update(-nbytes)
-            elif event == "advance" and download in self._bars:
-                self._bars[download][1].update(nbytes)
-                self.total.update(nbytes)
-            elif event == "done" and download in self._bars:
-                row, bar = self._bars.pop(download)
-                bar.close()
-                self._free_rows.append(row)
-
-    def close(self) -> None:
-        with self._lock:
-            for _row, bar in self._bars.values():
-                bar.close()
-            self._bars.clear()
-            self.total.close()
-
-
-def total_bytes(image: "ImageRecord", layers: "Iterable[LayerRecord]") -> int:
-    """Bytes to download for a plan (an ImageRecord, LayerRecords): each distinct blob
-    once, the config included."""
-    sizes = {layer.digest: layer.size for layer in layers}
-    if image.config_digest is not None:
-        sizes[image.config_digest] = image.config_size
-    return sum(size for size in sizes.values() if size is not None)
-
-
 def body(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -127,11 +74,14 @@ def body(argv: Sequence[str] | None) -> int:
     if args.read_timeout is not None and args.read_timeout <= 0:
         parser.error("--read-timeout must be positive")
     setup_logging(PROG, args.verbose)
+    refuse_terminal_stdin(PROG, "the plan tosi-resolve writes",
+                          "tosi-resolve alpine | tosi-fetch | tosi-unpack --into /tmp/rootfs")
 
     from ..fetch import Fetcher, client_factory, fetch_plan
     from ..keychain import from_flags
-    from ..plan import PlanReader, PlanWriter
+    from ..plan import PlanReader
     from ..space import Reserve
+    from .progress import ProgressBars
 
     check_authfile(args.authfile)
     password = password_from_stdin(args)  # before the plan, which follows it on stdin
@@ -144,7 +94,7 @@ def body(argv: Sequence[str] | None) -> int:
     keychain = from_flags(args.username, args.password, password, insecure=args.insecure,
                           authfile=args.authfile)
     show = args.progress == "always" or (args.progress == "auto" and sys.stderr.isatty())
-    bars = ProgressBars(total_bytes(image, layers), sys.stderr) if show else None
+    bars = ProgressBars(image, layers, sys.stderr) if show else None
     pool_size = args.parallel or max(len(layers) + 1, 1)
     fetcher = Fetcher(workdir, client_factory(None, pool_size, read_timeout=args.read_timeout,
                                               insecure=args.insecure, keychain=keychain),
@@ -153,11 +103,26 @@ def body(argv: Sequence[str] | None) -> int:
                       reserve=Reserve.from_env(size_text=args.min_free))
     try:
         records = fetch_plan(fetcher, image, layers)
-        PlanWriter(sys.stdout).write_plan(next(records), records)
+        out = PlanOutput(sys.stdout, _describe)
+        out.write_plan(next(records), records)
+    except BaseException:
+        if bars:
+            bars.clear()  # before the error line
+        raise
     finally:
         if bars:
             bars.close()
+    out.finish()  # after the bars
     return 0
+
+
+def _describe(image: "ImageRecord", layers: "list[LayerRecord]") -> str:
+    """What a terminal gets instead of the plan."""
+    from .progress import total_bytes
+
+    return (f"fetched {image_name(image)}: {count(len(layers), 'layer')}, "
+            f"{human_size(total_bytes(image, layers))}, in {image.workdir}"
+            + next_stage("tosi-unpack"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from ..errors import UsageError
 from .common import add_workdir_flag, exit_status_epilog, new_parser, plan_workdir, run, setup_logging
+from .terminal import PlanOutput, count, image_name, refuse_terminal_stdin
 
 PROG = "tosi-mount"
 
@@ -62,11 +63,13 @@ def body(argv: Sequence[str] | None) -> int:
         raise UsageError("--read-only, --keep-upper and --mount-option are for mounting, "
                          "not --unmount")
     from .. import mount
-    from ..plan import PlanReader, PlanWriter
+    from ..plan import PlanReader
 
     if args.unmount:
         mount.unmount_image(args.mountpoint, clean=args.clean)
         return 0
+    refuse_terminal_stdin(PROG, "the plan tosi-unpack writes (without --into)",
+                          "tosi-resolve alpine | tosi-fetch | tosi-unpack | tosi-mount /run/rootfs")
     reader = PlanReader(sys.stdin, workdir=lambda image: plan_workdir(
         args.workdir, image, args.overlaydir), uses=("overlay",))
     layers = reader.layers()
@@ -75,8 +78,23 @@ def body(argv: Sequence[str] | None) -> int:
         workdir=reader.workdir,
         read_only=args.read_only, keep_upper=args.keep_upper,
         mount_options=args.mount_options))
-    PlanWriter(sys.stdout).write_plan(image, layers)
+    out = PlanOutput(sys.stdout, _describe)
+    out.write_plan(image, layers)
+    out.finish()
     return 0
+
+
+def _describe(image, layers):
+    """What a terminal gets instead of the plan."""
+    mounted = image.mount or {}
+    if mounted.get("readOnly"):
+        writes = "read-only"
+    else:
+        writes = f"writes go to {mounted.get('upper')}"
+    options = mounted.get("options") or []
+    return (f"mounted {image_name(image)} at {mounted.get('target')}: overlayfs of "
+            f"{count(len(layers), 'layer')}, {writes}" + (f", {','.join(options)}" if options else "")
+            + f" (undo: tosi-mount --unmount {mounted.get('target')})")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -93,8 +93,9 @@ FLAGS = [
          "stdin.", False),
     Flag("platform", STRING, "Platform to pick from a multi-platform image, as OS/ARCH[/VARIANT] "
          "(default: this machine's).", metavar="OS/ARCH[/VARIANT]"),
-    Flag("progress", BOOL, "Show download progress bars on stderr (default: only when stderr "
-         "is a terminal; -progress=false never).", None),
+    Flag("progress", BOOL, "Show progress bars on stderr: bytes downloaded, then layers "
+         "extracted with their entries and bytes (default: only when stderr is a terminal; "
+         "-progress=false never).", None),
     Flag("read-only", BOOL, "With -mount: mount the layers only, without an upper dir, so "
          "writes fail.", False),
     Flag("saveconfig", STRING, "Save config from image to this file as JSON.", metavar="FILE"),
@@ -278,9 +279,10 @@ def body(argv: Sequence[str] | None) -> int:
 
 
 def _progress_bars(image, layers):
-    from .fetch import ProgressBars, total_bytes
+    from .progress import ProgressBars
 
-    return ProgressBars(total_bytes(image, layers), sys.stderr)
+    return ProgressBars(image, layers, sys.stderr, blob_rows=False, extraction=True,
+                        download_label="download")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

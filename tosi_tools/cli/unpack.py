@@ -1,5 +1,6 @@
 """tosi-unpack: extract the layers of a fetched plan, per layer for overlayfs or flat into a directory."""
 
+import os
 import sys
 from collections.abc import Sequence
 
@@ -7,6 +8,7 @@ from .common import (
     MAX_PARALLEL, add_min_free_flag, add_workdir_flag, count_type, exit_status_epilog, new_parser,
     plan_workdir, run, setup_logging,
 )
+from .terminal import PlanOutput, count, image_name, next_stage, refuse_terminal_stdin
 
 PROG = "tosi-unpack"
 
@@ -58,9 +60,11 @@ def body(argv: Sequence[str] | None) -> int:
     add_min_free_flag(parser, "the target's filesystem")
     args = parser.parse_args(argv)
     setup_logging(PROG, args.verbose)
+    refuse_terminal_stdin(PROG, "the plan tosi-fetch writes",
+                          "tosi-resolve alpine | tosi-fetch | tosi-unpack --into /tmp/rootfs")
 
     from ..layer import Limits
-    from ..plan import FdLines, PlanReader, PlanWriter
+    from ..plan import FdLines, PlanReader
     from ..unpack import check_into_target, unpack_image
 
     if args.keep_root_mode and not args.into:
@@ -80,8 +84,20 @@ def body(argv: Sequence[str] | None) -> int:
                                   into=args.into, parallel=args.parallel,
                                   limits=Limits.from_env(min_free=args.min_free),
                                   keep_root_mode=args.keep_root_mode)
-    PlanWriter(sys.stdout).write_plan(image, records)
+    out = PlanOutput(sys.stdout, _describe)
+    out.write_plan(image, records)
+    out.finish()
     return 0
+
+
+def _describe(image, layers):
+    """What a terminal gets instead of the plan."""
+    name = image_name(image)
+    if image.rootfs is not None:
+        return f"unpacked {name}: {count(len(layers), 'layer')} applied into {image.rootfs}"
+    where = {os.path.dirname(layer.overlay) for layer in layers if layer.overlay}
+    return (f"unpacked {name}: {count(len(layers), 'layer')} extracted"
+            + (f" in {where.pop()}" if len(where) == 1 else "") + next_stage("tosi-mount DIR"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from .common import (
     EXIT_FAILURE, add_workdir_flag, exit_status_epilog, new_parser, plan_workdir, run, setup_logging,
 )
+from .terminal import PlanOutput, count, image_name, next_stage, refuse_terminal_stdin
 
 PROG = "tosi-verify"
 
@@ -39,7 +40,7 @@ def _first_line(stream):
 
 
 def _verify_plan(lines, workdir_flag, report):
-    from ..plan import PlanReader, PlanWriter
+    from ..plan import PlanReader
     from ..verify import config_check, layer_check, verify_blobs
 
     reader = PlanReader(
@@ -51,7 +52,7 @@ def _verify_plan(lines, workdir_flag, report):
     checks = [layer_check(workdir, record) for record in layers]
     # Each record goes out once its blob verified: the image record with its config.
     outputs = list(layers)
-    writer = PlanWriter(sys.stdout)
+    writer = PlanOutput(sys.stdout, _describe)
     if image.config is not None:
         checks.insert(0, config_check(workdir, image.config))
         outputs.insert(0, image)
@@ -65,7 +66,17 @@ def _verify_plan(lines, workdir_flag, report):
             good = False
         elif good:
             writer.write(record)
+    if good:
+        writer.finish()
     return good
+
+
+def _describe(image, layers):
+    """What a terminal gets instead of the plan."""
+    what = count(len(layers), "layer")
+    if image.config is not None:
+        what = f"the config and {what}"
+    return f"verified {image_name(image)}: {what}, in {image.workdir}" + next_stage("tosi-unpack")
 
 
 def _verify_digests(lines, workdir_flag, report):
@@ -89,6 +100,8 @@ def _verify_digests(lines, workdir_flag, report):
 def body(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(PROG, args.verbose)
+    refuse_terminal_stdin(PROG, "a plan (or a list of digests)",
+                          "tosi-resolve alpine | tosi-fetch | tosi-verify | tosi-unpack --into /tmp/rootfs")
 
     def report(error):
         print(f"{PROG}: error: {error}", file=sys.stderr, flush=True)
