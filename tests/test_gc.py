@@ -308,3 +308,71 @@ def test_a_symlink_in_the_overlay_dir_is_removed_not_followed(tool, two_images, 
     tool("tosi-gc", "--workdir", workdir, check=0)
     assert (outside / "precious").read_text() == "x"
     assert not os.path.lexists(os.path.join(Workdir(workdir).overlays, "cd" * 32))
+
+
+def symlink_stack():
+    """lib -> usr/lib below, lib/x.so above: a mount of it makes a chain copy, and an
+    attributes lowerdir for the implicit directories."""
+    from tests.support.images import symlink_entry
+
+    return [make_layer([dir_entry("usr/lib"), file_entry("usr/lib/base", b"b"), symlink_entry("lib", "usr/lib")]),
+            make_layer([file_entry("lib/x.so", b"x"), file_entry("lib/sub/y", b"y")])]
+
+
+def overlay_extras(workdir):
+    overlays = Workdir(workdir).overlays
+    return sorted((name, os.lstat(os.path.join(overlays, name)).st_ino) for name in os.listdir(overlays)
+                  if name.startswith((".tosi-chain-", ".tosi-attrs-")))
+
+
+def test_the_chain_copies_and_attributes_lowerdir_of_a_kept_image_stay_and_go_with_it(
+        tool, pusher, registry, repo_name, workdir, tmp_path, mounts):
+    pusher.push_image(repo_name, "1", symlink_stack())
+    reference = f"{registry.host}/{repo_name}:1"
+    target = str(tmp_path / "mnt")
+    mounts.append(target)
+    tool("tosi", "-workdir", workdir, "-image", reference, "-mount", target, check=0)
+    tool("tosi-mount", "--unmount", "--clean", target, check=0)
+    made = overlay_extras(workdir)
+    assert any(name.startswith(".tosi-chain-") for name, _ in made)
+    assert any(name.startswith(".tosi-attrs-") for name, _ in made)
+    tool("tosi-gc", "--workdir", workdir, check=0)
+    assert overlay_extras(workdir) == made
+    tool("tosi", "-workdir", workdir, "-image", reference, "-mount", target, check=0)
+    assert (tmp_path / "mnt" / "usr" / "lib" / "x.so").read_bytes() == b"x"
+    tool("tosi-mount", "--unmount", "--clean", target, check=0)
+    assert overlay_extras(workdir) == made  # reused, not made again
+    tool("tosi-gc", "--workdir", workdir, "--max-size", "0", check=0)
+    assert overlay_extras(workdir) == []
+
+
+def test_chain_copies_attributes_lowerdirs_and_dead_mounts_temporaries_no_image_uses_go(
+        tool, pusher, registry, repo_name, workdir, tmp_path, mounts):
+    pusher.push_image(repo_name, "1", symlink_stack())
+    target = str(tmp_path / "mnt")
+    mounts.append(target)
+    tool("tosi", "-workdir", workdir, "-image", f"{registry.host}/{repo_name}:1", "-mount", target, check=0)
+    tool("tosi-mount", "--unmount", "--clean", target, check=0)
+    used = overlay_extras(workdir)
+    overlays = Workdir(workdir).overlays
+    unused = [".tosi-chain-" + "ee" * 32, ".tosi-attrs-" + "0" * 32, ".tosi-attrs-" + "1" * 32 + ".0123abcd"]
+    for name in unused:
+        os.makedirs(os.path.join(overlays, name, "usr", "lib"))
+    open(os.path.join(overlays, unused[0] + ".implicit"), "w").close()
+    tool("tosi-gc", "--workdir", workdir, check=0)
+    assert overlay_extras(workdir) == used
+
+
+MOUNTINFO = (
+    "55 27 0:43 / /mnt/a rw,relatime - overlay overlay ro,lowerdir=abc:l\\134:2:/w/overlays/ff,redirect_dir=on\n"
+    "56 27 0:44 / /mnt/b ro,relatime - overlay overlay ro,lowerdir+=l1,lowerdir+=/w/o\\054x,datadir+=d\n"
+    "57 27 0:45 / /mnt/c rw,relatime shared:1 - ext4 /dev/sda1 rw,lowerdir=nope\n"
+)
+
+
+def test_the_lowerdirs_of_live_mounts_are_read_from_both_mount_apis_options(tmp_path):
+    from tosi_tools.overlay import mounted_lowerdirs
+
+    path = tmp_path / "mountinfo"
+    path.write_text(MOUNTINFO)
+    assert mounted_lowerdirs(str(path)) == [["abc", "l:2", "/w/overlays/ff"], ["l1", "/w/o,x", "d"]]
