@@ -376,3 +376,19 @@ def test_the_lowerdirs_of_live_mounts_are_read_from_both_mount_apis_options(tmp_
     path = tmp_path / "mountinfo"
     path.write_text(MOUNTINFO)
     assert mounted_lowerdirs(str(path)) == [["abc", "l:2", "/w/overlays/ff"], ["l1", "/w/o,x", "d"]]
+
+
+def test_the_bytes_freed_count_a_chain_copys_hardlinked_files_once(tool, pusher, registry, repo_name, workdir,
+                                                                  tmp_path, mounts):
+    from tosi_tools.gc import usage_of
+
+    pusher.push_image(repo_name, "1", [make_layer([file_entry("usr/lib/big", os.urandom(300_000))]),
+                                       *symlink_stack()])
+    target = str(tmp_path / "mnt")
+    mounts.append(target)
+    tool("tosi", "-workdir", workdir, "-image", f"{registry.host}/{repo_name}:1", "-mount", target, check=0)
+    tool("tosi-mount", "--unmount", "--clean", target, check=0)
+    before = sum(usage_of(workdir).values())
+    out = tool("tosi-gc", "--workdir", workdir, "--max-size", "0", check=0).stdout.splitlines()
+    assert any(" chain copy " in line for line in out)
+    assert int(out[-1].split()[1]) == before - sum(usage_of(workdir).values())

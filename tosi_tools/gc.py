@@ -543,8 +543,20 @@ def _collect(workdir: Workdir, first: _Scan, kept: set[str], live: set[str], max
                 if not dry_run:
                     _remove(path)
                     log.info("removed %s %s", what, path)
-    if not dry_run:
-        _remove_empty_dirs(workdir, again)
+    # The repository and registry directories left empty (a registry's .scheme and
+    # .challenged alone go too: nothing is cached from it).
+    gone = {removal.path for removal in removed}
+    for path in _emptied(again.registry_dirs, gone):
+        usage = usage_of(path) if not os.path.isdir(path) else {_key(path): _lstat_bytes(path)}
+        removed_usage.update(usage)
+        removed.append(Removal(path, "directory" if os.path.isdir(path) else "registry record",
+                               _bytes(usage)))
+        if not dry_run:
+            with contextlib.suppress(FileNotFoundError, OSError):
+                if os.path.isdir(path) and not os.path.islink(path):
+                    os.rmdir(path)
+                else:
+                    os.unlink(path)
     # A removed chain copy's files are its layer dir's too (hardlinks): freed only if no
     # kept path has them.
     kept_usage = _usage_of_paths(path for unit in needed for path in _unit_paths(workdir, unit))
@@ -760,32 +772,44 @@ def _overlay_removals(workdir: Workdir, needed: set[tuple[str, str]], live: set[
             paths.extend(path for path in links.get(unit[1], ()) if path not in paths)
 
 
-def _remove_empty_dirs(workdir: Workdir, scan: _Scan) -> None:
-    """Repository and registry directories left with no manifest (a registry's .scheme
-    and .challenged alone go with it: a registry nothing is cached from)."""
-    for registry_dir in scan.registry_dirs:
-        _prune_tree(registry_dir)
+def _key(path: str) -> tuple[int, int]:
+    st = os.lstat(path)
+    return st.st_dev, st.st_ino
 
 
-def _prune_tree(top: str) -> None:
-    """Remove the empty directories under `top`, deepest first, and `top` when it holds
-    nothing but .scheme and .challenged."""
-    dirs = []
-    stack = [top]
-    while stack:
-        directory = stack.pop()
-        dirs.append(directory)
-        for name in _names(directory):
-            path = os.path.join(directory, name)
-            if os.path.isdir(path) and not os.path.islink(path):
-                stack.append(path)
-    for directory in reversed(dirs[1:]):
-        with contextlib.suppress(OSError):
-            os.rmdir(directory)
-    left = set(_names(top))
-    if left <= {".scheme", ".challenged"}:
-        for name in left:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(top, name))
-        with contextlib.suppress(OSError):
-            os.rmdir(top)
+def _lstat_bytes(path: str) -> int:
+    return os.lstat(path).st_blocks * 512
+
+
+_REGISTRY_RECORDS = {".scheme", ".challenged"}
+
+
+def _emptied(registry_dirs: Sequence[str], gone: set[str]) -> list[str]:
+    """The paths to remove once `gone` is: each directory below a registry directory
+    that holds nothing else (deepest first), and a registry directory left with its
+    .scheme and .challenged only, with them. Nothing is followed."""
+    result: list[str] = []
+    for top in registry_dirs:
+        order = []  # directories, parents before children
+        stack = [top]
+        while stack:
+            directory = stack.pop()
+            order.append(directory)
+            for name in _names(directory):
+                path = os.path.join(directory, name)
+                if os.path.isdir(path) and not os.path.islink(path):
+                    stack.append(path)
+        empty: set[str] = set()
+        for directory in reversed(order):
+            left = [name for name in _names(directory)
+                    if os.path.join(directory, name) not in gone | empty]
+            if directory == top:
+                if set(left) <= _REGISTRY_RECORDS:
+                    result.extend(os.path.join(top, name) for name in sorted(left))
+                    result.extend(sorted(empty, key=len, reverse=True))
+                    result.append(top)
+                else:
+                    result.extend(sorted(empty, key=len, reverse=True))
+            elif not left:
+                empty.add(directory)
+    return result
