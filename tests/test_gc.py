@@ -392,3 +392,38 @@ def test_the_bytes_freed_count_a_chain_copys_hardlinked_files_once(tool, pusher,
     out = tool("tosi-gc", "--workdir", workdir, "--max-size", "0", check=0).stdout.splitlines()
     assert any(" chain copy " in line for line in out)
     assert int(out[-1].split()[1]) == before - sum(usage_of(workdir).values())
+
+
+def test_gc_during_a_pull_and_a_live_mount_leaves_a_cache_both_images_verify_from(
+        tool, pusher, registry, repo_name, workdir, tmp_path, mounts):
+    pusher.push_image(repo_name, "mounted", image_layers("mounted"))
+    noise = os.urandom(100_000)
+    pulled = pusher.push_image(repo_name, "pulled", [make_layer([file_entry("etc/pulled", noise)])])
+    target = str(tmp_path / "mnt")
+    mounts.append(target)
+    mounted_ref = f"{registry.host}/{repo_name}:mounted"
+    tool("tosi", "-workdir", workdir, "-image", mounted_ref, "-mount", target, check=0)
+    with FaultProxy(registry.url) as proxy:
+        proxy.add(Rule("delay", path=pulled.layers[0].digest, seconds=1))
+        proxy.add(Rule("throttle", path=pulled.layers[0].digest, rate=25_000))
+        pulled_ref = f"{host_of(proxy.url)}/{repo_name}:pulled"
+        pull_proc = subprocess.Popen(
+            [sys.executable, os.path.join(BIN, "tosi"), "-workdir", workdir, "-image", pulled_ref,
+             "-mount", str(tmp_path / "mnt2")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        mounts.append(str(tmp_path / "mnt2"))
+        try:
+            deadline = time.monotonic() + 30
+            while proxy.count("GET", pulled.layers[0].digest) == 0:
+                assert time.monotonic() < deadline and pull_proc.poll() is None
+                time.sleep(0.05)
+            tool("tosi-gc", "--workdir", workdir, "--max-size", "0", check=0)
+            assert pull_proc.poll() is None  # gc ran while the pull did
+        finally:
+            _, err = pull_proc.communicate(timeout=60)
+        assert pull_proc.returncode == 0, err
+        assert (tmp_path / "mnt2" / "etc" / "pulled").read_bytes() == noise
+        assert (tmp_path / "mnt" / "etc" / "mounted").read_bytes() == b"mounted" * 1000
+        assert {entry["reference"] for entry in listed(tool, workdir)} == {mounted_ref, pulled_ref}
+        for reference in (mounted_ref, pulled_ref):
+            plan = tool("tosi-resolve", "--workdir", workdir, reference, check=0).stdout
+            tool("tosi-verify", input=plan, check=0)

@@ -508,7 +508,8 @@ def _collect(workdir: Workdir, first: _Scan, kept: set[str], live: set[str], max
     units = _units_by_image(workdir, first.images)
     for image in first.images:
         held = not _free(_unit_lock(workdir, ("image", image.manifest_path)))
-        mounted = set(_lowers(workdir, image)[0]) <= live
+        lowers = _lowers(workdir, image)[0]
+        mounted = bool(lowers) and set(lowers) <= live
         if held or mounted:
             kept.add(image.manifest_path)
     dropped: list[CachedImage] = []
@@ -552,7 +553,7 @@ def _collect(workdir: Workdir, first: _Scan, kept: set[str], live: set[str], max
         removed.append(Removal(path, "directory" if os.path.isdir(path) else "registry record",
                                _bytes(usage)))
         if not dry_run:
-            with contextlib.suppress(FileNotFoundError, OSError):
+            with contextlib.suppress(OSError):  # something written there meanwhile stays
                 if os.path.isdir(path) and not os.path.islink(path):
                     os.rmdir(path)
                 else:
@@ -603,7 +604,7 @@ def _to_drop(workdir: Workdir, images: Sequence[CachedImage], units: dict[str, s
         dropped.append(image)
         for unit in units[image.manifest_path]:
             users[unit].discard(image.manifest_path)
-            if users[unit] or unit[1] in live:
+            if users[unit] or unit[0] in ("overlay", "chain", "attrs") and unit[1] in live:
                 continue
             for key in unit_usage[unit]:
                 counts[key] -= 1
@@ -634,7 +635,7 @@ def _what(path: str, st: os.stat_result) -> str:
         return "lock"
     if name.endswith(".partial"):
         return "partial blob"
-    if name.startswith(Workdir.TEMP_PREFIX) or re.search(r"-[0-9a-f]{8}\.[0-9a-f]{8}$|\.[0-9a-f]{8}$", name) \
+    if name.startswith(Workdir.TEMP_PREFIX) or re.search(r"\.[0-9a-f]{8}$", name) \
             and name.startswith((chain.CHAIN_PREFIX, Workdir.ATTRIBUTES_PREFIX)):
         return "temporary"
     if name.endswith(Workdir.USED_SUFFIX):
