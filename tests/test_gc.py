@@ -427,3 +427,19 @@ def test_gc_during_a_pull_and_a_live_mount_leaves_a_cache_both_images_verify_fro
         for reference in (mounted_ref, pulled_ref):
             plan = tool("tosi-resolve", "--workdir", workdir, reference, check=0).stdout
             tool("tosi-verify", input=plan, check=0)
+
+
+def test_the_empty_lowerdir_stays_while_a_mount_uses_it_and_goes_after(tool, pusher, registry, repo_name, workdir,
+                                                                      tmp_path, mounts):
+    pusher.push_image(repo_name, "1", [make_layer([file_entry("one", b"1")])])
+    target = str(tmp_path / "mnt")
+    mounts.append(target)
+    tool("tosi", "-workdir", workdir, "-image", f"{registry.host}/{repo_name}:1", "-mount", target, "-read-only",
+         check=0)
+    empty = Workdir(workdir).empty_lower_path()
+    assert os.path.isdir(empty)
+    tool("tosi-gc", "--workdir", workdir, check=0)
+    assert os.path.isdir(empty) and (tmp_path / "mnt" / "one").read_bytes() == b"1"
+    tool("tosi-mount", "--unmount", target, check=0)
+    tool("tosi-gc", "--workdir", workdir, check=0)
+    assert not os.path.lexists(empty)
