@@ -4,7 +4,7 @@ import pytest
 
 from tosi_tools import __version__
 
-COMMANDS = ["tosi", "tosi-resolve", "tosi-fetch", "tosi-verify", "tosi-unpack", "tosi-mount"]
+COMMANDS = ["tosi", "tosi-resolve", "tosi-fetch", "tosi-verify", "tosi-unpack", "tosi-mount", "tosi-gc"]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS)

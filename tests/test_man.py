@@ -12,7 +12,7 @@ import pytest
 from tests.conftest import ROOT
 
 MAN = os.path.join(ROOT, "man")
-COMMANDS = ["tosi", "tosi-resolve", "tosi-fetch", "tosi-verify", "tosi-unpack", "tosi-mount"]
+COMMANDS = ["tosi", "tosi-resolve", "tosi-fetch", "tosi-verify", "tosi-unpack", "tosi-mount", "tosi-gc"]
 PAGES = [f"{cmd}.1" for cmd in COMMANDS] + ["tosi-plan.5"]
 COMMAND_SECTIONS = ["NAME", "SYNOPSIS", "DESCRIPTION", "OPTIONS", "EXIT STATUS", "FILES",
                     "EXAMPLES", "SEE ALSO"]

@@ -7,6 +7,9 @@
     <workdir>/configs/v2:<algo>:<hex> the config's "config" object (what -saveconfig writes)
     <workdir>/manifests/<registry>/<repository>/<algo>:<hex>  raw manifest and index bytes
     <workdir>/manifests/<registry>/<repository>/tags/<tag>    digest the tag last resolved to
+    <workdir>/manifests/<registry>/<repository>/<algo>:<hex>.used  an image's use record (resolve:
+                                      its mtime is the last use; JSON {reference, platform}; a pull
+                                      holds a shared lock on it while it runs: see tosi_tools.gc)
     <workdir>/manifests/<registry>/.scheme    http or https: what a loopback/--insecure registry spoke
     <workdir>/manifests/<registry>/.challenged  the registry asks for credentials even to HEAD
     <workdir>/overlays/<hex>/         a layer extracted as an overlayfs lowerdir
@@ -20,6 +23,8 @@
                                       run that finds its lock free)
     <workdir>/overlays/.tosi-attrs-<key>/     an image's attributes lowerdir (see tosi_tools.mount)
     <workdir>/overlays/.tosi-empty/   the empty lowerdir below a one-layer read-only mount
+    <workdir>/overlays/.tosi-mount.lock  held shared by a mount from choosing its lowerdirs to the
+                                      mount(2); exclusively by tosi-gc while it removes overlays
     <workdir>/overlays/.tosi-chain-<chainID hex>/  a layer dir copied for the stack below it,
                                       its entries below lower symlinks moved (mount; tosi_tools.chain),
                                       with its own .implicit and .whiteouts beside it
@@ -70,6 +75,7 @@ that finish together share one syncfs (sync_filesystem).
 """
 
 import contextlib
+import errno
 import fcntl
 import os
 import secrets
@@ -363,6 +369,24 @@ def file_lock(path: str, wait: bool = True) -> Iterator[None]:
         os.close(fd)  # closing releases the lock
 
 
+@contextlib.contextmanager
+def shared_lock(path: str) -> Iterator[bool]:
+    """Hold a shared fcntl lock on `path` (created if missing), waiting for it; yields
+    False, holding nothing, where the file cannot be made (a read-only cache)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        yield False
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        yield True
+    finally:
+        os.close(fd)
+
+
 def _safe_component(text: str) -> str:
     # Registry hosts and repository paths come from the reference grammar, which
     # forbids "..", but the cache must not trust that far: keep every part a plain name.
@@ -421,6 +445,9 @@ class Workdir:
     # Beside a layer dir <hex> (and a chain copy): its records of directories.
     IMPLICIT_SUFFIX = ".implicit"
     WHITEOUTS_SUFFIX = ".whiteouts"
+    # Beside a manifest <algo>:<hex>: the image's use record.
+    USED_SUFFIX = ".used"
+    MOUNT_LOCK = ".tosi-mount.lock"
 
     def __init__(self, root: str = DEFAULT_WORKDIR, overlaydir: str | None = None,
                  named_by_plan: bool = False, flag_prefix: str = "--") -> None:
@@ -628,6 +655,11 @@ class Workdir:
     def challenged_path(self, registry: str) -> str:
         return os.path.join(self.manifests, _safe_component(registry), ".challenged")
 
+    def image_record_path(self, registry: str, repository: str, digest: str) -> str:
+        """The use record of the image whose manifest is `digest`: its mtime is when it
+        was last resolved (a ':' in the name: no repository path component is so named)."""
+        return self.manifest_path(registry, repository, digest) + self.USED_SUFFIX
+
     # overlays
     def overlay_path(self, digest: str) -> str:
         return os.path.join(self.overlays, Digest(digest).hex)
@@ -687,6 +719,11 @@ class Workdir:
                 continue
             found.append((self._overlay_lock(hexname), os.path.join(self.overlays, name)))
         return found
+
+    def mount_lock_path(self) -> str:
+        """The lock mounts hold shared while they choose and mount lowerdirs, and tosi-gc
+        exclusively while it removes from the overlay dir."""
+        return os.path.join(self.overlays, self.MOUNT_LOCK)
 
     def empty_lower_path(self) -> str:
         """The empty lowerdir (named EMPTY_LOWER in the overlay dir)."""

@@ -121,6 +121,21 @@ def chain_lowers(ovdir, lowers):
     return result
 
 
+def chain_ids(dirs):
+    """The hex of each layer's chainID (topmost first) for the layer dirs `dirs`: the
+    name a chain copy of each would have after CHAIN_PREFIX (tosi-gc tells them so)."""
+    return _chain_ids(dirs)
+
+
+def attributes_key(dirs):
+    """The key of the attributes lowerdir of the lowerdirs `dirs` (real paths, topmost
+    first): the version ("v2": one made before whiteout directories were merged lacks
+    them) and the exact list."""
+    import hashlib  # off the warm path of images that need no such lowerdir
+
+    return hashlib.sha256("\0".join(["v2", *dirs]).encode()).hexdigest()[:32]
+
+
 def _chain_ids(dirs):
     """The hex of each layer's chainID (topmost first), from the diffIDs its dir records
     (a dir without a record counts by its own name)."""

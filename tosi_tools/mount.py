@@ -12,7 +12,7 @@ import os
 import stat
 
 from . import chain, overlay, ownership, saferoot
-from .cache import DEFAULT_WORKDIR, Workdir, require_cached, workdir_for
+from .cache import DEFAULT_WORKDIR, Workdir, require_cached, shared_lock, workdir_for
 from .errors import MountError, PlanError, UnsafePath, UsageError, counted, flag, for_command, quoted
 from .plan import LayerRecord, check_cache_paths
 
@@ -289,10 +289,7 @@ def _attributes_lower(wd, lowers):
     whiteouts = [_whiteout_dirs(d) for d in dirs]
     if not any(implicit) and not any(whiteouts):
         return None
-    import hashlib  # off the warm path of images that need no such lowerdir
-
-    # The version: one made before whiteout directories were merged lacks them.
-    key = hashlib.sha256("\0".join(["v2", *dirs]).encode()).hexdigest()[:32]
+    key = chain.attributes_key(dirs)
     name = wd.attributes_lower_name(key)
     final = wd.attributes_lower_path(key)
     try:
@@ -606,6 +603,15 @@ def mount_image(image, layers, target, overlaydir=None, workdir=None, read_only=
     wd = workdir_for(workdir, image, default=DEFAULT_WORKDIR)
     ovdir = overlay_dir_for(image, layers, overlaydir, wd.root)
     wd = workdir_for(wd, overlaydir=ovdir).check()
+    # Shared with other mounts, exclusive for tosi-gc: what it removes is never a lowerdir
+    # chosen here and not yet in /proc/self/mountinfo.
+    with shared_lock(wd.mount_lock_path()):
+        return _mount_lowers(layers, target, upper, work, ovdir, wd, flags, warning,
+                             read_only, keep_upper, api, mount_options)
+
+
+def _mount_lowers(layers, target, upper, work, ovdir, wd, flags, warning, read_only,
+                  keep_upper, api, mount_options):
     lowers = lowerdirs(layers, ovdir)
     if not lowers:
         raise MountError("the image has no layers to mount")

@@ -347,3 +347,43 @@ def mount_at(path: str, mountinfo: str = "/proc/self/mountinfo") -> tuple[str, s
             sep = fields.index("-", 6)
             found = (fields[sep + 1], fields[sep + 3] if len(fields) > sep + 3 else "")
     return found
+
+
+def _split_unescaped(text, separator):
+    """`text` cut at each `separator` no backslash escapes, each part unescaped."""
+    parts, current, chars = [], [], iter(text)
+    for char in chars:
+        if char == "\\":
+            current.append(next(chars, ""))
+        elif char == separator:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    parts.append("".join(current))
+    return parts
+
+
+def mounted_lowerdirs(mountinfo: str = "/proc/self/mountinfo") -> list[list[str]]:
+    """The lowerdirs of every overlay mount this process sees, as the mount named them
+    (relative ones relative to whatever directory the mounting process was in): from
+    the "lowerdir=" list of mount(2) or the "lowerdir+"/"datadir+" ones of the new API."""
+    mounts = []
+    with open(mountinfo, encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            fields = line.split()
+            try:
+                sep = fields.index("-", 6)
+            except ValueError:
+                continue
+            if len(fields) < sep + 4 or fields[sep + 1] != OVERLAY:
+                continue
+            lowers = []
+            for option in fields[sep + 3].split(","):
+                key, _, value = _unescape_mountinfo(option).partition("=")
+                if key == "lowerdir":
+                    lowers.extend(_split_unescaped(value, ":"))
+                elif key in ("lowerdir+", "datadir+"):
+                    lowers.append(value)
+            mounts.append([lower for lower in lowers if lower])
+    return mounts

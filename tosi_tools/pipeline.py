@@ -33,7 +33,7 @@ from typing import Any, NamedTuple, Optional
 
 from . import mount, ownership, resolve, unpack
 from .auth import TokenCache
-from .cache import DEFAULT_WORKDIR, Workdir, atomic_write
+from .cache import DEFAULT_WORKDIR, Workdir, atomic_write, shared_lock
 from .errors import Cancelled, QuarantinedBlob, TosiError, UsageError
 from .keychain import from_flags as keychain_from_flags
 from .plan import ImageRecord, LayerRecord
@@ -173,7 +173,13 @@ def pull(options: PullOptions,
     tokens = TokenCache()
     image, layers = resolve.resolve_image(
         ref, workdir, platform=platform, keychain=keychain, endpoint=endpoint, token_cache=tokens)
+    # Held until the pull ends: tosi-gc removes no image a running pull holds.
+    record = workdir.image_record_path(str(image.registry), str(image.repository), str(image.digest))
+    with shared_lock(record):
+        return _lay_out(options, workdir, keychain, tokens, image, layers, progress_for)
 
+
+def _lay_out(options, workdir, keychain, tokens, image, layers, progress_for):
     cached = None
     if options.mount and not options.validate_cache:
         cached = _extracted_from_cache(workdir, image, layers)

@@ -441,9 +441,27 @@ class Resolver:
             LayerRecord(new_layer_record(i, descriptor, diffID=ids[i] if ids else None))
             for i, descriptor in enumerate(manifest.layers)
         ]
+        self._note_use(ref, digest, platform)
         log.info("%s: %s for %s, %s", ref, digest, platform or "an unnamed platform",
                  counted(len(layers), "layer"))
         return image, layers
+
+    def _note_use(self, ref, digest, platform):
+        """Touch the image's use record (tosi-gc lists images and removes the least recently
+        used first), written when what it says changed. Never synced: a use time lost in a
+        power loss only makes the image look older."""
+        path = self.workdir.image_record_path(ref.registry, ref.repository, digest)
+        data = json.dumps({"reference": ref.normalized(),
+                           "platform": platform.to_dict() if platform else None}).encode() + b"\n"
+        try:
+            with open(path, "rb") as f:
+                same = f.read(len(data) + 1) == data
+        except OSError:
+            same = False
+        if same:
+            os.utime(path)
+        else:
+            atomic_write(path, data, durable=False)
 
 
 def _cached_config(path, digest, size):
