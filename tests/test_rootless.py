@@ -47,7 +47,7 @@ def as_nobody(*args, env=None, timeout=120):
     full_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": "/nonexistent",
                 "PYTHONPATH": SITE, **(env or {})}
     return subprocess.run(
-        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+        [shutil.which("setpriv"), f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
          "/usr/bin/python3", os.path.join(BIN, args[0]), *map(str, args[1:])],
         capture_output=True, text=True, timeout=timeout, cwd="/", env=full_env)
 
@@ -189,13 +189,15 @@ def test_mount_without_root_with_no_way_to_mount_says_what_is_needed(ref, home):
     assert not os.path.exists(os.path.join(home, "rootfs"))
 
 
-def test_layers_extracted_by_root_are_not_mounted_without_root(ref, home, tool):
-    # root's layer dirs in a workdir the user owns: the form, not the owner, is refused
-    workdir = os.path.join(home, "w")
-    tool("tosi", "-image", ref, "-workdir", workdir, check=0)
-    plan = tool("tosi-resolve", "--workdir", workdir, ref, check=0).stdout
+def test_layers_extracted_by_root_are_not_mounted_without_root(ref, home, tool, tmp_path):
+    # root's layer dirs copied to a workdir the user owns: the form, not the owner, is refused
+    root_workdir = str(tmp_path / "rw")
+    plan = tool("tosi-resolve", "--workdir", root_workdir, ref, check=0).stdout
     unpacked = tool("tosi-unpack", input=tool("tosi-fetch", input=plan, check=0).stdout, check=0).stdout
+    workdir = os.path.join(home, "w")
+    subprocess.run(["cp", "-a", root_workdir, workdir], check=True)
     subprocess.run(["chown", "-R", f"{NOBODY}:{NOBODY}", workdir], check=True)
+    unpacked = unpacked.replace(root_workdir, workdir)
     proc = subprocess.run(
         ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
          "/usr/bin/python3", os.path.join(BIN, "tosi-mount"), os.path.join(home, "rootfs")],

@@ -733,8 +733,23 @@ def _remove_side_dir(parent_fd, path, what, target):
         os.close(fd)
     if not ours:
         return f"{what} {path} is owned by uid {st.st_uid}, not by uid {os.geteuid()}"
+    if os.geteuid() != 0:
+        _open_up(parent_fd, name)
     saferoot.remove_tree_at(parent_fd, name)
     return None
+
+
+def _open_up(parent_fd, name):
+    """Give the directories overlayfs made mode 0 in a work dir of ours (work/work,
+    work/index) their owner's access back: without root, removing them needs it."""
+    fd = os.open(name, _DIR_NOFOLLOW, dir_fd=parent_fd)
+    try:
+        for entry in os.listdir(fd):
+            st = os.lstat(entry, dir_fd=fd)
+            if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o700:
+                os.chmod(entry, 0o700, dir_fd=fd)
+    finally:
+        os.close(fd)
 
 
 def _clean(target, upper, work):
