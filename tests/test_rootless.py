@@ -52,6 +52,17 @@ def as_nobody(*args, env=None, timeout=120):
         capture_output=True, text=True, timeout=timeout, cwd="/", env=full_env)
 
 
+def unpacked_by_nobody(ref, workdir):
+    plan = as_nobody("tosi-resolve", "--workdir", workdir, ref).stdout
+    proc = subprocess.run(
+        [shutil.which("setpriv"), f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "sh", "-c",
+         f"/usr/bin/python3 {BIN}/tosi-fetch | /usr/bin/python3 {BIN}/tosi-unpack"],
+        input=plan, capture_output=True, text=True, timeout=120, cwd="/",
+        env={"PATH": os.environ["PATH"], "PYTHONPATH": SITE, "HOME": "/nonexistent"})
+    assert proc.returncode == 0, proc.stderr
+    return PlanReader(io.StringIO(proc.stdout)).layers()
+
+
 @pytest.fixture
 def home():
     """A directory of the user's own, as their home would be."""
@@ -104,14 +115,7 @@ def test_plain_tosi_extracts_layers_in_the_user_form(ref, home):
 
 def test_tosi_unpack_per_layer_without_root_records_the_user_form(ref, home):
     workdir = os.path.join(home, "w")
-    plan = as_nobody("tosi-resolve", "--workdir", workdir, ref).stdout
-    fetched = subprocess.run(
-        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "sh", "-c",
-         f"/usr/bin/python3 {BIN}/tosi-fetch | /usr/bin/python3 {BIN}/tosi-unpack"],
-        input=plan, capture_output=True, text=True, timeout=120, cwd="/",
-        env={"PATH": os.environ["PATH"], "PYTHONPATH": SITE, "HOME": "/nonexistent"})
-    assert fetched.returncode == 0, fetched.stderr
-    layers = [json.loads(line) for line in fetched.stdout.splitlines()[1:]]
+    layers = unpacked_by_nobody(ref, workdir)
     assert all(os.path.isfile(Workdir(workdir).form_path(layer["digest"])) for layer in layers)
 
 
@@ -209,15 +213,7 @@ def test_layers_extracted_by_root_are_not_mounted_without_root(ref, home, tool, 
 
 def test_root_mounts_layers_in_the_user_form_with_userxattr(ref, home, mounts, tmp_path):
     workdir = os.path.join(home, "w")
-    assert as_nobody("tosi", "-image", ref, "-workdir", workdir).returncode == 0
-    plan = as_nobody("tosi-resolve", "--workdir", workdir, ref).stdout
-    unpacked = subprocess.run(
-        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "sh", "-c",
-         f"/usr/bin/python3 {BIN}/tosi-fetch | /usr/bin/python3 {BIN}/tosi-unpack"],
-        input=plan, capture_output=True, text=True, timeout=120, cwd="/",
-        env={"PATH": os.environ["PATH"], "PYTHONPATH": SITE, "HOME": "/nonexistent"}).stdout
-    reader = PlanReader(io.StringIO(unpacked))
-    layers = reader.layers()
+    layers = unpacked_by_nobody(ref, workdir)
     # root may read the user's layer dirs (it owns nothing there, so it does not reuse
     # them through the workdir gate); the mechanism mounts them with userxattr.
     lowers = [os.path.join(Workdir(workdir).overlays, layer["link"]) for layer in layers][::-1]
@@ -229,3 +225,21 @@ def test_root_mounts_layers_in_the_user_form_with_userxattr(ref, home, mounts, t
     assert _differences(no_owners(snapshot(target)), model()) == {}
     assert stat.S_ISDIR(os.lstat(os.path.join(target, "var/cache")).st_mode)
     assert os.listdir(os.path.join(target, "var/cache")) == ["fresh"]
+
+
+def test_fuse_overlayfs_shows_the_user_form_as_the_model_and_unmount_undoes_it(ref, home, tmp_path):
+    # /dev/fuse is root's here, so fuse-overlayfs runs as root, over the user's layer dirs.
+    from tosi_tools import mount as mount_stage
+    from tosi_tools import userns
+
+    layers = unpacked_by_nobody(ref, os.path.join(home, "w"))
+    lowers = [os.path.join(Workdir(os.path.join(home, "w")).overlays, layer["link"]) for layer in layers][::-1]
+    target = str(tmp_path / "fuse")
+    os.mkdir(target)
+    userns.mount_fuse(target, lowers, None, None, ())
+    try:
+        assert overlay.mount_at(target)[0] == userns.FUSE_FSTYPE
+        assert _differences(no_owners(snapshot(target)), model()) == {}
+    finally:
+        mount_stage.unmount_image(target)
+    assert overlay.mount_at(target) is None
