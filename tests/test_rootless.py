@@ -103,6 +103,7 @@ def test_plain_tosi_extracts_layers_in_the_user_form(ref, home):
     workdir = os.path.join(home, "w")
     proc = as_nobody("tosi", "-image", ref, "-workdir", workdir)
     assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("not running as root") == 1  # once, however many layers in parallel
     wd = Workdir(workdir)
     second = json.loads(as_nobody("tosi-resolve", "--workdir", workdir, ref).stdout.splitlines()[2])
     layer_dir = wd.overlay_path(second["digest"])

@@ -37,11 +37,11 @@ between layers but the once-per-process "not running as root" warning.
 from __future__ import annotations
 
 import errno
-import functools
 import hashlib
 import logging
 import os
 import stat
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
@@ -991,10 +991,14 @@ def diff_id_mismatch(layer_name: str, actual: str, stated: str) -> DigestMismatc
                           f"config says diffID {stated}")
 
 
-@functools.cache
+_not_root_warned = threading.Lock()
+
+
 def _warn_not_root() -> None:
-    """Once per process (the cache is the memory of it): the owners tar headers name are not kept."""
-    log.warning("not running as root: extracted files belong to you, not to the owners the layers name")
+    """Once per process (the lock, once taken, is the memory of it; layers extracted in
+    parallel would each warn through a plain cache): the owners tar headers name are not kept."""
+    if _not_root_warned.acquire(blocking=False):
+        log.warning("not running as root: extracted files belong to you, not to the owners the layers name")
 
 
 def apply_layer(root: saferoot.SafeRoot | str | os.PathLike, stream: BinaryIO, media_type: str | None,
