@@ -313,20 +313,22 @@ def test_clean_without_unmount_is_a_usage_error(tool, tmp_path):
     assert proc.stderr.startswith("tosi-mount: error: --clean goes with --unmount")
 
 
-def test_not_root_is_a_clear_error(unpacked, tmp_path):
-    # A world-readable copy of the layers, so only the missing privilege can fail.
+def test_not_root_without_a_way_to_mount_is_a_clear_error(unpacked, tmp_path):
+    # A world-readable copy of the layers, so only the missing privilege can fail;
+    # no fuse-overlayfs, and user namespaces not chosen (tests/test_rootless.py mounts).
     shared = tempfile.mkdtemp(prefix="tosi-mount-nonroot-")
     try:
         os.chmod(shared, 0o755)
         plan = build_unpacked(os.path.join(shared, "workdir"), TWO_LAYERS)
         target = os.path.join(shared, "rootfs")
         proc = subprocess.run(
-            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
+            [shutil.which("setpriv"), "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
              sys.executable, os.path.join(BIN, "tosi-mount"), target],
             input=plan, capture_output=True, text=True, timeout=60,
-            env={**os.environ, "HOME": "/nonexistent"})
+            env={**os.environ, "HOME": "/nonexistent", "TOSI_ROOTLESS_MOUNT": "fuse", "PATH": "/nonexistent"})
         assert proc.returncode == 1, proc.stderr
-        assert "needs root" in proc.stderr and len(proc.stderr.splitlines()) == 1
+        assert "without root needs user namespaces" in proc.stderr and "fuse-overlayfs" in proc.stderr
+        assert len(proc.stderr.splitlines()) == 1
         assert not os.path.exists(target) and not os.path.exists(target + ".upper")
     finally:
         shutil.rmtree(shared)

@@ -19,6 +19,8 @@
                                       "." the root), to be put right by the attributes lowerdir
     <workdir>/overlays/<hex>.whiteouts that layer's directories holding whiteout devices
     <workdir>/overlays/<hex>.lock     per-layer extraction lock, there while held
+    <workdir>/overlays/<hex>.form     "user": that layer dir is in the user form (user.overlay.opaque,
+                                      for a "userxattr" mount; extracted without root); none: root's
     <workdir>/overlays/.tmp-<hex>-<random>/   an extraction in progress (removed by the next
                                       run that finds its lock free)
     <workdir>/overlays/.tosi-attrs-<key>/     an image's attributes lowerdir (see tosi_tools.mount)
@@ -89,6 +91,8 @@ from .errors import CacheError, PlanError, UnsafePath
 from .ownership import check_own_dir_stat, make_own_dir, require_safe_ancestors
 
 DEFAULT_WORKDIR = "/tmp/tosi"
+# The forms of a layer dir (see tosi_tools.overlay): root's, and anyone else's.
+TRUSTED_FORM, USER_FORM = "trusted", "user"
 MARKER = ".tosi-workdir"
 _MARKER_TEXT = b"This directory is a tosi workdir (a cache of image blobs and layers); see tosi(1).\n"
 
@@ -448,6 +452,7 @@ class Workdir:
     # Beside a manifest <algo>:<hex>: the image's use record.
     USED_SUFFIX = ".used"
     MOUNT_LOCK = ".tosi-mount.lock"
+    FORM_SUFFIX = ".form"
 
     def __init__(self, root: str = DEFAULT_WORKDIR, overlaydir: str | None = None,
                  named_by_plan: bool = False, flag_prefix: str = "--") -> None:
@@ -696,6 +701,15 @@ class Workdir:
         whiteout devices (NUL-separated, "." the root)."""
         return layer_dir + Workdir.WHITEOUTS_SUFFIX
 
+    def form_path(self, digest: str) -> str:
+        return self.form_of(self.overlay_path(digest))
+
+    @staticmethod
+    def form_of(layer_dir: str) -> str:
+        """The record of the form of the layer dir `layer_dir` ("user"; none for root's,
+        as every layer dir made before there were two forms is)."""
+        return layer_dir + Workdir.FORM_SUFFIX
+
     def overlay_temp_path(self, digest: str) -> str:
         """A new name for the temporary directory the layer is extracted in."""
         return os.path.join(self.overlays, f"{self.TEMP_PREFIX}{Digest(digest).hex}-{secrets.token_hex(4)}")
@@ -740,6 +754,26 @@ class Workdir:
         """A new name to make that lowerdir in before its rename (not a TEMP_PREFIX
         name: unpack removes those as a dead extraction's)."""
         return f"{self.attributes_lower_path(key)}.{secrets.token_hex(4)}"
+
+
+def read_form(layer_dir: str) -> str:
+    """The form of the extracted layer dir `layer_dir`, from its record (Workdir.form_of):
+    USER_FORM, or TRUSTED_FORM when there is none. A record that is not ours, or says
+    anything else, is refused (UnsafePath, CacheError)."""
+    path = Workdir.form_of(layer_dir)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return TRUSTED_FORM
+    except OSError as exc:
+        raise CacheError(f"layer form record {path}: {exc.strerror}; remove it and the layer dir") from None
+    with open(fd, "rb") as f:
+        require_cached(path, os.fstat(fd), "layer form record")
+        text = f.read(64).strip()
+    if text == USER_FORM.encode():
+        return USER_FORM
+    raise CacheError(f"layer form record {path} says {text[:20]!r}, not {USER_FORM!r}; "
+                     "remove it and the layer dir")
 
 
 def _is_hex(text: str) -> bool:

@@ -36,7 +36,7 @@ import stat
 from collections import OrderedDict
 
 from . import overlay, saferoot
-from .cache import Workdir, fsync_dir, require_cached, sync_filesystem
+from .cache import TRUSTED_FORM, Workdir, fsync_dir, require_cached, sync_filesystem
 from .digest import digest_of
 from .errors import CacheError
 
@@ -91,16 +91,18 @@ def _write_record(path, dirs):
 # ---------------------------------------------------------------- which layers need one
 
 
-def chain_lowers(ovdir, lowers):
+def chain_lowers(ovdir, lowers, form=TRUSTED_FORM):
     """`lowers` (names in `ovdir`, topmost first) with each layer whose implicit directories
-    sit over a lower symlink replaced by its chain-specific overlay dir, made if missing."""
+    sit over a lower symlink replaced by its chain-specific overlay dir, made if missing.
+    `form` is the layer dirs' (cache.TRUSTED_FORM or USER_FORM): a copy marks the
+    directories it makes opaque in that form, and has a name of that form's."""
     dirs = [os.path.realpath(os.path.join(ovdir, lower)) for lower in lowers]
     implicit = [{_parts(name) for name in dirs_record(d, Workdir.IMPLICIT_SUFFIX) if name}
                 for d in dirs]
     if not any(implicit[:-1]) or not _maybe_over_symlinks(dirs, implicit):
         return lowers
     result, effective = list(lowers), list(dirs)
-    chain_ids = _chain_ids(dirs)
+    chain_ids = _chain_ids(dirs, form)
     for index in range(len(dirs) - 2, -1, -1):  # bottom up: each sees the final stack below it
         if not implicit[index] or not _symlinks_below(implicit[index], effective[index + 1:]):
             continue
@@ -115,16 +117,16 @@ def chain_lowers(ovdir, lowers):
             if not stat.S_ISDIR(made.st_mode):
                 raise CacheError(f"chain overlay dir {final} is not a directory; remove it")
         else:
-            if not _make_chain_dir(ovdir, name, dirs[index], effective[index + 1:]):
+            if not _make_chain_dir(ovdir, name, dirs[index], effective[index + 1:], form):
                 continue
         result[index], effective[index] = name, final
     return result
 
 
-def chain_ids(dirs):
+def chain_ids(dirs, form=TRUSTED_FORM):
     """The hex of each layer's chainID (topmost first) for the layer dirs `dirs`: the
     name a chain copy of each would have after CHAIN_PREFIX (tosi-gc tells them so)."""
-    return _chain_ids(dirs)
+    return _chain_ids(dirs, form)
 
 
 def attributes_key(dirs):
@@ -136,9 +138,10 @@ def attributes_key(dirs):
     return hashlib.sha256("\0".join(["v2", *dirs]).encode()).hexdigest()[:32]
 
 
-def _chain_ids(dirs):
+def _chain_ids(dirs, form=TRUSTED_FORM):
     """The hex of each layer's chainID (topmost first), from the diffIDs its dir records
-    (a dir without a record counts by its own name)."""
+    (a dir without a record counts by its own name); for the user form, the sha256 of
+    "user " and that chainID, so that the forms never share a copy."""
     ids, chain = [], None
     for layer_dir in reversed(dirs):
         path = layer_dir + ".diffid"
@@ -153,6 +156,8 @@ def _chain_ids(dirs):
         chain = diff_id if chain is None else digest_of(f"{chain} {diff_id}".encode())
         algorithm, _, hexpart = chain.partition(":")
         ids.append(hexpart if algorithm in ("sha256", "sha512") else digest_of(chain.encode())[7:])
+    if form != TRUSTED_FORM:
+        ids = [digest_of(f"{form} {hexpart}".encode())[7:] for hexpart in ids]
     return ids[::-1]
 
 
@@ -249,11 +254,7 @@ class _Stack:
             st = saferoot.lstat_at(fd, parts[-1])
             opaque = False
             if st is not None and stat.S_ISDIR(st.st_mode):
-                try:
-                    opaque = os.getxattr(saferoot.proc_path(fd, parts[-1]), overlay.OPAQUE_XATTR,
-                                         follow_symlinks=False) == b"y"
-                except OSError:
-                    pass
+                opaque = overlay.is_opaque(fd, parts[-1])
             if st is not None and stat.S_ISLNK(st.st_mode):
                 return st, os.readlink(parts[-1], dir_fd=fd)
             return None if st is None else (st, opaque)
@@ -365,7 +366,7 @@ def _needs_moving(layer_dir, implicit, below):
         stack.close()
 
 
-def _make_chain_dir(ovdir, name, layer_dir, below):
+def _make_chain_dir(ovdir, name, layer_dir, below, form=TRUSTED_FORM):
     """Make ovdir/`name` for the layer at `layer_dir` over the lowerdirs `below`; False
     when no implicit directory of it gives way to a symlink after all."""
     implicit = {_parts(n) for n in dirs_record(layer_dir, Workdir.IMPLICIT_SUFFIX)}
@@ -385,7 +386,7 @@ def _make_chain_dir(ovdir, name, layer_dir, below):
                 os.close(dst)
         finally:
             os.close(src)
-        _relocate(tmp, implicit, whiteouts, below)
+        _relocate(tmp, implicit, whiteouts, below, overlay.opaque_xattr(form))
         _write_record(final + Workdir.IMPLICIT_SUFFIX, implicit)
         _write_record(final + Workdir.WHITEOUTS_SUFFIX, whiteouts)
         sync_filesystem(tmp)
@@ -405,7 +406,7 @@ def _make_chain_dir(ovdir, name, layer_dir, below):
     return True
 
 
-def _relocate(top, implicit, whiteouts, below):
+def _relocate(top, implicit, whiteouts, below, opaque_key=overlay.OPAQUE_XATTR):
     """Move the entries of each implicit directory of the copy at `top` that gives way to
     a lower symlink to where the symlink leads; `implicit` and `whiteouts` (canonical
     tuples) follow the moves."""
@@ -430,8 +431,8 @@ def _relocate(top, implicit, whiteouts, below):
                 continue
             root_fd = os.open(top, saferoot.DIR_FLAGS)
             try:
-                if _make_parents(root_fd, dest, implicit):
-                    _merge(root_fd, parts, dest, implicit, whiteouts)
+                if _make_parents(root_fd, dest, implicit, opaque_key):
+                    _merge(root_fd, parts, dest, implicit, whiteouts, opaque_key)
                 else:
                     log.warning("/%s: the layer has a non-directory on the way to /%s: left "
                                 "where the layer has it", "/".join(original), "/".join(dest))
@@ -450,7 +451,7 @@ def _moved(parts, moves):
     return parts
 
 
-def _make_parents(root_fd, dest, implicit):
+def _make_parents(root_fd, dest, implicit, opaque_key=overlay.OPAQUE_XATTR):
     """The directories above `dest` that the copy lacks, made as the flat extraction makes
     them (0755, ours): implicit, or opaque in place of a whiteout device of the layer's.
     False (nothing made) when the copy has a non-directory on the way."""
@@ -468,7 +469,7 @@ def _make_parents(root_fd, dest, implicit):
                 child = os.open(name, saferoot.DIR_FLAGS, dir_fd=fd)
                 os.fchmod(child, 0o755)
                 if st is not None:
-                    os.setxattr(child, overlay.OPAQUE_XATTR, b"y")
+                    os.setxattr(child, opaque_key, b"y")
                 else:
                     implicit.add(dest[:i + 1])
             os.close(fd)
@@ -484,7 +485,7 @@ def _rebase(paths, source, dest):
     paths |= {dest + p[len(source):] for p in moved}
 
 
-def _merge(root_fd, source, dest, implicit, whiteouts):
+def _merge(root_fd, source, dest, implicit, whiteouts, opaque_key=overlay.OPAQUE_XATTR):
     """Move the entry at `source` to `dest` in the copy; where `dest` holds a directory
     too, their entries merge (a named directory's attributes win over an implicit one's)."""
     emptied = []
@@ -504,7 +505,7 @@ def _merge(root_fd, source, dest, implicit, whiteouts):
                 _rebase(whiteouts, src, dst)
                 if there is not None and stat.S_ISDIR(st.st_mode):
                     # In place of what the layer deleted: a new directory, hiding the lower one.
-                    os.setxattr(saferoot.proc_path(dst_parent, dst[-1]), overlay.OPAQUE_XATTR, b"y",
+                    os.setxattr(saferoot.proc_path(dst_parent, dst[-1]), opaque_key, b"y",
                                 follow_symlinks=False)
                     implicit.discard(dst)
                 continue

@@ -6,7 +6,9 @@ Two modes, each a Layout (chosen once per layer by layout_for):
            lower layers put there.
   overlay  (OverlayLayout) the root is an empty directory that becomes one overlayfs lowerdir:
            a whiteout becomes a 0/0 character device and an opaque marker the
-           trusted.overlay.opaque=y xattr; the kernel does the rest at mount time.
+           trusted.overlay.opaque=y xattr (root's form) or user.overlay.opaque=y (the
+           form of anyone else, for a "userxattr" mount: overlay.USER_FORM); the
+           kernel does the rest at mount time.
 
 OCI semantics both modes keep: a whiteout hides entries of LOWER layers only;
 entries of the same layer stay whatever the order of the tar, so a whiteout or
@@ -35,11 +37,11 @@ between layers but the once-per-process "not running as root" warning.
 from __future__ import annotations
 
 import errno
-import functools
 import hashlib
 import logging
 import os
 import stat
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
@@ -59,7 +61,7 @@ OPAQUE_MARKER = ".wh..wh..opq"
 AUFS_METADATA = (".wh..wh.aufs", ".wh..wh.plnk", ".wh..wh.orph")
 OPAQUE_XATTR = overlay.OPAQUE_XATTR
 # Not the layer's to take away: overlayfs' own (an opaque marker), the LSM's label.
-_KEPT_XATTR_PREFIXES = ("trusted.overlay.", "security.selinux")
+_KEPT_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.", "security.selinux")
 DEFAULT_MAX_LAYER_BYTES = 64 << 30
 DEFAULT_MAX_LAYER_ENTRIES = 10_000_000
 # What may follow a tar's end marker: GNU tar pads to 10 KiB records, Go's archive/tar
@@ -357,14 +359,17 @@ class FlatLayout(Layout):
 
 class OverlayLayout(Layout):
     """The root is an empty directory that becomes one overlayfs lowerdir: a
-    whiteout becomes a 0/0 character device and an opaque marker the
-    trusted.overlay.opaque=y xattr; the kernel does the rest at mount time.
-    Both need root. Everything in the root is this layer's own."""
+    whiteout becomes a 0/0 character device and an opaque marker the opaque xattr
+    of the layer dir's `form` (overlay.TRUSTED_FORM: trusted.overlay.opaque=y, which
+    needs root; overlay.USER_FORM: user.overlay.opaque=y); the kernel does the rest
+    at mount time. Everything in the root is this layer's own."""
 
     name = OVERLAY
     hardlink_scope = "this layer"
 
-    def __init__(self) -> None:
+    def __init__(self, form: str = overlay.TRUSTED_FORM) -> None:
+        self.form = form
+        self.opaque_xattr = overlay.opaque_xattr(form)
         # Directories this layer made opaque, and the whiteout devices it made, by directory.
         self.opaque_dirs: set[tuple] = set()
         self.whiteout_devices: dict[tuple, set[str]] = {}
@@ -395,7 +400,7 @@ class OverlayLayout(Layout):
                 self.new_dirs.add(here)
                 self.opaque(applier, name, here)
             return
-        applier.need_root(name, "an overlayfs whiteout device")
+        self.need_root(applier, name, "an overlayfs whiteout device")
         if canonical in self.opaque_dirs:
             return  # the directory hides all lower entries already
         try:
@@ -404,8 +409,14 @@ class OverlayLayout(Layout):
             pass  # already whited out by an earlier entry of this layer
         self.whiteout_devices.setdefault(canonical, set()).add(base)
 
+    def need_root(self, applier: _Applier, name: str, what: str) -> None:
+        # Linux 5.8+ lets anyone make a 0/0 device and set user.* xattrs on their own
+        # files: only root's form needs root.
+        if self.form == overlay.TRUSTED_FORM:
+            applier.need_root(name, what)
+
     def delete_device(self, applier: _Applier, name: str, parts: tuple) -> None:
-        applier.need_root(name, "an overlayfs whiteout device")
+        self.need_root(applier, name, "an overlayfs whiteout device")
         dir_fd, base, canonical = applier.place(parts, name)
         applier.root.remove(dir_fd, base, canonical)  # what this layer put there before
         if canonical in self.opaque_dirs:
@@ -414,7 +425,7 @@ class OverlayLayout(Layout):
         self.whiteout_devices.setdefault(canonical, set()).add(base)
 
     def opaque(self, applier: _Applier, name: str, directory: tuple) -> None:
-        applier.need_root(name, "the trusted.overlay.opaque xattr")
+        self.need_root(applier, name, f"the {self.opaque_xattr} xattr")
         fd, canonical = applier.opaque_dir(name, directory)
         try:
             self.parents.add(canonical)
@@ -424,9 +435,9 @@ class OverlayLayout(Layout):
 
     def set_opaque(self, applier: _Applier, fd: int, name: str, canonical: tuple) -> None:
         try:
-            os.setxattr(fd, OPAQUE_XATTR, b"y")
+            os.setxattr(fd, self.opaque_xattr, b"y")
         except OSError as exc:
-            raise applier.fail(name, f"cannot set {OPAQUE_XATTR}: {exc.strerror}") from None
+            raise applier.fail(name, f"cannot set {self.opaque_xattr}: {exc.strerror}") from None
         # Lower entries are hidden whole now: whiteouts in it would only show, since
         # overlayfs lists an opaque directory as it is, devices included.
         self.opaque_dirs.add(canonical)
@@ -475,12 +486,14 @@ class OverlayLayout(Layout):
         return sorted(directory for directory, names in self.whiteout_devices.items() if names)
 
 
-def layout_for(mode: str, root: saferoot.SafeRoot) -> Layout:
-    """The Layout for `mode` (FLAT or OVERLAY), for a layer about to be applied to `root`."""
+def layout_for(mode: str, root: saferoot.SafeRoot, form: str | None = None) -> Layout:
+    """The Layout for `mode` (FLAT or OVERLAY), for a layer about to be applied to `root`;
+    `form` is an OVERLAY layer dir's (overlay.TRUSTED_FORM or USER_FORM; None: the one
+    this process makes, overlay.local_form())."""
     if mode == FLAT:
         return FlatLayout(has_lower=bool(os.listdir(root.fd)))
     if mode == OVERLAY:
-        return OverlayLayout()
+        return OverlayLayout(form or overlay.local_form())
     raise ValueError(f"mode must be {FLAT!r} or {OVERLAY!r}, not {mode!r}")
 
 
@@ -616,8 +629,9 @@ class _Applier:
 
     def need_root(self, name, what):
         if not self.as_root:
-            raise self.fail(name, f"making {what} needs root; as another user "
-                            + for_command("unpack with --into", "use -extractto"))
+            raise self.fail(name, f"making {what} needs root; as another user unpack in the user form "
+                        "(the default without root) or "
+                            + for_command("with --into", "with -extractto"))
 
     # ---------------------------------------------------------------- bookkeeping
 
@@ -978,16 +992,20 @@ def diff_id_mismatch(layer_name: str, actual: str, stated: str) -> DigestMismatc
                           f"config says diffID {stated}")
 
 
-@functools.cache
+_not_root_warned = threading.Lock()
+
+
 def _warn_not_root() -> None:
-    """Once per process (the cache is the memory of it): the owners tar headers name are not kept."""
-    log.warning("not running as root: extracted files belong to you, not to the owners the layers name")
+    """Once per process (the lock, once taken, is the memory of it; layers extracted in
+    parallel would each warn through a plain cache): the owners tar headers name are not kept."""
+    if _not_root_warned.acquire(blocking=False):
+        log.warning("not running as root: extracted files belong to you, not to the owners the layers name")
 
 
 def apply_layer(root: saferoot.SafeRoot | str | os.PathLike, stream: BinaryIO, media_type: str | None,
                 mode: str = FLAT, layer_name: str = "layer", limits: Limits | None = None,
                 diff_id: str | None = None, hold_root: bool = False,
-                progress: Callable[[LayerStats], None] | None = None) -> LayerStats:
+                progress: Callable[[LayerStats], None] | None = None, form: str | None = None) -> LayerStats:
     """Apply the layer blob read from `stream` (any binary reader) to `root`.
 
     `root` is a SafeRoot or a directory path. Returns LayerStats. Raises
@@ -998,8 +1016,8 @@ def apply_layer(root: saferoot.SafeRoot | str | os.PathLike, stream: BinaryIO, m
     when the whole decompressed stream (what follows the end marker included)
     does not hash to `diff_id` (None: not checked), in which case the root
     holds the layer's entries all the same. `mode` (FLAT or OVERLAY) chooses the
-    Layout (layout_for). overlayfs' own xattrs in the layer are dropped, with
-    one warning.
+    Layout (layout_for; `form` the OVERLAY layer dir's, default overlay.local_form()).
+    overlayfs' own xattrs in the layer are dropped, with one warning.
     With `hold_root`, a "./" entry's mode and mtime are not applied to the root but
     reported (LayerStats.root_mode, root_mtime_ns); its owner and xattrs are.
     `progress(stats)`, if given, is called on this thread after each tar entry with
@@ -1012,7 +1030,7 @@ def apply_layer(root: saferoot.SafeRoot | str | os.PathLike, stream: BinaryIO, m
     safe = root if isinstance(root, saferoot.SafeRoot) else saferoot.SafeRoot(os.fspath(root))
     own_root = safe is not root
     as_root = running_as_root()
-    applier = _Applier(safe, layout_for(mode, safe), layer_name, limits, as_root, current_umask(),
+    applier = _Applier(safe, layout_for(mode, safe, form), layer_name, limits, as_root, current_umask(),
                        ids=(os.geteuid(), os.getegid()), hold_root=hold_root,
                        guard=space.guard(safe.fd, limits.reserve, f"layer {layer_name}", safe.path))
     algorithm = Digest(diff_id).algorithm if diff_id is not None else "sha256"

@@ -4,6 +4,11 @@ The layers' overlay dirs (from tosi-unpack) are the lowerdirs, topmost first,
 named by their short links inside the overlay dir so the option string stays
 small, as the original tosi did. Writes go to `<mount point>.upper` (with
 `<mount point>.work` as overlayfs' scratch dir), next to the mount point.
+
+Without root (no CAP_SYS_ADMIN) the layer dirs are in the user form (see
+tosi_tools.overlay) and the mount is made in a user namespace held by a process
+of its own, or by fuse-overlayfs (tosi_tools.userns chooses); layer dirs of
+root's form are refused there, and a mount never mixes the two forms.
 """
 
 import errno
@@ -12,7 +17,9 @@ import os
 import stat
 
 from . import chain, overlay, ownership, saferoot
-from .cache import DEFAULT_WORKDIR, Workdir, require_cached, shared_lock, workdir_for
+from .cache import (
+    DEFAULT_WORKDIR, TRUSTED_FORM, USER_FORM, Workdir, read_form, require_cached, shared_lock, workdir_for,
+)
 from .errors import MountError, PlanError, UnsafePath, UsageError, counted, flag, for_command, quoted
 from .plan import LayerRecord, check_cache_paths
 
@@ -120,10 +127,7 @@ def _shadowed(path, st):
 
 def _dir_state(fd):
     """(fstat, opaque, xattrs to copy) of an open directory of a layer."""
-    try:
-        opaque = os.getxattr(fd, overlay.OPAQUE_XATTR) == b"y"
-    except OSError:
-        opaque = False
+    opaque = overlay.is_opaque(fd)
     try:
         keys = os.listxattr(fd)
     except OSError:
@@ -371,6 +375,10 @@ def _is_empty_dir(path):
 
 MADE_XATTR = "trusted.tosi.made"
 UPPER_XATTR = "trusted.overlay.tosi.upper"
+# Without root, the mount point's mark is a user.* xattr: only its owner (or root) can
+# set one, and --clean asks the mount point to be ours as well. An upperdir made
+# without root keeps the user's ownership, which is enough.
+MADE_USER_XATTR = "user.tosi.made"
 _DIR_NOFOLLOW = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _SIDE_FIX = ("another user may have made it: remove it, or choose another mount point "
              "(tosi never follows or reuses a name beside a mount point that is not its own)")
@@ -450,7 +458,7 @@ def _prepare_mount_point(target):
     try:
         ownership.check_own_dir_stat(target, os.fstat(fd), "mount point", _SIDE_FIX)
         os.fchmod(fd, 0o755)
-        _mark(fd, MADE_XATTR, b"mountpoint")
+        _mark(fd, MADE_XATTR if overlay.has_mount_privilege() else MADE_USER_XATTR, b"mountpoint")
     finally:
         os.close(fd)
     return True
@@ -494,6 +502,13 @@ def _check_mount_point(target):
     if os.path.ismount(target) or overlay.mount_at(target):
         raise UsageError(f"{target} is already a mount point; "
                          f"unmount it first (tosi-mount --unmount {target})")
+    if not overlay.has_mount_privilege():
+        from . import userns  # off root's warm path
+
+        holder = userns.find_holder(target)
+        if holder is not None:
+            raise MountError(f"{target} is already mounted in the user namespace of process "
+                             f"{holder}; unmount it first (tosi-mount --unmount {target})")
     if st is not None:
         if not stat.S_ISDIR(st.st_mode):
             raise UsageError(f"mount point {target} exists and is not a directory")
@@ -504,11 +519,32 @@ def _check_mount_point(target):
             raise UsageError(f"mount point {target} is not empty")
 
 
+KERNEL = "kernel"
+
+
 def _require_privilege():
-    if not overlay.has_mount_privilege():
-        raise MountError("mounting overlayfs needs root (CAP_SYS_ADMIN); " + for_command(
-            "run tosi-mount as root, or unpack a flat tree with tosi-unpack --into instead",
-            "run tosi as root, or extract a flat tree with -extractto instead"))
+    """How this process mounts: KERNEL (it holds CAP_SYS_ADMIN), else userns.USERNS or
+    userns.FUSE; MountError, one line saying what is needed, when it cannot."""
+    if overlay.has_mount_privilege():
+        return KERNEL
+    from . import userns  # off root's warm path
+
+    return userns.method()
+
+
+def _layers_form(ovdir, lowers, how):
+    """The one form of the layer dirs `lowers` (names in `ovdir`); MountError for a mix,
+    or for root's form without root."""
+    forms = {read_form(os.path.realpath(os.path.join(ovdir, lower))) for lower in lowers}
+    if len(forms) > 1:
+        raise MountError(f"the layers in {ovdir} were extracted some by root and some without: "
+                         "a mount reads one form only; unpack them again in a workdir of your own")
+    form = forms.pop()
+    if form == TRUSTED_FORM and how != KERNEL:
+        raise MountError(f"the layers in {ovdir} were extracted by root (trusted.overlay xattrs), "
+                         "which a mount without root cannot read; unpack them as this user in a "
+                         "workdir of your own")
+    return form
 
 
 # ---------------------------------------------------------------- mount options
@@ -595,7 +631,7 @@ def mount_image(image, layers, target, overlaydir=None, workdir=None, read_only=
     is a tosi workdir (cache.workdir_for). It and the overlay dir are checked
     (cache.Workdir.check) before anything in them is looked at."""
     target, upper, work = side_dirs(target)
-    _require_privilege()
+    how = _require_privilege()
     flags, warning = mount_flags(target, mount_options)
     for layer in layers:  # a plan never unpacked is told so before the workdir is looked at
         if layer.get("link") is None and layer.get("overlay") is None:
@@ -607,16 +643,19 @@ def mount_image(image, layers, target, overlaydir=None, workdir=None, read_only=
     # chosen here and not yet in /proc/self/mountinfo.
     with shared_lock(wd.mount_lock_path()):
         return _mount_lowers(layers, target, upper, work, ovdir, wd, flags, warning,
-                             read_only, keep_upper, api, mount_options)
+                             read_only, keep_upper, api, mount_options, how)
 
 
 def _mount_lowers(layers, target, upper, work, ovdir, wd, flags, warning, read_only,
-                  keep_upper, api, mount_options):
+                  keep_upper, api, mount_options, how):
     lowers = lowerdirs(layers, ovdir)
     if not lowers:
         raise MountError("the image has no layers to mount")
     check_mountable(target, read_only, keep_upper, mount_options)
-    lowers = chain.chain_lowers(wd.overlays, lowers)
+    form = _layers_form(ovdir, lowers, how)
+    if how != KERNEL:
+        from . import userns
+    lowers = chain.chain_lowers(wd.overlays, lowers, form)
     attributes = _attributes_lower(wd, lowers)
     if attributes is not None:
         lowers.insert(0, attributes)
@@ -636,9 +675,21 @@ def _mount_lowers(layers, target, upper, work, ovdir, wd, flags, warning, read_o
                 created.append(work)
             if _is_empty_dir(upper):
                 _inherit_root(upper_fd, os.path.join(ovdir, lowers[0]))
-        used = overlay.mount_overlay(
-            target, lowers, None if read_only else upper, None if read_only else work,
-            relative_to=ovdir, read_only=read_only, api=api, flags=flags)
+        holder = None
+        if how == KERNEL:
+            used = overlay.mount_overlay(
+                target, lowers, None if read_only else upper, None if read_only else work,
+                relative_to=ovdir, read_only=read_only, api=api, flags=flags,
+                userxattr=form == USER_FORM)
+        elif how == userns.USERNS:
+            holder = userns.start_holder(
+                target, lowers, None if read_only else upper, None if read_only else work,
+                ovdir, read_only, api, flags)
+            used = "a user namespace"
+        else:
+            userns.mount_fuse(target, [os.path.join(ovdir, lower) for lower in lowers],
+                              None if read_only else upper, None if read_only else work, flags)
+            used = "fuse-overlayfs"
     except BaseException:
         for path in reversed(created):
             try:
@@ -650,11 +701,15 @@ def _mount_lowers(layers, target, upper, work, ovdir, wd, flags, warning, read_o
         if upper_fd is not None:
             os.close(upper_fd)
     log.info("mounted %s at %s with %s%s", counted(len(layers), "layer"), target,
-             "mount(2)" if used == "mount" else "the new mount API",
+             {"mount": "mount(2)", "fsmount": "the new mount API"}.get(used, used),
              f" ({','.join(flags)})" if flags else "")
     if warning:
         log.warning("%s", warning)
-    return {
+    if holder is not None:
+        # The view is not at the mount point in the caller's namespace: say where it is.
+        log.warning("mounted without root in the user namespace of process %d: the image is at %s",
+                    holder, userns.reach(holder, target))
+    record = {
         "target": target,
         "upper": None if read_only else upper,
         "work": None if read_only else work,
@@ -662,6 +717,12 @@ def _mount_lowers(layers, target, upper, work, ovdir, wd, flags, warning, read_o
         "overlaydir": ovdir,
         "options": flags,
     }
+    if how != KERNEL:
+        record["rootless"] = how
+    if holder is not None:
+        record["holder"] = holder
+        record["view"] = f"/proc/{holder}/root{target}"
+    return record
 
 
 def _remove_side_dir(parent_fd, path, what, target):
@@ -685,8 +746,23 @@ def _remove_side_dir(parent_fd, path, what, target):
         os.close(fd)
     if not ours:
         return f"{what} {path} is owned by uid {st.st_uid}, not by uid {os.geteuid()}"
+    if os.geteuid() != 0:
+        _open_up(parent_fd, name)
     saferoot.remove_tree_at(parent_fd, name)
     return None
+
+
+def _open_up(parent_fd, name):
+    """Give the directories overlayfs made mode 0 in a work dir of ours (work/work,
+    work/index) their owner's access back: without root, removing them needs it."""
+    fd = os.open(name, _DIR_NOFOLLOW, dir_fd=parent_fd)
+    try:
+        for entry in os.listdir(fd):
+            st = os.lstat(entry, dir_fd=fd)
+            if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o700:
+                os.chmod(entry, 0o700, dir_fd=fd)
+    finally:
+        os.close(fd)
 
 
 def _clean(target, upper, work):
@@ -708,7 +784,8 @@ def _clean(target, upper, work):
         if fd is not None:
             try:
                 made = (os.fstat(fd).st_uid == os.geteuid()
-                        and _has_mark(fd, MADE_XATTR, b"mountpoint"))
+                        and (_has_mark(fd, MADE_XATTR, b"mountpoint")
+                             or _has_mark(fd, MADE_USER_XATTR, b"mountpoint")))
             finally:
                 os.close(fd)
             if made:
@@ -731,13 +808,21 @@ def _clean(target, upper, work):
 def unmount_image(target, clean=False):
     """Unmount the overlay at `target`; with `clean`, also remove its upper and work
     dirs and the (then empty) mount point. Returns True if a lazy detach was needed."""
+    from . import userns
+
     target, upper, work = side_dirs(target)
     mounted = overlay.mount_at(target)
     detached = False
-    if mounted is None:
+    holder = userns.find_holder(target) if mounted is None else None
+    if holder is not None:
+        userns.release(holder, target)
+        log.info("ended process %d, the user namespace holding %s", holder, target)
+    elif mounted is None:
         if not clean:
             raise MountError(f"{target} is not a mount point")
         log.info("%s is not mounted; only cleaning up", target)
+    elif mounted[0] == userns.FUSE_FSTYPE:
+        userns.unmount_fuse(target)
     else:
         fstype = mounted[0]
         if fstype != overlay.OVERLAY:

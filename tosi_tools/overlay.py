@@ -24,6 +24,7 @@ import re
 import stat
 from collections.abc import Iterable, Sequence
 
+from .cache import TRUSTED_FORM, USER_FORM
 from .errors import MountError
 
 OVERLAY = "overlay"
@@ -32,6 +33,17 @@ OVERLAY = "overlay"
 # these prefixes are overlayfs' own, never a layer's.
 OPAQUE_XATTR = "trusted.overlay.opaque"
 OVERLAY_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.")
+# The two forms of a layer directory. TRUSTED_FORM (root's): the opaque mark is
+# trusted.overlay.opaque, which only CAP_SYS_ADMIN in the initial user namespace
+# can set, and a mount without "userxattr" reads. USER_FORM (anyone else's): it is
+# user.overlay.opaque, which the owner of a directory can set, and a mount with
+# "userxattr" reads (Linux 5.11+, the option an overlay mounted in a user namespace
+# needs). Whiteouts are 0/0 character devices in both: Linux 5.8+ lets any user
+# make that one device. A mount reads one form only, so a layer dir is never used
+# in the other (its form is recorded beside it: cache.Workdir.form_path).
+FORMS = (TRUSTED_FORM, USER_FORM)
+USER_OPAQUE_XATTR = "user.overlay.opaque"
+USERXATTR = "userxattr"
 MAX_LAYERS = 500  # OVL_MAX_STACK in the kernel
 
 MS_RDONLY = 1
@@ -49,6 +61,7 @@ VFS_FLAGS = {
     "strictatime": (1 << 24, 0x20),
 }
 FSOPEN_CLOEXEC = 1
+FSCONFIG_SET_FLAG = 0
 FSCONFIG_SET_STRING = 1
 FSCONFIG_CMD_CREATE = 6
 FSMOUNT_CLOEXEC = 1
@@ -70,6 +83,50 @@ def is_whiteout(st: os.stat_result) -> bool:
     """Whether an lstat result is an overlayfs whiteout (a 0/0 character device)."""
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
+
+def opaque_xattr(form: str) -> str:
+    """The xattr that marks an opaque directory in a layer dir of `form`."""
+    if form == TRUSTED_FORM:
+        return OPAQUE_XATTR
+    if form == USER_FORM:
+        return USER_OPAQUE_XATTR
+    raise ValueError(f"unknown layer form {form!r}")
+
+
+def is_opaque(fd: int, name: str | None = None) -> bool:
+    """Whether the directory `fd` (or its entry `name`, not followed) is marked opaque,
+    in either form: a layer dir holds one form only (the layer's own overlay xattrs
+    are dropped when it is extracted)."""
+    for key in (OPAQUE_XATTR, USER_OPAQUE_XATTR):
+        try:
+            if name is None:
+                value = os.getxattr(fd, key)
+            else:
+                value = os.getxattr(f"/proc/self/fd/{fd}/{name}", key, follow_symlinks=False)
+        except OSError:
+            continue
+        if value == b"y":
+            return True
+    return False
+
+
+def in_initial_user_namespace(uid_map: str = "/proc/self/uid_map") -> bool:
+    """Whether this process runs in the initial user namespace (the whole uid range
+    mapped onto itself), where CAP_SYS_ADMIN is the one trusted.* xattrs need."""
+    try:
+        with open(uid_map) as f:
+            return f.read().split() == ["0", "0", "4294967295"]
+    except OSError:
+        return True  # no /proc: nothing says otherwise
+
+
+def local_form() -> str:
+    """The form of the layer dirs this process makes: TRUSTED_FORM with CAP_SYS_ADMIN in
+    the initial user namespace (root), else USER_FORM."""
+    if has_mount_privilege() and in_initial_user_namespace():
+        return TRUSTED_FORM
+    return USER_FORM
+
 def _lib():
     global _libc
     if _libc is None:
@@ -90,12 +147,16 @@ def escape(path: str) -> str:
     return path.replace("\\", "\\\\").replace(",", "\\,").replace(":", "\\:")
 
 
-def option_string(lowerdirs: Iterable[str], upperdir: str | None = None, workdir: str | None = None) -> str:
-    """The mount(2) data string: lowerdirs topmost first, then upper and work dirs."""
+def option_string(lowerdirs: Iterable[str], upperdir: str | None = None, workdir: str | None = None,
+                  userxattr: bool = False) -> str:
+    """The mount(2) data string: lowerdirs topmost first, then upper and work dirs
+    (and "userxattr": layer dirs in the user form)."""
     options = "lowerdir=" + ":".join(escape(d) for d in lowerdirs)
     if upperdir is not None:
         assert workdir is not None, "an upperdir needs a workdir"
         options += f",upperdir={escape(upperdir)},workdir={escape(workdir)}"
+    if userxattr:
+        options += "," + USERXATTR
     return options
 
 
@@ -161,14 +222,16 @@ def vfs_flags(flags: Iterable[str]) -> tuple[int, int]:
 
 def mount_overlay(target: str, lowerdirs: Sequence[str], upperdir: str | None = None,
                   workdir: str | None = None, relative_to: str | None = None,
-                  read_only: bool = False, api: str = "auto", flags: Sequence[str] = ()) -> str:
+                  read_only: bool = False, api: str = "auto", flags: Sequence[str] = (),
+                  userxattr: bool = False) -> str:
     """Mount overlayfs at `target` (absolute); returns the API used: "mount" or "fsmount".
 
     `lowerdirs` are topmost first; relative ones are looked up in `relative_to`.
     `upperdir`/`workdir` are absolute or both None (a read-only overlay).
     api: "auto" (mount(2) when the options fit in a page, else the new API),
     "mount" or "fsmount". `flags`: names from VFS_FLAGS ("nosuid", "nodev", ...),
-    the mount's per-mount flags with either API.
+    the mount's per-mount flags with either API. `userxattr`: the layer dirs are in
+    the user form (user.overlay.* xattrs; what a mount in a user namespace needs).
     """
     if not lowerdirs:
         raise MountError("an overlay needs at least one lower layer")
@@ -177,7 +240,7 @@ def mount_overlay(target: str, lowerdirs: Sequence[str], upperdir: str | None = 
     if (upperdir is None) != (workdir is None):
         raise MountError("upperdir and workdir go together")
     ms_flags, attr_flags = vfs_flags(flags)
-    options = option_string(lowerdirs, upperdir, workdir)
+    options = option_string(lowerdirs, upperdir, workdir, userxattr)
     if api == "auto":
         api = "mount" if fits_in_page(options) else "fsmount"
     if api == "mount":
@@ -190,7 +253,7 @@ def mount_overlay(target: str, lowerdirs: Sequence[str], upperdir: str | None = 
     elif api == "fsmount":
         with _inside(relative_to):
             _mount_new_api(target, lowerdirs, upperdir, workdir, read_only,
-                           len(os.fsencode(options)), attr_flags)
+                           len(os.fsencode(options)), attr_flags, userxattr)
     else:
         raise ValueError(f"unknown mount api {api!r}")
     return api
@@ -247,18 +310,19 @@ def _fsconfig_path(path, held):
     return f"/proc/self/fd/{fd}"
 
 
-def _mount_new_api(target, lowerdirs, upperdir, workdir, read_only, option_bytes, attr_flags=0):
+def _mount_new_api(target, lowerdirs, upperdir, workdir, read_only, option_bytes, attr_flags=0,
+                   userxattr=False):
     held = []
     try:
         _mount_new_api_fds(target, lowerdirs, upperdir, workdir, read_only, option_bytes, held,
-                           attr_flags)
+                           attr_flags, userxattr)
     finally:
         for fd in held:
             os.close(fd)
 
 
 def _mount_new_api_fds(target, lowerdirs, upperdir, workdir, read_only, option_bytes, held,
-                       attr_flags=0):
+                       attr_flags=0, userxattr=False):
     reason = new_api_unavailable_reason()
     if option_bytes >= page_size():
         why = (f"the mount options for {len(lowerdirs)} layers take {option_bytes} bytes, "
@@ -296,6 +360,11 @@ def _mount_new_api_fds(target, lowerdirs, upperdir, workdir, read_only, option_b
             config("upperdir", _fsconfig_path(upperdir, held))
             config("workdir", _fsconfig_path(workdir, held))
         config("source", OVERLAY)
+        if userxattr:
+            _, err = _syscall("fsconfig", ctypes.c_int(fs_fd), ctypes.c_uint(FSCONFIG_SET_FLAG),
+                              ctypes.c_char_p(USERXATTR.encode()), None, ctypes.c_int(0))
+            if err:
+                raise MountError(f"overlay {USERXATTR}: {os.strerror(err)} (Linux 5.11 or newer)")
         _, err = _syscall("fsconfig", ctypes.c_int(fs_fd), ctypes.c_uint(FSCONFIG_CMD_CREATE),
                           None, None, ctypes.c_int(0))
         if err:

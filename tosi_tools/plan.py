@@ -184,7 +184,8 @@ _INDEX_FIELDS = dict(_DESCRIPTOR, path=_absolute)
 _CONFIG_FIELDS = dict(_DESCRIPTOR, path=_absolute, savedConfig=_absolute)
 _PLATFORM_FIELDS: dict[str, Checker] = {"os": _string, "architecture": _string, "variant": _string}
 _MOUNT_FIELDS: dict[str, Checker] = {"target": _absolute, "upper": _absolute, "work": _absolute,
-                                     "readOnly": _boolean, "overlaydir": _absolute}
+                                     "readOnly": _boolean, "overlaydir": _absolute,
+                                     "rootless": _string, "holder": _count, "view": _absolute}
 
 IMAGE_FIELDS: dict[str, Checker] = {
     "planVersion": _count, "reference": _string, "registry": _registry, "endpoint": _endpoint,

@@ -19,6 +19,11 @@ Each layer's diffID is checked as it is extracted. <overlaydir>/<hex>.diffid
 when the plan's diffID was one), so a plan that reuses the layer later, or
 names it twice, is checked against it too.
 
+A layer dir has the form of who extracted it (overlay.local_form(): root's
+trusted.overlay.opaque, or user.overlay.opaque for a "userxattr" mount without
+root); <overlaydir>/<hex>.form records the user form. A layer dir of the other
+form is never reused (nor replaced: a mount may use it): that is an error.
+
 The layer mechanism (and the decompressors under it) is imported only where a
 layer is applied: a run that only reuses extracted layers never needs it.
 
@@ -41,9 +46,10 @@ import stat
 import time
 from collections import deque
 
-from . import ownership, saferoot
+from . import overlay, ownership, saferoot
 from .cache import (
-    Workdir, atomic_write, file_lock, fsync_dir, require_cached, sync_filesystem, workdir_for, writing_ahead,
+    USER_FORM, Workdir, atomic_write, file_lock, fsync_dir, read_form, require_cached, sync_filesystem,
+    workdir_for, writing_ahead,
 )
 from .digest import Digest
 from .errors import (
@@ -451,8 +457,9 @@ def extract_layer_to_overlay(workdir, layer_record, stream=None, limits=None, op
     workdir = _workdir(workdir).ensure()
     digest = layer_record.digest
     final = workdir.overlay_path(digest)
+    form = overlay.local_form()
     with file_lock(workdir.overlay_lock_path(digest)):
-        if not _extracted(final, layer_record):
+        if not _extracted(final, layer_record, form):
             from . import layer as layer_mod
 
             _remove_stale_temps(path for _, path in workdir.overlay_temps(digest))
@@ -464,8 +471,10 @@ def extract_layer_to_overlay(workdir, layer_record, stream=None, limits=None, op
                 with writing_ahead(tmp), _open_blob(workdir, layer_record, stream, open_stream) as blob:
                     stats = layer_mod.apply_layer(tmp, blob, layer_record.media_type, layer_mod.OVERLAY,
                                                   layer_record.name, limits, layer_record.diff_id,
-                                                  progress=_layer_progress(progress, layer_record))
+                                                  progress=_layer_progress(progress, layer_record),
+                                                  form=form)
                 atomic_write(workdir.diffid_path(digest), stats.diff_id, durable=False)
+                _write_form(workdir.form_path(digest), form)
                 _write_implicit(final, stats.implicit_dirs)
                 _write_whiteout_dirs(final, stats.whiteout_dirs)
                 # The layer's files (and .diffid, .implicit, .whiteouts) on disk before the name says
@@ -488,8 +497,22 @@ def extract_layer_to_overlay(workdir, layer_record, stream=None, limits=None, op
     return layer_record.with_overlay(final, short)
 
 
-def _extracted(final, record):
-    """Whether the layer's overlay dir is there; one that tosi did not make is refused."""
+def _write_form(path, form):
+    """<hex>.form: "user" for a layer dir in the user form; none for root's."""
+    if form == USER_FORM:
+        atomic_write(path, form, durable=False)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # a stale one, left by a layer dir removed by hand
+
+
+def _form_words(form):
+    return "by root" if form != USER_FORM else "without root (user.overlay xattrs)"
+
+
+def _extracted(final, record, form=None):
+    """Whether the layer's overlay dir is there; one that tosi did not make, or one of
+    another form than `form` (None: any), is refused."""
     try:
         st = os.lstat(final)
     except FileNotFoundError:
@@ -498,6 +521,11 @@ def _extracted(final, record):
     if not os.path.isdir(final):
         raise CacheError(f"overlay dir of layer {record.name}: {final} is not a "
                          "directory; remove it")
+    found = read_form(final)
+    if form is not None and found != form:
+        raise CacheError(f"overlay dir of layer {record.name}: {final} was extracted "
+                         f"{_form_words(found)}, and this run extracts {_form_words(form)}: a mount "
+                         "reads one form only; use a workdir (or --overlaydir) of your own")
     return True
 
 
