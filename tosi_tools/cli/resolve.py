@@ -19,7 +19,10 @@ PROG = "tosi-resolve"
 DESCRIPTION = """\
 Resolve IMAGE (e.g. alpine, user/img:tag, host:port/img@sha256:...) to one
 platform's image manifest, store manifest and config bytes in the workdir, and
-write the plan to stdout: one image record, then one record per layer."""
+write the plan to stdout: one image record, then one record per layer.
+IMAGE may also name an image without a registry: oci:DIR[:TAG|@DIGEST] (an OCI
+image layout) or docker-archive:FILE[:NAME:TAG] (a docker save tar, plain or
+gzip); the path ends at the first ':'."""
 
 
 def add_registry_flags(parser: argparse.ArgumentParser) -> None:
@@ -56,7 +59,8 @@ def _parser():
     parser.add_argument("--platform", metavar="OS/ARCH[/VARIANT]",
                         help="platform to pick from an index (default: this machine's)")
     add_registry_flags(parser)
-    parser.add_argument("image", metavar="IMAGE", help="image reference")
+    parser.add_argument("image", metavar="IMAGE",
+                        help="image reference, oci:DIR[:TAG|@DIGEST] or docker-archive:FILE[:NAME:TAG]")
     return parser
 
 
@@ -66,10 +70,10 @@ def _body(argv):
 
     from ..plan import PlanWriter
     from ..imageplatform import parse_platform
-    from ..reference import parse_reference
+    from ..reference import parse_any_reference
     from ..resolve import resolve_image
 
-    ref = parse_reference(args.image)
+    ref = parse_any_reference(args.image)
     platform = parse_platform(args.platform) if args.platform else None
     image, layers = resolve_image(ref, args.workdir, platform=platform, keychain=keychain_from_args(args))
     PlanWriter(sys.stdout).write_plan(image, layers)
