@@ -226,6 +226,7 @@ def _bad_layouts(tmp_path, pushed):
     corrupt.write_bytes(b"\x1f\x8b" + b"not really gzip" * 100)
     truncated = tmp_path / "truncated.tar"
     docker_save(truncated, [(pushed, ["app:1"])])
+    good = docker_save(tmp_path / "good.tar", [(pushed, ["app:1"])])
     truncated.write_bytes(truncated.read_bytes()[:1500])
     return {
         "missing dir": (f"oci:{missing}:v1", "no such directory"),
@@ -235,8 +236,8 @@ def _bad_layouts(tmp_path, pushed):
         "ambiguous tag": (f"oci:{ambiguous.root}:v1", "2 images tagged 'v1'"),
         "missing archive": (f"docker-archive:{tmp_path / 'none.tar'}", "no such file"),
         "corrupt archive": (f"docker-archive:{corrupt}", "corrupt or not a tar archive"),
-        "truncated archive": (f"docker-archive:{truncated}", str(truncated)),
-        "unknown name": (f"docker-archive:{truncated}:nope:1", str(truncated)),
+        "truncated archive": (f"docker-archive:{truncated}", "truncated"),
+        "unknown name": (f"docker-archive:{good}:nope:1", "no image named docker.io/library/nope:1"),
         "bad tag": (f"oci:{missing}:-v1", "invalid tag"),
     }
 

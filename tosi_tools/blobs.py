@@ -452,6 +452,8 @@ def _remove(path):
 def _mismatches(download, error, seen):
     """The final DigestMismatch: the last attempt's message and what the attempts hashed to."""
     attempts = sum(seen.values())
+    if attempts == 1:  # read once (a local source): the mismatch says it all
+        return DigestMismatch(str(error))
     ranked = sorted(seen.items(), key=lambda kv: -kv[1])
     counts = ", ".join(f"{n} {'hashed ' if i == 0 else ''}to {got}" for i, (got, n) in enumerate(ranked))
     return DigestMismatch(f"{error}; giving up after {attempts} downloads ({counts})")

@@ -358,6 +358,7 @@ class _OpenArchive:
         self.fd = _open_regular(path)
         self.file = os.fdopen(self.fd, "rb", closefd=True)
         head = os.pread(self.fd, 2, 0)
+        self.size = os.fstat(self.fd).st_size
         self.compressed = head == _GZIP_MAGIC
         self._gzip: Optional[IO[bytes]] = None
         try:
@@ -474,6 +475,9 @@ class ArchiveStore:
                 if not _regular(info):
                     continue
                 name = _member_name(info.name)
+                if not archive.compressed and info.offset_data + info.size > archive.size:
+                    raise SourceError(f"{self.path}: truncated ({quoted(name)} ends beyond the file)",
+                                      path=self.path)
                 if name in self.members:
                     self.duplicates.add(name)
                 self.members[name] = Member(name, info.offset_data, info.size)
