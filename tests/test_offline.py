@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 
 import pytest
 
@@ -307,3 +308,44 @@ def test_resolve_reads_no_registry_flags_for_a_layout(layout, workdir):
     proc = subprocess.run([sys.executable, os.path.join(BIN, "tosi-resolve"), "--workdir", workdir,
                            f"oci:{layout.root}:v1"], capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_index_json_entries_of_one_tag_for_several_platforms_are_chosen_as_an_index(pusher, repo_name, tool,
+                                                                                      tmp_path, workdir):
+    amd = pusher.push_image(repo_name, None, [make_layer([file_entry("arch", b"amd64\n")])], arch="amd64")
+    arm = pusher.push_image(repo_name, None, [make_layer([file_entry("arch", b"arm64\n")])], arch="arm64")
+    layout = Layout(tmp_path / "layout")
+    layout.add_image(amd, tag="app", platform=True)
+    layout.add_image(arm, tag="app", platform=True)
+    proc = tool("tosi-resolve", "--workdir", workdir, "--platform", "linux/arm64", f"oci:{layout.root}:app",
+                check=0)
+    image = parse_plan(proc.stdout)[0]
+    assert (image["digest"], image["index"]) == (arm.digest, None)
+
+
+def test_a_fifo_planted_as_a_blob_is_refused_without_hanging(tool, layout, pushed, workdir):
+    victim = pushed.layers[0]
+    os.unlink(layout.blob_path(victim.digest))
+    os.mkfifo(layout.blob_path(victim.digest))
+    resolved = tool("tosi-resolve", "--workdir", workdir, f"oci:{layout.root}:v1", check=0)
+    proc = tool("tosi-fetch", "--progress", "never", input=resolved.stdout, timeout=60)
+    assert "is not a regular file" in one_line_error(proc)
+
+
+def test_a_hardlink_member_of_an_archive_is_not_read(tool, pushed, tmp_path, workdir):
+    archive = tmp_path / "links.tar"
+    docker_save(archive, [(pushed, ["app:1"])])
+    rewritten = tmp_path / "rewritten.tar"
+    with tarfile.open(archive) as source, tarfile.open(rewritten, "w") as out:
+        members = source.getmembers()
+        layer = next(m for m in members if m.name.endswith("layer.tar"))
+        for member in members:
+            if member is layer:
+                link = tarfile.TarInfo(member.name)
+                link.type = tarfile.LNKTYPE
+                link.linkname = next(m.name for m in members if m.name.endswith(".json") and "/" not in m.name)
+                out.addfile(link)
+            else:
+                out.addfile(member, source.extractfile(member) if member.isreg() else None)
+    line = one_line_error(tool("tosi-resolve", "--workdir", workdir, f"docker-archive:{rewritten}"))
+    assert "holds no" in line and layer.name in line

@@ -36,7 +36,6 @@ import logging
 import os
 import stat
 import tarfile
-import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import IO, Any, NamedTuple, Optional
 
@@ -706,7 +705,6 @@ class ArchiveBlobSource:
         self.path = path
         self.members = dict(members)
         self.name = f"docker-archive:{path}"
-        self._lock = threading.Lock()
 
     def open(self, digest: str, offset: int = 0, what: Optional[str] = None,
              timeout: Any = None) -> LocalStream:
