@@ -70,9 +70,11 @@ def test_oci_layout_mounts_the_tree_the_registry_gives(tool, layout, from_regist
 def test_docker_archive_extracts_the_tree_the_registry_gives(tool, pushed, from_registry, tmp_path, workdir,
                                                              form, compress):
     archive = docker_save(tmp_path / "image.tar", [(pushed, ["example/app:1"])], form=form, compress=compress)
-    target = tmp_path / "rootfs"
-    tool("tosi", "-image", f"docker-archive:{archive}", "-extractto", target, "-workdir", workdir, check=0)
-    assert without_root(snapshot(str(target))) == from_registry
+    for name in ("", ":example/app:1"):
+        target = tmp_path / f"rootfs{name}"
+        tool("tosi", "-image", f"docker-archive:{archive}{name}", "-extractto", target, "-workdir", workdir,
+             check=0)
+        assert without_root(snapshot(str(target))) == from_registry
 
 
 def test_docker_archive_mounts_the_tree_the_registry_gives(tool, pushed, from_registry, tmp_path, workdir, mounts):
@@ -82,6 +84,35 @@ def test_docker_archive_mounts_the_tree_the_registry_gives(tool, pushed, from_re
     tool("tosi", "-image", f"docker-archive:{archive}:example/app:1", "-mount", target, "-workdir", workdir,
          check=0)
     assert without_root(snapshot(target)) == from_registry
+
+
+def test_a_warm_mount_of_a_layout_reuses_the_cache(tool, layout, from_registry, tmp_path, workdir, mounts):
+    target = str(tmp_path / "mnt")
+    mounts.append(target)
+    tool("tosi", "-image", f"oci:{layout.root}:v1", "-mount", target, "-workdir", workdir, check=0)
+    subprocess.run(["umount", target], check=True)
+    for name in os.listdir(os.path.join(layout.root, "blobs", "sha256")):  # the config too is cached
+        if name not in (layout.entries[0]["digest"][7:],):
+            os.unlink(os.path.join(layout.root, "blobs", "sha256", name))
+    tool("tosi", "-image", f"oci:{layout.root}:v1", "-mount", target, "-read-only", "-workdir", workdir, check=0)
+    assert without_root(snapshot(target)) == from_registry
+
+
+@pytest.mark.parametrize("kind", ["layout", "archive", "gzip archive"])
+def test_a_partial_blob_is_completed_from_the_source(tool, pushed, layout, tmp_path, workdir, kind):
+    reference = f"oci:{layout.root}:v1"
+    if kind != "layout":
+        archive = docker_save(tmp_path / "image.tar", [(pushed, ["app:1"])], form="oci",
+                              compress="gzip" if kind == "gzip archive" else None)
+        reference = f"docker-archive:{archive}"
+    resolved = tool("tosi-resolve", "--workdir", workdir, reference, check=0)
+    victim = pushed.layers[0]
+    cache = Workdir(workdir)
+    os.makedirs(cache.layers, exist_ok=True)
+    with open(cache.partial_path(victim.digest), "wb") as f:
+        f.write(victim.data[:len(victim.data) // 2])
+    tool("tosi-fetch", "--progress", "never", input=resolved.stdout, check=0)
+    assert open(cache.layer_path(victim.digest), "rb").read() == victim.data
 
 
 def test_stages_in_a_pipe_read_the_layout(layout, from_registry, tmp_path, workdir):

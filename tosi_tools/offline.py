@@ -630,7 +630,7 @@ class ArchiveStore:
         parsed = parse_manifest(data, OCI_MANIFEST, what=f"{self.where}: the manifest made for manifest.json")
         assert isinstance(parsed, ImageManifest)
         return Found(data, parsed, Digest("sha256:" + _sha256_hex(data)), None, None,
-                     self._source(members), config_bytes)
+                     self._source(members), lambda *_args: config_bytes)
 
 
 def _sha256_hex(data: bytes) -> str:
@@ -730,8 +730,8 @@ def blob_source(source: Mapping[str, Any]) -> LayoutBlobSource | ArchiveBlobSour
 class Found(NamedTuple):
     """An image found in a source: the image manifest (`data`, parsed `manifest`,
     `digest`), the `index_record` (descriptor) of the index the reference named (or None), the `platform`
-    the index gave (or None), the plan's `source` field, and the config's bytes
-    (checked against the manifest's descriptor)."""
+    the index gave (or None), the plan's `source` field, and `read_blob(digest,
+    size, limit, what)` (the config's bytes, checked against its digest: `config()`)."""
 
     data: bytes
     manifest: ImageManifest
@@ -739,7 +739,13 @@ class Found(NamedTuple):
     index_record: Optional[Descriptor]
     platform: Optional[Platform]
     source: dict[str, Any]
-    config_bytes: bytes
+    read_blob: Callable[[Digest, Optional[int], int, str], bytes]
+
+    def config(self) -> bytes:
+        """The image config's bytes from the source, checked against the manifest's descriptor."""
+        descriptor = self.manifest.config
+        digest = Digest(descriptor["digest"])
+        return self.read_blob(digest, descriptor["size"], MAX_CONFIG_SIZE, f"image config {digest}")
 
 
 class _Matcher(NamedTuple):
@@ -820,10 +826,7 @@ def _find_in_index(store: LayoutStore | ArchiveStore, index_json: bytes, matcher
     manifest = parse_manifest(data, chosen["mediaType"], what=f"{store.where}: manifest {d}")
     if not isinstance(manifest, ImageManifest) or manifest.config_bytes is not None:
         raise ManifestError(f"{store.where}: manifest {d} is no schema2/OCI image manifest")
-    config = Digest(manifest.config["digest"])
-    config_bytes = store.read_blob(config, manifest.config["size"], MAX_CONFIG_SIZE,
-                                   f"{store.where}: image config {config}")
-    return Found(data, manifest, d, index_record, platform, {}, config_bytes)
+    return Found(data, manifest, d, index_record, platform, {}, store.read_blob)
 
 
 def open_store(ref: SourceReference) -> LayoutStore | ArchiveStore:

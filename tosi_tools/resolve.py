@@ -416,11 +416,14 @@ class Resolver:
         config_digest = Digest(descriptor["digest"])
         path = self.workdir.config_path(config_digest)
         what = f"image config {config_digest}"
-        config_bytes = found.config_bytes  # read from the source and checked against its digest
-        with file_lock(Workdir.lock_of(path)):
-            if _cached_config(path, config_digest, descriptor["size"]) is None:
-                log.info("%s: %s from %s", ref, what, ref.path)
-                atomic_write(path, config_bytes)
+        config_bytes = _cached_config(path, config_digest, descriptor["size"])
+        if config_bytes is None:
+            with file_lock(Workdir.lock_of(path)):
+                config_bytes = _cached_config(path, config_digest, descriptor["size"])
+                if config_bytes is None:
+                    log.info("%s: %s from %s", ref, what, ref.path)
+                    config_bytes = found.config()  # checked against its digest
+                    atomic_write(path, config_bytes)
         platform, saved, ids = self._config_facts(ref, manifest, found.platform, config_bytes, wanted)
         image = ImageRecord(new_image_record(
             reference=ref.normalized(),
