@@ -175,7 +175,8 @@ class Downloader:
     """Runs BlobDownloads from one BlobSource (default: `repository` of the registry
     `client` speaks to) under the transport's retry policy (`retries` attempts after
     the first, `backoff_base`); a descriptor's foreign URLs are asked when the
-    source does not have the blob.
+    source does not have the blob. A local `source` (offline.LayoutBlobSource,
+    ArchiveBlobSource) needs no `client` (None): foreign URLs are then not asked.
 
     `progress(download, event, nbytes)` is called from the downloading thread with
     event "start" (nbytes: bytes already present), "advance" (nbytes: new bytes),
@@ -199,7 +200,7 @@ class Downloader:
         self.on_failure = on_failure or (lambda download, error: None)
         self.backoff_base = backoff_base
         self.retry = RetryPolicy(retries, backoff_base=backoff_base)
-        self.timeout = (client.timeout[0], read_timeout) if read_timeout else None
+        self.timeout = (client.timeout[0], read_timeout) if read_timeout and client is not None else None
         self._receiving: set[Any] = set()
         self._receiving_lock = threading.Lock()
 
@@ -326,7 +327,9 @@ class Downloader:
     def _attempt(self, download, hasher):
         if hasher.count == download.size:
             return
-        sources = [self.source] + [URLBlobSource(self.client, url) for url in download.urls]
+        # A local source (offline) has no client: a descriptor's foreign URLs are not asked.
+        sources = [self.source] + [URLBlobSource(self.client, url) for url in download.urls
+                                   if self.client is not None]
         offset = 0 if download._whole else hasher.count
         for source in sources:
             try:
@@ -396,6 +399,9 @@ class Downloader:
                     download._set_written(hasher.count)
                     self.progress(download, "advance", len(chunk))
         if hasher.count < download.size:
+            ended_early = getattr(stream, "ended_early", None)  # a local file (offline.LocalStream)
+            if ended_early is not None:
+                raise ended_early(hasher.count, download.size)
             raise Unreachable(f"connection closed after {hasher.count} of {download.size} bytes")
 
 
@@ -446,6 +452,8 @@ def _remove(path):
 def _mismatches(download, error, seen):
     """The final DigestMismatch: the last attempt's message and what the attempts hashed to."""
     attempts = sum(seen.values())
+    if attempts == 1:  # read once (a local source): the mismatch says it all
+        return DigestMismatch(str(error))
     ranked = sorted(seen.items(), key=lambda kv: -kv[1])
     counts = ", ".join(f"{n} {'hashed ' if i == 0 else ''}to {got}" for i, (got, n) in enumerate(ranked))
     return DigestMismatch(f"{error}; giving up after {attempts} downloads ({counts})")

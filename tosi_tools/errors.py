@@ -118,6 +118,15 @@ class BlockedReference(UsageError):
         self.path = path
 
 
+class SourceError(UsageError):
+    """A local image source (an OCI image layout, a docker-save archive) is missing,
+    malformed, or does not hold the image named, or names it ambiguously (exit 2)."""
+
+    def __init__(self, message: str, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
 class RegistryError(TosiError):
     """The registry answered with an error (unknown repository, tag, blob, ...)."""
 

@@ -83,7 +83,10 @@ class Fetcher:
     """Downloads the blobs of plans into a workdir.
 
     `client_for_image(image_record)` gives the RegistryClient to use (the caller
-    decides credentials and TLS); it is closed with the fetcher.
+    decides credentials and TLS); it is closed with the fetcher. An image record
+    with a "source" (an OCI layout or a docker-save archive, tosi-plan(5)) is read
+    from there instead (offline.blob_source), with no client, each blob once: a
+    read that fails or does not match is not tried again.
     `progress(download, event, nbytes)`: see blobs.Downloader.
     `parallel` 0 means one download per distinct blob. `retries`: attempts after a
     transient failure (resumed with Range); `digest_retries`: downloads from byte 0
@@ -118,10 +121,11 @@ class Fetcher:
         from .blobs import BlobDownload, Downloader
 
         image = ImageRecord.of(image)
-        if not image.repository:
-            raise PlanError("image record has no repository")
-        if not (image.endpoint or image.registry):
-            raise PlanError("image record names neither an endpoint nor a registry")
+        if image.source is None:
+            if not image.repository:
+                raise PlanError("image record has no repository")
+            if not (image.endpoint or image.registry):
+                raise PlanError("image record names neither an endpoint nor a registry")
         records = [LayerRecord.of(record) for record in layers]
         self.workdir.ensure()  # private and ours, before a cached blob is looked at
         config = _config_download(self.workdir, image)
@@ -136,14 +140,22 @@ class Fetcher:
                     digest, size, path, what=f"layer {record.name}", urls=record.urls,
                 )
             handles.append(LayerHandle(record, unique[path]))
-        client = self.client_for_image(image)
-        self._clients.append(client)
+        source = None
+        retries, digest_retries = self.retries, self.digest_retries
+        if image.source is not None:
+            from .offline import blob_source
+
+            # A local file does not get better by reading it again.
+            client, source, retries, digest_retries = None, blob_source(image.source), 0, 0
+        else:
+            client = self.client_for_image(image)
+            self._clients.append(client)
         downloader = Downloader(
-            client, image.repository, retries=self.retries,
+            client, image.repository, retries=retries,
             validate_cache=self.validate_cache, progress=self.progress,
             cancel_event=self.cancelled, read_timeout=self.read_timeout, on_failure=self._failed,
-            digest_retries=self.digest_retries,
-            reserve=self.reserve,
+            digest_retries=digest_retries,
+            reserve=self.reserve, source=source,
         )
         self._downloaders.append(downloader)
         self._downloads.extend(unique.values())

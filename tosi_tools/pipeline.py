@@ -38,7 +38,9 @@ from .errors import Cancelled, QuarantinedBlob, TosiError, UsageError
 from .keychain import from_flags as keychain_from_flags
 from .plan import ImageRecord, LayerRecord
 from .imageplatform import Platform, parse_platform
-from .reference import Reference, parse_reference, reference_with_base_url
+from .reference import (
+    Reference, SourceReference, is_source_reference, parse_any_reference, reference_with_base_url,
+)
 from .transport import detect_endpoint
 
 log = logging.getLogger("tosi.pipeline")
@@ -87,10 +89,13 @@ def preflight(options: PullOptions) -> Optional[Platform]:
     return platform
 
 
-def reference_and_endpoint(options: PullOptions) -> tuple[Reference, Optional[str]]:
-    """The Reference to pull and the endpoint to use (None: the registry's usual one)."""
+def reference_and_endpoint(options: PullOptions) -> tuple[Reference | SourceReference, Optional[str]]:
+    """The Reference to pull (or the SourceReference of an image in an OCI layout or
+    a docker-save archive) and the endpoint to use (None: the registry's usual one)."""
     if not options.url:
-        return parse_reference(options.image), None
+        return parse_any_reference(options.image), None
+    if is_source_reference(options.image):
+        raise UsageError("-url names a registry; an oci: or docker-archive: image needs none")
     url = options.url
     if "://" not in url:
         # A bare host:port is spoken to as Docker would: plain HTTP on loopback only.

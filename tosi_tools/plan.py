@@ -160,6 +160,24 @@ def _string_map(where: str, name: str, value: Any) -> None:
         _string(where, f"{name} {quoted(key)}", item)
 
 
+# The kinds of local source an image record's "source" names (offline.SOURCE_TYPES).
+SOURCE_TYPES = ("oci-layout", "docker-archive")
+
+
+def _source_type(where: str, name: str, value: Any) -> None:
+    _string(where, name, value)
+    if value not in SOURCE_TYPES:
+        raise PlanError(f"{where}: {name} {quoted(value)} is not one of {', '.join(SOURCE_TYPES)}")
+
+
+def _digest_map(where: str, name: str, value: Any) -> None:
+    if not isinstance(value, dict):
+        raise _wrong(where, name, value, "an object")
+    for key, item in value.items():
+        _digest(where, f"{name} key", key)
+        _string(where, f"{name} {quoted(key)}", item)
+
+
 def _object(fields: Mapping[str, Checker], required: tuple[str, ...] = ()) -> Checker:
     def check(where: str, name: str, value: Any) -> None:
         if not isinstance(value, dict):
@@ -183,6 +201,7 @@ _DESCRIPTOR: dict[str, Checker] = {"mediaType": _string, "digest": _digest, "siz
 _INDEX_FIELDS = dict(_DESCRIPTOR, path=_absolute)
 _CONFIG_FIELDS = dict(_DESCRIPTOR, path=_absolute, savedConfig=_absolute)
 _PLATFORM_FIELDS: dict[str, Checker] = {"os": _string, "architecture": _string, "variant": _string}
+_SOURCE_FIELDS: dict[str, Checker] = {"type": _source_type, "path": _absolute, "members": _digest_map}
 _MOUNT_FIELDS: dict[str, Checker] = {"target": _absolute, "upper": _absolute, "work": _absolute,
                                      "readOnly": _boolean, "overlaydir": _absolute,
                                      "rootless": _string, "holder": _count, "view": _absolute}
@@ -194,6 +213,7 @@ IMAGE_FIELDS: dict[str, Checker] = {
     "platform": _object(_PLATFORM_FIELDS), "config": _object(_CONFIG_FIELDS, ("digest",)),
     "workdir": _absolute, "layerCount": _count, "insecure": _boolean, "caFile": _string,
     "rootfs": _absolute, "mount": _object(_MOUNT_FIELDS),
+    "source": _object(_SOURCE_FIELDS, ("type", "path")),
 }
 
 LAYER_FIELDS: dict[str, Checker] = {
@@ -401,6 +421,12 @@ class ImageRecord(_Record):
     @property
     def ca_file(self) -> str | None:
         return self._text("caFile")
+
+    @property
+    def source(self) -> Mapping[str, Any] | None:
+        """Where the blobs are read from instead of a registry: {"type": "oci-layout" or
+        "docker-archive", "path": absolute, "members"?: {digest: archive member}}."""
+        return self._object("source")
 
     @property
     def rootfs(self) -> str | None:

@@ -16,6 +16,7 @@ is docker.io. Without tag or digest the tag is "latest"; with both, the digest
 decides what is pulled.
 """
 
+import os
 import re
 from collections.abc import Callable
 from urllib.parse import urlsplit
@@ -230,3 +231,108 @@ def names_registry(text: str) -> bool:
     name, which Docker pulls from docker.io."""
     domain, _ = _split_domain(text.partition("@")[0])
     return domain is not None
+
+
+# ---------------------------------------------------------------- images without a registry
+
+OCI_LAYOUT = "oci"
+DOCKER_ARCHIVE = "docker-archive"
+SOURCE_TRANSPORTS = (OCI_LAYOUT, DOCKER_ARCHIVE)
+# org.opencontainers.image.ref.name (image-spec annotations.md): components of alphanumerics
+# joined by one of "-._:@+" or "--", separated by "/".
+_REF_NAME_COMPONENT = r"[A-Za-z0-9]+(?:(?:[-._:@+]|--)[A-Za-z0-9]+)*"
+_REF_NAME = re.compile(rf"{_REF_NAME_COMPONENT}(?:/{_REF_NAME_COMPONENT})*")
+_TRAILING_DIGEST = re.compile(r"@(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})")
+
+
+class SourceReference:
+    """An image in a local source instead of a registry: `transport` OCI_LAYOUT (an OCI
+    image layout directory: `tag` is an org.opencontainers.image.ref.name, or `digest`
+    a manifest's) or DOCKER_ARCHIVE (a `docker save` tar: `name` the Reference its
+    RepoTags or image-name annotations must match). `path` is absolute."""
+
+    __slots__ = ("transport", "path", "tag", "digest", "name")
+
+    def __init__(self, transport: str, path: str, tag: str | None = None,
+                 digest: str | None = None, name: Reference | None = None) -> None:
+        self.transport = transport
+        self.path = path
+        self.tag = tag
+        self.digest = Digest(digest) if digest else None
+        self.name = name
+
+    def normalized(self) -> str:
+        """oci:/abs/dir[:tag|@digest] or docker-archive:/abs/file[:registry/repository:tag]."""
+        text = f"{self.transport}:{self.path}"
+        if self.tag:
+            text += f":{self.tag}"
+        if self.digest:
+            text += f"@{self.digest}"
+        if self.name is not None:
+            text += f":{self.name.normalized()}"
+        return text
+
+    def __str__(self) -> str:
+        return self.normalized()
+
+    def __repr__(self) -> str:
+        return f"SourceReference({self.normalized()!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SourceReference) and self.normalized() == other.normalized()
+
+    def __hash__(self) -> int:
+        return hash(self.normalized())
+
+
+def is_source_reference(text: str) -> bool:
+    """Whether `text` names a local source (oci:..., docker-archive:...), not a registry image."""
+    return isinstance(text, str) and text.startswith(tuple(f"{t}:" for t in SOURCE_TRANSPORTS))
+
+
+def parse_source_reference(text: str) -> SourceReference:
+    """Parse oci:PATH[:TAG|@DIGEST] or docker-archive:PATH[:REF] as containers/image
+    (skopeo, podman) does: PATH ends at the first ":" after the transport, so a path
+    holding ":" cannot be named (name it through a symlink or a relative path without
+    one); the rest is the tag (an OCI ref name, which may itself hold ":") or REF.
+    oci:PATH@DIGEST names a manifest by digest (PATH then has no ":"). A relative
+    PATH is taken from the current directory."""
+    transport, _, rest = text.partition(":")
+    original = text
+    if transport not in SOURCE_TRANSPORTS:
+        raise InvalidReference(f"invalid reference {quoted(original)}: not an oci: or docker-archive: reference")
+    if "\0" in rest:
+        raise InvalidReference(f"invalid reference {quoted(original)}: holds a NUL character")
+    digest = None
+    if transport == OCI_LAYOUT:
+        found = _TRAILING_DIGEST.search(rest)
+        if found and found.end() == len(rest) and ":" not in rest[:found.start()]:
+            rest, digest = rest[:found.start()], found.group(1)
+    path, colon, image = rest.partition(":")
+    if not path:
+        raise InvalidReference(f"invalid reference {quoted(original)}: no path after {transport}:")
+    if colon and not image:
+        what = "tag" if transport == OCI_LAYOUT else "image name"
+        raise InvalidReference(f"invalid reference {quoted(original)}: empty {what} after the path's ':'")
+    path = os.path.abspath(path)
+    if transport == OCI_LAYOUT:
+        if image and not _REF_NAME.fullmatch(image):
+            raise InvalidReference(
+                f"invalid reference {quoted(original)}: invalid tag {quoted(image)} (an OCI ref name: "
+                "letters and digits joined by one of '-._:@+' or '--', components separated by '/')")
+        return SourceReference(OCI_LAYOUT, path, tag=image or None, digest=digest)
+    name = None
+    if image:
+        name = parse_reference(image)
+        if name.digest is not None:
+            raise InvalidReference(f"invalid reference {quoted(original)}: an archive's images are named "
+                                   "by NAME:TAG, not by digest")
+    return SourceReference(DOCKER_ARCHIVE, path, name=name)
+
+
+def parse_any_reference(text: str) -> Reference | SourceReference:
+    """A registry reference (parse_reference) or, for oci:... and docker-archive:...,
+    an image of a local source (parse_source_reference)."""
+    if is_source_reference(text):
+        return parse_source_reference(text)
+    return parse_reference(text)

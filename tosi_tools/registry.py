@@ -508,13 +508,35 @@ class RegistryClient:
         self.transport.close()
 
 
+class BlobStream(Protocol):
+    """A blob's bytes as a BlobSource gives them: transport.BodyStream (an HTTP answer),
+    or offline.LocalStream (a file of an OCI layout or a docker-save archive)."""
+
+    @property
+    def status(self) -> int: ...
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+
+    def read1(self, size: int) -> bytes: ...
+
+    def shutdown(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Any: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
 class BlobSource(Protocol):
-    """Where a blob's bytes come from (the registry; later mirrors, OCI layouts, archives)."""
+    """Where a blob's bytes come from (the registry, a descriptor's URL; an OCI layout
+    or a docker-save archive: offline.LayoutBlobSource, ArchiveBlobSource)."""
 
     name: str
 
     def open(self, digest: str, offset: int = 0, what: Optional[str] = None,
-             timeout: Any = None) -> BodyStream:
+             timeout: Any = None) -> BlobStream:
         """The blob from `offset` on; see RegistryClient.open_blob for what it raises."""
         ...
 

@@ -27,7 +27,7 @@ from .manifest import (
 )
 from .plan import ImageRecord, LayerRecord, new_image_record, new_layer_record
 from .imageplatform import Platform, host_platform
-from .reference import Reference, parse_reference
+from .reference import Reference, SourceReference, parse_any_reference, parse_reference
 
 log = logging.getLogger("tosi.resolve")
 
@@ -365,10 +365,15 @@ class Resolver:
 
     # ------------------------------------------------------------ the stage
 
-    def resolve(self, reference: Reference | str,
+    def resolve(self, reference: Reference | SourceReference | str,
                 endpoint: Optional[str] = None) -> tuple[ImageRecord, list[LayerRecord]]:
-        """(image record, [layer records]) for a reference (text or Reference)."""
-        ref = reference if isinstance(reference, Reference) else parse_reference(reference)
+        """(image record, [layer records]) for a reference (text, a Reference, or a
+        SourceReference: an image in an OCI layout or a docker-save archive)."""
+        ref = parse_any_reference(reference) if isinstance(reference, str) else reference
+        if isinstance(ref, SourceReference):
+            if self.workdir is None:
+                raise UsageError("--no-cache reads images from a registry only")
+            return self._resolve_source(ref)
         if self.workdir is not None:
             self.workdir.ensure()  # private and ours, before anything in it is read or written
         self._start(ref, endpoint)
@@ -397,19 +402,7 @@ class Resolver:
                 atomic_write(self.workdir.config_path(manifest.config["digest"]), config_bytes)
         else:
             config_bytes = self._config(ref, manifest.config)
-        config_body = parse_config(config_bytes, what=f"image config {manifest.config['digest']}")
-        if platform is None:
-            platform = config_platform(config_body)
-            if self.platform is not None and (platform is None or not _runs(self.platform, platform)):
-                raise NoMatchingPlatform(
-                    f"{ref} is a single image for {platform or 'an unnamed platform'}, "
-                    f"not for {self.platform}"
-                )
-            if platform is not None and not _runs(wanted, platform):
-                log.warning("%s is an image for %s, not for this machine (%s)", ref, platform, wanted)
-        saved = self._store_saved_config(manifest.config["digest"], config_body)
-        ids = None if manifest.media_type in SCHEMA1_TYPES else diff_ids(
-            config_body, len(manifest.layers), what=f"image config {manifest.config['digest']}")
+        platform, saved, ids = self._config_facts(ref, manifest, platform, config_bytes, wanted)
 
         if self._endpoint is None:
             self._endpoint = (self._detect_endpoint(probe=False) or self._detect_endpoint()).rstrip("/")
@@ -464,6 +457,84 @@ class Resolver:
             atomic_write(path, data, durable=False)
 
 
+    def _config_facts(self, ref, manifest, platform, config_bytes, wanted):
+        """(platform, saved config path, diffIDs or None) from the config's bytes: a
+        single image's platform comes from its config and must run what was asked."""
+        config_body = parse_config(config_bytes, what=f"image config {manifest.config['digest']}")
+        if platform is None:
+            platform = config_platform(config_body)
+            if self.platform is not None and (platform is None or not _runs(self.platform, platform)):
+                raise NoMatchingPlatform(
+                    f"{ref} is a single image for {platform or 'an unnamed platform'}, "
+                    f"not for {self.platform}"
+                )
+            if platform is not None and not _runs(wanted, platform):
+                log.warning("%s is an image for %s, not for this machine (%s)", ref, platform, wanted)
+        saved = self._store_saved_config(manifest.config["digest"], config_body)
+        ids = None if manifest.media_type in SCHEMA1_TYPES else diff_ids(
+            config_body, len(manifest.layers), what=f"image config {manifest.config['digest']}")
+        return platform, saved, ids
+
+    # ------------------------------------------------------------ local sources
+
+    def _resolve_source(self, ref: SourceReference) -> tuple[ImageRecord, list[LayerRecord]]:
+        """The plan of an image in an OCI layout or a docker-save archive: no registry,
+        no endpoint and no manifest in the cache (the source keeps it); the config is
+        cached as for a registry's image and the record's "source" tells fetch where
+        the blobs are (offline.blob_source)."""
+        from .offline import open_store
+
+        assert self.workdir is not None  # resolve() refuses a source without a cache
+        self.workdir.ensure()
+        wanted = self.platform or host_platform()
+        found = open_store(ref).find(ref, wanted)
+        manifest = found.manifest
+        descriptor = manifest.config
+        config_digest = Digest(descriptor["digest"])
+        path = self.workdir.config_path(config_digest)
+        what = f"image config {config_digest}"
+        config_bytes = _cached_config(path, config_digest, descriptor["size"])
+        if config_bytes is None:
+            with file_lock(Workdir.lock_of(path)):
+                config_bytes = _cached_config(path, config_digest, descriptor["size"])
+                if config_bytes is None:
+                    log.info("%s: %s from %s", ref, what, ref.path)
+                    config_bytes = found.config()  # checked against its digest
+                    atomic_write(path, config_bytes)
+        platform, saved, ids = self._config_facts(ref, manifest, found.platform, config_bytes, wanted)
+        image = ImageRecord(new_image_record(
+            reference=ref.normalized(),
+            registry=None,
+            endpoint=None,
+            repository=None,
+            tag=ref.tag if ref.name is None else ref.name.tag,
+            digest=found.digest,
+            mediaType=manifest.media_type,
+            size=len(found.data),
+            manifestPath=None,
+            index=found.index_record,
+            platform=platform.to_dict() if platform else None,
+            config={
+                "mediaType": descriptor["mediaType"],
+                "digest": descriptor["digest"],
+                "size": descriptor["size"],
+                "path": path,
+                "savedConfig": saved,
+            },
+            workdir=self.workdir.root,
+            layerCount=len(manifest.layers),
+            insecure=False,
+            caFile=None,
+            source=found.source,
+        ))
+        layers = [
+            LayerRecord(new_layer_record(i, layer, diffID=ids[i] if ids else None))
+            for i, layer in enumerate(manifest.layers)
+        ]
+        log.info("%s: %s for %s, %d layers", ref, found.digest, platform or "an unnamed platform", len(layers))
+        return image, layers
+
+
 def _cached_config(path, digest, size):
     """The cached config's bytes if they match `digest`, else None (a bad one is fetched again)."""
     if not os.path.exists(path):
@@ -508,7 +579,7 @@ def _runs(wanted, have):
     return any(have.normalized() == candidate for candidate in wanted.runs())
 
 
-def resolve_image(reference_text: Reference | str, workdir: Workdir | str | None,
+def resolve_image(reference_text: Reference | SourceReference | str, workdir: Workdir | str | None,
                   platform: Optional[Platform] = None, credentials: Optional[Credentials] = None,
                   insecure: bool = False, ca_file: Optional[str] = None,
                   client_factory: Optional[Callable[[str], Any]] = None, endpoint: Optional[str] = None,

@@ -21,7 +21,10 @@ Resolve IMAGE (e.g. alpine, user/img:tag, host:port/img@sha256:...) to one
 platform's image manifest, store manifest and config bytes in the workdir, and
 write the plan to stdout: one image record, then one record per layer.
 With --no-cache, write nothing anywhere (an inspection, as skopeo inspect);
-with --list-tags, print the tags of IMAGE's repository instead."""
+with --list-tags, print the tags of IMAGE's repository instead.
+IMAGE may also name an image without a registry: oci:DIR[:TAG|@DIGEST] (an OCI
+image layout) or docker-archive:FILE[:NAME:TAG] (a docker save tar, plain or
+gzip); the path ends at the first ':'."""
 
 
 def add_registry_flags(parser: argparse.ArgumentParser) -> None:
@@ -69,7 +72,9 @@ def _parser():
                         help="with --list-tags: ask for N tags a page (the registry's n=; "
                         "default: the registry's own page)")
     add_registry_flags(parser)
-    parser.add_argument("image", metavar="IMAGE", help="image reference (a repository with --list-tags)")
+    parser.add_argument("image", metavar="IMAGE",
+                        help="image reference, oci:DIR[:TAG|@DIGEST] or docker-archive:FILE[:NAME:TAG] "
+                        "(a repository with --list-tags)")
     return parser
 
 
@@ -83,11 +88,11 @@ def _body(argv):
 
     from ..plan import PlanWriter
     from ..imageplatform import parse_platform
-    from ..reference import parse_reference
+    from ..reference import parse_any_reference, parse_reference
     from ..resolve import Resolver, resolve_image
 
-    ref = parse_reference(args.image)
     if args.list_tags:
+        ref = parse_reference(args.image)
         resolver = Resolver(None, keychain=keychain_from_args(args))
         try:
             for tag in resolver.list_tags(ref, page_size=args.page_size):
@@ -97,6 +102,7 @@ def _body(argv):
                 resolver.client.close()
         sys.stdout.flush()
         return 0
+    ref = parse_any_reference(args.image)
     platform = parse_platform(args.platform) if args.platform else None
     image, layers = resolve_image(ref, None if args.no_cache else args.workdir, platform=platform,
                                   keychain=keychain_from_args(args))

@@ -62,7 +62,9 @@ FLAGS = [
     Flag("extractto", STRING, "Extract and combine all layers of an image directly into this "
          "directory. Mutually exclusive with -mount <dir>.", metavar="DIR"),
     Flag("image", STRING, "Image repository to pull, e.g. alpine, alpine:3.20, "
-         "quay.io/quay/redis or 127.0.0.1:5000/repo@sha256:<hex>.", metavar="IMAGE"),
+         "quay.io/quay/redis or 127.0.0.1:5000/repo@sha256:<hex>; or without a registry "
+         "oci:DIR[:TAG|@DIGEST] (an OCI image layout) or docker-archive:FILE[:NAME:TAG] "
+         "(a docker save tar).", metavar="IMAGE"),
     Flag("insecure", BOOL, "Allow plain HTTP and unverified TLS for a registry that is not on "
          "loopback.", False),
     Flag("keep-root-mode", BOOL, "With -extractto: give the directory the image's root mode "
@@ -138,7 +140,7 @@ def help_text() -> str:
     for flag in FLAGS:
         lines.append(f"  -{flag.name}" + (f" {flag.metavar}" if flag.metavar else ""))
         lines.append(textwrap.fill(flag.help + _default_note(flag), 79, initial_indent=" " * 8,
-                                   subsequent_indent=" " * 8))
+                                   subsequent_indent=" " * 8, break_on_hyphens=False))
     lines += ["  -h, -help", "        Print this help and exit.", "", EXAMPLES, "",
               exit_status_epilog(PROG, "the registry, network, cache, unpack or mount failed",
                                  targets="an -extractto or -mount directory")]
