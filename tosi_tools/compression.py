@@ -29,7 +29,7 @@ _IsalError: type[Exception]
 try:  # the isal gzip decoder is several times faster than zlib's
     from isal import igzip as _gzip_module
     from isal.igzip_lib import IsalError as _IsalError  # type: ignore[assignment]  # isal's stub: an instance
-except ImportError:  # pragma: no cover - depends on the "fast" extra
+except ImportError:  # pragma: no cover - isal is a dependency where it has wheels (setup.cfg); zlib elsewhere
     _gzip_module = gzip
     _IsalError = OSError  # caught already
 

@@ -125,6 +125,30 @@ class Tosi(Competitor):
             remove_tree(run)
 
 
+class TosiWithoutIsal(Tosi):
+    """The cold -extractto with zlib decoding gzip, as where `isal` cannot be installed:
+    an `isal` module that fails to import is put first on the path."""
+
+    def __init__(self):
+        super().__init__("extractto", warm=False)
+        self.row = "tosi-extractto-cold-zlib"
+        self.rows = {self.row: "tosi -extractto, cold workdir, zlib (no isal)"}
+        self.profiled = False
+
+    def measure(self, target, wrap=list):
+        run = target.scratch.fresh(self.row)
+        shim = os.path.join(run, "no-isal")
+        os.makedirs(shim)
+        with open(os.path.join(shim, "isal.py"), "w") as f:
+            f.write("raise ImportError('isal left out by the benchmark')\n")
+        env = dict(os.environ, PYTHONPATH=shim)
+        try:
+            return {self.row: timed(wrap(tosi_pull(target, "extractto", f"{run}/rootfs", f"{run}/workdir")),
+                                    env=env, label="tosi")}
+        finally:
+            remove_tree(run)
+
+
 class TosiStartup(Competitor):
     """`tosi -version`: starting the interpreter and the command, the floor under every tosi row."""
 

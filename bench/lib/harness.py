@@ -25,7 +25,7 @@ from . import ROOT, imagegen, measure, profile, report, tools
 from .competitors import Target, python
 from .measure import CommandFailed, summary
 from .report import log
-from .scratch import DISK, TMPFS, remove_tree, scratch_space
+from .scratch import DISK, EXT4, KINDS, TMPFS, remove_tree, scratch_space
 
 
 @dataclass
@@ -42,15 +42,26 @@ def common_flags(description):
                         help="small synthetic images, one run, nothing installed (the test suite's mode)")
     parser.add_argument("--runs", type=int, default=None, help="measurements per command (default 3; 1 with --quick)")
     parser.add_argument("--json", metavar="PATH", help="write the results here (default bench/results/<time>.json)")
-    parser.add_argument("--fs", choices=[TMPFS, DISK, "both"], default="both",
-                        help="filesystems to measure on (default both)")
+    parser.add_argument("--fs", type=filesystems, default=[TMPFS, EXT4],
+                        help=f"comma-separated filesystems to measure on, of {', '.join(KINDS)} "
+                        f"(default {TMPFS},{EXT4}; 'both' is {TMPFS},{DISK})")
     parser.add_argument("--tmpfs-size", default=None, help="size of the tmpfs (default 10g; 1g with --quick)")
+    parser.add_argument("--ext4-size", default=None,
+                        help="size of the loop-mounted ext4 (default 16g; 2g with --quick)")
     parser.add_argument("--images", default=None, help="comma-separated image keys to run (default all)")
     parser.add_argument("--no-install", action="store_true", help="do not apt-get install missing tools")
     parser.add_argument("--profile", metavar="DIR",
                         help="afterwards, run each tosi command once more under py-spy on the first "
                         "filesystem; raw samples go to DIR, a summary to the table and JSON")
     return parser
+
+
+def filesystems(value):
+    kinds = [TMPFS, DISK] if value == "both" else value.split(",")
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown or not kinds or len(set(kinds)) != len(kinds):
+        raise argparse.ArgumentTypeError(f"{value!r}: a comma-separated list of {', '.join(KINDS)}")
+    return kinds
 
 
 def _terminate_cleanly(signum, frame):
@@ -80,7 +91,7 @@ def run_benchmark(name, specs, competitors, args, needed_tools):
     signal.signal(signal.SIGTERM, _terminate_cleanly)
     compile_package()
     runs = args.runs or (1 if args.quick else 3)
-    kinds = [TMPFS, DISK] if args.fs == "both" else [args.fs]
+    kinds = args.fs
     wanted = set(args.images.split(",")) if args.images else None
     specs = [s for s in specs if wanted is None or s.key in wanted or s.name in wanted]
     found = tools.ensure(needed_tools, install=not (args.quick or args.no_install))
@@ -98,7 +109,8 @@ def run_benchmark(name, specs, competitors, args, needed_tools):
         "profiles": [],
     }
     tmpfs_size = args.tmpfs_size or ("1g" if args.quick else "10g")
-    with scratch_space(kinds, tmpfs_size) as (base, spaces):
+    ext4_size = args.ext4_size or ("2g" if args.quick else "16g")
+    with scratch_space(kinds, tmpfs_size, ext4_size=ext4_size) as (base, spaces):
         registry = Registry(os.path.join(base, "registry")).start()
         try:
             pusher = Pusher(registry.url)

@@ -10,6 +10,7 @@ The results file says which (`rssSource`).
 
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import tempfile
@@ -69,6 +70,13 @@ def _peak_from_gnu_time(path):
     return int(lines[-1]) if lines and lines[-1].isdigit() else 0
 
 
+def _kill_group(proc):
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def timed(argv, stdin_path=None, stdout_path=None, env=None, cwd=None, timeout=3600, label=None):
     """Run argv to completion; the Sample covers that process and its children."""
     stdin = open(stdin_path, "rb") if stdin_path else subprocess.DEVNULL
@@ -78,14 +86,20 @@ def timed(argv, stdin_path=None, stdout_path=None, env=None, cwd=None, timeout=3
         full_argv = [time_program, "-f", "%M", "-o", rss_file.name, *argv] if time_program else list(argv)
         try:
             start = time.perf_counter()
-            proc = subprocess.Popen(full_argv, stdin=stdin, stdout=stdout, stderr=stderr, env=env, cwd=cwd)
+            # Its own process group, so that a kill reaches the command under GNU time too.
+            proc = subprocess.Popen(full_argv, stdin=stdin, stdout=stdout, stderr=stderr, env=env, cwd=cwd,
+                                    start_new_session=True)
             sampler = None if time_program else _HighWaterSampler(proc.pid)
             if sampler:
                 sampler.start()
-            killer = threading.Timer(timeout, proc.kill)
+            killer = threading.Timer(timeout, _kill_group, (proc,))
             killer.start()
             try:
                 _, status, usage = os.wait4(proc.pid, 0)
+            except BaseException:  # interrupted: the command must not write on while we clean up
+                _kill_group(proc)
+                proc.wait()
+                raise
             finally:
                 killer.cancel()
                 if sampler:

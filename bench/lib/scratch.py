@@ -1,8 +1,14 @@
-"""Where the measured commands write: a freshly mounted tmpfs and the machine's own disk.
+"""Where the measured commands write: a freshly mounted tmpfs, a fresh loop-mounted ext4,
+and the machine's own disk.
 
-The same figures are taken on both because a shared machine's root filesystem
-can vary twentyfold in per-file creation cost between runs; the tmpfs shows the
-tools' own cost. Every mount made here is undone by `unmount_under`.
+The ext4 stands for the disk users extract onto: made for the run (mkfs with its
+inode tables written up front, so no background initialisation runs during the
+measurements) on a loop device that writes through to the disk (direct I/O), so
+fsync and syncfs wait for the disk as they would on a real one. The machine's root
+filesystem itself (DISK) can vary twentyfold in per-file creation cost between
+runs on a shared machine; the tmpfs shows the tools' own cost, with nothing to
+write back. Every mount made here is undone by `unmount_under`, every loop device
+detached on exit.
 """
 
 import contextlib
@@ -14,7 +20,9 @@ import tempfile
 from .report import log
 
 TMPFS = "tmpfs"
+EXT4 = "ext4"
 DISK = "disk"
+KINDS = (TMPFS, EXT4, DISK)
 
 
 def mounts_under(path):
@@ -59,10 +67,25 @@ class Scratch:
         return f"Scratch({self.kind}, {self.root})"
 
 
+def mount_ext4(image, root, size):
+    """mkfs.ext4 on a sparse file of `size`, loop-mounted at `root`; returns the loop device."""
+    subprocess.run(["truncate", "-s", size, image], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", image], check=True)
+    loop = subprocess.run(["losetup", "--find", "--show", "--direct-io=on", image],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    try:
+        subprocess.run(["mount", "-t", "ext4", loop, root], check=True)
+    except BaseException:
+        subprocess.run(["losetup", "-d", loop], check=False)
+        raise
+    return loop
+
+
 @contextlib.contextmanager
-def scratch_space(kinds, tmpfs_size, base_dir=None):
+def scratch_space(kinds, tmpfs_size, base_dir=None, ext4_size="16g"):
     """Yield (base, {kind: Scratch}); `base` also holds the registry. All removed on exit."""
     base = tempfile.mkdtemp(prefix="tosi-bench-", dir=base_dir or "/var/tmp")
+    loops = []
     try:
         spaces = {}
         for kind in kinds:
@@ -72,7 +95,13 @@ def scratch_space(kinds, tmpfs_size, base_dir=None):
                 subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={tmpfs_size},mode=0755",
                                 "tosi-bench", root], check=True)
                 log(f"mounted a {tmpfs_size} tmpfs at {root}")
+            elif kind == EXT4:
+                loops.append(mount_ext4(os.path.join(base, "ext4.img"), root, ext4_size))
+                log(f"mounted a fresh {ext4_size} ext4 ({loops[-1]}, direct I/O) at {root}")
             spaces[kind] = Scratch(kind, root)
         yield base, spaces
     finally:
+        unmount_under(base)
+        for loop in loops:
+            subprocess.run(["losetup", "-d", loop], check=False)
         remove_tree(base)
