@@ -228,13 +228,13 @@ def tls_pusher(tls_registry):
 def mounts():
     """Mount points a test uses (append them); whatever is still mounted there at the
     end of the test is unmounted, so a failing test leaves no mount behind."""
-    from tosi_tools import overlay
+    from tosi_tools import overlayfs
 
     points = []
     yield points
     for point in points:
-        while overlay.mount_at(os.path.abspath(point)):
-            overlay.unmount(os.path.abspath(point))
+        while overlayfs.mount_at(os.path.abspath(point)):
+            overlayfs.unmount(os.path.abspath(point))
 
 
 @pytest.fixture

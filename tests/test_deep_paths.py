@@ -12,7 +12,7 @@ import stat
 import pytest
 
 from tests.support.images import dir_entry, file_entry, make_layer
-from tosi_tools import overlay, saferoot
+from tosi_tools import overlayfs, saferoot
 
 PATH_MAX = 4096
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -68,8 +68,8 @@ def scratch(tmp_path, mounts):
     level, and cannot reach below PATH_MAX); whatever is mounted in `mounts` goes first."""
     yield tmp_path
     for point in mounts:
-        while overlay.mount_at(os.path.abspath(point)):
-            overlay.unmount(os.path.abspath(point))
+        while overlayfs.mount_at(os.path.abspath(point)):
+            overlayfs.unmount(os.path.abspath(point))
     for name in os.listdir(tmp_path):
         saferoot.remove_tree(os.path.join(tmp_path, name))
 

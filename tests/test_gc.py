@@ -371,7 +371,7 @@ MOUNTINFO = (
 
 
 def test_the_lowerdirs_of_live_mounts_are_read_from_both_mount_apis_options(tmp_path):
-    from tosi_tools.overlay import mounted_lowerdirs
+    from tosi_tools.overlayfs import mounted_lowerdirs
 
     path = tmp_path / "mountinfo"
     path.write_text(MOUNTINFO)

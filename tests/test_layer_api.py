@@ -16,7 +16,7 @@ from tests.support.images import (
     DOCKER_FOREIGN_LAYER, DOCKER_LAYER_GZIP, OCI_LAYER_GZIP, OCI_LAYER_TAR, OCI_LAYER_ZSTD,
     dir_entry, file_entry, make_layer, opaque_entry, special_entry, whiteout_entry,
 )
-from tosi_tools import compression, layer, overlay, unpack
+from tosi_tools import compression, layer, overlayfs, unpack
 from tosi_tools.errors import UnpackError, UsageError
 from tosi_tools.plan import new_image_record, new_layer_record
 
@@ -169,7 +169,7 @@ def test_as_non_root_per_layer_whiteouts_in_root_form_fail_clearly(nobody_dir):
     lay = make_layer([whiteout_entry("gone")])
     (result, _) = _as_nobody(lambda: layer.apply_layer(nobody_dir, io.BytesIO(lay.data), lay.media_type,
                                                        mode=layer.OVERLAY, layer_name="L",
-                                                       form=overlay.TRUSTED_FORM))
+                                                       form=overlayfs.TRUSTED_FORM))
     assert result[0] == "error"
     assert "needs root" in result[1] and "--into" in result[1]
 
@@ -179,8 +179,8 @@ def test_as_non_root_per_layer_layers_take_the_user_form(nobody_dir):
     (result, _) = _as_nobody(lambda: layer.apply_layer(nobody_dir, io.BytesIO(lay.data), lay.media_type,
                                                        mode=layer.OVERLAY, layer_name="L").whiteouts)
     assert result == ("ok", 2)
-    assert overlay.is_whiteout(os.lstat(os.path.join(nobody_dir, "gone")))
-    assert os.getxattr(os.path.join(nobody_dir, "d"), overlay.USER_OPAQUE_XATTR) == b"y"
+    assert overlayfs.is_whiteout(os.lstat(os.path.join(nobody_dir, "gone")))
+    assert os.getxattr(os.path.join(nobody_dir, "d"), overlayfs.USER_OPAQUE_XATTR) == b"y"
 
 
 def test_filesystem_error_names_layer_and_entry(tmp_path):

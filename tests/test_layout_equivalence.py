@@ -25,7 +25,7 @@ from tests.support import layermodel
 from tests.support.images import (dir_entry, file_entry, hardlink_entry, make_layer, opaque_entry,
                                   special_entry, symlink_entry, tar_bytes, whiteout_entry)
 from tests.support.staging import snapshot
-from tosi_tools import overlay
+from tosi_tools import overlayfs
 
 # cap_net_bind_service+ep, every byte below 0x80 so the PAX value round-trips as is
 CAPABILITY = struct.pack("<IIIII", 0x02000001, 1 << 10, 0, 0, 0).decode("latin-1")
@@ -68,8 +68,8 @@ class Layouts:
                       *(["-read-only"] if read_only else []), check=0)
             return snapshot(target, **snap)
         finally:
-            while overlay.mount_at(target):
-                overlay.unmount(target)
+            while overlayfs.mount_at(target):
+                overlayfs.unmount(target)
 
     def both(self, layers, **snap):
         return self.flat(layers, **snap), self.mounted(layers, **snap)
@@ -392,7 +392,7 @@ def test_hardlink_to_a_lower_layer_file_is_one_clear_error_when_mounting(layouts
     proc = layouts.tool("tosi", "-image", ref, "-mount", target, "-workdir", layouts.workdir, check=1)
     assert proc.stderr.startswith("tosi: error: ") and len(proc.stderr.splitlines()) == 1
     assert "hardlink target 'f' is not in this layer" in proc.stderr
-    assert not overlay.mount_at(str(target))
+    assert not overlayfs.mount_at(str(target))
 
 
 def test_entry_under_a_read_only_directory_of_a_lower_layer_is_made(layouts):
@@ -728,7 +728,7 @@ def test_sparse_file_beyond_8_gib_keeps_its_size_data_and_holes(fmt, layouts, tm
                     assert os.pread(f.fileno(), len(data), offset) == data
                 assert os.pread(f.fileno(), 4, 1 << 30) == bytes(4)
     finally:
-        overlay.unmount(target)
+        overlayfs.unmount(target)
 
 
 @pytest.mark.parametrize("read_only", [False, True])
@@ -789,7 +789,7 @@ def mount_with_implicit(tmp_path, layers, mounts, read_only=False):
     try:
         return snapshot(target)
     finally:
-        overlay.unmount(target)
+        overlayfs.unmount(target)
 
 
 IMPLICIT_STACKS = {

@@ -15,7 +15,7 @@ import tempfile
 import pytest
 
 from tests.conftest import BIN
-from tosi_tools import overlay
+from tosi_tools import overlayfs
 from tosi_tools.cache import Workdir
 from tosi_tools.errors import MountError
 from tosi_tools.plan import PlanReader, PlanWriter, new_image_record, new_layer_record
@@ -96,7 +96,7 @@ def test_mount_shows_topmost_layer_first_and_applies_whiteouts(tool, unpacked, t
     mounts.append(target)
     mount_tool(tool, target, plan=unpacked, check=0)
     assert tree(target) == {"etc/os-release": "top\n", "bin/sh": "shell\n", "app/run": "app\n"}
-    assert overlay.mount_at(target)[0] == "overlay"
+    assert overlayfs.mount_at(target)[0] == "overlay"
 
 
 def test_lowerdirs_are_short_links_relative_to_the_overlay_dir(tool, unpacked, tmp_path, mounts):
@@ -104,7 +104,7 @@ def test_lowerdirs_are_short_links_relative_to_the_overlay_dir(tool, unpacked, t
     mounts.append(target)
     mount_tool(tool, target, plan=unpacked, check=0)
     links = [layer["link"] for layer in PlanReader(io.StringIO(unpacked))]
-    assert f"lowerdir={links[1]}:{links[0]}," in overlay.mount_at(target)[1]
+    assert f"lowerdir={links[1]}:{links[0]}," in overlayfs.mount_at(target)[1]
 
 
 def test_plan_on_stdout_gains_mount_point_upper_and_work(tool, unpacked, tmp_path, mounts):
@@ -140,7 +140,7 @@ def test_read_only_mount_refuses_writes_and_has_no_upperdir(tool, unpacked, tmp_
         open(os.path.join(target, "new-file"), "w")
     assert caught.value.errno == errno.EROFS
     assert not os.path.exists(target + ".upper")
-    assert "upperdir" not in overlay.mount_at(target)[1]
+    assert "upperdir" not in overlayfs.mount_at(target)[1]
     mount = PlanReader(io.StringIO(proc.stdout)).image["mount"]
     assert mount["readOnly"] is True and mount["upper"] is None
 
@@ -159,7 +159,7 @@ def test_relative_mount_point_is_taken_from_the_current_directory(tool, unpacked
     mount = PlanReader(io.StringIO(proc.stdout)).image["mount"]
     assert mount["target"] == str(tmp_path / "rootfs")
     assert mount["upper"] == str(tmp_path / "rootfs.upper")
-    assert overlay.mount_at(str(tmp_path / "rootfs"))
+    assert overlayfs.mount_at(str(tmp_path / "rootfs"))
 
 
 def test_trailing_slash_names_the_same_mount_point(tool, unpacked, tmp_path, mounts):
@@ -169,7 +169,7 @@ def test_trailing_slash_names_the_same_mount_point(tool, unpacked, tmp_path, mou
     assert PlanReader(io.StringIO(proc.stdout)).image["mount"]["upper"] == target + ".upper"
     assert os.path.isdir(target + ".upper") and not os.path.exists(target + "/.upper")
     mount_tool(tool, "--unmount", target + "/", check=0)
-    assert not overlay.mount_at(target)
+    assert not overlayfs.mount_at(target)
 
 
 def test_missing_mount_point_is_created(tool, unpacked, tmp_path, mounts):
@@ -207,7 +207,7 @@ def test_leftover_upperdir_is_refused_with_a_hint_about_clean(tool, unpacked, tm
     mount_tool(tool, "--unmount", target, check=0)
     proc = mount_tool(tool, target, plan=unpacked, check=2)
     assert "--keep-upper" in proc.stderr and "--unmount --clean" in proc.stderr
-    assert not overlay.mount_at(target)
+    assert not overlayfs.mount_at(target)
 
 
 def test_keep_upper_mounts_with_the_earlier_changes(tool, unpacked, tmp_path, mounts):
@@ -248,7 +248,7 @@ def test_unmount_without_clean_keeps_the_upperdir(tool, unpacked, tmp_path, moun
     mount_tool(tool, target, plan=unpacked, check=0)
     open(os.path.join(target, "note"), "w").close()
     mount_tool(tool, "--unmount", target, check=0)
-    assert not overlay.mount_at(target)
+    assert not overlayfs.mount_at(target)
     assert os.listdir(target) == []
     assert os.listdir(target + ".upper") == ["note"]
 
@@ -266,7 +266,7 @@ def test_unmount_refuses_a_mount_that_is_not_an_overlay(tool, tmp_path, mounts):
     subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(target)], check=True)
     proc = mount_tool(tool, "--unmount", str(target), check=1)
     assert "tmpfs mount, not an overlay" in proc.stderr
-    assert overlay.mount_at(str(target))[0] == "tmpfs"
+    assert overlayfs.mount_at(str(target))[0] == "tmpfs"
 
 
 def test_lowerdir_list_longer_than_a_page_mounts_with_the_new_api(tool, workdir, tmp_path, mounts):
@@ -274,13 +274,13 @@ def test_lowerdir_list_longer_than_a_page_mounts_with_the_new_api(tool, workdir,
     plan = build_unpacked(workdir, [{f"layer{i:03d}": f"{i}\n", "top": f"{i}\n"}
                                     for i in range(count)])
     links = [layer["link"] for layer in PlanReader(io.StringIO(plan))]
-    assert not overlay.fits_in_page(overlay.option_string(links[::-1], "/u", "/w"))
+    assert not overlayfs.fits_in_page(overlayfs.option_string(links[::-1], "/u", "/w"))
     target = str(tmp_path / "rootfs")
     mounts.append(target)
     mount_tool(tool, target, plan=plan, check=0)
     view = tree(target)
     assert len(view) == count + 1 and view["top"] == f"{count - 1}\n"
-    assert f"lowerdir+={links[-1]},lowerdir+={links[-2]}," in overlay.mount_at(target)[1]
+    assert f"lowerdir+={links[-1]},lowerdir+={links[-2]}," in overlayfs.mount_at(target)[1]
 
 
 def test_120_layer_image_mounts(tool, workdir, tmp_path, mounts):
@@ -344,9 +344,9 @@ def test_upper_and_work_paths_with_comma_colon_and_space_mount(workdir, tmp_path
         os.mkdir(path)
     mounts.append(target)
     links = [layer["link"] for layer in PlanReader(io.StringIO(plan))][::-1]
-    assert overlay.mount_overlay(target, links, upper, work,
+    assert overlayfs.mount_overlay(target, links, upper, work,
                                  relative_to=os.path.join(workdir, "overlays"), api=api) == api
-    assert overlay.mount_at(target)[0] == "overlay"
+    assert overlayfs.mount_at(target)[0] == "overlay"
     open(os.path.join(target, "new"), "w").close()
     assert os.listdir(upper) == ["new"]
 
@@ -354,14 +354,14 @@ def test_upper_and_work_paths_with_comma_colon_and_space_mount(workdir, tmp_path
 def test_mount2_with_options_longer_than_a_page_says_why(tmp_path):
     lowers = ["x" * 100] * 50
     with pytest.raises(MountError) as caught:
-        overlay.mount_overlay(str(tmp_path), lowers, api="mount")
+        overlayfs.mount_overlay(str(tmp_path), lowers, api="mount")
     assert "more than mount(2) accepts in one page" in str(caught.value)
 
 
 def test_mount_restores_the_current_directory_when_it_fails(tmp_path):
     before = os.getcwd()
     with pytest.raises(MountError):
-        overlay.mount_overlay(str(tmp_path / "missing"), ["a", "b"], relative_to=str(tmp_path))
+        overlayfs.mount_overlay(str(tmp_path / "missing"), ["a", "b"], relative_to=str(tmp_path))
     assert os.getcwd() == before
 
 
@@ -372,18 +372,18 @@ def test_new_api_mounts_with_upper_and_work_paths_longer_than_fsconfig_takes(wor
     upper, work, target = str(deep / "upper"), str(deep / "work"), str(tmp_path / "mnt")
     for path in (upper, work, target):
         os.makedirs(path)
-    assert len(upper) > overlay.FSCONFIG_MAX_STRING
+    assert len(upper) > overlayfs.FSCONFIG_MAX_STRING
     mounts.append(target)
     links = [layer["link"] for layer in PlanReader(io.StringIO(plan))][::-1]
-    overlay.mount_overlay(target, links, upper, work, relative_to=os.path.join(workdir, "overlays"),
+    overlayfs.mount_overlay(target, links, upper, work, relative_to=os.path.join(workdir, "overlays"),
                           api="fsmount")
     open(os.path.join(target, "new"), "w").close()
     assert os.listdir(upper) == ["new"]
 
 
 def test_unknown_architecture_says_why_the_new_mount_api_is_not_used(monkeypatch):
-    monkeypatch.setattr(overlay.platform, "machine", lambda: "pdp11")
-    assert "syscall numbers on pdp11" in overlay.new_api_unavailable_reason()
+    monkeypatch.setattr(overlayfs.platform, "machine", lambda: "pdp11")
+    assert "syscall numbers on pdp11" in overlayfs.new_api_unavailable_reason()
 
 
 def test_a_layer_repeated_in_the_image_is_mounted_once(tool, workdir, tmp_path, mounts):
@@ -437,7 +437,7 @@ def failing_syscall(number, error):
 def long_plan(workdir):
     plan = build_unpacked(workdir, [{f"f{i}": "x"} for i in range(200)])
     links = [layer["link"] for layer in PlanReader(io.StringIO(plan))]
-    assert not overlay.fits_in_page(overlay.option_string(links, "/u", "/w"))
+    assert not overlayfs.fits_in_page(overlayfs.option_string(links, "/u", "/w"))
     return plan
 
 
@@ -445,7 +445,7 @@ def mount_on_older_kernel(target, plan, syscall_name, error):
     return subprocess.run(
         [sys.executable, os.path.join(BIN, "tosi-mount"), target], input=plan, capture_output=True,
         text=True, timeout=60,
-        preexec_fn=failing_syscall(overlay._SYSCALL[syscall_name], error))
+        preexec_fn=failing_syscall(overlayfs._SYSCALL[syscall_name], error))
 
 
 def test_kernel_without_the_new_mount_api_is_told_apart(long_plan, tmp_path, mounts):
@@ -453,7 +453,7 @@ def test_kernel_without_the_new_mount_api_is_told_apart(long_plan, tmp_path, mou
     mounts.append(target)
     proc = mount_on_older_kernel(target, long_plan, "fsopen", errno.ENOSYS)
     assert proc.returncode == 1
-    assert f"more than mount(2) accepts in one page ({overlay.page_size()})" in proc.stderr
+    assert f"more than mount(2) accepts in one page ({overlayfs.page_size()})" in proc.stderr
     assert "has no new mount API (fsopen, Linux 5.2 or newer)" in proc.stderr
     assert len(proc.stderr.splitlines()) == 1
     assert not os.path.exists(target) and not os.path.exists(target + ".upper")

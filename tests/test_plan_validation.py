@@ -18,7 +18,7 @@ from tests.conftest import BIN
 from tests.support.images import file_entry, make_layer
 from tests.support.plans import parse_plan, records_text
 from tests.support.staging import fetched_plan
-from tosi_tools import overlay
+from tosi_tools import overlayfs
 from tosi_tools.digest import Digest
 from tosi_tools.plan import PlanReader
 
@@ -97,7 +97,7 @@ def refused_by_every_stage(staged, tmp_path, mutate):
     assert not os.path.lexists(fresh)
     for path in (target, f"{target}.upper", f"{target}.work"):
         assert not os.path.lexists(path)
-    assert overlay.mount_at(str(target)) is None
+    assert overlayfs.mount_at(str(target)) is None
     assert tree_state(staged.workdir) == before
     return lines
 
@@ -403,7 +403,7 @@ def test_a_host_directory_named_by_overlay_is_never_mounted(staged, tmp_path):
     proc = run("tosi-mount", "--workdir", staged.workdir, "--read-only", target, plan=records_text(records))
     assert "overlay" in one_error_line(proc, "tosi-mount")
     assert sorted(os.listdir(host)) == ["dir"]  # no .tosi-empty beside it
-    assert not os.path.lexists(target) and overlay.mount_at(str(target)) is None
+    assert not os.path.lexists(target) and overlayfs.mount_at(str(target)) is None
 
 
 def test_a_link_leading_to_another_layers_dir_is_refused(staged, tmp_path):
@@ -413,7 +413,7 @@ def test_a_link_leading_to_another_layers_dir_is_refused(staged, tmp_path):
     proc = run("tosi-mount", "--workdir", staged.workdir, target, plan=records_text(records))
     line = one_error_line(proc, "tosi-mount")
     assert f"does not lead to {records[2]['digest']}'s overlay dir" in line
-    assert not os.path.lexists(target) and overlay.mount_at(str(target)) is None
+    assert not os.path.lexists(target) and overlayfs.mount_at(str(target)) is None
 
 
 def test_mount_takes_the_overlay_dir_from_the_flag_or_the_workdir_not_from_the_plan(staged, tmp_path):

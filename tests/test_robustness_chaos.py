@@ -33,7 +33,7 @@ from tests.support.faultproxy import FaultProxy, Rule
 from tests.support.images import file_entry, make_layer
 from tests.support.robustness import examples
 from tests.support.staging import snapshot
-from tosi_tools import overlay
+from tosi_tools import overlayfs
 
 # Relative weights of the faults a chaos pull draws from; TOSI_CHAOS_FAULTS="drop,5xx,429,stall,flip"
 # (names, or name=weight) replaces it.
@@ -88,8 +88,8 @@ def bad_blobs(workdir):
 
 
 def unmount_all(target):
-    while overlay.mount_at(os.path.abspath(target)):
-        overlay.unmount(os.path.abspath(target))
+    while overlayfs.mount_at(os.path.abspath(target)):
+        overlayfs.unmount(os.path.abspath(target))
 
 
 def lay_out(mode, ref, target, workdir, timeout=120):

@@ -29,7 +29,7 @@ from tests.support.images import file_entry, make_layer
 from tests.support.robustness import hypothesis_settings
 from tests.support.staging import fetched_plan, run_unpack, snapshot
 from tests.test_layout_equivalence import _StackMaker, assert_all_agree, layouts  # noqa: F401 (fixture)
-from tosi_tools import overlay
+from tosi_tools import overlayfs
 from tosi_tools.errors import InvalidReference, PlanError
 from tosi_tools.plan import PlanReader
 from tosi_tools.reference import Reference, parse_reference
@@ -318,10 +318,10 @@ def test_mount_refuses_an_overlay_dir_outside_the_workdir(robustness, tool, stag
     target = str(tmp_path / "mnt")
     mounts.append(target)
     proc = tool("tosi-mount", "--workdir", workdir, target, input=_text(unpacked))
-    mounted = overlay.mount_at(target)
+    mounted = overlayfs.mount_at(target)
     seen = os.path.exists(os.path.join(target, "not-from-the-image"))
-    while overlay.mount_at(target):
-        overlay.unmount(target)
+    while overlayfs.mount_at(target):
+        overlayfs.unmount(target)
     assert not mounted and not seen
     assert_refused_as_bad_input(proc, "tosi-mount")
 

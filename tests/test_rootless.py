@@ -20,7 +20,7 @@ from tests.support import layermodel
 from tests.support.images import dir_entry, file_entry, hardlink_entry, opaque_entry, whiteout_entry
 from tests.support.staging import snapshot
 from tests.test_layout_equivalence import L, _differences, without_root
-from tosi_tools import overlay
+from tosi_tools import overlayfs
 from tosi_tools.cache import USER_FORM, Workdir
 from tosi_tools.plan import PlanReader
 
@@ -109,9 +109,9 @@ def test_plain_tosi_extracts_layers_in_the_user_form(ref, home):
     layer_dir = wd.overlay_path(second["digest"])
     with open(wd.form_path(second["digest"])) as f:
         assert f.read() == USER_FORM
-    assert overlay.is_whiteout(os.lstat(os.path.join(layer_dir, "etc/gone")))
-    assert os.getxattr(os.path.join(layer_dir, "var/cache"), overlay.USER_OPAQUE_XATTR) == b"y"
-    assert overlay.OPAQUE_XATTR not in os.listxattr(os.path.join(layer_dir, "var/cache"))
+    assert overlayfs.is_whiteout(os.lstat(os.path.join(layer_dir, "etc/gone")))
+    assert os.getxattr(os.path.join(layer_dir, "var/cache"), overlayfs.USER_OPAQUE_XATTR) == b"y"
+    assert overlayfs.OPAQUE_XATTR not in os.listxattr(os.path.join(layer_dir, "var/cache"))
 
 
 def test_tosi_unpack_per_layer_without_root_records_the_user_form(ref, home):
@@ -221,8 +221,8 @@ def test_root_mounts_layers_in_the_user_form_with_userxattr(ref, home, mounts, t
     target = str(tmp_path / "mnt")
     os.mkdir(target)
     mounts.append(target)
-    overlay.mount_overlay(target, lowers, read_only=True, userxattr=True)
-    assert "userxattr" in overlay.mount_at(target)[1]
+    overlayfs.mount_overlay(target, lowers, read_only=True, userxattr=True)
+    assert "userxattr" in overlayfs.mount_at(target)[1]
     assert _differences(no_owners(snapshot(target)), model()) == {}
     assert stat.S_ISDIR(os.lstat(os.path.join(target, "var/cache")).st_mode)
     assert os.listdir(os.path.join(target, "var/cache")) == ["fresh"]
@@ -239,8 +239,8 @@ def test_fuse_overlayfs_shows_the_user_form_as_the_model_and_unmount_undoes_it(r
     os.mkdir(target)
     userns.mount_fuse(target, lowers, None, None, ())
     try:
-        assert overlay.mount_at(target)[0] == userns.FUSE_FSTYPE
+        assert overlayfs.mount_at(target)[0] == userns.FUSE_FSTYPE
         assert _differences(no_owners(snapshot(target)), model()) == {}
     finally:
         mount_stage.unmount_image(target)
-    assert overlay.mount_at(target) is None
+    assert overlayfs.mount_at(target) is None

@@ -15,7 +15,7 @@ import pytest
 from tests.support.images import file_entry, make_layer
 from tests.test_mount import build_unpacked, mount_tool, tree, TWO_LAYERS
 from tosi_tools import mount as mount_stage
-from tosi_tools import overlay
+from tosi_tools import overlayfs
 from tosi_tools.plan import PlanReader
 
 NOBODY = 65534
@@ -36,8 +36,8 @@ def shared():
     yield path
     for name in os.listdir(path):
         full = os.path.join(path, name)
-        while overlay.mount_at(full):
-            overlay.unmount(full)
+        while overlayfs.mount_at(full):
+            overlayfs.unmount(full)
     shutil.rmtree(path)
 
 
@@ -80,7 +80,7 @@ def test_symlinked_side_dir_is_refused_and_its_target_unchanged(tool, unpacked, 
     line = error_line(mount_tool(tool, target, plan=unpacked), 2)
     assert f"{target}.{side} is a symlink" in line and "remove it" in line
     assert state_of(secret) == before
-    assert overlay.mount_at(target) is None
+    assert overlayfs.mount_at(target) is None
     assert os.path.islink(f"{target}.{side}")
 
 
@@ -91,7 +91,7 @@ def test_planted_upper_dir_of_another_user_is_refused(tool, unpacked, shared, mo
                      ).returncode == 0
     line = error_line(mount_tool(tool, target, plan=unpacked, check=None), 2)
     assert f"upperdir {target}.upper is owned by uid {NOBODY}" in line
-    assert overlay.mount_at(target) is None
+    assert overlayfs.mount_at(target) is None
 
 
 def test_planted_empty_upper_dir_of_another_user_is_refused_even_with_keep_upper(
@@ -101,7 +101,7 @@ def test_planted_empty_upper_dir_of_another_user_is_refused_even_with_keep_upper
     assert as_nobody(f"mkdir {target}.upper").returncode == 0
     line = error_line(mount_tool(tool, "--keep-upper", target, plan=unpacked), 2)
     assert f"{target}.upper is owned by uid {NOBODY}" in line
-    assert overlay.mount_at(target) is None
+    assert overlayfs.mount_at(target) is None
 
 
 def test_planted_work_dir_of_another_user_is_refused(tool, unpacked, shared, mounts):
@@ -110,7 +110,7 @@ def test_planted_work_dir_of_another_user_is_refused(tool, unpacked, shared, mou
     assert as_nobody(f"mkdir {target}.work").returncode == 0
     line = error_line(mount_tool(tool, target, plan=unpacked), 2)
     assert f"{target}.work is owned by uid {NOBODY}" in line
-    assert overlay.mount_at(target) is None
+    assert overlayfs.mount_at(target) is None
 
 
 def test_symlinked_mount_point_is_refused(tool, unpacked, shared, secret, mounts):
@@ -120,7 +120,7 @@ def test_symlinked_mount_point_is_refused(tool, unpacked, shared, secret, mounts
     assert as_nobody(f"ln -s {secret} {target}").returncode == 0
     line = error_line(mount_tool(tool, target, plan=unpacked), 2)
     assert f"mount point {target} is a symlink" in line
-    assert overlay.mount_at(secret) is None and overlay.mount_at(target) is None
+    assert overlayfs.mount_at(secret) is None and overlayfs.mount_at(target) is None
     assert not os.path.lexists(target + ".upper")
 
 
@@ -130,7 +130,7 @@ def test_mount_point_made_by_another_user_is_refused(tool, unpacked, shared, mou
     assert as_nobody(f"mkdir {target}").returncode == 0
     line = error_line(mount_tool(tool, target, plan=unpacked), 2)
     assert f"mount point {target} is owned by uid {NOBODY}" in line
-    assert overlay.mount_at(target) is None
+    assert overlayfs.mount_at(target) is None
 
 
 def test_mount_point_below_a_directory_others_can_write_is_refused(tool, unpacked, tmp_path,
@@ -238,7 +238,7 @@ def test_read_only_mount_refuses_a_symlink_for_the_empty_lowerdir(tool, workdir,
     mounts.append(target)
     line = error_line(mount_tool(tool, "--read-only", target, plan=plan), 2)
     assert "empty lowerdir" in line and "a symlink" in line
-    assert overlay.mount_at(target) is None
+    assert overlayfs.mount_at(target) is None
 
 
 # ---------------------------------------------------------------- --into / -extractto

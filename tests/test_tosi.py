@@ -19,7 +19,7 @@ from tests.conftest import BIN
 from tests.support.images import (dir_entry, file_entry, hardlink_entry, make_layer, opaque_entry,
                                   sha256, special_entry, symlink_entry, whiteout_entry)
 from tests.support.staging import snapshot
-from tosi_tools import overlay
+from tosi_tools import overlayfs
 from tosi_tools.cache import Workdir
 
 
@@ -130,10 +130,10 @@ def test_mount_example_mounts_and_umount_undoes_it(tool, image, tmp_path, workdi
     mounts.append(target)
     proc = tool("tosi", "-image", ref, "-mount", target, "-workdir", workdir, check=0)
     assert proc.stdout == ""
-    assert overlay.mount_at(target)[0] == "overlay"
+    assert overlayfs.mount_at(target)[0] == "overlay"
     assert open(os.path.join(target, "app/run")).read() == "run\n"
     subprocess.run(["umount", target], check=True)
-    assert not overlay.mount_at(target)
+    assert not overlayfs.mount_at(target)
 
 
 def test_saveconfig_example_writes_the_config_object_and_unpacks(tool, image, tmp_path, workdir):
@@ -327,7 +327,7 @@ def test_relative_mount_path_with_trailing_slash(image, tmp_path, workdir, mount
                            "-mount", "rootfs/", "-workdir", workdir],
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert overlay.mount_at(str(tmp_path / "rootfs"))
+    assert overlayfs.mount_at(str(tmp_path / "rootfs"))
     assert (tmp_path / "rootfs.upper").is_dir() and (tmp_path / "rootfs.work").is_dir()
 
 
@@ -478,7 +478,7 @@ def test_image_too_long_for_one_mount_page_is_mounted_by_tosi(tool, pusher, regi
     mounts.append(target)
     tool("tosi", "-image", f"{registry.host}/{repo_name}:long", "-mount", target,
          "-parallel-downloads", "16", "-workdir", workdir, timeout=600, check=0)
-    assert "lowerdir+=" in overlay.mount_at(target)[1]
+    assert "lowerdir+=" in overlayfs.mount_at(target)[1]
     assert len(os.listdir(os.path.join(target, "layer"))) == count
     assert open(os.path.join(target, "top")).read() == f"{count - 1}\n"
 

@@ -20,7 +20,7 @@ import pytest
 
 from tests.support.images import dir_entry, file_entry, make_layer
 from tests.support.plans import parse_plan, records_text
-from tosi_tools import overlay
+from tosi_tools import overlayfs
 from tosi_tools.cache import MARKER, Workdir
 
 NOBODY = 65534
@@ -106,7 +106,7 @@ def test_a_planted_workdir_is_not_mounted(tool, image, shared_tmp, tmp_path, mou
     mounts.append(target)
     proc = tool("tosi", "-image", ref, "-mount", target, "-workdir", planted)
     assert one_line_error(proc) == f"tosi: error: {owned_by_nobody(planted)} (-workdir DIR)\n"
-    assert overlay.mount_at(target) is None and not os.path.lexists(target)
+    assert overlayfs.mount_at(target) is None and not os.path.lexists(target)
 
 
 def test_a_planted_workdir_is_not_extracted(tool, image, shared_tmp, tmp_path):
@@ -287,4 +287,4 @@ def test_an_extracted_layer_that_is_not_ours_is_refused(tool, image, tmp_path, m
     proc = tool("tosi", "-image", ref, "-mount", target, "-workdir", workdir)
     assert f"{path} is owned by uid {NOBODY}, not by uid 0, so tosi did not make it" \
         in one_line_error(proc)
-    assert overlay.mount_at(target) is None
+    assert overlayfs.mount_at(target) is None

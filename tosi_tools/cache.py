@@ -91,7 +91,7 @@ from .errors import CacheError, PlanError, UnsafePath
 from .ownership import check_own_dir_stat, make_own_dir, require_safe_ancestors
 
 DEFAULT_WORKDIR = "/tmp/tosi"
-# The forms of a layer dir (see tosi_tools.overlay): root's, and anyone else's.
+# The forms of a layer dir (see tosi_tools.overlayfs): root's, and anyone else's.
 TRUSTED_FORM, USER_FORM = "trusted", "user"
 MARKER = ".tosi-workdir"
 _MARKER_TEXT = b"This directory is a tosi workdir (a cache of image blobs and layers); see tosi(1).\n"
@@ -681,7 +681,12 @@ class Workdir:
 
     def diffid_path(self, digest: str) -> str:
         """The digest the layer's content had when extracted (sha256 or sha512)."""
-        return self.overlay_path(digest) + ".diffid"
+        return self.diffid_of(self.overlay_path(digest))
+
+    @staticmethod
+    def diffid_of(layer_dir: str) -> str:
+        """The diffID record beside the layer extracted in `layer_dir` (a chain copy's too)."""
+        return layer_dir + ".diffid"
 
     def implicit_path(self, digest: str) -> str:
         return self.implicit_of(self.overlay_path(digest))

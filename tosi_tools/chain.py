@@ -35,7 +35,7 @@ import secrets
 import stat
 from collections import OrderedDict
 
-from . import overlay, saferoot
+from . import overlayfs, saferoot
 from .cache import TRUSTED_FORM, Workdir, fsync_dir, require_cached, sync_filesystem
 from .digest import digest_of
 from .errors import CacheError
@@ -144,7 +144,7 @@ def _chain_ids(dirs, form=TRUSTED_FORM):
     "user " and that chainID, so that the forms never share a copy."""
     ids, chain = [], None
     for layer_dir in reversed(dirs):
-        path = layer_dir + ".diffid"
+        path = Workdir.diffid_of(layer_dir)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -254,7 +254,7 @@ class _Stack:
             st = saferoot.lstat_at(fd, parts[-1])
             opaque = False
             if st is not None and stat.S_ISDIR(st.st_mode):
-                opaque = overlay.is_opaque(fd, parts[-1])
+                opaque = overlayfs.is_opaque(fd, parts[-1])
             if st is not None and stat.S_ISLNK(st.st_mode):
                 return st, os.readlink(parts[-1], dir_fd=fd)
             return None if st is None else (st, opaque)
@@ -285,7 +285,7 @@ class _Stack:
                 break  # a non-directory under a directory: hidden
             if stat.S_ISLNK(st.st_mode):
                 return "link", extra
-            return ("missing", None) if overlay.is_whiteout(st) else ("other", None)
+            return ("missing", None) if overlayfs.is_whiteout(st) else ("other", None)
         return ("dir", below) if below else ("missing", None)
 
     def chain_of(self, parts):
@@ -386,7 +386,7 @@ def _make_chain_dir(ovdir, name, layer_dir, below, form=TRUSTED_FORM):
                 os.close(dst)
         finally:
             os.close(src)
-        _relocate(tmp, implicit, whiteouts, below, overlay.opaque_xattr(form))
+        _relocate(tmp, implicit, whiteouts, below, overlayfs.opaque_xattr(form))
         _write_record(final + Workdir.IMPLICIT_SUFFIX, implicit)
         _write_record(final + Workdir.WHITEOUTS_SUFFIX, whiteouts)
         sync_filesystem(tmp)
@@ -406,7 +406,7 @@ def _make_chain_dir(ovdir, name, layer_dir, below, form=TRUSTED_FORM):
     return True
 
 
-def _relocate(top, implicit, whiteouts, below, opaque_key=overlay.OPAQUE_XATTR):
+def _relocate(top, implicit, whiteouts, below, opaque_key=overlayfs.OPAQUE_XATTR):
     """Move the entries of each implicit directory of the copy at `top` that gives way to
     a lower symlink to where the symlink leads; `implicit` and `whiteouts` (canonical
     tuples) follow the moves."""
@@ -451,7 +451,7 @@ def _moved(parts, moves):
     return parts
 
 
-def _make_parents(root_fd, dest, implicit, opaque_key=overlay.OPAQUE_XATTR):
+def _make_parents(root_fd, dest, implicit, opaque_key=overlayfs.OPAQUE_XATTR):
     """The directories above `dest` that the copy lacks, made as the flat extraction makes
     them (0755, ours): implicit, or opaque in place of a whiteout device of the layer's.
     False (nothing made) when the copy has a non-directory on the way."""
@@ -461,7 +461,7 @@ def _make_parents(root_fd, dest, implicit, opaque_key=overlay.OPAQUE_XATTR):
             child = saferoot.open_dir_at(fd, name)
             if child is None:
                 st = saferoot.lstat_at(fd, name)
-                if st is not None and not overlay.is_whiteout(st):
+                if st is not None and not overlayfs.is_whiteout(st):
                     return False  # the first one missing: nothing is made yet
                 if st is not None:
                     os.unlink(name, dir_fd=fd)  # a whiteout device: the directory is new
@@ -485,7 +485,7 @@ def _rebase(paths, source, dest):
     paths |= {dest + p[len(source):] for p in moved}
 
 
-def _merge(root_fd, source, dest, implicit, whiteouts, opaque_key=overlay.OPAQUE_XATTR):
+def _merge(root_fd, source, dest, implicit, whiteouts, opaque_key=overlayfs.OPAQUE_XATTR):
     """Move the entry at `source` to `dest` in the copy; where `dest` holds a directory
     too, their entries merge (a named directory's attributes win over an implicit one's)."""
     emptied = []
@@ -497,7 +497,7 @@ def _merge(root_fd, source, dest, implicit, whiteouts, opaque_key=overlay.OPAQUE
             # (a symlink to "." or above leads to the root itself)
             there = saferoot.lstat_at(dst_parent, dst[-1]) if dst else os.fstat(root_fd)
             st = os.lstat(src[-1], dir_fd=src_parent)
-            if there is None or (overlay.is_whiteout(there) and not overlay.is_whiteout(st)):
+            if there is None or (overlayfs.is_whiteout(there) and not overlayfs.is_whiteout(st)):
                 if there is not None:
                     os.unlink(dst[-1], dir_fd=dst_parent)
                 os.rename(src[-1], dst[-1], src_dir_fd=src_parent, dst_dir_fd=dst_parent)

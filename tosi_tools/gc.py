@@ -42,7 +42,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import NamedTuple
 
-from . import chain, overlay, saferoot
+from . import chain, overlayfs, saferoot
 from .cache import Workdir
 from .digest import Digest
 from .errors import CacheError, ManifestError, UsageError, quoted
@@ -436,7 +436,7 @@ def live_lowers(workdir: Workdir, mountinfo: str = "/proc/self/mountinfo") -> se
     ovdir = workdir.overlays
     real = os.path.realpath(ovdir)
     names = set()
-    for lowers in overlay.mounted_lowerdirs(mountinfo):
+    for lowers in overlayfs.mounted_lowerdirs(mountinfo):
         for lower in lowers:
             if os.path.isabs(lower):
                 parent, name = os.path.split(os.path.normpath(lower))

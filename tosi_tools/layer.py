@@ -7,7 +7,7 @@ Two modes, each a Layout (chosen once per layer by layout_for):
   overlay  (OverlayLayout) the root is an empty directory that becomes one overlayfs lowerdir:
            a whiteout becomes a 0/0 character device and an opaque marker the
            trusted.overlay.opaque=y xattr (root's form) or user.overlay.opaque=y (the
-           form of anyone else, for a "userxattr" mount: overlay.USER_FORM); the
+           form of anyone else, for a "userxattr" mount: overlayfs.USER_FORM); the
            kernel does the rest at mount time.
 
 OCI semantics both modes keep: a whiteout hides entries of LOWER layers only;
@@ -46,7 +46,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-from . import filewriter, overlay, saferoot, space, tarstream
+from . import filewriter, overlayfs, saferoot, space, tarstream
 from .cache import start_writeback
 from .compression import open_layer
 from .digest import Digest
@@ -59,7 +59,7 @@ WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
 # Docker's AUFS driver kept its own files under these names; any other ".wh..wh." is refused.
 AUFS_METADATA = (".wh..wh.aufs", ".wh..wh.plnk", ".wh..wh.orph")
-OPAQUE_XATTR = overlay.OPAQUE_XATTR
+OPAQUE_XATTR = overlayfs.OPAQUE_XATTR
 # Not the layer's to take away: overlayfs' own (an opaque marker), the LSM's label.
 _KEPT_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.", "security.selinux")
 DEFAULT_MAX_LAYER_BYTES = 64 << 30
@@ -192,7 +192,7 @@ class Layout:
         some image builders, they would make the mount hide or redirect lower entries."""
         xattrs = []
         for xname, value in member.xattrs:
-            if xname.startswith(overlay.OVERLAY_XATTR_PREFIXES):
+            if xname.startswith(overlayfs.OVERLAY_XATTR_PREFIXES):
                 stats.overlay_xattrs += 1
                 stats.first_overlay_xattr = stats.first_overlay_xattr or (name, xname)
                 continue
@@ -360,16 +360,16 @@ class FlatLayout(Layout):
 class OverlayLayout(Layout):
     """The root is an empty directory that becomes one overlayfs lowerdir: a
     whiteout becomes a 0/0 character device and an opaque marker the opaque xattr
-    of the layer dir's `form` (overlay.TRUSTED_FORM: trusted.overlay.opaque=y, which
-    needs root; overlay.USER_FORM: user.overlay.opaque=y); the kernel does the rest
+    of the layer dir's `form` (overlayfs.TRUSTED_FORM: trusted.overlay.opaque=y, which
+    needs root; overlayfs.USER_FORM: user.overlay.opaque=y); the kernel does the rest
     at mount time. Everything in the root is this layer's own."""
 
     name = OVERLAY
     hardlink_scope = "this layer"
 
-    def __init__(self, form: str = overlay.TRUSTED_FORM) -> None:
+    def __init__(self, form: str = overlayfs.TRUSTED_FORM) -> None:
         self.form = form
-        self.opaque_xattr = overlay.opaque_xattr(form)
+        self.opaque_xattr = overlayfs.opaque_xattr(form)
         # Directories this layer made opaque, and the whiteout devices it made, by directory.
         self.opaque_dirs: set[tuple] = set()
         self.whiteout_devices: dict[tuple, set[str]] = {}
@@ -412,7 +412,7 @@ class OverlayLayout(Layout):
     def need_root(self, applier: _Applier, name: str, what: str) -> None:
         # Linux 5.8+ lets anyone make a 0/0 device and set user.* xattrs on their own
         # files: only root's form needs root.
-        if self.form == overlay.TRUSTED_FORM:
+        if self.form == overlayfs.TRUSTED_FORM:
             applier.need_root(name, what)
 
     def delete_device(self, applier: _Applier, name: str, parts: tuple) -> None:
@@ -443,7 +443,7 @@ class OverlayLayout(Layout):
         self.opaque_dirs.add(canonical)
         for base in self.whiteout_devices.pop(canonical, ()):
             st = saferoot.lstat_at(fd, base)
-            if st is not None and overlay.is_whiteout(st):
+            if st is not None and overlayfs.is_whiteout(st):
                 os.unlink(base, dir_fd=fd)
 
     def replaced_dir(self, applier: _Applier, fd: int, name: str, path: tuple) -> None:
@@ -459,7 +459,7 @@ class OverlayLayout(Layout):
         """
         dir_fd, base, parent = applier.root.parent(canonical, create=False)
         st = saferoot.lstat_at(dir_fd, base)
-        if st is None or not overlay.is_whiteout(st):
+        if st is None or not overlayfs.is_whiteout(st):
             return False
         os.unlink(base, dir_fd=dir_fd)
         os.mkdir(base, 0o755, dir_fd=dir_fd)
@@ -488,12 +488,12 @@ class OverlayLayout(Layout):
 
 def layout_for(mode: str, root: saferoot.SafeRoot, form: str | None = None) -> Layout:
     """The Layout for `mode` (FLAT or OVERLAY), for a layer about to be applied to `root`;
-    `form` is an OVERLAY layer dir's (overlay.TRUSTED_FORM or USER_FORM; None: the one
-    this process makes, overlay.local_form())."""
+    `form` is an OVERLAY layer dir's (overlayfs.TRUSTED_FORM or USER_FORM; None: the one
+    this process makes, overlayfs.local_form())."""
     if mode == FLAT:
         return FlatLayout(has_lower=bool(os.listdir(root.fd)))
     if mode == OVERLAY:
-        return OverlayLayout(form or overlay.local_form())
+        return OverlayLayout(form or overlayfs.local_form())
     raise ValueError(f"mode must be {FLAT!r} or {OVERLAY!r}, not {mode!r}")
 
 
@@ -1016,7 +1016,7 @@ def apply_layer(root: saferoot.SafeRoot | str | os.PathLike, stream: BinaryIO, m
     when the whole decompressed stream (what follows the end marker included)
     does not hash to `diff_id` (None: not checked), in which case the root
     holds the layer's entries all the same. `mode` (FLAT or OVERLAY) chooses the
-    Layout (layout_for; `form` the OVERLAY layer dir's, default overlay.local_form()).
+    Layout (layout_for; `form` the OVERLAY layer dir's, default overlayfs.local_form()).
     overlayfs' own xattrs in the layer are dropped, with one warning.
     With `hold_root`, a "./" entry's mode and mtime are not applied to the root but
     reported (LayerStats.root_mode, root_mtime_ns); its owner and xattrs are.

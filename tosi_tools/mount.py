@@ -6,7 +6,7 @@ small, as the original tosi did. Writes go to `<mount point>.upper` (with
 `<mount point>.work` as overlayfs' scratch dir), next to the mount point.
 
 Without root (no CAP_SYS_ADMIN) the layer dirs are in the user form (see
-tosi_tools.overlay) and the mount is made in a user namespace held by a process
+tosi_tools.overlayfs) and the mount is made in a user namespace held by a process
 of its own, or by fuse-overlayfs (tosi_tools.userns chooses); layer dirs of
 root's form are refused there, and a mount never mixes the two forms.
 """
@@ -16,7 +16,7 @@ import logging
 import os
 import stat
 
-from . import chain, overlay, ownership, saferoot
+from . import chain, overlayfs, ownership, saferoot
 from .cache import (
     DEFAULT_WORKDIR, TRUSTED_FORM, USER_FORM, Workdir, read_form, require_cached, shared_lock, workdir_for,
 )
@@ -119,7 +119,7 @@ def _split_path(path):
 
 
 def _shadowed(path, st):
-    if not overlay.is_whiteout(st):
+    if not overlayfs.is_whiteout(st):
         log.warning("/%s is a %s in a lower layer, and a directory in a layer above that does "
                     "not name it: overlayfs shows the directory, an -extractto tree does not",
                     path, "symlink" if stat.S_ISLNK(st.st_mode) else "file")
@@ -127,13 +127,13 @@ def _shadowed(path, st):
 
 def _dir_state(fd):
     """(fstat, opaque, xattrs to copy) of an open directory of a layer."""
-    opaque = overlay.is_opaque(fd)
+    opaque = overlayfs.is_opaque(fd)
     try:
         keys = os.listxattr(fd)
     except OSError:
         keys = ()
     xattrs = tuple((key, os.getxattr(fd, key)) for key in keys
-                   if not key.startswith(overlay.OVERLAY_XATTR_PREFIXES))
+                   if not key.startswith(overlayfs.OVERLAY_XATTR_PREFIXES))
     return os.fstat(fd), opaque, xattrs
 
 
@@ -458,7 +458,7 @@ def _prepare_mount_point(target):
     try:
         ownership.check_own_dir_stat(target, os.fstat(fd), "mount point", _SIDE_FIX)
         os.fchmod(fd, 0o755)
-        _mark(fd, MADE_XATTR if overlay.has_mount_privilege() else MADE_USER_XATTR, b"mountpoint")
+        _mark(fd, MADE_XATTR if overlayfs.has_mount_privilege() else MADE_USER_XATTR, b"mountpoint")
     finally:
         os.close(fd)
     return True
@@ -499,10 +499,10 @@ def _check_mount_point(target):
     st = _lstat_or_none(target)
     if st is not None and stat.S_ISLNK(st.st_mode):
         _refuse_kind(target, st, "mount point")
-    if os.path.ismount(target) or overlay.mount_at(target):
+    if os.path.ismount(target) or overlayfs.mount_at(target):
         raise UsageError(f"{target} is already a mount point; "
                          f"unmount it first (tosi-mount --unmount {target})")
-    if not overlay.has_mount_privilege():
+    if not overlayfs.has_mount_privilege():
         from . import userns  # off root's warm path
 
         holder = userns.find_holder(target)
@@ -525,7 +525,7 @@ KERNEL = "kernel"
 def _require_privilege():
     """How this process mounts: KERNEL (it holds CAP_SYS_ADMIN), else userns.USERNS or
     userns.FUSE; MountError, one line saying what is needed, when it cannot."""
-    if overlay.has_mount_privilege():
+    if overlayfs.has_mount_privilege():
         return KERNEL
     from . import userns  # off root's warm path
 
@@ -590,7 +590,7 @@ def mount_flags(target, options=()):
     if reachable:
         chosen.setdefault("suid", "nosuid")
         chosen.setdefault("dev", "nodev")
-    flags = [name for name in overlay.VFS_FLAGS if name in chosen.values()]
+    flags = [name for name in overlayfs.VFS_FLAGS if name in chosen.values()]
     lifted = [chosen[group] for group in ("suid", "dev") if chosen.get(group) == group]
     warning = None
     if reachable and lifted:
@@ -677,7 +677,7 @@ def _mount_lowers(layers, target, upper, work, ovdir, wd, flags, warning, read_o
                 _inherit_root(upper_fd, os.path.join(ovdir, lowers[0]))
         holder = None
         if how == KERNEL:
-            used = overlay.mount_overlay(
+            used = overlayfs.mount_overlay(
                 target, lowers, None if read_only else upper, None if read_only else work,
                 relative_to=ovdir, read_only=read_only, api=api, flags=flags,
                 userxattr=form == USER_FORM)
@@ -811,7 +811,7 @@ def unmount_image(target, clean=False):
     from . import userns
 
     target, upper, work = side_dirs(target)
-    mounted = overlay.mount_at(target)
+    mounted = overlayfs.mount_at(target)
     detached = False
     holder = userns.find_holder(target) if mounted is None else None
     if holder is not None:
@@ -825,10 +825,10 @@ def unmount_image(target, clean=False):
         userns.unmount_fuse(target)
     else:
         fstype = mounted[0]
-        if fstype != overlay.OVERLAY:
+        if fstype != overlayfs.OVERLAY:
             raise MountError(f"{target} holds a {fstype} mount, not an overlay; "
                              "refusing to unmount it")
-        detached = overlay.unmount(target)
+        detached = overlayfs.unmount(target)
         if detached:
             log.warning("%s was busy: detached lazily (MNT_DETACH); it goes away when "
                         "the last user lets go", target)

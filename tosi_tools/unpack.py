@@ -19,7 +19,7 @@ Each layer's diffID is checked as it is extracted. <overlaydir>/<hex>.diffid
 when the plan's diffID was one), so a plan that reuses the layer later, or
 names it twice, is checked against it too.
 
-A layer dir has the form of who extracted it (overlay.local_form(): root's
+A layer dir has the form of who extracted it (overlayfs.local_form(): root's
 trusted.overlay.opaque, or user.overlay.opaque for a "userxattr" mount without
 root); <overlaydir>/<hex>.form records the user form. A layer dir of the other
 form is never reused (nor replaced: a mount may use it): that is an error.
@@ -46,7 +46,7 @@ import stat
 import time
 from collections import deque
 
-from . import overlay, ownership, saferoot
+from . import overlayfs, ownership, saferoot
 from .cache import (
     USER_FORM, Workdir, atomic_write, file_lock, fsync_dir, read_form, require_cached, sync_filesystem,
     workdir_for, writing_ahead,
@@ -457,7 +457,7 @@ def extract_layer_to_overlay(workdir, layer_record, stream=None, limits=None, op
     workdir = _workdir(workdir).ensure()
     digest = layer_record.digest
     final = workdir.overlay_path(digest)
-    form = overlay.local_form()
+    form = overlayfs.local_form()
     with file_lock(workdir.overlay_lock_path(digest)):
         if not _extracted(final, layer_record, form):
             from . import layer as layer_mod

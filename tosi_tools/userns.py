@@ -4,7 +4,7 @@ A user without CAP_SYS_ADMIN mounts overlayfs in two ways, as podman and buildah
 do rootless:
 
 * the kernel's overlayfs (Linux 5.11+) inside a user namespace of their own, with
-  "userxattr" (the layer dirs then in the user form: overlay.USER_FORM). That
+  "userxattr" (the layer dirs then in the user form: overlayfs.USER_FORM). That
   mount lives in a mount namespace of its own, which lasts as long as a process
   is in it: a *holder* (`python -m tosi_tools.cli.holder TARGET`, run detached,
   like podman's pause process) enters it, mounts, and waits for SIGTERM. The
@@ -35,7 +35,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from . import overlay
+from . import overlayfs
 from .errors import MountError
 
 USERNS, FUSE = "userns", "fuse"
@@ -167,7 +167,7 @@ def hold(target: str, params: Mapping[str, Any], status_fd: int) -> None:
     SIGTERM, SIGINT or SIGHUP. Returns when told to stop."""
     try:
         enter_namespace(params["uid"], params["gid"])
-        overlay.mount_overlay(target, params["lowerdirs"], params["upperdir"], params["workdir"],
+        overlayfs.mount_overlay(target, params["lowerdirs"], params["upperdir"], params["workdir"],
                               relative_to=params["relative_to"], read_only=params["read_only"],
                               api=params["api"], flags=params["flags"], userxattr=True)
     except (OSError, MountError) as exc:
@@ -206,10 +206,10 @@ def find_holder(target: str) -> int | None:
         if _cmdline(pid)[-2:] != wanted:
             continue
         try:
-            mounted = overlay.mount_at(target, f"/proc/{pid}/mountinfo")
+            mounted = overlayfs.mount_at(target, f"/proc/{pid}/mountinfo")
         except OSError:
             continue
-        if mounted is not None and mounted[0] == overlay.OVERLAY:
+        if mounted is not None and mounted[0] == overlayfs.OVERLAY:
             return int(pid)
     return None
 
@@ -272,7 +272,7 @@ def mount_fuse(target: str, lowerdirs: Sequence[str], upperdir: str | None, work
 def unmount_fuse(target: str) -> None:
     program = shutil.which("fusermount3") or shutil.which("fusermount")
     if os.geteuid() == 0 or program is None:
-        overlay.unmount(target)
+        overlayfs.unmount(target)
         return
     proc = subprocess.run([program, "-u", target], stdin=subprocess.DEVNULL, capture_output=True,
                           timeout=STOP_TIMEOUT)
