@@ -56,7 +56,7 @@ class LayerHandle:
     def result(self, timeout: Optional[float] = None) -> LayerRecord:
         """The layer record with its cache "path" once the blob is verified."""
         path = self.download.result(timeout)
-        return self.record.with_path(path)
+        return self.record.with_path(path, self.download.served_by)
 
 
 class FetchRun:
@@ -136,10 +136,15 @@ class Fetcher:
                     digest, size, path, what=f"layer {record.name}", urls=record.urls,
                 )
             handles.append(LayerHandle(record, unique[path]))
+        from .mirrors import blob_source
+
         client = self.client_for_image(image)
         self._clients.append(client)
+        source = blob_source(image, client)  # the image's mirrors, then its registry
+        if hasattr(source, "close"):
+            self._clients.append(source)
         downloader = Downloader(
-            client, image.repository, retries=self.retries,
+            client, image.repository, source=source, retries=self.retries,
             validate_cache=self.validate_cache, progress=self.progress,
             cancel_event=self.cancelled, read_timeout=self.read_timeout, on_failure=self._failed,
             digest_retries=self.digest_retries,
@@ -259,7 +264,7 @@ def fetch_plan(fetcher: Fetcher, image: Mapping[str, Any], layers: Iterable[Mapp
         image = image.with_workdir(fetcher.workdir.root)
         try:
             if run.config is not None:
-                image = image.with_config_path(run.config.result())
+                image = image.with_config_path(run.config.result(), run.config.served_by)
             yield image
             for handle in run.layers:
                 if early is None:

@@ -65,6 +65,7 @@ class PullOptions(NamedTuple):  # not a dataclass: importing dataclasses costs a
     keep_root_mode: bool = False  # -extractto: see unpack.apply_layers_into
     min_free: Optional[str] = None  # -min-free: space.Reserve text (None: TOSI_MIN_FREE or the default)
     authfile: Optional[str] = None  # -authfile: containers auth.json read first (credstore)
+    mirrors: tuple = ()  # -mirror values: tried in order before the registry (replacing configured ones)
 
 
 def preflight(options: PullOptions) -> Optional[Platform]:
@@ -156,15 +157,22 @@ def pull(options: PullOptions,
     `progress_for(image, layers)` may return a download progress callback (see
     fetch.Fetcher) with a close() method, called once the downloads are over.
     """
+    from .mirrors import mirror_flag
+    from .registries import RegistryConfig
+
     platform = preflight(options)
+    mirrors = [mirror_flag(text, "-mirror") for text in options.mirrors]
     ref, endpoint = reference_and_endpoint(options)
+    registries = RegistryConfig.load()
     keychain = keychain_from_flags(options.username, options.password, insecure=options.insecure,
                                    authfile=options.authfile)
     # Private and ours (made 0700 if missing), before anything in it is read or written.
     workdir = Workdir(options.workdir, options.overlaydir, flag_prefix="-").ensure()
     tokens = TokenCache()
+    # A short name is looked up in registries.conf; with -url the image is a repository there.
     image, layers = resolve.resolve_image(
-        ref, workdir, platform=platform, keychain=keychain, endpoint=endpoint, token_cache=tokens)
+        ref if options.url else options.image, workdir, platform=platform, keychain=keychain,
+        endpoint=endpoint, token_cache=tokens, registries=registries, mirrors=mirrors)
     log.info("%s: %d layers", image.reference, len(layers))
 
     cached = None

@@ -121,9 +121,25 @@ class RegistryClient:
         self.timeout = self.transport.timeout
         self.retry = retry or RetryPolicy()
         self.tokens = token_cache or TokenCache()
+        self._pool_size = pool_size
         self._host = urlsplit(self.endpoint).netloc
         self._lock = threading.Lock()  # one token fetch at a time
         self._lookup_lock = threading.Lock()
+
+    def for_mirror(self, endpoint: str, registry: str, repository: str, insecure: bool,
+                   ca_file: Optional[str] = None) -> "RegistryClient":
+        """A client for a mirror of this client's registry: the same keychain, token
+        cache, timeouts, retries and `credentials_insecure`, but the mirror's own
+        endpoint and registry (so the credentials it gets are the mirror's, never
+        this registry's) and TLS (`ca_file`, the keychain's client certificate for
+        the mirror, `insecure`)."""
+        tls = TLSConfig(ca_file, self.keychain.tls_for(registry).client_cert, insecure)
+        connect_timeout, read_timeout = self.timeout
+        return RegistryClient(endpoint, keychain=self.keychain, registry=registry, repository=repository,
+                              tls=tls, connect_timeout=connect_timeout, read_timeout=read_timeout,
+                              pool_size=self._pool_size, token_cache=self.tokens,
+                              credentials_insecure=self.credentials_insecure,
+                              endpoint_origin=f"the mirror {endpoint}", retry=self.retry)
 
     # ------------------------------------------------------------ credentials
 
@@ -405,7 +421,12 @@ class RegistryClient:
 
 
 class BlobSource(Protocol):
-    """Where a blob's bytes come from (the registry; later mirrors, OCI layouts, archives)."""
+    """Where a blob's bytes come from (the registry, mirrors.MirrorChain; later OCI
+    layouts, archives). A source may also have `served_by(digest) -> str` (the
+    endpoint that sent the bytes last opened; default: its `name`) and
+    `mismatched(digest) -> bool` (those bytes failed their digest: True if the
+    source will send them from elsewhere next time, so the downloader does not count
+    the mismatch against its digest retry budget; default: False)."""
 
     name: str
 
@@ -423,6 +444,9 @@ class RegistryBlobSource:
         self.repository = repository
         self.name = f"{client.endpoint}/{repository}"
 
+    def served_by(self, digest: str) -> str:
+        return str(self.client.endpoint)
+
     def open(self, digest: str, offset: int = 0, what: Optional[str] = None,
              timeout: Any = None) -> BodyStream:
         return self.client.open_blob(self.repository, digest, offset, timeout=timeout, what=what)
@@ -435,6 +459,9 @@ class URLBlobSource:
         self.client = client
         self.url = url
         self.name = redact(url)
+
+    def served_by(self, digest: str) -> str:
+        return self.name
 
     def open(self, digest: str, offset: int = 0, what: Optional[str] = None,
              timeout: Any = None) -> BodyStream:

@@ -70,6 +70,9 @@ FLAGS = [
          "compatibility; logs go to stderr only)", metavar="DIR"),
     Flag("logtostderr", BOOL, "log to standard error instead of files (logs always go to "
          "stderr here; this also shows informational messages)", False),
+    Flag("mirror", LIST, "A registry mirror or pull-through cache, [http(s)://]HOST[:PORT][/NAMESPACE], "
+         "to try before the image's registry; repeatable, tried in order. Replaces the mirrors "
+         "registries.conf and daemon.json name for the image.", (), metavar="URL"),
     Flag("min-free", STRING, "Stop a download or an extraction while its filesystem still has "
          "SIZE free, e.g. 64M, 2G or 1%; 0 turns the guard off (default: $TOSI_MIN_FREE, else 1% "
          "of the filesystem, at least 8M and at most 1G, and 1% of its inodes).", metavar="SIZE"),
@@ -217,6 +220,10 @@ def check_flags(values: dict[str, Any]) -> None:
 
         parse_size(values["min-free"], "-min-free")
     check_authfile(values["authfile"], "-authfile")
+    from ..mirrors import mirror_flag
+
+    for text in values["mirror"]:
+        mirror_flag(text, "-mirror")
 
 
 def body(argv: Sequence[str] | None) -> int:
@@ -261,6 +268,7 @@ def body(argv: Sequence[str] | None) -> int:
         keep_root_mode=values["keep-root-mode"],
         min_free=values["min-free"],
         authfile=values["authfile"],
+        mirrors=values["mirror"],
     )
     show = values["progress"] if values["progress"] is not None else sys.stderr.isatty()
     pipeline.pull(options, progress_for=_progress_bars if show else None)
