@@ -57,6 +57,12 @@ def mirror_flag(text: str, flag: str = "--mirror") -> MirrorFlag:
     """Parse a --mirror value; UsageError (exit 2) when it is no registry URL."""
     if not isinstance(text, str) or not text.strip():
         raise UsageError(f"{flag}: empty value")
+    shown = text
+    if "@" in text:  # a password in it is not repeated on stderr
+        scheme_part, separator, rest_part = text.rpartition("://")
+        shown = scheme_part + separator + "***@" + rest_part.rpartition("@")[2]
+        raise UsageError(f"{flag} {quoted(shown)}: a mirror URL names no user or password "
+                         "(credentials come from auth.json or the docker config)")
     scheme: Optional[str] = None
     rest = text.strip()
     if "://" in rest:

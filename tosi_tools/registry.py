@@ -132,10 +132,12 @@ class RegistryClient:
         cache, timeouts, retries and `credentials_insecure`, but the mirror's own
         endpoint and registry (so the credentials it gets are the mirror's, never
         this registry's) and TLS (`ca_file`, the keychain's client certificate for
-        the mirror, `insecure`)."""
+        the mirror, `insecure`). Credentials given for the registry pulled from
+        (--username, TOSI_USERNAME) are not the mirror's: `mirror_keychain`."""
         tls = TLSConfig(ca_file, self.keychain.tls_for(registry).client_cert, insecure)
         connect_timeout, read_timeout = self.timeout
-        return RegistryClient(endpoint, keychain=self.keychain, registry=registry, repository=repository,
+        return RegistryClient(endpoint, keychain=mirror_keychain(self.keychain), registry=registry,
+                              repository=repository,
                               tls=tls, connect_timeout=connect_timeout, read_timeout=read_timeout,
                               pool_size=self._pool_size, token_cache=self.tokens,
                               credentials_insecure=self.credentials_insecure,
@@ -466,6 +468,25 @@ class URLBlobSource:
     def open(self, digest: str, offset: int = 0, what: Optional[str] = None,
              timeout: Any = None) -> BodyStream:
         return self.client.open_blob(None, digest, offset, url=self.url, timeout=timeout, what=what)
+
+
+def mirror_keychain(keychain: Keychain) -> Keychain:
+    """The keychain a mirror asks: the stored credentials people keep per host
+    (auth.json, the docker config), without --username, TOSI_USERNAME or a
+    library caller's fixed credentials, which are given for the registry pulled
+    from and would otherwise be answered for any host asked."""
+    from .keychain import EnvironmentSource, FixedSource, FlagSource
+
+    kept = [source for source in keychain.sources
+            if not isinstance(source, (FlagSource, EnvironmentSource, FixedSource))]
+    if len(kept) == len(keychain.sources):
+        return keychain
+    import copy
+
+    narrowed = copy.copy(keychain)  # its class and TLS settings per host, not its answers
+    narrowed.sources = kept
+    narrowed._answered = {}
+    return narrowed
 
 
 def _bind(credentials, endpoint, origin):

@@ -62,6 +62,10 @@ class Resolver:
         self._endpoint_guessed = False  # remembered, not probed: dropped before a client uses it
         self._registry_host: Optional[str] = None
         self._repository: Optional[str] = None
+        self._mirror = False
+        self._digest_retries = DIGEST_RETRIES
+        self._manifest_served: Optional[str] = None
+        self._config_served: Optional[str] = None
 
     @property
     def insecure(self) -> bool:
@@ -72,9 +76,11 @@ class Resolver:
         return self.tls.ca_file
 
     def _default_client(self, endpoint):
-        from .registry import RegistryClient
+        from .registry import RegistryClient, mirror_keychain
 
-        return RegistryClient(endpoint, keychain=self.keychain, registry=self._registry_host,
+        # A mirror gets the credentials stored for its own host, not those given for the origin.
+        keychain = mirror_keychain(self.keychain) if self._mirror else self.keychain
+        return RegistryClient(endpoint, keychain=keychain, registry=self._registry_host,
                               repository=self._repository, tls=self.tls, token_cache=self.token_cache)
 
     def _detect_endpoint(self, probe=True):
@@ -312,7 +318,8 @@ class Resolver:
     def _use(self, registry: str, repository: str, endpoint: Optional[str], insecure: bool,
              mirror: bool) -> None:
         """Ask `registry` (a mirror, or the origin) for `repository` from now on."""
-        if (registry, repository) != (self._registry_host, self._repository) and self.client is not None:
+        if (registry, repository, mirror) != (self._registry_host, self._repository, self._mirror) \
+                and self.client is not None:
             self.client.close()  # its credentials and TLS were another registry's
             self.client = None
         self._registry_host = registry
@@ -324,6 +331,7 @@ class Resolver:
         self._endpoint = endpoint.rstrip("/") if endpoint else None
         self._endpoint_guessed = False
         # A mirror's wrong bytes are not asked for again: the next source is.
+        self._mirror = mirror
         self._digest_retries = 0 if mirror else DIGEST_RETRIES
         self._manifest_served = None
         self._config_served = None
@@ -449,12 +457,12 @@ class Resolver:
             insecure=bool(self.insecure),
             caFile=self.ca_file,
         )
-        if mirrors:
+        if mirrors:  # a plan without mirrors stays as it was: its origin served everything
             record["mirrors"] = [spec.to_record() for spec in mirrors]
-        if manifest_served:
-            record["servedBy"] = manifest_served
-        if config_served:
-            record["config"]["servedBy"] = config_served
+            if manifest_served:
+                record["servedBy"] = manifest_served
+            if config_served:
+                record["config"]["servedBy"] = config_served
         image = ImageRecord(record)
         layers = [
             LayerRecord(new_layer_record(i, descriptor, diffID=ids[i] if ids else None))
