@@ -79,7 +79,7 @@ def mirror_flag(text: str, flag: str = "--mirror") -> MirrorFlag:
     if not is_registry_host(host):
         raise UsageError(f"{flag} {quoted(text)}: {quoted(host)} is not a registry HOST[:PORT]")
     namespace = parts.path.strip("/")
-    if namespace.startswith("v2") and namespace in ("v2", "v2/"):
+    if namespace == "v2":  # a registry's API root, as some write mirror URLs
         namespace = ""
     if namespace:
         from .reference import _PATH_COMPONENT
