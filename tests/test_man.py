@@ -89,7 +89,7 @@ def test_plan_page_documents_every_field_the_stages_write():
               "digest", "mediaType", "size", "manifestPath", "index", "platform", "config",
               "savedConfig", "workdir", "layerCount", "insecure", "caFile", "rootfs", "mount",
               "target", "upper", "work", "readOnly", "overlaydir", "options", "urls", "annotations",
-              "diffID", "path", "overlay", "link", "applied"]
+              "diffID", "path", "overlay", "link", "applied", "mirrors", "servedBy"]
     for field in fields:
         assert re.search(rf"\b{field}\b", text), field
 

@@ -18,6 +18,7 @@ VALUE_FLAGS = {
     "v": "2", "vmodule": "pull=3", "log_dir": "/tmp/logs", "stderrthreshold": "INFO",
     "log_backtrace_at": "pull.go:42", "platform": "linux/arm64/v8", "mount-option": "nosuid,noexec",
     "min-free": "64M", "authfile": "/tmp/auth.json", "ca-file": "/tmp/ca.pem",
+    "mirror": "https://cache.example.com:5000",
 }
 BOOL_FLAGS = ["validate-cache", "version", "logtostderr", "alsologtostderr", "password-stdin",
               "insecure", "progress", "read-only", "keep-root-mode"]

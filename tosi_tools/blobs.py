@@ -80,6 +80,7 @@ class BlobDownload:
         self.what = what or f"blob {self.digest}"
         self.urls = [u for u in urls or () if isinstance(u, str) and urlsplit(u).scheme in ("http", "https")]
         self.reused = False
+        self.served_by: Optional[str] = None  # the endpoint (or URL) that sent the bytes; None: cached
         self.restarts = 0
         self._whole = False  # ask without Range (the server did not honour one)
         self._cond = threading.Condition()
@@ -291,7 +292,10 @@ class Downloader:
                 got = hasher.hashed() if hasher.count <= download.size else \
                     f"more than {download.size} bytes"
                 seen[got] = seen.get(got, 0) + 1
-                if not from_earlier_run:
+                # A mirror's wrong bytes move the download on to the next source for free.
+                mismatched = getattr(self.source, "mismatched", None)
+                moved_on = mismatched is not None and mismatched(download.digest)
+                if not from_earlier_run and not moved_on:
                     downloads += 1
                 if downloads > self.digest_retries:
                     # Bad bytes must not be resumed from: the next run starts afresh.
@@ -340,6 +344,8 @@ class Downloader:
                 continue
             except RangeRefused as exc:
                 raise _WholeBlob(exc) from None
+            served_by = getattr(source, "served_by", None)
+            download.served_by = served_by(download.digest) if served_by is not None else source.name
             with stream, self._watching(stream):
                 self._receive(download, hasher, stream)
             return

@@ -49,14 +49,16 @@ ClientForImage = Callable[[ImageRecord], "RegistryClient"]
 class LayerHandle:
     """One layer record of the plan and the download that brings its blob."""
 
-    def __init__(self, record: LayerRecord, download: BlobDownload) -> None:
+    def __init__(self, record: LayerRecord, download: BlobDownload, mirrored: bool = False) -> None:
         self.record = record
         self.download = download
+        self.mirrored = mirrored  # the image has mirrors: "servedBy" says which source sent the blob
 
     def result(self, timeout: Optional[float] = None) -> LayerRecord:
-        """The layer record with its cache "path" once the blob is verified."""
+        """The layer record with its cache "path" once the blob is verified (and
+        "servedBy" when the image has mirrors and the blob was downloaded)."""
         path = self.download.result(timeout)
-        return self.record.with_path(path)
+        return self.record.with_path(path, self.download.served_by if self.mirrored else None)
 
 
 class FetchRun:
@@ -139,17 +141,21 @@ class Fetcher:
                 unique[path] = BlobDownload(
                     digest, size, path, what=f"layer {record.name}", urls=record.urls,
                 )
-            handles.append(LayerHandle(record, unique[path]))
-        source = None
+            handles.append(LayerHandle(record, unique[path], mirrored=bool(image.mirrors)))
         retries, digest_retries = self.retries, self.digest_retries
         if image.source is not None:
-            from .offline import blob_source
+            from .offline import blob_source as local_source
 
             # A local file does not get better by reading it again.
-            client, source, retries, digest_retries = None, blob_source(image.source), 0, 0
+            client, source, retries, digest_retries = None, local_source(image.source), 0, 0
         else:
+            from .mirrors import blob_source
+
             client = self.client_for_image(image)
             self._clients.append(client)
+            source = blob_source(image, client)  # the image's mirrors, then its registry
+            if hasattr(source, "close"):
+                self._clients.append(source)
         downloader = Downloader(
             client, image.repository, retries=retries,
             validate_cache=self.validate_cache, progress=self.progress,
@@ -275,7 +281,8 @@ def fetch_plan(fetcher: Fetcher, image: Mapping[str, Any], layers: Iterable[Mapp
         image = image.with_workdir(fetcher.workdir.root)
         try:
             if run.config is not None:
-                image = image.with_config_path(run.config.result())
+                served_by = run.config.served_by if image.mirrors else None
+                image = image.with_config_path(run.config.result(), served_by)
             yield image
             for handle in run.layers:
                 if early is None:

@@ -68,6 +68,7 @@ class PullOptions(NamedTuple):  # not a dataclass: importing dataclasses costs a
     min_free: Optional[str] = None  # -min-free: space.Reserve text (None: TOSI_MIN_FREE or the default)
     authfile: Optional[str] = None  # -authfile: containers auth.json read first (credstore)
     ca_file: Optional[str] = None  # -ca-file: the CA bundle verifying the registry (else certs.d, system)
+    mirrors: tuple = ()  # -mirror values: tried in order before the registry (replacing configured ones)
 
 
 def preflight(options: PullOptions) -> Optional[Platform]:
@@ -169,17 +170,26 @@ def pull(options: PullOptions,
     is called before close() when the pull fails (or is interrupted), so that what it
     shows can be taken away before the error is reported.
     """
+    from .mirrors import mirror_flag
+    from .registries import RegistryConfig
+
     platform = preflight(options)
+    mirrors = [mirror_flag(text, "-mirror") for text in options.mirrors]
     ref, endpoint = reference_and_endpoint(options)
+    registries = RegistryConfig.load()
     keychain = keychain_from_flags(options.username, options.password, insecure=options.insecure,
                                    authfile=options.authfile, ca_file=options.ca_file)
     # Private and ours (made 0700 if missing), before anything in it is read or written.
     workdir = Workdir(options.workdir, options.overlaydir, flag_prefix="-").ensure()
     tokens = TokenCache()
+    # A short name is looked up in registries.conf; with -url the image is a repository there.
     image, layers = resolve.resolve_image(
-        ref, workdir, platform=platform, keychain=keychain, endpoint=endpoint, token_cache=tokens)
+        ref if options.url else options.image, workdir, platform=platform, keychain=keychain,
+        endpoint=endpoint, token_cache=tokens, registries=registries, mirrors=mirrors)
     # Held until the pull ends: tosi-gc removes no image a running pull holds.
-    record = workdir.image_record_path(str(image.registry), str(image.repository), str(image.digest))
+    if image.registry is None:  # an OCI layout or an archive: no use record to hold
+        return _lay_out(options, workdir, keychain, tokens, image, layers, progress_for)
+    record = workdir.image_record_path(image.registry, str(image.repository), str(image.digest))
     with shared_lock(record):
         return _lay_out(options, workdir, keychain, tokens, image, layers, progress_for)
 

@@ -132,6 +132,12 @@ def _endpoint(where: str, name: str, value: Any) -> None:
         raise PlanError(f"{where}: {name} {quoted(value)} is not an http(s)://HOST[:PORT] URL")
 
 
+def _url(where: str, name: str, value: Any) -> None:
+    _string(where, name, value)
+    if not value.startswith(("http://", "https://")):
+        raise PlanError(f"{where}: {name} {quoted(value)} is not an http(s) URL")
+
+
 def _repository(where: str, name: str, value: Any) -> None:
     from .reference import _PATH_COMPONENT
 
@@ -178,6 +184,15 @@ def _digest_map(where: str, name: str, value: Any) -> None:
         _string(where, f"{name} {quoted(key)}", item)
 
 
+def _array_of(check: Checker) -> Checker:
+    def check_all(where: str, name: str, value: Any) -> None:
+        if not isinstance(value, list):
+            raise _wrong(where, name, value, "an array")
+        for number, item in enumerate(value):
+            check(where, f"{name}[{number}]", item)
+    return check_all
+
+
 def _object(fields: Mapping[str, Checker], required: tuple[str, ...] = ()) -> Checker:
     def check(where: str, name: str, value: Any) -> None:
         if not isinstance(value, dict):
@@ -199,7 +214,9 @@ def _check_fields(where: str, record: Mapping[str, Any], fields: Mapping[str, Ch
 
 _DESCRIPTOR: dict[str, Checker] = {"mediaType": _string, "digest": _digest, "size": _count}
 _INDEX_FIELDS = dict(_DESCRIPTOR, path=_absolute)
-_CONFIG_FIELDS = dict(_DESCRIPTOR, path=_absolute, savedConfig=_absolute)
+_CONFIG_FIELDS = dict(_DESCRIPTOR, path=_absolute, savedConfig=_absolute, servedBy=_url)
+_MIRROR_FIELDS: dict[str, Checker] = {"registry": _registry, "endpoint": _endpoint,
+                                      "repository": _repository, "insecure": _boolean}
 _PLATFORM_FIELDS: dict[str, Checker] = {"os": _string, "architecture": _string, "variant": _string}
 _SOURCE_FIELDS: dict[str, Checker] = {"type": _source_type, "path": _absolute, "members": _digest_map}
 _MOUNT_FIELDS: dict[str, Checker] = {"target": _absolute, "upper": _absolute, "work": _absolute,
@@ -214,12 +231,14 @@ IMAGE_FIELDS: dict[str, Checker] = {
     "workdir": _absolute, "layerCount": _count, "insecure": _boolean, "caFile": _string,
     "rootfs": _absolute, "mount": _object(_MOUNT_FIELDS),
     "source": _object(_SOURCE_FIELDS, ("type", "path")),
+    "mirrors": _array_of(_object(_MIRROR_FIELDS, ("registry", "endpoint", "repository"))),
+    "servedBy": _url,
 }
 
 LAYER_FIELDS: dict[str, Checker] = {
     "index": _count, "mediaType": _string, "digest": _digest, "size": _count, "urls": _strings,
     "annotations": _string_map, "diffID": _digest, "path": _absolute, "overlay": _absolute,
-    "link": _link, "applied": _boolean,
+    "link": _link, "applied": _boolean, "servedBy": _url,
 }
 
 
@@ -433,6 +452,17 @@ class ImageRecord(_Record):
         return self._text("rootfs")
 
     @property
+    def mirrors(self) -> tuple[Mapping[str, Any], ...]:
+        """The mirrors resolve used, in order (objects: registry, endpoint,
+        repository, insecure); () when none."""
+        return tuple(self._fields.get("mirrors") or ())
+
+    @property
+    def served_by(self) -> str | None:
+        """The endpoint that answered for the manifest (None: the cache did)."""
+        return self._text("servedBy")
+
+    @property
     def mount(self) -> Mapping[str, Any] | None:
         return self._object("mount")
 
@@ -442,11 +472,19 @@ class ImageRecord(_Record):
         """fetch: the workdir the blobs are cached in."""
         return self.with_fields(workdir=root)
 
-    def with_config_path(self, path: str) -> Self:
-        """fetch: the cache path of the config blob (the record names a config)."""
+    def with_config_path(self, path: str, served_by: str | None = None) -> Self:
+        """fetch: the cache path of the config blob (the record names a config) and,
+        when it was downloaded, the endpoint that served it ("servedBy")."""
         if self.config is None:
             raise PlanError("image record: no config to give a path")
-        return self.with_fields(config=dict(self.config, path=path))
+        config = dict(self.config, path=path)
+        if served_by is not None:
+            config["servedBy"] = served_by
+        return self.with_fields(config=config)
+
+    def with_mirrors(self, mirrors: Iterable[Mapping[str, Any]]) -> Self:
+        """resolve (or fetch --mirror): the mirrors to try, in order, before the origin."""
+        return self.with_fields(mirrors=[dict(mirror) for mirror in mirrors])
 
     def with_rootfs(self, target: str) -> Self:
         """unpack --into: the directory the layers were applied into."""
@@ -521,14 +559,22 @@ class LayerRecord(_Record):
         return bool(self._fields.get("applied"))
 
     @property
+    def served_by(self) -> str | None:
+        """The endpoint (or foreign URL) fetch downloaded the blob from (None: cached)."""
+        return self._text("servedBy")
+
+    @property
     def name(self) -> str:
         """How messages name the layer: "<index> (<digest>)"."""
         return f"{self.index} ({self.digest})"
 
     # What the stages add.
 
-    def with_path(self, path: str) -> Self:
-        """fetch: the blob's cache path."""
+    def with_path(self, path: str, served_by: str | None = None) -> Self:
+        """fetch: the blob's cache path and, when it was downloaded, the endpoint (or
+        foreign URL) that served it ("servedBy")."""
+        if served_by is not None:
+            return self.with_fields(path=path, servedBy=served_by)
         return self.with_fields(path=path)
 
     def with_overlay(self, overlay: str, link: str) -> Self:

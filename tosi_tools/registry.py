@@ -132,9 +132,27 @@ class RegistryClient:
         self.timeout = self.transport.timeout
         self.retry = retry or RetryPolicy()
         self.tokens = token_cache or TokenCache()
+        self._pool_size = pool_size
         self._host = urlsplit(self.endpoint).netloc
         self._lock = threading.Lock()  # one token fetch at a time
         self._lookup_lock = threading.Lock()
+
+    def for_mirror(self, endpoint: str, registry: str, repository: str, insecure: bool,
+                   ca_file: Optional[str] = None) -> "RegistryClient":
+        """A client for a mirror of this client's registry: the same keychain, token
+        cache, timeouts, retries and `credentials_insecure`, but the mirror's own
+        endpoint and registry (so the credentials it gets are the mirror's, never
+        this registry's) and TLS (`ca_file`, the keychain's client certificate for
+        the mirror, `insecure`). Credentials given for the registry pulled from
+        (--username, TOSI_USERNAME) are not the mirror's: `mirror_keychain`."""
+        tls = TLSConfig(ca_file, self.keychain.tls_for(registry).client_cert, insecure)
+        connect_timeout, read_timeout = self.timeout
+        return RegistryClient(endpoint, keychain=mirror_keychain(self.keychain), registry=registry,
+                              repository=repository,
+                              tls=tls, connect_timeout=connect_timeout, read_timeout=read_timeout,
+                              pool_size=self._pool_size, token_cache=self.tokens,
+                              credentials_insecure=self.credentials_insecure,
+                              endpoint_origin=f"the mirror {endpoint}", retry=self.retry)
 
     # ------------------------------------------------------------ credentials
 
@@ -530,8 +548,13 @@ class BlobStream(Protocol):
 
 
 class BlobSource(Protocol):
-    """Where a blob's bytes come from (the registry, a descriptor's URL; an OCI layout
-    or a docker-save archive: offline.LayoutBlobSource, ArchiveBlobSource)."""
+    """Where a blob's bytes come from (the registry, mirrors.MirrorChain, a descriptor's
+    URL; an OCI layout or a docker-save archive: offline.LayoutBlobSource,
+    ArchiveBlobSource). A source may also have `served_by(digest) -> str` (the
+    endpoint that sent the bytes last opened; default: its `name`) and
+    `mismatched(digest) -> bool` (those bytes failed their digest: True if the
+    source will send them from elsewhere next time, so the downloader does not count
+    the mismatch against its digest retry budget; default: False)."""
 
     name: str
 
@@ -549,6 +572,9 @@ class RegistryBlobSource:
         self.repository = repository
         self.name = f"{client.endpoint}/{repository}"
 
+    def served_by(self, digest: str) -> str:
+        return str(self.client.endpoint)
+
     def open(self, digest: str, offset: int = 0, what: Optional[str] = None,
              timeout: Any = None) -> BodyStream:
         return self.client.open_blob(self.repository, digest, offset, timeout=timeout, what=what)
@@ -562,6 +588,9 @@ class URLBlobSource:
         self.url = url
         self.name = redact(url)
 
+    def served_by(self, digest: str) -> str:
+        return self.name
+
     def open(self, digest: str, offset: int = 0, what: Optional[str] = None,
              timeout: Any = None) -> BodyStream:
         return self.client.open_blob(None, digest, offset, url=self.url, timeout=timeout, what=what)
@@ -570,6 +599,25 @@ class URLBlobSource:
 def _has_password(credentials: Optional[Credentials]) -> bool:
     """Whether `credentials` can answer HTTP Basic (an identity token alone cannot)."""
     return credentials is not None and credentials.password is not None
+
+
+def mirror_keychain(keychain: Keychain) -> Keychain:
+    """The keychain a mirror asks: the stored credentials people keep per host
+    (auth.json, the docker config), without --username, TOSI_USERNAME or a
+    library caller's fixed credentials, which are given for the registry pulled
+    from and would otherwise be answered for any host asked."""
+    from .keychain import EnvironmentSource, FixedSource, FlagSource
+
+    kept = [source for source in keychain.sources
+            if not isinstance(source, (FlagSource, EnvironmentSource, FixedSource))]
+    if len(kept) == len(keychain.sources):
+        return keychain
+    import copy
+
+    narrowed = copy.copy(keychain)  # its class and TLS settings per host, not its answers
+    narrowed.sources = kept
+    narrowed._answered = {}
+    return narrowed
 
 
 def _bind(credentials, endpoint, origin):

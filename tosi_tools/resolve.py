@@ -14,12 +14,14 @@ import json
 import logging
 import os
 from collections.abc import Iterator
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from .auth import Credentials, TokenCache
 from .cache import Workdir, atomic_write, file_lock
 from .digest import DIGEST_RETRIES, Digest, VerifyingHasher, digest_of, verify_file
-from .errors import DigestMismatch, ManifestError, NoMatchingPlatform, UsageError, counted, quoted
+from .errors import (
+    DigestMismatch, ManifestError, NoMatchingPlatform, NotFound, Unauthorized, UsageError, counted, quoted,
+)
 from .keychain import Keychain
 from .manifest import (
     ACCEPT, INDEX_TYPES, MAX_CONFIG_SIZE, MAX_MANIFEST_SIZE, SCHEMA1_TYPES, config_platform,
@@ -27,6 +29,7 @@ from .manifest import (
 )
 from .plan import ImageRecord, LayerRecord, new_image_record, new_layer_record
 from .imageplatform import Platform, host_platform
+from .mirrors import FALL_THROUGH, MirrorFlag, PullSources, pull_sources
 from .reference import Reference, SourceReference, parse_any_reference, parse_reference
 
 log = logging.getLogger("tosi.resolve")
@@ -67,6 +70,10 @@ class Resolver:
         self._probed: Optional[str] = None  # the endpoint a probe found, not yet remembered
         self._registry_host: Optional[str] = None
         self._repository: Optional[str] = None
+        self._mirror = False
+        self._digest_retries = DIGEST_RETRIES
+        self._manifest_served: Optional[str] = None
+        self._config_served: Optional[str] = None
 
     @property
     def insecure(self) -> bool:
@@ -77,9 +84,11 @@ class Resolver:
         return self.tls.ca_file
 
     def _default_client(self, endpoint):
-        from .registry import RegistryClient
+        from .registry import RegistryClient, mirror_keychain
 
-        return RegistryClient(endpoint, keychain=self.keychain, registry=self._registry_host,
+        # A mirror gets the credentials stored for its own host, not those given for the origin.
+        keychain = mirror_keychain(self.keychain) if self._mirror else self.keychain
+        return RegistryClient(endpoint, keychain=keychain, registry=self._registry_host,
                               repository=self._repository, tls=self.tls, token_cache=self.token_cache)
 
     def _detect_endpoint(self, probe=True):
@@ -137,7 +146,7 @@ class Resolver:
 
     def _send(self, method, ref, path, headers=None, stream=False):
         """One request under the transport's retry policy (RegistryClient.request)."""
-        resp = self._registry().request(method, path, repository=ref.repository, headers=headers,
+        resp = self._registry().request(method, path, repository=self._repository, headers=headers,
                                         stream=stream)
         self._remember_probed_scheme()  # the registry answered on it
         return resp
@@ -155,8 +164,9 @@ class Resolver:
     def _get_manifest(self, ref, reference, what):
         """(bytes, Content-Type, Docker-Content-Digest) of a manifest by tag or digest."""
         client = self._registry()
-        resp = self._get(ref, client.manifest_url(ref.repository, reference), what,
+        resp = self._get(ref, client.manifest_url(self._repository, reference), what,
                          headers={"Accept": ACCEPT})
+        self._manifest_served = client.endpoint
         content_type = resp.headers.get("Content-Type")
         header_digest = resp.headers.get("Docker-Content-Digest")
         return client.read_limited(resp, MAX_MANIFEST_SIZE, what), content_type, header_digest
@@ -174,7 +184,7 @@ class Resolver:
                 raise DigestMismatch(f"{what}: content hashes to {digest_of(data, digest.algorithm)}")
             return data, content_type
 
-        data, content_type = _again_if_corrupt(fetch)
+        data, content_type = _again_if_corrupt(fetch, self._digest_retries)
         manifest = parse_manifest(data, content_type or media_type, what=what)
         self._store_manifest(ref, digest, data)
         return data, manifest
@@ -193,7 +203,7 @@ class Resolver:
             remembered = self._detect_endpoint(probe=False)
             self._endpoint = (remembered or self._detect_endpoint()).rstrip("/")
             self._endpoint_guessed = remembered is not None
-        answer = quick_head(self._endpoint, manifest_url(ref.repository, ref.tag),
+        answer = quick_head(self._endpoint, manifest_url(self._repository, ref.tag),
                             {"Accept": ACCEPT}, tls=self.tls)
         status, headers = answer or (None, None)
         if answer is not None:
@@ -213,7 +223,7 @@ class Resolver:
         if answered:
             return digest
         client = self._registry()
-        resp = self._send("HEAD", ref, client.manifest_url(ref.repository, ref.tag),
+        resp = self._send("HEAD", ref, client.manifest_url(self._repository, ref.tag),
                           headers={"Accept": ACCEPT})
         resp.close()
         if resp.status_code != 200:
@@ -235,6 +245,7 @@ class Resolver:
             data = self._cached_manifest(ref, digest) if digest else None
             if data is not None:
                 log.info("%s: registry names %s, which is cached", ref, digest)
+                self._manifest_served = self._endpoint
                 _write_if_changed(tag_file, f"{digest}\n".encode())
                 return data, parse_manifest(data, what=what), digest
         def fetch():
@@ -253,7 +264,7 @@ class Resolver:
                 )
             return data, content_type, digest
 
-        data, content_type, digest = _again_if_corrupt(fetch)
+        data, content_type, digest = _again_if_corrupt(fetch, self._digest_retries)
         # Parsed before it is stored: a captive portal's page is no manifest to keep.
         manifest = parse_manifest(data, content_type, what=what)
         self._store_manifest(ref, digest, data)
@@ -293,7 +304,7 @@ class Resolver:
         client = self._registry()
 
         def fetch():
-            resp = self._get(ref, client.blob_url(ref.repository, digest), what)
+            resp = self._get(ref, client.blob_url(self._repository, digest), what)
             data = client.read_limited(resp, MAX_CONFIG_SIZE, what)
             hasher = VerifyingHasher(digest, size, what="image config")
             hasher.update(data)
@@ -301,13 +312,16 @@ class Resolver:
             return data
 
         if path is None:
-            return _again_if_corrupt(fetch)
+            data = _again_if_corrupt(fetch, self._digest_retries)
+            self._config_served = client.endpoint
+            return data
         # Processes resolving the same image at once fetch its config once.
         with file_lock(Workdir.lock_of(path)):
             data = _cached_config(path, digest, size)
             if data is None:
-                data = _again_if_corrupt(fetch)
+                data = _again_if_corrupt(fetch, self._digest_retries)
                 atomic_write(path, data)
+                self._config_served = client.endpoint
         return data
 
     def _store_saved_config(self, digest, config_body):
@@ -324,7 +338,7 @@ class Resolver:
         for descriptor in descriptors:
             digest = descriptor["digest"]
             if digest not in sizes:
-                path = client.blob_url(ref.repository, digest)
+                path = client.blob_url(self._repository, digest)
                 resp = self._send("HEAD", ref, path)
                 resp.close()
                 if resp.status_code != 200:  # some registries refuse HEAD (404, 405) where GET works
@@ -338,17 +352,35 @@ class Resolver:
 
     def _start(self, ref, endpoint):
         """Speak to the registry of `ref` from now on (at `endpoint` if given)."""
-        if ref.registry != self._registry_host and self.client is not None:
-            self.client.close()  # its credentials and TLS were the other registry's
+        self._use(ref.registry, ref.repository, endpoint, False, mirror=False)
+
+    def _use(self, registry: str, repository: str, endpoint: Optional[str], insecure: bool,
+             mirror: bool) -> None:
+        """Ask `registry` (a mirror, or the origin) for `repository` from now on."""
+        if (registry, repository, mirror) != (self._registry_host, self._repository, self._mirror) \
+                and self.client is not None:
+            self.client.close()  # its credentials and TLS were another registry's
             self.client = None
-        self._registry_host = ref.registry
-        self._repository = ref.repository
-        self.tls = self.keychain.tls_for(ref.registry)
+        self._registry_host = registry
+        self._repository = repository
+        tls = self.keychain.tls_for(registry)
+        self.tls = tls._replace(insecure=True) if insecure and not tls.insecure else tls
         # Without a given endpoint it is found when first needed: a cached digest
         # reference needs none, a warm tag takes the remembered scheme for its HEAD.
         self._endpoint = endpoint.rstrip("/") if endpoint else None
         self._endpoint_guessed = False
         self._probed = None
+        # A mirror's wrong bytes are not asked for again: the next source is.
+        self._mirror = mirror
+        self._digest_retries = 0 if mirror else DIGEST_RETRIES
+        self._manifest_served = None
+        self._config_served = None
+
+    def _endpoint_now(self) -> str:
+        """The endpoint of the registry in use, probed if nothing said it yet."""
+        if self._endpoint is None:
+            self._endpoint = (self._detect_endpoint(probe=False) or self._detect_endpoint()).rstrip("/")
+        return self._endpoint
 
     def list_tags(self, reference: Reference | str, page_size: Optional[int] = None,
                   endpoint: Optional[str] = None) -> Iterator[str]:
@@ -365,10 +397,15 @@ class Resolver:
 
     # ------------------------------------------------------------ the stage
 
-    def resolve(self, reference: Reference | SourceReference | str,
-                endpoint: Optional[str] = None) -> tuple[ImageRecord, list[LayerRecord]]:
+    def resolve(self, reference: Reference | SourceReference | str, endpoint: Optional[str] = None,
+                sources: Optional[PullSources] = None) -> tuple[ImageRecord, list[LayerRecord]]:
         """(image record, [layer records]) for a reference (text, a Reference, or a
-        SourceReference: an image in an OCI layout or a docker-save archive)."""
+        SourceReference: an image in an OCI layout or a docker-save archive).
+
+        `sources` (mirrors.pull_sources) names the mirrors to ask first, in order,
+        and the origin (the reference as registries.conf rewrites it); `endpoint`
+        is the origin's. A mirror that fails (mirrors.FALL_THROUGH, or a manifest
+        or config that is not what it should be) is passed over for the next."""
         ref = parse_any_reference(reference) if isinstance(reference, str) else reference
         if isinstance(ref, SourceReference):
             if self.workdir is None:
@@ -376,7 +413,43 @@ class Resolver:
             return self._resolve_source(ref)
         if self.workdir is not None:
             self.workdir.ensure()  # private and ours, before anything in it is read or written
-        self._start(ref, endpoint)
+        if sources is None:
+            sources = PullSources(ref, ref, False, ())
+        origin = sources.origin  # what the cache and the plan name: the registry pulled from
+        failures = []
+        found = None
+        served: tuple = (None, None)
+        mirrors = []
+        for spec in sources.mirrors:
+            self._use(spec.registry, spec.repository, spec.endpoint, spec.insecure, mirror=True)
+            try:
+                if found is None:
+                    found = self._resolve_from(origin)
+            except (*FALL_THROUGH, DigestMismatch, ManifestError) as exc:
+                failures.append((self._endpoint or spec.registry, exc))
+                log.warning("%s: mirror %s failed (%s); trying the next source", ref,
+                            self._endpoint or spec.registry, exc)
+            else:
+                served = (self._manifest_served, self._config_served)
+            mirrors.append(spec._replace(endpoint=self._endpoint_now(), insecure=self.insecure))
+        self._use(origin.registry, origin.repository, endpoint, sources.insecure, mirror=False)
+        if found is None:
+            try:
+                found = self._resolve_from(origin)
+            except FALL_THROUGH as exc:
+                if failures:
+                    from .transport import rewrap
+
+                    said = "; ".join(f"mirror {where}: {error}" for where, error in failures)
+                    raise rewrap(exc, f"{exc} (after {said})") from None
+                raise
+            served = (self._manifest_served, self._config_served)
+        return self._records(ref, origin, found, mirrors, served)
+
+    def _resolve_from(self, ref: Reference) -> tuple:
+        """What the registry in use (see _use) says `ref` (the origin's name, for the
+        cache) is: (manifest, digest, manifest bytes, index record, platform, saved
+        config path, diffIDs)."""
         wanted = self.platform or host_platform()
 
         top_data, top, top_digest = self._top_manifest(ref)
@@ -403,13 +476,18 @@ class Resolver:
         else:
             config_bytes = self._config(ref, manifest.config)
         platform, saved, ids = self._config_facts(ref, manifest, platform, config_bytes, wanted)
+        return manifest, digest, manifest_data, index_record, platform, saved, ids
 
-        if self._endpoint is None:
-            self._endpoint = (self._detect_endpoint(probe=False) or self._detect_endpoint()).rstrip("/")
-        image = ImageRecord(new_image_record(
-            reference=ref.normalized(),
+    def _records(self, named: Reference, ref: Reference, found: tuple, mirrors: list,
+                 served: tuple) -> tuple[ImageRecord, list[LayerRecord]]:
+        """The plan of what _resolve_from found: `named` is the reference as named,
+        `ref` the origin's (the registry in use), `mirrors` the MirrorSpecs asked first."""
+        manifest, digest, manifest_data, index_record, platform, saved, ids = found
+        manifest_served, config_served = served
+        record = new_image_record(
+            reference=named.normalized(),
             registry=ref.registry,
-            endpoint=self._endpoint,
+            endpoint=self._endpoint_now(),
             repository=ref.repository,
             tag=ref.tag,
             digest=digest,
@@ -429,7 +507,14 @@ class Resolver:
             layerCount=len(manifest.layers),
             insecure=bool(self.insecure),
             caFile=self.ca_file,
-        ))
+        )
+        if mirrors:  # a plan without mirrors stays as it was: its origin served everything
+            record["mirrors"] = [spec.to_record() for spec in mirrors]
+            if manifest_served:
+                record["servedBy"] = manifest_served
+            if config_served:
+                record["config"]["servedBy"] = config_served
+        image = ImageRecord(record)
         layers = [
             LayerRecord(new_layer_record(i, descriptor, diffID=ids[i] if ids else None))
             for i, descriptor in enumerate(manifest.layers)
@@ -548,14 +633,17 @@ def _cached_config(path, digest, size):
         return None
 
 
-def _again_if_corrupt(fetch):
+def _again_if_corrupt(fetch, retries=DIGEST_RETRIES):
     """fetch(), again after a DigestMismatch (bytes corrupted on their way), at most
-    DIGEST_RETRIES more times; the last mismatch says how many downloads there were."""
-    for attempt in range(DIGEST_RETRIES + 1):
+    `retries` more times (a mirror gets none: the next source is asked instead);
+    the last mismatch says how many downloads there were."""
+    for attempt in range(retries + 1):
         try:
             return fetch()
         except DigestMismatch as exc:
-            if attempt == DIGEST_RETRIES:
+            if attempt == retries:
+                if retries == 0:
+                    raise
                 raise DigestMismatch(f"{exc} (giving up after {attempt + 1} downloads)") from None
             log.info("%s; downloading it again", exc)
 
@@ -584,14 +672,46 @@ def resolve_image(reference_text: Reference | SourceReference | str, workdir: Wo
                   insecure: bool = False, ca_file: Optional[str] = None,
                   client_factory: Optional[Callable[[str], Any]] = None, endpoint: Optional[str] = None,
                   token_cache: Optional[TokenCache] = None,
-                  keychain: Optional[Keychain] = None) -> tuple[ImageRecord, list[LayerRecord]]:
+                  keychain: Optional[Keychain] = None, registries: Any = None,
+                  mirrors: Sequence[MirrorFlag] = ()) -> tuple[ImageRecord, list[LayerRecord]]:
     """Resolve one reference: (image record, [layer records]); see Resolver for the
-    client and where credentials and TLS come from."""
+    client and where credentials and TLS come from.
+
+    `registries` (a registries.RegistryConfig; None: no configuration) gives short
+    names (text only: a Reference is taken as it is), blocked prefixes, location
+    rewrites and mirrors; `mirrors` (mirrors.mirror_flag values, --mirror) replace
+    the configured mirrors. A short name with several candidates (permissive
+    unqualified-search-registries) is tried at each in order until one has it.
+    An image in an OCI layout or a docker-save archive has neither."""
     resolver = Resolver(workdir, platform=platform, credentials=credentials, insecure=insecure,
                         ca_file=ca_file, client_factory=client_factory, token_cache=token_cache,
                         keychain=keychain)
     try:
-        return resolver.resolve(reference_text, endpoint=endpoint)
+        if isinstance(reference_text, str):
+            parsed = parse_any_reference(reference_text)
+            if isinstance(parsed, SourceReference):
+                reference_text = parsed
+        if isinstance(reference_text, SourceReference) or (registries is None and not mirrors):
+            return resolver.resolve(reference_text, endpoint=endpoint)
+        if isinstance(reference_text, Reference):
+            candidates = [reference_text]
+        elif registries is not None:
+            candidates = registries.resolve_short_name(reference_text)
+        else:
+            candidates = [parse_reference(reference_text)]
+        failures = []
+        for candidate in candidates:
+            sources = pull_sources(candidate, registries, mirrors)
+            try:
+                return resolver.resolve(candidate, endpoint=endpoint, sources=sources)
+            except (NotFound, Unauthorized) as exc:
+                if len(candidates) == 1:
+                    raise
+                log.info("%s: %s", candidate, exc)
+                failures.append((candidate, exc))
+        last = failures[-1][1]
+        raise type(last)(f"{quoted(str(reference_text))}: no search registry has it ("
+                         + "; ".join(f"{candidate}: {exc}" for candidate, exc in failures) + ")")
     finally:
         if resolver.client is not None:
             resolver.client.close()

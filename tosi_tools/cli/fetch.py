@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--insecure", action="store_true",
                         help="let credentials go over plain http (or unverified TLS) to a registry "
                         "that is not on loopback; the plan's \"insecure\" alone does not")
+    parser.add_argument("--mirror", action="append", default=[], metavar="URL",
+                        help="try this registry mirror or pull-through cache, [http(s)://]HOST[:PORT]"
+                        "[/NAMESPACE], before the plan's registry; repeat for more, tried in order; "
+                        "replaces the plan's \"mirrors\"")
     return parser
 
 
@@ -84,6 +88,9 @@ def body(argv: Sequence[str] | None) -> int:
     from .progress import ProgressBars
 
     check_authfile(args.authfile)
+    from ..mirrors import mirror_flag
+
+    flag_mirrors = [mirror_flag(value) for value in args.mirror]
     password = password_from_stdin(args)  # before the plan, which follows it on stdin
     # Fetch opens no cache path of the plan: their shape is checked, not their workdir.
     reader = PlanReader(sys.stdin, workdir=lambda image: plan_workdir(args.workdir, image), uses=())
@@ -91,6 +98,11 @@ def body(argv: Sequence[str] | None) -> int:
     layers = reader.layers()
     workdir = reader.workdir
     assert workdir is not None  # PlanReader was given a workdir callable
+    if flag_mirrors:
+        from ..mirrors import flag_specs
+
+        image = image.with_mirrors(spec.to_record() for spec in flag_specs(
+            flag_mirrors, image.repository or "", args.insecure, workdir))
     keychain = from_flags(args.username, args.password, password, insecure=args.insecure,
                           authfile=args.authfile)
     show = args.progress == "always" or (args.progress == "auto" and sys.stderr.isatty())

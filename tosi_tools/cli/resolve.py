@@ -72,10 +72,26 @@ def _parser():
                         help="with --list-tags: ask for N tags a page (the registry's n=; "
                         "default: the registry's own page)")
     add_registry_flags(parser)
+    add_mirror_flag(parser)
     parser.add_argument("image", metavar="IMAGE",
                         help="image reference, oci:DIR[:TAG|@DIGEST] or docker-archive:FILE[:NAME:TAG] "
                         "(a repository with --list-tags)")
     return parser
+
+
+def add_mirror_flag(parser: argparse.ArgumentParser) -> None:
+    """--mirror URL, repeatable (tosi-resolve, tosi-fetch)."""
+    parser.add_argument("--mirror", action="append", default=[], metavar="URL",
+                        help="try this registry mirror or pull-through cache, [http(s)://]HOST[:PORT]"
+                        "[/NAMESPACE], before the image's registry; repeat for more, tried in order; "
+                        "replaces the mirrors registries.conf and daemon.json name")
+
+
+def mirror_flags(values: Sequence[str], flag: str = "--mirror") -> list:
+    """The parsed --mirror values (UsageError, exit 2, for a bad one)."""
+    from ..mirrors import mirror_flag
+
+    return [mirror_flag(value, flag) for value in values]
 
 
 def _body(argv):
@@ -102,10 +118,14 @@ def _body(argv):
                 resolver.client.close()
         sys.stdout.flush()
         return 0
-    ref = parse_any_reference(args.image)
+    from ..registries import RegistryConfig
+
+    mirrors = mirror_flags(args.mirror)
+    parse_any_reference(args.image)  # a malformed reference is refused before any file is read
     platform = parse_platform(args.platform) if args.platform else None
-    image, layers = resolve_image(ref, None if args.no_cache else args.workdir, platform=platform,
-                                  keychain=keychain_from_args(args))
+    registries = RegistryConfig.load()
+    image, layers = resolve_image(args.image, None if args.no_cache else args.workdir, platform=platform,
+                                  keychain=keychain_from_args(args), registries=registries, mirrors=mirrors)
     PlanWriter(sys.stdout).write_plan(image, layers)
     return 0
 

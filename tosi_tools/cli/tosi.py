@@ -76,6 +76,9 @@ FLAGS = [
          "compatibility; logs go to stderr only)", metavar="DIR"),
     Flag("logtostderr", BOOL, "log to standard error instead of files (logs always go to "
          "stderr here; this also shows informational messages)", False),
+    Flag("mirror", LIST, "A registry mirror or pull-through cache, [http(s)://]HOST[:PORT][/NAMESPACE], "
+         "to try before the image's registry; repeatable, tried in order. Replaces the mirrors "
+         "registries.conf and daemon.json name for the image.", (), metavar="URL"),
     Flag("min-free", STRING, "Stop a download or an extraction while its filesystem still has "
          "SIZE free, e.g. 64M, 2G or 1%; 0 turns the guard off (default: $TOSI_MIN_FREE, else 1% "
          "of the filesystem, at least 8M and at most 1G, and 1% of its inodes).", metavar="SIZE"),
@@ -229,6 +232,10 @@ def check_flags(values: dict[str, Any]) -> None:
     check_authfile(values["authfile"], "-authfile")
     if values["ca-file"] is not None and not os.path.isfile(values["ca-file"]):
         raise UsageError(f"-ca-file {quoted(values['ca-file'])}: no such file")
+    from ..mirrors import mirror_flag
+
+    for text in values["mirror"]:
+        mirror_flag(text, "-mirror")
 
 
 def body(argv: Sequence[str] | None) -> int:
@@ -274,6 +281,7 @@ def body(argv: Sequence[str] | None) -> int:
         min_free=values["min-free"],
         authfile=values["authfile"],
         ca_file=os.path.abspath(values["ca-file"]) if values["ca-file"] else None,
+        mirrors=values["mirror"],
     )
     show = values["progress"] if values["progress"] is not None else sys.stderr.isatty()
     pipeline.pull(options, progress_for=_progress_bars if show else None)
