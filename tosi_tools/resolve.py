@@ -443,6 +443,8 @@ class Resolver:
         """Touch the image's use record (tosi-gc lists images and removes the least recently
         used first), written when what it says changed. Never synced: a use time lost in a
         power loss only makes the image look older."""
+        if self.workdir is None:
+            return  # --no-cache: nothing is written
         path = self.workdir.image_record_path(ref.registry, ref.repository, digest)
         data = json.dumps({"reference": ref.normalized(),
                            "platform": platform.to_dict() if platform else None}).encode() + b"\n"
