@@ -539,7 +539,9 @@ def _collect(workdir: Workdir, first: _Scan, kept: set[str], live: set[str], max
                 existing.append((lock, "lock"))  # stale once what it guarded is gone
             for path, what in existing:
                 usage = usage_of(path)
-                removed_usage.update(usage)
+                for key, size in usage.items():
+                    # An inode freed earlier in this run may come back as a (0-byte) lock file.
+                    removed_usage[key] = max(removed_usage.get(key, 0), size)
                 removed.append(Removal(path, what, _bytes(usage)))
                 if not dry_run:
                     _remove(path)
@@ -768,9 +770,12 @@ def _overlay_removals(workdir: Workdir, needed: set[tuple[str, str]], live: set[
         if name not in live and os.path.islink(path):
             with contextlib.suppress(OSError):
                 links.setdefault(os.readlink(path), []).append(path)
+    planned = {path for _unit, paths, _whole in plan for path in paths}  # each path once
     for unit, paths, whole in plan:
         if whole and unit is not None and unit[0] == "overlay":
-            paths.extend(path for path in links.get(unit[1], ()) if path not in paths)
+            extra = [path for path in links.get(unit[1], ()) if path not in planned]
+            paths.extend(extra)
+            planned.update(extra)
 
 
 def _key(path: str) -> tuple[int, int]:

@@ -179,7 +179,9 @@ def pull(options: PullOptions,
     image, layers = resolve.resolve_image(
         ref, workdir, platform=platform, keychain=keychain, endpoint=endpoint, token_cache=tokens)
     # Held until the pull ends: tosi-gc removes no image a running pull holds.
-    record = workdir.image_record_path(str(image.registry), str(image.repository), str(image.digest))
+    if image.registry is None:  # an OCI layout or an archive: no use record to hold
+        return _lay_out(options, workdir, keychain, tokens, image, layers, progress_for)
+    record = workdir.image_record_path(image.registry, str(image.repository), str(image.digest))
     with shared_lock(record):
         return _lay_out(options, workdir, keychain, tokens, image, layers, progress_for)
 
