@@ -1,5 +1,6 @@
 """The fetch stage as a library (what a one-process pipeline builds on), against the real registry."""
 
+import os
 import threading
 import time
 
@@ -10,7 +11,7 @@ from tests.support.plans import assert_cached, plan_records, random_layer
 from tosi_tools.blobs import Cancelled, Restarted
 from tosi_tools.cache import Workdir
 from tosi_tools.errors import DigestMismatch
-from tosi_tools.fetch import Fetcher, fetch_plan
+from tosi_tools.fetch import NICE_STEP, Fetcher, fetch_plan
 from tosi_tools.registry import RegistryClient
 
 
@@ -116,3 +117,35 @@ def test_a_watched_download_with_wrong_bytes_starts_a_new_generation_its_old_wat
         assert download.generation == 1 and download.restarts == 1
         assert download.wait_for(download.size + 1, timeout=20, generation=1) == download.size
     assert_cached(workdir, image.layers)
+
+
+def _nice_of_thread_downloading(download):
+    """The nice value of the pool thread whose download is `download` (found by its stack)."""
+    import sys
+
+    for thread in threading.enumerate():
+        frame = sys._current_frames().get(thread.ident)
+        while frame is not None:
+            if frame.f_code.co_name == "run" and frame.f_locals.get("download") is download:
+                return os.getpriority(os.PRIO_PROCESS, thread.native_id)
+            frame = frame.f_back
+    raise AssertionError(f"no thread is downloading {download.what}")
+
+
+def test_each_later_layer_downloads_at_a_lower_cpu_priority(fault_proxy, pusher, repo_name, workdir):
+    image = pusher.push_image(repo_name, "v1", [random_layer(300_000) for _ in range(3)])
+    for layer in image.layers:
+        fault_proxy.add(Rule("stall", path=layer.digest, after=100_000))  # until released below
+    image_record, *layers = plan_records(fault_proxy.url, image, workdir)
+    with fetcher_for(workdir).start(image_record, layers) as run:
+        downloads = [handle.download for handle in run.layers]
+        for download in downloads:
+            assert download.wait_for(100_000, timeout=20) >= 100_000
+        base = os.getpriority(os.PRIO_PROCESS, 0)
+        nice = [_nice_of_thread_downloading(d) for d in downloads]
+        fault_proxy.stopping.set()
+        for handle in run.layers:
+            handle.result(timeout=20)
+    assert NICE_STEP > 0
+    assert nice == [base, min(base + NICE_STEP, 19), min(base + 2 * NICE_STEP, 19)]
+    assert os.getpriority(os.PRIO_PROCESS, 0) == base  # the caller's own thread is left alone

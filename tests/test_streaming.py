@@ -23,7 +23,7 @@ from tests.support.images import file_entry, make_layer, sha256
 from tests.support.plans import plan_records
 from tosi_tools import blobstream, compression, pipeline
 from tosi_tools.blobs import BlobDownload, Cancelled
-from tosi_tools.cache import Workdir
+from tosi_tools.cache import DROP_LAG, DROP_STEP, Workdir
 from tosi_tools.errors import DigestMismatch, NotFound, UnsafeEntry
 from tosi_tools.fetch import Fetcher
 from tosi_tools.registry import RegistryClient
@@ -135,6 +135,50 @@ def test_a_reader_opened_after_the_rename_reads_the_final_file(tmp_path):
     verdict(download)
     assert blobstream.following(download) is None  # verified: read the cached file itself
     assert blobstream.FollowingReader(download).read() == data
+
+
+def resident_bytes(path):
+    """How much of the file is in the page cache (util-linux fincore)."""
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+                         check=True, capture_output=True, text=True).stdout
+    return int(out.strip())
+
+
+def on_disk(path):
+    """Whether `path` is on a filesystem whose pages can be dropped (tmpfs's cannot)."""
+    kind = subprocess.run(["stat", "-f", "-c", "%T", str(path)], check=True, capture_output=True,
+                          text=True).stdout.strip()
+    return kind not in ("tmpfs", "ramfs")
+
+
+def test_the_reader_lets_the_kernel_drop_the_pages_of_the_blob_it_has_passed(tmp_path):
+    assert on_disk(tmp_path)
+    size = 64 << 20
+    data = os.urandom(size)
+    download = local_download(tmp_path, data)
+    deliver(download, data)
+    with open(download.partial_path, "rb") as f:
+        os.fsync(f.fileno())  # clean pages: only dirty ones may not be dropped
+    assert resident_bytes(download.partial_path) == size
+    reader = blobstream.FollowingReader(download)
+    read = 0
+    while read < size:
+        read += len(reader.read(1 << 20))
+    assert resident_bytes(download.partial_path) <= DROP_LAG + DROP_STEP
+
+
+def test_a_blob_under_the_drop_lag_keeps_its_pages(tmp_path):
+    assert on_disk(tmp_path)
+    data = os.urandom(DROP_LAG)
+    download = local_download(tmp_path, data)
+    deliver(download, data)
+    with open(download.partial_path, "rb") as f:
+        os.fsync(f.fileno())
+    reader = blobstream.FollowingReader(download)
+    read = 0
+    while read < DROP_LAG:
+        read += len(reader.read(1 << 20))
+    assert resident_bytes(download.partial_path) == DROP_LAG
 
 
 def test_interrupt_stops_a_read_blocked_on_a_silent_download(tmp_path):

@@ -32,6 +32,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Optional
 
 from .blobs import BlobDownload, Cancelled, Restarted
+from .cache import DropBehind
 from .digest import CHUNK
 from .errors import CacheError, TosiError
 
@@ -61,6 +62,7 @@ class FollowingReader(io.RawIOBase):
         self._on_interrupt = on_interrupt
         self._pos = 0
         self._file: Optional[Any] = None
+        self._dropping: Optional[DropBehind] = None
         self._interrupted = threading.Event()
         self._generation: Optional[int] = None  # of the download, fixed by the first byte read
         self.ended = False  # the whole blob was read and verified
@@ -117,6 +119,8 @@ class FollowingReader(io.RawIOBase):
             count = os.preadv(self._file.fileno(), [view], self._pos)
             if count:
                 self._pos += count
+                if self._dropping is not None:
+                    self._dropping.passed(self._pos)
                 return count
             if self._download.generation != self._generation:
                 continue  # the blob started over: the next wait says so
@@ -164,6 +168,7 @@ class FollowingReader(io.RawIOBase):
         done = download.done
         try:
             self._file = open(download.final_path if done else download.partial_path, "rb", buffering=0)
+            self._dropping = DropBehind(self._file.fileno())
         except FileNotFoundError:
             if done:
                 raise CacheError(f"{download.what}: {download.final_path} vanished") from None
@@ -176,6 +181,7 @@ class FollowingReader(io.RawIOBase):
         if self._file is not None:
             self._file.close()
             self._file = None
+            self._dropping = None
 
     def close(self) -> None:
         self._close_file()

@@ -192,6 +192,42 @@ def start_writeback(fd: int, offset: int = 0, length: int = 0) -> None:
         _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)  # a failure only loses the head start
 
 
+# A blob read once while it downloads (or from the cache) is not read again soon:
+# its pages are dropped this far behind the reader, in steps of DROP_STEP.
+DROP_LAG = 16 << 20
+DROP_STEP = 8 << 20
+
+
+class DropBehind:
+    """Let the kernel drop the page cache of a file behind a sequential reader.
+
+    A blob's pages are read once: the layer extraction that follows the download
+    reads each byte right after it arrived, and then nothing reads them until the
+    next run, which may well be after the kernel evicted them anyway. Kept, they
+    make a 1 GiB pull take 2 GiB of page cache (the blob, then the tree), and every
+    page of it newly allocated; dropped, the blob's pages are used again for what
+    the pull writes next (bench/run, README "Where the time goes"). Dirty pages and
+    pages under writeback are not dropped (posix_fadvise(2) POSIX_FADV_DONTNEED
+    skips them): each call covers the previous step again, so that pages whose
+    writeback has since ended go too. Blobs under DROP_LAG are never touched.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._dropped = 0  # advice given up to here
+
+    def passed(self, offset: int) -> None:
+        """The reader is at `offset`."""
+        end = offset - DROP_LAG
+        if end - self._dropped >= DROP_STEP:
+            start = max(0, self._dropped - DROP_STEP)
+            try:
+                os.posix_fadvise(self._fd, start, end - start, os.POSIX_FADV_DONTNEED)
+            except OSError:
+                pass  # advice only: a filesystem that cannot take it keeps its pages
+            self._dropped = end
+
+
 class _FilesystemSyncs:
     """syncfs(2) calls shared between threads: a thread that asks while a syncfs of the
     same filesystem is running waits for it to end, then for the next one, which it

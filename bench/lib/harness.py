@@ -49,6 +49,8 @@ def common_flags(description):
     parser.add_argument("--ext4-size", default=None,
                         help="size of the loop-mounted ext4 (default 16g; 2g with --quick)")
     parser.add_argument("--images", default=None, help="comma-separated image keys to run (default all)")
+    parser.add_argument("--commands", default=None,
+                        help="comma-separated rows to measure (e.g. tosi-extractto-cold,tar-xzf; default all)")
     parser.add_argument("--no-install", action="store_true", help="do not apt-get install missing tools")
     parser.add_argument("--profile", metavar="DIR",
                         help="afterwards, run each tosi command once more under py-spy on the first "
@@ -94,6 +96,9 @@ def run_benchmark(name, specs, competitors, args, needed_tools):
     kinds = args.fs
     wanted = set(args.images.split(",")) if args.images else None
     specs = [s for s in specs if wanted is None or s.key in wanted or s.name in wanted]
+    if args.commands:
+        chosen = set(args.commands.split(","))
+        competitors = [c for c in competitors if chosen & set(c.rows)]
     found = tools.ensure(needed_tools, install=not (args.quick or args.no_install))
     results = {
         "benchmark": name,
@@ -170,6 +175,9 @@ def _measure_image(targets, competitors, runs, found):
                 try:
                     if round_ == 0:
                         competitor.setup(target)
+                    # Each command starts with no dirty pages of the ones before it (the
+                    # image push, the blob copies, the last tree) for the kernel to write back.
+                    os.sync()
                     measured = competitor.measure(target)
                 except CommandFailed as exc:
                     log(f"{what}: FAILED: {exc}")
