@@ -288,6 +288,19 @@ def test_a_blob_is_fsynced_before_its_rename_and_its_directory_after(fault_proxy
     assert data < rename < directory
 
 
+def test_manifests_and_configs_are_published_without_fsync_as_every_read_checks_them(fault_proxy, image, workdir,
+                                                                                    tmp_path):
+    ref = f"{fault_proxy.url.split('://', 1)[1]}/{image.repo}:{image.tag}"
+    calls = traced([sys.executable, os.path.join(BIN, "tosi-resolve"), "--workdir", workdir, ref], "", tmp_path)
+    config_hex = sha256(image.config).split(":")[1]
+    manifest_hex = image.digest.split(":")[1]
+    for published in (config_hex, manifest_hex):
+        index_of(calls, rf"^rename(at2?)?\(.*/sha256:{published}\"")
+        # (configs/v2:sha256:..., the config's "config" section saved for -saveconfig, is not
+        # checked when read: it is synced.)
+        assert not [c for c in calls if re.search(rf"^f(data)?sync\(\d+<[^>]*/(\.tmp-)?sha256:{published}", c)]
+
+
 def test_an_overlay_dir_is_synced_before_its_rename_and_its_parent_after(fault_proxy, image, workdir,
                                                                          tmp_path):
     plan = subprocess.run([sys.executable, os.path.join(BIN, "tosi-fetch"), "--workdir", workdir],

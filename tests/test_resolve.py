@@ -375,6 +375,18 @@ def test_corrupt_cached_manifest_is_fetched_again(registry, pusher, repo_name, w
         assert f.read() == image.manifest
 
 
+def test_a_torn_cached_config_is_fetched_again(registry, pusher, repo_name, workdir):
+    image = pusher.push_image(repo_name, "v1", _layers(1))
+    ref = f"{registry.host}/{repo_name}@{image.digest}"
+    first, _ = resolve_image(ref, workdir)
+    path = first["config"]["path"]
+    with open(path, "r+b") as f:  # what a power loss before writeback may leave
+        f.truncate(len(image.config) // 2)
+    resolve_image(ref, workdir)
+    with open(path, "rb") as f:
+        assert f.read() == image.config
+
+
 def test_resolver_exposes_the_client_it_used(registry, pusher, repo_name, workdir):
     pusher.push_image(repo_name, "v1", _layers(1))
     resolver = Resolver(workdir)

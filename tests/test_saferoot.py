@@ -309,3 +309,19 @@ def test_walk_tree_refuses_to_climb_into_a_directory_that_moved(tmp_path):
     finally:
         os.close(fd)
     assert caught.value.errno == errno.EBUSY
+
+
+def test_the_disk_usage_walk_counts_every_inode_of_a_deep_tree_with_few_handles(deep_tree):
+    import resource
+
+    from tosi_tools.gc import usage_of
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    try:
+        usage = usage_of(deep_tree)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    files = len(range(0, DEEP, 500))
+    assert len(usage) == 1 + DEEP + files  # the top, every directory below it, the files
+    assert usage[(os.stat(deep_tree).st_dev, os.stat(deep_tree).st_ino)] == os.stat(deep_tree).st_blocks * 512

@@ -61,15 +61,16 @@ record) must also be ours and not a symlink (`require_cached`): in a private
 workdir that always holds, so anything else is refused, not repaired.
 Failures raise errors.UnsafePath (exit 2) naming the path and the fix.
 
-Whatever is published under a final name (a blob, a config, a manifest, an
+Whatever is published under a final name that is trusted when read (a blob, an
 extracted layer) has its data on disk before the rename that publishes it, and
 the rename itself is made durable by an fsync of the directory after it: after
 a power loss the cache may lack a file, never hold a truncated one under a name
 it trusts. `atomic_write` does so for small files (its temporary name is
-`.tmp-<name>-<random>` beside the file); an extracted layer's `.diffid` and
-`.implicit` skip its fsyncs (`durable=False`) because one syncfs of the overlay
-dir's filesystem precedes the layer's rename, and `.link` because a lost short
-name is drawn again.
+`.tmp-<name>-<random>` beside the file); manifests and configs skip its fsyncs
+(`durable=False`) because they are checked against their digests whenever they
+are read (a bad one is fetched again), an extracted layer's `.diffid` and
+`.implicit` because one syncfs of the overlay dir's filesystem precedes the
+layer's rename, and `.link` because a lost short name is drawn again.
 So that this costs a cold pull little (bench/sync-cost), the disk
 is put to work while the data is still being written (start_writeback for a
 blob as it arrives, writing_ahead for a layer being extracted), and layers

@@ -31,7 +31,6 @@ directory's own handle, and sizes are the blocks of each inode counted once
 """
 
 import contextlib
-import errno
 import fcntl
 import json
 import logging
@@ -58,7 +57,6 @@ STALE_TEMP_AGE = 3600.0
 
 _DIGEST_NAME = re.compile(r"^(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})$")
 _HEX = re.compile(r"^([0-9a-f]{64}|[0-9a-f]{128})$")
-_KEEP_OPEN = 64
 
 
 class CachedImage(NamedTuple):
@@ -108,8 +106,8 @@ def _add(usage: Usage, st: os.stat_result) -> None:
 
 def usage_of(path: str, usage: Usage | None = None) -> Usage:
     """The inodes under `path` (itself if not a directory; nothing if missing) and
-    their bytes on disk. Never follows a symlink; at most _KEEP_OPEN directory
-    handles whatever the depth (deeper ones are reopened through "..")."""
+    their bytes on disk. Never follows a symlink; holds as few directory handles
+    as saferoot.walk_tree whatever the depth."""
     usage = {} if usage is None else usage
     try:
         st = os.lstat(path)
@@ -122,46 +120,37 @@ def usage_of(path: str, usage: Usage | None = None) -> Usage:
         top = os.open(path, saferoot.DIR_FLAGS)
     except FileNotFoundError:
         return usage
-    # [fd or None, subdirectory names left, (st_dev, st_ino)]
-    stack: list[list] = [[top, _scan_dir(top, usage), _identity(top)]]
     try:
-        while stack:
-            here = stack[-1]
-            if here[1]:
-                name = here[1].pop()
-                try:
-                    fd = os.open(name, saferoot.DIR_FLAGS, dir_fd=here[0])
-                except (FileNotFoundError, NotADirectoryError):
-                    continue
-                stack.append([fd, _scan_dir(fd, usage), _identity(fd)])
-                if len(stack) > _KEEP_OPEN:
-                    far = stack[-_KEEP_OPEN - 1]
-                    if far[0] is not None:
-                        os.close(far[0])
-                        far[0] = None
-                continue
-            stack.pop()
-            if stack and stack[-1][0] is None:
-                parent = os.open("..", saferoot.DIR_FLAGS, dir_fd=here[0])
-                if _identity(parent) != stack[-1][2]:
-                    os.close(parent)
-                    raise OSError(errno.EBUSY, "directory moved while being measured", path)
-                stack[-1][0] = parent
-            os.close(here[0])
+        # The tree is found as it is walked: each directory's subdirectories become its
+        # children when it is entered, and are forgotten once it is left.
+        root = saferoot.Node(None)
+        root.children = _scan_dir(top, usage)
+        saferoot.walk_tree(top, root, lambda parent_fd, node: _enter(parent_fd, node, usage), _forget_children)
     finally:
-        for entry in stack:
-            if entry[0] is not None:
-                os.close(entry[0])
+        os.close(top)
     return usage
 
 
-def _identity(fd: int) -> tuple[int, int]:
-    st = os.fstat(fd)
-    return st.st_dev, st.st_ino
+def _enter(parent_fd: int, node: saferoot.Node, usage: Usage) -> int | None:
+    assert node.name is not None  # only the root has none, and it is not entered
+    try:
+        fd = os.open(node.name, saferoot.DIR_FLAGS, dir_fd=parent_fd)
+    except (FileNotFoundError, NotADirectoryError):
+        return None  # gone, or replaced, since its parent was read
+    try:
+        node.children = _scan_dir(fd, usage)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
-def _scan_dir(fd: int, usage: Usage) -> list[str]:
-    """Add the entries of directory `fd` to `usage`; the names of its subdirectories."""
+def _forget_children(fd: int, node: saferoot.Node) -> None:
+    node.children = []
+
+
+def _scan_dir(fd: int, usage: Usage) -> list[saferoot.Node]:
+    """Add the entries of directory `fd` to `usage`; Nodes for its subdirectories."""
     subdirs = []
     with os.scandir(fd) as entries:
         for entry in entries:
@@ -171,7 +160,7 @@ def _scan_dir(fd: int, usage: Usage) -> list[str]:
                 continue
             _add(usage, st)
             if stat.S_ISDIR(st.st_mode):
-                subdirs.append(entry.name)
+                subdirs.append(saferoot.Node(entry.name))
     return subdirs
 
 
