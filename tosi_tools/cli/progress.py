@@ -65,7 +65,7 @@ class ProgressBars:
         self._present: dict[Any, int] = {}  # download -> bytes an earlier run left (off the total)
         self._rows: dict[Any, tuple[int, Any]] = {}  # download -> (row, its bar)
         self._free_rows: list[int] = []
-        self._extract: Any = None  # the extract bar, made by the first layer event
+        self._extract: Any = None  # the extract bar, made by the first layer event but a start
         self._layer_stats: dict[int, tuple[int, int]] = {}  # layer index -> (entries, bytes)
         self._layers_done: set[int] = set()
         self._reused = 0
@@ -146,7 +146,9 @@ class ProgressBars:
         with self._lock:
             if self._closed or not self._extraction:
                 return
-            if self._extract is None:
+            # Made by the first event after a "start", which comes once the layer's first bytes
+            # arrived: under the download bar, which its download's start made before them.
+            if self._extract is None and event != "start":
                 self._extract = self._bar(
                     total=self._layer_count, desc="extract",
                     bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} layers "
@@ -157,6 +159,8 @@ class ProgressBars:
                     self._layers_done.discard(index)
                     self._extract.update(-1)
                 self._set_layer(index, 0, 0)
+                if self._extract is None:
+                    return
             elif event == "advance" and stats is not None:
                 self._set_layer(index, stats.entries, stats.bytes)
                 now = time.monotonic()
