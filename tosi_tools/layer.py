@@ -1,9 +1,13 @@
 """Apply one layer (an OCI changeset tar) to a root directory.
 
-Two modes, each a Layout (chosen once per layer by layout_for):
+Three modes, each a Layout (chosen once per layer by layout_for):
   flat     (FlatLayout) the layer is applied on top of what the root holds (bottom layer
            first): whiteouts delete, opaque markers empty directories of what
            lower layers put there.
+  staged   (StagedLayout) the layer is applied alone into an empty directory, to be
+           moved into a flat root later (the staging module): its deletions of
+           lower entries are recorded, not done, and what a move could not make
+           exactly as flat would is noted (LayerStats.unmergeable).
   overlay  (OverlayLayout) the root is an empty directory that becomes one overlayfs lowerdir:
            a whiteout becomes a 0/0 character device and an opaque marker the
            trusted.overlay.opaque=y xattr (root's form) or user.overlay.opaque=y (the
@@ -46,7 +50,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-from . import filewriter, overlayfs, saferoot, space, tarstream
+from . import filewriter, overlayfs, saferoot, space, staging, tarstream
 from .cache import start_writeback
 from .compression import open_layer
 from .digest import Digest
@@ -54,7 +58,7 @@ from .errors import DigestMismatch, UnpackError, UnsafeEntry, for_command, quote
 
 log = logging.getLogger("tosi.layer")
 
-FLAT, OVERLAY = "flat", "overlay"
+FLAT, OVERLAY, STAGED = "flat", "overlay", "staged"
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
 # Docker's AUFS driver kept its own files under these names; any other ".wh..wh." is refused.
@@ -119,9 +123,9 @@ class LayerStats:
     # The digest of the decompressed stream: the layer's real diffID (sha256 unless
     # the one to check is sha512).
     diff_id: str | None = None
-    # Overlay mode: directories of the layer that no entry names (its root without a
-    # ./ entry, parents of entries, an opaque marker's directory), as canonical
-    # tuples: the mount shows the lower layers' attributes for them.
+    # Overlay and staged modes: directories of the layer that no entry names (its root
+    # without a ./ entry, parents of entries, an opaque marker's directory), as canonical
+    # tuples: the mount shows (the move keeps) the lower layers' attributes for them.
     implicit_dirs: list | None = None
     # Overlay mode: directories holding whiteout devices, as canonical tuples: the mount
     # merges those no lower layer has, since overlayfs lists a lone directory's devices.
@@ -134,6 +138,11 @@ class LayerStats:
     # root, left for the caller to apply (None: the layer has no such entry).
     root_mode: int | None = None
     root_mtime_ns: int | None = None
+    # Staged mode: what the layer deletes of lower layers, in tar order, as
+    # (staging.DELETE or staging.EMPTY, literal parts); and why a move into the flat
+    # root would not give what applying it there gives (None: it would).
+    deletions: list | None = None
+    unmergeable: str | None = None
 
 
 @dataclass
@@ -233,6 +242,10 @@ class Layout:
     def implicit_dirs(self, named_dirs: set) -> list | None:
         """LayerStats.implicit_dirs, once the layer is applied."""
         return None
+
+    def missing_link_target(self, applier: _Applier, name: str, member: tarstream.Entry) -> None:
+        """A hardlink whose target is not there: an error, unless the layout can say why (then the entry is skipped)."""
+        raise applier.fail(name, f"hardlink target {quoted(member.linkname)} is not in {self.hardlink_scope}")
 
     def whiteout_dirs(self) -> list | None:
         """LayerStats.whiteout_dirs, once the layer is applied."""
@@ -355,6 +368,68 @@ class FlatLayout(Layout):
             if st is not None and stat.S_ISDIR(st.st_mode):
                 visit.append(parts)
         return visit
+
+
+class StagedLayout(FlatLayout):
+    """The layer applied alone into an empty directory beside a flat root, to be moved
+    into it once the layers below are there (staging.merge): its entries are made as
+    FlatLayout makes them; its deletions, which are of lower entries, are recorded
+    for the move to do first (LayerStats.deletions).
+
+    What a move could not make exactly as applying the layer in the root would is
+    noted (LayerStats.unmergeable, the first reason), and the layer is then applied
+    in the root instead: a hardlink to a file no entry of the layer made (a lower
+    layer's: the entry is skipped here), an SELinux label a directory entry carries
+    (the move cannot tell it from the label the directory got here). The directories
+    the layer makes without naming them are LayerStats.implicit_dirs, as in overlay
+    mode: the move leaves the root's attributes on them.
+    """
+
+    name = STAGED
+    hardlink_scope = "the layer"
+
+    def __init__(self) -> None:
+        super().__init__(has_lower=False)
+        self.deletions: list = []
+        self.unmergeable: str | None = None
+        self.parents: set = set()
+        self.note_parent = self.parents.add
+
+    def note(self, reason: str) -> None:
+        if self.unmergeable is None:
+            self.unmergeable = reason
+
+    def delete(self, applier: _Applier, name: str, target: tuple) -> None:
+        super().delete(applier, name, target)  # what it does to the layer's own entries
+        self.deletions.append((staging.DELETE, target))
+
+    def delete_device(self, applier: _Applier, name: str, parts: tuple) -> None:
+        super().delete_device(applier, name, parts)
+        self.deletions.append((staging.DELETE, parts))
+
+    def opaque(self, applier: _Applier, name: str, directory: tuple) -> None:
+        super().opaque(applier, name, directory)
+        self.parents.add(directory)  # made here if no entry made it: it must be named too
+        self.deletions.append((staging.EMPTY, directory))
+
+    def replaced_dir(self, applier: _Applier, fd: int, name: str, path: tuple) -> None:
+        # The non-directory the layer had put here first took the place of whatever a
+        # lower layer had, a directory with all it held included.
+        self.deletions.append((staging.DELETE, path))
+
+    def missing_link_target(self, applier: _Applier, name: str, member: tarstream.Entry) -> None:
+        self.note(f"entry {quoted(name)} links to a file of a lower layer")
+
+    def kept_xattrs(self, stats: LayerStats, name: str, member: tarstream.Entry) -> list:
+        xattrs = super().kept_xattrs(stats, name, member)
+        if member.isdir() and any(key.startswith(staging.LOCAL_XATTR_PREFIXES) for key, _ in xattrs):
+            self.note(f"directory {quoted(name)} carries an SELinux label")
+        return xattrs
+
+    def implicit_dirs(self, named_dirs: set) -> list:
+        """The directories the layer made without naming them: every directory an entry
+        went into is a parent noted, a named one's parent included, so those are all."""
+        return sorted(parent for parent in self.parents if parent and parent not in named_dirs)
 
 
 class OverlayLayout(Layout):
@@ -487,14 +562,16 @@ class OverlayLayout(Layout):
 
 
 def layout_for(mode: str, root: saferoot.SafeRoot, form: str | None = None) -> Layout:
-    """The Layout for `mode` (FLAT or OVERLAY), for a layer about to be applied to `root`;
+    """The Layout for `mode` (FLAT, OVERLAY or STAGED), for a layer about to be applied to `root`;
     `form` is an OVERLAY layer dir's (overlayfs.TRUSTED_FORM or USER_FORM; None: the one
     this process makes, overlayfs.local_form())."""
     if mode == FLAT:
         return FlatLayout(has_lower=bool(os.listdir(root.fd)))
+    if mode == STAGED:
+        return StagedLayout()
     if mode == OVERLAY:
         return OverlayLayout(form or overlayfs.local_form())
-    raise ValueError(f"mode must be {FLAT!r} or {OVERLAY!r}, not {mode!r}")
+    raise ValueError(f"mode must be {FLAT!r}, {OVERLAY!r} or {STAGED!r}, not {mode!r}")
 
 
 class FileQueue:
@@ -714,6 +791,8 @@ class _Applier:
         if member.type == tarstream.LNK:
             # Resolved before placing the new name, whose lookup may evict the target's handle.
             source = self.link_source(name, member)
+            if source is None:
+                return  # the layout noted why it is skipped
             try:
                 dir_fd, base, canonical = self.place(parts, name)
                 if self.note_made is not None:
@@ -876,23 +955,23 @@ class _Applier:
         saferoot.utime_at(dir_fd, base, _ns(member.mtime))
 
     def link_source(self, name, member):
-        """(dir fd owned by the caller, basename, lstat) of a hardlink's target inside the root."""
+        """(dir fd owned by the caller, basename, lstat) of a hardlink's target inside the root;
+        None when it is missing and the layout says the entry is skipped."""
         try:
             target = saferoot.clean_name(member.linkname)
         except UnsafeEntry as exc:
             raise self.fail(name, f"hardlink target {exc}", UnsafeEntry) from None
         if not target:
             raise self.fail(name, "hardlink to the root directory")
-        where = self.layout.hardlink_scope
         try:
             src_fd, src_base, _ = self.root.parent(target, create=False)
         except (FileNotFoundError, NotADirectoryError):
-            raise self.fail(name, f"hardlink target {quoted(member.linkname)} is not in {where}") from None
+            src_fd = None
         except UnsafeEntry as exc:
             raise self.fail(name, str(exc), UnsafeEntry) from None
-        st = saferoot.lstat_at(src_fd, src_base)
+        st = saferoot.lstat_at(src_fd, src_base) if src_fd is not None else None
         if st is None:
-            raise self.fail(name, f"hardlink target {quoted(member.linkname)} is not in {where}")
+            return self.layout.missing_link_target(self, name, member)
         if stat.S_ISDIR(st.st_mode):
             raise self.fail(name, f"hardlink target {quoted(member.linkname)} is a directory")
         return os.dup(src_fd), src_base, st
@@ -947,6 +1026,19 @@ class _Applier:
         # Never through a symlink: one may have replaced a directory since (then
         # what was below it is not this layer's to fix either).
         saferoot.walk_tree(self.root.fd, tree, saferoot.open_dir_at_node, apply)
+
+
+def _still_dirs(root: saferoot.SafeRoot, paths: list | None) -> list | None:
+    """The canonical `paths` that are real directories of `root` (never through a symlink)."""
+    if paths is None:
+        return None
+    kept = []
+    for parts in paths:
+        fd = root.open_canonical_dir(parts)
+        if fd is not None:
+            os.close(fd)
+            kept.append(parts)
+    return kept
 
 
 def _split_parts(parts):
@@ -1015,7 +1107,7 @@ def apply_layer(root: saferoot.SafeRoot | str | os.PathLike, stream: BinaryIO, m
     MAX_TRAILING_BYTES after the tar's end marker included), and DigestMismatch
     when the whole decompressed stream (what follows the end marker included)
     does not hash to `diff_id` (None: not checked), in which case the root
-    holds the layer's entries all the same. `mode` (FLAT or OVERLAY) chooses the
+    holds the layer's entries all the same. `mode` (FLAT, OVERLAY or STAGED) chooses the
     Layout (layout_for; `form` the OVERLAY layer dir's, default overlayfs.local_form()).
     overlayfs' own xattrs in the layer are dropped, with one warning.
     With `hold_root`, a "./" entry's mode and mtime are not applied to the root but
@@ -1024,8 +1116,8 @@ def apply_layer(root: saferoot.SafeRoot | str | os.PathLike, stream: BinaryIO, m
     the LayerStats so far (entries and data bytes applied): it must be quick, and
     whatever it raises stops the layer like any failure.
     """
-    if mode not in (FLAT, OVERLAY):
-        raise ValueError(f"mode must be {FLAT!r} or {OVERLAY!r}, not {mode!r}")
+    if mode not in (FLAT, OVERLAY, STAGED):
+        raise ValueError(f"mode must be {FLAT!r}, {OVERLAY!r} or {STAGED!r}, not {mode!r}")
     limits = limits or Limits.from_env()
     safe = root if isinstance(root, saferoot.SafeRoot) else saferoot.SafeRoot(os.fspath(root))
     own_root = safe is not root
@@ -1050,8 +1142,13 @@ def apply_layer(root: saferoot.SafeRoot | str | os.PathLike, stream: BinaryIO, m
         if diff_id is not None and applier.stats.diff_id != diff_id:
             raise diff_id_mismatch(layer_name, applier.stats.diff_id, diff_id)
         applier.finish()
-        applier.stats.implicit_dirs = applier.layout.implicit_dirs(applier.named_dirs)
-        applier.stats.whiteout_dirs = applier.layout.whiteout_dirs()
+        # Only what is still a directory: one the layer made for an entry may have been
+        # replaced by a non-directory later in its tar (and its entries with it).
+        applier.stats.implicit_dirs = _still_dirs(safe, applier.layout.implicit_dirs(applier.named_dirs))
+        applier.stats.whiteout_dirs = _still_dirs(safe, applier.layout.whiteout_dirs())
+        if isinstance(applier.layout, StagedLayout):
+            applier.stats.deletions = applier.layout.deletions
+            applier.stats.unmergeable = applier.layout.unmergeable
     except OSError as exc:
         raise os_error(layer_name, entry.name if entry is not None else None, exc) from exc
     finally:

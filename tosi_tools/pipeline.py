@@ -294,7 +294,7 @@ def _fetch_and_unpack_once(options, workdir, keychain, tokens, image, layers, pr
                 unpacked_image, unpacked = unpack.unpack_image(
                     fetched_image, layer_records(), workdir=workdir, overlaydir=options.overlaydir,
                     into=options.extract_to, open_stream=streams.open,
-                    keep_root_mode=options.keep_root_mode,
+                    keep_root_mode=options.keep_root_mode, layer_count=len(layers),
                     limits=layer.Limits.from_env(min_free=options.min_free),
                     progress=getattr(progress, "layer", None))
                 for record in unpacked:

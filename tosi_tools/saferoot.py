@@ -234,19 +234,26 @@ class SafeRoot:
             if cached is not None:
                 start, fd = i, cached
                 break
-        fd = os.dup(fd)
-        try:
-            for name in canonical[start:]:
-                child = open_dir_at(fd, name)
-                if child is None:
-                    return None
-                os.close(fd)
-                fd = child
-            fd, found = -1, fd
-            return found
-        finally:
-            if fd >= 0:
-                os.close(fd)
+        return open_dirs_at(fd, canonical[start:])[0]
+
+
+def open_dirs_at(top_fd: int, parts: Sequence[str]) -> tuple[int | None, int]:
+    """(a new fd, len(parts)) of the directory `parts` below `top_fd` when every component
+    is a real directory (a symlink is never followed); else (None, the index of the
+    first component that is missing or not one)."""
+    fd = os.dup(top_fd)
+    try:
+        for i, name in enumerate(parts):
+            child = open_dir_at(fd, name)
+            if child is None:
+                return None, i
+            os.close(fd)
+            fd = child
+        fd, found = -1, fd
+        return found, len(parts)
+    finally:
+        if fd >= 0:
+            os.close(fd)
 
 
 def open_dir_at(dir_fd: int, name: str) -> int | None:

@@ -61,6 +61,8 @@ from .plan import ImageRecord, LayerRecord, check_cache_paths
 log = logging.getLogger("tosi.unpack")
 
 _BASE36 = "0123456789abcdefghijklmnopqrstuvwxyz"
+# A flat extraction stages a layer above the first whose blob has at least this many bytes (_Stager).
+STAGE_MIN_BYTES = 32 << 20
 
 
 def _workdir(workdir):
@@ -220,7 +222,7 @@ def _finish_root(root, target, mode, setuid_files, devices, keep_root_mode):
 
 
 def apply_layers_into(target, layer_records, workdir=None, open_stream=None, limits=None,
-                      keep_root_mode=False, progress=None):
+                      keep_root_mode=False, progress=None, layer_count=None, parallel=None):
     """Apply layers bottom first into `target`; yields each LayerRecord with "applied": true.
 
     `open_stream(record)` may give the blob stream of a layer (default: the
@@ -230,6 +232,13 @@ def apply_layers_into(target, layer_records, workdir=None, open_stream=None, lim
     `target` is 0700 while the layers go in; at the end it gets the image's root mode,
     unless other users can reach it and it received setuid/setgid files or devices
     (see _finish_root) and `keep_root_mode` is false. `progress`: see the module's doc.
+
+    `layer_count`: how many records `layer_records` gives, each without waiting (a
+    fetch's early records, fetch.fetch_plan). With it, as root, layers above the
+    first whose blobs are at least TOSI_STAGE_MIN_BYTES (STAGE_MIN_BYTES) are
+    applied beside the target (`parallel` at once with the target's own, default
+    one per CPU) and moved in when their turn comes (_Stager); the records are all
+    read before the first layer is applied.
     """
     from . import layer as layer_mod
 
@@ -240,22 +249,30 @@ def apply_layers_into(target, layer_records, workdir=None, open_stream=None, lim
     target = os.path.abspath(target)
     root, root_mode = _open_into_target(target, layer_mod.current_umask())
     applied = setuid_files = devices = 0
-    records = iter(layer_records)
-    with root:
+    with root, contextlib.ExitStack() as stack:
+        stager = None
+        if layer_count:
+            stager = _Stager.start(workdir, root, limits, open_stream, progress, parallel)
+            if stager is not None:
+                stack.callback(stager.close)
+        records = _Lookahead(iter(layer_records), layer_count if stager else 0,
+                             stager.submit if stager else None)
         while True:
             record = None
             try:
                 try:
-                    record = _layer_record(next(records))
+                    record, staged = records.next()
                 except StopIteration:
                     _finish_root(root, target, root_mode, setuid_files, devices, keep_root_mode)
                     return
                 started = time.monotonic()
-                with _open_blob(workdir, record, None, open_stream) as blob:
-                    stats = layer_mod.apply_layer(root, blob, record.media_type, layer_mod.FLAT,
-                                                  record.name, limits, record.diff_id,
-                                                  hold_root=True,
-                                                  progress=_layer_progress(progress, record))
+                stats = stager.merged(record, staged) if staged is not None else None
+                if stats is None:
+                    with _open_blob(workdir, record, None, open_stream) as blob:
+                        stats = layer_mod.apply_layer(root, blob, record.media_type, layer_mod.FLAT,
+                                                      record.name, limits, record.diff_id,
+                                                      hold_root=True,
+                                                      progress=_layer_progress(progress, record))
                 if stats.root_mode is not None:
                     root_mode = stats.root_mode
                     os.utime(root.fd, ns=(stats.root_mtime_ns, stats.root_mtime_ns))
@@ -282,6 +299,210 @@ def apply_layers_into(target, layer_records, workdir=None, open_stream=None, lim
                 raise
             applied += 1
             yield record.with_applied()
+
+
+class _Lookahead:
+    """The layer records of a flat extraction, the first `count` read at the first
+    `next()` (each handed to `submit(record)`, whose result comes back beside it)."""
+
+    def __init__(self, records, count, submit):
+        self._records = records
+        self._left = count
+        self._submit = submit
+        self._read = deque()
+
+    def next(self):
+        """(LayerRecord, what submit gave or None); StopIteration after the last."""
+        while self._left > 0:
+            self._left -= 1
+            try:
+                record = _layer_record(next(self._records))
+            except StopIteration:
+                self._left = 0
+                break
+            self._read.append((record, self._submit(record) if self._submit is not None else None))
+        if self._read:
+            return self._read.popleft()
+        return _layer_record(next(self._records)), None
+
+
+class _Staged:
+    """A layer applied beside the target: its directory, its LayerStats, and the
+    layer's lock in the overlay dir, which keeps other runs from taking the directory
+    for a dead run's temporary (remove_abandoned_temps) until it is moved in."""
+
+    def __init__(self, path, stats, lock):
+        self.path, self.stats, self.lock = path, stats, lock
+
+    def discard(self):
+        try:
+            _discard_tree(self.path)
+        finally:
+            self.lock.close()
+
+
+class _Stager:
+    """The layers of a flat extraction above the first, applied beside the target in
+    parallel (layer.STAGED, in a temporary directory of the overlay dir, which must be
+    on the target's filesystem) and moved in when the layers below are there
+    (staging.merge). Only layers whose blobs are at least STAGE_MIN_BYTES: the move
+    costs a rename per entry where the target has the directory, and layers of small
+    files gain nothing from a second Python thread. A layer the move cannot make
+    exactly (staging.Unmergeable), or whose staging failed, is applied in the target
+    as if it had not been staged; one not yet begun when its turn comes, too."""
+
+    def __init__(self, workdir, root, limits, open_stream, progress, parallel, min_bytes):
+        self.workdir, self.root, self.limits = workdir, root, limits
+        self.open_stream, self.progress, self.min_bytes = open_stream, progress, min_bytes
+        # The target's own layer is one of the `parallel` at once.
+        self.pool = concurrent.futures.ThreadPoolExecutor(max(1, parallel - 1), thread_name_prefix="stage")
+        self.jobs = []  # (LayerRecord, future), in plan order
+        self.inline = {}  # index: what staging it on the target's thread gave (_Staged or the error)
+        self.digests = set()
+
+    @classmethod
+    def start(cls, workdir, root, limits, open_stream, progress, parallel):
+        """A _Stager, or None where staging cannot work: not root (a staged directory's
+        owners could not be kept), one CPU, the overlay dir on another filesystem."""
+        from . import layer as layer_mod
+
+        parallel = parallel or _default_parallel()
+        min_bytes = _stage_min_bytes()
+        if parallel < 2 or min_bytes is None or not layer_mod.running_as_root():
+            return None
+        try:
+            workdir.ensure()
+            if os.stat(workdir.overlays).st_dev != os.fstat(root.fd).st_dev:
+                return None
+            remove_abandoned_temps(workdir)  # a killed run's staged layers among them
+        except (OSError, TosiError) as exc:
+            log.info("layers are not staged: %s", exc)
+            return None
+        return cls(workdir, root, limits, open_stream, progress, parallel, min_bytes)
+
+    def submit(self, record):
+        """Start staging `record`'s layer if it is worth it; the future, or None."""
+        if not self.digests:
+            self.digests.add(record.digest)
+            return None  # the first layer goes straight into the empty target
+        if (record.size or 0) < self.min_bytes or record.digest in self.digests:
+            self.digests.add(record.digest)
+            return None  # a repeated layer would wait for its own lock
+        self.digests.add(record.digest)
+        future = self.pool.submit(self._stage, record)
+        self.jobs.append((record, future))
+        return future
+
+    def _stage(self, record):
+        from . import layer as layer_mod
+
+        lock = contextlib.ExitStack()
+        lock.enter_context(file_lock(self.workdir.overlay_lock_path(record.digest)))
+        try:
+            tmp = self.workdir.overlay_temp_path(record.digest)
+            os.mkdir(tmp, 0o700)
+        except BaseException:
+            lock.close()
+            raise
+        staged = _Staged(tmp, None, lock)
+        try:
+            with _open_blob(self.workdir, record, None, self.open_stream) as blob:
+                staged.stats = layer_mod.apply_layer(tmp, blob, record.media_type, layer_mod.STAGED,
+                                                     record.name, self.limits, record.diff_id,
+                                                     hold_root=True,
+                                                     progress=_layer_progress(self.progress, record))
+        except BaseException:
+            staged.discard()
+            raise
+        return staged
+
+    def merged(self, record, future):
+        """The LayerStats of `record`'s layer once moved into the target; None when it is
+        to be applied there instead (nothing of it is in the target then)."""
+        from . import staging
+
+        staged = self._result(record, future)
+        if staged is None:
+            return None
+        try:
+            if staged.stats.unmergeable is not None:
+                raise staging.Unmergeable(staged.stats.unmergeable)
+            fd = os.open(staged.path, saferoot.DIR_FLAGS)
+            try:
+                staging.merge(fd, self.root.fd, staged.stats.deletions, staged.stats.implicit_dirs,
+                              staged.stats.root_mode is not None)
+            finally:
+                os.close(fd)
+        except staging.Unmergeable as exc:
+            log.info("layer %s: applying it in the target, not moving it in: %s", record.name, exc)
+            return None
+        finally:
+            self.root.forget(())  # handles the move may have made stale
+            staged.discard()
+        log.info("layer %s: applied beside the target, moved in", record.name)
+        return staged.stats
+
+    def _result(self, record, future):
+        """`record`'s _Staged, or None to apply it in the target. While another thread
+        stages it, this one stages a later layer nobody began rather than wait."""
+        while True:
+            if record.index in self.inline:
+                outcome = self.inline.pop(record.index)
+                break
+            if future.cancel():
+                return None  # not begun: the target's thread is free to apply it now
+            if not future.done() and self._help(record):
+                continue
+            try:
+                outcome = future.result()
+            except Exception as exc:
+                outcome = exc
+            break
+        if isinstance(outcome, QuarantinedBlob):
+            raise outcome  # the cached blob was bad: it is fetched again, and every layer applied again
+        if isinstance(outcome, Exception):
+            # Applied in the target, it fails the same way if the layer is at fault; bytes
+            # a download replaced are read anew.
+            log.info("layer %s: staging failed (%s); applying it in the target", record.name, outcome)
+            return None
+        return outcome
+
+    def _help(self, record):
+        """Stage on this thread the first layer after `record` nobody began; False if none."""
+        for later, future in self.jobs:
+            if later.index > record.index and later.index not in self.inline and future.cancel():
+                try:
+                    self.inline[later.index] = self._stage(later)
+                except Exception as exc:
+                    self.inline[later.index] = exc
+                return True
+        return False
+
+    def close(self):
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        outcomes = list(self.inline.values())
+        for _, future in self.jobs:
+            if future.done() and not future.cancelled() and future.exception() is None:
+                outcomes.append(future.result())
+        for staged in outcomes:
+            if isinstance(staged, _Staged) and os.path.lexists(staged.path):
+                staged.discard()
+
+
+def _stage_min_bytes():
+    """TOSI_STAGE_MIN_BYTES (default STAGE_MIN_BYTES); None: "off"."""
+    text = os.environ.get("TOSI_STAGE_MIN_BYTES", "")
+    if not text:
+        return STAGE_MIN_BYTES
+    if text == "off":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise UsageError(f"TOSI_STAGE_MIN_BYTES={text!r} is neither a number nor \"off\"") from None
+    if value < 0:
+        raise UsageError(f"TOSI_STAGE_MIN_BYTES={text!r} must not be negative")
+    return value
 
 
 def _layer_progress(progress, record):
@@ -583,7 +804,7 @@ def _merged(workdir, record, future, repeat_progress=None):
 # ---------------------------------------------------------------- the stage
 
 def unpack_image(image, layer_records, workdir=None, overlaydir=None, into=None, parallel=None,
-                 limits=None, open_stream=None, keep_root_mode=False, progress=None):
+                 limits=None, open_stream=None, keep_root_mode=False, progress=None, layer_count=None):
     """Unpack the layers of a plan: (the image record, an iterator of the layer records
     unpacked, in plan order).
 
@@ -595,7 +816,8 @@ def unpack_image(image, layer_records, workdir=None, overlaydir=None, into=None,
     without it, the plan's workdir is used if it is a tosi workdir
     (cache.workdir_for). `open_stream(record)`, if given, returns the layer blob as
     a binary stream (a download in flight, say) instead of the cached file.
-    `keep_root_mode`: see apply_layers_into. `progress`: see the module's doc.
+    `keep_root_mode`, `layer_count` (with `into`; `parallel` then too): see
+    apply_layers_into. `progress`: see the module's doc.
     """
     image = ImageRecord.of(image)
     wd = workdir_for(workdir, image, overlaydir)
@@ -605,7 +827,7 @@ def unpack_image(image, layer_records, workdir=None, overlaydir=None, into=None,
         check_into_target(into)
         image = image.with_rootfs(os.path.abspath(into))
         return image, apply_layers_into(image.rootfs, layer_records, wd, open_stream, limits,
-                                        keep_root_mode, progress)
+                                        keep_root_mode, progress, layer_count, parallel)
     return image, extract_layers_to_overlays(wd, layer_records, parallel, limits, open_stream,
                                              progress)
 

@@ -149,6 +149,26 @@ class TosiWithoutIsal(Tosi):
             remove_tree(run)
 
 
+class TosiSerial(Tosi):
+    """The cold -extractto with every layer applied in the target in turn
+    (TOSI_STAGE_MIN_BYTES=off): what staging the layers above the first gains."""
+
+    def __init__(self):
+        super().__init__("extractto", warm=False)
+        self.row = "tosi-extractto-cold-serial"
+        self.rows = {self.row: "tosi -extractto, cold workdir, layers in turn (no staging)"}
+        self.profiled = False
+
+    def measure(self, target, wrap=list):
+        run = target.scratch.fresh(self.row)
+        env = dict(os.environ, TOSI_STAGE_MIN_BYTES="off")
+        try:
+            return {self.row: timed(wrap(tosi_pull(target, "extractto", f"{run}/rootfs", f"{run}/workdir")),
+                                    env=env, label="tosi")}
+        finally:
+            remove_tree(run)
+
+
 class TosiStartup(Competitor):
     """`tosi -version`: starting the interpreter and the command, the floor under every tosi row."""
 

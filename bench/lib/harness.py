@@ -165,8 +165,12 @@ def _measure_image(targets, competitors, runs, found):
         for target in targets:
             status[(target.scratch.kind, index)] = ("not-installed", ", ".join(missing)) if missing else None
     for round_ in range(runs):
+        # Each round starts with another command: the first after the last filesystem was
+        # emptied pays for memory the VM handed back (see the README), not always the same one.
+        order = list(enumerate(competitors))
+        order = order[round_ % len(order):] + order[:round_ % len(order)]
         for target in targets:
-            for index, competitor in enumerate(competitors):
+            for index, competitor in order:
                 key = (target.scratch.kind, index)
                 if status[key] is not None:
                     continue
