@@ -138,6 +138,33 @@ def run_tool(cmd, *args, input=None, env=None, timeout=120, check=None):
     return proc
 
 
+@pytest.fixture(scope="session")
+def _disk(tmp_path_factory):
+    """A fresh ext4 (a sparse 2 GiB loop image) for the session: the temporary directory
+    may be a tmpfs (Debian's /tmp is), where tosi works otherwise than on a disk."""
+    base = tmp_path_factory.mktemp("disk")
+    image, point = base / "ext4.img", base / "mnt"
+    point.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(2 << 30)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True, capture_output=True)
+    subprocess.run(["mount", "-o", "loop", str(image), str(point)], check=True, capture_output=True)
+    yield point
+    if subprocess.run(["umount", str(point)], capture_output=True).returncode != 0:
+        subprocess.run(["umount", "-l", str(point)], capture_output=True)
+    os.unlink(image)
+
+
+@pytest.fixture
+def disk_path(_disk, request):
+    """A new empty directory on a disk filesystem (ext4), for the test alone."""
+    import tempfile
+
+    from pathlib import Path
+
+    return Path(tempfile.mkdtemp(prefix=request.node.name[:40] + "-", dir=_disk))
+
+
 @pytest.fixture
 def tool():
     return run_tool

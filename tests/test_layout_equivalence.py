@@ -42,9 +42,10 @@ def without_root(tree):
 class Layouts:
     """Pushes a stack and lays it out both ways with the real `tosi`."""
 
-    def __init__(self, tool, pusher, registry, repo, tmp_path, workdir, mounts):
+    def __init__(self, tool, pusher, registry, repo, tmp_path, workdir, mounts, disk_path):
         self.tool, self.pusher, self.registry, self.repo = tool, pusher, registry, repo
         self.tmp_path, self.workdir, self.mounts = tmp_path, workdir, mounts
+        self.disk_path = disk_path  # staging needs a disk: into a tmpfs nothing is staged
         self.count = 0
 
     def push(self, layers):
@@ -61,8 +62,8 @@ class Layouts:
         target = self.tmp_path / f"flat{self.count}"
         self.tool("tosi", "-image", ref, "-extractto", target, "-workdir", self.workdir, check=0)
         tree = snapshot(str(target), **snap)
-        staged = self.tmp_path / f"staged{self.count}"
-        self.tool("tosi", "-image", ref, "-extractto", staged, "-workdir", self.workdir,
+        staged = self.disk_path / f"staged{self.count}"
+        self.tool("tosi", "-image", ref, "-extractto", staged, "-workdir", self.disk_path / "workdir",
                   env={"TOSI_STAGE_MIN_BYTES": "0"}, check=0)
         assert _differences(_now_is_now(snapshot(str(staged), **snap), started),
                             _now_is_now(tree, started)) == {}, "the staged flat tree differs"
@@ -85,8 +86,8 @@ class Layouts:
 
 
 @pytest.fixture
-def layouts(tool, pusher, registry, repo_name, tmp_path, workdir, mounts):
-    return Layouts(tool, pusher, registry, repo_name, tmp_path, workdir, mounts)
+def layouts(tool, pusher, registry, repo_name, tmp_path, workdir, mounts, disk_path):
+    return Layouts(tool, pusher, registry, repo_name, tmp_path, workdir, mounts, disk_path)
 
 
 def assert_all_agree(layouts, layers):

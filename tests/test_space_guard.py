@@ -301,3 +301,18 @@ def test_files_queued_for_the_c_writer_count_against_the_reserve(tmp_path):
         assert len(os.listdir(target / "d")) > layer.WRITER_AFTER_FILES  # the writer had work
     finally:
         subprocess.run(["umount", str(target)], check=True)
+
+
+def test_in_memory_tells_tmpfs_from_a_disk_filesystem(disk_path):
+    memory = disk_path / "memory"
+    memory.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(memory)], check=True)
+    try:
+        fds = [os.open(p, os.O_RDONLY | os.O_DIRECTORY) for p in (memory, disk_path)]
+        try:
+            assert [space.in_memory(fd) for fd in fds] == [True, False]
+        finally:
+            for fd in fds:
+                os.close(fd)
+    finally:
+        subprocess.run(["umount", str(memory)], check=True)

@@ -147,6 +147,25 @@ def mount_point(path: str) -> str:
         return path
 
 
+MEMORY_FILESYSTEMS = (b"tmpfs", b"ramfs")
+
+
+def in_memory(fd: int) -> bool:
+    """Whether the filesystem of `fd` keeps its files in memory (tmpfs, ramfs): nothing
+    written there waits for a disk. False when unknown."""
+    try:
+        dev = os.fstat(fd).st_dev
+        wanted = f"{os.major(dev)}:{os.minor(dev)}".encode()
+        with open("/proc/self/mountinfo", "rb") as f:
+            for line in f:
+                fields = line.split(b" ")
+                if fields[2] == wanted:
+                    return line.split(b" - ", 1)[1].split(b" ")[0] in MEMORY_FILESYSTEMS
+    except (OSError, IndexError):
+        pass
+    return False
+
+
 def _unescape(field: bytes) -> str:
     text = field.decode("utf-8", "surrogateescape")
     for code in ("\\040", "\\011", "\\012", "\\134"):
