@@ -65,11 +65,11 @@ def merge(stage_fd: int, root_fd: int, deletions: list, implicit: list, root_nam
     emptied = {parts for kind, parts in deletions if kind == EMPTY}
     for kind, parts in deletions:
         _delete(stage_fd, root_fd, kind, parts, act=False)
-    implicit = set(implicit)
-    _walk(stage_fd, root_fd, deleted, emptied, implicit, act=False)
+    implied = set(implicit)
+    _walk(stage_fd, root_fd, deleted, emptied, implied, act=False)
     for kind, parts in deletions:
         _delete(stage_fd, root_fd, kind, parts, act=True)
-    _walk(stage_fd, root_fd, deleted, emptied, implicit, act=True)
+    _walk(stage_fd, root_fd, deleted, emptied, implied, act=True)
     if root_named:
         _copy_owner_and_xattrs(stage_fd, root_fd, drop=False)
 
