@@ -7,4 +7,7 @@ on and tosi writes every file from Python (see tosi_tools/filewriter.py).
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("tosi_tools._filewriter", ["tosi_tools/_filewriter.c"], optional=True)])
+setup(ext_modules=[
+    Extension("tosi_tools._filewriter", ["tosi_tools/_filewriter.c"], optional=True),
+    Extension("tosi_tools._tarheader", ["tosi_tools/_tarheader.c"], optional=True),
+])

@@ -26,6 +26,19 @@ def dir_fd(tmp_path):
     os.close(fd)
 
 
+def test_dup_gives_a_close_on_exec_handle_of_the_same_directory(tmp_path, dir_fd):
+    from tosi_tools import _filewriter
+
+    dup = _filewriter.dup(dir_fd)
+    try:
+        assert dup != dir_fd and not os.get_inheritable(dup)
+        assert os.fstat(dup).st_ino == os.fstat(dir_fd).st_ino == os.stat(tmp_path).st_ino
+    finally:
+        os.close(dup)
+    with pytest.raises(OSError):
+        _filewriter.dup(-1)
+
+
 def _add(writer, fd, name, data=b"x", mode=0o644, flags=0, uid=0, gid=0, mtime_ns=0):
     writer.add(fd, name, data, mode, flags, uid, gid, mtime_ns, name)
 

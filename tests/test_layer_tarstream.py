@@ -227,3 +227,44 @@ def test_the_largest_ids_and_times_a_system_call_takes_are_read():
     pax = {"uid": "4294967294", "gid": "0", "mtime": "-9223372036"}
     [(e, _)] = entries(tar_bytes([file_entry("f", b"x", pax=pax)]))
     assert (e.uid, e.gid, e.mtime) == (4294967294, 0, -9223372036)
+
+
+# ---------------------------------------------------------------- the C parser of plain headers
+
+def _first_block(entry, fmt):
+    return tar_bytes([entry], format=fmt)
+
+
+def test_the_c_parser_reads_a_plain_header_as_the_entry_holds_it():
+    from tosi_tools._tarheader import parse
+
+    data = _first_block(file_entry(LONG[:150] + "/f", b"abc", mode=0o4755, uid=7, gid=8), tarfile.USTAR_FORMAT)
+    assert parse(b"junk" + data, 4) == (LONG[:150] + "/f", "0", 0o4755, 7, 8, 3, 1600000000, "", 0, 0, 3)
+
+
+@pytest.mark.parametrize("case", ["pax", "gnu long name", "base-256 uid", "bad checksum", "end of archive",
+                                  "short", "mtime beyond time_t nanoseconds", "spaces inside a number"])
+def test_the_c_parser_leaves_all_but_plain_headers_to_python(case):
+    from tosi_tools._tarheader import parse
+
+    block = bytearray(_first_block(file_entry("f", b"x"), tarfile.USTAR_FORMAT)[:512])
+    if case == "pax":
+        block = bytearray(_first_block(file_entry("f", b"x", pax={"path": "g"}), tarfile.PAX_FORMAT)[:512])
+    elif case == "gnu long name":
+        block = bytearray(_first_block(file_entry("n" * 120, b"x"), tarfile.GNU_FORMAT)[:512])
+    elif case == "base-256 uid":
+        block[108:116] = b"\x80" + (5).to_bytes(7, "big")
+    elif case == "bad checksum":
+        block[0] ^= 1
+    elif case == "end of archive":
+        block = bytearray(512)
+    elif case == "short":
+        block = block[:511]
+    elif case == "mtime beyond time_t nanoseconds":
+        block[136:148] = b"777777777777"
+    else:
+        block[100:108] = b"00 0644\0"
+    if case not in ("bad checksum", "end of archive", "short"):
+        block[148:156] = b"        "
+        block[148:156] = b"%06o\0 " % sum(block)
+    assert parse(bytes(block), 0) is None

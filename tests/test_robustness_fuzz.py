@@ -29,7 +29,7 @@ from tests.support.images import (OCI_LAYER_GZIP, OCI_LAYER_TAR, OCI_LAYER_ZSTD,
                                   hardlink_entry, special_entry, symlink_entry, tar_bytes)
 from tests.support.robustness import hypothesis_settings
 from tests.support.staging import snapshot
-from tosi_tools import layer
+from tosi_tools import layer, tarstream
 from tosi_tools.errors import TosiError
 
 pytestmark = [pytest.mark.robustness("fuzz"),
@@ -126,8 +126,8 @@ def _tar(entry_list, fmt):
 
 
 @st.composite
-def damaged_layers(draw):
-    """(blob bytes, media type, description of the damage)."""
+def damaged_tars(draw):
+    """(tar bytes, description of the damage)."""
     fmt = draw(st.sampled_from([tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT]))
     data = bytearray(_tar(draw(st.lists(entries(), max_size=8)), fmt))
     damage = []
@@ -154,8 +154,15 @@ def damaged_layers(draw):
         elif how == "append":
             data += draw(st.binary(max_size=1100))
             damage.append("append")
+    return bytes(data), damage
+
+
+@st.composite
+def damaged_layers(draw):
+    """(blob bytes, media type, description of the damage)."""
+    data, damage = draw(damaged_tars())
     compression = draw(st.sampled_from(["tar", "tar", "gzip", "zstd"]))
-    blob = bytes(data)
+    blob = data
     if compression == "gzip":
         blob = gzip.compress(blob, mtime=0)
     elif compression == "zstd":
@@ -218,3 +225,31 @@ def test_a_corrupt_gzip_deflate_block_is_an_unpack_error(robustness, sandbox):
     except Exception as exc:
         raise AssertionError(f"untyped {type(exc).__module__}.{type(exc).__name__}: {exc}") from exc
     sandbox.assert_unchanged()
+
+
+def _entries_read(data, c_parser):
+    """What a TarReader makes of `data`: every entry's fields, then the error it ended with."""
+    saved = tarstream._parse_plain
+    tarstream._parse_plain = c_parser
+    try:
+        reader = tarstream.TarReader(io.BytesIO(data))
+        read = []
+        try:
+            for entry in reader:
+                read.append(tuple(getattr(entry, slot) for slot in tarstream.Entry.__slots__))
+                if entry.data_size and reader.pending:
+                    read.append(reader.read_data(min(reader.pending, 100)))
+        except TosiError as exc:
+            read.append(str(exc))
+        return read
+    finally:
+        tarstream._parse_plain = saved
+
+
+@hypothesis_settings(300, 5000)
+@given(case=damaged_tars())
+def test_the_c_header_parser_reads_every_tar_as_the_python_parser_does(robustness, case):
+    data, damage = case
+    robustness.add(cases=1, faults=len(damage), corrupted=sum(d.startswith("flip") for d in damage))
+    assert tarstream._parse_plain is not None, "tosi_tools._tarheader was not built"
+    assert _entries_read(data, tarstream._parse_plain) == _entries_read(data, None), damage

@@ -316,3 +316,46 @@ def test_in_memory_tells_tmpfs_from_a_disk_filesystem(disk_path):
                 os.close(fd)
     finally:
         subprocess.run(["umount", str(memory)], check=True)
+
+
+def _charges_until_a_check_is_due(guards, allowance):
+    for count in range(1, 4 * allowance):
+        if guards[count % len(guards)].charge(0, 1):
+            return count
+    raise AssertionError(f"no check was due after {4 * allowance} inodes")
+
+
+@pytest.mark.parametrize("writers", [1, 3])
+def test_charges_held_by_guards_still_make_a_check_due_within_a_quarter_more_than_allowed(tmp_path, writers):
+    # Each guard holds small charges back from the shared meter (its lock is the cost);
+    # all of them together hold at most a quarter of what the last check allowed.
+    fds = [os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY) for _ in range(writers)]
+    guards = [space.Guard(fd, space.Reserve(), "t", str(tmp_path)) for fd in fds]
+    try:
+        guards[0].check()
+        allowance = guards[0]._open_meter().allow_inodes
+        assert allowance > 100
+        due = _charges_until_a_check_is_due(guards, allowance)
+        assert allowance <= due <= allowance + allowance // 4
+    finally:
+        for guard, fd in zip(guards, fds):
+            guard.close()
+            os.close(fd)
+
+
+def test_a_check_makes_every_guard_hand_in_what_it_holds(tmp_path):
+    fds = [os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY) for _ in range(2)]
+    holding, checking = [space.Guard(fd, space.Reserve(), "t", str(tmp_path)) for fd in fds]
+    try:
+        checking.check()
+        holding.charge(0, 1)  # the first charge after a check reaches the meter...
+        holding.charge(0, 1)  # ...the next is held
+        meter = holding._open_meter()
+        assert meter.spent_inodes == 1
+        checking.check()      # a new allowance: what was held must be counted against it
+        holding.charge(0, 1)
+        assert meter.spent_inodes == 3
+    finally:
+        for guard, fd in zip((holding, checking), fds):
+            guard.close()
+            os.close(fd)

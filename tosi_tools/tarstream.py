@@ -16,6 +16,11 @@ from typing import Any, Protocol
 from .digest import CHUNK
 from .errors import UnpackError, quoted
 
+try:
+    from ._tarheader import parse as _parse_plain
+except ImportError:  # pragma: no cover - built only where a C compiler was at install time
+    _parse_plain = None  # type: ignore[assignment]  # checked before each use
+
 BLOCK = 512
 _ZERO_BLOCK = bytes(BLOCK)
 _MAX_META = 16 << 20  # PAX records, long names and sparse maps are metadata, not data
@@ -212,6 +217,10 @@ class TarReader:
         if n > self.pending:
             raise UnpackError(f"{self._what}: an entry's sparse map claims more data than it has")
         self.pending -= n
+        start = self._pos
+        if start + n <= len(self._buf):  # what a small file's data almost always is
+            self._pos = start + n
+            return self._buf[start:start + n]
         return self._take(n)
 
     def finish(self, limit: int) -> int:
@@ -238,8 +247,27 @@ class TarReader:
         if self.pending:
             self._skip(self.pending)
         if self._pad:
-            self._skip(self._pad)
+            if self._pos + self._pad <= len(self._buf):
+                self._pos += self._pad
+            else:
+                self._skip(self._pad)
         self.pending = self._pad = 0
+        if _parse_plain is not None and not self._globals:
+            # Most headers are plain: C parses them, or answers None for the rest.
+            if len(self._buf) - self._pos < BLOCK:
+                self._available(BLOCK)
+            fields = _parse_plain(self._buf, self._pos)
+            if fields is not None:
+                self._pos += BLOCK
+                self._checked = True
+                e = Entry()
+                (e.name, e.type, e.mode, e.uid, e.gid, e.size, e.mtime, e.linkname,
+                 e.devmajor, e.devminor, data_size) = fields
+                e.xattrs = ()
+                e.sparse = None
+                e.data_size = self.pending = data_size
+                self._pad = -data_size % BLOCK
+                return e
         try:
             entry = self._next_entry()
         except _BadHeader as exc:

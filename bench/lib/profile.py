@@ -21,8 +21,12 @@ def wrapper(raw_path):
     """argv -> argv run under `py-spy record`, samples written to raw_path (collapsed stacks)."""
     spy = py_spy()
 
+    # TOSI_BENCH_PROFILE_IDLE=1: waiting threads are sampled too, each stack under its thread
+    # (where a pull waits, not only where it computes).
+    idle = ["--idle", "--threads"] if os.environ.get("TOSI_BENCH_PROFILE_IDLE") == "1" else []
+
     def wrap(argv):
-        return [spy, "record", "--format", "raw", "--nolineno", "--subprocesses", "--rate", "250",
+        return [spy, "record", "--format", "raw", "--nolineno", "--subprocesses", "--rate", "250", *idle,
                 "-o", raw_path, "--", *argv]
     return wrap
 
