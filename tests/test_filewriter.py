@@ -160,6 +160,15 @@ STACKS = {
         [dir_entry("x"), *_small_files("x"), symlink_entry("a", "x"), file_entry("c", b"now a file"),
          *_small_files("a2")],
     ],
+    "big_files_between_small_ones_new_names_and_queued_ones": [
+        [dir_entry("a"), *_small_files("a"), file_entry("a/big", b"B" * (filewriter.MAX_FILE + 1)),
+         file_entry("a/f0004", b"b" * (filewriter.MAX_FILE + 7)), *_small_files("b"),
+         file_entry("a/big2", b"C" * (filewriter.MAX_FILE * 2))],
+    ],
+    "a_big_file_over_a_lower_directory_of_queued_files": [
+        [dir_entry("a"), dir_entry("a/d")],
+        [*_small_files("a/d"), file_entry("a/d", b"D" * (filewriter.MAX_FILE + 1)), *_small_files("a/e")],
+    ],
     "an_upper_layer_deletes_and_refills": [
         [dir_entry("a"), *_small_files("a")],
         [*_small_files("a"), opaque_entry("a"), whiteout_entry("a/f0001"), *_small_files("z")],

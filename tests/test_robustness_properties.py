@@ -150,8 +150,9 @@ IMAGE_FIELDS = {"planVersion": int, "layerCount": int, "reference": str, "regist
                 "workdir": str, "config": dict, "platform": dict, "insecure": bool}
 LAYER_FIELDS = {"index": int, "digest": str, "mediaType": str, "size": int, "path": str,
                 "diffID": str, "urls": list, "annotations": dict}
-# tosi-plan(5): an optional field that is null is absent; these may not be.
-REQUIRED_FIELDS = {"planVersion", "layerCount", "index", "digest"}
+# tosi-plan(5): an optional field that is null is absent; these may not be (an image
+# record's digest may: plan.ImageRecord requires planVersion and layerCount alone).
+REQUIRED_FIELDS = {"image": {"planVersion", "layerCount"}, "layer": {"index", "digest"}}
 
 json_scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70),
                          st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=12))
@@ -253,7 +254,7 @@ def mistyped_plans(draw):
     fields = IMAGE_FIELDS if record["type"] == "image" else LAYER_FIELDS
     field = draw(st.sampled_from(sorted(fields)))
     value = draw(json_values.filter(lambda v: not _has_type(v, fields[field])
-                                    and (v is not None or field in REQUIRED_FIELDS)))
+                                    and (v is not None or field in REQUIRED_FIELDS[record["type"]])))
     record[field] = value
     return _text(records), record["type"], field, value
 

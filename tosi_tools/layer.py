@@ -624,15 +624,16 @@ class FileQueue:
     def spares(self, member: tarstream.Entry, parts: tuple, whiteout: bool) -> bool:
         """Whether this entry may be applied while queued files are still being made.
 
-        A queued file goes on; a new directory or symlink may too, as long as it
-        is not where a queued file goes and needs no parent made. Everything else
-        (whiteouts, hardlinks, nodes, big files, names that exist) waits for them.
+        A queued file goes on; a new directory, symlink or bigger file may too, as
+        long as it is not where a queued file goes and needs no parent made.
+        Everything else (whiteouts, hardlinks, whose target may be queued, nodes,
+        names that exist but for directories) waits for them.
         """
         if whiteout:
             return False
-        if member.type == tarstream.REG:
-            return _queueable(member)
-        if member.type not in (tarstream.DIR, tarstream.SYM) or not parts:
+        if member.type == tarstream.REG and _queueable(member):
+            return True
+        if member.type not in (tarstream.REG, tarstream.DIR, tarstream.SYM) or not parts:
             return False
         try:
             dir_fd, base, canonical = self.root.parent(parts, create=False)
@@ -640,7 +641,7 @@ class FileQueue:
             return False
         if (canonical, base) in self.queued:
             return False
-        # A symlink replaces whatever is there, a directory with queued files in it too.
+        # A symlink or file replaces whatever is there, a directory with queued files in it too.
         return member.type == tarstream.DIR or saferoot.lstat_at(dir_fd, base) is None
 
     def sync(self) -> None:
