@@ -39,6 +39,23 @@ def test_dup_gives_a_close_on_exec_handle_of_the_same_directory(tmp_path, dir_fd
         _filewriter.dup(-1)
 
 
+def test_make_dir_makes_a_directory_owned_as_asked(tmp_path, dir_fd):
+    assert filewriter.make_dir(dir_fd, "d", 0o700, 1234, 5678, True)
+    st = os.lstat(tmp_path / "d")
+    assert stat.S_ISDIR(st.st_mode) and (st.st_uid, st.st_gid) == (1234, 5678)
+
+
+def test_make_dir_leaves_an_existing_name_to_the_caller_and_follows_no_symlink(tmp_path, dir_fd):
+    os.symlink(tmp_path / "elsewhere", tmp_path / "link")
+    assert not filewriter.make_dir(dir_fd, "link", 0o700, 1, 1, True)
+    assert os.path.islink(tmp_path / "link") and not os.path.exists(tmp_path / "elsewhere")
+
+
+def test_make_dir_raises_what_os_mkdir_raises_naming_the_entry(dir_fd):
+    with pytest.raises(FileNotFoundError, match="missing/d"):
+        filewriter.make_dir(dir_fd, "missing/d", 0o700, 0, 0, False)
+
+
 def _add(writer, fd, name, data=b"x", mode=0o644, flags=0, uid=0, gid=0, mtime_ns=0):
     writer.add(fd, name, data, mode, flags, uid, gid, mtime_ns, name)
 

@@ -49,6 +49,19 @@ def available() -> bool:
     return _filewriter is not None and os.environ.get("TOSI_FILE_WRITER", "1") != "0"
 
 
+def make_dir(dir_fd: int, name: str, mode: int, uid: int, gid: int, chown: bool) -> bool:
+    """Make the directory `name` in `dir_fd` (with `chown`, owned by uid:gid) without
+    letting go of the GIL (see _filewriter.c); False, having made nothing, where the
+    extension is not built or `name` exists: the caller's own code handles those."""
+    if _filewriter is None:
+        return False
+    try:
+        _filewriter.make_dir(dir_fd, name, mode, uid, gid, chown)
+    except FileExistsError:
+        return False
+    return True
+
+
 class FileWriter:
     """The applier's side: `add()` files, `sync()` to learn which ones it must redo."""
 

@@ -835,6 +835,9 @@ class _Applier:
                 raise self.fail(name, f"cannot set xattr {quoted(key)}: {exc.strerror}") from None
 
     def make_dir(self, dir_fd, base, canonical, member, xattrs, name):
+        if not xattrs and filewriter.make_dir(dir_fd, base, 0o700, member.uid, member.gid, self.as_root):
+            self.note_dir(canonical + (base,), member)  # a new directory: fix_dir's work, done
+            return
         replaced = existed = False
         try:
             os.mkdir(base, 0o700, dir_fd=dir_fd)
@@ -858,7 +861,6 @@ class _Applier:
         A directory that was there already (a lower layer's, or named twice) keeps
         only the xattrs this entry names, as overlayfs shows the upper one's alone.
         """
-        self.named_dirs.add(tuple(parts))
         try:
             if self.as_root:
                 os.fchown(fd, member.uid, member.gid)
@@ -867,6 +869,11 @@ class _Applier:
             self.set_xattrs(xattrs, name, fd=fd)
         finally:
             os.close(fd)
+        self.note_dir(tuple(parts), member)
+
+    def note_dir(self, parts, member):
+        """A directory the layer names: its mode and mtime are set when the layer is done."""
+        self.named_dirs.add(parts)
         self.fixups.append(_DirFixup(parts, stat.S_IMODE(member.mode), _ns(member.mtime)))
 
     def drop_other_xattrs(self, fd, xattrs, name):
