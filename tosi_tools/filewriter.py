@@ -40,8 +40,8 @@ _FIRST_BATCH_FILES = 4   # after a sync the thread is idle: give it work soon, t
 _BATCH_BYTES = 512 << 10
 # What may wait for a sync (its data is held until then): bounded, so memory does
 # not grow with the layer.
-_BACKLOG_FILES = 4096
-_BACKLOG_BYTES = 8 << 20
+_BACKLOG_FILES = 2048
+_BACKLOG_BYTES = 4 << 20
 
 
 def available() -> bool:
