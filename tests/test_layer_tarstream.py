@@ -231,14 +231,10 @@ def test_the_largest_ids_and_times_a_system_call_takes_are_read():
 
 # ---------------------------------------------------------------- the C parser of plain headers
 
-def _first_block(entry, fmt):
-    return tar_bytes([entry], format=fmt)
-
-
 def test_the_c_parser_reads_a_plain_header_as_the_entry_holds_it():
     from tosi_tools._tarheader import parse
 
-    data = _first_block(file_entry(LONG[:150] + "/f", b"abc", mode=0o4755, uid=7, gid=8), tarfile.USTAR_FORMAT)
+    data = tar_bytes([file_entry(LONG[:150] + "/f", b"abc", mode=0o4755, uid=7, gid=8)], format=tarfile.USTAR_FORMAT)
     assert parse(b"junk" + data, 4) == (LONG[:150] + "/f", "0", 0o4755, 7, 8, 3, 1600000000, "", 0, 0, 3)
 
 
@@ -247,11 +243,11 @@ def test_the_c_parser_reads_a_plain_header_as_the_entry_holds_it():
 def test_the_c_parser_leaves_all_but_plain_headers_to_python(case):
     from tosi_tools._tarheader import parse
 
-    block = bytearray(_first_block(file_entry("f", b"x"), tarfile.USTAR_FORMAT)[:512])
+    block = bytearray(tar_bytes([file_entry("f", b"x")], format=tarfile.USTAR_FORMAT)[:512])
     if case == "pax":
-        block = bytearray(_first_block(file_entry("f", b"x", pax={"path": "g"}), tarfile.PAX_FORMAT)[:512])
+        block = bytearray(tar_bytes([file_entry("f", b"x", pax={"path": "g"})], format=tarfile.PAX_FORMAT)[:512])
     elif case == "gnu long name":
-        block = bytearray(_first_block(file_entry("n" * 120, b"x"), tarfile.GNU_FORMAT)[:512])
+        block = bytearray(tar_bytes([file_entry("n" * 120, b"x")], format=tarfile.GNU_FORMAT)[:512])
     elif case == "base-256 uid":
         block[108:116] = b"\x80" + (5).to_bytes(7, "big")
     elif case == "bad checksum":

@@ -189,6 +189,9 @@ class TarReader:
         return have
 
     def _skip(self, n):
+        if self._pos + n <= len(self._buf):  # padding, mostly: in the buffer already
+            self._pos += n
+            return
         while n > 0:
             step = min(self._buffered(), n)
             self._pos += step
@@ -217,10 +220,6 @@ class TarReader:
         if n > self.pending:
             raise UnpackError(f"{self._what}: an entry's sparse map claims more data than it has")
         self.pending -= n
-        start = self._pos
-        if start + n <= len(self._buf):  # what a small file's data almost always is
-            self._pos = start + n
-            return self._buf[start:start + n]
         return self._take(n)
 
     def finish(self, limit: int) -> int:
@@ -247,15 +246,11 @@ class TarReader:
         if self.pending:
             self._skip(self.pending)
         if self._pad:
-            if self._pos + self._pad <= len(self._buf):
-                self._pos += self._pad
-            else:
-                self._skip(self._pad)
+            self._skip(self._pad)
         self.pending = self._pad = 0
         if _parse_plain is not None and not self._globals:
             # Most headers are plain: C parses them, or answers None for the rest.
-            if len(self._buf) - self._pos < BLOCK:
-                self._available(BLOCK)
+            self._available(BLOCK)
             fields = _parse_plain(self._buf, self._pos)
             if fields is not None:
                 self._pos += BLOCK
