@@ -264,3 +264,96 @@ def test_the_c_parser_leaves_all_but_plain_headers_to_python(case):
         block[148:156] = b"        "
         block[148:156] = b"%06o\0 " % sum(block)
     assert parse(bytes(block), 0) is None
+
+
+# ---------------------------------------------------------------- the C run of small files
+
+def take_run(data, prefix=b"d/", pos=0, **given):
+    """What _tarheader.files takes from `data`: (new pos, count, data bytes, charged,
+    writer tasks, redo tasks, queued keys, made paths)."""
+    from tosi_tools._tarheader import files
+
+    args = dict(max_files=1000, max_bytes=1 << 30, max_size=64 << 10, room_bytes=1 << 40, room_inodes=1 << 40,
+                dir_fd=9, canonical=("d",), as_root=True, chown_all=False, euid=0, egid=0, umask=0o022)
+    args.update(given)
+    batch, tasks, queued, made = [], [], set(), set()
+    result = files(data, pos, prefix, *args.values(), (batch, tasks, queued, made))
+    return (*result, batch, tasks, queued, made)
+
+
+def test_the_c_run_queues_each_plain_file_under_the_prefix_as_the_applier_would():
+    data = tar_bytes([file_entry("d/a", b"abc", mode=0o640, uid=5, gid=6, mtime=7),
+                      file_entry("d/b", b"", mode=0o644)], format=tarfile.USTAR_FORMAT)
+    pos, count, nbytes, charged, batch, tasks, queued, made = take_run(data)
+    assert (pos, count, nbytes, charged) == (3 * 512, 2, 3, 4096)
+    assert batch == [(9, b"a", b"abc", 0o640, 1, 5, 6, 7_000_000_000),
+                     (9, b"b", b"", 0o644, 0, 0, 0, 1_600_000_000_000_000_000)]
+    assert tasks[0] == (("d",), "a", ("d/a", "0", 0o640, 5, 6, 3, 7, "", 0, 0, 3), b"abc", "d/a")
+    assert queued == {(("d",), "a"), (("d",), "b")}
+    assert made == {("d", "a"), ("d", "b")}
+
+
+@pytest.mark.parametrize("stop", [
+    file_entry("d/.wh.a"), file_entry("d/e/a"), file_entry("e/a"), file_entry("d/.."), file_entry("d/."),
+    file_entry("d/s", b"x", mode=0o4755), file_entry("d/g", b"x", mode=0o2755),
+    file_entry("d/big", b"x" * ((64 << 10) + 1)), file_entry("d/p", b"x", pax={"comment": "pax"}),
+    dir_entry("d/sub"), symlink_entry("d/l", "a"), hardlink_entry("d/h", "d/a"),
+], ids=["whiteout", "deeper", "other dir", "dotdot", "dot", "setuid", "setgid", "big", "pax", "dir",
+        "symlink", "hardlink"])
+def test_the_c_run_stops_at_the_first_entry_the_applier_must_see(stop):
+    data = tar_bytes([file_entry("d/a", b"x"), stop, file_entry("d/z", b"z")])
+    pos, count, *_ = take_run(data)
+    assert (pos, count) == (1024, 1)
+
+
+def test_the_c_run_stops_where_a_file_is_not_all_in_the_buffer():
+    data = tar_bytes([file_entry("d/a", b"x"), file_entry("d/b", b"y" * 600)], format=tarfile.USTAR_FORMAT)
+    assert take_run(data[:1024 + 512 + 1023])[:2] == (1024, 1)
+    assert take_run(data[:1024 + 512 + 1024])[:2] == (2560, 2)
+
+
+@pytest.mark.parametrize("limit, taken", [
+    ({"max_files": 2}, 2), ({"max_bytes": 2}, 2), ({"room_inodes": 2}, 2), ({"room_bytes": 8192}, 2),
+    ({"room_bytes": 4095}, 0), ({"max_size": 0}, 0),
+])
+def test_the_c_run_stops_at_its_limits(limit, taken):
+    data = tar_bytes([file_entry(f"d/{i}", b"x") for i in range(5)])
+    pos, count, nbytes, charged, *_ = take_run(data, **limit)
+    assert (pos, count, nbytes, charged) == (1024 * taken, taken, taken, 4096 * taken)
+
+
+@pytest.mark.parametrize("given, entry, flags", [
+    ({}, file_entry("d/a", mode=0o644), 0),
+    ({}, file_entry("d/a", mode=0o644, uid=1), 1),
+    ({"euid": 1, "egid": 2}, file_entry("d/a", mode=0o644, uid=1, gid=2), 0),
+    ({"chown_all": True}, file_entry("d/a", mode=0o644), 1),
+    ({"as_root": False}, file_entry("d/a", mode=0o644, uid=1), 0),
+    ({}, file_entry("d/a", mode=0o666), 2),
+    ({}, file_entry("d/a", mode=0o1644), 2),
+])
+def test_the_c_run_asks_for_fchown_and_fchmod_where_file_fixes_would(given, entry, flags):
+    *_, batch, _, _, _ = take_run(tar_bytes([entry]), **given)
+    assert batch[0][4] == flags
+
+
+def test_the_c_run_takes_names_after_any_prefix_and_notes_no_made_paths_without_a_set():
+    from tosi_tools._tarheader import files
+
+    data = tar_bytes([file_entry("./x/../f", b"1"), file_entry("./x/../g", b"2")], format=tarfile.USTAR_FORMAT)
+    batch, tasks, queued = [], [], set()
+    result = files(data, 0, b"./x/../", 9, 1 << 20, 1 << 16, 1 << 40, 1 << 40, 3, (), False, False, 0, 0, 0,
+                   (batch, tasks, queued, None))
+    assert result == (2048, 2, 2, 8192)
+    assert queued == {((), "f"), ((), "g")}
+    assert [t[4] for t in tasks] == ["./x/../f", "./x/../g"]
+
+
+def test_plain_files_starts_after_the_current_entrys_data_and_moves_the_reader_on():
+    data = tar_bytes([file_entry("d/a", b"x" * 700), file_entry("d/b", b"y"), file_entry("e", b"z")])
+    tar = TarReader(io.BytesIO(data))
+    first = next(tar)
+    assert first.name == "d/a"  # its data is left unread: plain_files skips it
+    batch, tasks, queued = [], [], set()
+    assert tar.plain_files(b"d/", 10, 1 << 20, 1 << 16, 1 << 40, 1 << 40, 3, ("d",), False, False, 0, 0, 0,
+                           (batch, tasks, queued, None)) == (1, 1, 4096)
+    assert [(e.name, tar.read_data(e.size)) for e in tar] == [("e", b"z")]

@@ -365,3 +365,40 @@ def test_a_check_makes_every_guard_hand_in_what_it_holds(tmp_path):
         for guard, fd in zip((holding, checking), fds):
             guard.close()
             os.close(fd)
+
+
+def test_room_is_what_charges_may_take_before_the_meter_must_see_them(tmp_path):
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    guard = space.Guard(fd, space.Reserve(), "t", str(tmp_path))
+    try:
+        guard.check()
+        guard.charge(0, 1)  # reaches the meter, and sets what this guard may hold
+        meter = guard._open_meter()
+        room_bytes, room_inodes = guard.room()
+        assert room_bytes > 0 and room_inodes > 0
+        spent = meter.spent_inodes
+        guard.hold(4096, room_inodes)  # what the C run of small files took
+        assert guard.room() == (room_bytes - 4096, 0)
+        assert meter.spent_inodes == spent  # held, not yet counted
+        guard.charge(0, 1)  # past the room: what is held goes to the meter with it
+        assert meter.spent_inodes == spent + room_inodes + 1
+    finally:
+        guard.close()
+        os.close(fd)
+
+
+def test_there_is_no_room_after_another_writers_check_until_a_charge(tmp_path):
+    fds = [os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY) for _ in range(2)]
+    holding, checking = [space.Guard(fd, space.Reserve(), "t", str(tmp_path)) for fd in fds]
+    try:
+        checking.check()
+        holding.charge(0, 1)
+        assert holding.room() != (0, 0)
+        checking.check()  # a new allowance, which holding's hold was not worked out for
+        assert holding.room() == (0, 0)
+        holding.charge(0, 1)
+        assert holding.room() != (0, 0)
+    finally:
+        for guard, fd in zip((holding, checking), fds):
+            guard.close()
+            os.close(fd)

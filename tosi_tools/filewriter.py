@@ -88,6 +88,27 @@ class FileWriter:
             self._submit()
             self._limit = min(2 * self._limit, _BATCH_FILES)
 
+    def add_run(self, dir_fd: int, take: Any) -> int:
+        """Queue files made elsewhere (tarstream.TarReader.plain_files), all in `dir_fd`:
+        `take(dup, batch, tasks, max_files, max_bytes)` appends at most max_files of them
+        to `batch` (add's tuples, with `dup` as their directory) and their tasks to
+        `tasks`, stopping once their data reaches max_bytes, and returns (files, data
+        bytes). How many it queued."""
+        dup = self._dups.get(dir_fd)
+        if dup is None:
+            dup = self._dups[dir_fd] = _filewriter.dup(dir_fd)
+        max_files = min(self._limit - len(self._batch), _BACKLOG_FILES - len(self._tasks))
+        max_bytes = min(_BATCH_BYTES - self._bytes, _BACKLOG_BYTES - self._backlog_bytes)
+        if max_files <= 0 or max_bytes <= 0:
+            return 0
+        count, nbytes = take(dup, self._batch, self._tasks, max_files, max_bytes)
+        self._bytes += nbytes
+        self._backlog_bytes += nbytes
+        if len(self._batch) >= self._limit or self._bytes >= _BATCH_BYTES:
+            self._submit()
+            self._limit = min(2 * self._limit, _BATCH_FILES)
+        return count
+
     def _submit(self):
         if not self._batch:
             return

@@ -78,6 +78,7 @@ _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXE
 _DIR_FLAGS = saferoot.DIR_FLAGS
 _NODE_TYPES = {tarstream.CHR: stat.S_IFCHR, tarstream.BLK: stat.S_IFBLK, tarstream.FIFO: stat.S_IFIFO}
 WRITER_AFTER_FILES = 64  # below this a layer's files are not worth the writer thread
+_UNLIMITED = 1 << 62  # room without a free-space guard
 
 
 @dataclass
@@ -172,6 +173,9 @@ class Layout:
     # every entry made.
     note_parent: Callable[[tuple], None] | None = None
     note_made: Callable[[tuple], None] | None = None
+    # Where note_made keeps the paths, when it does no more than add them (their
+    # parents being there already): files made in a run (_Applier.apply_run) go straight in.
+    made_paths: set | None = None
 
     def whiteout(self, applier: _Applier, name: str, parts: tuple) -> None:
         """Apply an entry whose last component starts with `.wh.`."""
@@ -272,6 +276,7 @@ class FlatLayout(Layout):
         self.touched: set[tuple] = set()
         if has_lower:
             self.note_made = self.touch
+            self.made_paths = self.touched
 
     def touch(self, parts: tuple) -> None:
         if not self.has_lower:
@@ -694,6 +699,10 @@ class _Applier:
         # The layout's hooks, looked up once: they are called for every entry.
         self.note_parent = self.layout.note_parent
         self.note_made = self.layout.note_made
+        # Whether the files after a queued one may be taken as a run (apply_run).
+        self.runs = tarstream.plain_files_available() and (
+            self.note_made is None or self.layout.made_paths is not None)
+        self.run = None  # (dir_fd, canonical, name prefix, chown all?) for apply_run
 
     def spend(self, nbytes, inodes=0):
         """Charge what is about to be written to the free-space guard; when a check is
@@ -897,6 +906,10 @@ class _Applier:
             data = tar.read_data(member.size)
             chown, chmod = self.file_fixes(dir_fd, canonical, member)
             files.add(dir_fd, base, canonical, member, data, name, chown, chmod)
+            if self.runs:
+                cut = name.rfind("/") + 1
+                self.run = (dir_fd, canonical, name[:cut].encode("utf-8", "surrogateescape"),
+                            self.as_root and self.setgid(dir_fd, canonical))
             return
         def copy(fd, n):
             while n > 0:
@@ -915,6 +928,38 @@ class _Applier:
             def write(fd):
                 copy(fd, member.size)
         self.write_file(dir_fd, base, canonical, member, xattrs, write)
+
+    def apply_run(self, tar):
+        """After a queued file, queue the files that follow it in the same directory as
+        long as C can take them whole from the buffered tar (TarReader.plain_files: plain
+        headers, small, no setuid, a plain name after the same prefix, so the same parent).
+        Each is what apply() would make of it: counted, charged, queued, noted."""
+        dir_fd, canonical, prefix, chown_all = self.run
+        self.run = None
+        files, stats, guard = self.files, self.stats, self.guard
+        made = self.layout.made_paths
+        euid, egid = self.ids
+        taken = [0, 0]  # data bytes, bytes charged
+
+        def take(dup, batch, tasks, max_files, max_bytes):
+            room_bytes, room_inodes = guard.room() if guard is not None else (_UNLIMITED, _UNLIMITED)
+            max_files = min(max_files, self.limits.max_entries - stats.entries - stats.whiteouts)
+            count, taken[0], taken[1] = tar.plain_files(
+                prefix, max_files, max_bytes, filewriter.MAX_FILE, room_bytes, room_inodes, dup, canonical,
+                self.as_root, chown_all, euid, egid, self.umask, (batch, tasks, files.queued, made))
+            return count, taken[0]
+
+        while files.writer:
+            count = files.writer.add_run(dir_fd, take)
+            if not count:
+                return
+            stats.entries += count
+            stats.bytes += taken[0]
+            if guard is not None:
+                guard.hold(taken[1], count)
+            if files.writer.full:
+                files.sync()  # which may redo files, and so turn the root's handles over
+                return
 
     def write_file(self, dir_fd, base, canonical, member, xattrs, write):
         """Create the regular file `base`; `write(fd)` puts its data in."""
@@ -949,6 +994,8 @@ class _Applier:
 
     def redo_file(self, canonical, base, member, data, name):
         """Make a small file the writer thread could not, through the applier's own code."""
+        if isinstance(member, tuple):  # queued by apply_run: the header's fields
+            member = tarstream.entry_of(member)
         dir_fd, base, canonical = self.place(canonical + (base,), name)
         self.write_file(dir_fd, base, canonical, member, (), lambda fd: _write_all(fd, data))
 
@@ -1120,9 +1167,10 @@ def apply_layer(root: saferoot.SafeRoot | str | os.PathLike, stream: BinaryIO, m
     overlayfs' own xattrs in the layer are dropped, with one warning.
     With `hold_root`, a "./" entry's mode and mtime are not applied to the root but
     reported (LayerStats.root_mode, root_mtime_ns); its owner and xattrs are.
-    `progress(stats)`, if given, is called on this thread after each tar entry with
-    the LayerStats so far (entries and data bytes applied): it must be quick, and
-    whatever it raises stops the layer like any failure.
+    `progress(stats)`, if given, is called on this thread after each tar entry (or run
+    of small files taken together, _Applier.apply_run) with the LayerStats so far
+    (entries and data bytes applied): it must be quick, and whatever it raises stops
+    the layer like any failure.
     """
     if mode not in (FLAT, OVERLAY, STAGED):
         raise ValueError(f"mode must be {FLAT!r}, {OVERLAY!r} or {STAGED!r}, not {mode!r}")
@@ -1141,6 +1189,8 @@ def apply_layer(root: saferoot.SafeRoot | str | os.PathLike, stream: BinaryIO, m
         entry = None
         for entry in tar:
             applier.apply(tar, entry)
+            if applier.run is not None:
+                applier.apply_run(tar)
             if progress is not None:
                 progress(applier.stats)
         entry = None

@@ -259,6 +259,20 @@ class Guard:
             m.spent_bytes = m.spent_inodes = 0
             return True
 
+    def room(self) -> tuple[int, int]:
+        """(bytes, inodes) that charge() would hold here without a check, all at once or
+        in parts; what is taken of them is then held with hold()."""
+        m = self._open_meter()
+        if m.checks != self._hold_for:
+            return 0, 0
+        return (max(self._hold_bytes - self._held_bytes - 1, 0),
+                max(self._hold_inodes - self._held_inodes - 1, 0))
+
+    def hold(self, nbytes: int, inodes: int) -> None:
+        """Hold charges that room() said fit (as charge() would, for less)."""
+        self._held_bytes += nbytes
+        self._held_inodes += inodes
+
     def spend(self, nbytes: int, inodes: int = 0) -> None:
         """charge() and, when due, check() that these are still free above the reserve."""
         if self.charge(nbytes, inodes):

@@ -17,9 +17,10 @@ from .digest import CHUNK
 from .errors import UnpackError, quoted
 
 try:
+    from ._tarheader import files as _plain_files
     from ._tarheader import parse as _parse_plain
 except ImportError:  # pragma: no cover - built only where a C compiler was at install time
-    _parse_plain = None  # type: ignore[assignment]  # checked before each use
+    _parse_plain = _plain_files = None  # type: ignore[assignment]  # checked before each use
 
 BLOCK = 512
 _ZERO_BLOCK = bytes(BLOCK)
@@ -38,6 +39,11 @@ MAX_OFFSET = (1 << 63) - 1      # off_t: sizes and sparse offsets
 MAX_TIME = ((1 << 63) - 1) // 10**9  # seconds whose nanoseconds fit in 64 bits (the file writer's)
 MIN_TIME = -MAX_TIME
 _PAX_TIME = re.compile(rb"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
+
+
+def plain_files_available() -> bool:
+    """Whether TarReader.plain_files can take anything (the C parser is built)."""
+    return _plain_files is not None
 
 
 class BinaryReader(Protocol):
@@ -70,6 +76,16 @@ class Entry:
 
     def __repr__(self) -> str:
         return f"<Entry {self.type} {self.name!r}>"
+
+
+def entry_of(fields: tuple) -> Entry:
+    """The Entry of a plain header's fields, as _tarheader gives them."""
+    e = Entry()
+    (e.name, e.type, e.mode, e.uid, e.gid, e.size, e.mtime, e.linkname,
+     e.devmajor, e.devminor, e.data_size) = fields
+    e.xattrs = ()
+    e.sparse = None
+    return e
 
 
 class _BadHeader(ValueError):
@@ -235,6 +251,21 @@ class TarReader:
             extra += len(chunk)
         raise UnpackError(f"{self._what}: more than {limit} bytes follow the tar's end-of-archive "
                           "marker (tar pads to 10 KiB records at most)")
+
+    def plain_files(self, prefix: bytes, *args: Any) -> tuple[int, int, int]:
+        """Take, at an entry boundary, the run of buffered plain small files named
+        `prefix` + one plain component (see _tarheader.files, which `args` are for):
+        (files taken, their data bytes, the bytes charged for them). (0, 0, 0) where
+        the C parser is not built or PAX globals apply."""
+        if _plain_files is None or self._globals:
+            return 0, 0, 0
+        if self.pending:
+            self._skip(self.pending)
+        if self._pad:
+            self._skip(self._pad)
+        self.pending = self._pad = 0
+        self._pos, count, data_bytes, charged = _plain_files(self._buf, self._pos, prefix, *args)
+        return count, data_bytes, charged
 
     # ------------------------------------------------------------ headers
 
