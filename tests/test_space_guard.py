@@ -5,6 +5,7 @@ Each bomb runs against a small ext4 made by the test on a loop device (blocks: 6
 MiB; inodes: mkfs.ext4 -N), unmounted and removed at the end even on failure.
 """
 
+import contextlib
 import json
 import os
 import subprocess
@@ -318,6 +319,19 @@ def test_in_memory_tells_tmpfs_from_a_disk_filesystem(disk_path):
         subprocess.run(["umount", str(memory)], check=True)
 
 
+@contextlib.contextmanager
+def open_guards(path, count):
+    """`count` guards of the filesystem holding `path`, each on a handle of its own."""
+    fds = [os.open(path, os.O_RDONLY | os.O_DIRECTORY) for _ in range(count)]
+    guards = [space.Guard(fd, space.Reserve(), "t", str(path)) for fd in fds]
+    try:
+        yield guards
+    finally:
+        for guard, fd in zip(guards, fds):
+            guard.close()
+            os.close(fd)
+
+
 def _charges_until_a_check_is_due(guards, allowance):
     for count in range(1, 4 * allowance):
         if guards[count % len(guards)].charge(0, 1):
@@ -329,9 +343,7 @@ def _charges_until_a_check_is_due(guards, allowance):
 def test_charges_held_by_guards_still_make_a_check_due_within_a_quarter_more_than_allowed(tmp_path, writers):
     # Each guard holds small charges back from the shared meter (its lock is the cost);
     # all of them together hold at most a quarter of what the last check allowed.
-    fds = [os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY) for _ in range(writers)]
-    guards = [space.Guard(fd, space.Reserve(), "t", str(tmp_path)) for fd in fds]
-    try:
+    with open_guards(tmp_path, writers) as guards:
         guards[0].check()
         # Earlier writers of this process on the same filesystem may have left charges:
         # spend up to the next check (which starts the count afresh), then check.
@@ -342,16 +354,10 @@ def test_charges_held_by_guards_still_make_a_check_due_within_a_quarter_more_tha
         assert meter.spent_inodes == 0 and allowance > 100
         due = _charges_until_a_check_is_due(guards, allowance)
         assert allowance <= due <= allowance + allowance // 4
-    finally:
-        for guard, fd in zip(guards, fds):
-            guard.close()
-            os.close(fd)
 
 
 def test_a_check_makes_every_guard_hand_in_what_it_holds(tmp_path):
-    fds = [os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY) for _ in range(2)]
-    holding, checking = [space.Guard(fd, space.Reserve(), "t", str(tmp_path)) for fd in fds]
-    try:
+    with open_guards(tmp_path, 2) as (holding, checking):
         checking.check()
         meter = holding._open_meter()
         before = meter.spent_inodes  # what earlier writers of this process left
@@ -361,16 +367,10 @@ def test_a_check_makes_every_guard_hand_in_what_it_holds(tmp_path):
         checking.check()      # a new allowance: what was held must be counted against it
         holding.charge(0, 1)
         assert meter.spent_inodes == before + 3
-    finally:
-        for guard, fd in zip((holding, checking), fds):
-            guard.close()
-            os.close(fd)
 
 
 def test_room_is_what_charges_may_take_before_the_meter_must_see_them(tmp_path):
-    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
-    guard = space.Guard(fd, space.Reserve(), "t", str(tmp_path))
-    try:
+    with open_guards(tmp_path, 1) as (guard,):
         guard.check()
         guard.charge(0, 1)  # reaches the meter, and sets what this guard may hold
         meter = guard._open_meter()
@@ -382,15 +382,10 @@ def test_room_is_what_charges_may_take_before_the_meter_must_see_them(tmp_path):
         assert meter.spent_inodes == spent  # held, not yet counted
         guard.charge(0, 1)  # past the room: what is held goes to the meter with it
         assert meter.spent_inodes == spent + room_inodes + 1
-    finally:
-        guard.close()
-        os.close(fd)
 
 
 def test_there_is_no_room_after_another_writers_check_until_a_charge(tmp_path):
-    fds = [os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY) for _ in range(2)]
-    holding, checking = [space.Guard(fd, space.Reserve(), "t", str(tmp_path)) for fd in fds]
-    try:
+    with open_guards(tmp_path, 2) as (holding, checking):
         checking.check()
         holding.charge(0, 1)
         assert holding.room() != (0, 0)
@@ -398,7 +393,3 @@ def test_there_is_no_room_after_another_writers_check_until_a_charge(tmp_path):
         assert holding.room() == (0, 0)
         holding.charge(0, 1)
         assert holding.room() != (0, 0)
-    finally:
-        for guard, fd in zip((holding, checking), fds):
-            guard.close()
-            os.close(fd)
