@@ -29,7 +29,7 @@ from tests.support.images import (OCI_LAYER_GZIP, OCI_LAYER_TAR, OCI_LAYER_ZSTD,
                                   hardlink_entry, special_entry, symlink_entry, tar_bytes)
 from tests.support.robustness import hypothesis_settings
 from tests.support.staging import snapshot
-from tosi_tools import layer, tarstream
+from tosi_tools import layer, space, tarstream
 from tosi_tools.errors import TosiError
 
 pytestmark = [pytest.mark.robustness("fuzz"),
@@ -208,6 +208,82 @@ def test_random_bytes_touch_nothing_outside_the_root_and_raise_only_typed_errors
     root = sandbox.fresh_root()
     _apply(root, data, media, layer.FLAT)
     sandbox.assert_unchanged()
+
+
+# ---------------------------------------------------------------- runs of small files taken in C
+
+run_names = st.sampled_from(["a/f", "a/g", "./a/f", "a/.wh.f", "a/b/f", "a//f", "/a/f", "a/../a/f", "f", "a/.."])
+
+
+@st.composite
+def small_files(draw):
+    name = draw(run_names) + draw(st.sampled_from(["", "1", "2"]))
+    return file_entry(name, draw(st.binary(max_size=1100)), mode=draw(st.sampled_from([0o644, 0o4755, 0o1777])),
+                      uid=draw(st.sampled_from([0, 1000])), gid=draw(st.sampled_from([0, 100])))
+
+
+WARM_UP = [file_entry(f"a/w{i}", b"w" * i) for i in range(layer.WRITER_AFTER_FILES + 2)]
+WARM_UP_BYTES = sum(512 + -(-len(data) // 512) * 512 for _, data in WARM_UP)
+
+
+@st.composite
+def damaged_runs(draw):
+    """(tar bytes, description of the damage): enough small files to start the file
+    writer, then mostly small files in few directories (runs the C code takes) with
+    other entries among them, damaged past the first files."""
+    fmt = draw(st.sampled_from([tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT]))
+    body = draw(st.lists(st.one_of(small_files(), small_files(), small_files(), entries()), max_size=60))
+    data = bytearray(_tar(WARM_UP + body, fmt))
+    damage = []
+    for _ in range(draw(st.integers(0, 3))):
+        if len(data) <= WARM_UP_BYTES:
+            break
+        at = draw(st.integers(WARM_UP_BYTES, len(data) - 1))
+        if draw(st.booleans()):
+            data[at] ^= draw(st.integers(1, 255))
+            damage.append(f"flip@{at}")
+        else:
+            del data[at:]
+            damage.append(f"truncate@{at}")
+    return bytes(data), damage
+
+
+def _applied(root, data, mode, runs):
+    """"ok" or the error applying the tar `data` gave, with or without runs taken in C."""
+    plain_files = tarstream._plain_files
+    if not runs:
+        tarstream._plain_files = None
+    try:
+        layer.apply_layer(root, io.BytesIO(data), OCI_LAYER_TAR, mode=mode, layer_name="fuzzed",
+                          limits=layer.Limits(max_bytes=64 << 20, max_entries=10_000,
+                                              reserve=space.Reserve.parse("0")))
+        return "ok"
+    except TosiError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        tarstream._plain_files = plain_files
+
+
+@pytest.mark.parametrize("mode", [layer.FLAT, layer.OVERLAY])
+@hypothesis_settings(100, 2000)
+@given(case=damaged_runs())
+def test_damaged_runs_of_small_files_give_what_they_give_without_runs_and_stay_in_the_root(robustness, sandbox,
+                                                                                         mode, case):
+    data, damage = case
+    robustness.add(cases=1, faults=len(damage), corrupted=sum(d.startswith("flip") for d in damage))
+    assert tarstream._plain_files is not None, "tosi_tools._tarheader was not built"
+    results = []
+    for runs in (True, False):
+        root = sandbox.fresh_root()
+        if mode == layer.FLAT:
+            layer.apply_layer(root, io.BytesIO(LOWER), OCI_LAYER_TAR, mode=layer.FLAT, layer_name="lower")
+        outcome = _applied(root, data, mode, runs)
+        sandbox.assert_unchanged()
+        # An overlay whiteout (char 0/0) is made with the time it is made.
+        tree = {path: {k: v for k, v in node.items() if not (k == "mtime" and node.get("rdev") == (0, 0))}
+                for path, node in snapshot(root).items()}
+        results.append((outcome, tree))
+    assert results[0] == results[1], damage
 
 
 # Found by the fuzz test above: one flipped byte of a gzip stream, as hypothesis shrank it.
