@@ -191,6 +191,16 @@ STACKS = {
         [dir_entry("a"), *_small_files("a")],
         [*_small_files("a"), opaque_entry("a"), whiteout_entry("a/f0001"), *_small_files("z")],
     ],
+    "a_symlink_and_a_big_file_over_directories_queued_files_are_deep_below": [
+        [dir_entry("x"), dir_entry("p"), dir_entry("p/q"), dir_entry("p/q/r")],
+        [dir_entry("a"), dir_entry("a/b"), *_small_files("a/b"), symlink_entry("a", "x"), *_small_files("p/q/r"),
+         file_entry("p", b"P" * (filewriter.MAX_FILE + 1)), file_entry("a/b/after", b"x")],
+    ],
+    "a_symlink_and_a_big_file_over_directories_no_queued_file_is_in": [
+        [dir_entry("x"), dir_entry("lower"), file_entry("lower/f", b"f"), dir_entry("low2")],
+        [dir_entry("a"), *_small_files("a"), symlink_entry("lower", "x"),
+         file_entry("low2", b"L" * (filewriter.MAX_FILE + 1)), *_small_files("a", 80)],
+    ],
     # What stops a run of files taken in C (tarstream.TarReader.plain_files), or must not.
     "runs_under_prefixes_that_name_the_same_directory_otherwise": [
         [dir_entry("a"), dir_entry("a/b"), *_small_files("./a"), *_small_files("a/b/../b"),

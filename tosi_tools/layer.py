@@ -598,6 +598,8 @@ class FileQueue:
         self.writer: Any = None
         self.small_files = 0
         self.queued: set[tuple] = set()  # (canonical parent, name) of files not synced yet
+        # The directories those files are in, and all their ancestors (canonical).
+        self.queued_dirs: set[tuple] = set()
 
     def takes(self, member: tarstream.Entry) -> bool:
         """Whether this file goes to the writer: a small plain one, once the layer had many."""
@@ -623,14 +625,25 @@ class FileQueue:
                    (filewriter.CHOWN if chown else 0) | (filewriter.CHMOD if chmod else 0),
                    member.uid, member.gid, _ns(member.mtime), (canonical, base, member, data, name))
         self.queued.add((canonical, base))
+        if canonical not in self.queued_dirs:
+            self._note_dirs(canonical)
         if writer.full:
             self.sync()
+
+    def _note_dirs(self, canonical: tuple) -> None:
+        dirs = self.queued_dirs
+        for i in range(len(canonical), 0, -1):
+            key = canonical[:i]
+            if key in dirs:
+                return
+            dirs.add(key)
 
     def spares(self, member: tarstream.Entry, parts: tuple, whiteout: bool) -> bool:
         """Whether this entry may be applied while queued files are still being made.
 
-        A queued file goes on; a new directory, symlink or bigger file may too, as
-        long as it is not where a queued file goes and needs no parent made.
+        A queued file goes on; a directory, symlink or bigger file may too, as long
+        as it is not where a queued file goes or a directory queued files are in
+        (which it would replace), and needs no parent made.
         Everything else (whiteouts, hardlinks, whose target may be queued, nodes,
         names that exist but for directories) waits for them.
         """
@@ -641,19 +654,21 @@ class FileQueue:
         if member.type not in (tarstream.REG, tarstream.DIR, tarstream.SYM) or not parts:
             return False
         try:
-            dir_fd, base, canonical = self.root.parent(parts, create=False)
+            _, base, canonical = self.root.parent(parts, create=False)
         except (OSError, UnsafeEntry):
             return False
         if (canonical, base) in self.queued:
             return False
-        # A symlink or file replaces whatever is there, a directory with queued files in it too.
-        return member.type == tarstream.DIR or saferoot.lstat_at(dir_fd, base) is None
+        # A symlink or file replaces whatever is there: not a directory with queued files
+        # in it, below it included (a directory entry keeps one).
+        return member.type == tarstream.DIR or canonical + (base,) not in self.queued_dirs
 
     def sync(self) -> None:
         """Wait for the queued files; redo, in order, those the writer could not make."""
         if not self.writer:
             return
         self.queued.clear()
+        self.queued_dirs.clear()
         for canonical, base, member, data, name in self.writer.sync():
             try:
                 self.redo(canonical, base, member, data, name)
