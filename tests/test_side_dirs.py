@@ -305,3 +305,57 @@ def test_saveconfig_in_a_directory_others_can_write_is_refused_before_any_work(
                            "-workdir", workdir), 2)
     assert "which others can write" in line
     assert os.listdir(open_dir) == [] and not os.path.exists(workdir)
+
+
+# ---------------------------------------------------------------- races
+#
+# Between the first look at a mount point and mount(2) another user may act: make a
+# parent that was missing (then tosi's mount point lies in their directory, where they
+# can swap it for a symlink to a directory of root's). What they do is played here at
+# the moment it hurts most, so the outcome is the same on every run.
+
+def test_parent_another_user_makes_after_the_first_look_is_refused_and_nothing_is_mounted(
+        unpacked, workdir, shared, secret, mounts, monkeypatch):
+    parent = os.path.join(shared, "p")
+    target = os.path.join(parent, "m")
+    mounts.extend([target, secret])
+    real_prepare = mount_stage._prepare_mount_point
+
+    def attacker_acts_first(path):
+        assert as_nobody(f"mkdir -m 0777 {parent}").returncode == 0
+        made = real_prepare(path)
+        assert as_nobody(f"mv {target} {parent}/away && ln -s {secret} {target}").returncode == 0
+        return made
+
+    monkeypatch.setattr(mount_stage, "_prepare_mount_point", attacker_acts_first)
+    records = PlanReader(io.StringIO(unpacked)).layers()
+    with pytest.raises(mount_stage.UnsafePath) as refused:
+        mount_stage.mount_image({}, records, target, workdir=workdir)
+    assert f"lies below {parent}, owned by uid {NOBODY}" in str(refused.value)
+    assert overlayfs.mount_at(secret) is None
+    assert overlayfs.mount_at(os.path.join(parent, "away")) is None
+    assert os.listdir(secret) == ["file"]
+
+
+@pytest.mark.parametrize("api", ["mount", "fsmount"])
+def test_overlay_goes_onto_the_held_directory_whatever_its_name_names_now(unpacked, workdir,
+                                                                         tmp_path, secret, mounts,
+                                                                         api):
+    checked = tmp_path / "checked"
+    checked.mkdir()
+    name = str(tmp_path / "name")
+    os.symlink(secret, name)
+    mounts.extend([str(checked), secret])
+    lowers = [tmp_path / "top", tmp_path / "bottom"]
+    for lower in lowers:
+        lower.mkdir()
+    (lowers[0] / "from-the-image").write_text("x")
+    fd = os.open(checked, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        overlayfs.mount_overlay(name, [str(lower) for lower in lowers], read_only=True, api=api,
+                                target_fd=fd)
+    finally:
+        os.close(fd)
+    assert overlayfs.mount_at(str(checked))[0] == "overlay"
+    assert overlayfs.mount_at(secret) is None
+    assert os.listdir(checked) == ["from-the-image"]

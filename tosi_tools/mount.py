@@ -464,6 +464,33 @@ def _prepare_mount_point(target):
     return True
 
 
+def _hold_mount_point(target):
+    """An O_PATH fd on the mount point made or checked before, for mount(2) to use instead
+    of its name. The first look at its ancestors may have found one missing, which
+    another user could have made since (and then swapped what tosi made in it): now that
+    everything below them exists they are checked again (before anything is made beside
+    the mount point), and the name is still what was checked; from then on the safe
+    chain keeps the names beside it too."""
+    ownership.require_safe_ancestors(target, "mount point", complete=True)
+    try:
+        fd = os.open(target, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            _refuse_kind(target, os.lstat(target), "mount point")
+        raise
+    try:
+        held = os.fstat(fd)
+        ownership.check_own_dir_stat(target, held, "mount point", _SIDE_FIX)
+        now = _lstat_or_none(target)
+        if now is None or (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino):
+            raise UnsafePath(f"{target} was replaced while tosi prepared the mount; {_SIDE_FIX}",
+                             path=target)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def _prepare_upper(upper, target):
     """(fd, created) of the upperdir: made here (0700, marked) or an existing one of ours."""
     created = True
@@ -663,10 +690,11 @@ def _mount_lowers(layers, target, upper, work, ovdir, wd, flags, warning, read_o
         ownership.make_own_dir(wd.empty_lower_path(), 0o755, "empty lowerdir")
         lowers.append(wd.EMPTY_LOWER)
     created = []
-    upper_fd = None
+    upper_fd = target_fd = None
     try:
         if _prepare_mount_point(target):
             created.append(target)
+        target_fd = _hold_mount_point(target)
         if not read_only:
             upper_fd, made = _prepare_upper(upper, target)
             if made:
@@ -680,7 +708,7 @@ def _mount_lowers(layers, target, upper, work, ovdir, wd, flags, warning, read_o
             used = overlayfs.mount_overlay(
                 target, lowers, None if read_only else upper, None if read_only else work,
                 relative_to=ovdir, read_only=read_only, api=api, flags=flags,
-                userxattr=form == USER_FORM)
+                userxattr=form == USER_FORM, target_fd=target_fd)
         elif how == userns.USERNS:
             holder = userns.start_holder(
                 target, lowers, None if read_only else upper, None if read_only else work,
@@ -698,8 +726,9 @@ def _mount_lowers(layers, target, upper, work, ovdir, wd, flags, warning, read_o
                 pass
         raise
     finally:
-        if upper_fd is not None:
-            os.close(upper_fd)
+        for fd in (upper_fd, target_fd):
+            if fd is not None:
+                os.close(fd)
     log.info("mounted %s at %s with %s%s", counted(len(layers), "layer"), target,
              {"mount": "mount(2)", "fsmount": "the new mount API"}.get(used, used),
              f" ({','.join(flags)})" if flags else "")

@@ -67,6 +67,7 @@ FSCONFIG_CMD_CREATE = 6
 FSMOUNT_CLOEXEC = 1
 MOUNT_ATTR_RDONLY = 1
 MOVE_MOUNT_F_EMPTY_PATH = 4
+MOVE_MOUNT_T_EMPTY_PATH = 0x40
 AT_FDCWD = -100
 
 # The mount-API syscalls came after the kernel unified syscall numbers, so they
@@ -223,8 +224,12 @@ def vfs_flags(flags: Iterable[str]) -> tuple[int, int]:
 def mount_overlay(target: str, lowerdirs: Sequence[str], upperdir: str | None = None,
                   workdir: str | None = None, relative_to: str | None = None,
                   read_only: bool = False, api: str = "auto", flags: Sequence[str] = (),
-                  userxattr: bool = False) -> str:
+                  userxattr: bool = False, target_fd: int | None = None) -> str:
     """Mount overlayfs at `target` (absolute); returns the API used: "mount" or "fsmount".
+
+    `target_fd`: an fd (O_PATH will do) on the directory the caller checked as the mount
+    point; the overlay goes onto that directory whatever `target` names by the time of
+    the call (`target` is then only what messages say).
 
     `lowerdirs` are topmost first; relative ones are looked up in `relative_to`.
     `upperdir`/`workdir` are absolute or both None (a read-only overlay).
@@ -249,19 +254,22 @@ def mount_overlay(target: str, lowerdirs: Sequence[str], upperdir: str | None = 
                 f"the mount options for {len(lowerdirs)} layers take {len(options)} bytes, "
                 f"more than mount(2) accepts in one page ({page_size()})")
         with _inside(relative_to):
-            _mount_legacy(target, options, read_only, ms_flags)
+            _mount_legacy(target, options, read_only, ms_flags, target_fd)
     elif api == "fsmount":
         with _inside(relative_to):
             _mount_new_api(target, lowerdirs, upperdir, workdir, read_only,
-                           len(os.fsencode(options)), attr_flags, userxattr)
+                           len(os.fsencode(options)), attr_flags, userxattr, target_fd)
     else:
         raise ValueError(f"unknown mount api {api!r}")
     return api
 
 
-def _mount_legacy(target, options, read_only, ms_flags=0):
+def _mount_legacy(target, options, read_only, ms_flags=0, target_fd=None):
     flags = (MS_RDONLY if read_only else 0) | ms_flags
-    rc = _lib().mount(OVERLAY.encode(), os.fsencode(target), OVERLAY.encode(), flags,
+    # /proc/self/fd/N resolves to the directory the fd holds, never to what its name
+    # was swapped for since.
+    where = target if target_fd is None else f"/proc/self/fd/{target_fd}"
+    rc = _lib().mount(OVERLAY.encode(), os.fsencode(where), OVERLAY.encode(), flags,
                       os.fsencode(options))
     if rc != 0:
         code, message = _oserror("mount overlay on", target)
@@ -311,18 +319,18 @@ def _fsconfig_path(path, held):
 
 
 def _mount_new_api(target, lowerdirs, upperdir, workdir, read_only, option_bytes, attr_flags=0,
-                   userxattr=False):
+                   userxattr=False, target_fd=None):
     held = []
     try:
         _mount_new_api_fds(target, lowerdirs, upperdir, workdir, read_only, option_bytes, held,
-                           attr_flags, userxattr)
+                           attr_flags, userxattr, target_fd)
     finally:
         for fd in held:
             os.close(fd)
 
 
 def _mount_new_api_fds(target, lowerdirs, upperdir, workdir, read_only, option_bytes, held,
-                       attr_flags=0, userxattr=False):
+                       attr_flags=0, userxattr=False, target_fd=None):
     reason = new_api_unavailable_reason()
     if option_bytes >= page_size():
         why = (f"the mount options for {len(lowerdirs)} layers take {option_bytes} bytes, "
@@ -377,9 +385,13 @@ def _mount_new_api_fds(target, lowerdirs, upperdir, workdir, read_only, option_b
         if mnt_fd is None:
             raise MountError(f"fsmount overlay for {target}: {os.strerror(err)}")
         try:
+            if target_fd is None:
+                to_fd, to_path, how = AT_FDCWD, os.fsencode(target), MOVE_MOUNT_F_EMPTY_PATH
+            else:
+                to_fd, to_path = target_fd, b""
+                how = MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH
             _, err = _syscall("move_mount", ctypes.c_int(mnt_fd), ctypes.c_char_p(b""),
-                              ctypes.c_int(AT_FDCWD), ctypes.c_char_p(os.fsencode(target)),
-                              ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH))
+                              ctypes.c_int(to_fd), ctypes.c_char_p(to_path), ctypes.c_uint(how))
             if err:
                 raise MountError(f"move_mount overlay to {target}: {os.strerror(err)}")
         finally:

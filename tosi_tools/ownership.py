@@ -58,9 +58,11 @@ def require_own_dir(path: str, what: str = "directory", fix: str | None = None) 
     return st
 
 
-def require_safe_ancestors(path: str, what: str = "directory") -> None:
+def require_safe_ancestors(path: str, what: str = "directory", complete: bool = False) -> None:
     """Every existing directory above `path` must be owned by root or us, and not
-    writable by others unless sticky; a symlink on the way must be root's or ours."""
+    writable by others unless sticky; a symlink on the way must be root's or ours.
+    `complete`: every one must exist (once something was made below them: a missing
+    one, or one another user made since the first look, is refused)."""
     path = os.path.abspath(path)
     euid = os.geteuid()
     parts = path.split("/")[1:-1]
@@ -70,6 +72,9 @@ def require_safe_ancestors(path: str, what: str = "directory") -> None:
         try:
             st = os.lstat(current)
         except FileNotFoundError:
+            if complete:
+                raise UnsafePath(f"{what} {path}: {current} went away while tosi worked below it",
+                                 path=path) from None
             return
         except OSError as exc:
             raise UnsafePath(f"{what} {path}: {current}: {exc.strerror}", path=path) from None
