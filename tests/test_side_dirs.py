@@ -359,3 +359,21 @@ def test_overlay_goes_onto_the_held_directory_whatever_its_name_names_now(unpack
     assert overlayfs.mount_at(str(checked))[0] == "overlay"
     assert overlayfs.mount_at(secret) is None
     assert os.listdir(checked) == ["from-the-image"]
+
+
+def test_into_target_whose_parent_another_user_makes_after_the_check_is_refused(shared,
+                                                                                monkeypatch):
+    from tosi_tools import unpack
+
+    parent = os.path.join(shared, "p")
+    target = os.path.join(parent, "rootfs")
+    real_check = unpack.check_into_target
+
+    def attacker_acts_after_the_check(path, flag_name=None):
+        real_check(path, flag_name)
+        assert as_nobody(f"mkdir -m 0777 {parent}").returncode == 0
+
+    monkeypatch.setattr(unpack, "check_into_target", attacker_acts_after_the_check)
+    with pytest.raises(unpack.UnsafePath) as refused:
+        unpack._open_into_target(target, 0o022)
+    assert f"lies below {parent}, owned by uid {NOBODY}" in str(refused.value)

@@ -189,6 +189,14 @@ def _open_into_target(target, umask):
             raise UnsafePath(f"{flag('into')} {target}: is owned by uid {st.st_uid}, not by uid "
                              f"{os.geteuid()}; remove it, or choose another directory",
                              path=target)
+        # A parent missing at the first look may have been made since by another user,
+        # who could then move the tree away and put theirs under its name: now that all
+        # exist, they are checked again, and the name is still the directory held.
+        ownership.require_safe_ancestors(target, f"{flag('into')} target", complete=True)
+        now = os.lstat(target)
+        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+            raise UnsafePath(f"{flag('into')} {target}: was replaced while tosi opened it; "
+                             "choose a directory below one of yours or root's", path=target)
         os.fchmod(root.fd, 0o700)
         if default is None:
             default = stat.S_IMODE(st.st_mode)
