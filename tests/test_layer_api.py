@@ -214,3 +214,11 @@ def test_unpack_plan_reads_blobs_from_open_stream_when_given(tmp_path, into):
                                   open_stream=lambda record: io.BytesIO(blobs[record["digest"]])))
     trees = [target] if into else [r["overlay"] for r in out]
     assert sorted(n for tree in trees for n in os.listdir(tree)) == ["a", "b"]
+
+
+def test_a_pax_mtime_reaches_the_file_to_the_nanosecond(tmp_path):
+    data = make_layer([file_entry("f", b"x", pax={"mtime": "1600000000.123456789"}),
+                       dir_entry("d", pax={"mtime": "1600000001.987654321"})]).data
+    layer.apply_layer(str(tmp_path), io.BytesIO(data), DOCKER_LAYER_GZIP)
+    assert os.lstat(tmp_path / "f").st_mtime_ns == 1600000000123456789
+    assert os.lstat(tmp_path / "d").st_mtime_ns == 1600000001987654321

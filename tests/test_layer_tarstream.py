@@ -74,6 +74,49 @@ def test_pax_mtime_keeps_fractions():
     assert e.mtime == 1600000000.25
 
 
+@pytest.mark.parametrize("value,ns", [
+    ("1600000000.123456789", 1600000000123456789),  # a float would give ...768
+    ("1600000000.1234567899", 1600000000123456789),  # digits past the ninth are cut, as Go does
+    ("-1.5", -1500000000),
+    (".5", 500000000),
+    ("7.", 7000000000),
+])
+def test_pax_mtime_is_exact_to_the_nanosecond(value, ns):
+    [(e, _)] = entries(tar_bytes([file_entry("f", pax={"mtime": value})]))
+    assert int(e.mtime * 1_000_000_000) == ns
+
+
+def with_field(data, offset, width, text):
+    """`data` (one ustar header first) with a header field replaced and the checksum made right."""
+    block = bytearray(data[:512])
+    block[offset:offset + width] = text.ljust(width, b"\0")
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block)
+    return bytes(block) + data[512:]
+
+
+@pytest.mark.parametrize("mode", [b"-000001", b"+004755", b"0o4755", b"0_755", b"0644 x", b"\t0644"])
+def test_a_header_number_with_anything_but_octal_digits_is_refused(mode):
+    data = with_field(tar_bytes([file_entry("f", b"x")], format=tarfile.USTAR_FORMAT), 100, 8, mode)
+    assert "bad number" in refusal(data)
+
+
+@pytest.mark.parametrize("mode,expected", [(b"0000644\0", 0o644), (b"  644 \0", 0o644), (b"644\0junk", 0o644),
+                                           (b"\0" * 8, 0)])
+def test_a_header_number_may_be_padded_with_spaces_and_nuls(mode, expected):
+    data = with_field(tar_bytes([file_entry("f", b"x")], format=tarfile.USTAR_FORMAT), 100, 8, mode)
+    [(e, _)] = entries(data)
+    assert e.mode & 0o7777 == expected
+
+
+@pytest.mark.parametrize("length", [b"+20", b"2_0"])
+def test_a_pax_record_length_with_anything_but_digits_is_refused(length):
+    data = tar_bytes([file_entry("f", b"x", pax={"comment": "x" * 8})])
+    # as long as before: the record still says its own length right
+    data = data.replace(b"20 comment=xxxxxxxx", length + b" comment=xxxxxxx")
+    assert "malformed PAX header" in refusal(data)
+
+
 def test_global_pax_header_applies_to_following_entries():
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT,

@@ -1130,7 +1130,8 @@ def os_error(layer_name: str, name: str | None, exc: OSError) -> UnpackError:
 
 
 def _ns(mtime):
-    return int(mtime * 1_000_000_000) if isinstance(mtime, float) else int(mtime) * 1_000_000_000
+    # int seconds, or an exact Fraction (PAX): truncated toward zero, as Go's archive/tar does
+    return mtime * 1_000_000_000 if isinstance(mtime, int) else int(mtime * 1_000_000_000)
 
 
 def current_umask() -> int:

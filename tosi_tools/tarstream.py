@@ -11,6 +11,7 @@ decompressed chunks to a file descriptor.
 
 import os
 import re
+from fractions import Fraction
 from typing import Any, Protocol
 
 from .digest import CHUNK
@@ -63,7 +64,7 @@ class Entry:
     uid: int
     gid: int
     size: int
-    mtime: int | float
+    mtime: int | Fraction  # seconds; a PAX time with a fraction is exact
     linkname: str
     devmajor: int
     devminor: int
@@ -93,10 +94,15 @@ class _BadHeader(ValueError):
 
 
 def _number(field):
-    try:
-        return int(field.strip(b" \0"), 8)  # the usual "0000644\0"
-    except ValueError:
-        return _unusual_number(field)
+    # int(..., 8) alone would take "-1", "+644", "0o644" and "0_644", which Go's
+    # archive/tar (Docker's reader) refuses: only octal digits count.
+    digits = field.strip(b" \0")  # the usual "0000644\0"
+    if digits.isdigit():
+        try:
+            return int(digits, 8)
+        except ValueError:  # an 8 or a 9
+            pass
+    return _unusual_number(field)
 
 
 def _unusual_number(field):
@@ -105,13 +111,15 @@ def _unusual_number(field):
         if field[0] == 0xFF:
             value -= 1 << (8 * (len(field) - 1))
         return value
-    text = field.split(b"\0", 1)[0].strip()
+    text = field.split(b"\0", 1)[0].strip(b" ")
     if not text:
         return 0
-    try:
-        return int(text, 8)
-    except ValueError:
-        raise _BadHeader(f"bad number {bytes(field)!r}") from None
+    if text.isdigit():
+        try:
+            return int(text, 8)
+        except ValueError:
+            pass
+    raise _BadHeader(f"bad number {bytes(field)!r}")
 
 
 def _checksum_ok(block):
@@ -132,6 +140,18 @@ def _text(field):
     return (field if end < 0 else field[:end]).decode("utf-8", "surrogateescape")
 
 
+def _pax_time(value):
+    """A PAX time (validated by _PAX_TIME): int seconds, or an exact Fraction when it
+    has a fraction: a float would lose the nanoseconds Go's archive/tar keeps."""
+    whole, dot, fraction = value.partition(b".")
+    if not dot:
+        return int(value)
+    negative = whole.startswith(b"-")
+    digits = whole.lstrip(b"-") + fraction
+    number = Fraction(int(digits or b"0"), 10 ** len(fraction))
+    return -number if negative else number
+
+
 def _pax_records(data):
     """(key, raw value) pairs of a PAX extended header, in order (sparse 0.0 repeats keys)."""
     records = []
@@ -142,10 +162,10 @@ def _pax_records(data):
         space = data.find(b" ", pos)
         if space < 0:
             raise UnpackError("malformed PAX header")
-        try:
-            length = int(data[pos:space])
-        except ValueError:
-            raise UnpackError("malformed PAX header length") from None
+        length_text = data[pos:space]
+        if not length_text.isdigit():  # int() would take "+12", " 12" or "1_2"
+            raise UnpackError("malformed PAX header length")
+        length = int(length_text)
         record = data[space + 1:pos + length]
         if length <= 0 or pos + length > end or not record.endswith(b"\n") or b"=" not in record:
             raise UnpackError("malformed PAX header record")
@@ -412,7 +432,7 @@ class TarReader:
                     raise UnpackError(f"{self._what}: bad PAX mtime={quoted(value)}")
                 if len(value.partition(b".")[0]) > 20:  # more than time_t has; else _check_ranges
                     raise UnpackError(f"{self._what}: PAX mtime={quoted(value)} out of range")
-                e.mtime = float(value) if b"." in value else int(value)
+                e.mtime = _pax_time(value)
             elif key.startswith("SCHILY.xattr."):
                 xattrs.append((key[13:], value))
             elif key in ("GNU.sparse.offset", "GNU.sparse.numbytes"):
@@ -439,7 +459,8 @@ class TarReader:
             raise UnpackError(f"{self._what}: entry {quoted(name)}: uid/gid {e.uid}/{e.gid} "
                               f"out of range (0 to {MAX_ID})")
         if not MIN_TIME <= e.mtime <= MAX_TIME:
-            raise UnpackError(f"{self._what}: entry {quoted(name)}: mtime {e.mtime} out of range "
+            raise UnpackError(f"{self._what}: entry {quoted(name)}: mtime "
+                              f"{e.mtime if isinstance(e.mtime, int) else float(e.mtime)} out of range "
                               f"({MIN_TIME} to {MAX_TIME})")
         if not (0 <= real_size <= MAX_OFFSET and 0 <= data_size <= MAX_OFFSET):
             raise UnpackError(f"{self._what}: entry {quoted(name)}: size {real_size} out of range")
