@@ -222,3 +222,12 @@ def test_a_pax_mtime_reaches_the_file_to_the_nanosecond(tmp_path):
     layer.apply_layer(str(tmp_path), io.BytesIO(data), DOCKER_LAYER_GZIP)
     assert os.lstat(tmp_path / "f").st_mtime_ns == 1600000000123456789
     assert os.lstat(tmp_path / "d").st_mtime_ns == 1600000001987654321
+
+
+def test_a_zstd_layer_opening_with_a_skippable_frame_is_applied(tmp_path):
+    import struct
+
+    skippable = struct.pack("<II", 0x184D2A50 + 0xE, 4) + b"meta"
+    blob = skippable + make_layer([file_entry("f", b"framed")], compression="zstd").data
+    layer.apply_layer(str(tmp_path), io.BytesIO(blob), OCI_LAYER_ZSTD)
+    assert (tmp_path / "f").read_bytes() == b"framed"

@@ -63,6 +63,10 @@ def sniff(head: bytes) -> str:
     for name, magic in _MAGIC:
         if head.startswith(magic):
             return name
+    # A zstd stream may open with a skippable frame (magic 0x184D2A50 to 0x184D2A5F,
+    # little-endian), as seekable-zstd and other framing tools write.
+    if head[:1] and head[0] & 0xF0 == 0x50 and head[1:4] == b"\x2a\x4d\x18":
+        return ZSTD
     return TAR
 
 
