@@ -14,7 +14,7 @@ import pytest
 
 from tests.support.images import (
     DOCKER_FOREIGN_LAYER, DOCKER_LAYER_GZIP, OCI_LAYER_GZIP, OCI_LAYER_TAR, OCI_LAYER_ZSTD,
-    dir_entry, file_entry, make_layer, opaque_entry, special_entry, whiteout_entry,
+    dir_entry, file_entry, make_layer, opaque_entry, special_entry, symlink_entry, whiteout_entry,
 )
 from tosi_tools import compression, layer, overlayfs, unpack
 from tosi_tools.errors import UnpackError, UsageError
@@ -231,3 +231,13 @@ def test_a_zstd_layer_opening_with_a_skippable_frame_is_applied(tmp_path):
     blob = skippable + make_layer([file_entry("f", b"framed")], compression="zstd").data
     layer.apply_layer(str(tmp_path), io.BytesIO(blob), OCI_LAYER_ZSTD)
     assert (tmp_path / "f").read_bytes() == b"framed"
+
+
+def test_a_symlink_gets_its_xattrs_but_user_ones_linux_does_not_keep_there(tmp_path):
+    data = make_layer([symlink_entry("l", "missing-target", pax={
+        "SCHILY.xattr.trusted.tosi-test": "kept", "SCHILY.xattr.user.note": "not on symlinks"})]).data
+    layer.apply_layer(str(tmp_path), io.BytesIO(data), DOCKER_LAYER_GZIP)
+    link = str(tmp_path / "l")
+    assert os.readlink(link) == "missing-target"
+    assert os.getxattr(link, "trusted.tosi-test", follow_symlinks=False) == b"kept"
+    assert "user.note" not in os.listxattr(link, follow_symlinks=False)

@@ -53,12 +53,14 @@ def dir_entry(name, mode=0o755, uid=0, gid=0, mtime=1_600_000_000, pax=None):
     return info, None
 
 
-def symlink_entry(name, target, uid=0, gid=0, mtime=1_600_000_000):
+def symlink_entry(name, target, uid=0, gid=0, mtime=1_600_000_000, pax=None):
     info = tarfile.TarInfo(name)
     info.type = tarfile.SYMTYPE
     info.linkname = target
     info.mode = 0o777
     info.uid, info.gid, info.mtime = uid, gid, mtime
+    if pax:
+        info.pax_headers = dict(pax)
     return info, None
 
 
