@@ -420,6 +420,18 @@ def test_hardlink_to_a_lower_layer_file_is_one_clear_error_when_mounting(layouts
     assert not overlayfs.mount_at(str(target))
 
 
+@pytest.mark.parametrize("mode", ["-extractto", "-mount"])
+def test_hardlink_to_a_name_the_layer_whited_out_is_refused_in_both_layouts(layouts, mode):
+    layers = [L(file_entry("f", b"lower")), L(whiteout_entry("f"), hardlink_entry("h", "f"))]
+    ref = layouts.push(layers)
+    target = layouts.tmp_path / "out"
+    layouts.mounts.append(str(target))
+    proc = layouts.tool("tosi", "-image", ref, mode, target, "-workdir", layouts.workdir, check=1)
+    assert proc.stderr.startswith("tosi: error: ") and len(proc.stderr.splitlines()) == 1
+    assert "hardlink target 'f' is not in" in proc.stderr
+    assert not overlayfs.mount_at(str(target))
+
+
 def test_entry_under_a_read_only_directory_of_a_lower_layer_is_made(layouts):
     layers = [L(dir_entry("ro", mode=0o555, uid=33, gid=33), file_entry("ro/f", b"f", mode=0o444)),
               L(dir_entry("ro", mode=0o555, uid=33, gid=33), file_entry("ro/g", b"g", mode=0o400))]

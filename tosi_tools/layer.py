@@ -1047,7 +1047,9 @@ class _Applier:
         except UnsafeEntry as exc:
             raise self.fail(name, str(exc), UnsafeEntry) from None
         st = saferoot.lstat_at(src_fd, src_base) if src_fd is not None else None
-        if st is None:
+        if st is None or overlayfs.is_whiteout(st):
+            # A whiteout device (OverlayLayout's, for a name this layer deleted) is no
+            # file: linking to it would make a second whiteout where flat has nothing.
             return self.layout.missing_link_target(self, name, member)
         if stat.S_ISDIR(st.st_mode):
             raise self.fail(name, f"hardlink target {quoted(member.linkname)} is a directory")
