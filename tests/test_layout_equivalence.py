@@ -947,3 +947,11 @@ def test_overlayfs_xattrs_of_a_layer_hide_nothing_below_it(layouts):
             for where, dirs, files in os.walk(top):
                 for path in [where] + [os.path.join(where, n) for n in dirs + files]:
                     assert not [k for k in os.listxattr(path, follow_symlinks=False) if "overlay." in k], path
+
+
+def test_directories_a_whiteout_goes_into_are_made_even_when_nothing_names_them(layouts):
+    # As Docker's flat extraction (its parents are made before the whiteout is read)
+    # and every overlay-based runtime (the whiteout device needs them) do.
+    layers = [L(file_entry("f", b"f")), L(whiteout_entry("a/b/gone"))]
+    assert_all_agree(layouts, layers)
+    assert "a/b" in layouts.flat(layers)

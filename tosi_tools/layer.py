@@ -295,7 +295,7 @@ class FlatLayout(Layout):
         return saferoot.lstat_at(dir_fd, base) is not None
 
     def delete(self, applier: _Applier, name: str, target: tuple) -> None:
-        found = self.existing_parent(applier, name, target)
+        found = self.made_parent(applier, name, target)
         if found is None:
             return  # nothing there to delete
         dir_fd, base, canonical = found
@@ -313,19 +313,23 @@ class FlatLayout(Layout):
         applier.root.remove(dir_fd, base, canonical)
 
     def delete_device(self, applier: _Applier, name: str, parts: tuple) -> None:
-        found = self.existing_parent(applier, name, parts)
+        found = self.made_parent(applier, name, parts)
         if found is not None:
             applier.root.remove(*found)
 
-    def existing_parent(self, applier: _Applier, name: str, parts: tuple) -> tuple | None:
-        """(dir_fd, base, canonical parent) of what `parts` names in a flat tree, or None
-        when nothing is there (to delete)."""
+    def made_parent(self, applier: _Applier, name: str, parts: tuple) -> tuple | None:
+        """(dir_fd, base, canonical parent) of what `parts` names, the directories on the
+        way made as for any entry: Docker's extraction makes a whiteout's parents before
+        it reads it, and an overlay layer has them to hold the whiteout device. None
+        when a lower non-directory is on the way (nothing below it to delete)."""
         try:
-            return applier.root.parent(parts, create=False)
-        except (FileNotFoundError, NotADirectoryError):
+            placed = applier.root.parent(parts, create=True)
+        except NotADirectoryError:
             return None
         except UnsafeEntry as exc:
             raise applier.fail(name, str(exc), UnsafeEntry) from None
+        self.touch(placed[2])
+        return placed
 
     def renew_dir(self, applier: _Applier, dir_fd: int, base: str, name: str) -> None:
         """Give a directory the attributes of one made for an entry below it: 0755, ours, no xattrs."""
