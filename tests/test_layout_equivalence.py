@@ -955,3 +955,14 @@ def test_directories_a_whiteout_goes_into_are_made_even_when_nothing_names_them(
     layers = [L(file_entry("f", b"f")), L(whiteout_entry("a/b/gone"))]
     assert_all_agree(layouts, layers)
     assert "a/b" in layouts.flat(layers)
+
+
+@pytest.mark.parametrize("read_only", [False, True])
+def test_an_opaque_marker_at_the_root_hides_every_lower_layer_when_mounted_too(layouts, read_only):
+    layers = [L(file_entry("old", b"o"), dir_entry("d"), file_entry("d/old", b"o")),
+              L(file_entry("mid", b"m")),
+              L(file_entry(".wh..wh..opq"), file_entry("new", b"n"))]
+    expected = without_root(layermodel.snapshot(layermodel.rootfs(layers)))
+    assert sorted(expected) == ["new"]
+    assert _differences(without_root(layouts.mounted(layers, read_only=read_only)), expected) == {}
+    assert _differences(without_root(layouts.flat(layers)), expected) == {}

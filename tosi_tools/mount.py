@@ -60,6 +60,7 @@ def lowerdirs(layers, overlaydir):
     `overlaydir`/<hex>, or whose "link" is not a name there leading to <hex>, is
     refused (PlanError).
 
+    A layer whose root is opaque hides every layer below it: those are left out.
     overlayfs refuses a directory twice; the lower copies of a repeated layer
     are left out, since its topmost copy shadows them and their whiteouts only
     hide what that copy's whiteouts hide already."""
@@ -91,7 +92,18 @@ def lowerdirs(layers, overlaydir):
             if target is not None:
                 name = link
         result.append(name)
+        if _root_is_opaque(own):
+            break  # the layer hides all below it, which overlayfs does not do for a layer's root
     return list(dict.fromkeys(result))
+
+
+def _root_is_opaque(layer_dir):
+    """Whether the layer's root directory carries the opaque mark (a "./.wh..wh..opq")."""
+    fd = os.open(layer_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        return overlayfs.is_opaque(fd)
+    finally:
+        os.close(fd)
 
 
 # ---------------------------------------------------------------- implicit directories
