@@ -400,3 +400,16 @@ def test_plain_files_starts_after_the_current_entrys_data_and_moves_the_reader_o
     assert tar.plain_files(b"d/", 10, 1 << 20, 1 << 16, 1 << 40, 1 << 40, 3, ("d",), False, False, 0, 0, 0,
                            (batch, tasks, queued, None)) == (1, 1, 4096)
     assert [(e.name, tar.read_data(e.size)) for e in tar] == [("e", b"z")]
+
+
+def test_a_lone_zero_block_followed_by_a_header_is_refused():
+    first = tar_bytes([file_entry("a", b"a")])
+    second = tar_bytes([file_entry("hidden", b"h")])
+    first_member = first[:1024]  # header and data block of "a"
+    assert "lone zero block" in refusal(first_member + bytes(512) + second)
+
+
+@pytest.mark.parametrize("ending", [bytes(512), bytes(1024), bytes(10240)])
+def test_the_archive_may_end_with_one_zero_block_or_more(ending):
+    data = tar_bytes([file_entry("a", b"a")])[:1024] + ending
+    assert [e.name for e, _ in entries(data)] == ["a"]

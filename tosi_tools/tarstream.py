@@ -334,8 +334,18 @@ class TarReader:
         long_name = long_link = None
         while True:
             block = self._block()
-            if block is None or block == _ZERO_BLOCK:
-                return None  # end of archive (a missing end marker is tolerated, as tar does)
+            if block is None:
+                return None  # a missing end marker is tolerated, as tar does
+            if block == _ZERO_BLOCK:
+                # The end is two zero blocks (or one, then the end of the stream). One
+                # followed by a header would hide what comes after from GNU tar, which
+                # stops there, while Go's archive/tar (Docker's) refuses the archive:
+                # refused here too, since two readers would see two trees.
+                after = self._block()
+                if after is None or after == _ZERO_BLOCK:
+                    return None
+                raise UnpackError(f"{self._what}: a lone zero block inside the tar stream, "
+                                  "followed by more headers (a damaged or crafted archive)")
             # The checksum tells a tar header from garbage; it proves nothing against a
             # crafted archive. Past the first header, ustar magic is taken as enough.
             if (self._checked and block[257:262] == b"ustar") or _checksum_ok(block):
