@@ -3,13 +3,22 @@
 Exit status (the same for every command, see the man pages):
   0 success; 1 operational failure (registry, network, digest, cache, unpack, mount);
   2 usage error (bad flags, bad reference, malformed plan on stdin, an unsafe path such
-  as a workdir another user could have made); 130 interrupted.
+  as a workdir another user could have made); 130 interrupted (SIGINT, Ctrl-C);
+  143 terminated (SIGTERM).
+
+SIGTERM is handled as SIGINT is: `run` makes it raise `Terminated`, a
+KeyboardInterrupt, in the main thread, so whatever cleans up after Ctrl-C cleans
+up after it too: downloads and extractions stopped, locks released, temporary
+files and half-made directories removed, a download's .partial kept for the next
+run to resume, and "DIR is partially extracted" said of an -extractto target.
 """
 
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
@@ -20,7 +29,8 @@ from ..errors import TosiError, UsageError, quoted, set_flag_style
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130, as a shell reports a process Ctrl-C ended
+EXIT_TERMINATED = 128 + signal.SIGTERM  # 143
 
 # Downloads or extractions at once: each is a thread (and a connection); more than
 # this only costs memory.
@@ -120,7 +130,8 @@ def exit_status_epilog(prog: str, failure: str, reads_plan: bool = False, target
     return textwrap.fill(
         f"exit status: 0 success; 1 {failure}; 2 bad flags or input, "
         + (f"{targets} that is not empty, " if targets else "") + "or an unsafe workdir "
-        f"({unsafe}: see FILES in {prog}(1)); 130 interrupted.", 79, break_on_hyphens=False,
+        f"({unsafe}: see FILES in {prog}(1)); 130 interrupted (SIGINT); 143 terminated "
+        "(SIGTERM).", 79, break_on_hyphens=False,
         break_long_words=False) + "\n"
 def add_min_free_flag(parser: argparse.ArgumentParser, where: str) -> None:
     """--min-free SIZE: the free space (and inodes) a stage leaves on `where` (tosi_tools.space)."""
@@ -187,11 +198,59 @@ def setup_logging(prog: str, verbosity: int) -> None:
     root.propagate = False
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread where Ctrl-C raises KeyboardInterrupt. A
+    KeyboardInterrupt, so that the library stops and cleans up after both alike;
+    `run` tells them apart only for the message and the exit status."""
+
+
+_terminating = False  # a SIGTERM was turned into Terminated during this run
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    global _terminating
+    if _terminating:
+        return  # already unwinding: a second SIGTERM must not cut the clean-up short
+    _terminating = True
+    raise Terminated()
+
+
+def _handle_sigterm() -> Callable[[], None] | None:
+    """Make SIGTERM raise Terminated in this (main) thread; returns what puts the
+    previous handler back. None, and SIGTERM left alone, where Python lets no handler
+    be set (another thread), where SIGTERM is ignored (the parent asked for that) and
+    where a handler Python did not set has it."""
+    global _terminating
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is None or previous == signal.SIG_IGN:
+        return None
+    _terminating = False
+    signal.signal(signal.SIGTERM, _raise_terminated)
+
+    def restore() -> None:
+        signal.signal(signal.SIGTERM, previous)
+    return restore
+
+
 def run(prog: str, body: Callable[[Sequence[str] | None], int | None],
         argv: Sequence[str] | None = None) -> int:
     """Call body(argv) and turn every failure into one line on stderr and an exit status.
-    Messages name flags as `prog` spells them (errors.flag)."""
+    Messages name flags as `prog` spells them (errors.flag). SIGINT ends it with
+    "interrupted" and 130, SIGTERM with "terminated" and 143, after the same clean-up."""
     old_style = set_flag_style("-" if prog == "tosi" else "--")
+    restore = _handle_sigterm()
+    try:
+        return _run(prog, body, argv)
+    finally:
+        if restore is not None:
+            restore()
+        set_flag_style(old_style)
+
+
+def _run(prog: str, body: Callable[[Sequence[str] | None], int | None],
+         argv: Sequence[str] | None) -> int:
     try:
         return body(argv) or EXIT_OK
     except TosiError as exc:
@@ -200,6 +259,9 @@ def run(prog: str, body: Callable[[Sequence[str] | None], int | None],
             raise  # a bug the library reported as an error: its traceback
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except Terminated:
+        print(f"{prog}: error: terminated", file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         print(f"{prog}: error: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -217,8 +279,6 @@ def run(prog: str, body: Callable[[Sequence[str] | None], int | None],
         print(f"{prog}: error: internal error: {type(exc).__name__}: {exc} "
               "(set TOSI_DEBUG=1 for a traceback)", file=sys.stderr)
         return EXIT_FAILURE
-    finally:
-        set_flag_style(old_style)
 
 
 def _silence_stdout():
