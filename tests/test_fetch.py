@@ -259,6 +259,64 @@ def test_a_blob_longer_than_its_descriptor_is_rejected_without_writing_beyond_th
     assert not os.path.exists(Workdir(workdir).partial_path(image.layers[0].digest))
 
 
+# ---------------------------------------------------------------- a plan's size against a good blob
+
+def plan_with_size(fault_proxy, image, workdir, index, delta):
+    """The plan of `image` with layer `index`'s size off by `delta` bytes."""
+    records = plan_records(fault_proxy.url, image, workdir)
+    records[1 + index]["size"] += delta
+    return records_text(records)
+
+
+def read(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+@pytest.mark.parametrize("flags", [(), ("--validate-cache",)], ids=["reused", "validate-cache"])
+@pytest.mark.parametrize("delta", [-10, 10], ids=["smaller", "larger"])
+def test_a_wrong_plan_size_for_a_good_cached_blob_is_a_usage_error_and_the_blob_stays(
+        tool, fault_proxy, image, workdir, flags, delta):
+    fetch(tool, fault_proxy, image, workdir, check=0)
+    layer = image.layers[1]
+    path = Workdir(workdir).layer_path(layer.digest)
+    before = fault_proxy.count("GET", layer.digest)
+    proc = tool("tosi-fetch", "--workdir", workdir, *flags,
+                input=plan_with_size(fault_proxy, image, workdir, 1, delta), check=2)
+    assert proc.stderr == (
+        f"tosi-fetch: error: layer 1 ({layer.digest}): the plan says {len(layer.data) + delta} bytes, "
+        f"but the blob is {len(layer.data)} bytes and matches its digest: the plan is wrong "
+        "(the blob stays in the cache)\n")
+    assert read(path) == layer.data
+    assert fault_proxy.count("GET", layer.digest) == before
+    assert os.listdir(Workdir(workdir).quarantine) == []
+
+
+def test_a_downloaded_blob_shorter_than_the_plan_says_but_matching_its_digest_is_kept_and_refused(
+        tool, fault_proxy, image, workdir):
+    layer = image.layers[0]
+    proc = tool("tosi-fetch", "--workdir", workdir,
+                input=plan_with_size(fault_proxy, image, workdir, 0, 1000), check=2)
+    assert proc.stderr.count("\n") == 1
+    assert proc.stderr.startswith(f"tosi-fetch: error: layer 0 ({layer.digest}): the plan says "
+                                  f"{len(layer.data) + 1000} bytes, but the blob is {len(layer.data)} bytes")
+    assert fault_proxy.count("GET", layer.digest) == 1  # not retried: the blob was whole
+    assert read(Workdir(workdir).layer_path(layer.digest)) == layer.data
+    assert not os.path.exists(Workdir(workdir).partial_path(layer.digest))
+    assert all(r.get("index") != 0 for r in parse_plan(proc.stdout))
+
+
+def test_a_cached_blob_not_of_the_plans_size_and_not_matching_its_digest_is_fetched_again(
+        tool, fault_proxy, image, workdir):
+    fetch(tool, fault_proxy, image, workdir, check=0)
+    layer = image.layers[2]
+    path = Workdir(workdir).layer_path(layer.digest)
+    with open(path, "r+b") as f:
+        f.truncate(1000)
+    fetch(tool, fault_proxy, image, workdir, check=0)  # without --validate-cache
+    assert read(path) == layer.data
+
+
 # ---------------------------------------------------------------- faults
 
 def test_a_blob_corrupt_on_every_download_is_rejected_naming_the_layer_and_absent_from_the_cache(

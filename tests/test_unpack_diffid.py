@@ -18,6 +18,7 @@ from tests.support.images import DOCKER_LAYER_GZIP, OCI_LAYER_TAR, Layer, file_e
 from tests.support.plans import records_text
 from tests.support.staging import run_unpack, stage_image
 from tests.test_unpack_modes import one_error_line, records_of
+from tosi_tools.cache import Workdir
 from tosi_tools.digest import Digest
 
 MODES = ["per-layer", "into"]
@@ -91,6 +92,17 @@ def test_wrong_diff_id_is_refused_per_layer_and_nothing_is_published(stage, unpa
     assert one_error_line(proc, 1).endswith(mismatch(layer))
     assert '"type":"layer"' not in proc.stdout
     assert_nothing_published(workdir, layer)
+
+
+def test_a_good_blob_is_not_quarantined_when_the_plan_gives_a_wrong_diff_id_and_size(stage, unpack, workdir):
+    layer = make_layer(raw_tar=TAR, compression="gzip")
+    records = with_diff_id(stage([layer]), NOT_THE_DIFF_ID)
+    records[1]["size"] += 3
+    proc = unpack(records, "per-layer")
+    assert one_error_line(proc, 1).endswith(mismatch(layer))
+    with open(Workdir(workdir).layer_path(layer.digest), "rb") as f:
+        assert f.read() == layer.data
+    assert os.listdir(Workdir(workdir).quarantine) == []
 
 
 @pytest.mark.parametrize("compression", COMPRESSIONS)

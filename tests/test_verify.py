@@ -65,6 +65,86 @@ def test_a_flipped_byte_fails_and_the_next_fetch_replaces_the_blob(tool, fetched
     tool("tosi-verify", "--workdir", workdir, input=fetched, check=0)
 
 
+def with_size(plan, index, size):
+    """`plan` (text) with layer `index`'s size replaced by `size`."""
+    records = parse_plan(plan)
+    records[1 + index]["size"] = size
+    return records_text(records)
+
+
+def read(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+@pytest.mark.parametrize("delta", [-1, 1], ids=["smaller", "larger"])
+def test_a_wrong_plan_size_for_a_good_blob_is_a_usage_error_and_the_blob_stays(
+        tool, fetched, image, workdir, delta):
+    layer = image.layers[1]
+    path = Workdir(workdir).layer_path(layer.digest)
+    proc = tool("tosi-verify", "--workdir", workdir,
+                input=with_size(fetched, 1, len(layer.data) + delta), check=2)
+    assert proc.stderr == (
+        f"tosi-verify: error: layer 1 ({layer.digest}): the plan says {len(layer.data) + delta} bytes, "
+        f"but the blob is {len(layer.data)} bytes and matches its digest: the plan is wrong "
+        "(the blob stays in the cache)\n")
+    assert read(path) == layer.data
+    assert os.listdir(Workdir(workdir).quarantine) == []
+
+
+def test_the_plan_written_stops_before_the_layer_whose_size_is_wrong(tool, fetched, image, workdir):
+    proc = tool("tosi-verify", "--workdir", workdir,
+                input=with_size(fetched, 1, len(image.layers[1].data) + 1), check=2)
+    assert [r.get("index") for r in parse_plan(proc.stdout)] == [None, 0]
+
+
+def test_a_blob_that_does_not_match_its_digest_is_quarantined_even_when_the_plan_gives_its_size(
+        tool, fetched, image, workdir):
+    cache = Workdir(workdir)
+    path = cache.layer_path(image.layers[1].digest)
+    with open(path, "r+b") as f:
+        f.truncate(1000)
+    proc = tool("tosi-verify", "--workdir", workdir, input=with_size(fetched, 1, 1000), check=1)
+    assert proc.stderr.count("\n") == 1 and "hashes to sha256:" in proc.stderr
+    assert not os.path.exists(path)
+    assert os.path.getsize(os.path.join(cache.quarantine, os.path.basename(path))) == 1000
+
+
+def test_a_wrong_size_is_exit_2_even_with_a_corrupt_blob_too_and_each_gets_its_line(
+        tool, fetched, image, workdir):
+    cache = Workdir(workdir)
+    with open(cache.layer_path(image.layers[2].digest), "ab") as f:
+        f.write(b"!")
+    proc = tool("tosi-verify", "--workdir", workdir,
+                input=with_size(fetched, 0, len(image.layers[0].data) + 1), check=2)
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 2
+    assert "layer 0" in lines[0] and "the plan is wrong" in lines[0]
+    assert "layer 2" in lines[1] and "moved to" in lines[1]
+    assert os.path.exists(cache.layer_path(image.layers[0].digest))
+    assert not os.path.exists(cache.layer_path(image.layers[2].digest))
+
+
+def test_a_blob_named_twice_is_checked_against_each_size_the_plan_gives(
+        tool, pusher, registry, repo_name, workdir):
+    layer = random_layer(60_000)
+    image = pusher.push_image(repo_name, "v1", [layer, random_layer(1000), layer])
+    plan = tool("tosi-fetch", "--workdir", workdir, input=plan_text(registry.url, image, workdir),
+                check=0).stdout
+    proc = tool("tosi-verify", "--workdir", workdir, input=with_size(plan, 2, len(layer.data) + 5), check=2)
+    assert proc.stderr.count("\n") == 1 and f"layer 2 ({layer.digest}): the plan says" in proc.stderr
+    assert read(Workdir(workdir).layer_path(layer.digest)) == layer.data
+
+
+def test_fetch_and_verify_refuse_a_wrong_size_for_a_good_cached_blob_in_the_same_words(
+        tool, fetched, registry, image, workdir):
+    size = len(image.layers[0].data) - 7
+    verify = tool("tosi-verify", "--workdir", workdir, input=with_size(fetched, 0, size), check=2)
+    fetch = tool("tosi-fetch", "--workdir", workdir,
+                 input=with_size(plan_text(registry.url, image, workdir), 0, size), check=2)
+    assert verify.stderr.removeprefix("tosi-verify: ") == fetch.stderr.removeprefix("tosi-fetch: ")
+
+
 def test_a_missing_blob_fails_with_one_line(tool, fetched, image, workdir):
     os.unlink(Workdir(workdir).layer_path(image.layers[0].digest))
     proc = tool("tosi-verify", "--workdir", workdir, input=fetched, check=1)

@@ -238,8 +238,9 @@ class Downloader:
 
     def _run(self, download):
         os.makedirs(os.path.dirname(download.final_path), exist_ok=True)
-        # A cached blob is taken without the lock; re-hashing one (and replacing it) needs it.
-        if not self.validate_cache and _cached(download):
+        # A cached blob of the plan's size is taken without the lock; re-hashing one (and
+        # replacing it) needs it.
+        if not self.validate_cache and _cached_size(download) == download.size:
             self._reused(download)
             return
         with file_lock(download.lock_path):
@@ -250,11 +251,17 @@ class Downloader:
             self._download(download)
 
     def _valid_in_cache(self, download):
-        if not _cached(download):
+        """Whether the cached blob can be used. One that is not the plan's size is
+        re-hashed (any one with validate_cache): bytes that do not match the digest are
+        removed for a new download; bytes that do are good, and a plan giving them
+        another size is wrong: PlanSizeMismatch, the blob left as it is."""
+        size = _cached_size(download)
+        if size is None:
             return False
-        if self.validate_cache:
+        if self.validate_cache or size != download.size:
             try:
-                verify_file(download.final_path, download.digest, download.size, download.what)
+                verify_file(download.final_path, download.digest, download.size, download.what,
+                            plan_size=True)
             except DigestMismatch as exc:
                 log.warning("%s; downloading it again", exc)
                 _remove(download.final_path)
@@ -286,6 +293,8 @@ class Downloader:
         while True:
             try:
                 hasher = self._attempts(download, hasher)
+                if hasher.count < download.size and hasher.hashed() == download.digest:
+                    break  # the whole blob, shorter than the plan says: kept, then refused below
                 hasher.check()
                 break
             except DigestMismatch as exc:
@@ -309,6 +318,8 @@ class Downloader:
         fsync_path(download.partial_path)  # the data is on disk before the name says it is whole
         os.replace(download.partial_path, download.final_path)
         fsync_dir(os.path.dirname(download.final_path))
+        # Bytes that match the digest are the blob: a plan that says another size is wrong.
+        hasher.check_plan_size()
         self.progress(download, "done", download.size)
 
     def _attempts(self, download, hasher):
@@ -329,8 +340,8 @@ class Downloader:
     # ------------------------------------------------------------ one attempt
 
     def _attempt(self, download, hasher):
-        if hasher.count == download.size:
-            return
+        if hasher.count == download.size or hasher.hashed() == download.digest:
+            return  # all there (or all the blob has, if the plan's size is wrong)
         # A local source (offline) has no client: a descriptor's foreign URLs are not asked.
         sources = [self.source] + [URLBlobSource(self.client, url) for url in download.urls
                                    if self.client is not None]
@@ -404,21 +415,22 @@ class Downloader:
                         unflushed = 0
                     download._set_written(hasher.count)
                     self.progress(download, "advance", len(chunk))
-        if hasher.count < download.size:
+        if hasher.count < download.size and hasher.hashed() != download.digest:
             ended_early = getattr(stream, "ended_early", None)  # a local file (offline.LocalStream)
             if ended_early is not None:
                 raise ended_early(hasher.count, download.size)
             raise Unreachable(f"connection closed after {hasher.count} of {download.size} bytes")
 
 
-def _cached(download):
-    """Whether the blob is in the cache; one that tosi did not write is refused (UnsafePath)."""
+def _cached_size(download):
+    """The size of the blob in the cache, None if there is none; one that tosi did not
+    write is refused (UnsafePath)."""
     try:
         st = os.lstat(download.final_path)
     except FileNotFoundError:
-        return False
+        return None
     require_cached(download.final_path, st, "cached blob")
-    return True
+    return st.st_size
 
 
 def _hash_partial(download):

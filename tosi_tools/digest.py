@@ -3,7 +3,7 @@
 import hashlib
 import re
 
-from .errors import DigestMismatch, UsageError, quoted
+from .errors import DigestMismatch, PlanSizeMismatch, UsageError, quoted
 
 # Algorithms a registry may name; anything else cannot be verified, so it is refused.
 _HEX_LENGTH = {"sha256": 64, "sha512": 128}
@@ -62,8 +62,7 @@ class VerifyingHasher:
         self.digest = Digest(digest)
         self.size = size
         self.what = what
-        # "layer 0 (sha256:...)" names its digest already: say it once.
-        self._named = what if str(self.digest) in what else f"{what} {self.digest}"
+        self._named = blob_name(what, self.digest)
         self.count = 0
         self._hash = self.digest.hasher()
 
@@ -96,17 +95,53 @@ class VerifyingHasher:
         if got != self.digest:
             raise DigestMismatch(f"{self._named}: content hashes to {got}")
 
+    def check_plan_size(self) -> None:
+        """check(), for a size that a plan gives (untrusted input): the digest alone says
+        whether the bytes are good. Bytes that hash to the digest but are not the size
+        raise PlanSizeMismatch (the plan is wrong, the blob is good); others DigestMismatch."""
+        if self.size is not None and self.count != self.size and self.hashed() == self.digest:
+            raise plan_size_mismatch(self.what, self.digest, self.size, self.count)
+        self.check()
 
-def verify_file(path: str, digest: str, size: int | None = None, what: str = "blob") -> None:
-    """Re-hash a file in constant memory; raise DigestMismatch if it is not `digest`."""
-    hasher = VerifyingHasher(digest, size, what)
+
+def blob_name(what: str, digest: str) -> str:
+    """How a message names a blob: `what` and its digest ("layer 0 (sha256:...)"
+    names its digest already: said once)."""
+    return what if str(digest) in what else f"{what} {digest}"
+
+
+def plan_size_mismatch(what: str, digest: str, plan_size: int, real_size: int) -> PlanSizeMismatch:
+    """The error for a blob that matches its digest but is not the size the plan
+    gives it: the same words from every stage."""
+    return PlanSizeMismatch(
+        f"{blob_name(what, digest)}: the plan says {plan_size} bytes, but the blob is {real_size} bytes and "
+        "matches its digest: the plan is wrong (the blob stays in the cache)",
+        plan_size=plan_size, real_size=real_size)
+
+
+def hash_file(path: str, digest: str, what: str = "blob") -> VerifyingHasher:
+    """Hash a whole file in constant memory: `.count` is its size, `.hashed()` its digest."""
+    hasher = VerifyingHasher(digest, None, what)
     with open(path, "rb") as f:
-        # Hash beyond the declared size too, so a longer file is reported by its real size.
-        hasher.size = None
         while True:
             chunk = f.read(CHUNK)
             if not chunk:
                 break
             hasher.update(chunk)
+    return hasher
+
+
+def verify_file(path: str, digest: str, size: int | None = None, what: str = "blob",
+                plan_size: bool = False) -> int:
+    """Re-hash a file in constant memory; raise DigestMismatch if it is not `digest`
+    (of `size` bytes, unless None); returns its size. With `plan_size`, the size is a
+    plan's: a file that matches its digest is good whatever size the plan says, and a
+    size that disagrees with it raises PlanSizeMismatch (VerifyingHasher.check_plan_size)."""
+    # The whole file is hashed, so a longer file is reported by its real size.
+    hasher = hash_file(path, digest, what)
     hasher.size = size
-    hasher.check()
+    if plan_size:
+        hasher.check_plan_size()
+    else:
+        hasher.check()
+    return hasher.count

@@ -92,6 +92,17 @@ class PlanError(UsageError):
     """The plan on stdin is not a valid tosi plan."""
 
 
+class PlanSizeMismatch(PlanError):
+    """A plan gives a blob a size its bytes do not have, though they match its digest:
+    the digest alone makes a blob good, so the plan is wrong, not the blob, which
+    stays in the cache untouched (exit 2)."""
+
+    def __init__(self, message: str, plan_size: int | None = None, real_size: int | None = None) -> None:
+        super().__init__(message)
+        self.plan_size = plan_size
+        self.real_size = real_size
+
+
 class AmbiguousShortName(InvalidReference):
     """A short name (no registry host) has no alias, and registries.conf's
     short-name-mode "enforcing" forbids guessing among several

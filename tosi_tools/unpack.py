@@ -128,7 +128,9 @@ def _check_cached_blob(workdir, record, path, error):
         # A fetch replacing the blob holds its lock.
         with file_lock(workdir.lock_path(digest)) if in_cache else contextlib.nullcontext():
             try:
-                verify_file(path, digest, record.size, what)
+                # A blob matching its digest stays whatever size the plan gives it
+                # (PlanSizeMismatch, a UsageError: `error` is raised as it is).
+                verify_file(path, digest, record.size, what, plan_size=True)
             except DigestMismatch as mismatch:
                 if not in_cache:
                     raise QuarantinedBlob(f"{error}; {mismatch} (not a blob of the workdir's "

@@ -23,6 +23,8 @@ layer's cache "path" added. Each layer record is written as soon as its blob is
 verified, so a following tosi-unpack can start on it.
 
 Blobs are hashed while they arrive and renamed into place only when verified.
+A blob is good when it matches its digest: a plan that gives a good blob
+another size is wrong (exit 2), and the blob stays in the cache.
 A broken download is resumed with a Range request; connection errors, read
 timeouts, 5xx and 429 are retried with exponential backoff. Concurrent tosi
 processes sharing a workdir wait for each other instead of downloading twice.

@@ -6,7 +6,8 @@ import sys
 from collections.abc import Sequence
 
 from .common import (
-    EXIT_FAILURE, add_workdir_flag, exit_status_epilog, new_parser, plan_workdir, run, setup_logging,
+    EXIT_FAILURE, EXIT_OK, EXIT_USAGE, add_workdir_flag, exit_status_epilog, new_parser, plan_workdir, run,
+    setup_logging,
 )
 from .terminal import PlanOutput, count, image_name, next_stage, refuse_terminal_stdin
 
@@ -20,6 +21,9 @@ digests that verified.
 
 Every missing or corrupt blob is reported on stderr, one line each; a corrupt
 blob is moved to <workdir>/quarantine so the next tosi-fetch downloads it again.
+A blob is good when its bytes match its digest: a plan that gives a good blob
+another size is wrong (exit 2, one line naming the layer, the plan's size and
+the blob's), and the blob stays in the cache.
 """
 
 EPILOG = exit_status_epilog(PROG, "a blob is missing or corrupt, or there is no workdir",
@@ -58,17 +62,27 @@ def _verify_plan(lines, workdir_flag, report):
         outputs.insert(0, image)
     else:
         writer.write(image)
-    good = True
+    status = EXIT_OK
     for check, record in zip(verify_blobs(workdir, checks), outputs):
         if not check.ok:
-            if check.same_as is None:
-                report(check.error)
-            good = False
-        elif good:
+            status = _worse(status, check, report)
+        elif status == EXIT_OK:
             writer.write(record)
-    if good:
+    if status == EXIT_OK:
         writer.finish()
-    return good
+    return status
+
+
+def _worse(status, check, report):
+    """Report a failed check (a blob named twice, once), and the exit status with it:
+    a plan that lies about a good blob's size is bad input (2), whatever else failed."""
+    from ..errors import PlanError
+
+    if check.same_as is None or check.error is not check.same_as.error:
+        report(check.error)
+    if isinstance(check.error, PlanError):
+        return EXIT_USAGE
+    return status if status == EXIT_USAGE else EXIT_FAILURE
 
 
 def _describe(image, layers):
@@ -86,15 +100,13 @@ def _verify_digests(lines, workdir_flag, report):
     digests = list(read_digest_list(lines))  # a malformed list is refused first
     workdir = plan_workdir(workdir_flag).check()
     checks = [digest_check(workdir, d) for d in digests]
-    good = True
+    status = EXIT_OK
     for check in verify_blobs(workdir, checks):
         if check.ok:
             print(check.digest, flush=True)
         else:
-            if check.same_as is None:
-                report(check.error)
-            good = False
-    return good
+            status = _worse(status, check, report)
+    return status
 
 
 def body(argv: Sequence[str] | None) -> int:
@@ -112,7 +124,7 @@ def body(argv: Sequence[str] | None) -> int:
         raise PlanError("stdin: nothing to verify (expected a plan or a digest list)")
     lines = itertools.chain([first], sys.stdin)
     verify = _verify_plan if first.lstrip().startswith("{") else _verify_digests
-    return 0 if verify(lines, args.workdir, report) else EXIT_FAILURE
+    return verify(lines, args.workdir, report)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
