@@ -207,6 +207,9 @@ class Fetcher:
         self._abort()
 
     def _abort(self) -> None:
+        # Set first: a downloader made after this (its turn in the pool not come yet)
+        # sees it before its first request, where the loop below cannot reach it.
+        self.cancelled.set()
         for downloader in list(self._downloaders):
             downloader.abort()
 
