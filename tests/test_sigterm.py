@@ -14,6 +14,7 @@ import time
 import pytest
 
 from tests.conftest import BIN
+from tests.test_messages import blocked_reading_stdin
 from tests.support.faultproxy import Rule
 from tests.support.images import file_entry, make_layer
 from tosi_tools.cache import Workdir
@@ -274,7 +275,7 @@ def test_tosi_unpack_terminated_between_layers_keeps_the_extracted_one_and_clean
         # blocked reading the plan (stdin stays open), as a stage in a pipe waits for
         # the stage before it.
         first = Workdir(workdir).overlay_path(layers[0].digest)
-        wait_until(lambda: os.path.isdir(first) and _blocked_reading_stdin(proc.pid),
+        wait_until(lambda: os.path.isdir(first) and blocked_reading_stdin(proc.pid),
                    "the first layer is extracted and the stage waits for the next record", proc)
         started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
@@ -300,19 +301,9 @@ def test_a_stage_terminated_while_it_waits_for_its_plan_exits_143(cmd, workdir):
     proc = start(cmd, "--workdir", workdir, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
         # Its handler is set once it runs: wait until it reads stdin.
-        wait_until(lambda: _blocked_reading_stdin(proc.pid), "it reads its plan", proc)
+        wait_until(lambda: blocked_reading_stdin(proc.pid), "it reads its plan", proc)
         _, stderr, _took = terminate(proc)
     finally:
         stop(proc)
     assert proc.returncode == 143
     assert stderr == f"{cmd}: error: terminated\n"
-
-
-def _blocked_reading_stdin(pid):
-    """Whether the process is in read(0, ...) (x86_64 and arm64 numbers), /proc/PID/syscall."""
-    try:
-        with open(f"/proc/{pid}/syscall") as f:
-            fields = f.read().split()
-    except OSError:
-        return False
-    return len(fields) > 1 and fields[0] in ("0", "63") and int(fields[1], 16) == 0
