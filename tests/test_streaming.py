@@ -376,6 +376,25 @@ def test_an_extraction_error_cancels_the_other_downloads_of_an_overlay_pull(faul
     assert tosi_threads() <= before
 
 
+def test_an_extraction_error_from_a_cached_blob_cancels_the_other_downloads_of_an_overlay_pull(
+        fault_proxy, pusher, repo_name, workdir):
+    # No download in flight to say the layer failed: its blob was cached by an earlier pull.
+    bad = make_layer([file_entry("../escape", b"x")], compression=None)
+    stalled = two_file_layer()
+    earlier = pusher.push_image(repo_name, "earlier", [bad])
+    with pytest.raises(UnsafeEntry):
+        pipeline.pull(pipeline.PullOptions(proxied_reference(fault_proxy, earlier), workdir=workdir))
+    assert os.path.isfile(Workdir(workdir).layer_path(bad.digest))
+    image = pusher.push_image(repo_name, "1", [bad, stalled])
+    fault_proxy.add(Rule("stall", path=stalled.digest, after=1000))  # until the proxy stops
+    before = tosi_threads()
+    thread, out = pull_in_thread(pipeline.PullOptions(proxied_reference(fault_proxy, image), workdir=workdir))
+    thread.join(WAIT)
+    assert not thread.is_alive(), "the pull hung on the stalled download"
+    assert isinstance(out.get("error"), UnsafeEntry), out
+    assert tosi_threads() <= before
+
+
 def test_a_pull_fails_on_a_bad_blob_even_if_its_overlay_needs_no_extraction(fault_proxy, pusher, repo_name,
                                                                             workdir):
     layer = two_file_layer()

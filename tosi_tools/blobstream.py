@@ -216,6 +216,7 @@ class DownloadStreams:
         self._cancel = cancel
         self._lock = threading.Lock()
         self._readers: list[FollowingReader] = []
+        self._reader_of: dict[int, FollowingReader] = {}  # by layer index, the last opened
         self.failure: Optional[BaseException] = None
 
     def add(self, handle: "LayerHandle") -> None:
@@ -224,10 +225,13 @@ class DownloadStreams:
     def open(self, record: "LayerRecord") -> Optional[FollowingReader]:
         opened: list[FollowingReader] = []
         reader = following(self._downloads[record.index], on_interrupt=lambda: self._gave_up(opened[0]))
-        if reader is not None:
-            opened.append(reader)
-            with self._lock:
+        with self._lock:
+            if reader is None:  # the cached blob is read
+                self._reader_of.pop(record.index, None)
+            else:
+                opened.append(reader)
                 self._readers.append(reader)
+                self._reader_of[record.index] = reader
         return reader
 
     def bad_bytes_read(self) -> bool:
@@ -245,12 +249,23 @@ class DownloadStreams:
                 pass  # the download failed: that failure is reported, not redone
         return bad
 
+    def layer_failed(self, record: "LayerRecord", error: BaseException) -> None:
+        """unpack's `on_failure`: the layer of `record` failed with `error`. A layer
+        whose blob came from the cache, or whose reader had read to the end before the
+        consumer gave up, has no reader to say so: stop the downloads as a reader
+        that gave up does (the same verdict; twice is harmless)."""
+        with self._lock:
+            reader = self._reader_of.get(record.index)
+        self._stop_for(error, reader)
+
     def _gave_up(self, reader: FollowingReader) -> None:
         # Called while the consumer's error propagates (from its cleanup): that is the cause.
-        error = sys.exc_info()[1]
+        self._stop_for(sys.exc_info()[1], reader)
+
+    def _stop_for(self, error: Optional[BaseException], reader: Optional[FollowingReader]) -> None:
         if isinstance(error, Exception) and not isinstance(error, Cancelled):
             try:
-                if isinstance(error, Restarted) or reader.bad_bytes():
+                if isinstance(error, Restarted) or (reader is not None and reader.bad_bytes()):
                     return  # the layer is unpacked again; the other downloads go on
             except Cancelled:
                 pass

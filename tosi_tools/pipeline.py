@@ -296,7 +296,7 @@ def _fetch_and_unpack_once(options, workdir, keychain, tokens, image, layers, pr
                     into=options.extract_to, open_stream=streams.open,
                     keep_root_mode=options.keep_root_mode, layer_count=len(layers),
                     limits=layer.Limits.from_env(min_free=options.min_free),
-                    progress=getattr(progress, "layer", None))
+                    progress=getattr(progress, "layer", None), on_failure=streams.layer_failed)
                 for record in unpacked:
                     done.append(record)
                 image = unpacked_image

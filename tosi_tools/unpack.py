@@ -38,6 +38,7 @@ and must not print; what it raises stops the work like any failure.
 
 import concurrent.futures
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -770,9 +771,12 @@ def _default_parallel():
 
 
 def extract_layers_to_overlays(workdir, layer_records, parallel=None, limits=None, open_stream=None,
-                               progress=None):
+                               progress=None, on_failure=None):
     """Extract layers in parallel; yields the LayerRecords with "overlay" and "link" in
-    plan order as they finish. `progress`: see the module's doc."""
+    plan order as they finish. `progress`: see the module's doc. `on_failure(record,
+    error)`, if given, is called from the extracting thread as soon as a layer fails:
+    reading the next record may wait on something (a download in flight) that only
+    the caller can stop, and the failure is seen here only after that read."""
     from . import layer as layer_mod
 
     # The first record first: a plan refused on reading leaves the workdir untouched.
@@ -796,6 +800,8 @@ def extract_layers_to_overlays(workdir, layer_records, parallel=None, limits=Non
             if future is None:  # a layer the image repeats is extracted once
                 future = by_digest[digest] = pool.submit(
                     extract_layer_to_overlay, workdir, record, None, limits, open_stream, progress)
+                if on_failure is not None:
+                    future.add_done_callback(functools.partial(_tell_failure, on_failure, record))
             pending.append((record, future, progress if repeated else None))
             while pending and pending[0][1].done():
                 yield _merged(workdir, *pending.popleft())
@@ -803,6 +809,12 @@ def extract_layers_to_overlays(workdir, layer_records, parallel=None, limits=Non
             yield _merged(workdir, *pending.popleft())
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _tell_failure(on_failure, record, future):
+    error = None if future.cancelled() else future.exception()
+    if error is not None:
+        on_failure(record, error)
 
 
 def _merged(workdir, record, future, repeat_progress=None):
@@ -819,7 +831,8 @@ def _merged(workdir, record, future, repeat_progress=None):
 # ---------------------------------------------------------------- the stage
 
 def unpack_image(image, layer_records, workdir=None, overlaydir=None, into=None, parallel=None,
-                 limits=None, open_stream=None, keep_root_mode=False, progress=None, layer_count=None):
+                 limits=None, open_stream=None, keep_root_mode=False, progress=None, layer_count=None,
+                 on_failure=None):
     """Unpack the layers of a plan: (the image record, an iterator of the layer records
     unpacked, in plan order).
 
@@ -832,7 +845,8 @@ def unpack_image(image, layer_records, workdir=None, overlaydir=None, into=None,
     (cache.workdir_for). `open_stream(record)`, if given, returns the layer blob as
     a binary stream (a download in flight, say) instead of the cached file.
     `keep_root_mode`, `layer_count` (with `into`; `parallel` then too): see
-    apply_layers_into. `progress`: see the module's doc.
+    apply_layers_into. `progress`: see the module's doc. `on_failure` (without `into`):
+    see extract_layers_to_overlays.
     """
     image = ImageRecord.of(image)
     wd = workdir_for(workdir, image, overlaydir)
@@ -844,7 +858,7 @@ def unpack_image(image, layer_records, workdir=None, overlaydir=None, into=None,
         return image, apply_layers_into(image.rootfs, layer_records, wd, open_stream, limits,
                                         keep_root_mode, progress, layer_count, parallel)
     return image, extract_layers_to_overlays(wd, layer_records, parallel, limits, open_stream,
-                                             progress)
+                                             progress, on_failure)
 
 
 def unpack_plan(image, layer_records, workdir=None, overlaydir=None, into=None, parallel=None,
