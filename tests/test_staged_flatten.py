@@ -133,6 +133,19 @@ def test_a_directory_over_a_lower_symlink_is_applied_in_the_target(disk_path, ca
     assert moved_in(caplog) == [] and "where the root has a non-directory" in applied_instead(caplog)[0]
 
 
+@pytest.mark.parametrize("then", [dir_entry("link"), file_entry("link", b"x"), symlink_entry("link", "usr"),
+                                  whiteout_entry("link")], ids=["directory", "file", "symlink", "whiteout"])
+def test_entries_through_a_lower_symlink_the_layer_then_replaces_are_applied_in_the_target(then, disk_path,
+                                                                                            caplog):
+    # Flat mode put link/f where the symlink leads before the layer replaced the name; the
+    # staged tree has it below the name, where a deletion or a non-directory hides the symlink.
+    layers = [L(dir_entry("real"), symlink_entry("link", "real")), L(file_entry("link/f", b"f"), then)]
+    flat = extract(disk_path, "flat", layers, staged=False)
+    assert "real/f" in flat
+    assert extract(disk_path, "staged", layers, staged=True) == flat
+    assert moved_in(caplog) == [] and applied_instead(caplog)
+
+
 def test_nothing_staged_is_left_in_the_workdir(disk_path):
     workdir = Workdir(str(disk_path / "w"))
     layers = [BASE, L(file_entry("a", b"a")), L(hardlink_entry("b", "etc/os-release"))]

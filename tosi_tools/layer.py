@@ -144,6 +144,8 @@ class LayerStats:
     # root would not give what applying it there gives (None: it would).
     deletions: list | None = None
     unmergeable: str | None = None
+    # Staged mode: every directory an entry was placed in, as canonical tuples.
+    entry_dirs: frozenset | None = None
 
 
 @dataclass
@@ -1236,6 +1238,7 @@ def apply_layer(root: saferoot.SafeRoot | str | os.PathLike, stream: BinaryIO, m
         if isinstance(applier.layout, StagedLayout):
             applier.stats.deletions = applier.layout.deletions
             applier.stats.unmergeable = applier.layout.unmergeable
+            applier.stats.entry_dirs = frozenset(applier.layout.parents)
     except OSError as exc:
         raise os_error(layer_name, entry.name if entry is not None else None, exc) from exc
     finally:

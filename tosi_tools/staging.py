@@ -50,14 +50,16 @@ class Unmergeable(Exception):
     """The staged layer cannot be moved in to make what applying it would: apply it instead."""
 
 
-def merge(stage_fd: int, root_fd: int, deletions: list, implicit: list, root_named: bool) -> None:
+def merge(stage_fd: int, root_fd: int, deletions: list, implicit: list, root_named: bool,
+          entry_dirs: frozenset = frozenset()) -> None:
     """Move the staged tree of one layer (`stage_fd`) into the flat root (`root_fd`).
 
     `deletions`, `implicit`: LayerStats.deletions and implicit_dirs, the directories
     the layer made without naming them, which keep the root's attributes where the
     root has them. `root_named`: the layer has a "./" entry,
     whose owner and xattrs the root takes (its mode and mtime are the caller's:
-    layer.apply_layer's hold_root). Raises Unmergeable, with nothing changed, when
+    layer.apply_layer's hold_root). `entry_dirs`: LayerStats.entry_dirs, the
+    directories the layer placed entries in. Raises Unmergeable, with nothing changed, when
     the move would not make what applying the layer makes (see the module's doc);
     OSError as it comes once something moved.
     """
@@ -66,7 +68,7 @@ def merge(stage_fd: int, root_fd: int, deletions: list, implicit: list, root_nam
     for kind, parts in deletions:
         _delete(stage_fd, root_fd, kind, parts, act=False)
     implied = set(implicit)
-    _walk(stage_fd, root_fd, deleted, emptied, implied, act=False)
+    _walk(stage_fd, root_fd, deleted, emptied, implied, act=False, entry_dirs=entry_dirs)
     for kind, parts in deletions:
         _delete(stage_fd, root_fd, kind, parts, act=True)
     _walk(stage_fd, root_fd, deleted, emptied, implied, act=True)
@@ -133,7 +135,13 @@ def _open_dirs(top_fd, parts, act, where="the root"):
     return fd
 
 
-def _walk(stage_fd, root_fd, deleted, emptied, implicit, act):
+def _went_through(path, entry_dirs):
+    """Whether an entry of the layer was placed at or below the directory `path`."""
+    depth = len(path)
+    return any(parts[:depth] == path for parts in entry_dirs)
+
+
+def _walk(stage_fd, root_fd, deleted, emptied, implicit, act, entry_dirs=frozenset()):
     """Steps 2 and 3 (`act`), or their dry run: the staged tree, top-down, beside the root's."""
     # [stage fd, root fd, canonical path, names left, the staged directory's mtime (ns) before
     # its entries moved out]
@@ -155,6 +163,13 @@ def _walk(stage_fd, root_fd, deleted, emptied, implicit, act):
             path = here[2] + (name,)
             staged = os.lstat(name, dir_fd=here[0])
             there = saferoot.lstat_at(here[1], name)
+            if (not act and there is not None and stat.S_ISLNK(there.st_mode)
+                    and (path in deleted or here[2] in emptied or path in emptied
+                         or not stat.S_ISDIR(staged.st_mode)) and _went_through(path, entry_dirs)):
+                # Flat mode put entries where the root's symlink leads, then the layer
+                # replaced or deleted the name; the staged tree has them below the name.
+                raise Unmergeable(f"{'/'.join(path)!r} is a symlink in the root that entries of the "
+                                  "layer went through before the layer replaced it")
             if not act and there is not None:
                 # The dry run sees the root as step 1 will have left it.
                 if path in deleted or here[2] in emptied or (path in emptied and not stat.S_ISDIR(there.st_mode)):

@@ -446,7 +446,7 @@ class _Stager:
             fd = os.open(staged.path, saferoot.DIR_FLAGS)
             try:
                 staging.merge(fd, self.root.fd, staged.stats.deletions, staged.stats.implicit_dirs,
-                              staged.stats.root_mode is not None)
+                              staged.stats.root_mode is not None, staged.stats.entry_dirs)
             finally:
                 os.close(fd)
         except staging.Unmergeable as exc:
