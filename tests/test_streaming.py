@@ -328,20 +328,25 @@ def _file_data(layer, name):
         return tar.extractfile(name).read()
 
 
+def assert_fails_unhung(options, error_type):
+    """The pull fails with `error_type` within WAIT, a download stalled meanwhile, and
+    leaves none of its threads behind."""
+    before = tosi_threads()
+    thread, out = pull_in_thread(options)
+    thread.join(WAIT)
+    assert not thread.is_alive(), "the pull hung on the stalled download"
+    assert isinstance(out.get("error"), error_type), out
+    assert tosi_threads() <= before
+
+
 def test_an_extraction_error_stops_a_flat_pull_whose_next_blob_is_stalled(fault_proxy, pusher, repo_name,
                                                                          workdir, tmp_path):
     bad = make_layer([file_entry("../escape", b"x")], compression=None)
     stalled = two_file_layer()
     image = pusher.push_image(repo_name, "1", [bad, stalled])
     fault_proxy.add(Rule("stall", path=stalled.digest, after=1000))  # until the proxy stops
-    before = tosi_threads()
-    options = pipeline.PullOptions(proxied_reference(fault_proxy, image), workdir=workdir,
-                                   extract_to=str(tmp_path / "rootfs"))
-    thread, out = pull_in_thread(options)
-    thread.join(WAIT)
-    assert not thread.is_alive(), "the pull hung on the stalled download"
-    assert isinstance(out.get("error"), UnsafeEntry), out
-    assert tosi_threads() <= before
+    assert_fails_unhung(pipeline.PullOptions(proxied_reference(fault_proxy, image), workdir=workdir,
+                                             extract_to=str(tmp_path / "rootfs")), UnsafeEntry)
 
 
 @pytest.mark.parametrize("kind", [None, "gzip", "zstd"], ids=["tar", "gzip", "zstd"])
@@ -368,12 +373,7 @@ def test_an_extraction_error_cancels_the_other_downloads_of_an_overlay_pull(faul
     layers = [bad, stalled] if bad_index == 0 else [stalled, bad]
     image = pusher.push_image(repo_name, "1", layers)
     fault_proxy.add(Rule("stall", path=stalled.digest, after=1000))  # until the proxy stops
-    before = tosi_threads()
-    thread, out = pull_in_thread(pipeline.PullOptions(proxied_reference(fault_proxy, image), workdir=workdir))
-    thread.join(WAIT)
-    assert not thread.is_alive(), "the pull hung on the stalled download"
-    assert isinstance(out.get("error"), UnsafeEntry), out
-    assert tosi_threads() <= before
+    assert_fails_unhung(pipeline.PullOptions(proxied_reference(fault_proxy, image), workdir=workdir), UnsafeEntry)
 
 
 def test_an_extraction_error_from_a_cached_blob_cancels_the_other_downloads_of_an_overlay_pull(
@@ -387,12 +387,7 @@ def test_an_extraction_error_from_a_cached_blob_cancels_the_other_downloads_of_a
     assert os.path.isfile(Workdir(workdir).layer_path(bad.digest))
     image = pusher.push_image(repo_name, "1", [bad, stalled])
     fault_proxy.add(Rule("stall", path=stalled.digest, after=1000))  # until the proxy stops
-    before = tosi_threads()
-    thread, out = pull_in_thread(pipeline.PullOptions(proxied_reference(fault_proxy, image), workdir=workdir))
-    thread.join(WAIT)
-    assert not thread.is_alive(), "the pull hung on the stalled download"
-    assert isinstance(out.get("error"), UnsafeEntry), out
-    assert tosi_threads() <= before
+    assert_fails_unhung(pipeline.PullOptions(proxied_reference(fault_proxy, image), workdir=workdir), UnsafeEntry)
 
 
 def test_a_pull_fails_on_a_bad_blob_even_if_its_overlay_needs_no_extraction(fault_proxy, pusher, repo_name,
