@@ -100,3 +100,15 @@ def test_an_atomic_write_temporary_in_the_overlay_dir_is_no_dead_extraction(tmp_
     assert wd.overlay_temps() == [(wd.overlay_lock_path(LAYER_DIGEST), dead)]
     unpack.remove_abandoned_temps(wd)
     assert os.listdir(wd.overlays) == [os.path.basename(not_a_layer)]  # the lock removed by its holder
+
+
+def test_the_reader_refuses_text_that_was_not_utf8_as_the_stages_refuse_bytes(tmp_path):
+    image, layer = _plan_lines(str(tmp_path))
+    undecodable = b'{"x-note": "\xff", '.decode("utf-8", "surrogateescape") + layer[1:]
+    with pytest.raises(PlanError, match=r"^stdin: line 2 is not UTF-8 \(byte 0xff at column 13\)$"):
+        PlanReader(iter([image, undecodable])).layers()
+
+
+def test_the_reader_skips_a_byte_order_mark_before_the_first_record_of_text(tmp_path):
+    image, layer = _plan_lines(str(tmp_path))
+    assert PlanReader(iter(["\ufeff" + image, layer])).image == json.loads(image)

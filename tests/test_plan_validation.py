@@ -36,10 +36,16 @@ class Staged:
 
 
 def run(cmd, *args, plan, timeout=60):
+    """bin/<cmd> on the plan (text, or bytes as they are); its output as text."""
     env = dict(os.environ)
     env.pop("TOSI_DEBUG", None)
-    return subprocess.run([sys.executable, os.path.join(BIN, cmd), *map(str, args)], input=plan,
-                          capture_output=True, text=True, env=env, timeout=timeout)
+    binary = isinstance(plan, bytes)
+    proc = subprocess.run([sys.executable, os.path.join(BIN, cmd), *map(str, args)], input=plan,
+                          capture_output=True, text=not binary, env=env, timeout=timeout)
+    if binary:
+        proc.stdout, proc.stderr = (out.decode("utf-8", "surrogateescape")
+                                    for out in (proc.stdout, proc.stderr))
+    return proc
 
 
 @pytest.fixture(scope="module")
@@ -77,22 +83,31 @@ def one_error_line(proc, cmd):
 
 # ---------------------------------------------------------------- the stages and their effects
 
-def refused_by_every_stage(staged, tmp_path, mutate):
-    """Run every plan-reading stage on the staged plans changed by `mutate(records)`;
-    each must refuse in one line (exit 2) and write nothing. Returns the lines."""
-    before = tree_state(staged.workdir)
-    fetched = records_text(mutate(copy.deepcopy(staged.fetched)))
-    unpacked = records_text(mutate(copy.deepcopy(staged.unpacked)))
+def every_stage(staged, tmp_path, fetched, unpacked):
+    """Every plan-reading stage run on `fetched` (the staged plan as tosi-verify and
+    tosi-unpack read it) or `unpacked` (tosi-mount's): [(command, CompletedProcess)]."""
     into, fresh, target = tmp_path / "rootfs", tmp_path / "fresh-overlays", tmp_path / "mnt"
     wd = ("--workdir", staged.workdir)
-    runs = [
+    return [
         ("tosi-fetch", run("tosi-fetch", *wd, "--progress", "never", plan=fetched)),
         ("tosi-verify", run("tosi-verify", *wd, plan=fetched)),
         ("tosi-unpack", run("tosi-unpack", *wd, "--into", into, plan=fetched)),
         ("tosi-unpack", run("tosi-unpack", *wd, "--overlaydir", fresh, plan=fetched)),
         ("tosi-mount", run("tosi-mount", *wd, target, plan=unpacked)),
     ]
-    lines = [one_error_line(proc, cmd) for cmd, proc in runs]
+
+
+def refused_by_every_stage(staged, tmp_path, mutate, edit=None):
+    """Run every plan-reading stage on the staged plans changed by `mutate(records)`
+    (then their bytes by `edit(data)`, if given); each must refuse in one line (exit 2)
+    and write nothing. Returns the lines."""
+    before = tree_state(staged.workdir)
+    fetched = records_text(mutate(copy.deepcopy(staged.fetched)))
+    unpacked = records_text(mutate(copy.deepcopy(staged.unpacked)))
+    if edit is not None:
+        fetched, unpacked = edit(fetched.encode()), edit(unpacked.encode())
+    into, fresh, target = tmp_path / "rootfs", tmp_path / "fresh-overlays", tmp_path / "mnt"
+    lines = [one_error_line(proc, cmd) for cmd, proc in every_stage(staged, tmp_path, fetched, unpacked)]
     assert not os.path.lexists(into)
     assert not os.path.lexists(fresh)
     for path in (target, f"{target}.upper", f"{target}.work"):
@@ -213,6 +228,69 @@ def test_a_long_bad_value_is_quoted_in_80_characters_at_most(staged, tmp_path):
         # errors.quoted: the first and last 40 characters, and the length
         assert "x" * 41 not in line and "x" * 33 in line and "(1000007 characters)" in line
         assert len(line) < 300
+
+
+# ---------------------------------------------------------------- the bytes of a plan
+#
+# One rule for every stage (plan.plan_line): UTF-8 only, each line that is not named
+# with the byte at fault; a byte order mark skipped at the very start, refused elsewhere.
+
+BOM = b"\xef\xbb\xbf"
+
+
+def on_line(number, edit):
+    """A change of a plan's bytes: `edit(line)` of its line `number` (1: the first)."""
+    def change(data):
+        lines = data.splitlines(keepends=True)
+        lines[number - 1] = edit(lines[number - 1])
+        return b"".join(lines)
+    return change
+
+
+def unchanged(records):
+    return records
+
+
+def with_a_byte_that_is_not_utf8(line):
+    """The line's record with an unknown field whose string holds byte 0xff, at column 13."""
+    assert line.startswith(b'{"type": ')
+    return b'{"x-note": "\xff", ' + line[1:]
+
+
+def test_a_byte_order_mark_at_the_start_of_a_plan_is_skipped_by_every_stage(staged, tmp_path, mounts):
+    mounts.append(tmp_path / "mnt")
+    fetched, unpacked = (BOM + records_text(records).encode() for records in (staged.fetched, staged.unpacked))
+    for cmd, proc in every_stage(staged, tmp_path, fetched, unpacked):
+        assert proc.returncode == 0, f"{cmd}: {proc.stderr}"
+        assert proc.stdout.startswith('{"type":"image"'), f"{cmd}: {proc.stdout[:80]!r}"
+        assert len(parse_plan(proc.stdout)) == 3, cmd
+
+
+def test_a_byte_order_mark_at_the_start_of_a_later_line_is_refused_by_every_stage(staged, tmp_path):
+    for line in refused_by_every_stage(staged, tmp_path, unchanged, on_line(2, lambda line: BOM + line)):
+        assert line.endswith(": error: stdin: line 2 starts with a byte order mark (U+FEFF), which "
+                             "only the start of the input may have"), line
+
+
+@pytest.mark.parametrize("number", [1, 2])
+def test_a_plan_that_is_not_utf8_is_refused_by_every_stage_naming_the_line(staged, tmp_path, number):
+    lines = refused_by_every_stage(staged, tmp_path, unchanged, on_line(number, with_a_byte_that_is_not_utf8))
+    for line in lines:
+        assert line.endswith(f": error: stdin: line {number} is not UTF-8 (byte 0xff at column 13)"), line
+
+
+def test_a_digest_list_may_start_with_a_byte_order_mark_too(staged):
+    digest = staged.fetched[1]["digest"]
+    proc = run("tosi-verify", "--workdir", staged.workdir, plan=BOM + f"{digest}\n".encode())
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, f"{digest}\n", "")
+
+
+def test_a_digest_list_that_is_not_utf8_is_refused_naming_the_line(staged):
+    digest = staged.fetched[1]["digest"].encode()
+    proc = run("tosi-verify", "--workdir", staged.workdir, plan=digest + b"\n# \xc3(\n" + digest + b"\n")
+    assert one_error_line(proc, "tosi-verify") == \
+        "tosi-verify: error: stdin: line 2 is not UTF-8 (byte 0xc3 at column 3)"
+    assert proc.stdout == ""
 
 
 # ---------------------------------------------------------------- one image, layerCount layers

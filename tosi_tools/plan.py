@@ -32,7 +32,43 @@ LAYER = "layer"
 Checker = Callable[[str, str, Any], None]
 
 
-def _decode(line: str | bytes, lineno: int, source: str) -> dict[str, Any]:
+BOM = "\ufeff"  # U+FEFF, the byte order mark: EF BB BF in UTF-8
+
+
+def plan_line(line: str | bytes, lineno: int, source: str = "stdin") -> str:
+    """Line `lineno` (1: the first of the stream) of a plan or digest list as text:
+    the one rule for the bytes of what a stage reads on stdin (tosi-plan(5)).
+
+    UTF-8, and nothing else: a line that is not (bytes that do not decode; text with
+    a lone surrogate, which is how Python's surrogateescape reads such bytes) is a
+    PlanError naming the line and the byte. A UTF-8 byte order mark at the very start
+    of the stream is skipped (RFC 8259 lets a parser ignore it; some editors write
+    one); anywhere else it is refused, as it is no JSON whitespace."""
+    if isinstance(line, bytes):
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise PlanError(f"{source}: line {lineno} is not UTF-8 (byte 0x{line[exc.start]:02x} "
+                            f"at column {exc.start + 1})") from None
+    else:
+        text = line
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            bad = text[exc.start]
+            shown = f"byte 0x{ord(bad) - 0xdc00:02x}" if "\udc80" <= bad <= "\udcff" \
+                else f"lone surrogate U+{ord(bad):04X}"
+            column = len(text[:exc.start].encode("utf-8", "surrogateescape")) + 1
+            raise PlanError(f"{source}: line {lineno} is not UTF-8 ({shown} at column {column})") from None
+    if lineno == 1 and text.startswith(BOM):
+        text = text[len(BOM):]
+    if text.lstrip().startswith(BOM):
+        raise PlanError(f"{source}: line {lineno} starts with a byte order mark (U+FEFF), which "
+                        "only the start of the input may have")
+    return text
+
+
+def _decode(line: str, lineno: int, source: str) -> dict[str, Any]:
     try:
         record = json.loads(line)
     except ValueError as exc:
@@ -792,8 +828,9 @@ class PlanReader:
     def _next_record(self) -> dict[str, Any] | None:
         for line in self._lines:
             self._lineno += 1
-            if line.strip():
-                return _decode(line, self._lineno, self._source)
+            text = plan_line(line, self._lineno, self._source)
+            if text.strip():
+                return _decode(text, self._lineno, self._source)
         self._ended = True
         return None
 
@@ -895,11 +932,12 @@ def new_layer_record(index: int, descriptor: Mapping[str, Any], **fields: Any) -
     return record
 
 
-def read_digest_list(lines: Iterable[str], source: str = "stdin") -> list[Digest]:
-    """Digests from a plain list, one per line; blank lines and #comments are skipped."""
+def read_digest_list(lines: Iterable[str | bytes], source: str = "stdin") -> list[Digest]:
+    """Digests from a plain list, one per line; blank lines and #comments are skipped.
+    Its bytes follow the plan's rule (plan_line: UTF-8, a byte order mark only first)."""
     digests = []
     for lineno, line in enumerate(lines, 1):
-        text = line.strip()
+        text = plan_line(line, lineno, source).strip()
         if not text or text.startswith("#"):
             continue
         try:

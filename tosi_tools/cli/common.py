@@ -19,7 +19,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NoReturn
 
 from .. import __version__
@@ -173,16 +173,22 @@ def check_authfile(path, flag="--authfile"):
         raise UsageError(f"{flag} {quoted(path)}: no such file")
 
 
-def password_from_stdin(args: argparse.Namespace) -> str | None:
-    """The first line of stdin with --password-stdin, else None; an empty one is a usage error."""
+def password_from_stdin(args: argparse.Namespace, lines: Iterator[bytes] | None = None) -> str | None:
+    """The first line of stdin with --password-stdin, else None; an empty one is a usage error.
+    `lines`: stdin's lines as bytes (plan.FdLines), for a stage that reads its plan there next."""
     if not args.password_stdin:
         return None
-    return read_password_line("--password-stdin")
+    return read_password_line("--password-stdin", lines)
 
 
-def read_password_line(flag: str) -> str:
-    """The first line of stdin (without its line end), read for `flag`; empty: a usage error."""
-    password = sys.stdin.readline().rstrip("\r\n")
+def read_password_line(flag: str, lines: Iterator[bytes] | None = None) -> str:
+    """The first line of stdin (without its line end), read for `flag`; empty: a usage error.
+    From `lines` (stdin's lines as bytes, plan.FdLines) if given, else from sys.stdin."""
+    if lines is None:
+        line = sys.stdin.readline()
+    else:
+        line = next(lines, b"").decode("utf-8", "surrogateescape")
+    password = line.rstrip("\r\n")
     if not password:
         raise UsageError(f"{flag}: no password on stdin")
     return password

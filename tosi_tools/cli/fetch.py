@@ -85,7 +85,7 @@ def body(argv: Sequence[str] | None) -> int:
 
     from ..fetch import Fetcher, client_factory, fetch_plan
     from ..keychain import from_flags
-    from ..plan import PlanReader
+    from ..plan import FdLines, PlanReader
     from ..space import Reserve
     from .progress import ProgressBars
 
@@ -93,9 +93,11 @@ def body(argv: Sequence[str] | None) -> int:
     from ..mirrors import mirror_flag
 
     flag_mirrors = [mirror_flag(value) for value in args.mirror]
-    password = password_from_stdin(args)  # before the plan, which follows it on stdin
+    # The password line and the plan read from one unbuffered reader of stdin's bytes.
+    stdin = FdLines(sys.stdin.fileno())
+    password = password_from_stdin(args, stdin)  # before the plan, which follows it on stdin
     # Fetch opens no cache path of the plan: their shape is checked, not their workdir.
-    reader = PlanReader(sys.stdin, workdir=lambda image: plan_workdir(args.workdir, image), uses=())
+    reader = PlanReader(stdin, workdir=lambda image: plan_workdir(args.workdir, image), uses=())
     image = reader.image
     layers = reader.layers()
     workdir = reader.workdir

@@ -63,14 +63,14 @@ def body(argv: Sequence[str] | None) -> int:
         raise UsageError("--read-only, --keep-upper and --mount-option are for mounting, "
                          "not --unmount")
     from .. import mount
-    from ..plan import PlanReader
+    from ..plan import FdLines, PlanReader
 
     if args.unmount:
         mount.unmount_image(args.mountpoint, clean=args.clean)
         return 0
     refuse_terminal_stdin(PROG, "the plan tosi-unpack writes (without --into)",
                           "tosi-resolve alpine | tosi-fetch | tosi-unpack | tosi-mount /run/rootfs")
-    reader = PlanReader(sys.stdin, workdir=lambda image: plan_workdir(
+    reader = PlanReader(FdLines(sys.stdin.fileno()), workdir=lambda image: plan_workdir(
         args.workdir, image, args.overlaydir), uses=("overlay",))
     layers = reader.layers()
     image = reader.image.with_mount(mount.mount_image(

@@ -36,11 +36,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _first_line(stream):
-    for line in stream:
-        if line.strip():
-            return line
-    return None
+def _first_line(lines):
+    """The lines read up to the first that is not blank (as plan_line reads it), and
+    that line as text; None for it at the end of the input."""
+    from ..plan import plan_line
+
+    read = []
+    for line in lines:
+        read.append(line)
+        text = plan_line(line, len(read))
+        if text.strip():
+            return read, text
+    return read, None
 
 
 def _verify_plan(lines, workdir_flag, report):
@@ -118,11 +125,14 @@ def body(argv: Sequence[str] | None) -> int:
     def report(error):
         print(f"{PROG}: error: {error}", file=sys.stderr, flush=True)
 
-    first = _first_line(sys.stdin)
+    from ..plan import FdLines
+
+    stdin = FdLines(sys.stdin.fileno())  # bytes: plan_line decodes them, whatever the locale
+    read, first = _first_line(stdin)
     if first is None:
         from ..errors import PlanError
         raise PlanError("stdin: nothing to verify (expected a plan or a digest list)")
-    lines = itertools.chain([first], sys.stdin)
+    lines = itertools.chain(read, stdin)
     verify = _verify_plan if first.lstrip().startswith("{") else _verify_digests
     return verify(lines, args.workdir, report)
 
