@@ -14,6 +14,8 @@ import pytest
 
 from tests.conftest import BIN, ROOT
 from tests.support.images import file_entry, make_layer
+from tests.support.plans import records_text
+from tests.support.staging import fetched_plan
 
 STAGES = ["tosi-resolve", "tosi-fetch", "tosi-verify", "tosi-unpack", "tosi-mount"]
 COMMANDS = ["tosi", *STAGES]
@@ -145,6 +147,37 @@ def test_mount_onto_a_file_exits_2(tool, registry, tmp_path):
 def test_a_failure_of_the_registry_exits_1(tool, registry, workdir):
     line = one_error_line(tool("tosi-resolve", "--workdir", workdir, f"{registry.host}/test/absent:1"), 1)
     assert "absent" in line
+
+
+# ---------------------------------------------------------------- whom a message blames
+
+def fetched_then_edited(registry, pusher, repo_name, workdir, **fields):
+    """A one-layer gzip image resolved and fetched into `workdir`, its layer record's
+    `fields` then set by hand: (plan text, the layer's digest)."""
+    image = pusher.push_image(repo_name, "1", [make_layer([file_entry("f", b"f\n")])], oci=True)
+    _, records = fetched_plan(registry, image, workdir)
+    records[1].update(fields)
+    return records_text(records), records[1]["digest"]
+
+
+def test_a_hand_edited_media_type_is_said_to_disagree_with_the_blob_not_blamed_on_the_registry(
+        tool, registry, pusher, repo_name, workdir):
+    zstd = "application/vnd.oci.image.layer.v1.tar+zstd"
+    plan, digest = fetched_then_edited(registry, pusher, repo_name, workdir, mediaType=zstd)
+    line = one_error_line(tool("tosi-unpack", "--workdir", workdir, input=plan), 1)
+    assert line == (f"tosi-unpack: error: layer 0 ({digest}): the plan's mediaType {zstd} says zstd, "
+                    "but the blob is gzip-compressed (the blob matches its digest: the plan, or the "
+                    "manifest it was resolved from, is wrong)")
+
+
+def test_a_hand_edited_diff_id_is_said_to_disagree_with_the_content_not_blamed_on_the_registry(
+        tool, registry, pusher, repo_name, workdir):
+    other = "sha256:" + "ab" * 32
+    plan, digest = fetched_then_edited(registry, pusher, repo_name, workdir, diffID=other)
+    line = one_error_line(tool("tosi-unpack", "--workdir", workdir, input=plan), 1)
+    assert line.startswith(f"tosi-unpack: error: layer 0 ({digest}): uncompressed content hashes to sha256:")
+    assert line.endswith(f", not to the plan's diffID {other} (the blob matches its digest: the plan, or "
+                         "the image config it was resolved from, is wrong)")
 
 
 def blocked_reading_stdin(pid):

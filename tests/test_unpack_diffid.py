@@ -67,7 +67,7 @@ def blob(data, media_type, tar):
 
 def mismatch(layer, index=0, stated_id=NOT_THE_DIFF_ID):
     return (f"layer {index} ({layer.digest}): uncompressed content hashes to {layer.diff_id}, "
-            f"config says diffID {stated_id}")
+            f"not to the plan's diffID {stated_id}")
 
 
 def with_diff_id(records, value, index=0):
@@ -89,7 +89,7 @@ TAR = tar_bytes([file_entry("etc/hostname", b"box\n"), file_entry("bin/tool", os
 def test_wrong_diff_id_is_refused_per_layer_and_nothing_is_published(stage, unpack, workdir, compression):
     layer = make_layer(raw_tar=TAR, compression=compression)
     proc = unpack(stage([stated(layer, NOT_THE_DIFF_ID)]), "per-layer")
-    assert one_error_line(proc, 1).endswith(mismatch(layer))
+    assert mismatch(layer) in one_error_line(proc, 1)
     assert '"type":"layer"' not in proc.stdout
     assert_nothing_published(workdir, layer)
 
@@ -99,7 +99,7 @@ def test_a_good_blob_is_not_quarantined_when_the_plan_gives_a_wrong_diff_id_and_
     records = with_diff_id(stage([layer]), NOT_THE_DIFF_ID)
     records[1]["size"] += 3
     proc = unpack(records, "per-layer")
-    assert one_error_line(proc, 1).endswith(mismatch(layer))
+    assert mismatch(layer) in one_error_line(proc, 1)
     with open(Workdir(workdir).layer_path(layer.digest), "rb") as f:
         assert f.read() == layer.data
     assert os.listdir(Workdir(workdir).quarantine) == []
@@ -119,7 +119,7 @@ def test_repeated_layer_with_another_diff_id_the_second_time_is_refused(stage, u
     layer = make_layer(raw_tar=TAR)
     records = stage([layer, make_layer([file_entry("mid")]), layer])
     proc = unpack(with_diff_id(records, NOT_THE_DIFF_ID, index=2), "per-layer")
-    assert one_error_line(proc, 1).endswith(mismatch(layer, index=2))
+    assert mismatch(layer, index=2) in one_error_line(proc, 1)
 
 
 @pytest.mark.parametrize("first", [None, "right"], ids=["first-unchecked", "first-checked"])
@@ -130,7 +130,7 @@ def test_layer_extracted_by_an_earlier_run_is_checked_when_reused(stage, unpack,
     assert earlier.returncode == 0, earlier.stderr
     _, [record] = records_of(earlier.stdout)
     refused = unpack(with_diff_id(records, NOT_THE_DIFF_ID), "per-layer")
-    assert one_error_line(refused, 1).endswith(mismatch(layer))
+    assert mismatch(layer) in one_error_line(refused, 1)
     again = unpack(records, "per-layer")
     assert again.returncode == 0, again.stderr
     assert records_of(again.stdout)[1][0]["overlay"] == record["overlay"]
@@ -142,8 +142,8 @@ def test_sha512_diff_id_is_checked_too(stage, unpack, workdir):
     right = "sha512:" + hashlib.sha512(TAR).hexdigest()
     wrong = "sha512:" + "1" * 128
     refused = unpack(with_diff_id(records, wrong), "per-layer")
-    assert one_error_line(refused, 1).endswith(
-        f"layer 0 ({layer.digest}): uncompressed content hashes to {right}, config says diffID {wrong}")
+    assert (f"layer 0 ({layer.digest}): uncompressed content hashes to {right}, not to the plan's "
+            f"diffID {wrong}") in one_error_line(refused, 1)
     assert_nothing_published(workdir, layer)
     accepted = unpack(with_diff_id(records, right), "per-layer")
     assert accepted.returncode == 0, accepted.stderr
@@ -196,7 +196,7 @@ def test_data_after_the_tar_end_marker_is_part_of_the_diff_id(stage, unpack, wor
 def test_diff_id_of_the_tar_without_its_trailing_data_is_refused(stage, unpack, workdir, compression):
     trailing = make_layer(raw_tar=TAR + bytes(5000) + b"x", compression=compression)
     proc = unpack(stage([stated(trailing, sha256(TAR))]), "per-layer")
-    assert one_error_line(proc, 1).endswith(mismatch(trailing, stated_id=sha256(TAR)))
+    assert mismatch(trailing, stated_id=sha256(TAR)) in one_error_line(proc, 1)
     assert_nothing_published(workdir, trailing)
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import zstandard
 
 from .digest import CHUNK
-from .errors import UnpackError, quoted
+from .errors import MediaTypeMismatch, UnpackError, quoted
 
 _gzip_module: types.ModuleType
 _IsalError: type[Exception]
@@ -232,11 +232,10 @@ def open_layer(stream: Any, media_type: str | None, what: str = "layer", max_byt
     head = stream.read(_HEAD)
     found = sniff(head)
     if head and found != expected:
-        if expected == TAR:
-            raise UnpackError(f"{what}: media type {media_type} says uncompressed tar, "
-                              f"but the blob is {found}-compressed")
+        said = "uncompressed tar" if expected == TAR else expected
         shown = "not compressed" if found == TAR else f"{found}-compressed"
-        raise UnpackError(f"{what}: media type {media_type} says {expected}, but the blob is {shown}")
+        raise MediaTypeMismatch(f"{what}: media type {media_type} says {said}, but the blob is {shown}",
+                                media_type=media_type, expected=said, found=shown)
     source = _Prefixed(head, stream)
     decoder: Any
     if not head:

@@ -186,6 +186,16 @@ class DigestMismatch(TosiError):
     """Content does not hash to (or is not the size of) the digest that names it."""
 
 
+class DiffIDMismatch(DigestMismatch):
+    """A layer's uncompressed content does not hash to the diffID stated for it (by
+    the plan, from the image config): `actual` is what it hashes to."""
+
+    def __init__(self, message: str, actual: str | None = None, stated: str | None = None) -> None:
+        super().__init__(message)
+        self.actual = actual
+        self.stated = stated
+
+
 class NoMatchingPlatform(TosiError):
     """An index has no manifest for the requested platform."""
 
@@ -201,6 +211,18 @@ class QuarantinedBlob(CacheError):
 
 class UnpackError(TosiError):
     """A layer could not be applied (malformed tar, unsupported compression, caps exceeded)."""
+
+
+class MediaTypeMismatch(UnpackError):
+    """A layer blob's first bytes show another compression than its media type names
+    (`expected`: what the type says; `found`: what the blob is, e.g. "zstd-compressed")."""
+
+    def __init__(self, message: str, media_type: str | None = None, expected: str | None = None,
+                 found: str | None = None) -> None:
+        super().__init__(message)
+        self.media_type = media_type
+        self.expected = expected
+        self.found = found
 
 
 class UnsafeEntry(UnpackError):

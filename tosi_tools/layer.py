@@ -54,7 +54,7 @@ from . import filewriter, overlayfs, saferoot, space, staging, tarstream
 from .cache import start_writeback
 from .compression import open_layer
 from .digest import Digest
-from .errors import DigestMismatch, UnpackError, UnsafeEntry, for_command, quoted
+from .errors import DiffIDMismatch, UnpackError, UnsafeEntry, for_command, quoted
 
 log = logging.getLogger("tosi.layer")
 
@@ -1165,9 +1165,9 @@ def running_as_root() -> bool:
     return os.geteuid() == 0
 
 
-def diff_id_mismatch(layer_name: str, actual: str, stated: str) -> DigestMismatch:
-    return DigestMismatch(f"layer {layer_name}: uncompressed content hashes to {actual}, "
-                          f"config says diffID {stated}")
+def diff_id_mismatch(layer_name: str, actual: str, stated: str) -> DiffIDMismatch:
+    return DiffIDMismatch(f"layer {layer_name}: uncompressed content hashes to {actual}, not to "
+                          f"its diffID {stated}", actual=actual, stated=stated)
 
 
 _not_root_warned = threading.Lock()

@@ -54,8 +54,8 @@ from .cache import (
 )
 from .digest import Digest
 from .errors import (
-    CacheError, DigestMismatch, QuarantinedBlob, TosiError, UnpackError, UnsafeEntry, UnsafePath, counted,
-    ReserveReached, UsageError, flag, for_command,
+    CacheError, DiffIDMismatch, DigestMismatch, MediaTypeMismatch, QuarantinedBlob, TosiError, UnpackError,
+    UnsafeEntry, UnsafePath, counted, ReserveReached, UsageError, flag, for_command,
 )
 from .plan import ImageRecord, LayerRecord, check_cache_paths
 
@@ -89,6 +89,20 @@ def blob_path(workdir, record):
     return path
 
 
+def _against_plan(record, error):
+    """`error` reworded, if the blob disagrees with what the plan's record states of it
+    (its mediaType, its diffID): the plan's word against the blob's bytes, neither
+    said to be the wrong one (the blob's own digest decides that: _check_cached_blob)."""
+    what = f"layer {record.name}"
+    if isinstance(error, MediaTypeMismatch):
+        error.args = (f"{what}: the plan's mediaType {error.media_type} says {error.expected}, "
+                      f"but the blob is {error.found}",)
+    elif isinstance(error, DiffIDMismatch):
+        error.args = (f"{what}: uncompressed content hashes to {error.actual}, not to the plan's "
+                      f"diffID {error.stated}",)
+    return error
+
+
 @contextlib.contextmanager
 def _open_blob(workdir, record, stream, open_stream=None):
     if stream is None and open_stream is not None:
@@ -97,6 +111,7 @@ def _open_blob(workdir, record, stream, open_stream=None):
         try:
             yield stream
         except (UnpackError, DigestMismatch) as exc:
+            _against_plan(record, exc)
             # A stream of a blob that was already cached is the cached file's bytes.
             cached = getattr(stream, "cached_path", lambda: None)()
             if cached is not None and not isinstance(exc, (UnsafeEntry, ReserveReached)):
@@ -110,6 +125,7 @@ def _open_blob(workdir, record, stream, open_stream=None):
         try:
             yield f
         except (UnpackError, DigestMismatch) as exc:
+            _against_plan(record, exc)
             if not isinstance(exc, (UnsafeEntry, ReserveReached)):
                 _check_cached_blob(workdir, record, path, exc)
             raise
@@ -118,8 +134,10 @@ def _open_blob(workdir, record, stream, open_stream=None):
 def _check_cached_blob(workdir, record, path, error):
     """A cached blob failed to decompress or to match its diffID: if it does not match its
     own digest either (bit rot, a crash before fsync), move it to the quarantine and raise
-    QuarantinedBlob, so that fetching it again may fix it, saying how. Else the layer is bad
-    as published: `error` says so."""
+    QuarantinedBlob, so that fetching it again may fix it, saying how. Else the blob is the
+    one its digest names: `error` says so, and whom it blames: the plan when the blob is
+    not what the plan says of it (mediaType, diffID; the plan, or the manifest or config
+    it was resolved from, is wrong), else the layer as the registry serves it."""
     from .digest import verify_file
 
     what = f"cached blob of layer {record.name}"
@@ -144,7 +162,12 @@ def _check_cached_blob(workdir, record, path, error):
                                                     "before use)")) from error
     except (OSError, UsageError):
         return
-    # The bytes are the ones the registry serves: fetching them again cannot help.
+    # The bytes are the ones the digest names: fetching them again cannot help.
+    if isinstance(error, (MediaTypeMismatch, DiffIDMismatch)):
+        source = "manifest" if isinstance(error, MediaTypeMismatch) else "image config"
+        error.args = (f"{error} (the blob matches its digest: the plan, or the {source} it was "
+                      "resolved from, is wrong)",)
+        return
     error.args = (f"the registry serves a bad layer (its cached blob matches its digest): {error}",)
 
 
@@ -645,7 +668,7 @@ def _check_extracted(workdir, record):
     if recorded != diff_id:
         from . import layer as layer_mod
 
-        raise layer_mod.diff_id_mismatch(record.name, recorded, diff_id)
+        raise _against_plan(record, layer_mod.diff_id_mismatch(record.name, recorded, diff_id))
 
 
 def _discard_tree(path):
