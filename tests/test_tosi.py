@@ -148,6 +148,26 @@ def test_saveconfig_example_writes_the_config_object_and_unpacks(tool, image, tm
         assert os.path.isdir(Workdir(workdir).overlay_path(layer.digest))
 
 
+def test_saveconfig_onto_a_full_filesystem_names_the_file_and_keeps_the_old_one(tool, image, tmp_path,
+                                                                                 workdir):
+    _, ref = image
+    full = tmp_path / "full"
+    full.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4k,mode=0755", "tmpfs", full], check=True)
+    try:
+        saved = full / "config.json"
+        saved.write_text("old")
+        with open(full / "filler", "wb", buffering=0) as f, pytest.raises(OSError):
+            while True:
+                f.write(b"x" * 1024)
+        proc = tool("tosi", "-image", ref, "-saveconfig", saved, "-workdir", workdir)
+        assert proc.returncode == 1, proc.stderr
+        assert proc.stderr == f"tosi: error: -saveconfig {saved}: cannot write it: No space left on device\n"
+        assert saved.read_text() == "old" and sorted(os.listdir(full)) == ["config.json", "filler"]
+    finally:
+        subprocess.run(["umount", full], check=True)
+
+
 def test_saveconfig_replaces_an_existing_file_atomically(tool, image, tmp_path, workdir):
     _, ref = image
     saved = tmp_path / "config.json"

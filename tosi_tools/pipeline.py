@@ -125,14 +125,20 @@ def save_config(image: ImageRecord, path: str) -> None:
 
     A new file is written beside `path` (O_CREAT|O_EXCL, so never through a symlink)
     and renamed over it: whatever is at `path`, a symlink planted there included, is
-    replaced, never followed, and readers see the old file or the whole new one."""
+    replaced, never followed, and readers see the old file or the whole new one.
+    A write that fails (a full filesystem, ENOSPC; any OSError) is a TosiError (exit 1)
+    naming the path, and leaves whatever was at `path` as it was."""
+    named = path
     path = os.path.abspath(path)
     check_save_config(path)
     if image.saved_config is None:
         raise TosiError("-saveconfig: the plan names no saved config")
     with open(image.saved_config, "rb") as f:
         data = f.read()
-    atomic_write(path, data)
+    try:
+        atomic_write(path, data)
+    except OSError as exc:
+        raise TosiError(f"-saveconfig {named}: cannot write it: {exc.strerror or exc}") from exc
 
 
 def _noting_failures(records, failures):
