@@ -7,9 +7,13 @@ import tarfile
 
 import pytest
 
-from tests.support.images import dir_entry, file_entry, hardlink_entry, special_entry, symlink_entry, tar_bytes
+from fractions import Fraction
+
+from tests.support.images import (dir_entry, file_entry, gnu_posix_times, hardlink_entry, pax_header, pax_record,
+                                  pax_tar, special_entry, symlink_entry, tar_bytes)
+from tosi_tools import tarstream
 from tosi_tools.errors import UnpackError
-from tosi_tools.tarstream import TarReader
+from tosi_tools.tarstream import MAX_TIME, TarReader
 
 LONG = "/".join(["n" * 50] * 6)
 
@@ -278,7 +282,7 @@ def test_the_c_parser_reads_a_plain_header_as_the_entry_holds_it():
     from tosi_tools._tarheader import parse
 
     data = tar_bytes([file_entry(LONG[:150] + "/f", b"abc", mode=0o4755, uid=7, gid=8)], format=tarfile.USTAR_FORMAT)
-    assert parse(b"junk" + data, 4) == (LONG[:150] + "/f", "0", 0o4755, 7, 8, 3, 1600000000, "", 0, 0, 3)
+    assert parse(b"junk" + data, 4) == ((LONG[:150] + "/f", "0", 0o4755, 7, 8, 3, 1600000000, "", 0, 0, 3), 516)
 
 
 @pytest.mark.parametrize("case", ["pax", "gnu long name", "base-256 uid", "bad checksum", "end of archive",
@@ -413,3 +417,237 @@ def test_a_lone_zero_block_followed_by_a_header_is_refused():
 def test_the_archive_may_end_with_one_zero_block_or_more(ending):
     data = tar_bytes([file_entry("a", b"a")])[:1024] + ending
     assert [e.name for e, _ in entries(data)] == ["a"]
+
+
+# ---------------------------------------------------------------- PAX headers of times alone, in C
+
+def python_read(data):
+    """What the Python parser alone makes of `data`: [(entry's fields, mtime's type)] or its refusal."""
+    saved = tarstream._parse_plain
+    tarstream._parse_plain = None
+    try:
+        return [(tuple(getattr(e, slot) for slot in tarstream.Entry.__slots__), type(e.mtime))
+                for e, _ in entries(data)]
+    except UnpackError as exc:
+        return str(exc)
+    finally:
+        tarstream._parse_plain = saved
+
+
+def c_read(data, monkeypatch):
+    """What a TarReader makes of `data`, and how many of its entries C parsed."""
+    parsed = []
+    parse = tarstream._parse_plain
+
+    def counting(buf, pos):
+        result = parse(buf, pos)
+        parsed.append(result is not None)
+        return result
+
+    monkeypatch.setattr(tarstream, "_parse_plain", counting)
+    try:
+        read = [(tuple(getattr(e, slot) for slot in tarstream.Entry.__slots__), type(e.mtime))
+                for e, _ in entries(data)]
+    except UnpackError as exc:
+        read = str(exc)
+    return read, sum(parsed)
+
+
+def test_a_gnu_posix_format_layers_members_take_the_c_path_and_keep_their_nanosecond_mtimes(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    times = {}
+    for i, ns in enumerate([1_700_000_000_123_456_789, 1_700_000_000_000_000_000, 1_700_000_000_100_000_000,
+                            5, 1_000_000_001]):
+        path = src / "d" / f"f{i}"
+        path.write_bytes(b"x" * i)
+        os.utime(path, ns=(ns, ns))
+        times[f"./d/f{i}"] = ns
+    os.utime(src / "d", ns=(1_600_000_000_987_654_321,) * 2)
+    times["./d"] = 1_600_000_000_987_654_321
+    out = tmp_path / "posix.tar"
+    subprocess.run(["tar", "--format=posix", "-cf", out, "-C", src, "./d"], check=True)
+    data = out.read_bytes()
+    # A PAX header of times before every member; an mtime in it where there are nanoseconds.
+    assert (data.count(b"PaxHeaders/"), data.count(b" mtime="), data.count(b" atime=")) == (6, 5, 6)
+
+    read, in_c = c_read(data, monkeypatch)
+    assert in_c == len(read) == 6
+    assert {fields[0]: int(fields[6] * 1_000_000_000) for fields, _ in read} == times
+    assert read == python_read(data)
+
+
+@pytest.mark.parametrize("value", [
+    "1700000000", "1700000000.123456789", "1700000000.000000000", "1700000000.1", "1700000000.", "7.", ".5", "-.5",
+    "0", "-0", "-0.0", "-1.5", "0001700000000.5000", "00000000000000000001", "-0000000000000000001.5",
+    "1.0000000001", "1.1234567891234567890000", "1." + "0" * 500, str(MAX_TIME), f"-{MAX_TIME}", f"{MAX_TIME}.000",
+    f"{MAX_TIME - 1}.999999999", "-0.000000000999999999", "1.999999999999999999",
+])
+def test_the_c_parser_reads_a_pax_mtime_as_the_python_parser_does_an_int_or_an_exact_fraction(value, monkeypatch):
+    data = pax_tar([(pax_record("mtime", value), file_entry("f", b"x"))])
+    read, in_c = c_read(data, monkeypatch)
+    assert in_c == 1
+    assert read == python_read(data)
+    [(fields, kind)] = read
+    assert kind is (Fraction if "." in value else int)
+
+
+def test_atime_and_ctime_are_not_read_whatever_they_hold(monkeypatch):
+    records = pax_record("atime", "not a time") + pax_record("ctime", "\0\n=") + pax_record("mtime", "5.5")
+    data = pax_tar([(records, file_entry("f", b"x"))])
+    read, in_c = c_read(data, monkeypatch)
+    assert (in_c, read) == (1, python_read(data))
+    assert read[0][0][6] == Fraction(11, 2)
+
+
+def test_a_pax_header_of_times_with_no_mtime_or_no_record_leaves_the_headers_mtime(monkeypatch):
+    data = pax_tar([(pax_record("atime", "1.5"), file_entry("a", b"x", mtime=7)),
+                    (b"", file_entry("b", b"y", mtime=8)), (b"\0" * 40, file_entry("c", mtime=9))])
+    read, in_c = c_read(data, monkeypatch)
+    assert (in_c, read) == (3, python_read(data))
+    assert [fields[6] for fields, _ in read] == [7, 8, 9]
+
+
+def test_the_last_of_repeated_pax_mtimes_counts_in_c_as_in_python(monkeypatch):
+    data = pax_tar([(pax_record("mtime", "1.5") + pax_record("mtime", "2.25"), file_entry("f", b"x"))])
+    read, in_c = c_read(data, monkeypatch)
+    assert (in_c, read) == (1, python_read(data))
+    assert read[0][0][6] == Fraction(9, 4)
+
+
+@pytest.mark.parametrize("records", [
+    pax_record("mtime", "1.5") + pax_record("path", "g"),
+    pax_record("comment", "x") + pax_record("mtime", "1.5"),
+    pax_record("uid", "5"), pax_record("size", "1"), pax_record("SCHILY.xattr.user.a", "1"),
+    pax_record("GNU.sparse.major", "1"), pax_record("mtim", "1"), pax_record("mtime ", "1"),
+    pax_record("MTIME", "1"), pax_record(" mtime", "1"), pax_record("mtime\0", "1"),
+], ids=["path", "comment", "uid", "size", "xattr", "sparse", "short key", "key with a space",
+        "capitals", "key after two spaces", "key with a nul"])
+def test_a_pax_header_with_a_record_other_than_times_falls_back_to_the_python_path(records, monkeypatch):
+    data = pax_tar([(records, file_entry("f", b"x"))])
+    assert tarstream._parse_plain(data, 0) is None
+    read, in_c = c_read(data, monkeypatch)
+    assert (in_c, read) == (0, python_read(data))
+
+
+@pytest.mark.parametrize("records, refusal_says", [
+    (b"3a mtime=1\n", "malformed PAX header length"),
+    (b"+12 mtime=1\n", "malformed PAX header length"),
+    (b" 12 mtime=1\n", "malformed PAX header length"),
+    (b"12mtime=1\n", "malformed PAX header"),
+    (b"12", "malformed PAX header"),
+    (b"13 mtime=1\n", "malformed PAX header record"),  # one too long
+    (b"10 mtime=1\n", "malformed PAX header record"),  # one too short: no newline at its end
+    (b"0 mtime=1\n", "malformed PAX header record"),
+    (b"12 mtime=1x", "malformed PAX header record"),
+    (b"11 mtime_1\n", "malformed PAX header record"),
+    (b"3 \n", "malformed PAX header record"),
+    (b"2 ", "malformed PAX header record"),
+    (b"99999999999999999999999999 mtime=1\n", "malformed PAX header record"),
+    (pax_record("mtime", "1.5") + b"12 mtime=1x", "malformed PAX header record"),
+    (pax_record("mtime", "") , "bad PAX mtime"),
+    (pax_record("mtime", "-"), "bad PAX mtime"),
+    (pax_record("mtime", "."), "bad PAX mtime"),
+    (pax_record("mtime", "1.2.3"), "bad PAX mtime"),
+    (pax_record("mtime", "1e9"), "bad PAX mtime"),
+    (pax_record("mtime", "+1"), "bad PAX mtime"),
+    (pax_record("mtime", " 1"), "bad PAX mtime"),
+    (pax_record("mtime", "1\n"), "bad PAX mtime"),
+    (pax_record("mtime", "\u0661"), "bad PAX mtime"),  # an Arabic-Indic one: a digit to str.isdigit
+    (pax_record("mtime", "bad") + pax_record("mtime", "1"), "bad PAX mtime"),
+    (pax_record("mtime", "0" * 21), "out of range"),
+    (pax_record("mtime", "-" + "0" * 20 + ".5"), "out of range"),
+    (pax_record("mtime", str(MAX_TIME + 1)), "out of range"),
+    (pax_record("mtime", f"{MAX_TIME}.000000001"), "out of range"),
+    (pax_record("mtime", f"-{MAX_TIME}.1"), "out of range"),
+    (pax_record("mtime", "9" * 20), "out of range"),
+    (pax_record("mtime", "1" * 400 + ".5"), "out of range"),
+])
+def test_a_malformed_pax_header_of_times_is_left_to_python_which_refuses_it(records, refusal_says, monkeypatch):
+    data = pax_tar([(records, file_entry("f", b"x"))])
+    assert tarstream._parse_plain(data, 0) is None
+    read, in_c = c_read(data, monkeypatch)
+    assert read == python_read(data)
+    assert refusal_says in read
+
+
+@pytest.mark.parametrize("value", ["1." + "1" * 19, "-0." + "0" * 30 + "1", f"{MAX_TIME - 1}.999999999999999999"])
+def test_a_pax_mtime_with_more_fraction_digits_than_c_holds_exactly_is_left_to_python(value, monkeypatch):
+    data = pax_tar([(pax_record("mtime", value), file_entry("f", b"x"))])
+    assert tarstream._parse_plain(data, 0) is None
+    read, _ = c_read(data, monkeypatch)
+    assert read == python_read(data) and read[0][1] is Fraction
+
+
+@pytest.mark.parametrize("case", ["pax after pax", "long name after pax", "end after pax", "pax at the end",
+                                  "header cut", "records cut", "bad checksum", "base-256 size", "huge size"])
+def test_the_c_parser_leaves_a_pax_header_of_times_to_python_unless_a_plain_header_follows_it_whole(case):
+    times = gnu_posix_times()
+    data = pax_tar([(times, file_entry("f", b"x"))])
+    if case == "pax after pax":
+        data = pax_header(times) + data
+    elif case == "long name after pax":
+        data = pax_header(times) + tar_bytes([file_entry("n" * 120, b"x")], format=tarfile.GNU_FORMAT)
+    elif case == "end after pax":
+        data = pax_header(times) + bytes(1024)
+    elif case == "pax at the end":
+        data = pax_header(times)
+    elif case == "header cut":
+        data = data[:1024 + 511]
+    elif case == "records cut":
+        data = data[:512 + len(times) - 1]
+    elif case == "bad checksum":
+        data = data[:100] + b"7" + data[101:]
+    elif case == "base-256 size":
+        data = with_field(data, 124, 12, b"\x80" + len(times).to_bytes(11, "big"))
+    else:
+        data = with_field(pax_header(times + b"\0" * (16 << 20)), 124, 12, b"%011o" % ((16 << 20) + 1))
+    assert tarstream._parse_plain(data, 0) is None
+
+
+def test_the_c_parser_says_where_the_data_starts_past_a_pax_header_of_times():
+    times = gnu_posix_times(atime="1" * 600)  # records of two blocks
+    data = b"junk" + pax_tar([(times, file_entry("f", b"abc"))])
+    fields, data_at = tarstream._parse_plain(data, 4)
+    assert fields == ("f", "0", 0o644, 0, 0, 3, Fraction(1700000000123456789, 10**9), "", 0, 0, 3)
+    assert data_at == 4 + 512 + 1024 + 512 and data[data_at:data_at + 3] == b"abc"
+
+
+def test_the_c_run_takes_small_files_across_pax_headers_of_times_with_their_nanosecond_mtimes():
+    members = [(gnu_posix_times(mtime), file_entry(f"d/{i}", b"x" * i)) for i, mtime in
+               enumerate(["1700000000.123456789", "1700000000", "-1.5", "-0.0000000005", "2.1234567899"])]
+    members.append((pax_record("atime", "1"), file_entry("d/plain", b"p", mtime=9)))
+    data = pax_tar(members)
+    pos, count, nbytes, charged, batch, tasks, queued, made = take_run(data)
+    assert (pos, count, nbytes) == (len(data) - 1024, 6, 0 + 1 + 2 + 3 + 4 + 1)
+    assert [task[7] for task in batch] == [1700000000123456789, 1700000000000000000, -1500000000, 0, 2123456789,
+                                           9_000_000_000]
+    assert [redo[2][6] for redo in tasks] == [Fraction(1700000000123456789, 10**9), 1700000000, Fraction(-3, 2),
+                                              Fraction(-1, 2 * 10**9), Fraction(21234567899, 10**10), 9]
+    assert [type(redo[2][6]) for redo in tasks] == [Fraction, int, Fraction, Fraction, Fraction, int]
+    # The fields are what the reader gives each entry, the Python parser's too.
+    assert ([(tuple(getattr(tarstream.entry_of(redo[2]), slot) for slot in tarstream.Entry.__slots__),
+              type(redo[2][6])) for redo in tasks] == python_read(data))
+
+
+@pytest.mark.parametrize("records", [pax_record("path", "d/x"), pax_record("mtime", "1e9"), b"12 mtime=1x",
+                                     pax_record("mtime", "1." + "1" * 19)])
+def test_the_c_run_stops_at_a_pax_header_it_leaves_to_python(records):
+    data = pax_tar([(gnu_posix_times(), file_entry("d/a", b"a")), (records, file_entry("d/b", b"b")),
+                    (gnu_posix_times(), file_entry("d/c", b"c"))])
+    pos, count, *_ = take_run(data)
+    assert (pos, count) == (2048, 1)  # at the second PAX header, for the reader to read
+
+
+def test_the_c_run_stops_at_a_pax_header_of_times_before_an_entry_the_applier_must_see():
+    data = pax_tar([(gnu_posix_times(), file_entry("d/a", b"a")), (gnu_posix_times(), file_entry("d/.wh.b")),
+                    (gnu_posix_times(), file_entry("d/c", b"c"))])
+    pos, count, *_ = take_run(data)
+    assert (pos, count) == (2048, 1)
+
+
+def test_the_c_run_stops_where_a_file_after_a_pax_header_of_times_is_not_all_in_the_buffer():
+    data = pax_tar([(gnu_posix_times(), file_entry("d/a", b"a")), (gnu_posix_times(), file_entry("d/b", b"b"))])
+    for cut in (2048 + 511, 2048 + 1023, 2048 + 1535):
+        assert take_run(data[:cut])[:2] == (2048, 1)
+    assert take_run(data[:4096])[:2] == (4096, 2)

@@ -953,7 +953,8 @@ class _Applier:
     def apply_run(self, tar):
         """After a queued file, queue the files that follow it in the same directory as
         long as C can take them whole from the buffered tar (TarReader.plain_files: plain
-        headers, small, no setuid, a plain name after the same prefix, so the same parent).
+        headers, a PAX header of times before one or not, small, no setuid, a plain name
+        after the same prefix, so the same parent).
         Each is what apply() would make of it: counted, charged, queued, noted."""
         dir_fd, canonical, prefix, chown_all = self.run
         self.run = None

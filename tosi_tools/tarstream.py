@@ -300,11 +300,12 @@ class TarReader:
             self._skip(self._pad)
         self.pending = self._pad = 0
         if _parse_plain is not None and not self._globals:
-            # Most headers are plain: C parses them, or answers None for the rest.
+            # Most headers are plain (or after a PAX header of times alone): C parses
+            # them, or answers None for the rest.
             self._available(BLOCK)
-            fields = _parse_plain(self._buf, self._pos)
-            if fields is not None:
-                self._pos += BLOCK
+            parsed = _parse_plain(self._buf, self._pos)
+            if parsed is not None:
+                fields, self._pos = parsed
                 self._checked = True
                 e = Entry()
                 (e.name, e.type, e.mode, e.uid, e.gid, e.size, e.mtime, e.linkname,
@@ -449,7 +450,7 @@ class TarReader:
                 sparse_00.append(self._decimal(value, f"PAX {key}"))
             elif key.startswith("GNU.sparse."):
                 sparse_pax[key[11:]] = value
-        e.xattrs = xattrs
+        e.xattrs = xattrs or ()  # () as for a plain header (and _tarheader's)
         return name, size, sparse_pax, sparse_00
 
     def _decimal(self, value, what):

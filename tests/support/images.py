@@ -100,6 +100,44 @@ def tar_bytes(entries, format=tarfile.PAX_FORMAT):
     return buf.getvalue()
 
 
+def pax_record(key, value):
+    """One PAX record, b"<length> <key>=<value>\\n", its length counting its own digits."""
+    key = key.encode() if isinstance(key, str) else key
+    value = value.encode() if isinstance(value, str) else value
+    body = b" " + key + b"=" + value + b"\n"
+    length = len(body) + 1
+    while len(str(length)) + len(body) != length:
+        length += 1
+    return str(length).encode() + body
+
+
+def gnu_posix_times(mtime="1700000000.123456789", atime="1700000001.5", ctime="1700000002.25"):
+    """The records GNU tar --format=posix writes before every member (times as given)."""
+    return pax_record("mtime", mtime) + pax_record("atime", atime) + pax_record("ctime", ctime)
+
+
+def pax_header(records, name="PaxHeaders/f"):
+    """A PAX extended header ('x') that holds `records` (bytes, well-formed or not) as they are."""
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.XHDTYPE
+    info.size = len(records)
+    return info.tobuf(tarfile.USTAR_FORMAT) + records + bytes(-len(records) % 512)
+
+
+def pax_tar(members, end=True):
+    """A ustar archive of (records, entry) pairs: each entry after a PAX header of
+    `records` (raw bytes; None: no PAX header), as GNU tar --format=posix lays them out."""
+    out = []
+    for records, (info, data) in members:
+        if records is not None:
+            out.append(pax_header(records, "PaxHeaders/" + info.name.rstrip("/").rpartition("/")[2]))
+        data = data or b""
+        out.append(info.tobuf(tarfile.USTAR_FORMAT) + data + bytes(-len(data) % 512))
+    if end:
+        out.append(bytes(1024))
+    return b"".join(out)
+
+
 # ---------------------------------------------------------------- blobs
 
 @dataclass
