@@ -28,7 +28,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.support.images import (OCI_LAYER_GZIP, OCI_LAYER_TAR, OCI_LAYER_ZSTD, dir_entry, file_entry,
-                                  hardlink_entry, special_entry, symlink_entry, tar_bytes)
+                                  hardlink_entry, pax_record, pax_tar, special_entry, symlink_entry, tar_bytes)
 from tests.support.robustness import hypothesis_settings
 from tests.support.staging import snapshot
 from tosi_tools import layer, saferoot, space, tarstream
@@ -120,18 +120,91 @@ def entries(draw):
 string_chars = "0123456789,.-abcxyz/ "
 
 
-def _tar(entry_list, fmt):
+# GNU tar --format=posix: a PAX header of times (atime, ctime, mtime) before every member,
+# which C parses too; here also with times and records it must leave to Python.
+POSIX = "gnu posix"
+MAX_TIME = tarstream.MAX_TIME
+time_texts = st.one_of(
+    st.builds(lambda sign, whole, dot, fraction: f"{sign}{whole}{dot}{fraction}",
+              st.sampled_from(["", "", "-"]),
+              st.one_of(st.integers(0, 2 * MAX_TIME).map(str), st.sampled_from(["", "0", "00001", "0" * 20])),
+              st.sampled_from([".", ".", ""]),
+              st.one_of(st.text("0123456789", max_size=12), st.text("0123456789", min_size=17, max_size=40),
+                        st.sampled_from(["123456789", "000000000", "9" * 18, "9" * 19, "0" * 30 + "1"]))),
+    st.sampled_from([str(MAX_TIME), f"{MAX_TIME}.0", f"{MAX_TIME}.000000001", f"-{MAX_TIME}", f"-{MAX_TIME}.5",
+                     str(MAX_TIME + 1), "9" * 20, "-" + "9" * 19, "0" * 21, "1" * 400 + ".5", ".", "-", "-.",
+                     "", "1e9", "+1", " 1", "1 ", "1.2.3", "inf", "\u0661"]),
+    st.text("0123456789.-+e \n=\0", max_size=24))
+
+
+@st.composite
+def pax_time_record(draw):
+    """One record of a PAX header of times: mostly well-formed, some subtly not."""
+    key = draw(st.sampled_from(["mtime", "mtime", "atime", "ctime", "path", "comment", "uid", "mtim", "MTIME",
+                                "mtime ", " mtime", "SCHILY.xattr.user.k", "GNU.sparse.major", "mtime\0"]))
+    value = draw(time_texts) if key.strip() in ("mtime", "atime", "ctime", "mtim", "MTIME") else "x"
+    record = pax_record(key, value.encode("utf-8", "surrogateescape"))
+    how = draw(st.sampled_from(["good"] * 8 + ["length+1", "length-1", "+length", "0length", "length ", "space",
+                                               "no newline", "no =", "nul", "huge length", "no length"]))
+    length, _, rest = record.partition(b" ")
+    if how == "length+1":
+        record = b"%d %s" % (int(length) + 1, rest)
+    elif how == "length-1":
+        record = b"%d %s" % (int(length) - 1, rest)
+    elif how == "+length":
+        record = b"+" + record[1:]
+    elif how == "0length":  # a leading zero, which takes the place of a digit: still well-formed
+        record = b"0%d %s" % (int(length) - 1, rest) if len(b"%d" % (int(length) - 1)) == len(length) else record
+    elif how == "length ":
+        record = length + b"  " + rest[:-1] + b"\n"
+    elif how == "space":
+        record = b" " + record[1:]
+    elif how == "no newline":
+        record = record[:-1] + b"x"
+    elif how == "no =":
+        record = record.replace(b"=", b"_", 1)
+    elif how == "nul":
+        record = record[:-2] + b"\0\n"
+    elif how == "huge length":
+        record = b"9" * 25 + b" " + rest
+    elif how == "no length":
+        record = rest
+    return record
+
+
+@st.composite
+def pax_times(draw, good=False):
+    """The records of a PAX header of times (bytes), None for no PAX header; `good`: well-formed ones."""
+    if good:
+        times = [(key, draw(st.one_of(st.integers(0, 2**33).map(str),
+                                       st.builds("{}.{:09d}".format, st.integers(-2**33, 2**33),
+                                                 st.integers(0, 10**9 - 1)))))
+                 for key in draw(st.sampled_from([["mtime", "atime", "ctime"], ["atime", "ctime"], ["mtime"]]))]
+        return b"".join(pax_record(key, value) for key, value in times)
+    if draw(st.integers(0, 5)) == 0:
+        return None
+    records = b"".join(draw(st.lists(pax_time_record(), max_size=4)))
+    if draw(st.integers(0, 5)) == 0:
+        records += b"\0" * draw(st.integers(1, 20)) + draw(st.binary(max_size=20))  # padding, then anything
+    return records
+
+
+def _tar(entry_list, fmt, times=None):
     try:
+        if fmt == POSIX:
+            return pax_tar(list(zip(times, entry_list)))
         return tar_bytes(entry_list, format=fmt)
     except (ValueError, UnicodeError, tarfile.TarError):  # a name this format cannot hold
-        return tar_bytes([], format=fmt)
+        return tar_bytes([], format=tarfile.USTAR_FORMAT if fmt == POSIX else fmt)
 
 
 @st.composite
 def damaged_tars(draw):
     """(tar bytes, description of the damage)."""
-    fmt = draw(st.sampled_from([tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT]))
-    data = bytearray(_tar(draw(st.lists(entries(), max_size=8)), fmt))
+    fmt = draw(st.sampled_from([tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, POSIX]))
+    entry_list = draw(st.lists(entries(), max_size=8))
+    times = [draw(pax_times()) for _ in entry_list] if fmt == POSIX else None
+    data = bytearray(_tar(entry_list, fmt, times))
     damage = []
     for _ in range(draw(st.integers(0, 4))):
         how = draw(st.sampled_from(["flip", "field", "truncate", "append", "none"]))
@@ -226,6 +299,7 @@ def small_files(draw):
 
 WARM_UP = [file_entry(f"a/w{i}", b"w" * i) for i in range(layer.WRITER_AFTER_FILES + 2)]
 WARM_UP_BYTES = sum(512 + -(-len(data) // 512) * 512 for _, data in WARM_UP)
+WARM_UP_TIMES = pax_record("mtime", "1700000000.5") + pax_record("atime", "1") + pax_record("ctime", "2")
 
 
 @st.composite
@@ -233,14 +307,20 @@ def damaged_runs(draw):
     """(tar bytes, description of the damage): enough small files to start the file
     writer, then mostly small files in few directories (runs the C code takes) with
     other entries among them, damaged past the first files."""
-    fmt = draw(st.sampled_from([tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT]))
+    fmt = draw(st.sampled_from([tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, POSIX]))
     body = draw(st.lists(st.one_of(small_files(), small_files(), small_files(), entries()), max_size=60))
-    data = bytearray(_tar(WARM_UP + body, fmt))
+    times = None
+    warm_up_bytes = WARM_UP_BYTES
+    if fmt == POSIX:  # mostly PAX headers of times C takes, in runs too
+        times = [WARM_UP_TIMES] * len(WARM_UP) + [draw(st.one_of(pax_times(good=True), pax_times(good=True),
+                                                                  pax_times())) for _ in body]
+        warm_up_bytes = len(pax_tar(list(zip(times, WARM_UP)), end=False))
+    data = bytearray(_tar(WARM_UP + body, fmt, times))
     damage = []
     for _ in range(draw(st.integers(0, 3))):
-        if len(data) <= WARM_UP_BYTES:
+        if len(data) <= warm_up_bytes:
             break
-        at = draw(st.integers(WARM_UP_BYTES, len(data) - 1))
+        at = draw(st.integers(warm_up_bytes, len(data) - 1))
         if draw(st.booleans()):
             data[at] ^= draw(st.integers(1, 255))
             damage.append(f"flip@{at}")
@@ -328,7 +408,8 @@ def _entries_read(data, c_parser):
         read = []
         try:
             for entry in reader:
-                read.append(tuple(getattr(entry, slot) for slot in tarstream.Entry.__slots__))
+                # (the mtime's type too: Fraction(5) == 5)
+                read.append((*(getattr(entry, slot) for slot in tarstream.Entry.__slots__), type(entry.mtime)))
                 if entry.data_size and reader.pending:
                     read.append(reader.read_data(min(reader.pending, 100)))
         except TosiError as exc:
