@@ -164,6 +164,18 @@ def test_entry_replacing_symlink_to_host_replaces_the_link_not_the_target(unpack
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_opaque_marker_below_a_symlink_to_the_root_of_its_own_name_makes_that_directory(unpack, sentinel, mode):
+    # "a/a" is the symlink "a" itself once "a" leads to the root: the marker's directory
+    # replaces it, and is opened where it was made (a second lookup found nothing there).
+    proc, root = unpack([L(symlink_entry("a", "."), file_entry("kept", b"k"),
+                           file_entry("a/a/.wh..wh..opq", b""))], mode)
+    assert proc.returncode == 0, proc.stderr
+    assert os.path.isdir(f"{root}/a") and not os.path.islink(f"{root}/a") and os.listdir(f"{root}/a") == []
+    assert open(f"{root}/kept", "rb").read() == b"k"
+    sentinel.assert_unchanged()
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_hardlink_to_host_file_is_refused(unpack, sentinel, mode):
     proc, _ = unpack([L(hardlink_entry("h", "/etc/passwd"))], mode)
     assert_refused(proc, "layer 0", "'h'", "hardlink target")

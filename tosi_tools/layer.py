@@ -763,14 +763,17 @@ class _Applier:
     def opaque_dir(self, name, directory):
         """(fd the caller closes, canonical path) of the directory an opaque marker names,
         made (replacing what is there) unless it is one already."""
-        if directory:
-            # An opaque directory exists in this layer even when nothing else names it.
-            dir_fd, base, canonical = self.place(directory, name)
-            st = saferoot.lstat_at(dir_fd, base)
-            if st is None or not stat.S_ISDIR(st.st_mode):
-                self.root.remove(dir_fd, base, canonical)
-                os.mkdir(base, 0o755, dir_fd=dir_fd)
-        return self.root.open_entry_dir(directory)
+        if not directory:
+            return os.dup(self.root.fd), ()
+        # An opaque directory exists in this layer even when nothing else names it.
+        dir_fd, base, canonical = self.place(directory, name)
+        st = saferoot.lstat_at(dir_fd, base)
+        if st is None or not stat.S_ISDIR(st.st_mode):
+            self.root.remove(dir_fd, base, canonical)
+            os.mkdir(base, 0o755, dir_fd=dir_fd)
+        # Opened where it was made, not looked up again: the symlink it replaced may have
+        # been on the way to it ("a/a/.wh..wh..opq" below a -> ".").
+        return os.open(base, _DIR_FLAGS, dir_fd=dir_fd), canonical + (base,)
 
     def setgid(self, dir_fd, canonical):
         """Whether new files in this directory take its group instead of ours."""
