@@ -497,6 +497,9 @@ SYMLINK_STACKS = {
     "symlink_to_the_root": lambda: [
         L(symlink_entry("self", "."), symlink_entry("up", "../../..")),
         L(file_entry("self/f", b"f"), file_entry("up/g", b"g"))],
+    "entry_of_its_own_name_below_a_symlink_to_the_root": lambda: [
+        L(symlink_entry("a", "."), symlink_entry("up", ".."), file_entry("kept", b"k")),
+        L(opaque_entry("a/a"), file_entry("up/up/f", b"f"))],
     "in_a_lower_relocated_layer": lambda: [
         L(dir_entry("real"), symlink_entry("lnk", "real")),
         L(file_entry("lnk/f", b"f"), symlink_entry("lnk/inner", "/target"), dir_entry("target")),

@@ -434,7 +434,12 @@ def _relocate(top, implicit, whiteouts, below, opaque_key=overlayfs.OPAQUE_XATTR
             root_fd = os.open(top, saferoot.DIR_FLAGS)
             try:
                 if _make_parents(root_fd, dest, implicit, opaque_key):
-                    _merge(root_fd, parts, dest, implicit, whiteouts, opaque_key)
+                    source = parts
+                    if parts[:len(dest)] == dest:
+                        # The symlink leads above itself ("." or ".."): an entry of its
+                        # own name lands where the directory that holds it is.
+                        source = _aside(root_fd, parts, implicit, whiteouts)
+                    _merge(root_fd, source, dest, implicit, whiteouts, opaque_key)
                 else:
                     log.warning("/%s: the layer has a non-directory on the way to /%s: left "
                                 "where the layer has it", "/".join(original), "/".join(dest))
@@ -479,6 +484,19 @@ def _make_parents(root_fd, dest, implicit, opaque_key=overlayfs.OPAQUE_XATTR):
         return True
     finally:
         os.close(fd)
+
+
+def _aside(root_fd, parts, implicit, whiteouts):
+    """Rename the directory at `parts` of the copy to a new name beside it; that path."""
+    parent = open_path(root_fd, parts[:-1])
+    try:
+        aside = parts[:-1] + (f".tosi-aside-{secrets.token_hex(8)}",)
+        os.rename(parts[-1], aside[-1], src_dir_fd=parent, dst_dir_fd=parent)
+    finally:
+        os.close(parent)
+    _rebase(implicit, parts, aside)
+    _rebase(whiteouts, parts, aside)
+    return aside
 
 
 def _rebase(paths, source, dest):
