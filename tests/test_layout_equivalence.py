@@ -635,6 +635,15 @@ def test_whiteout_in_a_directory_no_lower_layer_has_leaves_no_ghost(layouts):
     assert_all_agree(layouts, layers)
 
 
+@pytest.mark.parametrize("whiteout", ["file", "device"])
+def test_whiteout_below_a_file_of_its_own_layer_deletes_nothing_in_both_layouts(whiteout, layouts):
+    below = whiteout_entry("f/x") if whiteout == "file" else special_entry("f/x", tarfile.CHRTYPE)
+    layers = [L(dir_entry("f"), file_entry("f/x", b"x")), L(file_entry("f", b"file"), below)]
+    flat, mounted = layouts.both(layers)
+    assert flat["f"]["type"] == stat.S_IFREG and "f/x" not in flat
+    assert _differences(without_root(mounted), without_root(flat)) == {}
+
+
 # overlayfs hides the whiteout devices of a directory only when it merges it from two
 # lowerdirs or more; the mount merges the others through its attributes lowerdir.
 LONE_WHITEOUT_STACKS = {

@@ -476,7 +476,12 @@ class OverlayLayout(Layout):
             start_writeback(fd)
 
     def delete(self, applier: _Applier, name: str, target: tuple) -> None:
-        dir_fd, base, canonical = applier.place(target, name)
+        # Below a non-directory of this layer's (it hides every lower entry), nothing to
+        # delete, as in flat mode (FlatLayout.made_parent).
+        placed = applier.place(target, name, none_below_non_dir=True)
+        if placed is None:
+            return
+        dir_fd, base, canonical = placed
         st = saferoot.lstat_at(dir_fd, base)
         if st is not None:
             # The same layer made this entry; the whiteout only hides what lower
@@ -503,7 +508,10 @@ class OverlayLayout(Layout):
 
     def delete_device(self, applier: _Applier, name: str, parts: tuple) -> None:
         self.need_root(applier, name, "an overlayfs whiteout device")
-        dir_fd, base, canonical = applier.place(parts, name)
+        placed = applier.place(parts, name, none_below_non_dir=True)
+        if placed is None:
+            return  # below a non-directory of this layer's, as in delete()
+        dir_fd, base, canonical = placed
         applier.root.remove(dir_fd, base, canonical)  # what this layer put there before
         if canonical in self.opaque_dirs:
             return  # the directory hides all lower entries already
@@ -743,8 +751,10 @@ class _Applier:
 
     # ---------------------------------------------------------------- bookkeeping
 
-    def place(self, parts, name):
-        """(dir_fd, basename, canonical parent) for a new entry, parents made as needed."""
+    def place(self, parts, name, none_below_non_dir=False):
+        """(dir_fd, basename, canonical parent) for a new entry, parents made as needed;
+        with `none_below_non_dir`, None where a non-directory is on the way (a whiteout
+        there has nothing to delete), else that is an error."""
         retried = False
         while True:
             try:
@@ -756,6 +766,8 @@ class _Applier:
                 if not retried and self.layout.reopen_whited_out(self, tuple(exc.filename.split("/")), name):
                     retried = True
                     continue
+                if none_below_non_dir:
+                    return None
                 raise self.fail(name, f"a parent is not a directory ({exc.filename})") from None
             except UnsafeEntry as exc:
                 raise self.fail(name, str(exc), UnsafeEntry) from None
