@@ -135,14 +135,23 @@ def _open_dirs(top_fd, parts, act, where="the root"):
     return fd
 
 
-def _went_through(path, entry_dirs):
-    """Whether an entry of the layer was placed at or below the directory `path`."""
-    depth = len(path)
-    return any(parts[:depth] == path for parts in entry_dirs)
+class _EntryDirs:
+    """Whether an entry of the layer was placed at or below a directory: the prefixes of
+    LayerStats.entry_dirs, gathered once, at the first question (a symlink of the root
+    the layer replaces; most layers ask none)."""
+
+    def __init__(self, entry_dirs):
+        self.entry_dirs, self.prefixes = entry_dirs, None
+
+    def below(self, path):
+        if self.prefixes is None:
+            self.prefixes = {parts[:i] for parts in self.entry_dirs for i in range(1, len(parts) + 1)}
+        return path in self.prefixes
 
 
 def _walk(stage_fd, root_fd, deleted, emptied, implicit, act, entry_dirs=frozenset()):
     """Steps 2 and 3 (`act`), or their dry run: the staged tree, top-down, beside the root's."""
+    went_through = _EntryDirs(entry_dirs).below
     # [stage fd, root fd, canonical path, names left, the staged directory's mtime (ns) before
     # its entries moved out]
     stack = [[os.dup(stage_fd), os.dup(root_fd), (), sorted(os.listdir(stage_fd), reverse=True), None]]
@@ -165,7 +174,7 @@ def _walk(stage_fd, root_fd, deleted, emptied, implicit, act, entry_dirs=frozens
             there = saferoot.lstat_at(here[1], name)
             if (not act and there is not None and stat.S_ISLNK(there.st_mode)
                     and (path in deleted or here[2] in emptied or path in emptied
-                         or not stat.S_ISDIR(staged.st_mode)) and _went_through(path, entry_dirs)):
+                         or not stat.S_ISDIR(staged.st_mode)) and went_through(path)):
                 # Flat mode put entries where the root's symlink leads, then the layer
                 # replaced or deleted the name; the staged tree has them below the name.
                 raise Unmergeable(f"{'/'.join(path)!r} is a symlink in the root that entries of the "
