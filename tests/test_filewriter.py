@@ -267,7 +267,8 @@ def test_a_layer_applied_with_runs_of_files_taken_in_c_gives_the_tree_it_gives_w
             == _apply(STACKS[case], str(tmp_path / "no runs"), mode, "1", runs=False))
 
 
-def test_the_files_after_a_queued_one_are_taken_in_runs(tmp_path, monkeypatch):
+def count_files_taken_in_runs(monkeypatch):
+    """A list that gets how many files each run took in C (tarstream._plain_files)."""
     taken = []
     plain_files = tarstream._plain_files
 
@@ -277,6 +278,11 @@ def test_the_files_after_a_queued_one_are_taken_in_runs(tmp_path, monkeypatch):
         return result
 
     monkeypatch.setattr(tarstream, "_plain_files", counting)
+    return taken
+
+
+def test_the_files_after_a_queued_one_are_taken_in_runs(tmp_path, monkeypatch):
+    taken = count_files_taken_in_runs(monkeypatch)
     lay = make_layer([dir_entry("a"), *_small_files("a", 1000)])
     stats = layer.apply_layer(str(tmp_path), io.BytesIO(lay.data), lay.media_type)
     assert stats.entries == 1001 and len(os.listdir(tmp_path / "a")) == 1000
@@ -299,15 +305,7 @@ def _posix_layer(count):
 def test_a_gnu_posix_format_layer_is_applied_in_c_runs_and_gives_the_tree_the_python_path_gives(tmp_path,
                                                                                                  monkeypatch):
     data = _posix_layer(1000)
-    taken = []
-    plain_files = tarstream._plain_files
-
-    def counting(*args):
-        result = plain_files(*args)
-        taken.append(result[1])
-        return result
-
-    monkeypatch.setattr(tarstream, "_plain_files", counting)
+    taken = count_files_taken_in_runs(monkeypatch)
     os.mkdir(tmp_path / "c")
     os.mkdir(tmp_path / "python")
     stats = layer.apply_layer(str(tmp_path / "c"), io.BytesIO(data), "application/x-tar")
