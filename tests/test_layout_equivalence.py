@@ -644,6 +644,24 @@ def test_whiteout_below_a_file_of_its_own_layer_deletes_nothing_in_both_layouts(
     assert _differences(without_root(mounted), without_root(flat)) == {}
 
 
+WHITEOUTS_BELOW_A_LOWER_NON_DIRECTORY = {
+    "file": lambda: [L(dir_entry("a"), file_entry("a/x", b"x")), L(file_entry("a", b"file")),
+                     L(whiteout_entry("a/x"))],
+    "symlink_to_a_file": lambda: [L(file_entry("plain", b"p"), symlink_entry("a", "plain")),
+                                  L(whiteout_entry("a/x"), file_entry("other", b"o"))],
+    "deeper": lambda: [L(file_entry("a", b"file")), L(whiteout_entry("a/b/x"), special_entry("a/c", tarfile.CHRTYPE))],
+    "below_a_lower_directory": lambda: [L(dir_entry("d"), file_entry("d/a", b"file")), L(whiteout_entry("d/a/x"))],
+}
+
+
+@pytest.mark.parametrize("stack", sorted(WHITEOUTS_BELOW_A_LOWER_NON_DIRECTORY))
+def test_whiteouts_below_a_lower_non_directory_delete_nothing_and_make_no_directory_in_both_layouts(stack,
+                                                                                                    layouts):
+    flat, mounted = layouts.both(WHITEOUTS_BELOW_A_LOWER_NON_DIRECTORY[stack]())
+    assert _differences(without_root(mounted), without_root(flat)) == {}
+    assert all(info["type"] != stat.S_IFDIR for path, info in flat.items() if path.endswith("a"))
+
+
 # overlayfs hides the whiteout devices of a directory only when it merges it from two
 # lowerdirs or more; the mount merges the others through its attributes lowerdir.
 LONE_WHITEOUT_STACKS = {

@@ -20,7 +20,10 @@ component in the view the lowerdirs make, absolute targets from the view's root,
 ".." stopped at the root, at most saferoot.MAX_SYMLINKS of them; nothing is opened
 through a symlink, only read with readlink, so a hostile layer's link to /etc leads
 to the image's own etc. Where the flat extraction fails (a symlink to a file, a loop),
-the layer dir is used as it is and the mount warns (see mount._shadowed).
+the layer dir is used as it is and the mount warns (see mount._shadowed); but an
+implicit directory that holds nothing but whiteouts (and such directories) over a
+lower non-directory, a symlink that leads to none included, is left out of the copy:
+the flat extraction makes no directory there and deletes nothing below it.
 
 Left as the layer dir has them (tar order is not recorded): entries the layer put
 below a lower symlink before it named, replaced or whited out that symlink's name
@@ -95,18 +98,19 @@ def _write_record(path, dirs):
 
 def chain_lowers(ovdir, lowers, form=TRUSTED_FORM):
     """`lowers` (names in `ovdir`, topmost first) with each layer whose implicit directories
-    sit over a lower symlink replaced by its chain-specific overlay dir, made if missing.
+    sit over a lower symlink (or, whiteouts alone, over another lower non-directory)
+    replaced by its chain-specific overlay dir, made if missing.
     `form` is the layer dirs' (cache.TRUSTED_FORM or USER_FORM): a copy marks the
     directories it makes opaque in that form, and has a name of that form's."""
     dirs = [os.path.realpath(os.path.join(ovdir, lower)) for lower in lowers]
     implicit = [{_parts(name) for name in dirs_record(d, Workdir.IMPLICIT_SUFFIX) if name}
                 for d in dirs]
-    if not any(implicit[:-1]) or not _maybe_over_symlinks(dirs, implicit):
+    if not any(implicit[:-1]) or not _maybe_over_non_dirs(dirs, implicit):
         return lowers
     result, effective = list(lowers), list(dirs)
     chain_ids = _chain_ids(dirs, form)
     for index in range(len(dirs) - 2, -1, -1):  # bottom up: each sees the final stack below it
-        if not implicit[index] or not _symlinks_below(implicit[index], effective[index + 1:]):
+        if not implicit[index] or not _non_dirs_below(implicit[index], effective[index + 1:]):
             continue
         name = CHAIN_PREFIX + chain_ids[index]
         final = os.path.join(ovdir, name)
@@ -163,16 +167,17 @@ def _chain_ids(dirs, form=TRUSTED_FORM):
     return ids[::-1]
 
 
-def _symlink_paths(layer_dir, tree):
-    """The paths of `tree` (a saferoot.tree_of of tuples) that are symlinks in `layer_dir`,
-    reached through real directories only."""
+def _non_dir_paths(layer_dir, tree):
+    """The paths of `tree` (a saferoot.tree_of of tuples) that are symlinks or other
+    non-directories (whiteout devices aside) in `layer_dir`, reached through real
+    directories only."""
     found = set()
 
     def enter(parent_fd, node):
         fd = saferoot.open_dir_at(parent_fd, node.name)
         if fd is None:
             st = saferoot.lstat_at(parent_fd, node.name)
-            if st is not None and stat.S_ISLNK(st.st_mode):
+            if st is not None and not overlayfs.is_whiteout(st):
                 found.add(node.data)
         return fd
 
@@ -191,20 +196,21 @@ def _tree(paths):
     return tree
 
 
-def _maybe_over_symlinks(dirs, implicit):
-    """Whether a layer's implicit directory is a symlink in a layer below it: one walk per
-    layer over the implicit directories of the layers above (the cheap test of every mount)."""
+def _maybe_over_non_dirs(dirs, implicit):
+    """Whether a layer's implicit directory is a symlink or another non-directory in a
+    layer below it: one walk per layer over the implicit directories of the layers above
+    (the cheap test of every mount)."""
     above = set()
     for index, layer_dir in enumerate(dirs):
-        if above and _symlink_paths(layer_dir, _tree(above)):
+        if above and _non_dir_paths(layer_dir, _tree(above)):
             return True
         above |= implicit[index]
     return False
 
 
-def _symlinks_below(paths, below):
+def _non_dirs_below(paths, below):
     tree = _tree(paths)
-    return any(_symlink_paths(layer_dir, tree) for layer_dir in below)
+    return any(_non_dir_paths(layer_dir, tree) for layer_dir in below)
 
 
 # ---------------------------------------------------------------- the view of a stack
@@ -290,6 +296,15 @@ class _Stack:
             return ("missing", None) if overlayfs.is_whiteout(st) else ("other", None)
         return ("dir", below) if below else ("missing", None)
 
+    def kind_for_top(self, chain, parts):
+        """child()'s kind at `parts` for the layer on top, whose implicit directory there
+        gives way to a lower symlink ("link"), or stands over another lower non-directory
+        ("other")."""
+        kind = self.child(chain, parts)[0]
+        if kind == "dir" and parts in self.implicit and self.child([i for i in chain if i], parts)[0] == "other":
+            return "other"
+        return kind
+
     def chain_of(self, parts):
         """The layers making up the directory at canonical `parts` (every component one)."""
         chain = list(range(len(self.fds)))
@@ -353,24 +368,67 @@ def open_path(root_fd, parts):
 
 
 def _needs_moving(layer_dir, implicit, below):
-    """Whether one of the layer's implicit directories gives way to a lower symlink."""
+    """Whether one of the layer's implicit directories gives way to a lower symlink, or is
+    one of whiteouts alone over a lower non-directory (see _whiteouts_only)."""
     stack = _Stack([layer_dir, *below], implicit)
+    top = os.open(layer_dir, saferoot.DIR_FLAGS)
     try:
         for parts in sorted(implicit, key=lambda p: (len(p), p)):
             try:
                 chain = stack.chain_of(parts[:-1])
             except _Unresolvable:
                 continue
-            if stack.child(chain, parts)[0] == "link":
+            kind = stack.kind_for_top(chain, parts)
+            if kind == "link" or (kind == "other" and _whiteouts_only(top, parts, implicit)):
                 return True
         return False
     finally:
+        os.close(top)
         stack.close()
+
+
+def _whiteouts_only(root_fd, parts, implicit):
+    """Whether the directory at `parts` of the layer (or copy) at `root_fd` holds whiteout
+    devices and implicit directories of the same alone, none of them opaque: where the
+    view below has a non-directory, the flat extraction deletes nothing there and makes
+    no directory (FlatLayout.made_parent), so the copy must not have it either."""
+    pending = [parts]
+    while pending:
+        here = pending.pop()
+        fd = open_path(root_fd, here)
+        if fd is None or here not in implicit:
+            if fd is not None:
+                os.close(fd)
+            return False
+        try:
+            if overlayfs.is_opaque(fd):
+                return False
+            for name in os.listdir(fd):
+                st = os.lstat(name, dir_fd=fd)
+                if stat.S_ISDIR(st.st_mode):
+                    pending.append(here + (name,))
+                elif not overlayfs.is_whiteout(st):
+                    return False
+        finally:
+            os.close(fd)
+    return True
+
+
+def _drop(root_fd, parts, implicit, whiteouts):
+    """Remove the directory at `parts` of the copy, and its paths from the records."""
+    parent = open_path(root_fd, parts[:-1])
+    try:
+        saferoot.remove_tree_at(parent, parts[-1])
+    finally:
+        os.close(parent)
+    gone = {p for p in implicit | whiteouts if p[:len(parts)] == parts}
+    implicit -= gone
+    whiteouts -= gone
 
 
 def _make_chain_dir(ovdir, name, layer_dir, below, form=TRUSTED_FORM):
     """Make ovdir/`name` for the layer at `layer_dir` over the lowerdirs `below`; False
-    when no implicit directory of it gives way to a symlink after all."""
+    when nothing of it is to move or to leave out after all (_needs_moving)."""
     implicit = {_parts(n) for n in dirs_record(layer_dir, Workdir.IMPLICIT_SUFFIX)}
     whiteouts = {_parts(n) for n in dirs_record(layer_dir, Workdir.WHITEOUTS_SUFFIX)}
     if not _needs_moving(layer_dir, implicit - {()}, below):
@@ -421,11 +479,21 @@ def _relocate(top, implicit, whiteouts, below, opaque_key=overlayfs.OPAQUE_XATTR
                 continue  # dropped in a merge, or merged into a named directory
             try:
                 chain = stack.chain_of(parts[:-1])
-                if stack.child(chain, parts)[0] != "link":
-                    continue
-                dest = stack.resolve(parts)
+                kind = stack.kind_for_top(chain, parts)
             except _Unresolvable as exc:
                 log.warning("/%s: %s: left where the layer has it", "/".join(original), exc)
+                continue
+            if kind not in ("link", "other"):
+                continue
+            try:
+                if kind == "other":
+                    raise _Unresolvable(f"/{'/'.join(parts)} is not a directory")
+                dest = stack.resolve(parts)
+            except _Unresolvable as exc:
+                if _whiteouts_only(stack.fds[0], parts, implicit):
+                    _drop(stack.fds[0], parts, implicit, whiteouts)  # they delete nothing there
+                elif kind == "link":
+                    log.warning("/%s: %s: left where the layer has it", "/".join(original), exc)
                 continue
             if dest[:len(parts)] == parts:
                 log.warning("/%s: the symlink leads into itself: left where the layer has it",
