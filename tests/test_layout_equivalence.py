@@ -9,6 +9,7 @@ The root directory itself is compared only where a case is about it: the flat
 root is the -extractto directory and the mounted root is the upperdir.
 """
 
+import hashlib
 import io
 import itertools
 import os
@@ -585,6 +586,17 @@ def test_a_layer_shared_with_a_symlink_stack_keeps_its_own_dir_and_both_trees(la
     assert [n for n in os.listdir(overlays) if n.startswith(".tosi-chain-")
             and not n.endswith((".implicit", ".whiteouts"))] == [chain]
     assert os.lstat(os.path.join(overlays, chain)).st_ino == made
+
+
+def test_a_chain_copy_made_by_other_rules_is_not_reused(layouts):
+    # An older tosi named its copies by the bare chainID; its rules were not these.
+    layers = SYMLINK_STACKS["merged_usr"]()
+    flat = layouts.flat(layers)
+    oci_chain_id = hashlib.sha256(f"{layers[0].diff_id} {layers[1].diff_id}".encode()).hexdigest()
+    older = os.path.join(layouts.workdir, "overlays", ".tosi-chain-" + oci_chain_id)
+    os.mkdir(older, 0o700)
+    assert _differences(without_root(layouts.mounted(layers)), without_root(flat)) == {}
+    assert os.listdir(older) == []
 
 
 def test_mount_of_a_symlink_stack_is_undone_by_unmount_clean(layouts, tool):

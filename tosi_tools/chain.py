@@ -8,11 +8,12 @@ do). Extracted alone, as an overlayfs lowerdir, the layer has an implicit direct
 `lib` instead, which overlayfs shows over the symlink. Its overlay dir
 (`overlays/<hex>/`) is shared by every image that has the layer, whatever lies below
 it, so it stays as it is; for a stack where such a directory sits over a symlink the
-mount uses `overlays/.tosi-chain-<chainID hex>/` instead: a copy of the layer dir (its
+mount uses `overlays/.tosi-chain-<hex>/` instead: a copy of the layer dir (its
 directories made anew, everything else hardlinked: the same inodes, nothing copied)
-with each such directory's entries moved to where the symlink leads. The chainID (the
-OCI one, over the diffIDs the layer dirs record in `<hex>.diffid`) names the layer and
-everything below it, which is all the copy depends on. Its `.implicit` and
+with each such directory's entries moved to where the symlink leads. Its name hashes
+the chainID (the OCI one, over the diffIDs the layer dirs record in `<hex>.diffid`),
+which names the layer and everything below it, all the copy depends on, with the
+rules it was made by (CHAIN_RULES). Its `.implicit` and
 `.whiteouts` records sit beside it, as a layer dir's do.
 
 Symlinks are resolved as tosi's flat extraction does (saferoot): component by
@@ -48,6 +49,10 @@ from .errors import CacheError
 log = logging.getLogger("tosi.chain")
 
 CHAIN_PREFIX = Workdir.CHAIN_PREFIX
+# The rules a copy is made by: a copy made by other rules (an older tosi's) has another
+# name, so it is never reused (tosi-gc removes it as unused). v2: a symlink that leads
+# above itself, and directories of whiteouts alone over a lower non-directory.
+CHAIN_RULES = "v2"
 _KEEP_OPEN = 64  # directory handles a copy holds while descending, as saferoot.walk_tree
 _LOWER_HANDLES = 256  # directories of the lower layers kept open while resolving
 
@@ -145,9 +150,9 @@ def attributes_key(dirs):
 
 
 def _chain_ids(dirs, form=TRUSTED_FORM):
-    """The hex of each layer's chainID (topmost first), from the diffIDs its dir records
-    (a dir without a record counts by its own name); for the user form, the sha256 of
-    "user " and that chainID, so that the forms never share a copy."""
+    """For each layer (topmost first), the sha256 hex of CHAIN_RULES, the form and its
+    chainID, from the diffIDs its dir records (a dir without a record counts by its own
+    name): the forms never share a copy, nor do the rules."""
     ids, chain = [], None
     for layer_dir in reversed(dirs):
         path = Workdir.diffid_of(layer_dir)
@@ -164,7 +169,7 @@ def _chain_ids(dirs, form=TRUSTED_FORM):
         ids.append(hexpart if algorithm in ("sha256", "sha512") else digest_of(chain.encode())[7:])
     if form != TRUSTED_FORM:
         ids = [digest_of(f"{form} {hexpart}".encode())[7:] for hexpart in ids]
-    return ids[::-1]
+    return [digest_of(f"{CHAIN_RULES} {hexpart}".encode())[7:] for hexpart in reversed(ids)]
 
 
 def _non_dir_paths(layer_dir, tree):
