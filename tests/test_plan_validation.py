@@ -107,12 +107,17 @@ def refused_by_every_stage(staged, tmp_path, mutate, edit=None):
     if edit is not None:
         fetched, unpacked = edit(fetched.encode()), edit(unpacked.encode())
     into, fresh, target = tmp_path / "rootfs", tmp_path / "fresh-overlays", tmp_path / "mnt"
-    lines = [one_error_line(proc, cmd) for cmd, proc in every_stage(staged, tmp_path, fetched, unpacked)]
+    try:
+        lines = [one_error_line(proc, cmd) for cmd, proc in every_stage(staged, tmp_path, fetched, unpacked)]
+    finally:
+        mounted = overlayfs.mount_at(str(target))
+        while overlayfs.mount_at(str(target)):  # a stage that took the plan leaves no mount behind
+            overlayfs.unmount(str(target))
+    assert mounted is None
     assert not os.path.lexists(into)
     assert not os.path.lexists(fresh)
     for path in (target, f"{target}.upper", f"{target}.work"):
         assert not os.path.lexists(path)
-    assert overlayfs.mount_at(str(target)) is None
     assert tree_state(staged.workdir) == before
     return lines
 
