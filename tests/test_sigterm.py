@@ -93,7 +93,15 @@ def two_file_image(pusher, repo_name):
     return pusher.push_image(repo_name, "1", [layer]), layer, files
 
 
+def assert_terminated_quickly(proc, stderr, took, prog):
+    """`prog` stopped on SIGTERM as on SIGINT, but exit 143 and "terminated", within QUICK."""
+    assert proc.returncode == 143, stderr
+    assert took < QUICK
+    assert stderr == f"{prog}: error: terminated\n"
+
+
 # ---------------------------------------------------------------- the handler itself
+
 
 def test_run_turns_sigterm_into_one_line_and_143_and_puts_the_handler_back(capsys):
     before = signal.getsignal(signal.SIGTERM)
@@ -177,9 +185,7 @@ def test_tosi_terminated_while_a_layer_is_half_extracted_into_the_overlay_cache_
         _, stderr, took = terminate(proc)
     finally:
         stop(proc)
-    assert proc.returncode == 143, stderr
-    assert took < QUICK
-    assert stderr == "tosi: error: terminated\n"
+    assert_terminated_quickly(proc, stderr, took, "tosi")
     assert os.listdir(overlays) == []
     assert leftovers(workdir) == []
 
@@ -218,9 +224,7 @@ def test_tosi_terminated_while_a_credential_helper_runs_stops_the_helper(
             os.kill(helper_pid, signal.SIGKILL)
         else:
             still_there = False
-    assert proc.returncode == 143, stderr
-    assert took < QUICK
-    assert stderr == "tosi: error: terminated\n"
+    assert_terminated_quickly(proc, stderr, took, "tosi")
     assert not still_there, "the credential helper outlived tosi"
     assert leftovers(workdir) == []
 
@@ -244,9 +248,7 @@ def test_tosi_fetch_terminated_mid_download_cleans_up_and_a_rerun_finishes(
         _, stderr, took = terminate(proc)
     finally:
         stop(proc)
-    assert proc.returncode == 143, stderr
-    assert took < QUICK
-    assert stderr == "tosi-fetch: error: terminated\n"
+    assert_terminated_quickly(proc, stderr, took, "tosi-fetch")
     assert leftovers(workdir) == []
     assert not os.path.exists(Workdir(workdir).layer_path(layer.digest))
 
@@ -284,9 +286,7 @@ def test_tosi_unpack_terminated_between_layers_keeps_the_extracted_one_and_clean
         took = time.monotonic() - started
     finally:
         stop(proc)
-    assert proc.returncode == 143, stderr
-    assert took < QUICK
-    assert stderr == "tosi-unpack: error: terminated\n"
+    assert_terminated_quickly(proc, stderr, took, "tosi-unpack")
     assert tree(Workdir(workdir).overlay_path(layers[0].digest)) == {"one": b"1\n"}
     assert not os.path.exists(Workdir(workdir).overlay_path(layers[1].digest))
     assert leftovers(workdir) == []
