@@ -3,9 +3,12 @@
 import io
 import itertools
 import os
+import subprocess
+import sys
 
 import pytest
 
+from tests.conftest import BIN
 from tests.support.faultproxy import FaultProxy, Rule
 from tests.support.images import file_entry, make_layer
 from tosi_tools.auth import Credentials, TokenCache
@@ -234,6 +237,18 @@ def test_empty_password_stdin_is_usage_error(tool, workdir):
     proc = tool("tosi-resolve", "--workdir", workdir, "--username", "u", "--password-stdin",
                 "127.0.0.1:1/img", input="", check=2)
     assert proc.stderr == "tosi-resolve: error: --password-stdin: no password on stdin\n"
+
+
+@pytest.mark.parametrize("cmd", ["tosi-resolve", "tosi-fetch", "tosi"])
+def test_a_password_on_stdin_that_is_not_utf8_is_a_usage_error(cmd, workdir):
+    args = {"tosi-resolve": ["--username", "u", "--password-stdin", "127.0.0.1:1/img"],
+            "tosi-fetch": ["--username", "u", "--password-stdin"],
+            "tosi": ["-image", "127.0.0.1:1/img", "-username", "u", "-password-stdin"]}[cmd]
+    proc = subprocess.run([sys.executable, os.path.join(BIN, cmd), "-workdir" if cmd == "tosi" else "--workdir",
+                           workdir, *args], input=b"pass\xffword\n", capture_output=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    flag = "-password-stdin" if cmd == "tosi" else "--password-stdin"
+    assert proc.stderr == f"{cmd}: error: {flag}: the password on stdin is not UTF-8\n".encode()
 
 
 # ------------------------------------------------------------ hostile token servers and challenges

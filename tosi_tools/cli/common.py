@@ -182,7 +182,8 @@ def password_from_stdin(args: argparse.Namespace, lines: Iterator[bytes] | None 
 
 
 def read_password_line(flag: str, lines: Iterator[bytes] | None = None) -> str:
-    """The first line of stdin (without its line end), read for `flag`; empty: a usage error.
+    """The first line of stdin (without its line end), read for `flag`; empty, or not
+    UTF-8: a usage error.
     From `lines` (stdin's lines as bytes, plan.FdLines) if given, else from sys.stdin."""
     if lines is None:
         line = sys.stdin.readline()
@@ -191,6 +192,10 @@ def read_password_line(flag: str, lines: Iterator[bytes] | None = None) -> str:
     password = line.rstrip("\r\n")
     if not password:
         raise UsageError(f"{flag}: no password on stdin")
+    try:
+        password.encode("utf-8")  # bytes that are not UTF-8 read as lone surrogates
+    except UnicodeEncodeError:
+        raise UsageError(f"{flag}: the password on stdin is not UTF-8") from None
     return password
 
 
